@@ -1,0 +1,1 @@
+//! Placeholder: filled in by the localstorage work.

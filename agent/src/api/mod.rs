@@ -1,0 +1,152 @@
+//! The wire API: typed command and response structs, one module per family of paths, and the
+//! decoding rules every command shares (unknown keys ignored, missing optional keys defaulted, a
+//! missing required key or a wrong type reported with its JSON path).
+
+pub mod host;
+pub mod localstorage;
+pub mod native;
+pub mod vm;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::AgentError;
+
+/// Fields any command may carry next to its own (ZStack adds them to every body).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CommonFields {
+    pub thread_context: Map<String, Value>,
+    pub task_context: Map<String, Value>,
+    pub kvm_host_addons: Map<String, Value>,
+}
+
+impl CommonFields {
+    /// `threadContext.api`: the id `/job/cancel` names.
+    pub fn api_id(&self) -> Option<&str> {
+        self.thread_context.get("api").and_then(Value::as_str).filter(|s| !s.is_empty())
+    }
+
+    /// Milliseconds from `taskContext` (`__messagetimeout__`, `__messagedeadline__`), which the
+    /// management plane sends as numbers or as decimal strings.
+    pub fn task_context_ms(&self, key: &str) -> Option<u64> {
+        match self.task_context.get(key)? {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+    }
+}
+
+/// Parses a request body into a JSON object. An empty body counts as `{}` (ZStack sends empty
+/// bodies to some paths).
+pub fn parse_body(body: &[u8]) -> Result<Value, AgentError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Object(Map::new()));
+    }
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| AgentError::invalid(format!("the request body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(AgentError::invalid("the request body must be a JSON object"));
+    }
+    Ok(v)
+}
+
+/// Decodes a command, naming the offending field's path on error.
+pub fn decode<T: DeserializeOwned>(body: &Value) -> Result<T, AgentError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            AgentError::invalid(format!("bad command: {inner}"))
+        } else {
+            AgentError::invalid(format!("bad field `{path}`: {inner}"))
+        }
+    })
+}
+
+/// The response envelope: `{"success": true, "error": null, ...fields}` or
+/// `{"success": false, "error": "...", "errorCode": {...}}`.
+pub fn envelope(result: &Result<Value, AgentError>) -> Value {
+    match result {
+        Ok(fields) => {
+            let mut m = match fields {
+                Value::Object(m) => m.clone(),
+                Value::Null => Map::new(),
+                other => {
+                    let mut m = Map::new();
+                    m.insert("result".into(), other.clone());
+                    m
+                }
+            };
+            m.insert("success".into(), Value::Bool(true));
+            m.insert("error".into(), Value::Null);
+            Value::Object(m)
+        }
+        Err(e) => serde_json::json!({
+            "success": false,
+            "error": e.to_string(),
+            "errorCode": e.error_code(),
+        }),
+    }
+}
+
+/// An empty successful response body.
+#[derive(Debug, Default, Serialize)]
+pub struct Empty {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct Cmd {
+        install_url: String,
+        #[serde(default)]
+        size: u64,
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let e = decode::<Cmd>(&serde_json::json!({"size": 1})).unwrap_err();
+        assert!(e.to_string().contains("installUrl"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_path() {
+        let e = decode::<Cmd>(&serde_json::json!({"installUrl": "/x", "size": "big"})).unwrap_err();
+        assert!(e.to_string().contains("`size`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_ignored() {
+        let c: Cmd = decode(&serde_json::json!({"installUrl": "/x", "whatever": [1]})).unwrap();
+        assert_eq!(c.size, 0);
+    }
+
+    #[test]
+    fn bodies_that_are_not_objects_are_refused() {
+        assert!(parse_body(b"[1,2]").is_err());
+        assert!(parse_body(b"{bad").is_err());
+        assert!(parse_body(b"").unwrap().is_object());
+    }
+
+    #[test]
+    fn task_context_accepts_strings_and_numbers() {
+        let c: CommonFields = serde_json::from_value(serde_json::json!({
+            "taskContext": {"__messagetimeout__": "5000", "__messagedeadline__": 17}
+        })).unwrap();
+        assert_eq!(c.task_context_ms("__messagetimeout__"), Some(5000));
+        assert_eq!(c.task_context_ms("__messagedeadline__"), Some(17));
+    }
+
+    #[test]
+    fn failure_envelope_has_error_code() {
+        let v = envelope(&Err(AgentError::invalid("x")));
+        assert_eq!(v["success"], false);
+        assert_eq!(v["errorCode"]["code"], "SYS.1007");
+    }
+}

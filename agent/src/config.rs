@@ -1,0 +1,156 @@
+//! Agent configuration: a TOML file in which every key has a default, so the agent also runs with
+//! no file at all. Unknown keys are refused so that a typo is not silently ignored.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub libvirt: LibvirtConfig,
+    pub tasks: TaskConfig,
+    /// Where the agent keeps its task journal, host identity and VM records.
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the management plane connects to. ZStack's agent listens on all interfaces, port
+    /// 7070; bind to the management address on hosts with several networks.
+    pub listen: SocketAddr,
+    /// On SIGTERM, how long running tasks get to finish before the agent exits anyway.
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Every path a command names, and every backing file of a qcow2 chain, must resolve inside
+    /// one of these directories.
+    pub roots: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LibvirtConfig {
+    pub uri: String,
+    /// `kvm` on real hosts; `qemu` (TCG) where hardware virtualisation is unavailable.
+    pub domain_type: String,
+    /// QEMU binary named in the domain's `<emulator>`; empty lets libvirt choose.
+    pub emulator: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskConfig {
+    /// How long a callback POST is retried (with backoff) before the result is kept only for
+    /// `GET /task/<id>` and a later duplicate request.
+    pub callback_retry_secs: u64,
+    /// Finished tasks older than this are dropped from the journal.
+    pub retention_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            storage: StorageConfig::default(),
+            libvirt: LibvirtConfig::default(),
+            tasks: TaskConfig::default(),
+            state_dir: PathBuf::from("/var/lib/kvmagent/state"),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { listen: "0.0.0.0:7070".parse().expect("literal address"), shutdown_grace_secs: 30 }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { roots: vec![PathBuf::from("/var/lib/kvmagent/local")] }
+    }
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        LibvirtConfig { uri: "qemu:///system".into(), domain_type: "kvm".into(), emulator: String::new() }
+    }
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        TaskConfig { callback_retry_secs: 120, retention_secs: 24 * 3600 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("config file {path}: {problem}")]
+    Invalid { path: PathBuf, problem: String },
+}
+
+impl Config {
+    /// Loads `path`, or the defaults when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else { return Ok(Config::default()) };
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config: Config =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        config.validate().map_err(|problem| ConfigError::Invalid { path: path.to_owned(), problem })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.storage.roots.is_empty() {
+            return Err("storage.roots must name at least one directory".into());
+        }
+        if let Some(r) = self.storage.roots.iter().find(|r| !r.is_absolute()) {
+            return Err(format!("storage root {} must be an absolute path", r.display()));
+        }
+        if !matches!(self.libvirt.domain_type.as_str(), "kvm" | "qemu") {
+            return Err(format!("libvirt.domain_type must be \"kvm\" or \"qemu\", not {:?}", self.libvirt.domain_type));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err("state_dir must be an absolute path".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.server.listen.port(), 7070);
+        assert_eq!(c.libvirt.domain_type, "kvm");
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let err = toml::from_str::<Config>("[server]\nlisten_port = 1\n").unwrap_err();
+        assert!(err.to_string().contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn relative_root_is_refused() {
+        let c: Config = toml::from_str("[storage]\nroots = [\"rel/dir\"]\n").unwrap();
+        assert!(c.validate().unwrap_err().contains("absolute"));
+    }
+}

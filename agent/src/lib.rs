@@ -1,0 +1,9 @@
+//! kvmagent: a per-host KVM agent. The management plane POSTs commands over HTTP; the agent
+//! carries them out with libvirt, QEMU and qemu-img and reports the result back.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod process;
+pub mod stop;
+pub mod tasks;

@@ -1,0 +1,171 @@
+//! Running helper programs (`qemu-img`, `rbd`, ...) directly, never through a shell, with their
+//! output kept for the error message and the child killed when the task is stopped.
+
+use std::ffi::OsStr;
+use std::process::{ExitStatus, Stdio};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::stop::Stop;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("could not start `{program}`: {source}; is it installed and on PATH?")]
+    Spawn { program: String, source: std::io::Error },
+    #[error("`{command}` failed ({status}): {}", stderr_or_stdout(.stderr, .stdout))]
+    Failed { command: String, status: ExitStatus, stdout: String, stderr: String },
+    #[error("`{command}` was stopped before it finished")]
+    Stopped { command: String },
+    #[error("reading the output of `{command}` failed: {source}")]
+    Io { command: String, source: std::io::Error },
+}
+
+fn stderr_or_stdout<'a>(stderr: &'a str, stdout: &'a str) -> &'a str {
+    let e = stderr.trim();
+    if e.is_empty() { stdout.trim() } else { e }
+}
+
+/// A finished, successful run.
+#[derive(Debug)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Renders a command line for messages and logs (not for execution).
+pub fn display<S: AsRef<OsStr>>(program: &str, args: &[S]) -> String {
+    let mut s = program.to_owned();
+    for a in args {
+        s.push(' ');
+        s.push_str(&a.as_ref().to_string_lossy());
+    }
+    s
+}
+
+/// Runs `program args...` to completion. When `stop` fires first, the child is killed and
+/// `Stopped` returned; the caller removes whatever the child was building.
+pub async fn run<S: AsRef<OsStr>>(program: &str, args: &[S], stop: &Stop) -> Result<Output, ProcessError> {
+    run_with_lines(program, args, stop, |_| {}).await
+}
+
+/// Like [`run`], and calls `on_line` with every line (or `\r`-terminated progress update) the
+/// child writes to stdout, e.g. `qemu-img convert -p` progress.
+pub async fn run_with_lines<S: AsRef<OsStr>>(
+    program: &str,
+    args: &[S],
+    stop: &Stop,
+    mut on_line: impl FnMut(&str),
+) -> Result<Output, ProcessError> {
+    let command = display(program, args);
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| ProcessError::Spawn { program: program.to_owned(), source })?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let stderr = child.stderr.take().expect("piped stderr");
+
+    let work = async {
+        let (out, err, status) =
+            tokio::join!(read_lines(stdout, &mut on_line), read_all(stderr), child.wait());
+        let io = |source| ProcessError::Io { command: command.clone(), source };
+        Ok::<_, ProcessError>((out.map_err(io)?, err.map_err(io)?, status.map_err(io)?))
+    };
+    let (stdout, stderr, status) = tokio::select! {
+        r = work => r?,
+        _ = stop.stopped() => {
+            // kill_on_drop reaps the child when `child` goes out of scope below.
+            return Err(ProcessError::Stopped { command });
+        }
+    };
+    if status.success() {
+        Ok(Output { stdout, stderr })
+    } else {
+        Err(ProcessError::Failed { command, status, stdout, stderr })
+    }
+}
+
+async fn read_lines(r: impl AsyncRead + Unpin, on_line: &mut impl FnMut(&str)) -> std::io::Result<String> {
+    let mut reader = BufReader::new(r);
+    let mut all = String::new();
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        // qemu-img's progress uses '\r'; split on it as well as on '\n'.
+        let n = read_until_any(&mut reader, &mut buf).await?;
+        if n == 0 {
+            return Ok(all);
+        }
+        let line = String::from_utf8_lossy(&buf);
+        on_line(line.trim_end_matches(['\r', '\n']));
+        all.push_str(&line);
+    }
+}
+
+async fn read_until_any<R: AsyncRead + Unpin>(r: &mut BufReader<R>, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut total = 0;
+    loop {
+        let available = r.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(total);
+        }
+        if let Some(i) = available.iter().position(|b| *b == b'\n' || *b == b'\r') {
+            buf.extend_from_slice(&available[..=i]);
+            r.consume(i + 1);
+            return Ok(total + i + 1);
+        }
+        let n = available.len();
+        buf.extend_from_slice(available);
+        r.consume(n);
+        total += n;
+    }
+}
+
+async fn read_all(mut r: impl AsyncRead + Unpin) -> std::io::Result<String> {
+    let mut s = Vec::new();
+    r.read_to_end(&mut s).await?;
+    Ok(String::from_utf8_lossy(&s).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn failure_keeps_stderr() {
+        let err = run("sh", &["-c", "echo oops >&2; exit 3"], &Stop::new()).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("oops") && msg.contains("exit status: 3"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn progress_lines_split_on_carriage_return() {
+        let mut seen = Vec::new();
+        run_with_lines("printf", &["a\rb\nc"], &Stop::new(), |l| seen.push(l.to_owned())).await.unwrap();
+        assert_eq!(seen, ["a", "b", "c"]);
+    }
+
+    #[tokio::test]
+    async fn stop_kills_the_child() {
+        let stop = Stop::new();
+        let s2 = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            s2.fire(crate::stop::StopReason::Cancelled);
+        });
+        let t = std::time::Instant::now();
+        let err = run("sleep", &["30"], &stop).await.unwrap_err();
+        assert!(matches!(err, ProcessError::Stopped { .. }));
+        assert!(t.elapsed().as_secs() < 10);
+    }
+
+    #[tokio::test]
+    async fn missing_program_is_a_spawn_error() {
+        let err = run("kvmagent-no-such-program", &["x"], &Stop::new()).await.unwrap_err();
+        assert!(matches!(err, ProcessError::Spawn { .. }), "{err}");
+    }
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs what kvmagent drives on a Debian 12 host: libvirt 9 (bookworm), QEMU + qemu-img from
+# bookworm-backports (qemu-utils 10 breaks bookworm's QEMU 7.2, so both come from backports),
+# swtpm, and the build dependencies of the `virt` crate. Idempotent; safe to run again.
+set -euo pipefail
+
+[ "$(id -u)" = 0 ] || { echo "install-deps.sh: run as root" >&2; exit 1; }
+
+need=()
+for bin in libvirtd virsh qemu-system-x86_64 qemu-img swtpm pkg-config; do
+    command -v "$bin" >/dev/null 2>&1 || need+=("$bin")
+done
+pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev)
+if [ ${#need[@]} -eq 0 ]; then
+    echo "install-deps: everything present"
+    exit 0
+fi
+echo "install-deps: missing ${need[*]}; installing"
+
+export DEBIAN_FRONTEND=noninteractive
+# apt's temporary files get their own directory: a shared /tmp was once cleaned mid-install.
+export TMPDIR; TMPDIR=$(mktemp -d /var/tmp/kvmagent-apt.XXXXXX)
+trap 'rm -rf "$TMPDIR"' EXIT
+
+# Enable bookworm-backports with the same mirror as the main suite.
+src=/etc/apt/sources.list.d/debian.sources
+bpo=/etc/apt/sources.list.d/kvmagent-backports.sources
+if [ ! -e "$bpo" ]; then
+    uris=$(awk '/^URIs:/ && !/security/ {print; exit}' "$src" 2>/dev/null || true)
+    [ -n "$uris" ] || uris="URIs: http://deb.debian.org/debian"
+    printf 'Types: deb\n%s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+        "$uris" > "$bpo"
+fi
+
+apt_opts=(-y -q -o DPkg::Lock::Timeout=300 --no-install-recommends)
+apt-get -q -o DPkg::Lock::Timeout=300 update
+apt-get install "${apt_opts[@]}" \
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config \
+    swtpm swtpm-tools \
+    qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports \
+    qemu-system-data/bookworm-backports seabios/bookworm-backports \
+    qemu-utils/bookworm-backports \
+    busybox-static
+echo "install-deps: done"

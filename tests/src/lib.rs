@@ -1,0 +1,1 @@
+//! Harness for host-level tests (filled in below).
