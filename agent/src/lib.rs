@@ -4,6 +4,7 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod process;
 pub mod stop;
 pub mod tasks;

@@ -1,0 +1,105 @@
+//! Prometheus metrics, served as text at `GET /metrics`.
+
+use std::sync::LazyLock;
+use std::time::Instant;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+struct Metrics {
+    registry: Registry,
+    tasks: IntCounterVec,
+    task_seconds: HistogramVec,
+    in_flight: IntGauge,
+    qemu_img_seconds: HistogramVec,
+    libvirt_seconds: HistogramVec,
+}
+
+const TASK_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 7200.0];
+const CALL_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0];
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let registry = Registry::new();
+    let tasks = IntCounterVec::new(
+        Opts::new("kvmagent_tasks_total", "Finished tasks by command path and outcome"),
+        &["path", "outcome"],
+    )
+    .expect("metric definition");
+    let task_seconds = HistogramVec::new(
+        HistogramOpts::new("kvmagent_task_duration_seconds", "Task run time by command path").buckets(TASK_BUCKETS.to_vec()),
+        &["path"],
+    )
+    .expect("metric definition");
+    let in_flight = IntGauge::new("kvmagent_tasks_in_flight", "Tasks currently running").expect("metric definition");
+    let qemu_img_seconds = HistogramVec::new(
+        HistogramOpts::new("kvmagent_qemu_img_duration_seconds", "qemu-img run time by subcommand").buckets(CALL_BUCKETS.to_vec()),
+        &["subcommand"],
+    )
+    .expect("metric definition");
+    let libvirt_seconds = HistogramVec::new(
+        HistogramOpts::new("kvmagent_libvirt_call_duration_seconds", "libvirt call time by call").buckets(CALL_BUCKETS.to_vec()),
+        &["call"],
+    )
+    .expect("metric definition");
+    for c in [
+        Box::new(tasks.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(task_seconds.clone()),
+        Box::new(in_flight.clone()),
+        Box::new(qemu_img_seconds.clone()),
+        Box::new(libvirt_seconds.clone()),
+    ] {
+        registry.register(c).expect("metric registered once");
+    }
+    Metrics { registry, tasks, task_seconds, in_flight, qemu_img_seconds, libvirt_seconds }
+});
+
+/// A task started; the returned guard records its outcome and duration when finished.
+pub fn task_started(path: &str) -> TaskTimer {
+    METRICS.in_flight.inc();
+    TaskTimer { path: path.to_owned(), start: Instant::now(), done: false }
+}
+
+pub struct TaskTimer {
+    path: String,
+    start: Instant,
+    done: bool,
+}
+
+impl TaskTimer {
+    /// `outcome` is `succeeded`, `failed` or `cancelled`.
+    pub fn finish(mut self, outcome: &str) {
+        self.record(outcome);
+    }
+
+    fn record(&mut self, outcome: &str) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        METRICS.in_flight.dec();
+        METRICS.tasks.with_label_values(&[&self.path, outcome]).inc();
+        METRICS.task_seconds.with_label_values(&[&self.path]).observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for TaskTimer {
+    fn drop(&mut self) {
+        // A task dropped without finish() (panic, shutdown) still leaves the in-flight gauge right.
+        self.record("aborted");
+    }
+}
+
+pub fn observe_qemu_img(subcommand: &str, start: Instant) {
+    METRICS.qemu_img_seconds.with_label_values(&[subcommand]).observe(start.elapsed().as_secs_f64());
+}
+
+pub fn observe_libvirt(call: &str, start: Instant) {
+    METRICS.libvirt_seconds.with_label_values(&[call]).observe(start.elapsed().as_secs_f64());
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> String {
+    let mut buf = Vec::new();
+    TextEncoder::new().encode(&METRICS.registry.gather(), &mut buf).expect("text encoding to a Vec");
+    String::from_utf8(buf).expect("prometheus text is UTF-8")
+}
