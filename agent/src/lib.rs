@@ -2,8 +2,15 @@
 //! carries them out with libvirt, QEMU and qemu-img and reports the result back.
 
 pub mod api;
+pub mod app;
+pub mod atomic_file;
 pub mod config;
 pub mod error;
+pub mod handlers;
+pub mod host_info;
+pub mod host_identity;
+pub mod http;
+pub mod libvirt;
 pub mod metrics;
 pub mod process;
 pub mod stop;

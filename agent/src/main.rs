@@ -1,3 +1,131 @@
-fn main() {
-    println!("kvmagent: not yet wired");
+//! `kvmagent serve`: the daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+
+use kvmagent::app::App;
+use kvmagent::config::Config;
+use kvmagent::http::{runner, server};
+
+/// A per-host KVM agent: serves a ZStack-compatible command API over HTTP and carries the
+/// commands out with libvirt, QEMU and qemu-img.
+#[derive(Parser)]
+#[command(name = "kvmagent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent until SIGTERM or SIGINT.
+    Serve {
+        /// TOML configuration file; every key has a default, so it may be omitted.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Log as JSON lines instead of human-readable text.
+        #[arg(long)]
+        json_logs: bool,
+    },
+    /// Print the effective configuration (defaults merged with the file) and exit.
+    ShowConfig {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// List the command paths the agent serves.
+    Paths,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, json_logs } => {
+            init_logging(json_logs);
+            let config = match Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            match runtime.block_on(serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "agent stopped with an error");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::ShowConfig { config } => match Config::load(config.as_deref()) {
+            Ok(c) => {
+                println!("{c:#?}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Paths => {
+            for (path, style) in kvmagent::http::routes::paths() {
+                println!("{style:?}\t{path}");
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KVMAGENT_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    for root in &config.storage.roots {
+        std::fs::create_dir_all(root).map_err(|e| format!("cannot create storage root {}: {e}", root.display()))?;
+    }
+    let listen = config.server.listen;
+    let retention = Duration::from_secs(config.tasks.retention_secs);
+    let (app, undelivered) = App::new(config)?;
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    tracing::info!(%listen, "kvmagent listening");
+
+    // Results a previous run finished (or was interrupted in) but could not deliver.
+    for record in undelivered {
+        let (Some(url), Some(result)) = (record.callback_url.clone(), record.result.clone()) else { continue };
+        let app = app.clone();
+        tokio::spawn(async move { runner::deliver(&app, &record.task_id, &url, &result).await });
+    }
+    let pruner = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                app.tasks.prune(retention).await;
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        })
+    };
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    };
+    server::serve(app, listener, shutdown).await;
+    pruner.abort();
+    tracing::info!("kvmagent stopped");
+    Ok(())
 }

@@ -92,8 +92,8 @@ pub fn envelope(result: &Result<Value, AgentError>) -> Value {
     }
 }
 
-/// An empty successful response body.
-#[derive(Debug, Default, Serialize)]
+/// An empty command or successful response body.
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Empty {}
 
 #[cfg(test)]

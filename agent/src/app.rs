@@ -1,0 +1,55 @@
+//! Everything a handler can reach: configuration, the task registry, the host identity, and the
+//! back ends (libvirt, storage).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::host_identity::HostIdentity;
+use crate::http::client::Poster;
+use crate::libvirt::Libvirt;
+use crate::tasks::journal::{Journal, TaskRecord};
+use crate::tasks::registry::TaskRegistry;
+
+pub struct App {
+    pub config: Config,
+    pub tasks: Arc<TaskRegistry>,
+    pub identity: Arc<HostIdentity>,
+    pub poster: Poster,
+    pub libvirt: Libvirt,
+    shutting_down: AtomicBool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot prepare state directory {dir}: {source}")]
+    StateDir { dir: String, source: std::io::Error },
+}
+
+impl App {
+    /// Builds the application state. Returns the tasks a previous run left without a delivered
+    /// result, so the caller can deliver them.
+    pub fn new(config: Config) -> Result<(Arc<App>, Vec<TaskRecord>), StartupError> {
+        let state_err = |source| StartupError::StateDir { dir: config.state_dir.display().to_string(), source };
+        std::fs::create_dir_all(&config.state_dir).map_err(state_err)?;
+        let identity = Arc::new(HostIdentity::load(&config.state_dir).map_err(state_err)?);
+        let poster = Poster::default();
+        let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+        let (tasks, undelivered) =
+            TaskRegistry::open(Journal::open(&config.state_dir).map_err(state_err)?, Some(progress_tx)).map_err(state_err)?;
+        crate::http::progress::spawn_forwarder(progress_rx, identity.clone(), poster.clone());
+        let libvirt = Libvirt::new(&config.libvirt.uri);
+        let app = App { config, tasks, identity, poster, libvirt, shutting_down: AtomicBool::new(false) };
+        Ok((Arc::new(app), undelivered))
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,89 @@
+//! The path table: which command paths exist, whether each is sync or async, and which handler
+//! serves it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::app::App;
+use crate::error::AgentResult;
+use crate::handlers;
+use crate::tasks::TaskCtx;
+
+pub type HandlerFuture = Pin<Box<dyn Future<Output = AgentResult<Value>> + Send>>;
+pub type Handler = fn(Arc<App>, TaskCtx, Value) -> HandlerFuture;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// Answered in the HTTP response; a `taskuuid` header is refused.
+    Sync,
+    /// Acknowledged at once; the result goes to `callbackurl`.
+    Async,
+}
+
+pub struct Route {
+    pub path: &'static str,
+    pub style: Style,
+    pub handler: Handler,
+}
+
+/// Adapts `async fn(&App, &TaskCtx, Cmd) -> AgentResult<Rsp>` to a [`Handler`]: decodes the
+/// command (naming a bad field) and encodes the response.
+macro_rules! typed {
+    ($f:path) => {
+        |app: Arc<App>, ctx: TaskCtx, body: Value| -> HandlerFuture {
+            Box::pin(async move {
+                let cmd = crate::api::decode(&body)?;
+                let rsp = $f(&app, &ctx, cmd).await?;
+                serde_json::to_value(rsp).map_err(|e| crate::error::AgentError::internal(format!("cannot encode the response: {e}")))
+            })
+        }
+    };
+}
+
+fn echo(_: Arc<App>, _: TaskCtx, _: Value) -> HandlerFuture {
+    Box::pin(async { Ok(Value::Null) })
+}
+
+static ROUTES: &[Route] = &[
+    Route { path: "/host/echo", style: Style::Sync, handler: echo },
+    Route { path: "/host/connect", style: Style::Sync, handler: typed!(handlers::host::connect) },
+    Route { path: "/host/ping", style: Style::Async, handler: typed!(handlers::host::ping) },
+    Route { path: "/host/fact", style: Style::Async, handler: typed!(handlers::host::fact) },
+    Route { path: "/host/capacity", style: Style::Async, handler: typed!(handlers::host::capacity) },
+    Route { path: "/vm/vmsync", style: Style::Async, handler: typed!(handlers::host::vm_sync) },
+    Route { path: "/job/cancel", style: Style::Async, handler: typed!(handlers::host::cancel) },
+];
+
+/// The route for `path` (a trailing `/` is ignored).
+pub fn find(path: &str) -> Option<&'static Route> {
+    let path = if path.len() > 1 { path.strip_suffix('/').unwrap_or(path) } else { path };
+    ROUTES.iter().find(|r| r.path == path)
+}
+
+/// Every served path, for `--help`-style listings and tests.
+pub fn paths() -> impl Iterator<Item = (&'static str, Style)> {
+    ROUTES.iter().map(|r| (r.path, r.style))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailing_slash_finds_the_same_route() {
+        assert_eq!(find("/host/ping/").map(|r| r.path), Some("/host/ping"));
+        assert!(find("/host/nope").is_none());
+        assert!(find("/").is_none());
+    }
+
+    #[test]
+    fn paths_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for (p, _) in paths() {
+            assert!(seen.insert(p), "duplicate route {p}");
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Runs one admitted async task: arms its deadline, runs the handler in its own tokio task (so a
+//! panic becomes an error result, not a lost callback), records the result, and delivers it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::Value;
+use tracing::Instrument;
+
+use super::routes::Route;
+use crate::api::{self, CommonFields};
+use crate::app::App;
+use crate::error::{AgentError, AgentResult, ErrorKind};
+use crate::metrics;
+use crate::stop::StopReason;
+use crate::tasks::journal::{now_ms, TaskState};
+use crate::tasks::TaskCtx;
+
+/// How long until the task must stop, from `taskContext` (`__messagetimeout__` is a duration,
+/// `__messagedeadline__` an absolute epoch time, both in ms); the sooner wins.
+pub fn deadline(common: &CommonFields) -> Option<Duration> {
+    let by_timeout = common.task_context_ms("__messagetimeout__").filter(|ms| *ms > 0);
+    let by_deadline = common.task_context_ms("__messagedeadline__").filter(|ms| *ms > 0).map(|at| at.saturating_sub(now_ms()));
+    by_timeout.into_iter().chain(by_deadline).min().map(Duration::from_millis)
+}
+
+pub fn spawn(app: Arc<App>, route: &'static Route, ctx: TaskCtx, body: AgentResult<Value>, common: CommonFields) {
+    let span = tracing::info_span!("task", task = %ctx.task_id, path = %ctx.path);
+    tokio::spawn(
+        async move {
+            let timer = metrics::task_started(route.path);
+            let watchdog = deadline(&common).map(|d| {
+                let stop = ctx.stop.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(d).await;
+                    stop.fire(StopReason::DeadlineExceeded);
+                })
+            });
+            tracing::info!("task started");
+            let result = match body {
+                Err(e) => Err(e),
+                Ok(body) => match tokio::spawn((route.handler)(app.clone(), ctx.clone(), body)).await {
+                    Ok(r) => r,
+                    Err(join) => {
+                        tracing::error!(error = %join, "handler panicked");
+                        Err(AgentError::internal(format!("the handler of {} failed unexpectedly; see the agent log", route.path)))
+                    }
+                },
+            };
+            if let Some(w) = watchdog {
+                w.abort();
+            }
+            let state = match &result {
+                Ok(_) => TaskState::Succeeded,
+                Err(e) if matches!(e.kind, ErrorKind::Cancelled | ErrorKind::Timeout) => TaskState::Cancelled,
+                Err(_) => TaskState::Failed,
+            };
+            match &result {
+                Ok(_) => tracing::info!("task succeeded"),
+                Err(e) => tracing::warn!(error = %e, "task failed"),
+            }
+            let envelope = api::envelope(&result);
+            timer.finish(state.as_str());
+            if let Some(url) = app.tasks.finish(&ctx.task_id, state, envelope.clone()).await {
+                deliver(&app, &ctx.task_id, &url, &envelope).await;
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// Posts a result to its callback URL, retrying with backoff; records delivery on success.
+pub async fn deliver(app: &App, task_id: &str, url: &str, envelope: &Value) {
+    let body = Bytes::from(envelope.to_string());
+    let retry_for = Duration::from_secs(app.config.tasks.callback_retry_secs);
+    match app.poster.post_with_retry(url, &[("taskuuid", task_id)], body, retry_for).await {
+        Ok(()) => app.tasks.mark_delivered(task_id).await,
+        Err(e) => tracing::error!(task = task_id, error = %e, "result not delivered; it stays available at GET /task/<taskuuid>"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn common(ctx: Value) -> CommonFields {
+        serde_json::from_value(serde_json::json!({ "taskContext": ctx })).unwrap()
+    }
+
+    #[test]
+    fn sooner_of_timeout_and_deadline_wins() {
+        let d = deadline(&common(serde_json::json!({"__messagetimeout__": 5000, "__messagedeadline__": now_ms() + 60_000}))).unwrap();
+        assert_eq!(d, Duration::from_millis(5000));
+        let d = deadline(&common(serde_json::json!({"__messagetimeout__": 600_000, "__messagedeadline__": now_ms() + 2_000}))).unwrap();
+        assert!(d <= Duration::from_millis(2_000));
+        assert!(deadline(&common(serde_json::json!({}))).is_none());
+    }
+
+    #[test]
+    fn a_past_deadline_is_zero() {
+        let d = deadline(&common(serde_json::json!({"__messagedeadline__": 1000}))).unwrap();
+        assert_eq!(d, Duration::ZERO);
+    }
+}

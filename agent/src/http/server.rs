@@ -1,0 +1,192 @@
+//! The HTTP server (spec §1): sync paths answer inline, async paths are acknowledged with an
+//! empty 200 and answered by callback; `GET /task/<taskuuid>` and `GET /metrics` are ours.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use super::routes::{self, Style};
+use super::{client, runner};
+use crate::api::{self, CommonFields};
+use crate::app::App;
+use crate::error::AgentError;
+use crate::tasks::registry::{Admission, Intake};
+use crate::tasks::TaskCtx;
+
+/// Commands are small JSON documents; anything larger is refused before it is buffered.
+const MAX_BODY: usize = 16 << 20;
+
+type Resp = Response<Full<Bytes>>;
+
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp {
+    Response::builder()
+        .status(status)
+        .header("Content-Type", content_type)
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+fn json_resp(status: StatusCode, v: &Value) -> Resp {
+    respond(status, "application/json", v.to_string())
+}
+
+/// A transport-level refusal, still as a JSON envelope.
+fn refuse(status: StatusCode, message: impl Into<String>) -> Resp {
+    json_resp(status, &api::envelope(&Err(AgentError::invalid(message))))
+}
+
+fn empty_ok() -> Resp {
+    respond(StatusCode::OK, "application/json", Bytes::new())
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
+}
+
+fn is_task_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Serves until `shutdown` resolves, then refuses new async work (503), stops running tasks
+/// and gives them the configured grace period, and closes connections.
+pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let app = app.clone();
+                let service = service_fn(move |req| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(handle(app, req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    tracing::info!("shutting down: refusing new tasks, stopping running ones");
+    app.begin_shutdown();
+    let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
+    app.tasks.shutdown(grace).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+}
+
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Resp {
+    let path = req.uri().path().to_owned();
+    match *req.method() {
+        Method::GET if path == "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4", crate::metrics::render()),
+        Method::GET if path.starts_with("/task/") => task_status(&app, path.trim_start_matches("/task/").trim_end_matches('/')),
+        Method::POST => command(app, req, &path).await,
+        _ => refuse(StatusCode::METHOD_NOT_ALLOWED, format!("{} {path}: commands are POSTed", req.method())),
+    }
+}
+
+fn task_status(app: &App, task_id: &str) -> Resp {
+    match app.tasks.status(task_id) {
+        Some(s) => json_resp(StatusCode::OK, &serde_json::to_value(s).unwrap_or(Value::Null)),
+        None => json_resp(
+            StatusCode::NOT_FOUND,
+            &api::envelope(&Err(AgentError::not_found(format!("no task {task_id} is known to this agent")))),
+        ),
+    }
+}
+
+async fn command(app: Arc<App>, req: Request<Incoming>, path: &str) -> Resp {
+    let Some(route) = routes::find(path) else {
+        return refuse(StatusCode::NOT_FOUND, format!("no command is served at {path}"));
+    };
+    let headers = req.headers().clone();
+    let task_id = header(&headers, "taskuuid").map(str::to_owned);
+    match (route.style, &task_id) {
+        (Style::Sync, Some(_)) => return refuse(StatusCode::BAD_REQUEST, format!("{path} is synchronous and must not carry a taskuuid header")),
+        (Style::Async, None) => return refuse(StatusCode::BAD_REQUEST, "taskuuid missing in request header"),
+        (Style::Async, Some(id)) if !is_task_id(id) => {
+            return refuse(StatusCode::BAD_REQUEST, format!("taskuuid {id:?} is not 32 hexadecimal characters"))
+        }
+        _ => {}
+    }
+    let callback_url = header(&headers, "callbackurl").map(str::to_owned);
+    if let Some(url) = &callback_url {
+        if let Err(e) = client::parse_url(url) {
+            return refuse(StatusCode::BAD_REQUEST, format!("callbackurl: {e}"));
+        }
+    }
+    if route.style == Style::Async && app.is_shutting_down() {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "the agent is shutting down; retry when it is back");
+    }
+    let raw = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read the request body: {e}")),
+    };
+    let body = api::parse_body(&raw);
+
+    if route.style == Style::Sync {
+        let result = match body {
+            Ok(b) => (route.handler)(app, TaskCtx::detached(route.path), b).await,
+            Err(e) => Err(e),
+        };
+        if path.trim_end_matches('/') == "/host/echo" {
+            return empty_ok();
+        }
+        return json_resp(StatusCode::OK, &api::envelope(&result));
+    }
+
+    let task_id = task_id.expect("async routes have a checked taskuuid");
+    let common: CommonFields = body.as_ref().ok().and_then(|b| serde_json::from_value(b.clone()).ok()).unwrap_or_default();
+    let (thread_context, stack) = body
+        .as_ref()
+        .map(|b| (b.get("threadContext").cloned().unwrap_or(Value::Null), b.get("threadContextStack").cloned().unwrap_or(Value::Null)))
+        .unwrap_or((Value::Null, Value::Null));
+    let intake = Intake {
+        task_id: &task_id,
+        path: route.path,
+        callback_url: callback_url.clone(),
+        raw_body: &raw,
+        api_id: common.api_id().map(str::to_owned),
+        thread_context,
+        thread_context_stack: stack,
+    };
+    match app.tasks.admit(intake).await {
+        Ok(Admission::Start(ctx)) => runner::spawn(app.clone(), route, ctx, body, common),
+        Ok(Admission::AlreadyRunning) => tracing::info!(task = %task_id, "duplicate of a running task; not run again"),
+        Ok(Admission::Finished(result)) => {
+            tracing::info!(task = %task_id, "duplicate of a finished task; posting its stored result again");
+            if let Some(url) = callback_url {
+                tokio::spawn(async move { runner::deliver(&app, &task_id, &url, &result).await });
+            }
+        }
+        Err(e) => {
+            return json_resp(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"success": false, "error": format!("cannot record the task in the journal: {e}")}),
+            )
+        }
+    }
+    empty_ok()
+}

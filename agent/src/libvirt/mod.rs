@@ -1,0 +1,127 @@
+//! The libvirt connection. Every libvirt call blocks, so each runs on a blocking thread through
+//! [`Libvirt::call`], which also times it and reconnects once when the daemon was restarted.
+
+pub mod domains;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use virt::connect::Connect;
+
+use crate::error::{AgentError, ErrorKind};
+use crate::metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LibvirtError {
+    #[error("cannot connect to libvirt at {uri}: {message}; is libvirtd running?")]
+    Connect { uri: String, message: String },
+    #[error("libvirt {call} failed: {message}")]
+    Call { call: &'static str, message: String, code: i32 },
+    #[error("libvirt {call} did not complete: the blocking worker failed")]
+    Worker { call: &'static str },
+}
+
+impl LibvirtError {
+    pub fn from_virt(call: &'static str, e: virt::error::Error) -> Self {
+        LibvirtError::Call { call, message: e.message().to_string(), code: e.code().to_raw() as i32 }
+    }
+
+    /// libvirt's "no domain with matching name/uuid" (VIR_ERR_NO_DOMAIN).
+    pub fn is_no_domain(&self) -> bool {
+        matches!(self, LibvirtError::Call { code, .. } if *code == virt::sys::VIR_ERR_NO_DOMAIN as i32)
+    }
+
+    fn is_connection_lost(&self) -> bool {
+        matches!(self, LibvirtError::Call { code, .. }
+            if *code == virt::sys::VIR_ERR_SYSTEM_ERROR as i32 || *code == virt::sys::VIR_ERR_INTERNAL_ERROR as i32 || *code == virt::sys::VIR_ERR_RPC as i32)
+    }
+}
+
+impl From<LibvirtError> for AgentError {
+    fn from(e: LibvirtError) -> Self {
+        let kind = if e.is_no_domain() { ErrorKind::NotFound } else { ErrorKind::OperationFailed };
+        AgentError::new(kind, "libvirt operation failed", e.to_string())
+    }
+}
+
+#[derive(Clone)]
+pub struct Libvirt {
+    uri: Arc<str>,
+    conn: Arc<Mutex<Option<Arc<Connect>>>>,
+}
+
+impl Libvirt {
+    /// Connects lazily: the agent starts (and answers echo) even while libvirtd is down.
+    pub fn new(uri: &str) -> Self {
+        Libvirt { uri: uri.into(), conn: Arc::new(Mutex::new(None)) }
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    fn connection(&self) -> Result<Arc<Connect>, LibvirtError> {
+        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = slot.as_ref() {
+            if c.is_alive().unwrap_or(false) {
+                return Ok(c.clone());
+            }
+        }
+        let c = Connect::open(Some(&self.uri))
+            .map_err(|e| LibvirtError::Connect { uri: self.uri.to_string(), message: e.message().to_string() })?;
+        let c = Arc::new(c);
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    fn forget(&self) {
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Runs `f` with the connection on a blocking thread. `f` may run twice (once more after a
+    /// reconnect) when the first attempt finds the connection dead, so it must be a single
+    /// idempotent libvirt call or a read.
+    pub async fn call<T, F>(&self, call: &'static str, f: F) -> Result<T, LibvirtError>
+    where
+        T: Send + 'static,
+        F: Fn(&Connect) -> Result<T, LibvirtError> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
+            let mut result = this.connection().and_then(|c| f(&c));
+            if matches!(&result, Err(e) if e.is_connection_lost()) && !this.connection().map(|c| c.is_alive().unwrap_or(false)).unwrap_or(false) {
+                this.forget();
+                result = this.connection().and_then(|c| f(&c));
+            }
+            metrics::observe_libvirt(call, start);
+            result
+        })
+        .await
+        .map_err(|_| LibvirtError::Worker { call })?
+    }
+
+    /// `(libvirt version, hypervisor version)` as dotted strings, e.g. `("9.0.0", "10.0.2")`.
+    pub async fn versions(&self) -> Result<(String, String), LibvirtError> {
+        self.call("getVersion", |c| {
+            let lib = c.lib_version().map_err(|e| LibvirtError::from_virt("getLibVersion", e))?;
+            let hyp = c.hyp_version().map_err(|e| LibvirtError::from_virt("getVersion", e))?;
+            Ok((dotted(lib), dotted(hyp)))
+        })
+        .await
+    }
+}
+
+/// libvirt encodes versions as `major * 1_000_000 + minor * 1_000 + release`.
+pub fn dotted(v: u32) -> String {
+    format!("{}.{}.{}", v / 1_000_000, (v / 1_000) % 1_000, v % 1_000)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dotted_versions() {
+        assert_eq!(super::dotted(9_000_000), "9.0.0");
+        assert_eq!(super::dotted(10_000_002), "10.0.2");
+    }
+}

@@ -1,0 +1,350 @@
+//! The task registry: admits each async command once per `taskuuid`, tracks it while it runs,
+//! keeps its result, and answers cancel and status requests.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{mpsc, Notify};
+
+use super::ctx::{ProgressSink, TaskCtx};
+use super::journal::{now_ms, Journal, TaskRecord, TaskState};
+use crate::stop::{Stop, StopReason};
+
+/// A progress update to forward to the management node.
+#[derive(Debug, Clone)]
+pub struct ProgressEvent {
+    pub task_id: String,
+    pub path: String,
+    pub percent: u8,
+    pub detail: String,
+    pub thread_context: Value,
+    pub thread_context_stack: Value,
+}
+
+/// What to do with an incoming request.
+pub enum Admission {
+    /// New task: run it with this context.
+    Start(TaskCtx),
+    /// The same `taskuuid` is running: acknowledge and do nothing.
+    AlreadyRunning,
+    /// The same `taskuuid` finished: post its stored result again.
+    Finished(Value),
+}
+
+/// The answer to `GET /task/<taskuuid>`.
+#[derive(Debug, Serialize)]
+pub struct TaskStatus {
+    #[serde(rename = "taskUuid")]
+    pub task_id: String,
+    pub path: String,
+    pub state: &'static str,
+    pub progress: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+}
+
+struct Entry {
+    record: TaskRecord,
+    stop: Stop,
+    api_id: Option<String>,
+    progress: u8,
+    thread_context: Value,
+    thread_context_stack: Value,
+}
+
+pub struct TaskRegistry {
+    journal: Journal,
+    entries: Mutex<HashMap<String, Entry>>,
+    idle: Notify,
+    progress_out: Option<mpsc::UnboundedSender<ProgressEvent>>,
+}
+
+/// What the command carried that the registry needs besides its body.
+pub struct Intake<'a> {
+    pub task_id: &'a str,
+    pub path: &'a str,
+    pub callback_url: Option<String>,
+    pub raw_body: &'a [u8],
+    pub api_id: Option<String>,
+    pub thread_context: Value,
+    pub thread_context_stack: Value,
+}
+
+impl TaskRegistry {
+    /// Opens the journal and loads finished tasks. Tasks the journal shows as still running were
+    /// interrupted by a stop of the agent; they are marked failed and returned so their result
+    /// can be delivered.
+    pub fn open(journal: Journal, progress_out: Option<mpsc::UnboundedSender<ProgressEvent>>) -> std::io::Result<(Arc<Self>, Vec<TaskRecord>)> {
+        let mut entries = HashMap::new();
+        let mut interrupted = Vec::new();
+        for mut record in journal.load_all()? {
+            if record.state == TaskState::Running {
+                record.state = TaskState::Failed;
+                record.finished_ms = Some(now_ms());
+                record.result = Some(crate::api::envelope(&Err(crate::error::AgentError::new(
+                    crate::error::ErrorKind::OperationFailed,
+                    "task interrupted",
+                    format!("the agent stopped while {} was running; check the resources it names and send the command again with a new taskuuid", record.path),
+                ))));
+                record.delivered = record.callback_url.is_none();
+                journal.save(&record)?;
+            }
+            if !record.delivered {
+                interrupted.push(record.clone());
+            }
+            entries.insert(
+                record.task_id.clone(),
+                Entry { record, stop: Stop::new(), api_id: None, progress: 100, thread_context: Value::Null, thread_context_stack: Value::Null },
+            );
+        }
+        let registry = Arc::new(TaskRegistry { journal, entries: Mutex::new(entries), idle: Notify::new(), progress_out });
+        Ok((registry, interrupted))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding this lock cannot leave the map inconsistent (single inserts and
+        // field updates), so a poisoned lock is still usable.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub async fn admit(self: &Arc<Self>, intake: Intake<'_>) -> std::io::Result<Admission> {
+        let record = TaskRecord {
+            task_id: intake.task_id.to_owned(),
+            path: intake.path.to_owned(),
+            callback_url: intake.callback_url,
+            command: String::from_utf8_lossy(intake.raw_body).into_owned(),
+            state: TaskState::Running,
+            result: None,
+            started_ms: now_ms(),
+            finished_ms: None,
+            delivered: false,
+        };
+        let stop = Stop::new();
+        {
+            let mut map = self.lock();
+            if let Some(e) = map.get(intake.task_id) {
+                return Ok(match &e.record.result {
+                    Some(result) => Admission::Finished(result.clone()),
+                    None => Admission::AlreadyRunning,
+                });
+            }
+            map.insert(
+                record.task_id.clone(),
+                Entry {
+                    record: record.clone(),
+                    stop: stop.clone(),
+                    api_id: intake.api_id.clone(),
+                    progress: 0,
+                    thread_context: intake.thread_context,
+                    thread_context_stack: intake.thread_context_stack,
+                },
+            );
+        }
+        if let Err(e) = self.persist(record).await {
+            self.lock().remove(intake.task_id);
+            return Err(e);
+        }
+        let sink: Arc<dyn ProgressSink> = self.clone();
+        Ok(Admission::Start(TaskCtx::new(intake.task_id, intake.path, intake.api_id, stop, Some(sink))))
+    }
+
+    async fn persist(&self, record: TaskRecord) -> std::io::Result<()> {
+        let journal = self.journal.clone();
+        tokio::task::spawn_blocking(move || journal.save(&record))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// Records the result of a finished task and returns its callback URL.
+    pub async fn finish(&self, task_id: &str, state: TaskState, result: Value) -> Option<String> {
+        let (record, running_left) = {
+            let mut map = self.lock();
+            let Some(e) = map.get_mut(task_id) else { return None };
+            e.record.state = state;
+            e.record.result = Some(result);
+            e.record.finished_ms = Some(now_ms());
+            e.record.delivered = e.record.callback_url.is_none();
+            e.progress = 100;
+            let record = e.record.clone();
+            let running = map.values().filter(|e| e.record.state == TaskState::Running).count();
+            (record, running)
+        };
+        let url = record.callback_url.clone();
+        if let Err(e) = self.persist(record).await {
+            tracing::error!(task = task_id, error = %e, "cannot record the task's result in the journal");
+        }
+        if running_left == 0 {
+            self.idle.notify_waiters();
+        }
+        url
+    }
+
+    pub async fn mark_delivered(&self, task_id: &str) {
+        let record = {
+            let mut map = self.lock();
+            let Some(e) = map.get_mut(task_id) else { return };
+            e.record.delivered = true;
+            e.record.clone()
+        };
+        if let Err(e) = self.persist(record).await {
+            tracing::warn!(task = task_id, error = %e, "cannot record callback delivery");
+        }
+    }
+
+    pub fn status(&self, task_id: &str) -> Option<TaskStatus> {
+        let map = self.lock();
+        let e = map.get(task_id)?;
+        Some(TaskStatus {
+            task_id: e.record.task_id.clone(),
+            path: e.record.path.clone(),
+            state: e.record.state.as_str(),
+            progress: e.progress,
+            result: e.record.result.clone(),
+        })
+    }
+
+    /// Fires the stop of every running task whose command carried `threadContext.api == api_id`.
+    pub fn cancel_by_api(&self, api_id: &str) -> usize {
+        let map = self.lock();
+        let mut n = 0;
+        for e in map.values().filter(|e| e.record.state == TaskState::Running && e.api_id.as_deref() == Some(api_id)) {
+            e.stop.fire(StopReason::Cancelled);
+            n += 1;
+        }
+        n
+    }
+
+    pub fn running(&self) -> usize {
+        self.lock().values().filter(|e| e.record.state == TaskState::Running).count()
+    }
+
+    /// Stops every running task and waits up to `grace` for them to wind down.
+    pub async fn shutdown(&self, grace: Duration) {
+        for e in self.lock().values().filter(|e| e.record.state == TaskState::Running) {
+            e.stop.fire(StopReason::ShuttingDown);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.running() > 0 {
+            let notified = self.idle.notified();
+            if self.running() == 0 || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Drops finished tasks older than `retention` from memory and the journal.
+    pub async fn prune(&self, retention: Duration) {
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+        let old: Vec<String> = {
+            let mut map = self.lock();
+            let old: Vec<String> = map
+                .values()
+                .filter(|e| e.record.delivered && e.record.finished_ms.is_some_and(|f| f < cutoff))
+                .map(|e| e.record.task_id.clone())
+                .collect();
+            for id in &old {
+                map.remove(id);
+            }
+            old
+        };
+        let journal = self.journal.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for id in old {
+                if let Err(e) = journal.remove(&id) {
+                    tracing::warn!(task = %id, error = %e, "cannot remove an old task record");
+                }
+            }
+        })
+        .await;
+    }
+}
+
+impl ProgressSink for TaskRegistry {
+    fn progress(&self, task_id: &str, percent: u8, detail: &str) {
+        let event = {
+            let mut map = self.lock();
+            let Some(e) = map.get_mut(task_id) else { return };
+            if percent <= e.progress && percent != 100 {
+                return;
+            }
+            e.progress = percent;
+            ProgressEvent {
+                task_id: task_id.to_owned(),
+                path: e.record.path.clone(),
+                percent,
+                detail: detail.to_owned(),
+                thread_context: e.thread_context.clone(),
+                thread_context_stack: e.thread_context_stack.clone(),
+            }
+        };
+        if let Some(tx) = &self.progress_out {
+            let _ = tx.send(event);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn intake<'a>(id: &'a str, body: &'a [u8]) -> Intake<'a> {
+        Intake {
+            task_id: id,
+            path: "/host/ping",
+            callback_url: Some("http://127.0.0.1:1/cb".into()),
+            raw_body: body,
+            api_id: Some("api1".into()),
+            thread_context: Value::Null,
+            thread_context_stack: Value::Null,
+        }
+    }
+
+    #[tokio::test]
+    async fn duplicate_while_running_is_not_started_again_and_after_finish_gets_stored_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
+        let id = "0123456789abcdef0123456789abcdef";
+        assert!(matches!(reg.admit(intake(id, b"{}")).await.unwrap(), Admission::Start(_)));
+        assert!(matches!(reg.admit(intake(id, b"{}")).await.unwrap(), Admission::AlreadyRunning));
+        reg.finish(id, TaskState::Succeeded, serde_json::json!({"success": true})).await;
+        match reg.admit(intake(id, b"{}")).await.unwrap() {
+            Admission::Finished(v) => assert_eq!(v["success"], true),
+            _ => panic!("expected the stored result"),
+        }
+    }
+
+    #[tokio::test]
+    async fn finished_results_survive_reopen_and_running_ones_become_interrupted() {
+        let dir = tempfile::tempdir().unwrap();
+        let done = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let cut = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+        {
+            let (reg, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
+            let _ = reg.admit(intake(done, b"{}")).await.unwrap();
+            reg.finish(done, TaskState::Succeeded, serde_json::json!({"success": true, "x": 1})).await;
+            reg.mark_delivered(done).await;
+            let _ = reg.admit(intake(cut, b"{}")).await.unwrap();
+        }
+        let (reg, undelivered) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
+        assert_eq!(reg.status(done).unwrap().result.unwrap()["x"], 1);
+        let s = reg.status(cut).unwrap();
+        assert_eq!(s.state, "failed");
+        assert_eq!(s.result.unwrap()["success"], false);
+        assert_eq!(undelivered.len(), 1);
+        assert_eq!(undelivered[0].task_id, cut);
+    }
+
+    #[tokio::test]
+    async fn cancel_fires_only_matching_running_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
+        let Admission::Start(ctx) = reg.admit(intake("cccccccccccccccccccccccccccccccc", b"{}")).await.unwrap() else { panic!() };
+        assert_eq!(reg.cancel_by_api("other"), 0);
+        assert!(!ctx.stop.is_stopped());
+        assert_eq!(reg.cancel_by_api("api1"), 1);
+        assert_eq!(ctx.stop.reason(), Some(StopReason::Cancelled));
+    }
+}
