@@ -11,6 +11,7 @@ pub mod host_info;
 pub mod host_identity;
 pub mod http;
 pub mod libvirt;
+pub mod locks;
 pub mod metrics;
 pub mod process;
 pub mod stop;

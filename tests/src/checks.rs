@@ -1,0 +1,65 @@
+//! Checks on real effects: qemu-img's view of images, virsh's view of domains, file bytes.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+pub const LIBVIRT_URI: &str = "qemu:///system";
+
+fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn virsh(args: &[&str]) -> Result<String> {
+    let mut all = vec!["-c", LIBVIRT_URI];
+    all.extend_from_slice(args);
+    run("virsh", &all)
+}
+
+/// Fails with instructions when libvirtd does not answer.
+pub fn require_libvirtd() -> Result<()> {
+    virsh(&["version"]).map(|_| ()).context("libvirtd is not reachable at qemu:///system; start it with tests/host/libvirtd.sh start")
+}
+
+/// `virsh domstate`, e.g. `running`, `shut off`, `paused`; `None` when no such domain exists.
+pub fn domstate(vm: &str) -> Option<String> {
+    virsh(&["domstate", vm]).ok().map(|s| s.trim().to_owned())
+}
+
+pub fn dumpxml(vm: &str) -> Result<String> {
+    virsh(&["dumpxml", vm])
+}
+
+/// `qemu-img info --output=json` (shared lock, so it also reads images in use).
+pub fn qemu_img_info(path: &Path) -> Result<Value> {
+    Ok(serde_json::from_str(&run("qemu-img", &["info", "-U", "--output=json", &path.to_string_lossy()])?)?)
+}
+
+/// `qemu-img check`: fails unless the image is clean.
+pub fn qemu_img_check(path: &Path) -> Result<()> {
+    run("qemu-img", &["check", "-U", &path.to_string_lossy()]).map(|_| ())
+}
+
+pub fn qemu_img(args: &[&str]) -> Result<String> {
+    run("qemu-img", args)
+}
+
+/// Writes `pattern` at `offset` into an image through qemu-io (format-aware).
+pub fn qemu_io_write(path: &Path, offset: u64, pattern: &[u8]) -> Result<()> {
+    let tmp = tempfile::NamedTempFile::new()?;
+    std::fs::write(tmp.path(), pattern)?;
+    // `write -s FILE` fills the write buffer from a pattern file: arbitrary bytes, no shell.
+    let cmd = format!("write -s {} {offset} {}", tmp.path().display(), pattern.len());
+    run("qemu-io", &["-f", "qcow2", "-c", &cmd, &path.to_string_lossy()]).map(|_| ())
+}
+
+/// The SHA-256 of a file's bytes, to prove a source was not written.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    Ok(run("sha256sum", &[&path.to_string_lossy()])?.split_whitespace().next().unwrap_or_default().to_owned())
+}
