@@ -134,6 +134,8 @@ impl Host {
         if self.child.is_some() {
             self.stop_agent()?;
         }
+        // Pooled keep-alive connections point at the old process.
+        self.client = Client::builder(TokioExecutor::new()).build_http();
         self.spawn_agent()
     }
 
