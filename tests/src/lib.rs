@@ -7,6 +7,8 @@
 
 pub mod callbacks;
 pub mod checks;
+pub mod guest;
+pub mod images;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

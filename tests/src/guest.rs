@@ -1,0 +1,75 @@
+//! The tiny test guest (tests/guest/build.sh): a direct-boot kernel + initramfs that prints the
+//! bytes at given offsets of every virtio disk on its serial console, then powers off.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use serde_json::{json, Value};
+
+use crate::Host;
+
+/// Copies the guest kernel and initramfs into the host's storage root (the agent only lets a
+/// domain open files inside its roots) and returns the `kernelBoot` object for a StartVmCmd.
+pub fn kernel_boot(host: &Host, offsets: &[u64], disks: usize) -> Result<Value> {
+    let src = crate::guest_dir();
+    let dst = host.path("guest");
+    std::fs::create_dir_all(&dst)?;
+    for f in ["vmlinuz", "initrd.img"] {
+        if !dst.join(f).exists() {
+            std::fs::copy(src.join(f), dst.join(f))?;
+        }
+    }
+    let offsets: Vec<String> = offsets.iter().map(u64::to_string).collect();
+    Ok(json!({
+        "kernel": dst.join("vmlinuz"),
+        "initrd": dst.join("initrd.img"),
+        "cmdline": format!("console=ttyS0 quiet panic=-1 kvmagent.offsets={} kvmagent.disks={disks}", offsets.join(",")),
+    }))
+}
+
+/// Where the agent logs a VM's serial console.
+pub fn console_log(host: &Host, vm: &str) -> PathBuf {
+    host.state_dir.join("console").join(format!("{vm}.log"))
+}
+
+/// What the guest reported: `disk → offset → bytes`.
+pub type DiskDump = BTreeMap<String, BTreeMap<u64, Vec<u8>>>;
+
+/// Waits (up to `timeout`) for the guest to finish its report, and parses it.
+pub async fn wait_report(log: &Path, timeout: Duration) -> Result<DiskDump> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default().replace('\r', "");
+        if text.contains("KVMAGENT-GUEST-DONE") {
+            return Ok(parse(&text));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("the guest did not finish within {timeout:?}; console so far:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn parse(text: &str) -> DiskDump {
+    let mut dump = DiskDump::new();
+    for line in text.lines() {
+        let mut w = line.split_whitespace();
+        if w.next() != Some("KVMAGENT-DISK") {
+            continue;
+        }
+        let (Some(dev), Some(off), Some(hex)) = (w.next(), w.next(), w.next()) else { continue };
+        let Ok(off) = off.parse() else { continue };
+        let bytes = (0..hex.len() / 2).filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect();
+        dump.entry(dev.to_owned()).or_default().insert(off, bytes);
+    }
+    dump
+}
+
+/// A 64-byte pattern unique to this run, so a stale image can never satisfy a check.
+pub fn pattern(tag: &str) -> Vec<u8> {
+    let mut p = format!("KVMAGENT-{tag}-{}", crate::uuid()).into_bytes();
+    p.resize(64, b'.');
+    p
+}
