@@ -19,12 +19,13 @@
 # Cmdline parameters (see tests/guest/init): kvmagent.offsets=<byte offsets, comma-separated,
 # default 0>, kvmagent.disks=<N to wait for>, kvmagent.wait=<max s, default 10>, kvmagent.debug=1.
 #
-# Serial output (lines may end in \r\n: strip \r):
+# Serial output:
 #   KVMAGENT-GUEST-BOOTED
 #   KVMAGENT-DISK vda 0 41414141...          <dev> <offset> <128 lowercase hex chars = 64 bytes>
-#   KVMAGENT-DISK vda 1048576 0000...        one line per disk (vd* then sd*, sorted) and offset
+#   KVMAGENT-DISK vda 1048576 0000...        one line per disk (vd* and sd*, sorted by name) and offset
 #   KVMAGENT-GUEST-DONE                      then `poweroff -f`: the domain goes to shut off
 # A short hex (or "-") means the read hit the end of the disk. virtio-scsi disks show as sdX.
+# Lines end in \n; kernel messages (only emergencies and the final "reboot: Power down") in \r\n.
 #
 # How a test uses it: write a known pattern into the base image, e.g.
 #   qemu-img create -f qcow2 base.qcow2 64M
