@@ -21,6 +21,7 @@
 #
 # Serial output:
 #   KVMAGENT-GUEST-BOOTED
+#   KVMAGENT-TPM tpm0                        TPM devices the guest sees, or "none"
 #   KVMAGENT-DISK vda 0 41414141...          <dev> <offset> <128 lowercase hex chars = 64 bytes>
 #   KVMAGENT-DISK vda 1048576 0000...        one line per disk (vd* and sd*, sorted by name) and offset
 #   KVMAGENT-GUEST-DONE                      then `poweroff -f`: the domain goes to shut off
