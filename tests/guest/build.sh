@@ -80,7 +80,7 @@ resolve_kernel() {
         return
     fi
     # The metapackage depends on exactly one concrete linux-image-<abi>-cloud-amd64.
-    apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+    { apt-cache depends linux-image-cloud-amd64 2>/dev/null || true; } |
         awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-cloud-amd64$/ {print $2; exit}'
 }
 download() {
