@@ -9,13 +9,16 @@
 #   kernel, busybox, cmdline). Cached: exits at once if the stamp matches this script version.
 #   KVMAGENT_GUEST_KERNEL_PKG=linux-image-...-cloud-amd64 overrides the kernel package.
 #
-# Boot it with direct kernel boot, serial console logged to a file, <on_poweroff>destroy</on_poweroff>:
+# Boot it with direct kernel boot, serial console logged to a file, and <on_poweroff>destroy
+# </on_poweroff> (+ <on_reboot>destroy</on_reboot>: a failed power-off panics, panic=-1 reboots):
 #   <os><type arch='x86_64' machine='pc'>hvm</type>      (q35 works too)
 #     <kernel>OUTDIR/vmlinuz</kernel><initrd>OUTDIR/initrd.img</initrd>
 #     <cmdline>console=ttyS0 quiet panic=-1 kvmagent.offsets=0,1048576</cmdline></os>
 #   <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
 #     <source file='/path/top.qcow2'/><target dev='vda' bus='virtio'/></disk>
 #   <serial type='file'><source path='/path/serial.log'/><target port='0'/></serial>
+# (also works with libvirt 9 + stdio_handler=file: <serial type='pty'><log file='/path/serial.log'
+#  append='off'/><target port='0'/></serial> + <console type='pty'><target type='serial' port='0'/>)
 # Cmdline parameters (see tests/guest/init): kvmagent.offsets=<byte offsets, comma-separated,
 # default 0>, kvmagent.disks=<N to wait for>, kvmagent.wait=<max s, default 10>, kvmagent.debug=1.
 #
