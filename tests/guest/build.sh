@@ -9,22 +9,27 @@
 #   kernel, busybox, cmdline). Cached: exits at once if the stamp matches this script version.
 #   KVMAGENT_GUEST_KERNEL_PKG=linux-image-...-cloud-amd64 overrides the kernel package.
 #
-# Boot it with direct kernel boot, serial console logged to a file, <on_poweroff>destroy</on_poweroff>:
+# Boot it with direct kernel boot, serial console logged to a file, and <on_poweroff>destroy
+# </on_poweroff> (+ <on_reboot>destroy</on_reboot>: a failed power-off panics, panic=-1 reboots):
 #   <os><type arch='x86_64' machine='pc'>hvm</type>      (q35 works too)
 #     <kernel>OUTDIR/vmlinuz</kernel><initrd>OUTDIR/initrd.img</initrd>
 #     <cmdline>console=ttyS0 quiet panic=-1 kvmagent.offsets=0,1048576</cmdline></os>
 #   <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
 #     <source file='/path/top.qcow2'/><target dev='vda' bus='virtio'/></disk>
 #   <serial type='file'><source path='/path/serial.log'/><target port='0'/></serial>
+# (also works with libvirt 9 + stdio_handler=file: <serial type='pty'><log file='/path/serial.log'
+#  append='off'/><target port='0'/></serial> + <console type='pty'><target type='serial' port='0'/>)
 # Cmdline parameters (see tests/guest/init): kvmagent.offsets=<byte offsets, comma-separated,
 # default 0>, kvmagent.disks=<N to wait for>, kvmagent.wait=<max s, default 10>, kvmagent.debug=1.
 #
-# Serial output (lines may end in \r\n: strip \r):
+# Serial output:
 #   KVMAGENT-GUEST-BOOTED
+#   KVMAGENT-TPM tpm0                        TPM devices the guest sees, or "none"
 #   KVMAGENT-DISK vda 0 41414141...          <dev> <offset> <128 lowercase hex chars = 64 bytes>
-#   KVMAGENT-DISK vda 1048576 0000...        one line per disk (vd* then sd*, sorted) and offset
+#   KVMAGENT-DISK vda 1048576 0000...        one line per disk (vd* and sd*, sorted by name) and offset
 #   KVMAGENT-GUEST-DONE                      then `poweroff -f`: the domain goes to shut off
 # A short hex (or "-") means the read hit the end of the disk. virtio-scsi disks show as sdX.
+# Lines end in \n; kernel messages (only emergencies and the final "reboot: Power down") in \r\n.
 #
 # How a test uses it: write a known pattern into the base image, e.g.
 #   qemu-img create -f qcow2 base.qcow2 64M
@@ -78,7 +83,7 @@ resolve_kernel() {
         return
     fi
     # The metapackage depends on exactly one concrete linux-image-<abi>-cloud-amd64.
-    apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+    { apt-cache depends linux-image-cloud-amd64 2>/dev/null || true; } |
         awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-cloud-amd64$/ {print $2; exit}'
 }
 download() {
