@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use kvmagent_host_tests::checks::{domstate, dumpxml, file_sha256, qemu_img_check, qemu_img_info};
+use kvmagent_host_tests::checks::{domstate, dumpxml, ensure_bridge, file_sha256, qemu_img_check, qemu_img_info};
 use kvmagent_host_tests::guest::{console_log, kernel_boot, wait_report};
 use kvmagent_host_tests::images::{root_volume_path, BaseImage};
 use kvmagent_host_tests::{uuid, Host};
@@ -48,7 +48,12 @@ async fn zstack_fixture_boots_and_the_guest_reads_the_base_pattern_through_the_o
 
     let vm = uuid();
     h.track_vm(&vm);
-    let mut cmd = fixture_cmd(&vm, root.to_str().unwrap());
+    // The fixture unchanged but for the root path and its bridge, swapped for a test bridge.
+    let mut cmd: Value = serde_json::from_str(include_str!("../fixtures/zstack-startvm-cmd.json")).unwrap();
+    cmd["vmInstanceUuid"] = json!(vm);
+    cmd["rootVolume"]["installPath"] = json!(root);
+    ensure_bridge("kvmagent-tbr0").unwrap();
+    cmd["nics"][0]["bridgeName"] = json!("kvmagent-tbr0");
     cmd["rootVolume"]["volumeUuid"] = json!(root_uuid);
     cmd["vmName"] = json!("fixture <vm> & \"friends\"");
     cmd["kernelBoot"] = kernel_boot(&h, &[0], 1).unwrap();

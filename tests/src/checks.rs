@@ -63,3 +63,13 @@ pub fn qemu_io_write(path: &Path, offset: u64, pattern: &[u8]) -> Result<()> {
 pub fn file_sha256(path: &Path) -> Result<String> {
     Ok(run("sha256sum", &[&path.to_string_lossy()])?.split_whitespace().next().unwrap_or_default().to_owned())
 }
+
+/// Makes sure a Linux bridge named `name` exists and is up (for bridge NICs), shared by tests.
+pub fn ensure_bridge(name: &str) -> Result<()> {
+    if Path::new("/sys/class/net").join(name).exists() {
+        return Ok(());
+    }
+    // Another test may create it at the same moment; only the end state matters.
+    let _ = run("ip", &["link", "add", name, "type", "bridge"]);
+    run("ip", &["link", "set", name, "up"]).map(|_| ())
+}
