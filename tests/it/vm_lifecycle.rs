@@ -36,40 +36,57 @@ async fn create_root_from_cache(h: &Host, base: &BaseImage) -> (String, std::pat
 }
 
 #[tokio::test]
-async fn zstack_fixture_boots_and_the_guest_reads_the_base_pattern_through_the_overlay() {
+async fn zstack_fixture_is_accepted_unchanged_but_for_root_path_and_bridge() {
+    let h = Host::start().await.unwrap();
+    let base = BaseImage::create(&h, 64 * MIB).unwrap();
+    let (_, root) = create_root_from_cache(&h, &base).await;
+    let mut cmd: Value = serde_json::from_str(include_str!("../fixtures/zstack-startvm-cmd.json")).unwrap();
+    let vm = cmd["vmInstanceUuid"].as_str().unwrap().to_owned();
+    let _ = kvmagent_host_tests::checks::virsh(&["destroy", &vm]);
+    let _ = kvmagent_host_tests::checks::virsh(&["undefine", "--nvram", &vm]);
+    h.track_vm(&vm);
+    cmd["rootVolume"]["installPath"] = json!(root);
+    ensure_bridge("kvmagent-tbr0").unwrap();
+    cmd["nics"][0]["bridgeName"] = json!("kvmagent-tbr0");
+
+    let r = h.call_ok("/vm/start", &cmd).await.unwrap();
+    assert_eq!(domstate(&vm).as_deref(), Some("running"), "{r}");
+    let devices = r["virtualDeviceInfoList"].as_array().expect("virtualDeviceInfoList");
+    let root_dev = devices.iter().find(|d| d["resourceUuid"] == cmd["rootVolume"]["volumeUuid"]).expect("root volume address");
+    assert_eq!(root_dev["deviceAddress"]["type"], "pci", "{r}");
+    assert_eq!(r["nicInfos"][0]["macAddress"], "fa:62:4a:61:6c:00", "{r}");
+
+    let xml = dumpxml(&vm).unwrap();
+    assert!(xml.contains("<uuid>0b42630f-37d8-4174-80ec-ed62ad89719f</uuid>"), "{xml}");
+    assert!(xml.contains("<description>vm-for-ut</description>"), "{xml}");
+    assert!(xml.contains("<serial>d387b4534faf4553a50a8a632cf12e35</serial>"), "{xml}");
+    assert!(xml.contains("<internalId>1</internalId>") && xml.contains("<hostManagementIp>10.0.245.48</hostManagementIp>"), "{xml}");
+    assert!(xml.contains("<source bridge='kvmagent-tbr0'/>"), "{xml}");
+    assert!(xml.contains("current='1'>128</vcpu>"), "NUMA mode: current vCPUs and the maximum: {xml}");
+
+    h.call_ok("/vm/destroy", &json!({"uuid": vm})).await.unwrap();
+    assert_eq!(domstate(&vm), None, "destroy undefines the domain");
+}
+
+#[tokio::test]
+async fn the_guest_reads_the_base_pattern_through_the_overlay() {
     let h = Host::start().await.unwrap();
     let base = BaseImage::create(&h, 64 * MIB).unwrap();
     let base_sha = file_sha256(&base.path).unwrap();
     let (root_uuid, root) = create_root_from_cache(&h, &base).await;
-
     let info = qemu_img_info(&root).unwrap();
     assert_eq!(info["backing-filename"].as_str(), Some(base.path.to_str().unwrap()), "{info}");
     assert_eq!(info["backing-filename-format"], "qcow2");
 
     let vm = uuid();
     h.track_vm(&vm);
-    // The fixture unchanged but for the root path and its bridge, swapped for a test bridge.
-    let mut cmd: Value = serde_json::from_str(include_str!("../fixtures/zstack-startvm-cmd.json")).unwrap();
-    cmd["vmInstanceUuid"] = json!(vm);
-    cmd["rootVolume"]["installPath"] = json!(root);
-    ensure_bridge("kvmagent-tbr0").unwrap();
-    cmd["nics"][0]["bridgeName"] = json!("kvmagent-tbr0");
+    let mut cmd = fixture_cmd(&vm, root.to_str().unwrap());
     cmd["rootVolume"]["volumeUuid"] = json!(root_uuid);
-    cmd["vmName"] = json!("fixture <vm> & \"friends\"");
+    cmd["vmName"] = json!("guest <vm> & \"friends\" \u{fc}");
     cmd["kernelBoot"] = kernel_boot(&h, &[0], 1).unwrap();
-    let r = h.call_ok("/vm/start", &cmd).await.unwrap();
-    let devices = r["virtualDeviceInfoList"].as_array().expect("virtualDeviceInfoList");
-    let root_dev = devices.iter().find(|d| d["resourceUuid"] == json!(root_uuid)).expect("root volume address reported");
-    assert_eq!(root_dev["deviceAddress"]["type"], "pci", "{r}");
-    assert!(r["nicInfos"][0]["macAddress"].as_str() == Some("fa:62:4a:61:6c:00"), "{r}");
-
+    h.call_ok("/vm/start", &cmd).await.unwrap();
     let xml = dumpxml(&vm).unwrap();
-    assert!(xml.contains(&format!("<name>{vm}</name>")), "{xml}");
-    let dashed = format!("{}-{}-{}-{}-{}", &vm[0..8], &vm[8..12], &vm[12..16], &vm[16..20], &vm[20..]);
-    assert!(xml.contains(&format!("<uuid>{dashed}</uuid>")), "{xml}");
-    assert!(xml.contains("<description>fixture &lt;vm&gt; &amp; \"friends\"</description>") || xml.contains("<description>fixture &lt;vm&gt; &amp; &quot;friends&quot;</description>"), "{xml}");
-    assert!(xml.contains(&format!("<serial>{root_uuid}</serial>")), "{xml}");
-    assert!(xml.contains("<internalId>1</internalId>"), "{xml}");
+    assert!(xml.contains("<description>guest &lt;vm&gt; &amp; \"friends\" \u{fc}</description>"), "{xml}");
 
     let dump = wait_report(&console_log(&h, &vm), Duration::from_secs(90)).await.unwrap();
     assert_eq!(dump["vda"][&0], base.pattern, "the guest reads the base image's bytes through the overlay");
@@ -79,9 +96,7 @@ async fn zstack_fixture_boots_and_the_guest_reads_the_base_pattern_through_the_o
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(domstate(&vm).as_deref(), Some("shut off"));
-
     h.call_ok("/vm/destroy", &json!({"uuid": vm})).await.unwrap();
-    assert_eq!(domstate(&vm), None, "destroy undefines the domain");
     assert_eq!(file_sha256(&base.path).unwrap(), base_sha, "the cached image is never written");
     qemu_img_check(&root).unwrap();
 }
