@@ -5,6 +5,7 @@ pub mod api;
 pub mod app;
 pub mod atomic_file;
 pub mod config;
+pub mod domain;
 pub mod error;
 pub mod handlers;
 pub mod host_info;

@@ -1,1 +1,254 @@
-//! Placeholder: filled in by the vm work.
+//! `/vm/start`, `/vm/stop`, `/vm/destroy` (ZStack's StartVmCmd and friends, reference §3.1).
+//!
+//! ZStack sends `null` for absent boxed values, so every optional field accepts `null` as its
+//! default (`nullable`).
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+/// Deserializes `null` as the type's default.
+fn nullable<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StartVmCmd {
+    pub vm_instance_uuid: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub vm_name: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub vm_internal_id: i64,
+    /// Bytes.
+    pub memory: u64,
+    pub cpu_num: u32,
+    #[serde(default, deserialize_with = "nullable")]
+    pub max_vcpu_num: u32,
+    #[serde(default, deserialize_with = "nullable")]
+    pub socket_num: Option<u32>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub cpu_on_socket: Option<u32>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub threads_per_core: Option<u32>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub use_numa: bool,
+    #[serde(default, deserialize_with = "nullable")]
+    pub machine_type: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub boot_mode: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub boot_dev: Vec<String>,
+    pub root_volume: VolumeTo,
+    #[serde(default, deserialize_with = "nullable")]
+    pub data_volumes: Vec<VolumeTo>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub cd_roms: Vec<CdRomTo>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub nics: Vec<NicTo>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub create_paused: bool,
+    #[serde(default, deserialize_with = "nullable")]
+    pub host_management_ip: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub clock: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub system_serial_number: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub chassis_asset_tag: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub console_password: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub video_type: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub image_platform: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub addons: Map<String, Value>,
+    /// Ours: a TPM 2.0 device backed by swtpm.
+    #[serde(default, deserialize_with = "nullable")]
+    pub tpm: Option<TpmSpec>,
+    /// Ours: boot this kernel and initramfs directly (appliances, host tests).
+    #[serde(default, deserialize_with = "nullable")]
+    pub kernel_boot: Option<KernelBoot>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmSpec {
+    #[serde(default, deserialize_with = "nullable")]
+    pub enable: bool,
+    /// `tpm-crb` (default) or `tpm-tis`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KernelBoot {
+    pub kernel: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub initrd: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub cmdline: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeTo {
+    pub install_path: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub device_id: u32,
+    /// `file` (default) or `ceph`.
+    #[serde(default = "file_type", deserialize_with = "nullable_file")]
+    pub device_type: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub volume_uuid: String,
+    #[serde(default = "yes", deserialize_with = "nullable_yes")]
+    pub use_virtio: bool,
+    #[serde(default, deserialize_with = "nullable")]
+    pub use_virtio_scsi: bool,
+    #[serde(default, deserialize_with = "nullable")]
+    pub shareable: bool,
+    #[serde(default, deserialize_with = "nullable")]
+    pub cache_mode: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub boot_order: u32,
+    /// Filled in by the agent from the file itself for file volumes.
+    #[serde(default, deserialize_with = "nullable")]
+    pub format: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub secret_uuid: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub mon_info: Vec<MonInfo>,
+}
+
+fn file_type() -> String {
+    "file".into()
+}
+fn nullable_file<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()).unwrap_or_else(file_type))
+}
+fn yes() -> bool {
+    true
+}
+fn nullable_yes<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(true))
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MonInfo {
+    pub hostname: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NicTo {
+    pub mac: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub uuid: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub device_id: u32,
+    #[serde(default, deserialize_with = "nullable")]
+    pub nic_internal_name: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub bridge_name: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub mtu: Option<u32>,
+    #[serde(default = "yes", deserialize_with = "nullable_yes")]
+    pub use_virtio: bool,
+    #[serde(default, deserialize_with = "nullable")]
+    pub driver_type: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub boot_order: u32,
+    /// `VNIC` (bridge, default) or ours: `user` for user-mode networking on hosts without bridges.
+    #[serde(default, rename = "type", deserialize_with = "nullable")]
+    pub nic_type: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CdRomTo {
+    #[serde(default, deserialize_with = "nullable")]
+    pub resource_uuid: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub path: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub device_id: u32,
+    #[serde(default, deserialize_with = "nullable")]
+    pub is_empty: bool,
+    #[serde(default, deserialize_with = "nullable")]
+    pub boot_order: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StopVmCmd {
+    pub uuid: String,
+    /// `grace` (default: ACPI shutdown, then power off after `timeout`), `cold` or `force`.
+    #[serde(default, rename = "type", deserialize_with = "nullable")]
+    pub stop_type: String,
+    /// Seconds.
+    #[serde(default = "default_stop_timeout", deserialize_with = "nullable_timeout")]
+    pub timeout: u64,
+}
+
+fn default_stop_timeout() -> u64 {
+    60
+}
+fn nullable_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    Ok(Option::<u64>::deserialize(d)?.unwrap_or_else(default_stop_timeout))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestroyVmCmd {
+    pub uuid: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StartVmRsp {
+    pub nic_infos: Vec<NicInfo>,
+    pub virtual_device_info_list: Vec<VirtualDeviceInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mem_balloon_info: Option<VirtualDeviceInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NicInfo {
+    pub mac_address: String,
+    pub device_address: DeviceAddress,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualDeviceInfo {
+    pub resource_uuid: String,
+    pub device_address: DeviceAddress,
+}
+
+/// A device address as libvirt reports it (attribute strings, absent ones omitted).
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct DeviceAddress {
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub addr_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bus: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub controller: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+}

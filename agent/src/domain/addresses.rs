@@ -1,0 +1,52 @@
+//! Reads device addresses back from a live domain's XML, for the StartVmCmd response (the
+//! management plane stores them and replays them so addresses stay stable).
+
+use crate::api::vm::{DeviceAddress, NicInfo, StartVmRsp, VirtualDeviceInfo};
+use crate::error::{AgentError, AgentResult};
+
+fn address(node: roxmltree::Node) -> DeviceAddress {
+    let Some(a) = node.children().find(|c| c.has_tag_name("address")) else { return DeviceAddress::default() };
+    let attr = |n: &str| a.attribute(n).map(str::to_owned);
+    DeviceAddress {
+        addr_type: attr("type"),
+        domain: attr("domain"),
+        bus: attr("bus"),
+        slot: attr("slot"),
+        function: attr("function"),
+        controller: attr("controller"),
+        target: attr("target"),
+        unit: attr("unit"),
+    }
+}
+
+fn child_text<'a>(node: roxmltree::Node<'a, 'a>, tag: &str) -> Option<&'a str> {
+    node.children().find(|c| c.has_tag_name(tag)).and_then(|c| c.text())
+}
+
+pub fn device_info(live_xml: &str) -> AgentResult<StartVmRsp> {
+    let doc = roxmltree::Document::parse(live_xml).map_err(|e| AgentError::internal(format!("libvirt returned unparsable domain XML: {e}")))?;
+    let Some(devices) = doc.root_element().children().find(|c| c.has_tag_name("devices")) else {
+        return Ok(StartVmRsp::default());
+    };
+    let mut rsp = StartVmRsp::default();
+    for dev in devices.children().filter(roxmltree::Node::is_element) {
+        match dev.tag_name().name() {
+            "disk" => {
+                if let Some(serial) = child_text(dev, "serial") {
+                    rsp.virtual_device_info_list.push(VirtualDeviceInfo { resource_uuid: serial.to_owned(), device_address: address(dev) });
+                }
+            }
+            "interface" => {
+                let mac = dev.children().find(|c| c.has_tag_name("mac")).and_then(|m| m.attribute("address"));
+                if let Some(mac) = mac {
+                    rsp.nic_infos.push(NicInfo { mac_address: mac.to_owned(), device_address: address(dev) });
+                }
+            }
+            "memballoon" => {
+                rsp.mem_balloon_info = Some(VirtualDeviceInfo { resource_uuid: "memballoon".into(), device_address: address(dev) });
+            }
+            _ => {}
+        }
+    }
+    Ok(rsp)
+}
