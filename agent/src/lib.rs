@@ -15,5 +15,7 @@ pub mod libvirt;
 pub mod locks;
 pub mod metrics;
 pub mod process;
+pub mod qemu_img;
 pub mod stop;
+pub mod storage;
 pub mod tasks;
