@@ -49,11 +49,23 @@ pub struct AgentError {
     pub description: String,
     pub details: String,
     pub cause: Option<Box<AgentError>>,
+    /// Response fields that accompany the failure (e.g. ZStack's `inUse: true` on delete).
+    pub fields: serde_json::Map<String, serde_json::Value>,
 }
 
 impl AgentError {
-    pub fn new(kind: ErrorKind, description: impl Into<String>, details: impl Into<String>) -> Self {
-        AgentError { kind, description: description.into(), details: details.into(), cause: None }
+    pub fn new(
+        kind: ErrorKind,
+        description: impl Into<String>,
+        details: impl Into<String>,
+    ) -> Self {
+        AgentError {
+            kind,
+            description: description.into(),
+            details: details.into(),
+            cause: None,
+            fields: Default::default(),
+        }
     }
 
     pub fn invalid(details: impl Into<String>) -> Self {
@@ -65,7 +77,11 @@ impl AgentError {
     }
 
     pub fn conflict(details: impl Into<String>) -> Self {
-        Self::new(ErrorKind::Conflict, "resource is in a conflicting state", details)
+        Self::new(
+            ErrorKind::Conflict,
+            "resource is in a conflicting state",
+            details,
+        )
     }
 
     pub fn failed(description: impl Into<String>, details: impl Into<String>) -> Self {
@@ -82,8 +98,15 @@ impl AgentError {
             kind: self.kind,
             description: description.into(),
             details: self.to_string(),
+            fields: self.fields.clone(),
             cause: Some(Box::new(self)),
         }
+    }
+
+    /// Adds a response field to the failure envelope.
+    pub fn with_field(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.fields.insert(key.to_owned(), value.into());
+        self
     }
 
     /// The structured `errorCode` object of the envelope.

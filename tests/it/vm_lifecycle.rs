@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use kvmagent_host_tests::checks::{domstate, dumpxml, ensure_bridge, file_sha256, qemu_img_check, qemu_img_info};
+use kvmagent_host_tests::checks::{domstate, dumpxml, ensure_bridge, file_sha256, qemu_img_check, qemu_img_info, xml_text};
 use kvmagent_host_tests::guest::{console_log, kernel_boot, wait_report};
 use kvmagent_host_tests::images::{root_volume_path, BaseImage};
 use kvmagent_host_tests::{uuid, Host};
@@ -86,7 +86,7 @@ async fn the_guest_reads_the_base_pattern_through_the_overlay() {
     cmd["kernelBoot"] = kernel_boot(&h, &[0], 1).unwrap();
     h.call_ok("/vm/start", &cmd).await.unwrap();
     let xml = dumpxml(&vm).unwrap();
-    assert!(xml.contains("<description>guest &lt;vm&gt; &amp; \"friends\" \u{fc}</description>"), "{xml}");
+    assert_eq!(xml_text(&xml, "description").as_deref(), Some("guest <vm> & \"friends\" \u{fc}"), "{xml}");
 
     let dump = wait_report(&console_log(&h, &vm), Duration::from_secs(90)).await.unwrap();
     assert_eq!(dump["vda"][&0], base.pattern, "the guest reads the base image's bytes through the overlay");

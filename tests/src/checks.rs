@@ -73,3 +73,10 @@ pub fn ensure_bridge(name: &str) -> Result<()> {
     let _ = run("ip", &["link", "add", name, "type", "bridge"]);
     run("ip", &["link", "set", name, "up"]).map(|_| ())
 }
+
+/// The text of the first `<tag>` element in `xml` (parsed, so escaping does not matter).
+pub fn xml_text(xml: &str, tag: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let text = doc.descendants().find(|n| n.has_tag_name(tag))?.text()?.to_owned();
+    Some(text)
+}

@@ -1,1 +1,104 @@
-//! Placeholder: filled in by the localstorage work.
+//! Local primary-storage paths (reference §3.3). Every response also carries the storage's
+//! `totalCapacity` and `availableCapacity`, which the management node uses to track the host.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WithCapacity<T: Serialize> {
+    #[serde(flatten)]
+    pub rsp: T,
+    pub total_capacity: u64,
+    pub available_capacity: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitCmd {
+    pub path: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitRsp {
+    pub local_storage_used_capacity: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckBitsCmd {
+    pub path: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckBitsRsp {
+    pub existing: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateVolumeFromCacheCmd {
+    pub template_path_in_cache: String,
+    pub install_url: String,
+    #[serde(default)]
+    pub volume_uuid: Option<String>,
+    /// 0 keeps the image's size.
+    #[serde(default)]
+    pub virtual_size: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+pub struct KvmHostAddons {
+    pub qcow2_options: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateEmptyVolumeCmd {
+    pub install_url: String,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub volume_uuid: Option<String>,
+    #[serde(default)]
+    pub backing_file: Option<String>,
+    #[serde(default)]
+    pub kvm_host_addons: Option<KvmHostAddons>,
+}
+
+/// `size` is the virtual size, `actualSize` the bytes allocated on disk.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSizeRsp {
+    pub size: u64,
+    pub actual_size: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumePathCmd {
+    pub install_path: String,
+    #[serde(default)]
+    pub volume_uuid: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackingChainRsp {
+    /// Parent first, base last.
+    pub backing_chain: Vec<String>,
+    pub total_size: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteBitsCmd {
+    pub path: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteBitsRsp {
+    pub in_use: bool,
+}

@@ -26,7 +26,10 @@ pub struct CommonFields {
 impl CommonFields {
     /// `threadContext.api`: the id `/job/cancel` names.
     pub fn api_id(&self) -> Option<&str> {
-        self.thread_context.get("api").and_then(Value::as_str).filter(|s| !s.is_empty())
+        self.thread_context
+            .get("api")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
     }
 
     /// Milliseconds from `taskContext` (`__messagetimeout__`, `__messagedeadline__`), which the
@@ -49,7 +52,9 @@ pub fn parse_body(body: &[u8]) -> Result<Value, AgentError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| AgentError::invalid(format!("the request body is not valid JSON: {e}")))?;
     if !v.is_object() {
-        return Err(AgentError::invalid("the request body must be a JSON object"));
+        return Err(AgentError::invalid(
+            "the request body must be a JSON object",
+        ));
     }
     Ok(v)
 }
@@ -85,11 +90,16 @@ pub fn envelope(result: &Result<Value, AgentError>) -> Value {
             m.insert("error".into(), Value::Null);
             Value::Object(m)
         }
-        Err(e) => serde_json::json!({
-            "success": false,
-            "error": e.to_string(),
-            "errorCode": e.error_code(),
-        }),
+        Err(e) => {
+            let mut m = e.fields.clone();
+            m.insert("success".into(), Value::Bool(false));
+            m.insert("error".into(), Value::String(e.to_string()));
+            m.insert(
+                "errorCode".into(),
+                serde_json::to_value(e.error_code()).unwrap_or(Value::Null),
+            );
+            Value::Object(m)
+        }
     }
 }
 
@@ -139,7 +149,8 @@ mod tests {
     fn task_context_accepts_strings_and_numbers() {
         let c: CommonFields = serde_json::from_value(serde_json::json!({
             "taskContext": {"__messagetimeout__": "5000", "__messagedeadline__": 17}
-        })).unwrap();
+        }))
+        .unwrap();
         assert_eq!(c.task_context_ms("__messagetimeout__"), Some(5000));
         assert_eq!(c.task_context_ms("__messagedeadline__"), Some(17));
     }

@@ -1,1 +1,67 @@
-//! Placeholder: filled in by the native work.
+//! Native one-call operations (spec §4): all-or-nothing, answered with the management plane's
+//! inventory shapes.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// `/vm/create`: volumes from an image (or empty), then the domain, per `strategy`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateVmCmd {
+    /// A StartVmCmd without its volumes: the agent fills in `rootVolume` and `dataVolumes`
+    /// from the specs below before decoding it.
+    pub vm: Map<String, Value>,
+    pub root_volume: RootVolumeSpec,
+    #[serde(default)]
+    pub data_volumes: Vec<DataVolumeSpec>,
+    #[serde(default)]
+    pub strategy: Strategy,
+    #[serde(default)]
+    pub tpm: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RootVolumeSpec {
+    pub volume_uuid: String,
+    pub install_path: String,
+    /// The cached image to build the root from; without it, an empty root of `size` bytes.
+    #[serde(default)]
+    pub image_path: Option<String>,
+    /// Virtual size; for an image-based root, grows the root beyond the image's size.
+    #[serde(default)]
+    pub size: Option<u64>,
+    #[serde(default)]
+    pub provisioning: Provisioning,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DataVolumeSpec {
+    pub volume_uuid: String,
+    pub install_path: String,
+    pub size: u64,
+    #[serde(default)]
+    pub provisioning: Provisioning,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provisioning {
+    /// An overlay on the cached image (root) or a sparse qcow2 (data).
+    #[default]
+    Thin,
+    /// A full copy of the image (root) or a fully allocated qcow2.
+    Thick,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Strategy {
+    /// Volumes, domain defined and started.
+    #[default]
+    InstantStart,
+    /// Volumes and a defined domain, not started.
+    CreateStopped,
+    /// Volumes only; no domain.
+    JustCreate,
+}

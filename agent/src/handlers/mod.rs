@@ -1,4 +1,6 @@
-//! Command handlers, one module per family of paths. Each is an async fn taking the back end it
-//! needs, the task context and the typed command, and returning the typed response.
+//! Command handlers, one module per family of paths. Each is an async fn taking the app, the
+//! task context and the typed command, and returning the typed response.
 
 pub mod host;
+pub mod localstorage;
+pub mod vm;

@@ -12,11 +12,17 @@ use super::client::Poster;
 use crate::host_identity::HostIdentity;
 use crate::tasks::registry::ProgressEvent;
 
-pub fn spawn_forwarder(mut events: mpsc::UnboundedReceiver<ProgressEvent>, identity: Arc<HostIdentity>, poster: Poster) {
+pub fn spawn_forwarder(
+    mut events: mpsc::UnboundedReceiver<ProgressEvent>,
+    identity: Arc<HostIdentity>,
+    poster: Poster,
+) {
     tokio::spawn(async move {
         while let Some(ev) = events.recv().await {
             let id = identity.get();
-            let Some(url) = id.send_command_url else { continue };
+            let Some(url) = id.send_command_url else {
+                continue;
+            };
             let body = json!({
                 "serverUuid": id.host_uuid,
                 "processType": ev.path,
@@ -27,7 +33,10 @@ pub fn spawn_forwarder(mut events: mpsc::UnboundedReceiver<ProgressEvent>, ident
                 "detail": ev.detail,
             });
             let bytes = Bytes::from(body.to_string());
-            if let Err(e) = poster.post_json(&url, &[("commandpath", "/progress/report")], bytes).await {
+            if let Err(e) = poster
+                .post_json(&url, &[("commandpath", "/progress/report")], bytes)
+                .await
+            {
                 tracing::debug!(task = %ev.task_id, error = %e, "progress report not delivered");
             }
         }

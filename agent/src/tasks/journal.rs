@@ -86,7 +86,9 @@ impl Journal {
             match atomic_file::read_json::<TaskRecord>(&path) {
                 Ok(Some(r)) => records.push(r),
                 Ok(None) => {}
-                Err(e) => tracing::warn!(file = %path.display(), error = %e, "skipping unreadable task record"),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "skipping unreadable task record")
+                }
             }
         }
         Ok(records)

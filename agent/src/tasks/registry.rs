@@ -77,7 +77,10 @@ impl TaskRegistry {
     /// Opens the journal and loads finished tasks. Tasks the journal shows as still running were
     /// interrupted by a stop of the agent; they are marked failed and returned so their result
     /// can be delivered.
-    pub fn open(journal: Journal, progress_out: Option<mpsc::UnboundedSender<ProgressEvent>>) -> std::io::Result<(Arc<Self>, Vec<TaskRecord>)> {
+    pub fn open(
+        journal: Journal,
+        progress_out: Option<mpsc::UnboundedSender<ProgressEvent>>,
+    ) -> std::io::Result<(Arc<Self>, Vec<TaskRecord>)> {
         let mut entries = HashMap::new();
         let mut interrupted = Vec::new();
         for mut record in journal.load_all()? {
@@ -97,10 +100,22 @@ impl TaskRegistry {
             }
             entries.insert(
                 record.task_id.clone(),
-                Entry { record, stop: Stop::new(), api_id: None, progress: 100, thread_context: Value::Null, thread_context_stack: Value::Null },
+                Entry {
+                    record,
+                    stop: Stop::new(),
+                    api_id: None,
+                    progress: 100,
+                    thread_context: Value::Null,
+                    thread_context_stack: Value::Null,
+                },
             );
         }
-        let registry = Arc::new(TaskRegistry { journal, entries: Mutex::new(entries), idle: Notify::new(), progress_out });
+        let registry = Arc::new(TaskRegistry {
+            journal,
+            entries: Mutex::new(entries),
+            idle: Notify::new(),
+            progress_out,
+        });
         Ok((registry, interrupted))
     }
 
@@ -148,7 +163,13 @@ impl TaskRegistry {
             return Err(e);
         }
         let sink: Arc<dyn ProgressSink> = self.clone();
-        Ok(Admission::Start(TaskCtx::new(intake.task_id, intake.path, intake.api_id, stop, Some(sink))))
+        Ok(Admission::Start(TaskCtx::new(
+            intake.task_id,
+            intake.path,
+            intake.api_id,
+            stop,
+            Some(sink),
+        )))
     }
 
     async fn persist(&self, record: TaskRecord) -> std::io::Result<()> {
@@ -162,14 +183,19 @@ impl TaskRegistry {
     pub async fn finish(&self, task_id: &str, state: TaskState, result: Value) -> Option<String> {
         let (record, running_left) = {
             let mut map = self.lock();
-            let Some(e) = map.get_mut(task_id) else { return None };
+            let Some(e) = map.get_mut(task_id) else {
+                return None;
+            };
             e.record.state = state;
             e.record.result = Some(result);
             e.record.finished_ms = Some(now_ms());
             e.record.delivered = e.record.callback_url.is_none();
             e.progress = 100;
             let record = e.record.clone();
-            let running = map.values().filter(|e| e.record.state == TaskState::Running).count();
+            let running = map
+                .values()
+                .filter(|e| e.record.state == TaskState::Running)
+                .count();
             (record, running)
         };
         let url = record.callback_url.clone();
@@ -185,7 +211,9 @@ impl TaskRegistry {
     pub async fn mark_delivered(&self, task_id: &str) {
         let record = {
             let mut map = self.lock();
-            let Some(e) = map.get_mut(task_id) else { return };
+            let Some(e) = map.get_mut(task_id) else {
+                return;
+            };
             e.record.delivered = true;
             e.record.clone()
         };
@@ -210,7 +238,10 @@ impl TaskRegistry {
     pub fn cancel_by_api(&self, api_id: &str) -> usize {
         let map = self.lock();
         let mut n = 0;
-        for e in map.values().filter(|e| e.record.state == TaskState::Running && e.api_id.as_deref() == Some(api_id)) {
+        for e in map
+            .values()
+            .filter(|e| e.record.state == TaskState::Running && e.api_id.as_deref() == Some(api_id))
+        {
             e.stop.fire(StopReason::Cancelled);
             n += 1;
         }
@@ -218,12 +249,19 @@ impl TaskRegistry {
     }
 
     pub fn running(&self) -> usize {
-        self.lock().values().filter(|e| e.record.state == TaskState::Running).count()
+        self.lock()
+            .values()
+            .filter(|e| e.record.state == TaskState::Running)
+            .count()
     }
 
     /// Stops every running task and waits up to `grace` for them to wind down.
     pub async fn shutdown(&self, grace: Duration) {
-        for e in self.lock().values().filter(|e| e.record.state == TaskState::Running) {
+        for e in self
+            .lock()
+            .values()
+            .filter(|e| e.record.state == TaskState::Running)
+        {
             e.stop.fire(StopReason::ShuttingDown);
         }
         let deadline = tokio::time::Instant::now() + grace;
@@ -266,7 +304,9 @@ impl ProgressSink for TaskRegistry {
     fn progress(&self, task_id: &str, percent: u8, detail: &str) {
         let event = {
             let mut map = self.lock();
-            let Some(e) = map.get_mut(task_id) else { return };
+            let Some(e) = map.get_mut(task_id) else {
+                return;
+            };
             if percent <= e.progress && percent != 100 {
                 return;
             }
@@ -307,9 +347,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (reg, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
         let id = "0123456789abcdef0123456789abcdef";
-        assert!(matches!(reg.admit(intake(id, b"{}")).await.unwrap(), Admission::Start(_)));
-        assert!(matches!(reg.admit(intake(id, b"{}")).await.unwrap(), Admission::AlreadyRunning));
-        reg.finish(id, TaskState::Succeeded, serde_json::json!({"success": true})).await;
+        assert!(matches!(
+            reg.admit(intake(id, b"{}")).await.unwrap(),
+            Admission::Start(_)
+        ));
+        assert!(matches!(
+            reg.admit(intake(id, b"{}")).await.unwrap(),
+            Admission::AlreadyRunning
+        ));
+        reg.finish(
+            id,
+            TaskState::Succeeded,
+            serde_json::json!({"success": true}),
+        )
+        .await;
         match reg.admit(intake(id, b"{}")).await.unwrap() {
             Admission::Finished(v) => assert_eq!(v["success"], true),
             _ => panic!("expected the stored result"),
@@ -324,11 +375,17 @@ mod tests {
         {
             let (reg, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
             let _ = reg.admit(intake(done, b"{}")).await.unwrap();
-            reg.finish(done, TaskState::Succeeded, serde_json::json!({"success": true, "x": 1})).await;
+            reg.finish(
+                done,
+                TaskState::Succeeded,
+                serde_json::json!({"success": true, "x": 1}),
+            )
+            .await;
             reg.mark_delivered(done).await;
             let _ = reg.admit(intake(cut, b"{}")).await.unwrap();
         }
-        let (reg, undelivered) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
+        let (reg, undelivered) =
+            TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
         assert_eq!(reg.status(done).unwrap().result.unwrap()["x"], 1);
         let s = reg.status(cut).unwrap();
         assert_eq!(s.state, "failed");
@@ -341,7 +398,13 @@ mod tests {
     async fn cancel_fires_only_matching_running_tasks() {
         let dir = tempfile::tempdir().unwrap();
         let (reg, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
-        let Admission::Start(ctx) = reg.admit(intake("cccccccccccccccccccccccccccccccc", b"{}")).await.unwrap() else { panic!() };
+        let Admission::Start(ctx) = reg
+            .admit(intake("cccccccccccccccccccccccccccccccc", b"{}"))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(reg.cancel_by_api("other"), 0);
         assert!(!ctx.stop.is_stopped());
         assert_eq!(reg.cancel_by_api("api1"), 1);

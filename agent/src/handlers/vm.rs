@@ -1,0 +1,69 @@
+//! `/vm/start`, `/vm/stop`, `/vm/destroy`: domains are defined from the command, persistent while
+//! running, and undefined when stopped or destroyed (ZStack's model).
+
+use std::time::Duration;
+
+use crate::api::vm::{DestroyVmCmd, StartVmCmd, StartVmRsp, StopVmCmd};
+use crate::api::Empty;
+use crate::app::App;
+use crate::error::{AgentError, AgentResult};
+use crate::tasks::TaskCtx;
+use crate::vm;
+
+pub async fn start(app: &App, ctx: &TaskCtx, cmd: StartVmCmd) -> AgentResult<StartVmRsp> {
+    let _lock = app.vm_locks.write(&cmd.vm_instance_uuid).await;
+    vm::start(app, ctx, cmd).await
+}
+
+pub async fn stop(app: &App, _ctx: &TaskCtx, cmd: StopVmCmd) -> AgentResult<Empty> {
+    vm::check_uuid(&cmd.uuid)?;
+    let _lock = app.vm_locks.write(&cmd.uuid).await;
+    let graceful = !matches!(cmd.stop_type.as_str(), "cold" | "force");
+    if graceful {
+        let timeout = Duration::from_secs(cmd.timeout.clamp(1, 3600));
+        if !app
+            .libvirt
+            .shutdown_and_wait(&cmd.uuid, timeout)
+            .await
+            .or_else(missing_is_stopped)?
+        {
+            tracing::info!(vm = %cmd.uuid, "guest did not shut down in time; powering it off");
+        }
+    }
+    app.libvirt
+        .destroy(&cmd.uuid)
+        .await
+        .map(|_| true)
+        .or_else(missing_is_stopped)?;
+    app.libvirt.undefine(&cmd.uuid, false).await?;
+    Ok(Empty {})
+}
+
+pub async fn destroy(app: &App, _ctx: &TaskCtx, cmd: DestroyVmCmd) -> AgentResult<Empty> {
+    vm::check_uuid(&cmd.uuid)?;
+    let _lock = app.vm_locks.write(&cmd.uuid).await;
+    app.libvirt
+        .destroy(&cmd.uuid)
+        .await
+        .map(|_| true)
+        .or_else(missing_is_stopped)?;
+    app.libvirt.undefine(&cmd.uuid, false).await?;
+    Ok(Empty {})
+}
+
+/// Stopping a VM that does not exist is success: the end state is what was asked for.
+fn missing_is_stopped(e: crate::libvirt::LibvirtError) -> AgentResult<bool> {
+    if e.is_no_domain() {
+        Ok(true)
+    } else {
+        Err(AgentError::from(e))
+    }
+}
+
+pub async fn create(
+    app: &App,
+    ctx: &TaskCtx,
+    cmd: crate::api::native::CreateVmCmd,
+) -> AgentResult<crate::api::inventory::VmInstanceInventory> {
+    vm::create::create(app, ctx, cmd).await
+}

@@ -1,0 +1,115 @@
+//! VM operations shared by the compat `/vm/*` paths and the native operations: checking a VM
+//! spec against the host, defining and starting its domain, and undoing that on failure.
+
+pub mod create;
+pub mod inventory;
+pub mod undo;
+
+use crate::api::vm::{StartVmCmd, StartVmRsp};
+use crate::app::App;
+use crate::domain::{self, DomainSettings};
+use crate::error::{AgentError, AgentResult};
+use crate::qemu_img;
+use crate::tasks::TaskCtx;
+use undo::{UndoLog, UndoStep};
+
+pub use crate::domain::check_uuid;
+
+/// How this host renders domains for VM `vm`.
+pub fn settings(app: &App, vm: &str) -> DomainSettings {
+    let c = &app.config;
+    DomainSettings {
+        domain_type: c.libvirt.domain_type.clone(),
+        emulator: Some(c.libvirt.emulator.clone()).filter(|e| !e.is_empty()),
+        console_log: Some(c.state_dir.join("console").join(format!("{vm}.log"))),
+        ..DomainSettings::default()
+    }
+}
+
+/// Validates `cmd` and checks it against this host: every file it names, and every backing
+/// file of every disk, lies inside the storage roots and exists; disk formats are taken from
+/// the files themselves (never from the command: a raw file declared qcow2, or the reverse, is
+/// how backing-file tricks start).
+pub async fn check_against_host(app: &App, cmd: &mut StartVmCmd) -> AgentResult<()> {
+    domain::validate(cmd)?;
+    for path in domain::file_paths(cmd) {
+        app.storage.roots().confine_existing(path)?;
+    }
+    for vol in std::iter::once(&mut cmd.root_volume).chain(cmd.data_volumes.iter_mut()) {
+        if vol.device_type == "file" {
+            let path = app.storage.roots().confine_chain(&vol.install_path)?;
+            vol.format = qemu_img::sniff_format(&path)
+                .map_err(|e| AgentError::invalid(format!("volume {}: {e}", vol.install_path)))?
+                .to_owned();
+        }
+    }
+    Ok(())
+}
+
+/// Defines the domain of `cmd` and, when `start` is set, starts it (paused if the command says
+/// so). The domain is recorded in `undo`, so a later failure of the caller removes it too.
+pub async fn define(
+    app: &App,
+    cmd: &StartVmCmd,
+    start: bool,
+    undo: &mut UndoLog,
+) -> AgentResult<StartVmRsp> {
+    let vm = &cmd.vm_instance_uuid;
+    let xml = domain::render(cmd, &settings(app, vm))?;
+    if let Some(dir) = settings(app, vm)
+        .console_log
+        .as_deref()
+        .and_then(std::path::Path::parent)
+    {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            AgentError::failed(
+                "cannot create the console log directory",
+                format!("{}: {e}", dir.display()),
+            )
+        })?;
+    }
+    app.libvirt
+        .define(xml)
+        .await
+        .map_err(|e| AgentError::from(e).context(format!("defining domain {vm}")))?;
+    undo.push(UndoStep::RemoveDomain { vm: vm.clone() });
+    if start {
+        app.libvirt
+            .start(vm, cmd.create_paused)
+            .await
+            .map_err(|e| AgentError::from(e).context(format!("starting domain {vm}")))?;
+    }
+    let live = app.libvirt.xml(vm).await?;
+    domain::device_info(&live)
+}
+
+/// `/vm/start`: a running (or paused) VM is left as it is; otherwise its domain is (re)defined
+/// from the command and started. A start that fails leaves no domain behind.
+pub async fn start(app: &App, _ctx: &TaskCtx, mut cmd: StartVmCmd) -> AgentResult<StartVmRsp> {
+    check_against_host(app, &mut cmd).await?;
+    let vm = cmd.vm_instance_uuid.clone();
+    if app
+        .libvirt
+        .domain_state(&vm)
+        .await?
+        .is_some_and(|s| s.is_active())
+    {
+        return domain::device_info(&app.libvirt.xml(&vm).await?);
+    }
+    let mut undo = UndoLog::default();
+    match define(app, &cmd, true, &mut undo).await {
+        Ok(rsp) => {
+            undo.commit();
+            Ok(rsp)
+        }
+        Err(e) => {
+            // Keep TPM state that an earlier life of this VM left: only the definition goes.
+            undo.commit();
+            let _ = app.libvirt.destroy(&vm).await;
+            if let Err(u) = app.libvirt.undefine(&vm, false).await {
+                tracing::error!(vm = %vm, error = %u, "cannot undefine the domain of a failed start");
+            }
+            Err(e)
+        }
+    }
+}
