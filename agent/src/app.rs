@@ -35,36 +35,25 @@ pub enum StartupError {
     #[error("cannot prepare state directory {dir}: {source}")]
     StateDir { dir: String, source: std::io::Error },
     #[error("storage roots {roots:?} are not usable: {source}; create them or fix storage.roots")]
-    Roots {
-        roots: Vec<std::path::PathBuf>,
-        source: std::io::Error,
-    },
+    Roots { roots: Vec<std::path::PathBuf>, source: std::io::Error },
 }
 
 impl App {
     /// Builds the application state. Returns the tasks a previous run left without a delivered
     /// result, so the caller can deliver them.
     pub fn new(config: Config) -> Result<(Arc<App>, Vec<TaskRecord>), StartupError> {
-        let state_err = |source| StartupError::StateDir {
-            dir: config.state_dir.display().to_string(),
-            source,
-        };
+        let state_err = |source| StartupError::StateDir { dir: config.state_dir.display().to_string(), source };
         std::fs::create_dir_all(&config.state_dir).map_err(state_err)?;
         let identity = Arc::new(HostIdentity::load(&config.state_dir).map_err(state_err)?);
         let poster = Poster::default();
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
-        let (tasks, undelivered) = TaskRegistry::open(
-            Journal::open(&config.state_dir).map_err(state_err)?,
-            Some(progress_tx),
-        )
-        .map_err(state_err)?;
+        let (tasks, undelivered) =
+            TaskRegistry::open(Journal::open(&config.state_dir).map_err(state_err)?, Some(progress_tx))
+                .map_err(state_err)?;
         crate::http::progress::spawn_forwarder(progress_rx, identity.clone(), poster.clone());
         let libvirt = Libvirt::new(&config.libvirt.uri);
-        let roots =
-            StorageRoots::new(&config.storage.roots).map_err(|source| StartupError::Roots {
-                roots: config.storage.roots.clone(),
-                source,
-            })?;
+        let roots = StorageRoots::new(&config.storage.roots)
+            .map_err(|source| StartupError::Roots { roots: config.storage.roots.clone(), source })?;
         let app = App {
             config,
             tasks,

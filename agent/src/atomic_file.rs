@@ -9,14 +9,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().ok_or_else(|| {
-        std::io::Error::other(format!("{} has no parent directory", path.display()))
-    })?;
+    let dir =
+        path.parent().ok_or_else(|| std::io::Error::other(format!("{} has no parent directory", path.display())))?;
     fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", uuid::Uuid::new_v4().simple()));
     let result = (|| {
         let mut f = File::create(&tmp)?;
@@ -39,12 +35,9 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
 /// Reads a JSON state file; `Ok(None)` when it does not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> std::io::Result<Option<T>> {
     match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{}: {e}", path.display()),
-            )
-        }),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
@@ -62,18 +55,13 @@ mod tests {
         write_json(&p, &serde_json::json!({"a": 2})).unwrap();
         let v: serde_json::Value = read_json(&p).unwrap().unwrap();
         assert_eq!(v["a"], 2);
-        let names: Vec<_> = fs::read_dir(p.parent().unwrap())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(p.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
     }
 
     #[test]
     fn missing_file_reads_as_none() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(read_json::<serde_json::Value>(&dir.path().join("x"))
-            .unwrap()
-            .is_none());
+        assert!(read_json::<serde_json::Value>(&dir.path().join("x")).unwrap().is_none());
     }
 }

@@ -69,52 +69,34 @@ impl Default for Config {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig {
-            listen: "0.0.0.0:7070".parse().expect("literal address"),
-            shutdown_grace_secs: 30,
-        }
+        ServerConfig { listen: "0.0.0.0:7070".parse().expect("literal address"), shutdown_grace_secs: 30 }
     }
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig {
-            roots: vec![PathBuf::from("/var/lib/kvmagent/local")],
-        }
+        StorageConfig { roots: vec![PathBuf::from("/var/lib/kvmagent/local")] }
     }
 }
 
 impl Default for LibvirtConfig {
     fn default() -> Self {
-        LibvirtConfig {
-            uri: "qemu:///system".into(),
-            domain_type: "kvm".into(),
-            emulator: String::new(),
-        }
+        LibvirtConfig { uri: "qemu:///system".into(), domain_type: "kvm".into(), emulator: String::new() }
     }
 }
 
 impl Default for TaskConfig {
     fn default() -> Self {
-        TaskConfig {
-            callback_retry_secs: 120,
-            retention_secs: 24 * 3600,
-        }
+        TaskConfig { callback_retry_secs: 120, retention_secs: 24 * 3600 }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("config file {path}: {problem}")]
     Invalid { path: PathBuf, problem: String },
 }
@@ -125,18 +107,11 @@ impl Config {
         let Some(path) = path else {
             return Ok(Config::default());
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
-        config.validate().map_err(|problem| ConfigError::Invalid {
-            path: path.to_owned(),
-            problem,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config: Config =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        config.validate().map_err(|problem| ConfigError::Invalid { path: path.to_owned(), problem })?;
         Ok(config)
     }
 
@@ -145,16 +120,10 @@ impl Config {
             return Err("storage.roots must name at least one directory".into());
         }
         if let Some(r) = self.storage.roots.iter().find(|r| !r.is_absolute()) {
-            return Err(format!(
-                "storage root {} must be an absolute path",
-                r.display()
-            ));
+            return Err(format!("storage root {} must be an absolute path", r.display()));
         }
         if !matches!(self.libvirt.domain_type.as_str(), "kvm" | "qemu") {
-            return Err(format!(
-                "libvirt.domain_type must be \"kvm\" or \"qemu\", not {:?}",
-                self.libvirt.domain_type
-            ));
+            return Err(format!("libvirt.domain_type must be \"kvm\" or \"qemu\", not {:?}", self.libvirt.domain_type));
         }
         if !self.state_dir.is_absolute() {
             return Err("state_dir must be an absolute path".into());

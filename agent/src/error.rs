@@ -54,11 +54,7 @@ pub struct AgentError {
 }
 
 impl AgentError {
-    pub fn new(
-        kind: ErrorKind,
-        description: impl Into<String>,
-        details: impl Into<String>,
-    ) -> Self {
+    pub fn new(kind: ErrorKind, description: impl Into<String>, details: impl Into<String>) -> Self {
         AgentError {
             kind,
             description: description.into(),
@@ -77,11 +73,7 @@ impl AgentError {
     }
 
     pub fn conflict(details: impl Into<String>) -> Self {
-        Self::new(
-            ErrorKind::Conflict,
-            "resource is in a conflicting state",
-            details,
-        )
+        Self::new(ErrorKind::Conflict, "resource is in a conflicting state", details)
     }
 
     pub fn failed(description: impl Into<String>, details: impl Into<String>) -> Self {

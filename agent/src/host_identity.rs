@@ -26,17 +26,11 @@ impl HostIdentity {
     pub fn load(state_dir: &std::path::Path) -> std::io::Result<HostIdentity> {
         let file = state_dir.join("host.json");
         let current = atomic_file::read_json(&file)?.unwrap_or_default();
-        Ok(HostIdentity {
-            file,
-            current: RwLock::new(current),
-        })
+        Ok(HostIdentity { file, current: RwLock::new(current) })
     }
 
     pub fn get(&self) -> Identity {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Replaces the identity, on disk first so memory never claims what a restart would lose.
@@ -59,10 +53,7 @@ mod tests {
             send_command_url: Some("http://mn/x".into()),
             version: Some("5.1".into()),
         };
-        HostIdentity::load(dir.path())
-            .unwrap()
-            .set(id.clone())
-            .unwrap();
+        HostIdentity::load(dir.path()).unwrap().set(id.clone()).unwrap();
         assert_eq!(HostIdentity::load(dir.path()).unwrap().get(), id);
     }
 }

@@ -34,24 +34,14 @@ fn parse_cpuinfo(text: &str) -> CpuInfo {
         match key {
             "processor" => info.logical_cpus += 1,
             "model name" if info.model_name.is_empty() => info.model_name = value.to_owned(),
-            "cpu MHz" if info.mhz == 0 => {
-                info.mhz = value.parse::<f64>().map(|m| m as u64).unwrap_or(0)
-            }
+            "cpu MHz" if info.mhz == 0 => info.mhz = value.parse::<f64>().map(|m| m as u64).unwrap_or(0),
             "physical id" => {
                 sockets.insert(value.to_owned());
             }
             "flags" if info.hvm_flag.is_empty() => {
                 let flags: Vec<&str> = value.split_whitespace().collect();
-                info.hvm_flag = ["vmx", "svm"]
-                    .into_iter()
-                    .find(|f| flags.contains(f))
-                    .unwrap_or_default()
-                    .to_owned();
-                info.ept_flag = ["ept", "npt"]
-                    .into_iter()
-                    .find(|f| flags.contains(f))
-                    .unwrap_or_default()
-                    .to_owned();
+                info.hvm_flag = ["vmx", "svm"].into_iter().find(|f| flags.contains(f)).unwrap_or_default().to_owned();
+                info.ept_flag = ["ept", "npt"].into_iter().find(|f| flags.contains(f)).unwrap_or_default().to_owned();
             }
             _ => {}
         }
@@ -76,10 +66,7 @@ pub fn memory() -> Memory {
             .unwrap_or(0)
             * 1024
     };
-    Memory {
-        total: kib("MemTotal"),
-        available: kib("MemAvailable"),
-    }
+    Memory { total: kib("MemTotal"), available: kib("MemAvailable") }
 }
 
 pub struct OsRelease {
@@ -96,23 +83,15 @@ pub fn os_release() -> OsRelease {
             .map(|v| v.trim_matches('"').to_owned())
             .unwrap_or_default()
     };
-    OsRelease {
-        distribution: get("ID"),
-        version: get("VERSION_ID"),
-        release: get("VERSION_CODENAME"),
-    }
+    OsRelease { distribution: get("ID"), version: get("VERSION_ID"), release: get("VERSION_CODENAME") }
 }
 
 pub fn architecture() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.machine().to_string_lossy().into_owned())
-        .unwrap_or_default()
+    nix::sys::utsname::uname().map(|u| u.machine().to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 pub fn hostname() -> String {
-    nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// The version `qemu-img --version` prints, e.g. `10.0.2`.
@@ -120,17 +99,9 @@ pub async fn qemu_img_version(stop: &Stop) -> AgentResult<String> {
     let out = crate::process::run("qemu-img", &["--version"], stop)
         .await
         .map_err(|e| AgentError::failed("cannot read the qemu-img version", e.to_string()))?;
-    out.stdout
-        .split_whitespace()
-        .skip_while(|w| *w != "version")
-        .nth(1)
-        .map(str::to_owned)
-        .ok_or_else(|| {
-            AgentError::failed(
-                "cannot read the qemu-img version",
-                format!("unexpected output: {}", out.stdout.trim()),
-            )
-        })
+    out.stdout.split_whitespace().skip_while(|w| *w != "version").nth(1).map(str::to_owned).ok_or_else(|| {
+        AgentError::failed("cannot read the qemu-img version", format!("unexpected output: {}", out.stdout.trim()))
+    })
 }
 
 #[cfg(test)]

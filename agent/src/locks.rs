@@ -22,10 +22,7 @@ impl<G> Drop for Held<G> {
     fn drop(&mut self) {
         let mut map = self.locks.map.lock().unwrap_or_else(|p| p.into_inner());
         // Two references left (the map's and the guard's owned one) means nobody else waits.
-        if map
-            .get(&self.key)
-            .is_some_and(|l| Arc::strong_count(l) <= 2)
-        {
+        if map.get(&self.key).is_some_and(|l| Arc::strong_count(l) <= 2) {
             map.remove(&self.key);
         }
     }
@@ -33,38 +30,22 @@ impl<G> Drop for Held<G> {
 
 impl KeyedLocks {
     fn entry(&self, key: &str) -> Arc<RwLock<()>> {
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key.to_owned())
-            .or_default()
-            .clone()
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).entry(key.to_owned()).or_default().clone()
     }
 
     pub async fn write(self: &Arc<Self>, key: &str) -> Held<OwnedRwLockWriteGuard<()>> {
         let guard = self.entry(key).write_owned().await;
-        Held {
-            _guard: guard,
-            key: key.to_owned(),
-            locks: self.clone(),
-        }
+        Held { _guard: guard, key: key.to_owned(), locks: self.clone() }
     }
 
     pub async fn read(self: &Arc<Self>, key: &str) -> Held<OwnedRwLockReadGuard<()>> {
         let guard = self.entry(key).read_owned().await;
-        Held {
-            _guard: guard,
-            key: key.to_owned(),
-            locks: self.clone(),
-        }
+        Held { _guard: guard, key: key.to_owned(), locks: self.clone() }
     }
 
     /// Write-locks several keys in a fixed (sorted) order, so that two multi-resource commands
     /// cannot deadlock.
-    pub async fn write_all(
-        self: &Arc<Self>,
-        keys: &[String],
-    ) -> Vec<Held<OwnedRwLockWriteGuard<()>>> {
+    pub async fn write_all(self: &Arc<Self>, keys: &[String]) -> Vec<Held<OwnedRwLockWriteGuard<()>>> {
         let mut sorted: Vec<&String> = keys.iter().collect();
         sorted.sort();
         sorted.dedup();
@@ -96,9 +77,7 @@ mod tests {
         assert!(!waiting.is_finished(), "a reader waits for the writer");
         drop(w);
         let r1 = waiting.await.unwrap();
-        let r2 = tokio::time::timeout(Duration::from_secs(1), locks.read("vol"))
-            .await
-            .expect("readers share");
+        let r2 = tokio::time::timeout(Duration::from_secs(1), locks.read("vol")).await.expect("readers share");
         drop((r1, r2));
         assert_eq!(locks.len(), 0, "entries are dropped with the last holder");
     }
@@ -107,8 +86,6 @@ mod tests {
     async fn different_keys_do_not_block() {
         let locks = Arc::new(KeyedLocks::default());
         let _a = locks.write("a").await;
-        tokio::time::timeout(Duration::from_secs(1), locks.write("b"))
-            .await
-            .expect("independent keys");
+        tokio::time::timeout(Duration::from_secs(1), locks.write("b")).await.expect("independent keys");
     }
 }

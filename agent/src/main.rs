@@ -52,10 +52,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             match runtime.block_on(serve(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -84,11 +81,8 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KVMAGENT_LOG")
-        .unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KVMAGENT_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -98,15 +92,13 @@ fn init_logging(json: bool) {
 
 async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     for root in &config.storage.roots {
-        std::fs::create_dir_all(root)
-            .map_err(|e| format!("cannot create storage root {}: {e}", root.display()))?;
+        std::fs::create_dir_all(root).map_err(|e| format!("cannot create storage root {}: {e}", root.display()))?;
     }
     let listen = config.server.listen;
     let retention = Duration::from_secs(config.tasks.retention_secs);
     let (app, undelivered) = App::new(config)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     tracing::info!(%listen, "kvmagent listening");
 
     // Results a previous run finished (or was interrupted in) but could not deliver.

@@ -3,9 +3,7 @@
 use std::sync::LazyLock;
 use std::time::Instant;
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 struct Metrics {
     registry: Registry,
@@ -16,49 +14,32 @@ struct Metrics {
     libvirt_seconds: HistogramVec,
 }
 
-const TASK_BUCKETS: &[f64] = &[
-    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 7200.0,
-];
-const CALL_BUCKETS: &[f64] = &[
-    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0,
-];
+const TASK_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 7200.0];
+const CALL_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0];
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let registry = Registry::new();
     let tasks = IntCounterVec::new(
-        Opts::new(
-            "kvmagent_tasks_total",
-            "Finished tasks by command path and outcome",
-        ),
+        Opts::new("kvmagent_tasks_total", "Finished tasks by command path and outcome"),
         &["path", "outcome"],
     )
     .expect("metric definition");
     let task_seconds = HistogramVec::new(
-        HistogramOpts::new(
-            "kvmagent_task_duration_seconds",
-            "Task run time by command path",
-        )
-        .buckets(TASK_BUCKETS.to_vec()),
+        HistogramOpts::new("kvmagent_task_duration_seconds", "Task run time by command path")
+            .buckets(TASK_BUCKETS.to_vec()),
         &["path"],
     )
     .expect("metric definition");
-    let in_flight = IntGauge::new("kvmagent_tasks_in_flight", "Tasks currently running")
-        .expect("metric definition");
+    let in_flight = IntGauge::new("kvmagent_tasks_in_flight", "Tasks currently running").expect("metric definition");
     let qemu_img_seconds = HistogramVec::new(
-        HistogramOpts::new(
-            "kvmagent_qemu_img_duration_seconds",
-            "qemu-img run time by subcommand",
-        )
-        .buckets(CALL_BUCKETS.to_vec()),
+        HistogramOpts::new("kvmagent_qemu_img_duration_seconds", "qemu-img run time by subcommand")
+            .buckets(CALL_BUCKETS.to_vec()),
         &["subcommand"],
     )
     .expect("metric definition");
     let libvirt_seconds = HistogramVec::new(
-        HistogramOpts::new(
-            "kvmagent_libvirt_call_duration_seconds",
-            "libvirt call time by call",
-        )
-        .buckets(CALL_BUCKETS.to_vec()),
+        HistogramOpts::new("kvmagent_libvirt_call_duration_seconds", "libvirt call time by call")
+            .buckets(CALL_BUCKETS.to_vec()),
         &["call"],
     )
     .expect("metric definition");
@@ -71,24 +52,13 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     ] {
         registry.register(c).expect("metric registered once");
     }
-    Metrics {
-        registry,
-        tasks,
-        task_seconds,
-        in_flight,
-        qemu_img_seconds,
-        libvirt_seconds,
-    }
+    Metrics { registry, tasks, task_seconds, in_flight, qemu_img_seconds, libvirt_seconds }
 });
 
 /// A task started; the returned guard records its outcome and duration when finished.
 pub fn task_started(path: &str) -> TaskTimer {
     METRICS.in_flight.inc();
-    TaskTimer {
-        path: path.to_owned(),
-        start: Instant::now(),
-        done: false,
-    }
+    TaskTimer { path: path.to_owned(), start: Instant::now(), done: false }
 }
 
 pub struct TaskTimer {
@@ -108,14 +78,8 @@ impl TaskTimer {
             return;
         }
         METRICS.in_flight.dec();
-        METRICS
-            .tasks
-            .with_label_values(&[&self.path, outcome])
-            .inc();
-        METRICS
-            .task_seconds
-            .with_label_values(&[&self.path])
-            .observe(self.start.elapsed().as_secs_f64());
+        METRICS.tasks.with_label_values(&[&self.path, outcome]).inc();
+        METRICS.task_seconds.with_label_values(&[&self.path]).observe(self.start.elapsed().as_secs_f64());
     }
 }
 
@@ -127,24 +91,16 @@ impl Drop for TaskTimer {
 }
 
 pub fn observe_qemu_img(subcommand: &str, start: Instant) {
-    METRICS
-        .qemu_img_seconds
-        .with_label_values(&[subcommand])
-        .observe(start.elapsed().as_secs_f64());
+    METRICS.qemu_img_seconds.with_label_values(&[subcommand]).observe(start.elapsed().as_secs_f64());
 }
 
 pub fn observe_libvirt(call: &str, start: Instant) {
-    METRICS
-        .libvirt_seconds
-        .with_label_values(&[call])
-        .observe(start.elapsed().as_secs_f64());
+    METRICS.libvirt_seconds.with_label_values(&[call]).observe(start.elapsed().as_secs_f64());
 }
 
 /// The Prometheus text exposition of every metric.
 pub fn render() -> String {
     let mut buf = Vec::new();
-    TextEncoder::new()
-        .encode(&METRICS.registry.gather(), &mut buf)
-        .expect("text encoding to a Vec");
+    TextEncoder::new().encode(&METRICS.registry.gather(), &mut buf).expect("text encoding to a Vec");
     String::from_utf8(buf).expect("prometheus text is UTF-8")
 }

@@ -12,24 +12,13 @@ use crate::stop::Stop;
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error("could not start `{program}`: {source}; is it installed and on PATH?")]
-    Spawn {
-        program: String,
-        source: std::io::Error,
-    },
+    Spawn { program: String, source: std::io::Error },
     #[error("`{command}` failed ({status}): {}", stderr_or_stdout(.stderr, .stdout))]
-    Failed {
-        command: String,
-        status: ExitStatus,
-        stdout: String,
-        stderr: String,
-    },
+    Failed { command: String, status: ExitStatus, stdout: String, stderr: String },
     #[error("`{command}` was stopped before it finished")]
     Stopped { command: String },
     #[error("reading the output of `{command}` failed: {source}")]
-    Io {
-        command: String,
-        source: std::io::Error,
-    },
+    Io { command: String, source: std::io::Error },
 }
 
 fn stderr_or_stdout<'a>(stderr: &'a str, stdout: &'a str) -> &'a str {
@@ -60,11 +49,7 @@ pub fn display<S: AsRef<OsStr>>(program: &str, args: &[S]) -> String {
 
 /// Runs `program args...` to completion. When `stop` fires first, the child is killed and
 /// `Stopped` returned; the caller removes whatever the child was building.
-pub async fn run<S: AsRef<OsStr>>(
-    program: &str,
-    args: &[S],
-    stop: &Stop,
-) -> Result<Output, ProcessError> {
+pub async fn run<S: AsRef<OsStr>>(program: &str, args: &[S], stop: &Stop) -> Result<Output, ProcessError> {
     run_with_lines(program, args, stop, |_| {}).await
 }
 
@@ -84,23 +69,13 @@ pub async fn run_with_lines<S: AsRef<OsStr>>(
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|source| ProcessError::Spawn {
-            program: program.to_owned(),
-            source,
-        })?;
+        .map_err(|source| ProcessError::Spawn { program: program.to_owned(), source })?;
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
 
     let work = async {
-        let (out, err, status) = tokio::join!(
-            read_lines(stdout, &mut on_line),
-            read_all(stderr),
-            child.wait()
-        );
-        let io = |source| ProcessError::Io {
-            command: command.clone(),
-            source,
-        };
+        let (out, err, status) = tokio::join!(read_lines(stdout, &mut on_line), read_all(stderr), child.wait());
+        let io = |source| ProcessError::Io { command: command.clone(), source };
         Ok::<_, ProcessError>((out.map_err(io)?, err.map_err(io)?, status.map_err(io)?))
     };
     let (stdout, stderr, status) = tokio::select! {
@@ -113,19 +88,11 @@ pub async fn run_with_lines<S: AsRef<OsStr>>(
     if status.success() {
         Ok(Output { stdout, stderr })
     } else {
-        Err(ProcessError::Failed {
-            command,
-            status,
-            stdout,
-            stderr,
-        })
+        Err(ProcessError::Failed { command, status, stdout, stderr })
     }
 }
 
-async fn read_lines(
-    r: impl AsyncRead + Unpin,
-    on_line: &mut impl FnMut(&str),
-) -> std::io::Result<String> {
+async fn read_lines(r: impl AsyncRead + Unpin, on_line: &mut impl FnMut(&str)) -> std::io::Result<String> {
     let mut reader = BufReader::new(r);
     let mut all = String::new();
     let mut buf = Vec::new();
@@ -142,10 +109,7 @@ async fn read_lines(
     }
 }
 
-async fn read_until_any<R: AsyncRead + Unpin>(
-    r: &mut BufReader<R>,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<usize> {
+async fn read_until_any<R: AsyncRead + Unpin>(r: &mut BufReader<R>, buf: &mut Vec<u8>) -> std::io::Result<usize> {
     let mut total = 0;
     loop {
         let available = r.fill_buf().await?;
@@ -176,24 +140,15 @@ mod tests {
 
     #[tokio::test]
     async fn failure_keeps_stderr() {
-        let err = run("sh", &["-c", "echo oops >&2; exit 3"], &Stop::new())
-            .await
-            .unwrap_err();
+        let err = run("sh", &["-c", "echo oops >&2; exit 3"], &Stop::new()).await.unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("oops") && msg.contains("exit status: 3"),
-            "{msg}"
-        );
+        assert!(msg.contains("oops") && msg.contains("exit status: 3"), "{msg}");
     }
 
     #[tokio::test]
     async fn progress_lines_split_on_carriage_return() {
         let mut seen = Vec::new();
-        run_with_lines("printf", &["a\rb\nc"], &Stop::new(), |l| {
-            seen.push(l.to_owned())
-        })
-        .await
-        .unwrap();
+        run_with_lines("printf", &["a\rb\nc"], &Stop::new(), |l| seen.push(l.to_owned())).await.unwrap();
         assert_eq!(seen, ["a", "b", "c"]);
     }
 
@@ -213,9 +168,7 @@ mod tests {
 
     #[tokio::test]
     async fn missing_program_is_a_spawn_error() {
-        let err = run("kvmagent-no-such-program", &["x"], &Stop::new())
-            .await
-            .unwrap_err();
+        let err = run("kvmagent-no-such-program", &["x"], &Stop::new()).await.unwrap_err();
         assert!(matches!(err, ProcessError::Spawn { .. }), "{err}");
     }
 }

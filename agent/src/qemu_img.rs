@@ -15,28 +15,14 @@ use crate::stop::Stop;
 #[derive(Debug, thiserror::Error)]
 pub enum QemuImgError {
     #[error("qemu-img {subcommand} on {path}: {source}")]
-    Run {
-        subcommand: &'static str,
-        path: String,
-        source: ProcessError,
-    },
+    Run { subcommand: &'static str, path: String, source: ProcessError },
     #[error("qemu-img {subcommand} on {path} printed output that is not understood: {reason}")]
-    Parse {
-        subcommand: &'static str,
-        path: String,
-        reason: String,
-    },
+    Parse { subcommand: &'static str, path: String, reason: String },
 }
 
 impl QemuImgError {
     pub fn was_stopped(&self) -> bool {
-        matches!(
-            self,
-            QemuImgError::Run {
-                source: ProcessError::Stopped { .. },
-                ..
-            }
-        )
+        matches!(self, QemuImgError::Run { source: ProcessError::Stopped { .. }, .. })
     }
 }
 
@@ -82,11 +68,7 @@ async fn run(
     let start = Instant::now();
     let out = process::run("qemu-img", args, stop).await;
     metrics::observe_qemu_img(subcommand, start);
-    out.map(|o| o.stdout).map_err(|source| QemuImgError::Run {
-        subcommand,
-        path: path.display().to_string(),
-        source,
-    })
+    out.map(|o| o.stdout).map_err(|source| QemuImgError::Run { subcommand, path: path.display().to_string(), source })
 }
 
 fn os<S: AsRef<std::ffi::OsStr> + ?Sized>(s: &S) -> &std::ffi::OsStr {
@@ -95,18 +77,8 @@ fn os<S: AsRef<std::ffi::OsStr> + ?Sized>(s: &S) -> &std::ffi::OsStr {
 
 /// `qemu-img info`; `--force-share` so that images in use by a running VM can be read too.
 pub async fn info(path: &Path, stop: &Stop) -> Result<ImageInfo, QemuImgError> {
-    let out = run(
-        "info",
-        path,
-        &[
-            os("info"),
-            os("--force-share"),
-            os("--output=json"),
-            path.as_os_str(),
-        ],
-        stop,
-    )
-    .await?;
+    let out =
+        run("info", path, &[os("info"), os("--force-share"), os("--output=json"), path.as_os_str()], stop).await?;
     serde_json::from_str(&out).map_err(|e| QemuImgError::Parse {
         subcommand: "info",
         path: path.display().to_string(),
@@ -122,26 +94,15 @@ pub struct CreateOptions {
 
 impl CreateOptions {
     pub fn preallocation(mode: &str) -> Self {
-        CreateOptions {
-            pairs: vec![("preallocation".into(), mode.into())],
-        }
+        CreateOptions { pairs: vec![("preallocation".into(), mode.into())] }
     }
 
     fn without_preallocation(&self) -> Vec<&(String, String)> {
-        self.pairs
-            .iter()
-            .filter(|(k, _)| k != "preallocation")
-            .collect()
+        self.pairs.iter().filter(|(k, _)| k != "preallocation").collect()
     }
 
     fn to_arg(pairs: &[&(String, String)]) -> Option<String> {
-        (!pairs.is_empty()).then(|| {
-            pairs
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
+        (!pairs.is_empty()).then(|| pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
     }
 }
 
@@ -178,14 +139,8 @@ pub async fn create_overlay(
 }
 
 /// `qemu-img create -f qcow2 [-o ...] <dst> <size>`: an empty image.
-pub async fn create(
-    dst: &Path,
-    size: u64,
-    opts: &CreateOptions,
-    stop: &Stop,
-) -> Result<(), QemuImgError> {
-    let mut args: Vec<std::ffi::OsString> =
-        vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
+pub async fn create(dst: &Path, size: u64, opts: &CreateOptions, stop: &Stop) -> Result<(), QemuImgError> {
+    let mut args: Vec<std::ffi::OsString> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
     let all: Vec<&(String, String)> = opts.pairs.iter().collect();
     if let Some(o) = CreateOptions::to_arg(&all) {
         args.extend(["-o".into(), o.into()]);
@@ -206,14 +161,8 @@ pub async fn convert(
     stop: &Stop,
     mut on_progress: impl FnMut(u8),
 ) -> Result<(), QemuImgError> {
-    let mut args: Vec<std::ffi::OsString> = vec![
-        "convert".into(),
-        "-p".into(),
-        "-f".into(),
-        src_fmt.into(),
-        "-O".into(),
-        "qcow2".into(),
-    ];
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["convert".into(), "-p".into(), "-f".into(), src_fmt.into(), "-O".into(), "qcow2".into()];
     let all: Vec<&(String, String)> = opts.pairs.iter().collect();
     if let Some(o) = CreateOptions::to_arg(&all) {
         args.extend(["-o".into(), o.into()]);
@@ -238,28 +187,12 @@ pub async fn convert(
 /// `qemu-img convert -p` prints `    (12.34/100%)`.
 fn parse_progress(line: &str) -> Option<u8> {
     let inner = line.trim().strip_prefix('(')?.split('/').next()?;
-    inner
-        .trim()
-        .parse::<f64>()
-        .ok()
-        .map(|p| p.clamp(0.0, 100.0) as u8)
+    inner.trim().parse::<f64>().ok().map(|p| p.clamp(0.0, 100.0) as u8)
 }
 
 /// `qemu-img resize <path> <size>` (grow only; the caller checks).
 pub async fn resize(path: &Path, size: u64, stop: &Stop) -> Result<(), QemuImgError> {
-    run(
-        "resize",
-        path,
-        &[
-            os("resize"),
-            os("-q"),
-            path.as_os_str(),
-            os(&size.to_string()),
-        ],
-        stop,
-    )
-    .await
-    .map(|_| ())
+    run("resize", path, &[os("resize"), os("-q"), path.as_os_str(), os(&size.to_string())], stop).await.map(|_| ())
 }
 
 /// `qemu-img measure -O qcow2`: bytes a flat qcow2 copy of the image (with its chain) needs.
@@ -299,10 +232,7 @@ pub struct Header {
 #[derive(Debug, thiserror::Error)]
 pub enum HeaderError {
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path} has a damaged qcow2 header: {reason}")]
     Corrupt { path: PathBuf, reason: &'static str },
 }
@@ -314,38 +244,23 @@ const MAX_BACKING_NAME: u32 = 1023;
 /// Reads the format and backing file name from the qcow2 header (magic, then the backing file
 /// offset at byte 8 (u64 BE) and its length at byte 16 (u32 BE)); anything else is raw.
 pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
-    let io = |source| HeaderError::Io {
-        path: path.to_owned(),
-        source,
-    };
+    let io = |source| HeaderError::Io { path: path.to_owned(), source };
     let mut f = std::fs::File::open(path).map_err(io)?;
     let mut head = [0u8; 20];
     let n = read_full(&mut f, &mut head).map_err(io)?;
     if n < 4 || &head[..4] != QCOW2_MAGIC {
-        return Ok(Header {
-            format: "raw",
-            backing_file: None,
-        });
+        return Ok(Header { format: "raw", backing_file: None });
     }
     if n < 20 {
-        return Err(HeaderError::Corrupt {
-            path: path.to_owned(),
-            reason: "header shorter than 20 bytes",
-        });
+        return Err(HeaderError::Corrupt { path: path.to_owned(), reason: "header shorter than 20 bytes" });
     }
     let offset = u64::from_be_bytes(head[8..16].try_into().expect("8 bytes"));
     let len = u32::from_be_bytes(head[16..20].try_into().expect("4 bytes"));
     if offset == 0 || len == 0 {
-        return Ok(Header {
-            format: "qcow2",
-            backing_file: None,
-        });
+        return Ok(Header { format: "qcow2", backing_file: None });
     }
     if len > MAX_BACKING_NAME {
-        return Err(HeaderError::Corrupt {
-            path: path.to_owned(),
-            reason: "backing file name longer than 1023 bytes",
-        });
+        return Err(HeaderError::Corrupt { path: path.to_owned(), reason: "backing file name longer than 1023 bytes" });
     }
     use std::io::{Seek, SeekFrom};
     f.seek(SeekFrom::Start(offset)).map_err(io)?;
@@ -356,14 +271,9 @@ pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
             reason: "backing file name runs past the end of the file",
         });
     }
-    let name = String::from_utf8(name).map_err(|_| HeaderError::Corrupt {
-        path: path.to_owned(),
-        reason: "backing file name is not UTF-8",
-    })?;
-    Ok(Header {
-        format: "qcow2",
-        backing_file: Some(name),
-    })
+    let name = String::from_utf8(name)
+        .map_err(|_| HeaderError::Corrupt { path: path.to_owned(), reason: "backing file name is not UTF-8" })?;
+    Ok(Header { format: "qcow2", backing_file: Some(name) })
 }
 
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -399,30 +309,10 @@ mod tests {
         let base = dir.path().join("base.qcow2");
         let top = dir.path().join("top.qcow2");
         let stop = Stop::new();
-        create(&base, 1 << 20, &CreateOptions::default(), &stop)
-            .await
-            .unwrap();
-        create_overlay(
-            &base,
-            "qcow2",
-            &top,
-            None,
-            &CreateOptions::preallocation("full"),
-            &stop,
-        )
-        .await
-        .unwrap();
-        assert_eq!(
-            read_header(&base).unwrap(),
-            Header {
-                format: "qcow2",
-                backing_file: None
-            }
-        );
-        assert_eq!(
-            read_header(&top).unwrap().backing_file.as_deref(),
-            base.to_str()
-        );
+        create(&base, 1 << 20, &CreateOptions::default(), &stop).await.unwrap();
+        create_overlay(&base, "qcow2", &top, None, &CreateOptions::preallocation("full"), &stop).await.unwrap();
+        assert_eq!(read_header(&base).unwrap(), Header { format: "qcow2", backing_file: None });
+        assert_eq!(read_header(&top).unwrap().backing_file.as_deref(), base.to_str());
         let i = info(&top, &stop).await.unwrap();
         assert_eq!(i.backing_filename_format.as_deref(), Some("qcow2"));
         assert_eq!(i.virtual_size, 1 << 20);
@@ -433,9 +323,7 @@ mod tests {
 
     #[tokio::test]
     async fn failure_keeps_qemu_img_stderr() {
-        let e = info(Path::new("/nonexistent/x.qcow2"), &Stop::new())
-            .await
-            .unwrap_err();
+        let e = info(Path::new("/nonexistent/x.qcow2"), &Stop::new()).await.unwrap_err();
         assert!(e.to_string().contains("/nonexistent/x.qcow2"), "{e}");
         assert!(e.to_string().contains("No such file"), "{e}");
     }

@@ -42,7 +42,10 @@ async fn volume_paths_have_real_effects() {
     // A grown overlay on the cache, then a data volume backed by it, with ZStack's options.
     let (_, root) = root_volume_path(&h);
     let r = h
-        .call_ok("/localstorage/volume/createvolumefromcache", &json!({"templatePathInCache": base.path, "installUrl": root, "volumeUuid": "r", "virtualSize": 64 * MIB}))
+        .call_ok(
+            "/localstorage/volume/createvolumefromcache",
+            &json!({"templatePathInCache": base.path, "installUrl": root, "volumeUuid": "r", "virtualSize": 64 * MIB}),
+        )
         .await
         .unwrap();
     assert_eq!(r["size"].as_u64(), Some(64 * MIB));
@@ -60,11 +63,15 @@ async fn volume_paths_have_real_effects() {
     assert_eq!(info["cluster-size"].as_u64(), Some(2 * MIB));
     assert_eq!(info["backing-filename"].as_str(), root.to_str());
 
-    let chain = h.call_ok("/localstorage/volume/getbackingchain", &json!({"installPath": data, "volumeUuid": "d"})).await.unwrap();
+    let chain = h
+        .call_ok("/localstorage/volume/getbackingchain", &json!({"installPath": data, "volumeUuid": "d"}))
+        .await
+        .unwrap();
     let names: Vec<&str> = chain["backingChain"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(names, [root.to_str().unwrap(), base.path.to_str().unwrap()], "parent first, base last");
 
-    let size = h.call_ok("/localstorage/volume/getsize", &json!({"installPath": data, "volumeUuid": "d"})).await.unwrap();
+    let size =
+        h.call_ok("/localstorage/volume/getsize", &json!({"installPath": data, "volumeUuid": "d"})).await.unwrap();
     assert_eq!(size["size"].as_u64(), Some(64 * MIB));
     assert!(size["actualSize"].as_u64().unwrap() > 0);
 
@@ -100,7 +107,8 @@ async fn bad_storage_commands_change_nothing() {
     // An image in the cache whose backing file leaves the roots: the classic injection.
     let evil = h.path(&format!("imagecache/template/{0}/{0}.qcow2", uuid()));
     std::fs::create_dir_all(evil.parent().unwrap()).unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", outside.to_str().unwrap(), evil.to_str().unwrap()]).unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", outside.to_str().unwrap(), evil.to_str().unwrap()])
+        .unwrap();
     // A raw file posing under a qcow2 name: it is used as what it is, never as qcow2.
     let (_, existing) = data_volume_path(&h);
     std::fs::create_dir_all(existing.parent().unwrap()).unwrap();
@@ -110,17 +118,53 @@ async fn bad_storage_commands_change_nothing() {
     let (_, target) = root_volume_path(&h);
     let root_str = h.root.display().to_string();
     let cases = vec![
-        ("/localstorage/volume/createvolumefromcache", json!({"templatePathInCache": base.path, "installUrl": outside_dir.path().join("y.qcow2")}), "outside the storage roots"),
-        ("/localstorage/volume/createvolumefromcache", json!({"templatePathInCache": outside, "installUrl": target}), "outside the storage roots"),
-        ("/localstorage/volume/createvolumefromcache", json!({"templatePathInCache": evil, "installUrl": target}), "outside the storage roots"),
-        ("/localstorage/volume/createvolumefromcache", json!({"templatePathInCache": h.path("imagecache/none.qcow2"), "installUrl": target}), "unable to find image in cache"),
-        ("/localstorage/volume/createvolumefromcache", json!({"templatePathInCache": base.path, "installUrl": format!("{root_str}/a/../../../etc/x.qcow2")}), ".."),
+        (
+            "/localstorage/volume/createvolumefromcache",
+            json!({"templatePathInCache": base.path, "installUrl": outside_dir.path().join("y.qcow2")}),
+            "outside the storage roots",
+        ),
+        (
+            "/localstorage/volume/createvolumefromcache",
+            json!({"templatePathInCache": outside, "installUrl": target}),
+            "outside the storage roots",
+        ),
+        (
+            "/localstorage/volume/createvolumefromcache",
+            json!({"templatePathInCache": evil, "installUrl": target}),
+            "outside the storage roots",
+        ),
+        (
+            "/localstorage/volume/createvolumefromcache",
+            json!({"templatePathInCache": h.path("imagecache/none.qcow2"), "installUrl": target}),
+            "unable to find image in cache",
+        ),
+        (
+            "/localstorage/volume/createvolumefromcache",
+            json!({"templatePathInCache": base.path, "installUrl": format!("{root_str}/a/../../../etc/x.qcow2")}),
+            "..",
+        ),
         ("/localstorage/volume/createvolumefromcache", json!({"templatePathInCache": base.path}), "installUrl"),
-        ("/localstorage/volume/createvolumefromcache", json!({"templatePathInCache": base.path, "installUrl": existing}), "already exists"),
-        ("/localstorage/volume/createvolumefromcache", json!({"templatePathInCache": base.path, "installUrl": target, "virtualSize": MIB}), "cannot shrink"),
+        (
+            "/localstorage/volume/createvolumefromcache",
+            json!({"templatePathInCache": base.path, "installUrl": existing}),
+            "already exists",
+        ),
+        (
+            "/localstorage/volume/createvolumefromcache",
+            json!({"templatePathInCache": base.path, "installUrl": target, "virtualSize": MIB}),
+            "cannot shrink",
+        ),
         ("/localstorage/volume/createempty", json!({"installUrl": target, "size": "big"}), "size"),
-        ("/localstorage/volume/createempty", json!({"installUrl": target, "size": MIB, "kvmHostAddons": {"qcow2Options": "-o size=1; rm -rf /"}}), "qcow2Options"),
-        ("/localstorage/volume/createempty", json!({"installUrl": target, "size": MIB, "backingFile": outside}), "outside the storage roots"),
+        (
+            "/localstorage/volume/createempty",
+            json!({"installUrl": target, "size": MIB, "kvmHostAddons": {"qcow2Options": "-o size=1; rm -rf /"}}),
+            "qcow2Options",
+        ),
+        (
+            "/localstorage/volume/createempty",
+            json!({"installUrl": target, "size": MIB, "backingFile": outside}),
+            "outside the storage roots",
+        ),
         ("/localstorage/volume/createempty", json!({"installUrl": "relative.qcow2", "size": MIB}), "absolute"),
         ("/localstorage/delete", json!({"path": outside}), "outside the storage roots"),
         ("/localstorage/volume/getsize", json!({"installPath": "/etc/passwd"}), "outside the storage roots"),

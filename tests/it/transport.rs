@@ -30,10 +30,8 @@ async fn sync_and_async_styles_are_enforced() {
 async fn bad_input_is_answered_in_band() {
     let h = Host::start().await.unwrap();
     let task = uuid();
-    let (s, body) = h
-        .post("/host/ping", &[("taskuuid", &task), ("callbackurl", &h.callbacks.url())], "{not json")
-        .await
-        .unwrap();
+    let (s, body) =
+        h.post("/host/ping", &[("taskuuid", &task), ("callbackurl", &h.callbacks.url())], "{not json").await.unwrap();
     assert_eq!((s, body.as_str()), (200, ""));
     let r = h.callbacks.wait(&task, Duration::from_secs(10)).await.unwrap();
     assert_eq!(r["success"], false);

@@ -81,7 +81,9 @@ async fn create_stopped_and_just_create_with_a_thick_root() {
     assert!(info["actual-size"].as_u64().unwrap() >= 32 * MIB, "and allocated: {info}");
     qemu_img_check(&root).unwrap();
     // The copy carries the image's bytes.
-    let out = kvmagent_host_tests::checks::qemu_img(&["compare", "-U", base.path.to_str().unwrap(), root.to_str().unwrap()]).unwrap();
+    let out =
+        kvmagent_host_tests::checks::qemu_img(&["compare", "-U", base.path.to_str().unwrap(), root.to_str().unwrap()])
+            .unwrap();
     assert!(out.contains("identical"), "{out}");
 
     let vm2 = uuid();

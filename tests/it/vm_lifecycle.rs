@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use kvmagent_host_tests::checks::{domstate, dumpxml, ensure_bridge, file_sha256, qemu_img_check, qemu_img_info, xml_text};
+use kvmagent_host_tests::checks::{
+    domstate, dumpxml, ensure_bridge, file_sha256, qemu_img_check, qemu_img_info, xml_text,
+};
 use kvmagent_host_tests::guest::{console_log, kernel_boot, wait_report};
 use kvmagent_host_tests::images::{root_volume_path, BaseImage};
 use kvmagent_host_tests::{uuid, Host};
@@ -52,7 +54,8 @@ async fn zstack_fixture_is_accepted_unchanged_but_for_root_path_and_bridge() {
     let r = h.call_ok("/vm/start", &cmd).await.unwrap();
     assert_eq!(domstate(&vm).as_deref(), Some("running"), "{r}");
     let devices = r["virtualDeviceInfoList"].as_array().expect("virtualDeviceInfoList");
-    let root_dev = devices.iter().find(|d| d["resourceUuid"] == cmd["rootVolume"]["volumeUuid"]).expect("root volume address");
+    let root_dev =
+        devices.iter().find(|d| d["resourceUuid"] == cmd["rootVolume"]["volumeUuid"]).expect("root volume address");
     assert_eq!(root_dev["deviceAddress"]["type"], "pci", "{r}");
     assert_eq!(r["nicInfos"][0]["macAddress"], "fa:62:4a:61:6c:00", "{r}");
 
@@ -60,7 +63,10 @@ async fn zstack_fixture_is_accepted_unchanged_but_for_root_path_and_bridge() {
     assert!(xml.contains("<uuid>0b42630f-37d8-4174-80ec-ed62ad89719f</uuid>"), "{xml}");
     assert!(xml.contains("<description>vm-for-ut</description>"), "{xml}");
     assert!(xml.contains("<serial>d387b4534faf4553a50a8a632cf12e35</serial>"), "{xml}");
-    assert!(xml.contains("<internalId>1</internalId>") && xml.contains("<hostManagementIp>10.0.245.48</hostManagementIp>"), "{xml}");
+    assert!(
+        xml.contains("<internalId>1</internalId>") && xml.contains("<hostManagementIp>10.0.245.48</hostManagementIp>"),
+        "{xml}"
+    );
     assert!(xml.contains("<source bridge='kvmagent-tbr0'/>"), "{xml}");
     assert!(xml.contains("current='1'>128</vcpu>"), "NUMA mode: current vCPUs and the maximum: {xml}");
 

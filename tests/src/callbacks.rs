@@ -31,7 +31,8 @@ pub struct Callbacks {
 impl Callbacks {
     pub async fn start() -> Result<Callbacks> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let cb = Callbacks { addr: listener.local_addr()?, inbox: Default::default(), arrived: Arc::new(Notify::new()) };
+        let cb =
+            Callbacks { addr: listener.local_addr()?, inbox: Default::default(), arrived: Arc::new(Notify::new()) };
         let server = cb.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -41,14 +42,17 @@ impl Callbacks {
                         let server = server.clone();
                         async move {
                             let task = req.headers().get("taskuuid").and_then(|v| v.to_str().ok()).map(str::to_owned);
-                            let command = req.headers().get("commandpath").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                            let command =
+                                req.headers().get("commandpath").and_then(|v| v.to_str().ok()).map(str::to_owned);
                             let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                            let value: Value = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
+                            let value: Value = serde_json::from_slice(&body)
+                                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
                             server.record(task, command, value);
                             Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::new())))
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
                 });
             }
         });

@@ -24,7 +24,9 @@ pub fn virsh(args: &[&str]) -> Result<String> {
 
 /// Fails with instructions when libvirtd does not answer.
 pub fn require_libvirtd() -> Result<()> {
-    virsh(&["version"]).map(|_| ()).context("libvirtd is not reachable at qemu:///system; start it with tests/host/libvirtd.sh start")
+    virsh(&["version"])
+        .map(|_| ())
+        .context("libvirtd is not reachable at qemu:///system; start it with tests/host/libvirtd.sh start")
 }
 
 /// `virsh domstate`, e.g. `running`, `shut off`, `paused`; `None` when no such domain exists.

@@ -61,7 +61,8 @@ fn parse(text: &str) -> DiskDump {
         }
         let (Some(dev), Some(off), Some(hex)) = (w.next(), w.next(), w.next()) else { continue };
         let Ok(off) = off.parse() else { continue };
-        let bytes = (0..hex.len() / 2).filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect();
+        let bytes =
+            (0..hex.len() / 2).filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect();
         dump.entry(dev.to_owned()).or_default().insert(off, bytes);
     }
     dump

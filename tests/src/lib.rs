@@ -43,7 +43,9 @@ pub fn agent_binary() -> PathBuf {
 
 /// Where `tests/guest/build.sh` put the test guest's kernel and initramfs.
 pub fn guest_dir() -> PathBuf {
-    let dir = std::env::var_os("KVMAGENT_TEST_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/cache/kvmagent/test-guest".into());
+    let dir = std::env::var_os("KVMAGENT_TEST_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/kvmagent/test-guest".into());
     for f in ["vmlinuz", "initrd.img"] {
         assert!(dir.join(f).exists(), "test guest file {} is missing: run tests/guest/build.sh", dir.join(f).display());
     }
@@ -162,7 +164,11 @@ impl Host {
     }
 
     fn post_raw(&self, path: &str, headers: &[(&str, &str)], body: Bytes) -> BlockingPost {
-        BlockingPost { url: self.url(path), headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), body }
+        BlockingPost {
+            url: self.url(path),
+            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            body,
+        }
     }
 
     pub async fn get(&self, path: &str) -> Result<(u16, String)> {
@@ -191,7 +197,10 @@ impl Host {
     /// Sends an async command and waits for its callback (up to `timeout`).
     pub async fn call_within(&self, path: &str, body: &Value, timeout: Duration) -> Result<Value> {
         let task = self.send(path, body).await?;
-        self.callbacks.wait(&task, timeout).await.with_context(|| format!("waiting for the result of {path}; agent log:\n{}", self.log()))
+        self.callbacks
+            .wait(&task, timeout)
+            .await
+            .with_context(|| format!("waiting for the result of {path}; agent log:\n{}", self.log()))
     }
 
     /// [`call_within`](Self::call_within) with a 120 s limit (TCG guests are slow).
@@ -245,7 +254,10 @@ impl BlockingPost {
         let (hostport, path) = addr.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((addr, "/".into()));
         let mut s = std::net::TcpStream::connect(hostport)?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        let mut req = format!("POST {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nContent-Length: {}\r\n", self.body.len());
+        let mut req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            self.body.len()
+        );
         for (k, v) in &self.headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }

@@ -26,10 +26,7 @@ pub struct CommonFields {
 impl CommonFields {
     /// `threadContext.api`: the id `/job/cancel` names.
     pub fn api_id(&self) -> Option<&str> {
-        self.thread_context
-            .get("api")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
+        self.thread_context.get("api").and_then(Value::as_str).filter(|s| !s.is_empty())
     }
 
     /// Milliseconds from `taskContext` (`__messagetimeout__`, `__messagedeadline__`), which the
@@ -52,9 +49,7 @@ pub fn parse_body(body: &[u8]) -> Result<Value, AgentError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| AgentError::invalid(format!("the request body is not valid JSON: {e}")))?;
     if !v.is_object() {
-        return Err(AgentError::invalid(
-            "the request body must be a JSON object",
-        ));
+        return Err(AgentError::invalid("the request body must be a JSON object"));
     }
     Ok(v)
 }
@@ -94,10 +89,7 @@ pub fn envelope(result: &Result<Value, AgentError>) -> Value {
             let mut m = e.fields.clone();
             m.insert("success".into(), Value::Bool(false));
             m.insert("error".into(), Value::String(e.to_string()));
-            m.insert(
-                "errorCode".into(),
-                serde_json::to_value(e.error_code()).unwrap_or(Value::Null),
-            );
+            m.insert("errorCode".into(), serde_json::to_value(e.error_code()).unwrap_or(Value::Null));
             Value::Object(m)
         }
     }

@@ -125,9 +125,7 @@ fn file_type() -> String {
     "file".into()
 }
 fn nullable_file<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    Ok(Option::<String>::deserialize(d)?
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(file_type))
+    Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()).unwrap_or_else(file_type))
 }
 fn yes() -> bool {
     true
@@ -194,10 +192,7 @@ pub struct StopVmCmd {
     #[serde(default, rename = "type", deserialize_with = "nullable")]
     pub stop_type: String,
     /// Seconds.
-    #[serde(
-        default = "default_stop_timeout",
-        deserialize_with = "nullable_timeout"
-    )]
+    #[serde(default = "default_stop_timeout", deserialize_with = "nullable_timeout")]
     pub timeout: u64,
 }
 

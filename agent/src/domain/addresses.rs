@@ -22,20 +22,13 @@ fn address(node: roxmltree::Node) -> DeviceAddress {
 }
 
 fn child_text<'a>(node: roxmltree::Node<'a, 'a>, tag: &str) -> Option<&'a str> {
-    node.children()
-        .find(|c| c.has_tag_name(tag))
-        .and_then(|c| c.text())
+    node.children().find(|c| c.has_tag_name(tag)).and_then(|c| c.text())
 }
 
 pub fn device_info(live_xml: &str) -> AgentResult<StartVmRsp> {
-    let doc = roxmltree::Document::parse(live_xml).map_err(|e| {
-        AgentError::internal(format!("libvirt returned unparsable domain XML: {e}"))
-    })?;
-    let Some(devices) = doc
-        .root_element()
-        .children()
-        .find(|c| c.has_tag_name("devices"))
-    else {
+    let doc = roxmltree::Document::parse(live_xml)
+        .map_err(|e| AgentError::internal(format!("libvirt returned unparsable domain XML: {e}")))?;
+    let Some(devices) = doc.root_element().children().find(|c| c.has_tag_name("devices")) else {
         return Ok(StartVmRsp::default());
     };
     let mut rsp = StartVmRsp::default();
@@ -43,29 +36,19 @@ pub fn device_info(live_xml: &str) -> AgentResult<StartVmRsp> {
         match dev.tag_name().name() {
             "disk" => {
                 if let Some(serial) = child_text(dev, "serial") {
-                    rsp.virtual_device_info_list.push(VirtualDeviceInfo {
-                        resource_uuid: serial.to_owned(),
-                        device_address: address(dev),
-                    });
+                    rsp.virtual_device_info_list
+                        .push(VirtualDeviceInfo { resource_uuid: serial.to_owned(), device_address: address(dev) });
                 }
             }
             "interface" => {
-                let mac = dev
-                    .children()
-                    .find(|c| c.has_tag_name("mac"))
-                    .and_then(|m| m.attribute("address"));
+                let mac = dev.children().find(|c| c.has_tag_name("mac")).and_then(|m| m.attribute("address"));
                 if let Some(mac) = mac {
-                    rsp.nic_infos.push(NicInfo {
-                        mac_address: mac.to_owned(),
-                        device_address: address(dev),
-                    });
+                    rsp.nic_infos.push(NicInfo { mac_address: mac.to_owned(), device_address: address(dev) });
                 }
             }
             "memballoon" => {
-                rsp.mem_balloon_info = Some(VirtualDeviceInfo {
-                    resource_uuid: "memballoon".into(),
-                    device_address: address(dev),
-                });
+                rsp.mem_balloon_info =
+                    Some(VirtualDeviceInfo { resource_uuid: "memballoon".into(), device_address: address(dev) });
             }
             _ => {}
         }

@@ -47,15 +47,9 @@ const IDE_CDROMS: [&str; 3] = ["hdc", "hdd", "hdb"];
 const SATA_CDROMS: [&str; 3] = ["sdx", "sdy", "sdz"];
 
 pub fn device_letter(device_id: u32) -> AgentResult<char> {
-    DEVICE_LETTERS
-        .get(device_id as usize)
-        .map(|b| *b as char)
-        .ok_or_else(|| {
-            AgentError::invalid(format!(
-                "deviceId {device_id} is too large: at most {} disks",
-                DEVICE_LETTERS.len()
-            ))
-        })
+    DEVICE_LETTERS.get(device_id as usize).map(|b| *b as char).ok_or_else(|| {
+        AgentError::invalid(format!("deviceId {device_id} is too large: at most {} disks", DEVICE_LETTERS.len()))
+    })
 }
 
 #[derive(Serialize)]
@@ -143,18 +137,11 @@ static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_auto_escape_callback(|_| AutoEscape::Custom("xml"));
     env.set_formatter(|out, _state, value| {
-        out.write_str(&xml_escape(&value.to_string())).map_err(|_| {
-            minijinja::Error::new(
-                minijinja::ErrorKind::WriteFailure,
-                "cannot write template output",
-            )
-        })
+        out.write_str(&xml_escape(&value.to_string()))
+            .map_err(|_| minijinja::Error::new(minijinja::ErrorKind::WriteFailure, "cannot write template output"))
     });
-    env.add_template(
-        "domain.xml",
-        include_str!("../../../libvirt-templates/domain.xml.j2"),
-    )
-    .expect("the domain template parses");
+    env.add_template("domain.xml", include_str!("../../../libvirt-templates/domain.xml.j2"))
+        .expect("the domain template parses");
     env
 });
 
@@ -179,25 +166,14 @@ pub fn dashed_uuid(u: &str) -> String {
     if u.len() != 32 {
         return u.to_owned();
     }
-    format!(
-        "{}-{}-{}-{}-{}",
-        &u[0..8],
-        &u[8..12],
-        &u[12..16],
-        &u[16..20],
-        &u[20..32]
-    )
+    format!("{}-{}-{}-{}-{}", &u[0..8], &u[8..12], &u[12..16], &u[16..20], &u[20..32])
 }
 
 fn none_if_zero(n: u32) -> Option<u32> {
     (n > 0).then_some(n)
 }
 
-fn disk_view<'a>(
-    v: &'a VolumeTo,
-    settings: &'a DomainSettings,
-    per_device_boot: bool,
-) -> AgentResult<DiskView<'a>> {
+fn disk_view<'a>(v: &'a VolumeTo, settings: &'a DomainSettings, per_device_boot: bool) -> AgentResult<DiskView<'a>> {
     let letter = device_letter(v.device_id)?;
     let (dev, bus) = match (v.use_virtio_scsi, v.use_virtio) {
         (true, _) => (format!("sd{letter}"), "scsi"),
@@ -213,24 +189,12 @@ fn disk_view<'a>(
     Ok(DiskView {
         file: rbd.is_none().then_some(v.install_path.as_str()),
         rbd,
-        format: if v.format.is_empty() {
-            "qcow2"
-        } else {
-            &v.format
-        },
-        cache: if v.cache_mode.is_empty() {
-            "none"
-        } else {
-            &v.cache_mode
-        },
+        format: if v.format.is_empty() { "qcow2" } else { &v.format },
+        cache: if v.cache_mode.is_empty() { "none" } else { &v.cache_mode },
         dev,
         bus,
         shareable: v.shareable,
-        boot_order: if per_device_boot {
-            none_if_zero(v.boot_order)
-        } else {
-            None
-        },
+        boot_order: if per_device_boot { none_if_zero(v.boot_order) } else { None },
         serial: &v.volume_uuid,
     })
 }
@@ -262,9 +226,7 @@ pub fn render(cmd: &StartVmCmd, settings: &DomainSettings) -> AgentResult<String
         devs
     };
 
-    let mut volumes: Vec<&VolumeTo> = std::iter::once(&cmd.root_volume)
-        .chain(&cmd.data_volumes)
-        .collect();
+    let mut volumes: Vec<&VolumeTo> = std::iter::once(&cmd.root_volume).chain(&cmd.data_volumes).collect();
     volumes.sort_by_key(|v| v.device_id);
     let disks = volumes
         .into_iter()
@@ -281,11 +243,7 @@ pub fn render(cmd: &StartVmCmd, settings: &DomainSettings) -> AgentResult<String
             file: (!c.is_empty && !c.path.is_empty()).then_some(c.path.as_str()),
             dev,
             bus: if q35 { "sata" } else { "ide" },
-            boot_order: if per_device_boot {
-                none_if_zero(c.boot_order)
-            } else {
-                None
-            },
+            boot_order: if per_device_boot { none_if_zero(c.boot_order) } else { None },
             serial: &c.resource_uuid,
         })
         .collect();
@@ -301,8 +259,7 @@ pub fn render(cmd: &StartVmCmd, settings: &DomainSettings) -> AgentResult<String
                 user_mode,
                 bridge: &n.bridge_name,
                 mac: &n.mac,
-                target: Some(n.nic_internal_name.as_str())
-                    .filter(|t| !user_mode && super::validate::is_ifname(t)),
+                target: Some(n.nic_internal_name.as_str()).filter(|t| !user_mode && super::validate::is_ifname(t)),
                 model: match n.driver_type.as_str() {
                     "" if n.use_virtio => "virtio",
                     "" => "e1000",
@@ -310,11 +267,7 @@ pub fn render(cmd: &StartVmCmd, settings: &DomainSettings) -> AgentResult<String
                 },
                 mtu: n.mtu.filter(|m| *m > 0 && !user_mode),
                 link_down: n.state == "disable",
-                boot_order: if per_device_boot {
-                    none_if_zero(n.boot_order)
-                } else {
-                    None
-                },
+                boot_order: if per_device_boot { none_if_zero(n.boot_order) } else { None },
             }
         })
         .collect();
@@ -322,66 +275,53 @@ pub fn render(cmd: &StartVmCmd, settings: &DomainSettings) -> AgentResult<String
     let vcpu_max = (cmd.use_numa && cmd.max_vcpu_num > cmd.cpu_num).then_some(cmd.max_vcpu_num);
     let all_vcpus = vcpu_max.unwrap_or(cmd.cpu_num);
     let topology = match (cmd.socket_num, cmd.cpu_on_socket, cmd.threads_per_core) {
-        (Some(s), Some(c), t) if s * c * t.unwrap_or(1) == all_vcpus => Some(Topology {
-            sockets: s,
-            cores: c,
-            threads: t.unwrap_or(1),
-        }),
+        (Some(s), Some(c), t) if s * c * t.unwrap_or(1) == all_vcpus => {
+            Some(Topology { sockets: s, cores: c, threads: t.unwrap_or(1) })
+        }
         _ => None,
     };
-    let view = View {
-        domain_type: &settings.domain_type,
-        name: &cmd.vm_instance_uuid,
-        uuid: dashed_uuid(&cmd.vm_instance_uuid),
-        description: &cmd.vm_name,
-        internal_id: cmd.vm_internal_id,
-        host_ip: &cmd.host_management_ip,
-        memory_kib: cmd.memory / 1024,
-        vcpu: cmd.cpu_num,
-        vcpu_max,
-        // Host CPU modes need hardware virtualisation; under TCG the default model is used.
-        cpu_mode: None,
-        topology,
-        serial_number: &cmd.system_serial_number,
-        asset_tag: &cmd.chassis_asset_tag,
-        machine: if q35 { "q35" } else { "pc" },
-        kernel: cmd.kernel_boot.as_ref(),
-        boot_devs,
-        clock: if cmd.clock == "localtime" {
-            "localtime"
-        } else {
-            "utc"
-        },
-        emulator: settings.emulator.as_deref(),
-        virtio_scsi: disks.iter().any(|d| d.bus == "scsi"),
-        disks,
-        cdroms,
-        nics,
-        console_log: settings
-            .console_log
-            .as_ref()
-            .map(|p| p.display().to_string()),
-        vnc_listen: &settings.vnc_listen,
-        vnc_password: &cmd.console_password,
-        video: match cmd.video_type.as_str() {
-            "" => "vga",
-            other => other,
-        },
-        tpm_model: cmd.tpm.as_ref().filter(|t| t.enable).map(|t| {
-            if t.model == "tpm-tis" {
-                "tpm-tis"
-            } else {
-                "tpm-crb"
-            }
-        }),
-    };
+    let view =
+        View {
+            domain_type: &settings.domain_type,
+            name: &cmd.vm_instance_uuid,
+            uuid: dashed_uuid(&cmd.vm_instance_uuid),
+            description: &cmd.vm_name,
+            internal_id: cmd.vm_internal_id,
+            host_ip: &cmd.host_management_ip,
+            memory_kib: cmd.memory / 1024,
+            vcpu: cmd.cpu_num,
+            vcpu_max,
+            // Host CPU modes need hardware virtualisation; under TCG the default model is used.
+            cpu_mode: None,
+            topology,
+            serial_number: &cmd.system_serial_number,
+            asset_tag: &cmd.chassis_asset_tag,
+            machine: if q35 { "q35" } else { "pc" },
+            kernel: cmd.kernel_boot.as_ref(),
+            boot_devs,
+            clock: if cmd.clock == "localtime" { "localtime" } else { "utc" },
+            emulator: settings.emulator.as_deref(),
+            virtio_scsi: disks.iter().any(|d| d.bus == "scsi"),
+            disks,
+            cdroms,
+            nics,
+            console_log: settings.console_log.as_ref().map(|p| p.display().to_string()),
+            vnc_listen: &settings.vnc_listen,
+            vnc_password: &cmd.console_password,
+            video: match cmd.video_type.as_str() {
+                "" => "vga",
+                other => other,
+            },
+            tpm_model: cmd.tpm.as_ref().filter(|t| t.enable).map(|t| {
+                if t.model == "tpm-tis" {
+                    "tpm-tis"
+                } else {
+                    "tpm-crb"
+                }
+            }),
+        };
     TEMPLATES
         .get_template("domain.xml")
         .and_then(|t| t.render(&view))
-        .map_err(|e| {
-            AgentError::internal(format!(
-                "rendering the domain XML of {}: {e}",
-                cmd.vm_instance_uuid
-            ))
-        })
+        .map_err(|e| AgentError::internal(format!("rendering the domain XML of {}: {e}", cmd.vm_instance_uuid)))
 }

@@ -12,35 +12,24 @@ pub async fn connect(app: &App, _ctx: &TaskCtx, cmd: ConnectCmd) -> AgentResult<
         return Err(AgentError::invalid("hostUuid must not be empty"));
     }
     if let Some(url) = &cmd.send_command_url {
-        crate::http::client::parse_url(url)
-            .map_err(|e| AgentError::invalid(format!("sendCommandUrl: {e}")))?;
+        crate::http::client::parse_url(url).map_err(|e| AgentError::invalid(format!("sendCommandUrl: {e}")))?;
     }
     // Ask libvirt first: a connect that fails must leave the stored identity as it was.
     let (libvirt_version, qemu_version) = app.libvirt.versions().await?;
-    let identity = Identity {
-        host_uuid: Some(cmd.host_uuid),
-        send_command_url: cmd.send_command_url,
-        version: cmd.version,
-    };
+    let identity =
+        Identity { host_uuid: Some(cmd.host_uuid), send_command_url: cmd.send_command_url, version: cmd.version };
     app.identity.set(identity).map_err(|e| {
         AgentError::failed(
             "cannot persist the host identity",
             format!("{e}; check that the state directory is writable"),
         )
     })?;
-    Ok(ConnectRsp {
-        libvirt_version,
-        qemu_version,
-    })
+    Ok(ConnectRsp { libvirt_version, qemu_version })
 }
 
 pub async fn ping(app: &App, _ctx: &TaskCtx, _cmd: PingCmd) -> AgentResult<PingRsp> {
     let id = app.identity.get();
-    Ok(PingRsp {
-        host_uuid: id.host_uuid,
-        send_command_url: id.send_command_url,
-        version: id.version,
-    })
+    Ok(PingRsp { host_uuid: id.host_uuid, send_command_url: id.send_command_url, version: id.version })
 }
 
 pub async fn fact(app: &App, ctx: &TaskCtx, _cmd: crate::api::Empty) -> AgentResult<FactRsp> {
@@ -63,11 +52,7 @@ pub async fn fact(app: &App, ctx: &TaskCtx, _cmd: crate::api::Empty) -> AgentRes
     })
 }
 
-pub async fn capacity(
-    _app: &App,
-    _ctx: &TaskCtx,
-    _cmd: crate::api::Empty,
-) -> AgentResult<CapacityRsp> {
+pub async fn capacity(_app: &App, _ctx: &TaskCtx, _cmd: crate::api::Empty) -> AgentResult<CapacityRsp> {
     let cpu = host_info::cpu_info();
     let mem = host_info::memory();
     Ok(CapacityRsp {
@@ -82,10 +67,7 @@ pub async fn capacity(
 
 pub async fn vm_sync(app: &App, _ctx: &TaskCtx, _cmd: crate::api::Empty) -> AgentResult<VmSyncRsp> {
     let (states, vm_in_shutdowns) = app.libvirt.list_vm_states().await?;
-    Ok(VmSyncRsp {
-        states: states.into_iter().collect(),
-        vm_in_shutdowns,
-    })
+    Ok(VmSyncRsp { states: states.into_iter().collect(), vm_in_shutdowns })
 }
 
 pub async fn cancel(app: &App, _ctx: &TaskCtx, cmd: CancelCmd) -> AgentResult<CancelRsp> {

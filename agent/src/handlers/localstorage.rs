@@ -13,70 +13,29 @@ use crate::tasks::TaskCtx;
 
 fn with_capacity<T: Serialize>(app: &App, path: Option<&Path>, rsp: T) -> WithCapacity<T> {
     let c = app.storage.capacity(path);
-    WithCapacity {
-        rsp,
-        total_capacity: c.total,
-        available_capacity: c.available,
-    }
+    WithCapacity { rsp, total_capacity: c.total, available_capacity: c.available }
 }
 
 pub async fn init(app: &App, _ctx: &TaskCtx, cmd: InitCmd) -> AgentResult<WithCapacity<InitRsp>> {
     let dir = app.storage.roots().confine(&cmd.path).or_else(|e| {
         // The storage root itself is a valid answer to init.
         let p = std::path::PathBuf::from(&cmd.path);
-        app.storage
-            .roots()
-            .roots()
-            .iter()
-            .find(|r| std::fs::canonicalize(&p).is_ok_and(|c| &c == *r))
-            .cloned()
-            .ok_or(e)
+        app.storage.roots().roots().iter().find(|r| std::fs::canonicalize(&p).is_ok_and(|c| &c == *r)).cloned().ok_or(e)
     })?;
-    std::fs::create_dir_all(&dir).map_err(|e| {
-        AgentError::failed(
-            "cannot create the storage directory",
-            format!("{}: {e}", dir.display()),
-        )
-    })?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| AgentError::failed("cannot create the storage directory", format!("{}: {e}", dir.display())))?;
     let cap = app.storage.capacity(Some(&dir));
-    Ok(with_capacity(
-        app,
-        Some(&dir),
-        InitRsp {
-            local_storage_used_capacity: cap.total.saturating_sub(cap.available),
-        },
-    ))
+    Ok(with_capacity(app, Some(&dir), InitRsp { local_storage_used_capacity: cap.total.saturating_sub(cap.available) }))
 }
 
-pub async fn check_bits(
-    app: &App,
-    _ctx: &TaskCtx,
-    cmd: CheckBitsCmd,
-) -> AgentResult<WithCapacity<CheckBitsRsp>> {
+pub async fn check_bits(app: &App, _ctx: &TaskCtx, cmd: CheckBitsCmd) -> AgentResult<WithCapacity<CheckBitsRsp>> {
     let p = app.storage.roots().confine(&cmd.path)?;
-    Ok(with_capacity(
-        app,
-        Some(&p),
-        CheckBitsRsp {
-            existing: p.exists(),
-        },
-    ))
+    Ok(with_capacity(app, Some(&p), CheckBitsRsp { existing: p.exists() }))
 }
 
-async fn size_of(
-    app: &App,
-    ctx: &TaskCtx,
-    path: &Path,
-) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
-    let (size, actual_size) = app
-        .storage
-        .sizes(&path.to_string_lossy(), &ctx.stop)
-        .await?;
-    Ok(with_capacity(
-        app,
-        Some(path),
-        VolumeSizeRsp { size, actual_size },
-    ))
+async fn size_of(app: &App, ctx: &TaskCtx, path: &Path) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
+    let (size, actual_size) = app.storage.sizes(&path.to_string_lossy(), &ctx.stop).await?;
+    Ok(with_capacity(app, Some(path), VolumeSizeRsp { size, actual_size }))
 }
 
 pub async fn create_volume_from_cache(
@@ -103,40 +62,22 @@ pub async fn create_empty(
     ctx: &TaskCtx,
     cmd: CreateEmptyVolumeCmd,
 ) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
-    let opts = match cmd
-        .kvm_host_addons
-        .as_ref()
-        .and_then(|a| a.qcow2_options.as_deref())
-    {
+    let opts = match cmd.kvm_host_addons.as_ref().and_then(|a| a.qcow2_options.as_deref()) {
         Some(o) => parse_qcow2_options(o)?,
         None => CreateOptions::default(),
     };
     let _lock = app.volume_locks.write(&cmd.install_url).await;
     let path = app
         .storage
-        .create_empty(
-            &cmd.install_url,
-            cmd.size,
-            cmd.backing_file.as_deref(),
-            Provisioning::Thin,
-            opts,
-            &ctx.stop,
-        )
+        .create_empty(&cmd.install_url, cmd.size, cmd.backing_file.as_deref(), Provisioning::Thin, opts, &ctx.stop)
         .await
         .map_err(|e| {
-            e.context(format!(
-                "unable to create empty volume[uuid:{}]",
-                cmd.volume_uuid.as_deref().unwrap_or("?")
-            ))
+            e.context(format!("unable to create empty volume[uuid:{}]", cmd.volume_uuid.as_deref().unwrap_or("?")))
         })?;
     size_of(app, ctx, &path).await
 }
 
-pub async fn get_size(
-    app: &App,
-    ctx: &TaskCtx,
-    cmd: VolumePathCmd,
-) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
+pub async fn get_size(app: &App, ctx: &TaskCtx, cmd: VolumePathCmd) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
     let _lock = app.volume_locks.read(&cmd.install_path).await;
     size_of(app, ctx, Path::new(&cmd.install_path)).await
 }
@@ -149,27 +90,12 @@ pub async fn get_backing_chain(
     let _lock = app.volume_locks.read(&cmd.install_path).await;
     let top = app.storage.roots().confine_chain(&cmd.install_path)?;
     let chain = app.storage.roots().backing_chain(&top)?;
-    let total_size = chain
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum();
+    let total_size = chain.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
     let backing_chain = chain.iter().map(|p| p.display().to_string()).collect();
-    Ok(with_capacity(
-        app,
-        Some(&top),
-        BackingChainRsp {
-            backing_chain,
-            total_size,
-        },
-    ))
+    Ok(with_capacity(app, Some(&top), BackingChainRsp { backing_chain, total_size }))
 }
 
-pub async fn delete(
-    app: &App,
-    _ctx: &TaskCtx,
-    cmd: DeleteBitsCmd,
-) -> AgentResult<WithCapacity<DeleteBitsRsp>> {
+pub async fn delete(app: &App, _ctx: &TaskCtx, cmd: DeleteBitsCmd) -> AgentResult<WithCapacity<DeleteBitsRsp>> {
     let _lock = app.volume_locks.write(&cmd.path).await;
     if !app.storage.delete(&cmd.path)? {
         return Err(AgentError::conflict(format!(
@@ -178,9 +104,5 @@ pub async fn delete(
         ))
         .with_field("inUse", true));
     }
-    Ok(with_capacity(
-        app,
-        Some(Path::new(&cmd.path)),
-        DeleteBitsRsp { in_use: false },
-    ))
+    Ok(with_capacity(app, Some(Path::new(&cmd.path)), DeleteBitsRsp { in_use: false }))
 }

@@ -21,33 +21,24 @@ pub async fn stop(app: &App, _ctx: &TaskCtx, cmd: StopVmCmd) -> AgentResult<Empt
     let graceful = !matches!(cmd.stop_type.as_str(), "cold" | "force");
     if graceful {
         let timeout = Duration::from_secs(cmd.timeout.clamp(1, 3600));
-        if !app
-            .libvirt
-            .shutdown_and_wait(&cmd.uuid, timeout)
-            .await
-            .or_else(missing_is_stopped)?
-        {
+        if !app.libvirt.shutdown_and_wait(&cmd.uuid, timeout).await.or_else(missing_is_stopped)? {
             tracing::info!(vm = %cmd.uuid, "guest did not shut down in time; powering it off");
         }
     }
-    app.libvirt
-        .destroy(&cmd.uuid)
-        .await
-        .map(|_| true)
-        .or_else(missing_is_stopped)?;
-    app.libvirt.undefine(&cmd.uuid, false).await?;
-    Ok(Empty {})
+    power_off_and_undefine(app, &cmd.uuid).await
 }
 
 pub async fn destroy(app: &App, _ctx: &TaskCtx, cmd: DestroyVmCmd) -> AgentResult<Empty> {
     vm::check_uuid(&cmd.uuid)?;
     let _lock = app.vm_locks.write(&cmd.uuid).await;
-    app.libvirt
-        .destroy(&cmd.uuid)
-        .await
-        .map(|_| true)
-        .or_else(missing_is_stopped)?;
-    app.libvirt.undefine(&cmd.uuid, false).await?;
+    power_off_and_undefine(app, &cmd.uuid).await
+}
+
+/// Hard power-off, then undefine keeping TPM state (libvirt would otherwise delete it: the VM
+/// may be started again under the same uuid).
+async fn power_off_and_undefine(app: &App, vm: &str) -> AgentResult<Empty> {
+    app.libvirt.destroy(vm).await.map(|_| true).or_else(missing_is_stopped)?;
+    app.libvirt.undefine(vm, false).await?;
     Ok(Empty {})
 }
 

@@ -39,13 +39,9 @@ impl PostError {
 
 /// Checks that `url` is an absolute `http://host[:port]/...` URL.
 pub fn parse_url(url: &str) -> Result<Uri, PostError> {
-    let uri: Uri = url.parse().map_err(|_| PostError::BadUrl {
-        url: url.to_owned(),
-    })?;
+    let uri: Uri = url.parse().map_err(|_| PostError::BadUrl { url: url.to_owned() })?;
     if uri.scheme_str() != Some("http") || uri.host().is_none() {
-        return Err(PostError::BadUrl {
-            url: url.to_owned(),
-        });
+        return Err(PostError::BadUrl { url: url.to_owned() });
     }
     Ok(uri)
 }
@@ -57,32 +53,20 @@ pub struct Poster {
 
 impl Default for Poster {
     fn default() -> Self {
-        Poster {
-            client: Client::builder(TokioExecutor::new()).build_http(),
-        }
+        Poster { client: Client::builder(TokioExecutor::new()).build_http() }
     }
 }
 
 impl Poster {
     /// One JSON POST with the given extra headers.
-    pub async fn post_json(
-        &self,
-        url: &str,
-        headers: &[(&str, &str)],
-        body: Bytes,
-    ) -> Result<(), PostError> {
+    pub async fn post_json(&self, url: &str, headers: &[(&str, &str)], body: Bytes) -> Result<(), PostError> {
         let uri = parse_url(url)?;
         let mut req = Request::post(uri).header("Content-Type", "application/json");
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let req = req.body(Full::new(body)).map_err(|_| PostError::BadUrl {
-            url: url.to_owned(),
-        })?;
-        let transport = |reason: String| PostError::Transport {
-            url: url.to_owned(),
-            reason,
-        };
+        let req = req.body(Full::new(body)).map_err(|_| PostError::BadUrl { url: url.to_owned() })?;
+        let transport = |reason: String| PostError::Transport { url: url.to_owned(), reason };
         let resp = tokio::time::timeout(ATTEMPT_TIMEOUT, self.client.request(req))
             .await
             .map_err(|_| transport(format!("no answer within {ATTEMPT_TIMEOUT:?}")))?
@@ -90,10 +74,7 @@ impl Poster {
         if resp.status().is_success() {
             Ok(())
         } else {
-            Err(PostError::Status {
-                url: url.to_owned(),
-                status: resp.status(),
-            })
+            Err(PostError::Status { url: url.to_owned(), status: resp.status() })
         }
     }
 
@@ -111,9 +92,7 @@ impl Poster {
         loop {
             match self.post_json(url, headers, body.clone()).await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_final() || tokio::time::Instant::now() + backoff > deadline => {
-                    return Err(e)
-                }
+                Err(e) if e.is_final() || tokio::time::Instant::now() + backoff > deadline => return Err(e),
                 Err(e) => {
                     tracing::debug!(error = %e, "POST failed; retrying");
                     tokio::time::sleep(backoff).await;
@@ -131,13 +110,7 @@ mod tests {
     #[test]
     fn only_http_urls_with_a_host_are_accepted() {
         assert!(parse_url("http://10.0.0.1:8080/zstack/asyncrest/callback").is_ok());
-        for bad in [
-            "https://x/y",
-            "ftp://x",
-            "/relative",
-            "http://",
-            "not a url",
-        ] {
+        for bad in ["https://x/y", "ftp://x", "/relative", "http://", "not a url"] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
     }
@@ -147,12 +120,7 @@ mod tests {
         // Port 9 on loopback: nothing listens there in a test sandbox; connection refused.
         let t = std::time::Instant::now();
         let err = Poster::default()
-            .post_with_retry(
-                "http://127.0.0.1:9/cb",
-                &[],
-                Bytes::from_static(b"{}"),
-                Duration::from_secs(1),
-            )
+            .post_with_retry("http://127.0.0.1:9/cb", &[], Bytes::from_static(b"{}"), Duration::from_secs(1))
             .await
             .unwrap_err();
         assert!(matches!(err, PostError::Transport { .. }), "{err}");

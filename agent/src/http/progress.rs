@@ -33,10 +33,7 @@ pub fn spawn_forwarder(
                 "detail": ev.detail,
             });
             let bytes = Bytes::from(body.to_string());
-            if let Err(e) = poster
-                .post_json(&url, &[("commandpath", "/progress/report")], bytes)
-                .await
-            {
+            if let Err(e) = poster.post_json(&url, &[("commandpath", "/progress/report")], bytes).await {
                 tracing::debug!(task = %ev.task_id, error = %e, "progress report not delivered");
             }
         }

@@ -37,9 +37,8 @@ macro_rules! typed {
             Box::pin(async move {
                 let cmd = crate::api::decode(&body)?;
                 let rsp = $f(&app, &ctx, cmd).await?;
-                serde_json::to_value(rsp).map_err(|e| {
-                    crate::error::AgentError::internal(format!("cannot encode the response: {e}"))
-                })
+                serde_json::to_value(rsp)
+                    .map_err(|e| crate::error::AgentError::internal(format!("cannot encode the response: {e}")))
             })
         }
     };
@@ -50,71 +49,19 @@ fn echo(_: Arc<App>, _: TaskCtx, _: Value) -> HandlerFuture {
 }
 
 static ROUTES: &[Route] = &[
-    Route {
-        path: "/host/echo",
-        style: Style::Sync,
-        handler: echo,
-    },
-    Route {
-        path: "/host/connect",
-        style: Style::Sync,
-        handler: typed!(handlers::host::connect),
-    },
-    Route {
-        path: "/host/ping",
-        style: Style::Async,
-        handler: typed!(handlers::host::ping),
-    },
-    Route {
-        path: "/host/fact",
-        style: Style::Async,
-        handler: typed!(handlers::host::fact),
-    },
-    Route {
-        path: "/host/capacity",
-        style: Style::Async,
-        handler: typed!(handlers::host::capacity),
-    },
-    Route {
-        path: "/vm/vmsync",
-        style: Style::Async,
-        handler: typed!(handlers::host::vm_sync),
-    },
-    Route {
-        path: "/job/cancel",
-        style: Style::Async,
-        handler: typed!(handlers::host::cancel),
-    },
-    Route {
-        path: "/vm/start",
-        style: Style::Async,
-        handler: typed!(handlers::vm::start),
-    },
-    Route {
-        path: "/vm/stop",
-        style: Style::Async,
-        handler: typed!(handlers::vm::stop),
-    },
-    Route {
-        path: "/vm/destroy",
-        style: Style::Async,
-        handler: typed!(handlers::vm::destroy),
-    },
-    Route {
-        path: "/vm/create",
-        style: Style::Async,
-        handler: typed!(handlers::vm::create),
-    },
-    Route {
-        path: "/localstorage/init",
-        style: Style::Async,
-        handler: typed!(handlers::localstorage::init),
-    },
-    Route {
-        path: "/localstorage/checkbits",
-        style: Style::Async,
-        handler: typed!(handlers::localstorage::check_bits),
-    },
+    Route { path: "/host/echo", style: Style::Sync, handler: echo },
+    Route { path: "/host/connect", style: Style::Sync, handler: typed!(handlers::host::connect) },
+    Route { path: "/host/ping", style: Style::Async, handler: typed!(handlers::host::ping) },
+    Route { path: "/host/fact", style: Style::Async, handler: typed!(handlers::host::fact) },
+    Route { path: "/host/capacity", style: Style::Async, handler: typed!(handlers::host::capacity) },
+    Route { path: "/vm/vmsync", style: Style::Async, handler: typed!(handlers::host::vm_sync) },
+    Route { path: "/job/cancel", style: Style::Async, handler: typed!(handlers::host::cancel) },
+    Route { path: "/vm/start", style: Style::Async, handler: typed!(handlers::vm::start) },
+    Route { path: "/vm/stop", style: Style::Async, handler: typed!(handlers::vm::stop) },
+    Route { path: "/vm/destroy", style: Style::Async, handler: typed!(handlers::vm::destroy) },
+    Route { path: "/vm/create", style: Style::Async, handler: typed!(handlers::vm::create) },
+    Route { path: "/localstorage/init", style: Style::Async, handler: typed!(handlers::localstorage::init) },
+    Route { path: "/localstorage/checkbits", style: Style::Async, handler: typed!(handlers::localstorage::check_bits) },
     Route {
         path: "/localstorage/volume/createvolumefromcache",
         style: Style::Async,
@@ -135,20 +82,12 @@ static ROUTES: &[Route] = &[
         style: Style::Async,
         handler: typed!(handlers::localstorage::get_backing_chain),
     },
-    Route {
-        path: "/localstorage/delete",
-        style: Style::Async,
-        handler: typed!(handlers::localstorage::delete),
-    },
+    Route { path: "/localstorage/delete", style: Style::Async, handler: typed!(handlers::localstorage::delete) },
 ];
 
 /// The route for `path` (a trailing `/` is ignored).
 pub fn find(path: &str) -> Option<&'static Route> {
-    let path = if path.len() > 1 {
-        path.strip_suffix('/').unwrap_or(path)
-    } else {
-        path
-    };
+    let path = if path.len() > 1 { path.strip_suffix('/').unwrap_or(path) } else { path };
     ROUTES.iter().find(|r| r.path == path)
 }
 

@@ -20,27 +20,13 @@ use crate::tasks::TaskCtx;
 /// How long until the task must stop, from `taskContext` (`__messagetimeout__` is a duration,
 /// `__messagedeadline__` an absolute epoch time, both in ms); the sooner wins.
 pub fn deadline(common: &CommonFields) -> Option<Duration> {
-    let by_timeout = common
-        .task_context_ms("__messagetimeout__")
-        .filter(|ms| *ms > 0);
-    let by_deadline = common
-        .task_context_ms("__messagedeadline__")
-        .filter(|ms| *ms > 0)
-        .map(|at| at.saturating_sub(now_ms()));
-    by_timeout
-        .into_iter()
-        .chain(by_deadline)
-        .min()
-        .map(Duration::from_millis)
+    let by_timeout = common.task_context_ms("__messagetimeout__").filter(|ms| *ms > 0);
+    let by_deadline =
+        common.task_context_ms("__messagedeadline__").filter(|ms| *ms > 0).map(|at| at.saturating_sub(now_ms()));
+    by_timeout.into_iter().chain(by_deadline).min().map(Duration::from_millis)
 }
 
-pub fn spawn(
-    app: Arc<App>,
-    route: &'static Route,
-    ctx: TaskCtx,
-    body: AgentResult<Value>,
-    common: CommonFields,
-) {
+pub fn spawn(app: Arc<App>, route: &'static Route, ctx: TaskCtx, body: AgentResult<Value>, common: CommonFields) {
     let span = tracing::info_span!("task", task = %ctx.task_id, path = %ctx.path);
     tokio::spawn(
         async move {
@@ -55,27 +41,23 @@ pub fn spawn(
             tracing::info!("task started");
             let result = match body {
                 Err(e) => Err(e),
-                Ok(body) => {
-                    match tokio::spawn((route.handler)(app.clone(), ctx.clone(), body)).await {
-                        Ok(r) => r,
-                        Err(join) => {
-                            tracing::error!(error = %join, "handler panicked");
-                            Err(AgentError::internal(format!(
-                                "the handler of {} failed unexpectedly; see the agent log",
-                                route.path
-                            )))
-                        }
+                Ok(body) => match tokio::spawn((route.handler)(app.clone(), ctx.clone(), body)).await {
+                    Ok(r) => r,
+                    Err(join) => {
+                        tracing::error!(error = %join, "handler panicked");
+                        Err(AgentError::internal(format!(
+                            "the handler of {} failed unexpectedly; see the agent log",
+                            route.path
+                        )))
                     }
-                }
+                },
             };
             if let Some(w) = watchdog {
                 w.abort();
             }
             let state = match &result {
                 Ok(_) => TaskState::Succeeded,
-                Err(e) if matches!(e.kind, ErrorKind::Cancelled | ErrorKind::Timeout) => {
-                    TaskState::Cancelled
-                }
+                Err(e) if matches!(e.kind, ErrorKind::Cancelled | ErrorKind::Timeout) => TaskState::Cancelled,
                 Err(_) => TaskState::Failed,
             };
             match &result {
@@ -84,11 +66,7 @@ pub fn spawn(
             }
             let envelope = api::envelope(&result);
             timer.finish(state.as_str());
-            if let Some(url) = app
-                .tasks
-                .finish(&ctx.task_id, state, envelope.clone())
-                .await
-            {
+            if let Some(url) = app.tasks.finish(&ctx.task_id, state, envelope.clone()).await {
                 deliver(&app, &ctx.task_id, &url, &envelope).await;
             }
         }
@@ -100,11 +78,7 @@ pub fn spawn(
 pub async fn deliver(app: &App, task_id: &str, url: &str, envelope: &Value) {
     let body = Bytes::from(envelope.to_string());
     let retry_for = Duration::from_secs(app.config.tasks.callback_retry_secs);
-    match app
-        .poster
-        .post_with_retry(url, &[("taskuuid", task_id)], body, retry_for)
-        .await
-    {
+    match app.poster.post_with_retry(url, &[("taskuuid", task_id)], body, retry_for).await {
         Ok(()) => app.tasks.mark_delivered(task_id).await,
         Err(e) => {
             tracing::error!(task = task_id, error = %e, "result not delivered; it stays available at GET /task/<taskuuid>")
@@ -122,9 +96,15 @@ mod tests {
 
     #[test]
     fn sooner_of_timeout_and_deadline_wins() {
-        let d = deadline(&common(serde_json::json!({"__messagetimeout__": 5000, "__messagedeadline__": now_ms() + 60_000}))).unwrap();
+        let d = deadline(&common(
+            serde_json::json!({"__messagetimeout__": 5000, "__messagedeadline__": now_ms() + 60_000}),
+        ))
+        .unwrap();
         assert_eq!(d, Duration::from_millis(5000));
-        let d = deadline(&common(serde_json::json!({"__messagetimeout__": 600_000, "__messagedeadline__": now_ms() + 2_000}))).unwrap();
+        let d = deadline(&common(
+            serde_json::json!({"__messagetimeout__": 600_000, "__messagedeadline__": now_ms() + 2_000}),
+        ))
+        .unwrap();
         assert!(d <= Duration::from_millis(2_000));
         assert!(deadline(&common(serde_json::json!({}))).is_none());
     }

@@ -51,11 +51,7 @@ fn empty_ok() -> Resp {
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
 }
 
 fn is_task_id(s: &str) -> bool {
@@ -104,44 +100,30 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> Resp {
     let path = req.uri().path().to_owned();
     match *req.method() {
-        Method::GET if path == "/metrics" => respond(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            crate::metrics::render(),
-        ),
-        Method::GET if path.starts_with("/task/") => task_status(
-            &app,
-            path.trim_start_matches("/task/").trim_end_matches('/'),
-        ),
+        Method::GET if path == "/metrics" => {
+            respond(StatusCode::OK, "text/plain; version=0.0.4", crate::metrics::render())
+        }
+        Method::GET if path.starts_with("/task/") => {
+            task_status(&app, path.trim_start_matches("/task/").trim_end_matches('/'))
+        }
         Method::POST => command(app, req, &path).await,
-        _ => refuse(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{} {path}: commands are POSTed", req.method()),
-        ),
+        _ => refuse(StatusCode::METHOD_NOT_ALLOWED, format!("{} {path}: commands are POSTed", req.method())),
     }
 }
 
 fn task_status(app: &App, task_id: &str) -> Resp {
     match app.tasks.status(task_id) {
-        Some(s) => json_resp(
-            StatusCode::OK,
-            &serde_json::to_value(s).unwrap_or(Value::Null),
-        ),
+        Some(s) => json_resp(StatusCode::OK, &serde_json::to_value(s).unwrap_or(Value::Null)),
         None => json_resp(
             StatusCode::NOT_FOUND,
-            &api::envelope(&Err(AgentError::not_found(format!(
-                "no task {task_id} is known to this agent"
-            )))),
+            &api::envelope(&Err(AgentError::not_found(format!("no task {task_id} is known to this agent")))),
         ),
     }
 }
 
 async fn command(app: Arc<App>, req: Request<Incoming>, path: &str) -> Resp {
     let Some(route) = routes::find(path) else {
-        return refuse(
-            StatusCode::NOT_FOUND,
-            format!("no command is served at {path}"),
-        );
+        return refuse(StatusCode::NOT_FOUND, format!("no command is served at {path}"));
     };
     let headers = req.headers().clone();
     let task_id = header(&headers, "taskuuid").map(str::to_owned);
@@ -152,17 +134,9 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str) -> Resp {
                 format!("{path} is synchronous and must not carry a taskuuid header"),
             )
         }
-        (Style::Async, None) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "taskuuid missing in request header",
-            )
-        }
+        (Style::Async, None) => return refuse(StatusCode::BAD_REQUEST, "taskuuid missing in request header"),
         (Style::Async, Some(id)) if !is_task_id(id) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                format!("taskuuid {id:?} is not 32 hexadecimal characters"),
-            )
+            return refuse(StatusCode::BAD_REQUEST, format!("taskuuid {id:?} is not 32 hexadecimal characters"))
         }
         _ => {}
     }
@@ -173,19 +147,11 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str) -> Resp {
         }
     }
     if route.style == Style::Async && app.is_shutting_down() {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the agent is shutting down; retry when it is back",
-        );
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "the agent is shutting down; retry when it is back");
     }
     let raw = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return refuse(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("cannot read the request body: {e}"),
-            )
-        }
+        Err(e) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read the request body: {e}")),
     };
     let body = api::parse_body(&raw);
 
@@ -201,11 +167,8 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str) -> Resp {
     }
 
     let task_id = task_id.expect("async routes have a checked taskuuid");
-    let common: CommonFields = body
-        .as_ref()
-        .ok()
-        .and_then(|b| serde_json::from_value(b.clone()).ok())
-        .unwrap_or_default();
+    let common: CommonFields =
+        body.as_ref().ok().and_then(|b| serde_json::from_value(b.clone()).ok()).unwrap_or_default();
     let (thread_context, stack) = body
         .as_ref()
         .map(|b| {

@@ -31,10 +31,7 @@ impl VmState {
     }
 
     pub fn is_active(self) -> bool {
-        matches!(
-            self,
-            VmState::Running | VmState::Paused | VmState::Suspended
-        )
+        matches!(self, VmState::Running | VmState::Paused | VmState::Suspended)
     }
 }
 
@@ -44,14 +41,11 @@ pub fn is_vm_name(name: &str) -> bool {
 }
 
 fn lookup(c: &virt::connect::Connect, name: &str) -> Result<Domain, LibvirtError> {
-    c.lookup_domain_by_name(name)
-        .map_err(|e| LibvirtError::from_virt("lookupByName", e))
+    c.lookup_domain_by_name(name).map_err(|e| LibvirtError::from_virt("lookupByName", e))
 }
 
 fn state_of(d: &Domain) -> Result<(VmState, bool), LibvirtError> {
-    let (s, _reason) = d
-        .state()
-        .map_err(|e| LibvirtError::from_virt("getState", e))?;
+    let (s, _reason) = d.state().map_err(|e| LibvirtError::from_virt("getState", e))?;
     let s = s.to_raw();
     let shutting_down = s == sys::VIR_DOMAIN_SHUTDOWN;
     Ok((VmState::from_libvirt(s), shutting_down))
@@ -61,11 +55,7 @@ impl Libvirt {
     /// The state of domain `name`, or `None` when no such domain is defined.
     pub async fn domain_state(&self, name: &str) -> Result<Option<VmState>, LibvirtError> {
         let name = name.to_owned();
-        let r = self
-            .call("getState", move |c| {
-                state_of(&lookup(c, &name)?).map(|(s, _)| s)
-            })
-            .await;
+        let r = self.call("getState", move |c| state_of(&lookup(c, &name)?).map(|(s, _)| s)).await;
         match r {
             Err(e) if e.is_no_domain() => Ok(None),
             other => other.map(Some),
@@ -73,13 +63,9 @@ impl Libvirt {
     }
 
     /// Every managed domain with its state, plus the ones in the middle of shutting down.
-    pub async fn list_vm_states(
-        &self,
-    ) -> Result<(Vec<(String, VmState)>, Vec<String>), LibvirtError> {
+    pub async fn list_vm_states(&self) -> Result<(Vec<(String, VmState)>, Vec<String>), LibvirtError> {
         self.call("listAllDomains", |c| {
-            let domains = c
-                .list_all_domains(0)
-                .map_err(|e| LibvirtError::from_virt("listAllDomains", e))?;
+            let domains = c.list_all_domains(0).map_err(|e| LibvirtError::from_virt("listAllDomains", e))?;
             let mut states = Vec::new();
             let mut shutting = Vec::new();
             for d in domains {
@@ -104,9 +90,7 @@ impl Libvirt {
     /// Defines the domain persistently from `xml`.
     pub async fn define(&self, xml: String) -> Result<(), LibvirtError> {
         self.call("defineXML", move |c| {
-            c.define_domain_xml(&xml)
-                .map(|_| ())
-                .map_err(|e| LibvirtError::from_virt("defineXML", e))
+            c.define_domain_xml(&xml).map(|_| ()).map_err(|e| LibvirtError::from_virt("defineXML", e))
         })
         .await
     }
@@ -114,19 +98,13 @@ impl Libvirt {
     /// Starts the defined domain `name`, paused when asked.
     pub async fn start(&self, name: &str, paused: bool) -> Result<(), LibvirtError> {
         let name = name.to_owned();
-        let flags = if paused {
-            sys::VIR_DOMAIN_START_PAUSED
-        } else {
-            0
-        };
+        let flags = if paused { sys::VIR_DOMAIN_START_PAUSED } else { 0 };
         self.call("create", move |c| {
             let d = lookup(c, &name)?;
             if state_of(&d)?.0.is_active() {
                 return Ok(());
             }
-            d.create_with_flags(flags)
-                .map(|_| ())
-                .map_err(|e| LibvirtError::from_virt("create", e))
+            d.create_with_flags(flags).map(|_| ()).map_err(|e| LibvirtError::from_virt("create", e))
         })
         .await
     }
@@ -135,9 +113,7 @@ impl Libvirt {
     pub async fn xml(&self, name: &str) -> Result<String, LibvirtError> {
         let name = name.to_owned();
         self.call("getXMLDesc", move |c| {
-            lookup(c, &name)?
-                .xml_desc(0)
-                .map_err(|e| LibvirtError::from_virt("getXMLDesc", e))
+            lookup(c, &name)?.xml_desc(0).map_err(|e| LibvirtError::from_virt("getXMLDesc", e))
         })
         .await
     }
@@ -150,27 +126,21 @@ impl Libvirt {
             if !state_of(&d)?.0.is_active() {
                 return Ok(());
             }
-            d.destroy()
-                .map_err(|e| LibvirtError::from_virt("destroy", e))
+            d.destroy().map_err(|e| LibvirtError::from_virt("destroy", e))
         })
         .await
     }
 
     /// Asks the guest to shut down (ACPI) and waits up to `timeout` for it to stop. Returns
     /// whether it stopped.
-    pub async fn shutdown_and_wait(
-        &self,
-        name: &str,
-        timeout: Duration,
-    ) -> Result<bool, LibvirtError> {
+    pub async fn shutdown_and_wait(&self, name: &str, timeout: Duration) -> Result<bool, LibvirtError> {
         let n = name.to_owned();
         self.call("shutdown", move |c| {
             let d = lookup(c, &n)?;
             if !state_of(&d)?.0.is_active() {
                 return Ok(());
             }
-            d.shutdown()
-                .map_err(|e| LibvirtError::from_virt("shutdown", e))
+            d.shutdown().map_err(|e| LibvirtError::from_virt("shutdown", e))
         })
         .await?;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -189,20 +159,14 @@ impl Libvirt {
     /// start under the same uuid. A missing domain is success.
     pub async fn undefine(&self, name: &str, remove_tpm_state: bool) -> Result<(), LibvirtError> {
         let name = name.to_owned();
-        let tpm = if remove_tpm_state {
-            sys::VIR_DOMAIN_UNDEFINE_TPM
-        } else {
-            sys::VIR_DOMAIN_UNDEFINE_KEEP_TPM
-        };
+        let tpm = if remove_tpm_state { sys::VIR_DOMAIN_UNDEFINE_TPM } else { sys::VIR_DOMAIN_UNDEFINE_KEEP_TPM };
         let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
             | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
             | sys::VIR_DOMAIN_UNDEFINE_NVRAM
             | tpm;
         let r = self
             .call("undefine", move |c| {
-                lookup(c, &name)?
-                    .undefine_flags(flags)
-                    .map_err(|e| LibvirtError::from_virt("undefine", e))
+                lookup(c, &name)?.undefine_flags(flags).map_err(|e| LibvirtError::from_virt("undefine", e))
             })
             .await;
         match r {

@@ -16,22 +16,14 @@ pub enum LibvirtError {
     #[error("cannot connect to libvirt at {uri}: {message}; is libvirtd running?")]
     Connect { uri: String, message: String },
     #[error("libvirt {call} failed: {message}")]
-    Call {
-        call: &'static str,
-        message: String,
-        code: i32,
-    },
+    Call { call: &'static str, message: String, code: i32 },
     #[error("libvirt {call} did not complete: the blocking worker failed")]
     Worker { call: &'static str },
 }
 
 impl LibvirtError {
     pub fn from_virt(call: &'static str, e: virt::error::Error) -> Self {
-        LibvirtError::Call {
-            call,
-            message: e.message().to_string(),
-            code: e.code().to_raw() as i32,
-        }
+        LibvirtError::Call { call, message: e.message().to_string(), code: e.code().to_raw() as i32 }
     }
 
     /// libvirt's "no domain with matching name/uuid" (VIR_ERR_NO_DOMAIN).
@@ -47,11 +39,7 @@ impl LibvirtError {
 
 impl From<LibvirtError> for AgentError {
     fn from(e: LibvirtError) -> Self {
-        let kind = if e.is_no_domain() {
-            ErrorKind::NotFound
-        } else {
-            ErrorKind::OperationFailed
-        };
+        let kind = if e.is_no_domain() { ErrorKind::NotFound } else { ErrorKind::OperationFailed };
         AgentError::new(kind, "libvirt operation failed", e.to_string())
     }
 }
@@ -65,10 +53,7 @@ pub struct Libvirt {
 impl Libvirt {
     /// Connects lazily: the agent starts (and answers echo) even while libvirtd is down.
     pub fn new(uri: &str) -> Self {
-        Libvirt {
-            uri: uri.into(),
-            conn: Arc::new(Mutex::new(None)),
-        }
+        Libvirt { uri: uri.into(), conn: Arc::new(Mutex::new(None)) }
     }
 
     pub fn uri(&self) -> &str {
@@ -82,10 +67,8 @@ impl Libvirt {
                 return Ok(c.clone());
             }
         }
-        let c = Connect::open(Some(&self.uri)).map_err(|e| LibvirtError::Connect {
-            uri: self.uri.to_string(),
-            message: e.message().to_string(),
-        })?;
+        let c = Connect::open(Some(&self.uri))
+            .map_err(|e| LibvirtError::Connect { uri: self.uri.to_string(), message: e.message().to_string() })?;
         let c = Arc::new(c);
         *slot = Some(c.clone());
         Ok(c)
@@ -108,10 +91,7 @@ impl Libvirt {
             let start = Instant::now();
             let mut result = this.connection().and_then(|c| f(&c));
             if matches!(&result, Err(e) if e.is_connection_lost())
-                && !this
-                    .connection()
-                    .map(|c| c.is_alive().unwrap_or(false))
-                    .unwrap_or(false)
+                && !this.connection().map(|c| c.is_alive().unwrap_or(false)).unwrap_or(false)
             {
                 this.forget();
                 result = this.connection().and_then(|c| f(&c));
@@ -126,12 +106,8 @@ impl Libvirt {
     /// `(libvirt version, hypervisor version)` as dotted strings, e.g. `("9.0.0", "10.0.2")`.
     pub async fn versions(&self) -> Result<(String, String), LibvirtError> {
         self.call("getVersion", |c| {
-            let lib = c
-                .lib_version()
-                .map_err(|e| LibvirtError::from_virt("getLibVersion", e))?;
-            let hyp = c
-                .hyp_version()
-                .map_err(|e| LibvirtError::from_virt("getVersion", e))?;
+            let lib = c.lib_version().map_err(|e| LibvirtError::from_virt("getLibVersion", e))?;
+            let hyp = c.hyp_version().map_err(|e| LibvirtError::from_virt("getVersion", e))?;
             Ok((dotted(lib), dotted(hyp)))
         })
         .await

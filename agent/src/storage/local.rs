@@ -39,31 +39,17 @@ struct Building {
 
 impl Building {
     fn beside(dst: &Path) -> Building {
-        let name = dst
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dst.with_file_name(format!(
-            ".{name}.kvmagent-tmp-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        Building {
-            tmp,
-            published: false,
-        }
+        let name = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = dst.with_file_name(format!(".{name}.kvmagent-tmp-{}", uuid::Uuid::new_v4().simple()));
+        Building { tmp, published: false }
     }
 
     /// Flushes the new file and links it to `dst`; fails if `dst` appeared meanwhile.
     fn publish(mut self, dst: &Path) -> AgentResult<()> {
         let fail = |e: std::io::Error| {
-            AgentError::failed(
-                "cannot put the new volume in place",
-                format!("{}: {e}", dst.display()),
-            )
+            AgentError::failed("cannot put the new volume in place", format!("{}: {e}", dst.display()))
         };
-        std::fs::File::open(&self.tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(fail)?;
+        std::fs::File::open(&self.tmp).and_then(|f| f.sync_all()).map_err(fail)?;
         std::fs::hard_link(&self.tmp, dst).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 exists(dst)
@@ -74,9 +60,7 @@ impl Building {
         self.published = true;
         let _ = std::fs::remove_file(&self.tmp);
         if let Some(dir) = dst.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(fail)?;
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(fail)?;
         }
         Ok(())
     }
@@ -116,9 +100,7 @@ impl LocalStorage {
 
     /// Free and total bytes of the file system holding `path` (or the first root).
     pub fn capacity(&self, path: Option<&Path>) -> Capacity {
-        let target = path
-            .and_then(|p| p.ancestors().find(|a| a.exists()))
-            .unwrap_or_else(|| &self.roots.roots()[0]);
+        let target = path.and_then(|p| p.ancestors().find(|a| a.exists())).unwrap_or_else(|| &self.roots.roots()[0]);
         match nix::sys::statvfs::statvfs(target) {
             Ok(s) => Capacity {
                 total: s.blocks() as u64 * s.fragment_size() as u64,
@@ -136,10 +118,7 @@ impl LocalStorage {
         }
         if let Some(dir) = dst.parent() {
             std::fs::create_dir_all(dir).map_err(|e| {
-                AgentError::failed(
-                    "cannot create the volume directory",
-                    format!("{}: {e}", dir.display()),
-                )
+                AgentError::failed("cannot create the volume directory", format!("{}: {e}", dir.display()))
             })?;
         }
         Ok(dst)
@@ -161,32 +140,26 @@ impl LocalStorage {
             }
             other => other.into(),
         })?;
-        let header =
-            qemu_img::read_header(&image).map_err(|e| AgentError::invalid(e.to_string()))?;
-        let image_size = qemu_img::info(&image, stop)
-            .await
-            .map_err(|e| stopped_or(e, stop, "reading the image"))?
-            .virtual_size;
+        let header = qemu_img::read_header(&image).map_err(|e| AgentError::invalid(e.to_string()))?;
+        let image_size =
+            qemu_img::info(&image, stop).await.map_err(|e| stopped_or(e, stop, "reading the image"))?.virtual_size;
         let grow = match size {
             Some(s) if s > image_size => Some(s),
             Some(s) if s != 0 && s < image_size => {
-                return Err(AgentError::invalid(format!("size {s} is smaller than the image's virtual size {image_size}; volumes cannot shrink")))
+                return Err(AgentError::invalid(format!(
+                    "size {s} is smaller than the image's virtual size {image_size}; volumes cannot shrink"
+                )))
             }
             _ => None,
         };
         let dst = self.prepare_target(dst)?;
         let building = Building::beside(&dst);
         match provisioning {
-            Provisioning::Thin => qemu_img::create_overlay(
-                &image,
-                header.format,
-                &building.tmp,
-                grow,
-                &CreateOptions::default(),
-                stop,
-            )
-            .await
-            .map_err(|e| stopped_or(e, stop, "creating the overlay"))?,
+            Provisioning::Thin => {
+                qemu_img::create_overlay(&image, header.format, &building.tmp, grow, &CreateOptions::default(), stop)
+                    .await
+                    .map_err(|e| stopped_or(e, stop, "creating the overlay"))?
+            }
             Provisioning::Thick => {
                 qemu_img::convert(
                     &image,
@@ -224,15 +197,11 @@ impl LocalStorage {
         let backing = match backing.filter(|b| !b.is_empty()) {
             Some(b) => {
                 let b = self.roots.confine_chain(b)?;
-                let fmt = qemu_img::read_header(&b)
-                    .map_err(|e| AgentError::invalid(e.to_string()))?
-                    .format;
+                let fmt = qemu_img::read_header(&b).map_err(|e| AgentError::invalid(e.to_string()))?.format;
                 Some((b, fmt))
             }
             None if size == 0 => {
-                return Err(AgentError::invalid(
-                    "size must be greater than 0 for a volume without a backing file",
-                ))
+                return Err(AgentError::invalid("size must be greater than 0 for a volume without a backing file"))
             }
             None => None,
         };
@@ -240,21 +209,11 @@ impl LocalStorage {
         let building = Building::beside(&dst);
         let result = match &backing {
             Some((b, fmt)) => {
-                qemu_img::create_overlay(
-                    b,
-                    fmt,
-                    &building.tmp,
-                    (size > 0).then_some(size),
-                    &opts,
-                    stop,
-                )
-                .await
+                qemu_img::create_overlay(b, fmt, &building.tmp, (size > 0).then_some(size), &opts, stop).await
             }
             None => {
                 let mut opts = opts;
-                if provisioning == Provisioning::Thick
-                    && !opts.pairs.iter().any(|(k, _)| k == "preallocation")
-                {
+                if provisioning == Provisioning::Thick && !opts.pairs.iter().any(|(k, _)| k == "preallocation") {
                     opts.pairs.push(("preallocation".into(), THICK.into()));
                 }
                 qemu_img::create(&building.tmp, size, &opts, stop).await
@@ -281,25 +240,17 @@ impl LocalStorage {
             return Ok(true);
         }
         if !path.is_file() {
-            return Err(AgentError::invalid(format!(
-                "{} is not a volume file",
-                path.display()
-            )));
+            return Err(AgentError::invalid(format!("{} is not a volume file", path.display())));
         }
         if is_open_by_any_process(&path) {
             return Ok(false);
         }
-        std::fs::remove_file(&path).map_err(|e| {
-            AgentError::failed(
-                "cannot delete the volume",
-                format!("{}: {e}", path.display()),
-            )
-        })?;
+        std::fs::remove_file(&path)
+            .map_err(|e| AgentError::failed("cannot delete the volume", format!("{}: {e}", path.display())))?;
         // ZStack gives each volume its own vol-<uuid> directory: remove it once empty.
-        if let Some(dir) = path.parent().filter(|d| {
-            d.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vol-"))
-        }) {
+        if let Some(dir) =
+            path.parent().filter(|d| d.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vol-")))
+        {
             let _ = std::fs::remove_dir(dir);
         }
         Ok(true)
@@ -311,22 +262,11 @@ fn is_open_by_any_process(path: &Path) -> bool {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return false;
     };
-    procs
-        .flatten()
-        .filter(|p| {
-            p.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .any(|p| {
-            std::fs::read_dir(p.path().join("fd"))
-                .map(|fds| {
-                    fds.flatten()
-                        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == path))
-                })
-                .unwrap_or(false)
-        })
+    procs.flatten().filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())).any(|p| {
+        std::fs::read_dir(p.path().join("fd"))
+            .map(|fds| fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == path)))
+            .unwrap_or(false)
+    })
 }
 
 /// Parses `kvmHostAddons.qcow2Options` (e.g. `" -o cluster_size=2097152 -o preallocation=metadata"`)
@@ -344,21 +284,13 @@ pub fn parse_qcow2_options(s: &str) -> AgentResult<CreateOptions> {
     let mut pairs = Vec::new();
     while let Some(w) = words.next() {
         if w != "-o" {
-            return Err(bad(format!(
-                "unexpected {w:?}; only `-o key=value` is accepted"
-            )));
+            return Err(bad(format!("unexpected {w:?}; only `-o key=value` is accepted")));
         }
-        let spec = words
-            .next()
-            .ok_or_else(|| bad("`-o` without a value".into()))?;
+        let spec = words.next().ok_or_else(|| bad("`-o` without a value".into()))?;
         for kv in spec.split(',') {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| bad(format!("{kv:?} is not key=value")))?;
+            let (k, v) = kv.split_once('=').ok_or_else(|| bad(format!("{kv:?} is not key=value")))?;
             let ok = match k {
-                "cluster_size" => v
-                    .parse::<u64>()
-                    .is_ok_and(|n| n.is_power_of_two() && (512..=2 << 20).contains(&n)),
+                "cluster_size" => v.parse::<u64>().is_ok_and(|n| n.is_power_of_two() && (512..=2 << 20).contains(&n)),
                 "preallocation" => matches!(v, "off" | "metadata" | "falloc" | "full"),
                 "lazy_refcounts" | "extended_l2" => matches!(v, "on" | "off"),
                 "compat" => matches!(v, "0.10" | "1.1"),
@@ -382,18 +314,16 @@ mod tests {
         let root = dir.path().join("root");
         std::fs::create_dir_all(&root).unwrap();
         let root = std::fs::canonicalize(root).unwrap();
-        (
-            dir,
-            LocalStorage::new(StorageRoots::new(std::slice::from_ref(&root)).unwrap()),
-            root,
-        )
+        (dir, LocalStorage::new(StorageRoots::new(std::slice::from_ref(&root)).unwrap()), root)
+    }
+
+    async fn empty(s: &LocalStorage, path: &str, size: u64, p: Provisioning) -> PathBuf {
+        s.create_empty(path, size, None, p, CreateOptions::default(), &Stop::new()).await.unwrap()
     }
 
     fn entries(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut v: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         v.sort();
         v
     }
@@ -401,9 +331,7 @@ mod tests {
     async fn image(root: &Path) -> PathBuf {
         let img = root.join("imagecache/img.qcow2");
         std::fs::create_dir_all(img.parent().unwrap()).unwrap();
-        qemu_img::create(&img, 8 << 20, &CreateOptions::default(), &Stop::new())
-            .await
-            .unwrap();
+        qemu_img::create(&img, 8 << 20, &CreateOptions::default(), &Stop::new()).await.unwrap();
         img
     }
 
@@ -438,21 +366,9 @@ mod tests {
             .unwrap();
         let i = qemu_img::info(&thick, &Stop::new()).await.unwrap();
         assert!(i.backing_filename.is_none());
-        assert!(
-            i.actual_size >= 8 << 20,
-            "thick copy is allocated: {}",
-            i.actual_size
-        );
-        assert_eq!(
-            std::fs::read(&img).unwrap(),
-            before,
-            "the image is never written"
-        );
-        assert_eq!(
-            entries(&root.join("v")),
-            ["thick.qcow2", "thin.qcow2"],
-            "no temporaries left"
-        );
+        assert!(i.actual_size >= 8 << 20, "thick copy is allocated: {}", i.actual_size);
+        assert_eq!(std::fs::read(&img).unwrap(), before, "the image is never written");
+        assert_eq!(entries(&root.join("v")), ["thick.qcow2", "thin.qcow2"], "no temporaries left");
     }
 
     #[tokio::test]
@@ -463,13 +379,7 @@ mod tests {
         std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
         std::fs::write(&dst, b"precious").unwrap();
         let e = s
-            .create_from_image(
-                img.to_str().unwrap(),
-                dst.to_str().unwrap(),
-                None,
-                Provisioning::Thin,
-                &Stop::new(),
-            )
+            .create_from_image(img.to_str().unwrap(), dst.to_str().unwrap(), None, Provisioning::Thin, &Stop::new())
             .await
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Conflict, "{e}");
@@ -503,14 +413,8 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::NotFound);
-        assert!(
-            e.to_string().contains("unable to find image in cache"),
-            "{e}"
-        );
-        assert!(
-            !root.join("v").exists(),
-            "nothing made for a refused command"
-        );
+        assert!(e.to_string().contains("unable to find image in cache"), "{e}");
+        assert!(!root.join("v").exists(), "nothing made for a refused command");
 
         let img = image(&root).await;
         let stop = Stop::new();
@@ -526,52 +430,20 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Cancelled, "{e}");
-        let left = if root.join("v").exists() {
-            entries(&root.join("v"))
-        } else {
-            Vec::new()
-        };
-        assert_eq!(
-            left,
-            Vec::<String>::new(),
-            "no temporary or half-made volume"
-        );
+        let left = if root.join("v").exists() { entries(&root.join("v")) } else { Vec::new() };
+        assert_eq!(left, Vec::<String>::new(), "no temporary or half-made volume");
     }
 
     #[tokio::test]
     async fn empty_volumes_thin_thick_and_with_backing() {
         let (_d, s, root) = setup();
-        let thin = s
-            .create_empty(
-                root.join("d/thin.qcow2").to_str().unwrap(),
-                64 << 20,
-                None,
-                Provisioning::Thin,
-                CreateOptions::default(),
-                &Stop::new(),
-            )
-            .await
-            .unwrap();
-        let thick = s
-            .create_empty(
-                root.join("d/thick.qcow2").to_str().unwrap(),
-                64 << 20,
-                None,
-                Provisioning::Thick,
-                CreateOptions::default(),
-                &Stop::new(),
-            )
-            .await
-            .unwrap();
+        let thin = empty(&s, root.join("d/thin.qcow2").to_str().unwrap(), 64 << 20, Provisioning::Thin).await;
+        let thick = empty(&s, root.join("d/thick.qcow2").to_str().unwrap(), 64 << 20, Provisioning::Thick).await;
         let (v1, a1) = s.sizes(thin.to_str().unwrap(), &Stop::new()).await.unwrap();
-        let (v2, a2) = s
-            .sizes(thick.to_str().unwrap(), &Stop::new())
-            .await
-            .unwrap();
+        let (v2, a2) = s.sizes(thick.to_str().unwrap(), &Stop::new()).await.unwrap();
         assert_eq!((v1, v2), (64 << 20, 64 << 20));
         assert!(a1 < 4 << 20 && a2 >= 64 << 20, "thin {a1} thick {a2}");
-        let opts =
-            parse_qcow2_options(" -o cluster_size=2097152 -o preallocation=metadata").unwrap();
+        let opts = parse_qcow2_options(" -o cluster_size=2097152 -o preallocation=metadata").unwrap();
         let over = s
             .create_empty(
                 root.join("d/over.qcow2").to_str().unwrap(),
@@ -607,30 +479,14 @@ mod tests {
     #[tokio::test]
     async fn delete_refuses_open_files_and_is_idempotent() {
         let (_d, s, root) = setup();
-        let v = s
-            .create_empty(
-                root.join("vol-1/v.qcow2").to_str().unwrap(),
-                1 << 20,
-                None,
-                Provisioning::Thin,
-                CreateOptions::default(),
-                &Stop::new(),
-            )
-            .await
-            .unwrap();
+        let v = empty(&s, root.join("vol-1/v.qcow2").to_str().unwrap(), 1 << 20, Provisioning::Thin).await;
         let held = std::fs::File::open(&v).unwrap();
         assert!(!s.delete(v.to_str().unwrap()).unwrap(), "in use");
         assert!(v.exists());
         drop(held);
         assert!(s.delete(v.to_str().unwrap()).unwrap());
-        assert!(
-            !root.join("vol-1").exists(),
-            "the emptied vol- directory goes too"
-        );
-        assert!(
-            s.delete(v.to_str().unwrap()).unwrap(),
-            "deleting again is success"
-        );
+        assert!(!root.join("vol-1").exists(), "the emptied vol- directory goes too");
+        assert!(s.delete(v.to_str().unwrap()).unwrap(), "deleting again is success");
         assert!(s.delete("/etc/passwd").is_err(), "outside the roots");
     }
 }

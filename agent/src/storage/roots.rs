@@ -32,17 +32,11 @@ pub enum PathError {
     #[error("the backing chain of {0} loops")]
     ChainLoop(String),
     #[error("backing file of {image}: {source}")]
-    Backing {
-        image: String,
-        source: Box<PathError>,
-    },
+    Backing { image: String, source: Box<PathError> },
     #[error(transparent)]
     Header(#[from] HeaderError),
     #[error("cannot resolve {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
 }
 
 impl From<PathError> for AgentError {
@@ -65,10 +59,7 @@ pub struct StorageRoots {
 impl StorageRoots {
     /// The roots must exist; they are canonicalised so that symlinked roots compare correctly.
     pub fn new(roots: &[PathBuf]) -> std::io::Result<StorageRoots> {
-        let roots = roots
-            .iter()
-            .map(std::fs::canonicalize)
-            .collect::<std::io::Result<Vec<_>>>()?;
+        let roots = roots.iter().map(std::fs::canonicalize).collect::<std::io::Result<Vec<_>>>()?;
         Ok(StorageRoots { roots })
     }
 
@@ -77,14 +68,7 @@ impl StorageRoots {
     }
 
     fn describe(&self) -> String {
-        format!(
-            "[{}]",
-            self.roots
-                .iter()
-                .map(|r| r.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+        format!("[{}]", self.roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", "))
     }
 
     /// Resolves `path` (which need not exist yet) and checks it lies inside a root: the deepest
@@ -107,30 +91,19 @@ impl StorageRoots {
                 Ok(c) => break c,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     let Some(name) = existing.file_name() else {
-                        return Err(PathError::Io {
-                            path: path.to_owned(),
-                            source: e,
-                        });
+                        return Err(PathError::Io { path: path.to_owned(), source: e });
                     };
                     tail.push(name.to_owned());
                     existing.pop();
                 }
-                Err(source) => {
-                    return Err(PathError::Io {
-                        path: path.to_owned(),
-                        source,
-                    })
-                }
+                Err(source) => return Err(PathError::Io { path: path.to_owned(), source }),
             }
         };
         let full = tail.iter().rev().fold(resolved, |acc, n| acc.join(n));
         if self.roots.iter().any(|r| full.starts_with(r) && full != *r) {
             Ok(full)
         } else {
-            Err(PathError::Outside {
-                path: path.to_owned(),
-                roots: self.describe(),
-            })
+            Err(PathError::Outside { path: path.to_owned(), roots: self.describe() })
         }
     }
 
@@ -140,13 +113,8 @@ impl StorageRoots {
         match std::fs::metadata(&p) {
             Ok(m) if m.is_file() => Ok(p),
             Ok(_) => Err(PathError::NotRegular(p.display().to_string())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(PathError::Missing(p.display().to_string()))
-            }
-            Err(source) => Err(PathError::Io {
-                path: path.to_owned(),
-                source,
-            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(PathError::Missing(p.display().to_string())),
+            Err(source) => Err(PathError::Io { path: path.to_owned(), source }),
         }
     }
 
@@ -164,16 +132,10 @@ impl StorageRoots {
             if backing.contains(':') && !backing.starts_with('/') {
                 return Err(PathError::BackingProtocol { image, backing });
             }
-            let joined = current
-                .parent()
-                .map(|d| d.join(&backing))
-                .unwrap_or_else(|| PathBuf::from(&backing));
+            let joined = current.parent().map(|d| d.join(&backing)).unwrap_or_else(|| PathBuf::from(&backing));
             let next = self
                 .confine_existing(&joined.to_string_lossy())
-                .map_err(|source| PathError::Backing {
-                    image: image.clone(),
-                    source: Box::new(source),
-                })?;
+                .map_err(|source| PathError::Backing { image: image.clone(), source: Box::new(source) })?;
             if !seen.insert(next.clone()) {
                 return Err(PathError::ChainLoop(top.display().to_string()));
             }
@@ -188,12 +150,8 @@ impl StorageRoots {
         let mut chain = Vec::new();
         let mut current = path.to_path_buf();
         while let Some(b) = read_header(&current)?.backing_file {
-            let next = current
-                .parent()
-                .map(|d| d.join(&b))
-                .unwrap_or_else(|| PathBuf::from(&b));
-            let next =
-                std::fs::canonicalize(&next).map_err(|source| PathError::Io { path: b, source })?;
+            let next = current.parent().map(|d| d.join(&b)).unwrap_or_else(|| PathBuf::from(&b));
+            let next = std::fs::canonicalize(&next).map_err(|source| PathError::Io { path: b, source })?;
             if chain.len() >= MAX_CHAIN || chain.contains(&next) {
                 return Err(PathError::ChainLoop(path.display().to_string()));
             }
@@ -222,9 +180,7 @@ mod tests {
     fn paths_inside_pass_and_escapes_fail() {
         let (dir, roots) = setup();
         let root = dir.path().join("root");
-        assert!(roots
-            .confine(&format!("{}/a/b/new.qcow2", root.display()))
-            .is_ok());
+        assert!(roots.confine(&format!("{}/a/b/new.qcow2", root.display())).is_ok());
         let sibling = dir.path().join("rootX");
         std::fs::create_dir_all(&sibling).unwrap();
         for bad in [
@@ -237,9 +193,7 @@ mod tests {
             assert!(roots.confine(&bad).is_err(), "{bad} must be refused");
         }
         std::os::unix::fs::symlink("/etc", root.join("escape")).unwrap();
-        let e = roots
-            .confine(&format!("{}/escape/passwd", root.display()))
-            .unwrap_err();
+        let e = roots.confine(&format!("{}/escape/passwd", root.display())).unwrap_err();
         assert!(matches!(e, PathError::Outside { .. }), "{e}");
     }
 
@@ -249,55 +203,23 @@ mod tests {
         let root = dir.path().join("root");
         let stop = Stop::new();
         let outside = dir.path().join("outside.qcow2");
-        create(&outside, 1 << 20, &CreateOptions::default(), &stop)
-            .await
-            .unwrap();
+        create(&outside, 1 << 20, &CreateOptions::default(), &stop).await.unwrap();
         let evil = root.join("evil.qcow2");
-        create_overlay(
-            &outside,
-            "qcow2",
-            &evil,
-            None,
-            &CreateOptions::default(),
-            &stop,
-        )
-        .await
-        .unwrap();
+        create_overlay(&outside, "qcow2", &evil, None, &CreateOptions::default(), &stop).await.unwrap();
         let e = roots.confine_chain(&evil.to_string_lossy()).unwrap_err();
         assert!(e.to_string().contains("outside the storage roots"), "{e}");
 
         let dev = root.join("dev.qcow2");
-        create_overlay(
-            Path::new("/dev/null"),
-            "raw",
-            &dev,
-            Some(1 << 20),
-            &CreateOptions::default(),
-            &stop,
-        )
-        .await
-        .unwrap();
+        create_overlay(Path::new("/dev/null"), "raw", &dev, Some(1 << 20), &CreateOptions::default(), &stop)
+            .await
+            .unwrap();
         assert!(roots.confine_chain(&dev.to_string_lossy()).is_err());
 
         let base = root.join("base.qcow2");
         let good = root.join("good.qcow2");
-        create(&base, 1 << 20, &CreateOptions::default(), &stop)
-            .await
-            .unwrap();
-        create_overlay(
-            &base,
-            "qcow2",
-            &good,
-            None,
-            &CreateOptions::default(),
-            &stop,
-        )
-        .await
-        .unwrap();
+        create(&base, 1 << 20, &CreateOptions::default(), &stop).await.unwrap();
+        create_overlay(&base, "qcow2", &good, None, &CreateOptions::default(), &stop).await.unwrap();
         assert!(roots.confine_chain(&good.to_string_lossy()).is_ok());
-        assert_eq!(
-            roots.backing_chain(&good).unwrap(),
-            vec![std::fs::canonicalize(&base).unwrap()]
-        );
+        assert_eq!(roots.backing_chain(&good).unwrap(), vec![std::fs::canonicalize(&base).unwrap()]);
     }
 }

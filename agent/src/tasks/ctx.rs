@@ -30,24 +30,12 @@ impl TaskCtx {
         stop: Stop,
         progress: Option<Arc<dyn ProgressSink>>,
     ) -> Self {
-        TaskCtx {
-            task_id: task_id.into(),
-            path: path.into(),
-            api_id,
-            stop,
-            progress,
-        }
+        TaskCtx { task_id: task_id.into(), path: path.into(), api_id, stop, progress }
     }
 
     /// A context for work that is not a management-plane task (tests, sync paths).
     pub fn detached(path: &str) -> Self {
-        TaskCtx::new(
-            uuid::Uuid::new_v4().simple().to_string(),
-            path,
-            None,
-            Stop::new(),
-            None,
-        )
+        TaskCtx::new(uuid::Uuid::new_v4().simple().to_string(), path, None, Stop::new(), None)
     }
 
     /// Reports `percent` (clamped to 0..=100) done, with a short detail such as the volume.

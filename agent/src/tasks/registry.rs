@@ -110,12 +110,8 @@ impl TaskRegistry {
                 },
             );
         }
-        let registry = Arc::new(TaskRegistry {
-            journal,
-            entries: Mutex::new(entries),
-            idle: Notify::new(),
-            progress_out,
-        });
+        let registry =
+            Arc::new(TaskRegistry { journal, entries: Mutex::new(entries), idle: Notify::new(), progress_out });
         Ok((registry, interrupted))
     }
 
@@ -163,20 +159,12 @@ impl TaskRegistry {
             return Err(e);
         }
         let sink: Arc<dyn ProgressSink> = self.clone();
-        Ok(Admission::Start(TaskCtx::new(
-            intake.task_id,
-            intake.path,
-            intake.api_id,
-            stop,
-            Some(sink),
-        )))
+        Ok(Admission::Start(TaskCtx::new(intake.task_id, intake.path, intake.api_id, stop, Some(sink))))
     }
 
     async fn persist(&self, record: TaskRecord) -> std::io::Result<()> {
         let journal = self.journal.clone();
-        tokio::task::spawn_blocking(move || journal.save(&record))
-            .await
-            .map_err(std::io::Error::other)?
+        tokio::task::spawn_blocking(move || journal.save(&record)).await.map_err(std::io::Error::other)?
     }
 
     /// Records the result of a finished task and returns its callback URL.
@@ -192,10 +180,7 @@ impl TaskRegistry {
             e.record.delivered = e.record.callback_url.is_none();
             e.progress = 100;
             let record = e.record.clone();
-            let running = map
-                .values()
-                .filter(|e| e.record.state == TaskState::Running)
-                .count();
+            let running = map.values().filter(|e| e.record.state == TaskState::Running).count();
             (record, running)
         };
         let url = record.callback_url.clone();
@@ -238,10 +223,7 @@ impl TaskRegistry {
     pub fn cancel_by_api(&self, api_id: &str) -> usize {
         let map = self.lock();
         let mut n = 0;
-        for e in map
-            .values()
-            .filter(|e| e.record.state == TaskState::Running && e.api_id.as_deref() == Some(api_id))
-        {
+        for e in map.values().filter(|e| e.record.state == TaskState::Running && e.api_id.as_deref() == Some(api_id)) {
             e.stop.fire(StopReason::Cancelled);
             n += 1;
         }
@@ -249,19 +231,12 @@ impl TaskRegistry {
     }
 
     pub fn running(&self) -> usize {
-        self.lock()
-            .values()
-            .filter(|e| e.record.state == TaskState::Running)
-            .count()
+        self.lock().values().filter(|e| e.record.state == TaskState::Running).count()
     }
 
     /// Stops every running task and waits up to `grace` for them to wind down.
     pub async fn shutdown(&self, grace: Duration) {
-        for e in self
-            .lock()
-            .values()
-            .filter(|e| e.record.state == TaskState::Running)
-        {
+        for e in self.lock().values().filter(|e| e.record.state == TaskState::Running) {
             e.stop.fire(StopReason::ShuttingDown);
         }
         let deadline = tokio::time::Instant::now() + grace;
@@ -347,20 +322,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (reg, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
         let id = "0123456789abcdef0123456789abcdef";
-        assert!(matches!(
-            reg.admit(intake(id, b"{}")).await.unwrap(),
-            Admission::Start(_)
-        ));
-        assert!(matches!(
-            reg.admit(intake(id, b"{}")).await.unwrap(),
-            Admission::AlreadyRunning
-        ));
-        reg.finish(
-            id,
-            TaskState::Succeeded,
-            serde_json::json!({"success": true}),
-        )
-        .await;
+        assert!(matches!(reg.admit(intake(id, b"{}")).await.unwrap(), Admission::Start(_)));
+        assert!(matches!(reg.admit(intake(id, b"{}")).await.unwrap(), Admission::AlreadyRunning));
+        reg.finish(id, TaskState::Succeeded, serde_json::json!({"success": true})).await;
         match reg.admit(intake(id, b"{}")).await.unwrap() {
             Admission::Finished(v) => assert_eq!(v["success"], true),
             _ => panic!("expected the stored result"),
@@ -375,17 +339,11 @@ mod tests {
         {
             let (reg, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
             let _ = reg.admit(intake(done, b"{}")).await.unwrap();
-            reg.finish(
-                done,
-                TaskState::Succeeded,
-                serde_json::json!({"success": true, "x": 1}),
-            )
-            .await;
+            reg.finish(done, TaskState::Succeeded, serde_json::json!({"success": true, "x": 1})).await;
             reg.mark_delivered(done).await;
             let _ = reg.admit(intake(cut, b"{}")).await.unwrap();
         }
-        let (reg, undelivered) =
-            TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
+        let (reg, undelivered) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
         assert_eq!(reg.status(done).unwrap().result.unwrap()["x"], 1);
         let s = reg.status(cut).unwrap();
         assert_eq!(s.state, "failed");
@@ -398,11 +356,7 @@ mod tests {
     async fn cancel_fires_only_matching_running_tasks() {
         let dir = tempfile::tempdir().unwrap();
         let (reg, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
-        let Admission::Start(ctx) = reg
-            .admit(intake("cccccccccccccccccccccccccccccccc", b"{}"))
-            .await
-            .unwrap()
-        else {
+        let Admission::Start(ctx) = reg.admit(intake("cccccccccccccccccccccccccccccccc", b"{}")).await.unwrap() else {
             panic!()
         };
         assert_eq!(reg.cancel_by_api("other"), 0);

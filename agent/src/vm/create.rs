@@ -41,8 +41,7 @@ fn vm_spec(cmd: &CreateVmCmd) -> AgentResult<StartVmCmd> {
     if let Some(tpm) = &cmd.tpm {
         vm.insert("tpm".into(), tpm.clone());
     }
-    crate::api::decode(&Value::Object(vm))
-        .map_err(|e| AgentError::invalid(format!("vm: {}", e.details)))
+    crate::api::decode(&Value::Object(vm)).map_err(|e| AgentError::invalid(format!("vm: {}", e.details)))
 }
 
 /// Everything that can be known before making anything: the spec is valid, targets are free and
@@ -51,16 +50,11 @@ async fn check(app: &App, cmd: &CreateVmCmd, spec: &StartVmCmd) -> AgentResult<(
     crate::domain::validate(spec)?;
     let roots = app.storage.roots();
     let mut targets = HashSet::new();
-    let all = std::iter::once((&cmd.root_volume.install_path, &cmd.root_volume.volume_uuid)).chain(
-        cmd.data_volumes
-            .iter()
-            .map(|d| (&d.install_path, &d.volume_uuid)),
-    );
+    let all = std::iter::once((&cmd.root_volume.install_path, &cmd.root_volume.volume_uuid))
+        .chain(cmd.data_volumes.iter().map(|d| (&d.install_path, &d.volume_uuid)));
     for (path, uuid) in all {
         if uuid.is_empty() {
-            return Err(AgentError::invalid(format!(
-                "volume at {path} has an empty volumeUuid"
-            )));
+            return Err(AgentError::invalid(format!("volume at {path} has an empty volumeUuid")));
         }
         let p = roots.confine(path)?;
         if p.symlink_metadata().is_ok() {
@@ -70,49 +64,26 @@ async fn check(app: &App, cmd: &CreateVmCmd, spec: &StartVmCmd) -> AgentResult<(
             )));
         }
         if !targets.insert(p) {
-            return Err(AgentError::invalid(format!(
-                "installPath {path} is named twice"
-            )));
+            return Err(AgentError::invalid(format!("installPath {path} is named twice")));
         }
     }
     match (&cmd.root_volume.image_path, cmd.root_volume.size) {
         (Some(image), _) => {
-            roots
-                .confine_chain(image)
-                .map_err(|e| AgentError::from(e).context("rootVolume.imagePath"))?;
+            roots.confine_chain(image).map_err(|e| AgentError::from(e).context("rootVolume.imagePath"))?;
         }
         (None, Some(s)) if s > 0 => {}
-        (None, _) => {
-            return Err(AgentError::invalid(
-                "rootVolume needs imagePath or a size > 0",
-            ))
-        }
+        (None, _) => return Err(AgentError::invalid("rootVolume needs imagePath or a size > 0")),
     }
-    if let Some((i, _)) = cmd
-        .data_volumes
-        .iter()
-        .enumerate()
-        .find(|(_, d)| d.size == 0)
-    {
-        return Err(AgentError::invalid(format!(
-            "dataVolumes[{i}].size must be greater than 0"
-        )));
+    if let Some((i, _)) = cmd.data_volumes.iter().enumerate().find(|(_, d)| d.size == 0) {
+        return Err(AgentError::invalid(format!("dataVolumes[{i}].size must be greater than 0")));
     }
     let volume_paths: HashSet<&str> = std::iter::once(spec.root_volume.install_path.as_str())
         .chain(spec.data_volumes.iter().map(|v| v.install_path.as_str()))
         .collect();
-    for path in crate::domain::file_paths(spec)
-        .into_iter()
-        .filter(|p| !volume_paths.contains(p))
-    {
+    for path in crate::domain::file_paths(spec).into_iter().filter(|p| !volume_paths.contains(p)) {
         roots.confine_existing(path)?;
     }
-    if app
-        .libvirt
-        .domain_state(&spec.vm_instance_uuid)
-        .await?
-        .is_some()
-    {
+    if app.libvirt.domain_state(&spec.vm_instance_uuid).await?.is_some() {
         return Err(AgentError::conflict(format!(
             "a domain for VM {} already exists on this host",
             spec.vm_instance_uuid
@@ -121,11 +92,7 @@ async fn check(app: &App, cmd: &CreateVmCmd, spec: &StartVmCmd) -> AgentResult<(
     Ok(())
 }
 
-pub async fn create(
-    app: &App,
-    ctx: &TaskCtx,
-    cmd: CreateVmCmd,
-) -> AgentResult<VmInstanceInventory> {
+pub async fn create(app: &App, ctx: &TaskCtx, cmd: CreateVmCmd) -> AgentResult<VmInstanceInventory> {
     let spec = vm_spec(&cmd)?;
     let _vm_lock = app.vm_locks.write(&spec.vm_instance_uuid).await;
     let paths: Vec<String> = std::iter::once(cmd.root_volume.install_path.clone())
@@ -164,13 +131,7 @@ async fn build(
     let made = match &root.image_path {
         Some(image) => {
             app.storage
-                .create_from_image(
-                    image,
-                    &root.install_path,
-                    root.size,
-                    provisioning(root.provisioning),
-                    stop,
-                )
+                .create_from_image(image, &root.install_path, root.size, provisioning(root.provisioning), stop)
                 .await
         }
         None => {
@@ -194,14 +155,7 @@ async fn build(
         stop.check("creating the VM")?;
         let made = app
             .storage
-            .create_empty(
-                &d.install_path,
-                d.size,
-                None,
-                provisioning(d.provisioning),
-                CreateOptions::default(),
-                stop,
-            )
+            .create_empty(&d.install_path, d.size, None, provisioning(d.provisioning), CreateOptions::default(), stop)
             .await
             .map_err(|e| e.context(format!("step 'create data volume {i}' failed")))?;
         undo.push(UndoStep::RemoveFile { path: made });
@@ -212,15 +166,11 @@ async fn build(
     let state = match cmd.strategy {
         Strategy::JustCreate => "Created",
         Strategy::CreateStopped => {
-            super::define(app, spec, false, undo)
-                .await
-                .map_err(|e| e.context("step 'define domain' failed"))?;
+            super::define(app, spec, false, undo).await.map_err(|e| e.context("step 'define domain' failed"))?;
             "Stopped"
         }
         Strategy::InstantStart => {
-            super::define(app, spec, true, undo)
-                .await
-                .map_err(|e| e.context("step 'start domain' failed"))?;
+            super::define(app, spec, true, undo).await.map_err(|e| e.context("step 'start domain' failed"))?;
             if spec.create_paused {
                 "Paused"
             } else {

@@ -1,8 +1,6 @@
 //! The `VmInstanceInventory` of a VM this agent made, from its spec and its volumes' real sizes.
 
-use crate::api::inventory::{
-    VmCdRomInventory, VmInstanceInventory, VmNicInventory, VolumeInventory,
-};
+use crate::api::inventory::{VmCdRomInventory, VmInstanceInventory, VmNicInventory, VolumeInventory};
 use crate::api::vm::{StartVmCmd, VolumeTo};
 use crate::app::App;
 use crate::error::AgentResult;
@@ -12,19 +10,11 @@ async fn volume(app: &App, vm: &str, v: &VolumeTo, ctx: &TaskCtx) -> AgentResult
     let (size, actual_size) = app.storage.sizes(&v.install_path, &ctx.stop).await?;
     Ok(VolumeInventory {
         uuid: v.volume_uuid.clone(),
-        name: if v.device_id == 0 {
-            format!("ROOT-for-{vm}")
-        } else {
-            format!("DATA-{}-for-{vm}", v.device_id)
-        },
+        name: if v.device_id == 0 { format!("ROOT-for-{vm}") } else { format!("DATA-{}-for-{vm}", v.device_id) },
         vm_instance_uuid: vm.to_owned(),
         install_path: v.install_path.clone(),
         volume_type: if v.device_id == 0 { "Root" } else { "Data" },
-        format: if v.format.is_empty() {
-            "qcow2".into()
-        } else {
-            v.format.clone()
-        },
+        format: if v.format.is_empty() { "qcow2".into() } else { v.format.clone() },
         size,
         actual_size,
         device_id: v.device_id,
@@ -35,12 +25,7 @@ async fn volume(app: &App, vm: &str, v: &VolumeTo, ctx: &TaskCtx) -> AgentResult
 }
 
 /// `state`: `Running`, `Paused`, `Stopped` or `Created`.
-pub async fn of(
-    app: &App,
-    spec: &StartVmCmd,
-    state: &str,
-    ctx: &TaskCtx,
-) -> AgentResult<VmInstanceInventory> {
+pub async fn of(app: &App, spec: &StartVmCmd, state: &str, ctx: &TaskCtx) -> AgentResult<VmInstanceInventory> {
     let vm = &spec.vm_instance_uuid;
     let mut all_volumes = vec![volume(app, vm, &spec.root_volume, ctx).await?];
     for v in &spec.data_volumes {
@@ -54,11 +39,7 @@ pub async fn of(
         vm_type: "UserVm",
         memory_size: spec.memory,
         cpu_num: spec.cpu_num,
-        platform: if spec.image_platform.is_empty() {
-            "Linux".into()
-        } else {
-            spec.image_platform.clone()
-        },
+        platform: if spec.image_platform.is_empty() { "Linux".into() } else { spec.image_platform.clone() },
         architecture: crate::host_info::architecture(),
         internal_id: spec.vm_internal_id,
         root_volume_uuid: spec.root_volume.volume_uuid.clone(),
@@ -73,16 +54,8 @@ pub async fn of(
                 mac: n.mac.clone(),
                 device_id: n.device_id,
                 internal_name: n.nic_internal_name.clone(),
-                driver_type: if n.driver_type.is_empty() {
-                    "virtio".into()
-                } else {
-                    n.driver_type.clone()
-                },
-                nic_type: if n.nic_type.is_empty() {
-                    "VNIC".into()
-                } else {
-                    n.nic_type.clone()
-                },
+                driver_type: if n.driver_type.is_empty() { "virtio".into() } else { n.driver_type.clone() },
+                nic_type: if n.nic_type.is_empty() { "VNIC".into() } else { n.nic_type.clone() },
             })
             .collect(),
         vm_cd_roms: spec

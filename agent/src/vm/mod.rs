@@ -48,30 +48,15 @@ pub async fn check_against_host(app: &App, cmd: &mut StartVmCmd) -> AgentResult<
 
 /// Defines the domain of `cmd` and, when `start` is set, starts it (paused if the command says
 /// so). The domain is recorded in `undo`, so a later failure of the caller removes it too.
-pub async fn define(
-    app: &App,
-    cmd: &StartVmCmd,
-    start: bool,
-    undo: &mut UndoLog,
-) -> AgentResult<StartVmRsp> {
+pub async fn define(app: &App, cmd: &StartVmCmd, start: bool, undo: &mut UndoLog) -> AgentResult<StartVmRsp> {
     let vm = &cmd.vm_instance_uuid;
     let xml = domain::render(cmd, &settings(app, vm))?;
-    if let Some(dir) = settings(app, vm)
-        .console_log
-        .as_deref()
-        .and_then(std::path::Path::parent)
-    {
+    if let Some(dir) = settings(app, vm).console_log.as_deref().and_then(std::path::Path::parent) {
         std::fs::create_dir_all(dir).map_err(|e| {
-            AgentError::failed(
-                "cannot create the console log directory",
-                format!("{}: {e}", dir.display()),
-            )
+            AgentError::failed("cannot create the console log directory", format!("{}: {e}", dir.display()))
         })?;
     }
-    app.libvirt
-        .define(xml)
-        .await
-        .map_err(|e| AgentError::from(e).context(format!("defining domain {vm}")))?;
+    app.libvirt.define(xml).await.map_err(|e| AgentError::from(e).context(format!("defining domain {vm}")))?;
     undo.push(UndoStep::RemoveDomain { vm: vm.clone() });
     if start {
         app.libvirt
@@ -88,12 +73,7 @@ pub async fn define(
 pub async fn start(app: &App, _ctx: &TaskCtx, mut cmd: StartVmCmd) -> AgentResult<StartVmRsp> {
     check_against_host(app, &mut cmd).await?;
     let vm = cmd.vm_instance_uuid.clone();
-    if app
-        .libvirt
-        .domain_state(&vm)
-        .await?
-        .is_some_and(|s| s.is_active())
-    {
+    if app.libvirt.domain_state(&vm).await?.is_some_and(|s| s.is_active()) {
         return domain::device_info(&app.libvirt.xml(&vm).await?);
     }
     let mut undo = UndoLog::default();

@@ -45,9 +45,7 @@ impl UndoLog {
 async fn undo(app: &App, step: &UndoStep) -> Result<(), String> {
     match step {
         UndoStep::RemoveFile { path } => match tokio::fs::remove_file(path).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(format!("removing {}: {e}", path.display()))
-            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("removing {}: {e}", path.display())),
             _ => Ok(()),
         },
         UndoStep::RemoveDomain { vm } => {
@@ -55,10 +53,7 @@ async fn undo(app: &App, step: &UndoStep) -> Result<(), String> {
                 Err(e) if !e.is_no_domain() => return Err(e.to_string()),
                 _ => {}
             }
-            app.libvirt
-                .undefine(vm, true)
-                .await
-                .map_err(|e| e.to_string())
+            app.libvirt.undefine(vm, true).await.map_err(|e| e.to_string())
         }
     }
 }
