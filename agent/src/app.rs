@@ -13,6 +13,7 @@ use crate::libvirt::Libvirt;
 use crate::locks::KeyedLocks;
 use crate::storage::local::LocalStorage;
 use crate::storage::roots::StorageRoots;
+use crate::vm::records::VmRecords;
 use crate::tasks::journal::{Journal, TaskRecord};
 use crate::tasks::registry::TaskRegistry;
 
@@ -23,6 +24,7 @@ pub struct App {
     pub poster: Poster,
     pub libvirt: Libvirt,
     pub storage: LocalStorage,
+    pub vm_records: VmRecords,
     /// One writer per VM: two commands on the same VM never interleave.
     pub vm_locks: Arc<KeyedLocks>,
     /// Per volume path: writers exclusive, readers (sizes, chains) shared.
@@ -54,6 +56,7 @@ impl App {
         let libvirt = Libvirt::new(&config.libvirt.uri);
         let roots = StorageRoots::new(&config.storage.roots)
             .map_err(|source| StartupError::Roots { roots: config.storage.roots.clone(), source })?;
+        let vm_records = VmRecords::new(&config.state_dir);
         let app = App {
             config,
             tasks,
@@ -61,6 +64,7 @@ impl App {
             poster,
             libvirt,
             storage: LocalStorage::new(roots),
+            vm_records,
             vm_locks: Default::default(),
             volume_locks: Default::default(),
             shutting_down: AtomicBool::new(false),

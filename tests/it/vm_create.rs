@@ -23,6 +23,9 @@ fn vm_object(vm: &str) -> Value {
 #[tokio::test]
 async fn instant_start_thin_root_with_data_volume_and_tpm_boots_the_guest() {
     let h = Host::start().await.unwrap();
+    // Progress goes to the sendCommandUrl learned at connect.
+    let connect = json!({"hostUuid": "h1", "sendCommandUrl": h.callbacks.send_command_url(), "version": "1"});
+    assert_eq!(h.post("/host/connect", &[], connect.to_string()).await.unwrap().0, 200);
     let base = BaseImage::create(&h, 64 * MIB).unwrap();
     let base_sha = file_sha256(&base.path).unwrap();
     let vm = uuid();
@@ -58,6 +61,8 @@ async fn instant_start_thin_root_with_data_volume_and_tpm_boots_the_guest() {
     let console = std::fs::read_to_string(console_log(&h, &vm)).unwrap();
     assert!(console.contains("KVMAGENT-TPM tpm0"), "the guest sees its TPM: {console}");
     assert_eq!(file_sha256(&base.path).unwrap(), base_sha);
+    let reports = h.callbacks.progress_reports();
+    assert!(reports.iter().any(|p| p["processType"] == "/vm/create" && p["progress"] == "100"), "{reports:?}");
 }
 
 #[tokio::test]

@@ -31,7 +31,9 @@ pub async fn stop(app: &App, _ctx: &TaskCtx, cmd: StopVmCmd) -> AgentResult<Empt
 pub async fn destroy(app: &App, _ctx: &TaskCtx, cmd: DestroyVmCmd) -> AgentResult<Empty> {
     vm::check_uuid(&cmd.uuid)?;
     let _lock = app.vm_locks.write(&cmd.uuid).await;
-    power_off_and_undefine(app, &cmd.uuid).await
+    power_off_and_undefine(app, &cmd.uuid).await?;
+    app.vm_records.remove(&cmd.uuid);
+    Ok(Empty {})
 }
 
 /// Hard power-off, then undefine keeping TPM state (libvirt would otherwise delete it: the VM

@@ -105,6 +105,7 @@ pub async fn create(app: &App, ctx: &TaskCtx, cmd: CreateVmCmd) -> AgentResult<V
     match build(app, ctx, &cmd, &spec, &mut undo).await {
         Ok(state) => {
             undo.commit();
+            app.vm_records.save(&spec)?;
             ctx.progress(100, "created");
             super::inventory::of(app, &spec, state, ctx).await
         }

@@ -3,6 +3,7 @@
 
 pub mod create;
 pub mod inventory;
+pub mod records;
 pub mod undo;
 
 use crate::api::vm::{StartVmCmd, StartVmRsp};
@@ -80,6 +81,7 @@ pub async fn start(app: &App, _ctx: &TaskCtx, mut cmd: StartVmCmd) -> AgentResul
     match define(app, &cmd, true, &mut undo).await {
         Ok(rsp) => {
             undo.commit();
+            app.vm_records.save(&cmd)?;
             Ok(rsp)
         }
         Err(e) => {
