@@ -13,9 +13,9 @@ use crate::libvirt::Libvirt;
 use crate::locks::KeyedLocks;
 use crate::storage::local::LocalStorage;
 use crate::storage::roots::StorageRoots;
-use crate::vm::records::VmRecords;
 use crate::tasks::journal::{Journal, TaskRecord};
 use crate::tasks::registry::TaskRegistry;
+use crate::vm::records::VmRecords;
 
 pub struct App {
     pub config: Config,

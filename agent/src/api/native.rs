@@ -65,3 +65,17 @@ pub enum Strategy {
     /// Volumes only; no domain.
     JustCreate,
 }
+
+/// `/vm/changeimage`: replace a stopped VM's root disk with a new one built from another image.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeImageCmd {
+    pub vm_uuid: String,
+    pub image_path: String,
+    /// Where the new root goes; by default a fresh name beside the old root.
+    #[serde(default)]
+    pub new_root_install_path: Option<String>,
+    /// Ceph placement tags (`ceph::rootPoolName::<pool>`); local storage has no use for them.
+    #[serde(default)]
+    pub system_tags: Vec<String>,
+}

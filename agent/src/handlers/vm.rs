@@ -60,3 +60,11 @@ pub async fn create(
 ) -> AgentResult<crate::api::inventory::VmInstanceInventory> {
     vm::create::create(app, ctx, cmd).await
 }
+
+pub async fn change_image(
+    app: &App,
+    ctx: &TaskCtx,
+    cmd: crate::api::native::ChangeImageCmd,
+) -> AgentResult<crate::api::inventory::VmInstanceInventory> {
+    vm::change_image::change_image(app, ctx, cmd).await
+}

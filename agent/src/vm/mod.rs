@@ -1,6 +1,7 @@
 //! VM operations shared by the compat `/vm/*` paths and the native operations: checking a VM
 //! spec against the host, defining and starting its domain, and undoing that on failure.
 
+pub mod change_image;
 pub mod create;
 pub mod inventory;
 pub mod records;

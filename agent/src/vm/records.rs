@@ -33,7 +33,9 @@ impl VmRecords {
         crate::domain::check_uuid(vm)?;
         match atomic_file::read_json::<StartVmCmd>(&self.file(vm)) {
             Ok(Some(spec)) => Ok(spec),
-            Ok(None) => Err(AgentError::not_found(format!("VM {vm} is not known to this host; start or create it here first"))),
+            Ok(None) => {
+                Err(AgentError::not_found(format!("VM {vm} is not known to this host; start or create it here first")))
+            }
             Err(e) => Err(AgentError::failed("cannot read the VM record", format!("{vm}: {e}"))),
         }
     }
