@@ -13,6 +13,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub libvirt: LibvirtConfig,
     pub tasks: TaskConfig,
+    pub clone: CloneConfig,
     /// Where the agent keeps its task journal, host identity and VM records.
     pub state_dir: PathBuf,
 }
@@ -43,6 +44,21 @@ pub struct LibvirtConfig {
     pub domain_type: String,
     /// QEMU binary named in the domain's `<emulator>`; empty lets libvirt choose.
     pub emulator: String,
+    /// Where libvirt keeps swtpm state (`<dir>/<vm uuid>/`); clones get a copy there.
+    pub swtpm_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CloneConfig {
+    /// How many clones of one `/vm/clone` are built at the same time.
+    pub parallelism: usize,
+}
+
+impl Default for CloneConfig {
+    fn default() -> Self {
+        CloneConfig { parallelism: 4 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +78,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             libvirt: LibvirtConfig::default(),
             tasks: TaskConfig::default(),
+            clone: CloneConfig::default(),
             state_dir: PathBuf::from("/var/lib/kvmagent/state"),
         }
     }
@@ -81,7 +98,12 @@ impl Default for StorageConfig {
 
 impl Default for LibvirtConfig {
     fn default() -> Self {
-        LibvirtConfig { uri: "qemu:///system".into(), domain_type: "kvm".into(), emulator: String::new() }
+        LibvirtConfig {
+            uri: "qemu:///system".into(),
+            domain_type: "kvm".into(),
+            emulator: String::new(),
+            swtpm_dir: PathBuf::from("/var/lib/libvirt/swtpm"),
+        }
     }
 }
 
@@ -124,6 +146,9 @@ impl Config {
         }
         if !matches!(self.libvirt.domain_type.as_str(), "kvm" | "qemu") {
             return Err(format!("libvirt.domain_type must be \"kvm\" or \"qemu\", not {:?}", self.libvirt.domain_type));
+        }
+        if !(1..=64).contains(&self.clone.parallelism) {
+            return Err(format!("clone.parallelism must be 1 to 64, not {}", self.clone.parallelism));
         }
         if !self.state_dir.is_absolute() {
             return Err("state_dir must be an absolute path".into());

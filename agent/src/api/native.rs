@@ -79,3 +79,60 @@ pub struct ChangeImageCmd {
     #[serde(default)]
     pub system_tags: Vec<String>,
 }
+
+/// `/vm/clone`: one VM into N named copies.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CloneVmCmd {
+    pub vm_uuid: String,
+    /// One clone per name (or per entry of `clones`).
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// Also clone the data volumes (the management plane's `full`); otherwise root only.
+    #[serde(default)]
+    pub full: bool,
+    /// `linked` (default): overlays on a frozen snapshot of the source; `copy`: independent
+    /// flat copies.
+    #[serde(default)]
+    pub mode: CloneMode,
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Per-clone choices; anything left out is generated.
+    #[serde(default)]
+    pub clones: Vec<CloneSpec>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloneMode {
+    #[default]
+    Linked,
+    Copy,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CloneSpec {
+    #[serde(default)]
+    pub uuid: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub root_install_path: Option<String>,
+    #[serde(default)]
+    pub data_install_paths: Vec<String>,
+    /// NicTO objects for the clone; by default the source's NICs with fresh MACs and uuids.
+    #[serde(default)]
+    pub nics: Option<Vec<Value>>,
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CloneVmRsp {
+    pub number_of_cloned_vm: usize,
+    /// One entry per requested clone, in request order: `{inventory}` or `{uuid, name, error}`.
+    pub inventories: Vec<Value>,
+    /// The source volumes frozen for linked clones: their new install paths and the snapshot
+    /// files the clones are built on.
+    pub source_volumes: Vec<Value>,
+}

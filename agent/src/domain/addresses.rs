@@ -55,3 +55,26 @@ pub fn device_info(live_xml: &str) -> AgentResult<StartVmRsp> {
     }
     Ok(rsp)
 }
+
+/// A disk of a live domain: its target device and, for file disks, its current top file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveDisk {
+    pub target: String,
+    pub file: Option<String>,
+}
+
+/// Every `<disk>` of a live domain (disks and CD-ROMs), in document order.
+pub fn live_disks(live_xml: &str) -> AgentResult<Vec<LiveDisk>> {
+    let doc = roxmltree::Document::parse(live_xml)
+        .map_err(|e| AgentError::internal(format!("libvirt returned unparsable domain XML: {e}")))?;
+    Ok(doc
+        .descendants()
+        .filter(|n| n.has_tag_name("disk"))
+        .filter_map(|d| {
+            let target = d.children().find(|c| c.has_tag_name("target"))?.attribute("dev")?.to_owned();
+            let file =
+                d.children().find(|c| c.has_tag_name("source")).and_then(|s| s.attribute("file")).map(str::to_owned);
+            Some(LiveDisk { target, file })
+        })
+        .collect())
+}

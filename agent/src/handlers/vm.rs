@@ -68,3 +68,11 @@ pub async fn change_image(
 ) -> AgentResult<crate::api::inventory::VmInstanceInventory> {
     vm::change_image::change_image(app, ctx, cmd).await
 }
+
+pub async fn clone(
+    app: &App,
+    ctx: &TaskCtx,
+    cmd: crate::api::native::CloneVmCmd,
+) -> AgentResult<crate::api::native::CloneVmRsp> {
+    vm::clone::clone(app, ctx, cmd).await
+}

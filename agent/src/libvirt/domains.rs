@@ -175,3 +175,48 @@ impl Libvirt {
         }
     }
 }
+
+impl Libvirt {
+    pub async fn suspend(&self, name: &str) -> Result<(), LibvirtError> {
+        let name = name.to_owned();
+        self.call("suspend", move |c| lookup(c, &name)?.suspend().map_err(|e| LibvirtError::from_virt("suspend", e)))
+            .await
+    }
+
+    pub async fn resume(&self, name: &str) -> Result<(), LibvirtError> {
+        let name = name.to_owned();
+        self.call("resume", move |c| lookup(c, &name)?.resume().map_err(|e| LibvirtError::from_virt("resume", e))).await
+    }
+
+    /// Switches some disks of the running domain to pre-created qcow2 overlays on their current
+    /// images, all at one instant (atomic, disk-only, external, no libvirt snapshot metadata).
+    /// `disks` lists every disk target of the domain with its new top file, or `None` to leave
+    /// it alone: an unlisted disk would get libvirt's default, an external snapshot of its own.
+    /// From that instant on the old images are no longer written.
+    pub async fn snapshot_disks(&self, name: &str, disks: Vec<(String, Option<String>)>) -> Result<(), LibvirtError> {
+        let name = name.to_owned();
+        let mut xml = String::from("<domainsnapshot><disks>");
+        for (dev, file) in &disks {
+            let dev = crate::domain::xml_escape(dev);
+            match file {
+                Some(f) => xml.push_str(&format!(
+                    "<disk name='{dev}' snapshot='external' type='file'><driver type='qcow2'/><source file='{}'/></disk>",
+                    crate::domain::xml_escape(f)
+                )),
+                None => xml.push_str(&format!("<disk name='{dev}' snapshot='no'/>")),
+            }
+        }
+        xml.push_str("</disks></domainsnapshot>");
+        let flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
+        self.call("snapshotCreateXML", move |c| {
+            lookup(c, &name)?
+                .create_snapshot_xml(&xml, flags)
+                .map(|_| ())
+                .map_err(|e| LibvirtError::from_virt("snapshotCreateXML", e))
+        })
+        .await
+    }
+}

@@ -2,9 +2,12 @@
 //! spec against the host, defining and starting its domain, and undoing that on failure.
 
 pub mod change_image;
+pub mod clone;
 pub mod create;
+pub mod freeze;
 pub mod inventory;
 pub mod records;
+pub mod tpm;
 pub mod undo;
 
 use crate::api::vm::{StartVmCmd, StartVmRsp};

@@ -13,6 +13,8 @@ use crate::app::App;
 pub enum UndoStep {
     /// Delete a file this operation created.
     RemoveFile { path: PathBuf },
+    /// Delete a directory tree this operation created (a clone's TPM state).
+    RemoveTree { path: PathBuf },
     /// Power off and undefine a domain this operation defined, with its TPM state.
     RemoveDomain { vm: String },
 }
@@ -45,6 +47,10 @@ impl UndoLog {
 async fn undo(app: &App, step: &UndoStep) -> Result<(), String> {
     match step {
         UndoStep::RemoveFile { path } => match tokio::fs::remove_file(path).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("removing {}: {e}", path.display())),
+            _ => Ok(()),
+        },
+        UndoStep::RemoveTree { path } => match tokio::fs::remove_dir_all(path).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("removing {}: {e}", path.display())),
             _ => Ok(()),
         },
