@@ -252,3 +252,30 @@ pub struct DeviceAddress {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
 }
+
+/// `/vm/volume/takesnapshot`: the volume's current file becomes the snapshot and a new overlay
+/// on it becomes the volume (live on a running VM, by qemu-img otherwise).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TakeSnapshotCmd {
+    pub vm_uuid: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub volume_uuid: String,
+    /// The new top file (may have been pre-created by the management node).
+    pub install_path: String,
+    /// The volume's current top file.
+    pub volume_install_path: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub new_volume_install_path: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub full_snapshot: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TakeSnapshotRsp {
+    pub new_volume_install_path: String,
+    pub snapshot_install_path: String,
+    /// Bytes the snapshot file holds.
+    pub size: u64,
+}

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::api::vm::{DestroyVmCmd, StartVmCmd, StartVmRsp, StopVmCmd};
+use crate::api::vm::{DestroyVmCmd, StartVmCmd, StartVmRsp, StopVmCmd, TakeSnapshotCmd, TakeSnapshotRsp};
 use crate::api::Empty;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
@@ -75,4 +75,29 @@ pub async fn clone(
     cmd: crate::api::native::CloneVmCmd,
 ) -> AgentResult<crate::api::native::CloneVmRsp> {
     vm::clone::clone(app, ctx, cmd).await
+}
+
+/// `/vm/volume/takesnapshot` (ZStack): the volume's current file becomes the snapshot; the VM
+/// (running or not) continues on a new overlay, which is reused when already created.
+pub async fn take_snapshot(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotCmd) -> AgentResult<TakeSnapshotRsp> {
+    vm::check_uuid(&cmd.vm_uuid)?;
+    if cmd.full_snapshot {
+        return Err(AgentError::invalid("full snapshots are not supported by this agent; take an incremental one"));
+    }
+    let _lock = app.vm_locks.write(&cmd.vm_uuid).await;
+    let new_top =
+        cmd.new_volume_install_path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| cmd.install_path.clone());
+    let target =
+        vm::freeze::Target { volume_uuid: cmd.volume_uuid.clone(), current: cmd.volume_install_path.clone(), new_top };
+    let frozen = vm::freeze::freeze_to(app, &cmd.vm_uuid, std::slice::from_ref(&target), &ctx.stop).await?;
+    if let Ok(mut spec) = app.vm_records.load(&cmd.vm_uuid) {
+        vm::freeze::record(app, &mut spec, &frozen).await?;
+    }
+    let z = &frozen[0];
+    let size = crate::qemu_img::info(&z.snapshot_path, &ctx.stop).await?.actual_size;
+    Ok(TakeSnapshotRsp {
+        new_volume_install_path: z.install_path.display().to_string(),
+        snapshot_install_path: z.snapshot_path.display().to_string(),
+        size,
+    })
 }

@@ -62,6 +62,7 @@ static ROUTES: &[Route] = &[
     Route { path: "/vm/create", style: Style::Async, handler: typed!(handlers::vm::create) },
     Route { path: "/vm/changeimage", style: Style::Async, handler: typed!(handlers::vm::change_image) },
     Route { path: "/vm/clone", style: Style::Async, handler: typed!(handlers::vm::clone) },
+    Route { path: "/vm/volume/takesnapshot", style: Style::Async, handler: typed!(handlers::vm::take_snapshot) },
     Route { path: "/localstorage/init", style: Style::Async, handler: typed!(handlers::localstorage::init) },
     Route { path: "/localstorage/checkbits", style: Style::Async, handler: typed!(handlers::localstorage::check_bits) },
     Route {
