@@ -68,15 +68,18 @@ mod tests {
     #[test]
     fn hostile_text_round_trips_and_cannot_break_out() {
         let mut v = fixture();
-        let name = "a<b&c\"d'e ünï ]]> <!-- </domain><x/>";
+        let name = "a<b&c\"d'e ünï ]]> <!-- </domain><x/>\tline\r\nnext";
         v["vmName"] = json!(name);
         v["rootVolume"]["installPath"] = json!("/var/lib/kvmagent/local/it's & <x>.qcow2");
+        v["consolePassword"] = json!("p'w\"d\n1");
         let xml = rendered(v);
         let doc = roxmltree::Document::parse(&xml).unwrap();
         assert_eq!(doc.descendants().filter(|n| n.has_tag_name("domain")).count(), 1);
         assert_eq!(text_of(&doc, "description"), [name]);
         let src = doc.descendants().find(|n| n.has_tag_name("source") && n.attribute("file").is_some()).unwrap();
         assert_eq!(src.attribute("file"), Some("/var/lib/kvmagent/local/it's & <x>.qcow2"));
+        let vnc = doc.descendants().find(|n| n.has_tag_name("graphics")).unwrap();
+        assert_eq!(vnc.attribute("passwd"), Some("p'w\"d\n1"), "attribute values keep newlines exactly");
     }
 
     #[test]
