@@ -213,3 +213,59 @@ async fn bad_clone_commands_make_nothing() {
     }
     assert_eq!(std::fs::read(&existing).unwrap(), b"keep");
 }
+
+/// A tmpfs of a few MiB mounted inside the storage root: a disk that fills up. Unmounted on drop.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: PathBuf, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(&at).unwrap();
+        let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&at).status().unwrap();
+        assert!(ok.success(), "mounting a tmpfs needs root");
+        SmallDisk(at)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_clone_that_fills_its_disk_leaves_nothing_and_its_sibling_succeeds() {
+    let h = Host::start().await.unwrap();
+    let src = source_vm(&h, false).await;
+    let small = SmallDisk::mount(h.path("small"), "2M");
+    let full_target = small.0.join("vol-x/x.qcow2");
+    let (a, b) = (uuid(), uuid());
+    h.track_vm(&a);
+    h.track_vm(&b);
+    let r = h
+        .call_ok(
+            "/vm/clone",
+            &json!({"vmUuid": src.vm, "mode": "copy", "strategy": "JustCreate",
+                    "clones": [{"uuid": a, "rootInstallPath": full_target}, {"uuid": b}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["numberOfClonedVm"], 1, "{r}");
+    let msg = r["inventories"][0]["message"].as_str().unwrap();
+    assert!(msg.contains("No space left on device") || msg.contains("ENOSPC") || msg.contains("space"), "{msg}");
+    let left: Vec<_> = walk(&small.0);
+    assert!(left.is_empty(), "no half-made volume or temporary file on the full disk: {left:?}");
+    assert!(!h.state_dir.join(format!("vms/{a}.json")).exists());
+    assert_eq!(r["inventories"][1]["inventory"]["uuid"].as_str(), Some(b.as_str()));
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
