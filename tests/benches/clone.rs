@@ -43,7 +43,11 @@ async fn main() {
     let names: Vec<String> = (0..n).map(|i| format!("bench-{i}")).collect();
     let t = Instant::now();
     let r = h
-        .call_within("/vm/clone", &json!({"vmUuid": vm, "names": names, "strategy": "CreateStopped"}), Duration::from_secs(3600))
+        .call_within(
+            "/vm/clone",
+            &json!({"vmUuid": vm, "names": names, "strategy": "CreateStopped"}),
+            Duration::from_secs(3600),
+        )
         .await
         .expect("clone");
     let agent = t.elapsed();

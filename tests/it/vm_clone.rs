@@ -220,7 +220,11 @@ struct SmallDisk(PathBuf);
 impl SmallDisk {
     fn mount(at: PathBuf, size: &str) -> SmallDisk {
         std::fs::create_dir_all(&at).unwrap();
-        let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&at).status().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .unwrap();
         assert!(ok.success(), "mounting a tmpfs needs root");
         SmallDisk(at)
     }
@@ -236,6 +240,11 @@ impl Drop for SmallDisk {
 async fn a_clone_that_fills_its_disk_leaves_nothing_and_its_sibling_succeeds() {
     let h = Host::start().await.unwrap();
     let src = source_vm(&h, false).await;
+    // 4 MiB of data in the source root: a flat copy cannot fit in 2 MiB.
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(h.state_dir.join(format!("vms/{}.json", src.vm))).unwrap()).unwrap();
+    qemu_io_write(Path::new(record["rootVolume"]["installPath"].as_str().unwrap()), MIB, &vec![0x5a; 4 * MIB as usize])
+        .unwrap();
     let small = SmallDisk::mount(h.path("small"), "2M");
     let full_target = small.0.join("vol-x/x.qcow2");
     let (a, b) = (uuid(), uuid());

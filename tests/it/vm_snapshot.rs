@@ -55,14 +55,23 @@ async fn offline_snapshot_reuses_a_precreated_overlay_and_refuses_a_foreign_file
     let (vm, vol, root) = vm(&h, "JustCreate").await;
     // The management node pre-creates the overlay (ZStack does, to avoid a QEMU crash).
     let top = root.with_file_name(format!("{}.qcow2", uuid()));
-    h.call_ok("/localstorage/volume/createempty", &json!({"installUrl": top, "backingFile": root, "size": 0})).await.unwrap();
+    h.call_ok("/localstorage/volume/createempty", &json!({"installUrl": top, "backingFile": root, "size": 0}))
+        .await
+        .unwrap();
     let before = std::fs::metadata(&top).unwrap().modified().unwrap();
     let r = h
-        .call_ok("/vm/volume/takesnapshot", &json!({"vmUuid": vm, "volumeUuid": vol, "installPath": top, "volumeInstallPath": root}))
+        .call_ok(
+            "/vm/volume/takesnapshot",
+            &json!({"vmUuid": vm, "volumeUuid": vol, "installPath": top, "volumeInstallPath": root}),
+        )
         .await
         .unwrap();
     assert_eq!(r["newVolumeInstallPath"].as_str(), top.to_str());
-    assert_eq!(std::fs::metadata(&top).unwrap().modified().unwrap(), before, "the pre-created overlay is reused as it is");
+    assert_eq!(
+        std::fs::metadata(&top).unwrap().modified().unwrap(),
+        before,
+        "the pre-created overlay is reused as it is"
+    );
     assert_eq!(record(&h, &vm)["rootVolume"]["installPath"].as_str(), top.to_str());
 
     // A file at the target that is not an overlay on the volume is never taken over.
@@ -75,7 +84,10 @@ async fn offline_snapshot_reuses_a_precreated_overlay_and_refuses_a_foreign_file
     assert!(e.contains("is not an overlay"), "{e}");
     assert_eq!(record(&h, &vm)["rootVolume"]["installPath"].as_str(), top.to_str(), "nothing changed");
     let e = h
-        .call_err("/vm/volume/takesnapshot", &json!({"vmUuid": vm, "installPath": "/etc/x.qcow2", "volumeInstallPath": top}))
+        .call_err(
+            "/vm/volume/takesnapshot",
+            &json!({"vmUuid": vm, "installPath": "/etc/x.qcow2", "volumeInstallPath": top}),
+        )
         .await
         .unwrap();
     assert!(e.contains("outside the storage roots"), "{e}");

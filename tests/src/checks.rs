@@ -82,3 +82,9 @@ pub fn xml_text(xml: &str, tag: &str) -> Option<String> {
     let text = doc.descendants().find(|n| n.has_tag_name(tag))?.text()?.to_owned();
     Some(text)
 }
+
+/// Fills `len` bytes at `offset` of a qcow2 image with `byte` (real, non-zero data).
+pub fn qemu_io_fill(path: &Path, offset: u64, len: u64, byte: u8) -> Result<()> {
+    let cmd = format!("write -P {byte} {offset} {len}");
+    run("qemu-io", &["-f", "qcow2", "-c", &cmd, &path.to_string_lossy()]).map(|_| ())
+}

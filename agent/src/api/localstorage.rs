@@ -102,3 +102,32 @@ pub struct DeleteBitsCmd {
 pub struct DeleteBitsRsp {
     pub in_use: bool,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateWithBackingCmd {
+    pub template_path_in_cache: String,
+    pub install_path: String,
+    #[serde(default)]
+    pub volume_uuid: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateTemplateCmd {
+    pub volume_path: String,
+    pub install_path: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReinitImageCmd {
+    pub image_path: String,
+    pub volume_path: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReinitImageRsp {
+    pub new_volume_install_path: String,
+}

@@ -106,3 +106,44 @@ pub async fn delete(app: &App, _ctx: &TaskCtx, cmd: DeleteBitsCmd) -> AgentResul
     }
     Ok(with_capacity(app, Some(Path::new(&cmd.path)), DeleteBitsRsp { in_use: false }))
 }
+
+/// A thin overlay on a snapshot or cached image (linked volumes, ZStack's fast create).
+pub async fn create_with_backing(
+    app: &App,
+    ctx: &TaskCtx,
+    cmd: CreateWithBackingCmd,
+) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
+    let _lock = app.volume_locks.write(&cmd.install_path).await;
+    let path = app
+        .storage
+        .create_from_image(&cmd.template_path_in_cache, &cmd.install_path, None, Provisioning::Thin, &ctx.stop)
+        .await?;
+    size_of(app, ctx, &path).await
+}
+
+/// A flat copy of a volume and its chain (a template); progress is reported as it goes.
+pub async fn create_template(
+    app: &App,
+    ctx: &TaskCtx,
+    cmd: CreateTemplateCmd,
+) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
+    let _source = app.volume_locks.read(&cmd.volume_path).await;
+    let _target = app.volume_locks.write(&cmd.install_path).await;
+    let path = app
+        .storage
+        .create_flat_copy(&cmd.volume_path, &cmd.install_path, &ctx.stop, |p| ctx.progress(p, "copying"))
+        .await?;
+    size_of(app, ctx, &path).await
+}
+
+/// A fresh root from the image beside the old one, which is left for the management node to
+/// delete once it has switched the volume over.
+pub async fn reinit_image(app: &App, ctx: &TaskCtx, cmd: ReinitImageCmd) -> AgentResult<WithCapacity<ReinitImageRsp>> {
+    let old = app.storage.roots().confine(&cmd.volume_path)?;
+    let dir =
+        old.parent().ok_or_else(|| AgentError::invalid(format!("volumePath {} has no directory", cmd.volume_path)))?;
+    let new = dir.join(format!("{}.qcow2", uuid::Uuid::new_v4().simple())).display().to_string();
+    let _lock = app.volume_locks.write(&new).await;
+    let path = app.storage.create_from_image(&cmd.image_path, &new, None, Provisioning::Thin, &ctx.stop).await?;
+    Ok(with_capacity(app, Some(&path), ReinitImageRsp { new_volume_install_path: path.display().to_string() }))
+}

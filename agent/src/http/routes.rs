@@ -86,6 +86,21 @@ static ROUTES: &[Route] = &[
         handler: typed!(handlers::localstorage::get_backing_chain),
     },
     Route { path: "/localstorage/delete", style: Style::Async, handler: typed!(handlers::localstorage::delete) },
+    Route {
+        path: "/localstorage/volume/createwithbacking",
+        style: Style::Async,
+        handler: typed!(handlers::localstorage::create_with_backing),
+    },
+    Route {
+        path: "/localstorage/volume/createtemplate",
+        style: Style::Async,
+        handler: typed!(handlers::localstorage::create_template),
+    },
+    Route {
+        path: "/localstorage/reinit/image",
+        style: Style::Async,
+        handler: typed!(handlers::localstorage::reinit_image),
+    },
 ];
 
 /// The route for `path` (a trailing `/` is ignored).

@@ -161,16 +161,7 @@ impl LocalStorage {
                     .map_err(|e| stopped_or(e, stop, "creating the overlay"))?
             }
             Provisioning::Thick => {
-                qemu_img::convert(
-                    &image,
-                    header.format,
-                    &building.tmp,
-                    &CreateOptions::preallocation(THICK),
-                    stop,
-                    |_| {},
-                )
-                .await
-                .map_err(|e| stopped_or(e, stop, "copying the image"))?;
+                copy_into(&image, header.format, &building, &CreateOptions::preallocation(THICK), stop, |_| {}).await?;
                 if let Some(s) = grow {
                     qemu_img::resize(&building.tmp, s, stop)
                         .await
@@ -225,6 +216,25 @@ impl LocalStorage {
         Ok(dst)
     }
 
+    /// A flat, sparse qcow2 copy of `src` and its whole backing chain at `dst` (a template, a
+    /// full clone). `on_progress` gets percentages. The source is only read.
+    pub async fn create_flat_copy(
+        &self,
+        src: &str,
+        dst: &str,
+        stop: &Stop,
+        on_progress: impl FnMut(u8),
+    ) -> AgentResult<PathBuf> {
+        let src = self.roots.confine_chain(src)?;
+        let format = qemu_img::read_header(&src).map_err(|e| AgentError::invalid(e.to_string()))?.format;
+        let dst = self.prepare_target(dst)?;
+        let building = Building::beside(&dst);
+        copy_into(&src, format, &building, &CreateOptions::default(), stop, on_progress).await?;
+        stop.check("copying the volume")?;
+        building.publish(&dst)?;
+        Ok(dst)
+    }
+
     /// `(virtual size, bytes allocated on disk)` of an existing volume.
     pub async fn sizes(&self, path: &str, stop: &Stop) -> AgentResult<(u64, u64)> {
         let path = self.roots.confine_existing(path)?;
@@ -255,6 +265,20 @@ impl LocalStorage {
         }
         Ok(true)
     }
+}
+
+/// Converts `src` (with its chain) into the file being built.
+async fn copy_into(
+    src: &Path,
+    format: &str,
+    into: &Building,
+    opts: &CreateOptions,
+    stop: &Stop,
+    on_progress: impl FnMut(u8),
+) -> AgentResult<()> {
+    qemu_img::convert(src, format, &into.tmp, opts, stop, on_progress)
+        .await
+        .map_err(|e| stopped_or(e, stop, "copying the volume"))
 }
 
 /// Whether any process holds `path` open (scans `/proc/*/fd`).

@@ -229,9 +229,7 @@ async fn make_one(
                         )
                         .await
                 }
-                CloneMode::Copy => {
-                    app.storage.create_from_image(&src, &v.install_path, None, Provisioning::Thick, &ctx.stop).await
-                }
+                CloneMode::Copy => app.storage.create_flat_copy(&src, &v.install_path, &ctx.stop, |_| {}).await,
             }
             .map_err(|e| e.context(format!("step 'create volume {}' failed", v.volume_uuid)))?;
             undo.push(UndoStep::RemoveFile { path: made });
