@@ -11,7 +11,9 @@ use serde_json::json;
 const MIB: u64 = 1 << 20;
 
 fn files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
     v.sort();
     v
 }
@@ -24,7 +26,13 @@ async fn with_backing_template_and_reinit_have_real_effects() {
     let base = BaseImage::create(&h, 32 * MIB).unwrap();
 
     let (_, linked) = data_volume_path(&h);
-    let r = h.call_ok("/localstorage/volume/createwithbacking", &json!({"templatePathInCache": base.path, "installPath": linked, "volumeUuid": "v"})).await.unwrap();
+    let r = h
+        .call_ok(
+            "/localstorage/volume/createwithbacking",
+            &json!({"templatePathInCache": base.path, "installPath": linked, "volumeUuid": "v"}),
+        )
+        .await
+        .unwrap();
     assert_eq!(r["size"].as_u64(), Some(32 * MIB));
     assert_eq!(qemu_img_info(&linked).unwrap()["backing-filename"].as_str(), base.path.to_str());
 
@@ -32,16 +40,29 @@ async fn with_backing_template_and_reinit_have_real_effects() {
     qemu_io_write(&linked, 8 * MIB, &vec![0x77; MIB as usize]).unwrap();
     let linked_sha = file_sha256(&linked).unwrap();
     let template = h.path(&format!("imagecache/template/{0}/{0}.qcow2", uuid()));
-    let task = h.send("/localstorage/volume/createtemplate", &json!({"volumePath": linked, "installPath": template})).await.unwrap();
+    let task = h
+        .send("/localstorage/volume/createtemplate", &json!({"volumePath": linked, "installPath": template}))
+        .await
+        .unwrap();
     let r = h.callbacks.wait(&task, Duration::from_secs(60)).await.unwrap();
     assert_eq!(r["success"], true, "{r}");
     assert!(qemu_img_info(&template).unwrap()["backing-filename"].is_null(), "a template stands alone");
-    assert!(qemu_img(&["compare", "-U", linked.to_str().unwrap(), template.to_str().unwrap()]).unwrap().contains("identical"));
+    assert!(qemu_img(&["compare", "-U", linked.to_str().unwrap(), template.to_str().unwrap()])
+        .unwrap()
+        .contains("identical"));
     assert_eq!(file_sha256(&linked).unwrap(), linked_sha, "the source is only read");
-    assert!(h.callbacks.progress_reports().iter().any(|p| p["processType"] == "/localstorage/volume/createtemplate"), "progress was reported");
+    assert!(
+        h.callbacks.progress_reports().iter().any(|p| p["processType"] == "/localstorage/volume/createtemplate"),
+        "progress was reported"
+    );
 
     let (_, root) = root_volume_path(&h);
-    h.call_ok("/localstorage/volume/createvolumefromcache", &json!({"templatePathInCache": base.path, "installUrl": root})).await.unwrap();
+    h.call_ok(
+        "/localstorage/volume/createvolumefromcache",
+        &json!({"templatePathInCache": base.path, "installUrl": root}),
+    )
+    .await
+    .unwrap();
     qemu_io_write(&root, 0, b"old root data").unwrap();
     let root_sha = file_sha256(&root).unwrap();
     let r = h.call_ok("/localstorage/reinit/image", &json!({"imagePath": template, "volumePath": root})).await.unwrap();
@@ -70,7 +91,10 @@ async fn a_stopped_template_copy_and_bad_input_leave_nothing() {
         .await
         .unwrap();
     assert_eq!(r["success"], false, "{r}");
-    assert!(r["error"].as_str().unwrap().contains("copying the volume did not finish before the deadline"), "stopped during the copy: {r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("copying the volume did not finish before the deadline"),
+        "stopped during the copy: {r}"
+    );
     assert_eq!(files(&dir), Vec::<String>::new(), "no template or temporary file left");
 
     let base = BaseImage::create(&h, 16 * MIB).unwrap();
@@ -79,19 +103,47 @@ async fn a_stopped_template_copy_and_bad_input_leave_nothing() {
     std::fs::create_dir_all(taken.parent().unwrap()).unwrap();
     std::fs::write(&taken, b"keep").unwrap();
     let cases = vec![
-        ("/localstorage/volume/createwithbacking", json!({"templatePathInCache": outside.path(), "installPath": target}), "outside the storage roots"),
-        ("/localstorage/volume/createwithbacking", json!({"templatePathInCache": base.path, "installPath": taken}), "already exists"),
+        (
+            "/localstorage/volume/createwithbacking",
+            json!({"templatePathInCache": outside.path(), "installPath": target}),
+            "outside the storage roots",
+        ),
+        (
+            "/localstorage/volume/createwithbacking",
+            json!({"templatePathInCache": base.path, "installPath": taken}),
+            "already exists",
+        ),
         ("/localstorage/volume/createwithbacking", json!({"templatePathInCache": base.path}), "installPath"),
-        ("/localstorage/volume/createtemplate", json!({"volumePath": h.path("missing.qcow2"), "installPath": target}), "does not exist"),
-        ("/localstorage/volume/createtemplate", json!({"volumePath": base.path, "installPath": "/etc/t.qcow2"}), "outside the storage roots"),
-        ("/localstorage/reinit/image", json!({"imagePath": base.path, "volumePath": "/etc/passwd"}), "outside the storage roots"),
-        ("/localstorage/reinit/image", json!({"imagePath": h.path("none.qcow2"), "volumePath": taken}), "unable to find image in cache"),
+        (
+            "/localstorage/volume/createtemplate",
+            json!({"volumePath": h.path("missing.qcow2"), "installPath": target}),
+            "does not exist",
+        ),
+        (
+            "/localstorage/volume/createtemplate",
+            json!({"volumePath": base.path, "installPath": "/etc/t.qcow2"}),
+            "outside the storage roots",
+        ),
+        (
+            "/localstorage/reinit/image",
+            json!({"imagePath": base.path, "volumePath": "/etc/passwd"}),
+            "outside the storage roots",
+        ),
+        (
+            "/localstorage/reinit/image",
+            json!({"imagePath": h.path("none.qcow2"), "volumePath": taken}),
+            "unable to find image in cache",
+        ),
     ];
     for (path, body, needle) in cases {
         let e = h.call_err(path, &body).await.unwrap();
         assert!(e.contains(needle), "{path}: expected {needle:?} in {e}");
     }
     assert_eq!(files(&dir), Vec::<String>::new());
-    assert_eq!(files(taken.parent().unwrap()), vec![taken.file_name().unwrap().to_string_lossy().into_owned()], "nothing beside the taken volume");
+    assert_eq!(
+        files(taken.parent().unwrap()),
+        vec![taken.file_name().unwrap().to_string_lossy().into_owned()],
+        "nothing beside the taken volume"
+    );
     assert_eq!(std::fs::read(&taken).unwrap(), b"keep");
 }

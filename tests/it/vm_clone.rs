@@ -65,14 +65,21 @@ fn swtpm_dir(vm: &str) -> PathBuf {
 
 #[tokio::test]
 async fn five_linked_clones_of_a_running_vm_with_data_and_tpm() {
+    five_clones_of_a_running_vm("linked").await
+}
+
+#[tokio::test]
+async fn five_full_copies_of_a_running_vm_with_data_and_tpm() {
+    five_clones_of_a_running_vm("copy").await
+}
+
+async fn five_clones_of_a_running_vm(mode: &str) {
     let h = Host::start().await.unwrap();
     let src = source_vm(&h, true).await;
     let base_sha = file_sha256(&src.base.path).unwrap();
     let names: Vec<String> = (1..=5).map(|i| format!("clone-{i}")).collect();
-    let r = h
-        .call_within("/vm/clone", &json!({"vmUuid": src.vm, "names": names, "full": true}), Duration::from_secs(300))
-        .await
-        .unwrap();
+    let cmd = json!({"vmUuid": src.vm, "names": names, "full": true, "mode": mode});
+    let r = h.call_within("/vm/clone", &cmd, Duration::from_secs(300)).await.unwrap();
     assert_eq!(r["success"], true, "{r}");
     let clones = clone_uuids(&r);
     for c in &clones {
@@ -112,10 +119,14 @@ async fn five_linked_clones_of_a_running_vm_with_data_and_tpm() {
                 "disk serial = new volume uuid"
             );
             let info = qemu_img_info(Path::new(v["installPath"].as_str().unwrap())).unwrap();
-            assert!(
-                frozen.iter().any(|f| f["snapshotPath"] == info["backing-filename"]),
-                "linked to a frozen snapshot: {info}"
-            );
+            if mode == "linked" {
+                assert!(
+                    frozen.iter().any(|f| f["snapshotPath"] == info["backing-filename"]),
+                    "linked to a frozen snapshot: {info}"
+                );
+            } else {
+                assert!(info["backing-filename"].is_null(), "a full copy stands alone: {info}");
+            }
         }
         assert_ne!(xml_text(&xml, "description").as_deref(), Some("source"));
         assert!(swtpm_dir(c).join("tpm2").is_dir(), "the clone has a copy of the TPM state");
