@@ -195,6 +195,23 @@ pub async fn resize(path: &Path, size: u64, stop: &Stop) -> Result<(), QemuImgEr
     run("resize", path, &[os("resize"), os("-q"), path.as_os_str(), os(&size.to_string())], stop).await.map(|_| ())
 }
 
+/// Safe `qemu-img rebase -f qcow2 -F <fmt> -b <backing> <path>`: rewrites `path` in place so
+/// that it reads the same on `backing` as on its old chain. Callers run it on a copy.
+pub async fn rebase(path: &Path, backing: &Path, backing_fmt: &str, stop: &Stop) -> Result<(), QemuImgError> {
+    let args = [
+        os("rebase"),
+        os("-q"),
+        os("-f"),
+        os("qcow2"),
+        os("-F"),
+        os(backing_fmt),
+        os("-b"),
+        backing.as_os_str(),
+        path.as_os_str(),
+    ];
+    run("rebase", path, &args, stop).await.map(|_| ())
+}
+
 /// `qemu-img measure -O qcow2`: bytes a flat qcow2 copy of the image (with its chain) needs.
 pub async fn measure(path: &Path, fmt: &str, stop: &Stop) -> Result<Measure, QemuImgError> {
     let out = run(

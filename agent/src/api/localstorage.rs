@@ -131,3 +131,21 @@ pub struct ReinitImageCmd {
 pub struct ReinitImageRsp {
     pub new_volume_install_path: String,
 }
+
+/// `/localstorage/snapshot/offlinemerge`: `fullRebase` flattens `destPath`; otherwise rebases it
+/// (safely) onto `srcPath`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OfflineMergeCmd {
+    #[serde(default)]
+    pub src_path: Option<String>,
+    pub dest_path: String,
+    #[serde(default)]
+    pub full_rebase: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EstimateTemplateSizeCmd {
+    pub volume_path: String,
+}

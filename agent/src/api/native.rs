@@ -136,3 +136,35 @@ pub struct CloneVmRsp {
     /// files the clones are built on.
     pub source_volumes: Vec<Value>,
 }
+
+/// `/vm/flatten`: cut volumes loose from their backing chains.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlattenVmCmd {
+    pub vm_uuid: String,
+    /// All volumes (the management plane's default) or the root only.
+    #[serde(default = "all_volumes")]
+    pub full: bool,
+    /// Change nothing; answer what the flatten would add.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+fn all_volumes() -> bool {
+    true
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlattenEstimateRsp {
+    pub volumes: Vec<VolumeEstimate>,
+    pub total_bytes_to_add: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeEstimate {
+    pub uuid: String,
+    pub install_path: String,
+    pub bytes_to_add: u64,
+}

@@ -279,3 +279,16 @@ pub struct TakeSnapshotRsp {
     /// Bytes the snapshot file holds.
     pub size: u64,
 }
+
+/// `/vm/volume/mergesnapshot`: on the running VM, pull `destPath`'s chain into it — all of it
+/// (`fullRebase`) or down to `srcPath`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MergeSnapshotCmd {
+    pub vm_uuid: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub src_path: Option<String>,
+    pub dest_path: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub full_rebase: bool,
+}

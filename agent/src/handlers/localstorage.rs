@@ -147,3 +147,35 @@ pub async fn reinit_image(app: &App, ctx: &TaskCtx, cmd: ReinitImageCmd) -> Agen
     let path = app.storage.create_from_image(&cmd.image_path, &new, None, Provisioning::Thin, &ctx.stop).await?;
     Ok(with_capacity(app, Some(&path), ReinitImageRsp { new_volume_install_path: path.display().to_string() }))
 }
+
+pub async fn offline_merge(
+    app: &App,
+    ctx: &TaskCtx,
+    cmd: OfflineMergeCmd,
+) -> AgentResult<WithCapacity<crate::api::Empty>> {
+    let _lock = app.volume_locks.write(&cmd.dest_path).await;
+    match (cmd.full_rebase, cmd.src_path.as_deref().filter(|p| !p.is_empty())) {
+        (true, _) => {
+            app.storage.flatten_offline(&cmd.dest_path, &ctx.stop, |p| ctx.progress(p, "flattening")).await?;
+        }
+        (false, Some(src)) => app.storage.rebase_offline(&cmd.dest_path, src, &ctx.stop).await?,
+        (false, None) => return Err(AgentError::invalid("srcPath is required unless fullRebase is true")),
+    }
+    Ok(with_capacity(app, Some(Path::new(&cmd.dest_path)), crate::api::Empty {}))
+}
+
+/// Bytes a flat copy of the volume would take (`actualSize`) and its virtual size (`size`),
+/// from allocation metadata.
+pub async fn estimate_template_size(
+    app: &App,
+    ctx: &TaskCtx,
+    cmd: EstimateTemplateSizeCmd,
+) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
+    let _lock = app.volume_locks.read(&cmd.volume_path).await;
+    let e = app.storage.estimate_flatten(&cmd.volume_path, &ctx.stop).await?;
+    Ok(with_capacity(
+        app,
+        Some(Path::new(&cmd.volume_path)),
+        VolumeSizeRsp { size: e.virtual_size, actual_size: e.flat_size },
+    ))
+}

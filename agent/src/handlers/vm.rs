@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use crate::api::vm::{DestroyVmCmd, StartVmCmd, StartVmRsp, StopVmCmd, TakeSnapshotCmd, TakeSnapshotRsp};
+use crate::api::vm::{
+    DestroyVmCmd, MergeSnapshotCmd, StartVmCmd, StartVmRsp, StopVmCmd, TakeSnapshotCmd, TakeSnapshotRsp,
+};
 use crate::api::Empty;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
@@ -100,4 +102,36 @@ pub async fn take_snapshot(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotCmd) -> Ag
         snapshot_install_path: z.snapshot_path.display().to_string(),
         size,
     })
+}
+
+pub async fn flatten(
+    app: &App,
+    ctx: &TaskCtx,
+    cmd: crate::api::native::FlattenVmCmd,
+) -> AgentResult<serde_json::Value> {
+    vm::flatten::flatten(app, ctx, cmd).await
+}
+
+/// `/vm/volume/mergesnapshot` (ZStack): a live block pull on the running VM, verified from the
+/// qcow2 header before success is reported.
+pub async fn merge_snapshot(app: &App, ctx: &TaskCtx, cmd: MergeSnapshotCmd) -> AgentResult<Empty> {
+    vm::check_uuid(&cmd.vm_uuid)?;
+    let _vm = app.vm_locks.write(&cmd.vm_uuid).await;
+    let _volume = app.volume_locks.write(&cmd.dest_path).await;
+    let dest = app.storage.roots().confine_chain(&cmd.dest_path)?;
+    let base = match (cmd.full_rebase, cmd.src_path.as_deref().filter(|p| !p.is_empty())) {
+        (true, _) => None,
+        (false, Some(src)) => Some(app.storage.roots().confine_existing(src)?),
+        (false, None) => return Err(AgentError::invalid("srcPath is required unless fullRebase is true")),
+    };
+    if base.is_none()
+        && crate::qemu_img::read_header(&dest).map_err(|e| AgentError::invalid(e.to_string()))?.backing_file.is_none()
+    {
+        return Ok(Empty {});
+    }
+    if !app.libvirt.domain_state(&cmd.vm_uuid).await?.is_some_and(|s| s.is_active()) {
+        return Err(AgentError::conflict(format!("VM {} is not running; merge offline instead", cmd.vm_uuid)));
+    }
+    vm::flatten::pull_live(app, ctx, &cmd.vm_uuid, &dest, base.as_deref(), |p| ctx.progress(p, "pulling")).await?;
+    Ok(Empty {})
 }

@@ -62,7 +62,19 @@ static ROUTES: &[Route] = &[
     Route { path: "/vm/create", style: Style::Async, handler: typed!(handlers::vm::create) },
     Route { path: "/vm/changeimage", style: Style::Async, handler: typed!(handlers::vm::change_image) },
     Route { path: "/vm/clone", style: Style::Async, handler: typed!(handlers::vm::clone) },
+    Route { path: "/vm/flatten", style: Style::Async, handler: typed!(handlers::vm::flatten) },
     Route { path: "/vm/volume/takesnapshot", style: Style::Async, handler: typed!(handlers::vm::take_snapshot) },
+    Route { path: "/vm/volume/mergesnapshot", style: Style::Async, handler: typed!(handlers::vm::merge_snapshot) },
+    Route {
+        path: "/localstorage/snapshot/offlinemerge",
+        style: Style::Async,
+        handler: typed!(handlers::localstorage::offline_merge),
+    },
+    Route {
+        path: "/localstorage/volume/estimatetemplatesize",
+        style: Style::Async,
+        handler: typed!(handlers::localstorage::estimate_template_size),
+    },
     Route { path: "/localstorage/init", style: Style::Async, handler: typed!(handlers::localstorage::init) },
     Route { path: "/localstorage/checkbits", style: Style::Async, handler: typed!(handlers::localstorage::check_bits) },
     Route {

@@ -1,6 +1,7 @@
 //! The libvirt connection. Every libvirt call blocks, so each runs on a blocking thread through
 //! [`Libvirt::call`], which also times it and reconnects once when the daemon was restarted.
 
+pub mod blockjob;
 pub mod domains;
 
 use std::sync::{Arc, Mutex};

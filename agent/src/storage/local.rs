@@ -26,6 +26,13 @@ pub struct Capacity {
     pub available: u64,
 }
 
+#[derive(Debug, Clone, Copy)]
+pub struct FlattenEstimate {
+    pub virtual_size: u64,
+    pub flat_size: u64,
+    pub bytes_to_add: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct LocalStorage {
     roots: StorageRoots,
@@ -59,6 +66,23 @@ impl Building {
         })?;
         self.published = true;
         let _ = std::fs::remove_file(&self.tmp);
+        if let Some(dir) = dst.parent() {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(fail)?;
+        }
+        Ok(())
+    }
+}
+
+impl Building {
+    /// Flushes the new file and renames it over `dst`, which it replaces atomically (flatten,
+    /// rebase: same volume, new content).
+    fn replace(mut self, dst: &Path) -> AgentResult<()> {
+        let fail = |e: std::io::Error| {
+            AgentError::failed("cannot put the rewritten volume in place", format!("{}: {e}", dst.display()))
+        };
+        std::fs::File::open(&self.tmp).and_then(|f| f.sync_all()).map_err(fail)?;
+        std::fs::rename(&self.tmp, dst).map_err(fail)?;
+        self.published = true;
         if let Some(dir) = dst.parent() {
             std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(fail)?;
         }
@@ -233,6 +257,72 @@ impl LocalStorage {
         stop.check("copying the volume")?;
         building.publish(&dst)?;
         Ok(dst)
+    }
+
+    /// An existing volume no running process has open, to rewrite offline.
+    fn offline_volume(&self, path: &str) -> AgentResult<PathBuf> {
+        let path = self.roots.confine_chain(path)?;
+        if is_open_by_any_process(&path) {
+            return Err(AgentError::conflict(format!(
+                "volume {} is in use; flatten a running VM's disk live instead",
+                path.display()
+            )));
+        }
+        Ok(path)
+    }
+
+    /// Flattens a volume offline: a flat copy of its chain is built beside it and renamed over
+    /// it, so it never is half-flattened. Returns false (and does nothing) when it has no backing
+    /// file.
+    pub async fn flatten_offline(&self, path: &str, stop: &Stop, on_progress: impl FnMut(u8)) -> AgentResult<bool> {
+        let path = self.offline_volume(path)?;
+        let header = qemu_img::read_header(&path).map_err(|e| AgentError::invalid(e.to_string()))?;
+        if header.backing_file.is_none() {
+            return Ok(false);
+        }
+        let building = Building::beside(&path);
+        copy_into(&path, header.format, &building, &CreateOptions::default(), stop, on_progress).await?;
+        stop.check("flattening the volume")?;
+        building.replace(&path)?;
+        Ok(true)
+    }
+
+    /// Rebases a volume offline onto `backing` (safe mode: it reads the same afterwards), on a
+    /// copy that then replaces it.
+    pub async fn rebase_offline(&self, path: &str, backing: &str, stop: &Stop) -> AgentResult<()> {
+        let path = self.offline_volume(path)?;
+        let backing = self.roots.confine_chain(backing)?;
+        let fmt = qemu_img::read_header(&backing).map_err(|e| AgentError::invalid(e.to_string()))?.format;
+        let building = Building::beside(&path);
+        std::fs::copy(&path, &building.tmp).map_err(|e| {
+            AgentError::failed("cannot copy the volume to rebase it", format!("{}: {e}", path.display()))
+        })?;
+        qemu_img::rebase(&building.tmp, &backing, fmt, stop)
+            .await
+            .map_err(|e| stopped_or(e, stop, "rebasing the volume"))?;
+        stop.check("rebasing the volume")?;
+        building.replace(&path)?;
+        Ok(())
+    }
+
+    /// What flattening `path` would do, from metadata only (`qemu-img measure` walks allocation
+    /// maps; no data is read): `(virtual size, bytes of the flat result, bytes it adds)`.
+    pub async fn estimate_flatten(&self, path: &str, stop: &Stop) -> AgentResult<FlattenEstimate> {
+        let path = self.roots.confine_chain(path)?;
+        let info = qemu_img::info(&path, stop).await?;
+        if info.backing_filename.is_none() {
+            return Ok(FlattenEstimate {
+                virtual_size: info.virtual_size,
+                flat_size: info.actual_size,
+                bytes_to_add: 0,
+            });
+        }
+        let m = qemu_img::measure(&path, &info.format, stop).await?;
+        Ok(FlattenEstimate {
+            virtual_size: info.virtual_size,
+            flat_size: m.required,
+            bytes_to_add: m.required.saturating_sub(info.actual_size),
+        })
     }
 
     /// `(virtual size, bytes allocated on disk)` of an existing volume.

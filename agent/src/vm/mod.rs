@@ -4,6 +4,7 @@
 pub mod change_image;
 pub mod clone;
 pub mod create;
+pub mod flatten;
 pub mod freeze;
 pub mod inventory;
 pub mod records;

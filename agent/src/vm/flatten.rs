@@ -1,0 +1,148 @@
+//! Flattening volumes: offline by a flat copy renamed over the volume, live by libvirt's block
+//! pull on the running VM (polled for progress, aborted on cancel or deadline, and verified from
+//! the qcow2 header before success is reported).
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::api::native::{FlattenEstimateRsp, FlattenVmCmd, VolumeEstimate};
+use crate::app::App;
+use crate::error::{AgentError, AgentResult};
+use crate::qemu_img;
+use crate::tasks::TaskCtx;
+
+const POLL: Duration = Duration::from_millis(200);
+
+/// The live disk target (e.g. `vda`) whose top file is `path`.
+async fn disk_of(app: &App, vm: &str, path: &Path) -> AgentResult<String> {
+    let live = app.libvirt.xml(vm).await?;
+    crate::domain::live_disks(&live)?
+        .into_iter()
+        .find(|d| d.file.as_deref().is_some_and(|f| std::fs::canonicalize(f).is_ok_and(|c| c == path)))
+        .map(|d| d.target)
+        .ok_or_else(|| AgentError::not_found(format!("VM {vm} has no disk on {}", path.display())))
+}
+
+/// Pulls the chain of `path` above `base` (everything when `None`) into it, on the running VM.
+/// Returns once the job is done and the qcow2 header shows the expected backing file.
+pub async fn pull_live(
+    app: &App,
+    ctx: &TaskCtx,
+    vm: &str,
+    path: &Path,
+    base: Option<&Path>,
+    progress: impl Fn(u8),
+) -> AgentResult<()> {
+    let disk = disk_of(app, vm, path).await?;
+    if app.libvirt.block_job(vm, &disk).await?.is_some() {
+        return Err(AgentError::conflict(format!(
+            "disk {disk} of VM {vm} already has a block job running; wait for it"
+        )));
+    }
+    let base_str = base.map(|b| b.display().to_string());
+    app.libvirt
+        .block_pull(vm, &disk, base_str.as_deref())
+        .await
+        .map_err(|e| AgentError::from(e).context(format!("starting the block pull of {disk}")))?;
+    loop {
+        tokio::select! {
+            _ = ctx.stop.stopped() => {
+                if let Err(e) = app.libvirt.block_job_abort(vm, &disk).await {
+                    tracing::error!(vm, disk = %disk, error = %e, "cannot abort the block pull");
+                }
+                return Err(ctx.stop.error("flattening the running VM's disk"));
+            }
+            _ = tokio::time::sleep(POLL) => {}
+        }
+        match app.libvirt.block_job(vm, &disk).await? {
+            Some(p) if p.end > 0 => progress((p.cur * 100 / p.end).min(99) as u8),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    // libvirt has reported jobs done that did not change the chain: trust the header only.
+    let backing = qemu_img::read_header(path).map_err(|e| AgentError::internal(e.to_string()))?.backing_file;
+    let now = backing.as_deref().map(|b| path.parent().unwrap_or(Path::new("/")).join(b));
+    match (base, now) {
+        (None, None) => Ok(()),
+        (Some(want), Some(got)) if std::fs::canonicalize(&got).is_ok_and(|g| g == want) => Ok(()),
+        (_, got) => Err(AgentError::failed(
+            "the block pull did not leave the expected chain",
+            format!("{} has backing file {got:?}, expected {base:?}; retry", path.display()),
+        )),
+    }
+}
+
+/// Flattens one volume of VM `vm`, live when the VM runs. Returns whether anything changed.
+async fn flatten_volume(
+    app: &App,
+    ctx: &TaskCtx,
+    vm: &str,
+    running: bool,
+    path: &str,
+    progress: impl Fn(u8),
+) -> AgentResult<bool> {
+    let _lock = app.volume_locks.write(path).await;
+    let resolved = app.storage.roots().confine_chain(path)?;
+    if qemu_img::read_header(&resolved).map_err(|e| AgentError::invalid(e.to_string()))?.backing_file.is_none() {
+        return Ok(false);
+    }
+    if running {
+        pull_live(app, ctx, vm, &resolved, None, progress).await?;
+    } else {
+        app.storage.flatten_offline(path, &ctx.stop, progress).await?;
+    }
+    Ok(true)
+}
+
+pub async fn flatten(app: &App, ctx: &TaskCtx, cmd: FlattenVmCmd) -> AgentResult<Value> {
+    let spec = app.vm_records.load(&cmd.vm_uuid)?;
+    let vm = spec.vm_instance_uuid.clone();
+    let _vm_lock = app.vm_locks.write(&vm).await;
+    let volumes: Vec<_> =
+        std::iter::once(&spec.root_volume).chain(spec.data_volumes.iter().filter(|_| cmd.full)).collect();
+    if let Some(v) = volumes.iter().find(|v| v.device_type != "file") {
+        return Err(AgentError::invalid(format!(
+            "volume {} is not a file volume; this host flattens local volumes only",
+            v.install_path
+        )));
+    }
+    // Every chain must stay inside the roots before anything is touched.
+    for v in &volumes {
+        app.storage.roots().confine_chain(&v.install_path)?;
+    }
+    if cmd.dry_run {
+        let mut out = Vec::new();
+        for v in &volumes {
+            let e = app.storage.estimate_flatten(&v.install_path, &ctx.stop).await?;
+            out.push(VolumeEstimate {
+                uuid: v.volume_uuid.clone(),
+                install_path: v.install_path.clone(),
+                bytes_to_add: e.bytes_to_add,
+            });
+        }
+        let total_bytes_to_add = out.iter().map(|v| v.bytes_to_add).sum();
+        return serde_json::to_value(FlattenEstimateRsp { volumes: out, total_bytes_to_add })
+            .map_err(|e| AgentError::internal(e.to_string()));
+    }
+    let state = app.libvirt.domain_state(&vm).await?;
+    let running = state.is_some_and(|s| s.is_active());
+    let n = volumes.len();
+    for (i, v) in volumes.iter().enumerate() {
+        let report = |p: u8| ctx.progress(((i * 100 + p as usize) / n) as u8, &v.volume_uuid);
+        flatten_volume(app, ctx, &vm, running, &v.install_path, report)
+            .await
+            .map_err(|e| e.context(format!("flattening volume {}", v.volume_uuid)))?;
+    }
+    ctx.progress(100, "flattened");
+    let label = match state {
+        Some(crate::libvirt::domains::VmState::Paused) => "Paused",
+        Some(s) if s.is_active() => "Running",
+        Some(_) => "Stopped",
+        None => "Created",
+    };
+    let inv = super::inventory::of(app, &spec, label, ctx).await?;
+    serde_json::to_value(inv).map_err(|e| AgentError::internal(e.to_string()))
+}
