@@ -244,6 +244,9 @@ pub struct Header {
     pub format: &'static str,
     /// The backing file name as stored (may be relative to the image's directory).
     pub backing_file: Option<String>,
+    /// qcow2 v3 "external data file": the image's data lives in another file, which QEMU opens
+    /// by a name stored in the header.
+    pub external_data: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -263,18 +266,22 @@ const MAX_BACKING_NAME: u32 = 1023;
 pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
     let io = |source| HeaderError::Io { path: path.to_owned(), source };
     let mut f = std::fs::File::open(path).map_err(io)?;
-    let mut head = [0u8; 20];
+    let mut head = [0u8; 80];
     let n = read_full(&mut f, &mut head).map_err(io)?;
     if n < 4 || &head[..4] != QCOW2_MAGIC {
-        return Ok(Header { format: "raw", backing_file: None });
+        return Ok(Header { format: "raw", backing_file: None, external_data: false });
     }
     if n < 20 {
         return Err(HeaderError::Corrupt { path: path.to_owned(), reason: "header shorter than 20 bytes" });
     }
+    let version = u32::from_be_bytes(head[4..8].try_into().expect("4 bytes"));
+    // v3 headers carry incompatible feature bits at byte 72; bit 2 is "external data file".
+    let external_data =
+        version >= 3 && n >= 80 && u64::from_be_bytes(head[72..80].try_into().expect("8 bytes")) & (1 << 2) != 0;
     let offset = u64::from_be_bytes(head[8..16].try_into().expect("8 bytes"));
     let len = u32::from_be_bytes(head[16..20].try_into().expect("4 bytes"));
     if offset == 0 || len == 0 {
-        return Ok(Header { format: "qcow2", backing_file: None });
+        return Ok(Header { format: "qcow2", backing_file: None, external_data });
     }
     if len > MAX_BACKING_NAME {
         return Err(HeaderError::Corrupt { path: path.to_owned(), reason: "backing file name longer than 1023 bytes" });
@@ -290,7 +297,7 @@ pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
     }
     let name = String::from_utf8(name)
         .map_err(|_| HeaderError::Corrupt { path: path.to_owned(), reason: "backing file name is not UTF-8" })?;
-    Ok(Header { format: "qcow2", backing_file: Some(name) })
+    Ok(Header { format: "qcow2", backing_file: Some(name), external_data })
 }
 
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -328,7 +335,7 @@ mod tests {
         let stop = Stop::new();
         create(&base, 1 << 20, &CreateOptions::default(), &stop).await.unwrap();
         create_overlay(&base, "qcow2", &top, None, &CreateOptions::preallocation("full"), &stop).await.unwrap();
-        assert_eq!(read_header(&base).unwrap(), Header { format: "qcow2", backing_file: None });
+        assert_eq!(read_header(&base).unwrap(), Header { format: "qcow2", backing_file: None, external_data: false });
         assert_eq!(read_header(&top).unwrap().backing_file.as_deref(), base.to_str());
         let i = info(&top, &stop).await.unwrap();
         assert_eq!(i.backing_filename_format.as_deref(), Some("qcow2"));

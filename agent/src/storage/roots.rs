@@ -27,6 +27,8 @@ pub enum PathError {
     NotRegular(String),
     #[error("{image} has backing file {backing:?}, which is not a plain file path; refusing it")]
     BackingProtocol { image: String, backing: String },
+    #[error("{0} keeps its data in an external data file; such images are refused")]
+    ExternalData(String),
     #[error("the backing chain of {0} is deeper than {MAX_CHAIN} images")]
     ChainTooDeep(String),
     #[error("the backing chain of {0} loops")]
@@ -125,7 +127,11 @@ impl StorageRoots {
         let mut seen = HashSet::from([top.clone()]);
         let mut current = top.clone();
         for _ in 0..MAX_CHAIN {
-            let Some(backing) = read_header(&current)?.backing_file else {
+            let header = read_header(&current)?;
+            if header.external_data {
+                return Err(PathError::ExternalData(current.display().to_string()));
+            }
+            let Some(backing) = header.backing_file else {
                 return Ok(top);
             };
             let image = current.display().to_string();
@@ -214,6 +220,19 @@ mod tests {
             .await
             .unwrap();
         assert!(roots.confine_chain(&dev.to_string_lossy()).is_err());
+
+        // An image whose data lives in a file outside the roots.
+        let data = dir.path().join("outside.raw");
+        let ext = root.join("ext.qcow2");
+        let opt = format!("data_file={}", data.display());
+        crate::process::run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &opt, ext.to_str().unwrap(), "1M"],
+            &stop,
+        )
+        .await
+        .unwrap();
+        assert!(matches!(roots.confine_chain(&ext.to_string_lossy()), Err(PathError::ExternalData(_))));
 
         let base = root.join("base.qcow2");
         let good = root.join("good.qcow2");
