@@ -221,3 +221,42 @@ async fn chains_outside_the_roots_are_refused_and_rebase_keeps_the_data() {
     let est = h.call_ok("/localstorage/volume/estimatetemplatesize", &json!({"volumePath": c.top})).await.unwrap();
     assert!(est["actualSize"].as_u64().unwrap() > 4 * MIB && est["size"].as_u64().unwrap() > 0, "{est}");
 }
+
+#[tokio::test]
+async fn cancelling_a_live_flatten_aborts_the_block_job_and_keeps_the_chain() {
+    let h = Host::start().await.unwrap();
+    let c = chained_vm(&h, "run", 384 * MIB).await;
+    let api = uuid();
+    let task = h.send("/vm/flatten", &json!({"vmUuid": c.vm, "threadContext": {"api": api}})).await.unwrap();
+    // Cancel as soon as the block job reports progress.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, status) = h.get(&format!("/task/{task}")).await.unwrap();
+        let status: Value = serde_json::from_str(&status).unwrap();
+        if status["progress"].as_u64().unwrap_or(0) > 0
+            || status["state"] != "running"
+            || std::time::Instant::now() > deadline
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cancel = h.call("/job/cancel", &json!({"cancellationApiId": api})).await.unwrap();
+    let r = h.callbacks.wait(&task, Duration::from_secs(60)).await.unwrap();
+    eprintln!("live cancel: cancel answered {}, flatten answered {}", cancel["success"], r["success"]);
+    if cancel["success"] == true {
+        assert_eq!(r["success"], false, "{r}");
+        assert!(r["error"].as_str().unwrap().contains("cancelled"), "{r}");
+        assert_eq!(
+            qemu_img_info(&c.top).unwrap()["backing-filename"].as_str(),
+            c.middle.to_str(),
+            "the chain is intact"
+        );
+    } else {
+        // The pull finished before the cancel arrived: then it must be complete and correct.
+        assert_eq!(r["success"], true, "{r}");
+    }
+    assert_eq!(domstate(&c.vm).as_deref(), Some("running"));
+    h.call_ok("/vm/stop", &json!({"uuid": c.vm, "type": "cold"})).await.unwrap();
+    assert!(identical(&c.reference(), &c.top), "the guest's data is the same either way");
+}
