@@ -87,6 +87,8 @@ fn temporaries(dir: &Path) -> Vec<String> {
 #[tokio::test]
 async fn offline_flatten_keeps_every_byte_and_the_dry_run_predicts_it() {
     let h = Host::start().await.unwrap();
+    let connect = json!({"hostUuid": "h1", "sendCommandUrl": h.callbacks.send_command_url()});
+    assert_eq!(h.post("/host/connect", &[], connect.to_string()).await.unwrap().0, 200);
     let c = chained_vm(&h, "stopped", 16 * MIB).await;
     let (base_sha, middle_sha, top_sha) =
         (file_sha256(&c.base).unwrap(), file_sha256(&c.middle).unwrap(), file_sha256(&c.top).unwrap());
@@ -110,6 +112,11 @@ async fn offline_flatten_keeps_every_byte_and_the_dry_run_predicts_it() {
         "backing files are never written"
     );
     assert!(temporaries(c.top.parent().unwrap()).is_empty());
+    let reports = h.callbacks.progress_reports();
+    assert!(
+        reports.iter().any(|p| p["processType"] == "/vm/flatten" && p["progress"] == "100"),
+        "progress reached the management node: {reports:?}"
+    );
 
     // Once flat, a flatten is a no-op success and the dry run predicts nothing.
     let sha = file_sha256(&c.top).unwrap();
@@ -159,6 +166,19 @@ async fn cancelling_a_flatten_leaves_the_volume_exactly_as_it_was() {
     assert_eq!(file_sha256(&c.top).unwrap(), top_sha, "the volume is exactly as it was");
     assert!(temporaries(&dir).is_empty(), "no temporary left");
     assert_eq!(qemu_img_info(&c.top).unwrap()["backing-filename"].as_str(), c.middle.to_str());
+
+    // The deadline from taskContext stops it the same way.
+    let r = h
+        .call_within(
+            "/vm/flatten",
+            &json!({"vmUuid": c.vm, "taskContext": {"__messagetimeout__": 300}}),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!((r["success"].as_bool(), r["errorCode"]["code"].as_str()), (Some(false), Some("SYS.1001")), "{r}");
+    assert_eq!(file_sha256(&c.top).unwrap(), top_sha, "the volume is exactly as it was");
+    assert!(temporaries(&dir).is_empty());
 }
 
 #[tokio::test]
