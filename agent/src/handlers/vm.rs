@@ -55,30 +55,6 @@ fn missing_is_stopped(e: crate::libvirt::LibvirtError) -> AgentResult<bool> {
     }
 }
 
-pub async fn create(
-    app: &App,
-    ctx: &TaskCtx,
-    cmd: crate::api::native::CreateVmCmd,
-) -> AgentResult<crate::api::inventory::VmInstanceInventory> {
-    vm::create::create(app, ctx, cmd).await
-}
-
-pub async fn change_image(
-    app: &App,
-    ctx: &TaskCtx,
-    cmd: crate::api::native::ChangeImageCmd,
-) -> AgentResult<crate::api::inventory::VmInstanceInventory> {
-    vm::change_image::change_image(app, ctx, cmd).await
-}
-
-pub async fn clone(
-    app: &App,
-    ctx: &TaskCtx,
-    cmd: crate::api::native::CloneVmCmd,
-) -> AgentResult<crate::api::native::CloneVmRsp> {
-    vm::clone::clone(app, ctx, cmd).await
-}
-
 /// `/vm/volume/takesnapshot` (ZStack): the volume's current file becomes the snapshot; the VM
 /// (running or not) continues on a new overlay, which is reused when already created.
 pub async fn take_snapshot(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotCmd) -> AgentResult<TakeSnapshotRsp> {
@@ -102,14 +78,6 @@ pub async fn take_snapshot(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotCmd) -> Ag
         snapshot_install_path: z.snapshot_path.display().to_string(),
         size,
     })
-}
-
-pub async fn flatten(
-    app: &App,
-    ctx: &TaskCtx,
-    cmd: crate::api::native::FlattenVmCmd,
-) -> AgentResult<serde_json::Value> {
-    vm::flatten::flatten(app, ctx, cmd).await
 }
 
 /// `/vm/volume/mergesnapshot` (ZStack): a live block pull on the running VM, verified from the

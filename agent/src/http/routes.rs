@@ -11,6 +11,7 @@ use crate::app::App;
 use crate::error::AgentResult;
 use crate::handlers;
 use crate::tasks::TaskCtx;
+use crate::vm;
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = AgentResult<Value>> + Send>>;
 pub type Handler = fn(Arc<App>, TaskCtx, Value) -> HandlerFuture;
@@ -59,10 +60,10 @@ static ROUTES: &[Route] = &[
     Route { path: "/vm/start", style: Style::Async, handler: typed!(handlers::vm::start) },
     Route { path: "/vm/stop", style: Style::Async, handler: typed!(handlers::vm::stop) },
     Route { path: "/vm/destroy", style: Style::Async, handler: typed!(handlers::vm::destroy) },
-    Route { path: "/vm/create", style: Style::Async, handler: typed!(handlers::vm::create) },
-    Route { path: "/vm/changeimage", style: Style::Async, handler: typed!(handlers::vm::change_image) },
-    Route { path: "/vm/clone", style: Style::Async, handler: typed!(handlers::vm::clone) },
-    Route { path: "/vm/flatten", style: Style::Async, handler: typed!(handlers::vm::flatten) },
+    Route { path: "/vm/create", style: Style::Async, handler: typed!(vm::create::create) },
+    Route { path: "/vm/changeimage", style: Style::Async, handler: typed!(vm::change_image::change_image) },
+    Route { path: "/vm/clone", style: Style::Async, handler: typed!(vm::clone::clone) },
+    Route { path: "/vm/flatten", style: Style::Async, handler: typed!(vm::flatten::flatten) },
     Route { path: "/vm/volume/takesnapshot", style: Style::Async, handler: typed!(handlers::vm::take_snapshot) },
     Route { path: "/vm/volume/mergesnapshot", style: Style::Async, handler: typed!(handlers::vm::merge_snapshot) },
     Route {
