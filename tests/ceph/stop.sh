@@ -4,15 +4,11 @@
 set -uo pipefail
 dir=${1:-/var/tmp/kvmagent-ceph}
 [ -d "$dir" ] || exit 0
-for pidfile in "$dir"/run/*.pid; do
-    [ -e "$pidfile" ] || continue
-    pid=$(cat "$pidfile")
-    kill "$pid" 2>/dev/null
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -9 "$pid" 2>/dev/null
-done
-# Daemons started with this conf but without a pid file in run_dir.
-pkill -f "ceph-(mon|osd) -c $dir/ceph.conf" 2>/dev/null
-sleep 0.5
+# The daemons are found by the config file they were started with.
+pattern="ceph-(mon|osd) -c $dir/ceph.conf"
+pkill -f "$pattern" 2>/dev/null
+for _ in $(seq 50); do pgrep -f "$pattern" >/dev/null || break; sleep 0.2; done
+pkill -9 -f "$pattern" 2>/dev/null
+for _ in $(seq 25); do pgrep -f "$pattern" >/dev/null || break; sleep 0.2; done
 rm -rf "$dir"
 echo "ceph/stop.sh: stopped and removed $dir"
