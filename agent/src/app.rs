@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use crate::ceph::rbd::Rbd;
 use crate::config::Config;
 use crate::host_identity::HostIdentity;
 use crate::http::client::Poster;
@@ -24,6 +25,7 @@ pub struct App {
     pub poster: Poster,
     pub libvirt: Libvirt,
     pub storage: LocalStorage,
+    pub rbd: Rbd,
     pub vm_records: VmRecords,
     /// One writer per VM: two commands on the same VM never interleave.
     pub vm_locks: Arc<KeyedLocks>,
@@ -57,6 +59,8 @@ impl App {
         let roots = StorageRoots::new(&config.storage.roots)
             .map_err(|source| StartupError::Roots { roots: config.storage.roots.clone(), source })?;
         let vm_records = VmRecords::new(&config.state_dir);
+        let rbd =
+            Rbd { conf: config.ceph.conf.clone(), id: config.ceph.id.clone(), keyring: config.ceph.keyring.clone() };
         let app = App {
             config,
             tasks,
@@ -64,6 +68,7 @@ impl App {
             poster,
             libvirt,
             storage: LocalStorage::new(roots),
+            rbd,
             vm_records,
             vm_locks: Default::default(),
             volume_locks: Default::default(),

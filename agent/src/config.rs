@@ -14,6 +14,7 @@ pub struct Config {
     pub libvirt: LibvirtConfig,
     pub tasks: TaskConfig,
     pub clone: CloneConfig,
+    pub ceph: CephConfig,
     /// Where the agent keeps its task journal, host identity and VM records.
     pub state_dir: PathBuf,
 }
@@ -55,6 +56,23 @@ pub struct CloneConfig {
     pub parallelism: usize,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CephConfig {
+    /// The cluster's ceph.conf (monitor addresses).
+    pub conf: PathBuf,
+    /// The cephx user the agent acts as (`client.<id>`).
+    pub id: String,
+    /// Its keyring; by default the one ceph.conf names.
+    pub keyring: Option<PathBuf>,
+}
+
+impl Default for CephConfig {
+    fn default() -> Self {
+        CephConfig { conf: PathBuf::from("/etc/ceph/ceph.conf"), id: "admin".into(), keyring: None }
+    }
+}
+
 impl Default for CloneConfig {
     fn default() -> Self {
         CloneConfig { parallelism: 4 }
@@ -79,6 +97,7 @@ impl Default for Config {
             libvirt: LibvirtConfig::default(),
             tasks: TaskConfig::default(),
             clone: CloneConfig::default(),
+            ceph: CephConfig::default(),
             state_dir: PathBuf::from("/var/lib/kvmagent/state"),
         }
     }

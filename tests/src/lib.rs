@@ -6,6 +6,7 @@
 //! (`tests/guest/build.sh`); they fail, never skip, when either is missing.
 
 pub mod callbacks;
+pub mod ceph;
 pub mod checks;
 pub mod guest;
 pub mod images;

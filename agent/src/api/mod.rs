@@ -2,6 +2,7 @@
 //! decoding rules every command shares (unknown keys ignored, missing optional keys defaulted, a
 //! missing required key or a wrong type reported with its JSON path).
 
+pub mod ceph;
 pub mod host;
 pub mod inventory;
 pub mod localstorage;

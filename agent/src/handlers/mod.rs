@@ -1,6 +1,7 @@
 //! Command handlers, one module per family of paths. Each is an async fn taking the app, the
 //! task context and the typed command, and returning the typed response.
 
+pub mod ceph;
 pub mod host;
 pub mod localstorage;
 pub mod vm;

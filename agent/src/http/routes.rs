@@ -114,6 +114,50 @@ static ROUTES: &[Route] = &[
         style: Style::Async,
         handler: typed!(handlers::localstorage::reinit_image),
     },
+    Route { path: "/ceph/primarystorage/echo", style: Style::Sync, handler: echo },
+    Route {
+        path: "/ceph/primarystorage/volume/createempty",
+        style: Style::Async,
+        handler: typed!(handlers::ceph::create_empty),
+    },
+    Route { path: "/ceph/primarystorage/volume/clone", style: Style::Async, handler: typed!(handlers::ceph::clone) },
+    Route {
+        path: "/ceph/primarystorage/volume/flatten",
+        style: Style::Async,
+        handler: typed!(handlers::ceph::flatten),
+    },
+    Route {
+        path: "/ceph/primarystorage/snapshot/create",
+        style: Style::Async,
+        handler: typed!(handlers::ceph::snapshot_create),
+    },
+    Route {
+        path: "/ceph/primarystorage/snapshot/protect",
+        style: Style::Async,
+        handler: typed!(handlers::ceph::snapshot_protect),
+    },
+    Route {
+        path: "/ceph/primarystorage/snapshot/unprotect",
+        style: Style::Async,
+        handler: typed!(handlers::ceph::snapshot_unprotect),
+    },
+    Route {
+        path: "/ceph/primarystorage/snapshot/delete",
+        style: Style::Async,
+        handler: typed!(handlers::ceph::snapshot_delete),
+    },
+    Route { path: "/ceph/primarystorage/volume/cp", style: Style::Async, handler: typed!(handlers::ceph::copy) },
+    Route {
+        path: "/ceph/primarystorage/getvolumesize",
+        style: Style::Async,
+        handler: typed!(handlers::ceph::get_size),
+    },
+    Route { path: "/ceph/primarystorage/delete", style: Style::Async, handler: typed!(handlers::ceph::delete) },
+    Route {
+        path: "/ceph/primarystorage/volume/getbackingchain",
+        style: Style::Async,
+        handler: typed!(handlers::ceph::get_backing_chain),
+    },
 ];
 
 /// The route for `path` (a trailing `/` is ignored).

@@ -1,0 +1,4 @@
+//! Ceph RBD primary storage: validated paths and the `rbd` command line.
+
+pub mod path;
+pub mod rbd;

@@ -1,0 +1,198 @@
+//! The `rbd` command line, run directly with `--format json` where it answers, every call
+//! bounded in time (some Ceph commands wait forever when a daemon is missing).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::path::CephPath;
+use crate::error::{AgentError, ErrorKind};
+use crate::process::{self, ProcessError};
+use crate::stop::Stop;
+
+/// How long one quick `rbd` call may take (flatten and copies are bounded by the task instead).
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RbdError {
+    #[error("rbd {what}: {source}")]
+    Run { what: String, source: ProcessError },
+    #[error("rbd {what} did not answer within {CALL_TIMEOUT:?}; is the Ceph cluster reachable?")]
+    Timeout { what: String },
+    #[error("rbd {what} printed output that is not understood: {reason}")]
+    Parse { what: String, reason: String },
+}
+
+impl RbdError {
+    fn stderr(&self) -> &str {
+        match self {
+            RbdError::Run { source: ProcessError::Failed { stderr, .. }, .. } => stderr,
+            _ => "",
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.stderr().contains("No such file or directory")
+    }
+
+    pub fn is_exists(&self) -> bool {
+        self.stderr().contains("File exists")
+    }
+
+    pub fn was_stopped(&self) -> bool {
+        matches!(self, RbdError::Run { source: ProcessError::Stopped { .. }, .. })
+    }
+}
+
+impl From<RbdError> for AgentError {
+    fn from(e: RbdError) -> Self {
+        let kind = if e.is_not_found() {
+            ErrorKind::NotFound
+        } else if e.is_exists() {
+            ErrorKind::Conflict
+        } else if matches!(e, RbdError::Timeout { .. }) {
+            ErrorKind::Timeout
+        } else {
+            ErrorKind::OperationFailed
+        };
+        AgentError::new(kind, "Ceph RBD operation failed", e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Parent {
+    pub pool: String,
+    pub image: String,
+    pub snapshot: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImageInfo {
+    pub size: u64,
+    #[serde(default)]
+    pub parent: Option<Parent>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Snapshot {
+    pub name: String,
+    #[serde(default)]
+    pub protected: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Child {
+    pool: String,
+    image: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Du {
+    images: Vec<DuImage>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct DuImage {
+    #[serde(default)]
+    snapshot: Option<String>,
+    used_size: u64,
+}
+
+/// How to reach the cluster.
+#[derive(Debug, Clone)]
+pub struct Rbd {
+    pub conf: PathBuf,
+    pub id: String,
+    pub keyring: Option<PathBuf>,
+}
+
+impl Rbd {
+    fn base_args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec!["-c".into(), self.conf.clone().into(), "--id".into(), self.id.clone().into()];
+        if let Some(k) = &self.keyring {
+            a.extend(["--keyring".into(), k.clone().into()]);
+        }
+        a
+    }
+
+    async fn run(&self, args: &[&str], stop: &Stop, bounded: bool) -> Result<String, RbdError> {
+        let what = args.join(" ");
+        let mut all = self.base_args();
+        all.extend(args.iter().map(OsString::from));
+        let fut = process::run("rbd", &all, stop);
+        let out = if bounded {
+            tokio::time::timeout(CALL_TIMEOUT, fut).await.map_err(|_| RbdError::Timeout { what: what.clone() })?
+        } else {
+            fut.await
+        };
+        out.map(|o| o.stdout).map_err(|source| RbdError::Run { what, source })
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(&self, args: &[&str], stop: &Stop) -> Result<T, RbdError> {
+        let mut a = args.to_vec();
+        a.extend(["--format", "json"]);
+        let out = self.run(&a, stop, true).await?;
+        serde_json::from_str(&out).map_err(|e| RbdError::Parse { what: args.join(" "), reason: e.to_string() })
+    }
+
+    pub async fn info(&self, p: &CephPath, stop: &Stop) -> Result<ImageInfo, RbdError> {
+        self.json(&["info", &p.spec()], stop).await
+    }
+
+    /// Bytes the image (without its snapshots) uses in the cluster.
+    pub async fn used(&self, p: &CephPath, stop: &Stop) -> Result<u64, RbdError> {
+        let du: Du = self.json(&["du", &p.image_spec()], stop).await?;
+        Ok(du.images.iter().filter(|i| i.snapshot.is_none()).map(|i| i.used_size).sum())
+    }
+
+    /// A new image of at least `size` bytes (rbd sizes are in MiB).
+    pub async fn create(&self, p: &CephPath, size: u64, stop: &Stop) -> Result<(), RbdError> {
+        let mib = size.div_ceil(1 << 20).max(1);
+        self.run(&["create", "--size", &format!("{mib}M"), &p.image_spec()], stop, true).await.map(|_| ())
+    }
+
+    pub async fn clone(&self, src: &CephPath, dst: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+        self.run(&["clone", &src.spec(), &dst.image_spec()], stop, true).await.map(|_| ())
+    }
+
+    /// Full, independent copy (with the data of every layer) of `src` (an image or a snapshot).
+    pub async fn deep_copy(&self, src: &CephPath, dst: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+        self.run(&["deep", "cp", "--no-progress", &src.spec(), &dst.image_spec()], stop, false).await.map(|_| ())
+    }
+
+    pub async fn flatten(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+        self.run(&["flatten", "--no-progress", &p.image_spec()], stop, false).await.map(|_| ())
+    }
+
+    pub async fn snap_create(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+        self.run(&["snap", "create", &p.spec()], stop, true).await.map(|_| ())
+    }
+
+    pub async fn snap_protect(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+        self.run(&["snap", "protect", &p.spec()], stop, true).await.map(|_| ())
+    }
+
+    pub async fn snap_unprotect(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+        self.run(&["snap", "unprotect", &p.spec()], stop, true).await.map(|_| ())
+    }
+
+    pub async fn snap_remove(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+        self.run(&["snap", "rm", "--no-progress", &p.spec()], stop, true).await.map(|_| ())
+    }
+
+    pub async fn snapshots(&self, p: &CephPath, stop: &Stop) -> Result<Vec<Snapshot>, RbdError> {
+        self.json(&["snap", "ls", &p.image_spec()], stop).await
+    }
+
+    /// Images cloned from the snapshot `p`, as `ceph://` paths.
+    pub async fn children(&self, p: &CephPath, stop: &Stop) -> Result<Vec<CephPath>, RbdError> {
+        let kids: Vec<Child> = self.json(&["children", &p.spec()], stop).await?;
+        Ok(kids.into_iter().map(|c| CephPath { pool: c.pool, image: c.image, snap: None }).collect())
+    }
+
+    pub async fn remove(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+        self.run(&["rm", "--no-progress", &p.image_spec()], stop, true).await.map(|_| ())
+    }
+}

@@ -1,0 +1,50 @@
+//! The Ceph cluster `tests/ceph/start.sh` started, as the RBD tests see it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// The cluster's ceph.conf; fails (never skips) when the cluster is not up.
+pub fn conf() -> PathBuf {
+    let dir =
+        std::env::var_os("KVMAGENT_CEPH_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/kvmagent-ceph".into());
+    let conf = dir.join("ceph.conf");
+    assert!(conf.exists(), "no Ceph cluster at {}: start one with tests/ceph/start.sh", dir.display());
+    conf
+}
+
+/// The agent config section pointing at the test cluster.
+pub fn agent_config() -> String {
+    format!("[ceph]\nconf = \"{}\"\n", conf().display())
+}
+
+pub fn rbd(args: &[&str]) -> Result<String> {
+    let conf = conf();
+    let out =
+        Command::new("timeout").arg("60").arg("rbd").arg("-c").arg(&conf).args(args).output().context("running rbd")?;
+    if !out.status.success() {
+        bail!("rbd {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `rbd info --format json` of `pool/image[@snap]`, or `None` when it does not exist.
+pub fn info(spec: &str) -> Option<Value> {
+    rbd(&["info", "--format", "json", spec]).ok().and_then(|s| serde_json::from_str(&s).ok())
+}
+
+/// Every image in the pool.
+pub fn images(pool: &str) -> Vec<String> {
+    let mut v: Vec<String> =
+        serde_json::from_str(&rbd(&["ls", "--format", "json", pool]).unwrap_or_else(|_| "[]".into()))
+            .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// QEMU's name for an RBD image of the test cluster.
+pub fn qemu_name(spec: &str) -> String {
+    format!("rbd:{spec}:conf={}", conf().display())
+}
