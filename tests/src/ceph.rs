@@ -48,3 +48,10 @@ pub fn images(pool: &str) -> Vec<String> {
 pub fn qemu_name(spec: &str) -> String {
     format!("rbd:{spec}:conf={}", conf().display())
 }
+
+/// The client.admin key of the test cluster (base64, as Ceph prints it).
+pub fn admin_key() -> String {
+    let keyring = conf().with_file_name("ceph.client.admin.keyring");
+    let text = std::fs::read_to_string(&keyring).expect("admin keyring");
+    text.lines().find_map(|l| l.trim().strip_prefix("key = ")).expect("a key line in the keyring").trim().to_owned()
+}

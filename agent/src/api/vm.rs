@@ -292,3 +292,13 @@ pub struct MergeSnapshotCmd {
     #[serde(default, deserialize_with = "nullable")]
     pub full_rebase: bool,
 }
+
+/// `/vm/createcephsecret`: the libvirt secret RBD disks authenticate with.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateCephSecretCmd {
+    /// The cephx key, base64 as Ceph prints it.
+    pub user_key: String,
+    /// The secret's uuid, which RBD `VolumeTO.secretUuid` names.
+    pub uuid: String,
+}

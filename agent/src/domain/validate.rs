@@ -50,13 +50,9 @@ fn check_volume(field: &str, v: &VolumeTo) -> AgentResult<()> {
         "file" if !v.install_path.starts_with('/') => {
             Err(invalid(format!("{field}.installPath {:?} must be an absolute path", v.install_path)))
         }
-        "ceph" => {
-            let rest = v.install_path.strip_prefix("ceph://").unwrap_or("");
-            match rest.split_once('/') {
-                Some((pool, image)) if !pool.is_empty() && !image.is_empty() && !image.contains('/') => Ok(()),
-                _ => Err(invalid(format!("{field}.installPath {:?} must be ceph://<pool>/<image>", v.install_path))),
-            }
-        }
+        "ceph" => crate::ceph::path::CephPath::parse(&v.install_path)
+            .and_then(|p| p.require_image())
+            .map_err(|e| invalid(format!("{field}.installPath: {}", e.details))),
         "file" => Ok(()),
         other => Err(invalid(format!("{field}.deviceType {other:?} is not supported (file or ceph)"))),
     }

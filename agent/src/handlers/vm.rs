@@ -1,10 +1,11 @@
-//! `/vm/start`, `/vm/stop`, `/vm/destroy`: domains are defined from the command, persistent while
-//! running, and undefined when stopped or destroyed (ZStack's model).
+//! The compat `/vm/*` paths. `/vm/start`, `/vm/stop`, `/vm/destroy`: domains are defined from the
+//! command, persistent while running, and undefined when stopped or destroyed (ZStack's model).
 
 use std::time::Duration;
 
 use crate::api::vm::{
-    DestroyVmCmd, MergeSnapshotCmd, StartVmCmd, StartVmRsp, StopVmCmd, TakeSnapshotCmd, TakeSnapshotRsp,
+    CreateCephSecretCmd, DestroyVmCmd, MergeSnapshotCmd, StartVmCmd, StartVmRsp, StopVmCmd, TakeSnapshotCmd,
+    TakeSnapshotRsp,
 };
 use crate::api::Empty;
 use crate::app::App;
@@ -101,5 +102,17 @@ pub async fn merge_snapshot(app: &App, ctx: &TaskCtx, cmd: MergeSnapshotCmd) -> 
         return Err(AgentError::conflict(format!("VM {} is not running; merge offline instead", cmd.vm_uuid)));
     }
     vm::flatten::pull_live(app, ctx, &cmd.vm_uuid, &dest, base.as_deref(), |p| ctx.progress(p, "pulling")).await?;
+    Ok(Empty {})
+}
+
+pub async fn create_ceph_secret(app: &App, _ctx: &TaskCtx, cmd: CreateCephSecretCmd) -> AgentResult<Empty> {
+    use base64::Engine;
+    if uuid::Uuid::parse_str(&cmd.uuid).is_err() {
+        return Err(AgentError::invalid(format!("uuid {:?} is not a UUID", cmd.uuid)));
+    }
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(cmd.user_key.trim())
+        .map_err(|e| AgentError::invalid(format!("userKey is not a base64 cephx key: {e}")))?;
+    app.libvirt.set_ceph_secret(&cmd.uuid, key).await?;
     Ok(Empty {})
 }

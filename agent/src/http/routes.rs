@@ -66,6 +66,7 @@ static ROUTES: &[Route] = &[
     Route { path: "/vm/flatten", style: Style::Async, handler: typed!(vm::flatten::flatten) },
     Route { path: "/vm/volume/takesnapshot", style: Style::Async, handler: typed!(handlers::vm::take_snapshot) },
     Route { path: "/vm/volume/mergesnapshot", style: Style::Async, handler: typed!(handlers::vm::merge_snapshot) },
+    Route { path: "/vm/createcephsecret", style: Style::Async, handler: typed!(handlers::vm::create_ceph_secret) },
     Route {
         path: "/localstorage/snapshot/offlinemerge",
         style: Style::Async,

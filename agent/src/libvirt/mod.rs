@@ -3,6 +3,7 @@
 
 pub mod blockjob;
 pub mod domains;
+pub mod secrets;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

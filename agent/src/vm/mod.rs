@@ -28,6 +28,7 @@ pub fn settings(app: &App, vm: &str) -> DomainSettings {
         domain_type: c.libvirt.domain_type.clone(),
         emulator: Some(c.libvirt.emulator.clone()).filter(|e| !e.is_empty()),
         console_log: Some(c.state_dir.join("console").join(format!("{vm}.log"))),
+        ceph_user: c.ceph.id.clone(),
         ..DomainSettings::default()
     }
 }
