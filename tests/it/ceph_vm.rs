@@ -14,14 +14,20 @@ const MIB: u64 = 1 << 20;
 async fn a_guest_boots_from_an_rbd_root_and_reads_its_bytes() {
     let h = Host::start_with(&agent_config()).await.unwrap();
     let img = format!("root-{}", uuid());
-    h.call_ok("/ceph/primarystorage/volume/createempty", &json!({"installPath": format!("ceph://rbd/{img}"), "size": 64 * MIB}))
-        .await
-        .unwrap();
+    h.call_ok(
+        "/ceph/primarystorage/volume/createempty",
+        &json!({"installPath": format!("ceph://rbd/{img}"), "size": 64 * MIB}),
+    )
+    .await
+    .unwrap();
     let bytes = pattern("RBD");
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), &bytes).unwrap();
     let cmd = format!("write -s {} 0 64", file.path().display());
-    let out = std::process::Command::new("qemu-io").args(["-f", "raw", "-c", &cmd, &qemu_name(&format!("rbd/{img}"))]).output().unwrap();
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", &cmd, &qemu_name(&format!("rbd/{img}"))])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let secret = uuid::Uuid::new_v4().to_string();
@@ -50,4 +56,84 @@ async fn a_guest_boots_from_an_rbd_root_and_reads_its_bytes() {
     h.call_ok("/ceph/primarystorage/delete", &json!({"installPath": format!("ceph://rbd/{img}")})).await.unwrap();
     assert!(ceph::info(&format!("rbd/{img}")).is_none());
     let _ = virsh(&["secret-undefine", &secret]);
+}
+
+/// A cached image on RBD with a pattern at offset 0 and its snapshot: `ceph://rbd/<img>@<img>`.
+fn rbd_image() -> (String, Vec<u8>) {
+    let img = format!("image-{}", uuid());
+    ceph::rbd(&["create", "--size", "64M", &format!("rbd/{img}")]).unwrap();
+    let bytes = pattern("RBDIMG");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &bytes).unwrap();
+    let cmd = format!("write -s {} 0 64", file.path().display());
+    let out = std::process::Command::new("qemu-io").args(["-f", "raw", "-c", &cmd, &qemu_name(&format!("rbd/{img}"))]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ceph::rbd(&["snap", "create", &format!("rbd/{img}@{img}")]).unwrap();
+    (img, bytes)
+}
+
+async fn secret(h: &Host) -> String {
+    let secret = uuid::Uuid::new_v4().to_string();
+    h.call_ok("/vm/createcephsecret", &json!({"userKey": admin_key(), "uuid": secret})).await.unwrap();
+    secret
+}
+
+#[tokio::test]
+async fn create_on_rbd_clones_the_image_and_the_guest_reads_it() {
+    let h = Host::start_with(&agent_config()).await.unwrap();
+    let (img, bytes) = rbd_image();
+    let secret = secret(&h).await;
+    let vm = uuid();
+    h.track_vm(&vm);
+    let (root, data) = (format!("vol-{}", uuid()), format!("vol-{}", uuid()));
+    let cmd = json!({
+        "vm": {"vmInstanceUuid": vm, "vmName": "rbd-vm", "memory": 192 * MIB, "cpuNum": 1, "kernelBoot": kernel_boot(&h, &[0], 2).unwrap()},
+        "rootVolume": {"volumeUuid": uuid(), "installPath": format!("ceph://rbd/{root}"), "imagePath": format!("ceph://rbd/{img}@{img}"), "size": 128 * MIB},
+        "dataVolumes": [{"volumeUuid": uuid(), "installPath": format!("ceph://rbd/{data}"), "size": 32 * MIB}],
+        "ceph": {"secretUuid": secret, "monInfo": [{"hostname": "127.0.0.1", "port": 6789}]},
+    });
+    let r = h.call_ok("/vm/create", &cmd).await.unwrap();
+    assert_eq!(r["state"], "Running", "{r}");
+    let parent = &ceph::info(&format!("rbd/{root}")).unwrap()["parent"];
+    assert_eq!((parent["image"].as_str(), parent["snapshot"].as_str()), (Some(img.as_str()), Some(img.as_str())), "root = clone of the image snapshot");
+    assert_eq!(ceph::info(&format!("rbd/{root}")).unwrap()["size"].as_u64(), Some(128 * MIB));
+    let dump = wait_report(&console_log(&h, &vm), Duration::from_secs(90)).await.unwrap();
+    assert_eq!(dump["vda"][&0], bytes, "the guest reads the image through the clone");
+    assert_eq!(dump["vdb"][&0], vec![0u8; 64]);
+    h.call_ok("/vm/destroy", &json!({"uuid": vm})).await.unwrap();
+    for i in [&root, &data] {
+        ceph::rbd(&["rm", "--no-progress", &format!("rbd/{i}")]).unwrap();
+    }
+    let _ = ceph::rbd(&["snap", "unprotect", &format!("rbd/{img}@{img}")]);
+    let _ = ceph::rbd(&["snap", "purge", &format!("rbd/{img}")]);
+    let _ = ceph::rbd(&["rm", "--no-progress", &format!("rbd/{img}")]);
+    let _ = virsh(&["secret-undefine", &secret]);
+}
+
+#[tokio::test]
+async fn a_failed_create_on_rbd_leaves_no_image() {
+    let h = Host::start_with(&agent_config()).await.unwrap();
+    let (img, _) = rbd_image();
+    let vm = uuid();
+    h.track_vm(&vm);
+    let (root, data) = (format!("vol-{}", uuid()), format!("vol-{}", uuid()));
+    let before = ceph::images("rbd");
+    let cmd = json!({
+        // Valid to every check, but libvirt cannot start it: the bridge does not exist.
+        "vm": {"vmInstanceUuid": vm, "vmName": "rbd-fail", "memory": 192 * MIB, "cpuNum": 1,
+               "nics": [{"mac": "52:54:00:00:0c:09", "bridgeName": "kvmt-nobr2", "deviceId": 0}]},
+        "rootVolume": {"volumeUuid": uuid(), "installPath": format!("ceph://rbd/{root}"), "imagePath": format!("ceph://rbd/{img}@{img}")},
+        "dataVolumes": [{"volumeUuid": uuid(), "installPath": format!("ceph://rbd/{data}"), "size": 16 * MIB}],
+        "ceph": {"monInfo": [{"hostname": "127.0.0.1", "port": 6789}]},
+    });
+    let e = h.call_err("/vm/create", &cmd).await.unwrap();
+    assert!(e.contains("step 'start domain' failed"), "{e}");
+    assert_eq!(ceph::images("rbd"), before, "no image left behind");
+    let bad = json!({"vm": cmd["vm"], "rootVolume": {"volumeUuid": uuid(), "installPath": format!("ceph://rbd/{root}"), "imagePath": format!("ceph://rbd/{img}@missing")}});
+    let e = h.call_err("/vm/create", &bad).await.unwrap();
+    assert!(e.contains("does not exist"), "{e}");
+    assert_eq!(ceph::images("rbd"), before);
+    let _ = ceph::rbd(&["snap", "unprotect", &format!("rbd/{img}@{img}")]);
+    let _ = ceph::rbd(&["snap", "purge", &format!("rbd/{img}")]);
+    let _ = ceph::rbd(&["rm", "--no-progress", &format!("rbd/{img}")]);
 }

@@ -18,6 +18,20 @@ pub struct CreateVmCmd {
     pub strategy: Strategy,
     #[serde(default)]
     pub tpm: Option<Value>,
+    /// How the VM reaches RBD volumes (`ceph://` install paths).
+    #[serde(default)]
+    pub ceph: Option<CephAccess>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CephAccess {
+    /// The libvirt secret `/vm/createcephsecret` defined.
+    #[serde(default)]
+    pub secret_uuid: Option<String>,
+    /// Monitors: `[{hostname, port}]`.
+    #[serde(default)]
+    pub mon_info: Vec<Value>,
 }
 
 #[derive(Debug, Deserialize)]

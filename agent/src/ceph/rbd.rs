@@ -153,6 +153,14 @@ impl Rbd {
         self.run(&["create", "--size", &format!("{mib}M"), &p.image_spec()], stop, true).await.map(|_| ())
     }
 
+    /// Grows an image to at least `size` bytes.
+    pub async fn resize(&self, p: &CephPath, size: u64, stop: &Stop) -> Result<(), RbdError> {
+        let mib = size.div_ceil(1 << 20).max(1);
+        self.run(&["resize", "--no-progress", "--size", &format!("{mib}M"), &p.image_spec()], stop, true)
+            .await
+            .map(|_| ())
+    }
+
     pub async fn clone(&self, src: &CephPath, dst: &CephPath, stop: &Stop) -> Result<(), RbdError> {
         self.run(&["clone", &src.spec(), &dst.image_spec()], stop, true).await.map(|_| ())
     }

@@ -7,13 +7,13 @@ use std::collections::HashSet;
 
 use serde_json::{json, Value};
 
-use super::undo::{UndoLog, UndoStep};
+use super::undo::UndoLog;
+use super::volumes;
 use crate::api::inventory::VmInstanceInventory;
 use crate::api::native::{CreateVmCmd, Provisioning as WireProvisioning, Strategy};
 use crate::api::vm::StartVmCmd;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
-use crate::qemu_img::CreateOptions;
 use crate::storage::local::Provisioning;
 use crate::tasks::TaskCtx;
 
@@ -24,18 +24,26 @@ fn provisioning(p: WireProvisioning) -> Provisioning {
     }
 }
 
+/// The VolumeTO of a new volume: a qcow2 file, or an RBD image reached as `cmd.ceph` says.
+fn volume_to(cmd: &CreateVmCmd, path: &str, uuid: &str, device_id: usize) -> Value {
+    if path.starts_with("ceph://") {
+        let ceph = cmd.ceph.clone().unwrap_or_default();
+        json!({"installPath": path, "volumeUuid": uuid, "deviceId": device_id, "deviceType": "ceph", "format": "raw",
+               "secretUuid": ceph.secret_uuid, "monInfo": ceph.mon_info})
+    } else {
+        json!({"installPath": path, "volumeUuid": uuid, "deviceId": device_id, "deviceType": "file", "format": "qcow2"})
+    }
+}
+
 /// The StartVmCmd of the new VM: the caller's `vm` object with the volumes filled in.
 fn vm_spec(cmd: &CreateVmCmd) -> AgentResult<StartVmCmd> {
     let mut vm = cmd.vm.clone();
-    vm.insert(
-        "rootVolume".into(),
-        json!({"installPath": cmd.root_volume.install_path, "volumeUuid": cmd.root_volume.volume_uuid, "deviceId": 0, "deviceType": "file", "format": "qcow2"}),
-    );
+    vm.insert("rootVolume".into(), volume_to(cmd, &cmd.root_volume.install_path, &cmd.root_volume.volume_uuid, 0));
     let data: Vec<Value> = cmd
         .data_volumes
         .iter()
         .enumerate()
-        .map(|(i, d)| json!({"installPath": d.install_path, "volumeUuid": d.volume_uuid, "deviceId": i + 1, "deviceType": "file", "format": "qcow2"}))
+        .map(|(i, d)| volume_to(cmd, &d.install_path, &d.volume_uuid, i + 1))
         .collect();
     vm.insert("dataVolumes".into(), Value::Array(data));
     if let Some(tpm) = &cmd.tpm {
@@ -46,7 +54,7 @@ fn vm_spec(cmd: &CreateVmCmd) -> AgentResult<StartVmCmd> {
 
 /// Everything that can be known before making anything: the spec is valid, targets are free and
 /// inside the roots, the image and every other file the domain opens are too.
-async fn check(app: &App, cmd: &CreateVmCmd, spec: &StartVmCmd) -> AgentResult<()> {
+async fn check(app: &App, ctx: &TaskCtx, cmd: &CreateVmCmd, spec: &StartVmCmd) -> AgentResult<()> {
     crate::domain::validate(spec)?;
     let roots = app.storage.roots();
     let mut targets = HashSet::new();
@@ -56,20 +64,14 @@ async fn check(app: &App, cmd: &CreateVmCmd, spec: &StartVmCmd) -> AgentResult<(
         if uuid.is_empty() {
             return Err(AgentError::invalid(format!("volume at {path} has an empty volumeUuid")));
         }
-        let p = roots.confine(path)?;
-        if p.symlink_metadata().is_ok() {
-            return Err(AgentError::conflict(format!(
-                "volume {} already exists; choose another installPath",
-                p.display()
-            )));
-        }
-        if !targets.insert(p) {
+        volumes::check_free(app, path, &ctx.stop).await?;
+        if !targets.insert(path.clone()) {
             return Err(AgentError::invalid(format!("installPath {path} is named twice")));
         }
     }
     match (&cmd.root_volume.image_path, cmd.root_volume.size) {
         (Some(image), _) => {
-            roots.confine_chain(image).map_err(|e| AgentError::from(e).context("rootVolume.imagePath"))?;
+            volumes::check_image(app, image, &ctx.stop).await.map_err(|e| e.context("rootVolume.imagePath"))?
         }
         (None, Some(s)) if s > 0 => {}
         (None, _) => return Err(AgentError::invalid("rootVolume needs imagePath or a size > 0")),
@@ -99,7 +101,7 @@ pub async fn create(app: &App, ctx: &TaskCtx, cmd: CreateVmCmd) -> AgentResult<V
         .chain(cmd.data_volumes.iter().map(|d| d.install_path.clone()))
         .collect();
     let _volume_locks = app.volume_locks.write_all(&paths).await;
-    check(app, &cmd, &spec).await?;
+    check(app, ctx, &cmd, &spec).await?;
 
     let mut undo = UndoLog::default();
     match build(app, ctx, &cmd, &spec, &mut undo).await {
@@ -129,37 +131,21 @@ async fn build(
     let progress = |done: u32, what: &str| ctx.progress((done * 100 / steps) as u8, what);
 
     let root = &cmd.root_volume;
+    let prov = provisioning(root.provisioning);
     let made = match &root.image_path {
-        Some(image) => {
-            app.storage
-                .create_from_image(image, &root.install_path, root.size, provisioning(root.provisioning), stop)
-                .await
-        }
-        None => {
-            app.storage
-                .create_empty(
-                    &root.install_path,
-                    root.size.unwrap_or(0),
-                    None,
-                    provisioning(root.provisioning),
-                    CreateOptions::default(),
-                    stop,
-                )
-                .await
-        }
+        Some(image) => volumes::make_from_image(app, image, &root.install_path, root.size, prov, stop).await,
+        None => volumes::make_empty(app, &root.install_path, root.size.unwrap_or(0), prov, stop).await,
     }
     .map_err(|e| e.context("step 'create root volume' failed"))?;
-    undo.push(UndoStep::RemoveFile { path: made });
+    undo.push(made);
     progress(1, "root volume created");
 
     for (i, d) in cmd.data_volumes.iter().enumerate() {
         stop.check("creating the VM")?;
-        let made = app
-            .storage
-            .create_empty(&d.install_path, d.size, None, provisioning(d.provisioning), CreateOptions::default(), stop)
+        let made = volumes::make_empty(app, &d.install_path, d.size, provisioning(d.provisioning), stop)
             .await
             .map_err(|e| e.context(format!("step 'create data volume {i}' failed")))?;
-        undo.push(UndoStep::RemoveFile { path: made });
+        undo.push(made);
         progress(2 + i as u32, "data volume created");
     }
     stop.check("creating the VM")?;

@@ -10,6 +10,7 @@ pub mod inventory;
 pub mod records;
 pub mod tpm;
 pub mod undo;
+pub mod volumes;
 
 use crate::api::vm::{StartVmCmd, StartVmRsp};
 use crate::app::App;

@@ -13,6 +13,8 @@ use crate::app::App;
 pub enum UndoStep {
     /// Delete a file this operation created.
     RemoveFile { path: PathBuf },
+    /// Delete an RBD image this operation created.
+    RemoveRbdImage { path: String },
     /// Delete a directory tree this operation created (a clone's TPM state).
     RemoveTree { path: PathBuf },
     /// Power off and undefine a domain this operation defined, with its TPM state.
@@ -50,6 +52,13 @@ async fn undo(app: &App, step: &UndoStep) -> Result<(), String> {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("removing {}: {e}", path.display())),
             _ => Ok(()),
         },
+        UndoStep::RemoveRbdImage { path } => {
+            let p = crate::ceph::path::CephPath::parse(path).map_err(|e| e.to_string())?;
+            match app.rbd.remove(&p, &crate::stop::Stop::new()).await {
+                Err(e) if !e.is_not_found() => Err(e.to_string()),
+                _ => Ok(()),
+            }
+        }
         UndoStep::RemoveTree { path } => match tokio::fs::remove_dir_all(path).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("removing {}: {e}", path.display())),
             _ => Ok(()),
