@@ -66,7 +66,10 @@ fn rbd_image() -> (String, Vec<u8>) {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), &bytes).unwrap();
     let cmd = format!("write -s {} 0 64", file.path().display());
-    let out = std::process::Command::new("qemu-io").args(["-f", "raw", "-c", &cmd, &qemu_name(&format!("rbd/{img}"))]).output().unwrap();
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", &cmd, &qemu_name(&format!("rbd/{img}"))])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     ceph::rbd(&["snap", "create", &format!("rbd/{img}@{img}")]).unwrap();
     (img, bytes)
@@ -95,7 +98,11 @@ async fn create_on_rbd_clones_the_image_and_the_guest_reads_it() {
     let r = h.call_ok("/vm/create", &cmd).await.unwrap();
     assert_eq!(r["state"], "Running", "{r}");
     let parent = &ceph::info(&format!("rbd/{root}")).unwrap()["parent"];
-    assert_eq!((parent["image"].as_str(), parent["snapshot"].as_str()), (Some(img.as_str()), Some(img.as_str())), "root = clone of the image snapshot");
+    assert_eq!(
+        (parent["image"].as_str(), parent["snapshot"].as_str()),
+        (Some(img.as_str()), Some(img.as_str())),
+        "root = clone of the image snapshot"
+    );
     assert_eq!(ceph::info(&format!("rbd/{root}")).unwrap()["size"].as_u64(), Some(128 * MIB));
     let dump = wait_report(&console_log(&h, &vm), Duration::from_secs(90)).await.unwrap();
     assert_eq!(dump["vda"][&0], bytes, "the guest reads the image through the clone");
@@ -136,4 +143,74 @@ async fn a_failed_create_on_rbd_leaves_no_image() {
     let _ = ceph::rbd(&["snap", "unprotect", &format!("rbd/{img}@{img}")]);
     let _ = ceph::rbd(&["snap", "purge", &format!("rbd/{img}")]);
     let _ = ceph::rbd(&["rm", "--no-progress", &format!("rbd/{img}")]);
+}
+
+#[tokio::test]
+async fn flatten_of_an_rbd_root_while_the_vm_runs() {
+    let h = Host::start_with(&agent_config()).await.unwrap();
+    let (img, _) = rbd_image();
+    // More parent data than the clone will own, so the flatten has objects to copy.
+    let fill = format!("write -P 7 8M 12M");
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", &fill, &qemu_name(&format!("rbd/{img}"))])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    ceph::rbd(&["snap", "create", &format!("rbd/{img}@v2")]).unwrap();
+    let secret = secret(&h).await;
+    let vm = uuid();
+    h.track_vm(&vm);
+    let root = format!("vol-{}", uuid());
+    let cmd = json!({
+        "vm": {"vmInstanceUuid": vm, "vmName": "rbd-flat", "memory": 128 * MIB, "cpuNum": 1},
+        "rootVolume": {"volumeUuid": uuid(), "installPath": format!("ceph://rbd/{root}"), "imagePath": format!("ceph://rbd/{img}@v2")},
+        "ceph": {"secretUuid": secret, "monInfo": [{"hostname": "127.0.0.1", "port": 6789}]},
+        "strategy": "CreateStopped",
+    });
+    h.call_ok("/vm/create", &cmd).await.unwrap();
+    let own = format!("write -P 9 40M 1M");
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", &own, &qemu_name(&format!("rbd/{root}"))])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    virsh(&["start", &vm]).unwrap();
+
+    let used = |name: &str| -> u64 {
+        let du: serde_json::Value =
+            serde_json::from_str(&ceph::rbd(&["du", "--format", "json", &format!("rbd/{name}")]).unwrap()).unwrap();
+        du["images"][0]["used_size"].as_u64().unwrap()
+    };
+    let before = used(&root);
+    let dry = h.call_ok("/vm/flatten", &json!({"vmUuid": vm, "dryRun": true})).await.unwrap();
+    let predicted = dry["totalBytesToAdd"].as_u64().unwrap();
+    assert!(ceph::info(&format!("rbd/{root}")).unwrap()["parent"].is_object(), "a dry run changes nothing");
+
+    let r = h.call_ok("/vm/flatten", &json!({"vmUuid": vm})).await.unwrap();
+    assert_eq!(r["state"], "Running", "{r}");
+    assert!(
+        ceph::info(&format!("rbd/{root}")).unwrap()["parent"].is_null(),
+        "flatten removed the parent while the VM ran"
+    );
+    let added = used(&root) - before;
+    assert!(
+        added > 0 && (predicted as f64 - added as f64).abs() <= added as f64 * 0.01,
+        "predicted {predicted}, added {added}"
+    );
+
+    h.call_ok("/vm/destroy", &json!({"uuid": vm})).await.unwrap();
+    // The flat image holds both the parent's data and its own write (qemu-io fails on a mismatch).
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 7 8M 12M", "-c", "read -P 9 40M 1M", &qemu_name(&format!("rbd/{root}"))])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("Pattern verification failed"), "{text}");
+    ceph::rbd(&["rm", "--no-progress", &format!("rbd/{root}")]).unwrap();
+    for s in ["v2", img.as_str()] {
+        let _ = ceph::rbd(&["snap", "unprotect", &format!("rbd/{img}@{s}")]);
+    }
+    let _ = ceph::rbd(&["snap", "purge", &format!("rbd/{img}")]);
+    let _ = ceph::rbd(&["rm", "--no-progress", &format!("rbd/{img}")]);
+    let _ = virsh(&["secret-undefine", &secret]);
 }

@@ -71,8 +71,20 @@ pub struct Parent {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ImageInfo {
     pub size: u64,
+    #[serde(default = "default_object_size")]
+    pub object_size: u64,
     #[serde(default)]
     pub parent: Option<Parent>,
+}
+
+fn default_object_size() -> u64 {
+    4 << 20
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Extent {
+    offset: u64,
+    length: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,6 +157,17 @@ impl Rbd {
     pub async fn used(&self, p: &CephPath, stop: &Stop) -> Result<u64, RbdError> {
         let du: Du = self.json(&["du", &p.image_spec()], stop).await?;
         Ok(du.images.iter().filter(|i| i.snapshot.is_none()).map(|i| i.used_size).sum())
+    }
+
+    /// How many objects of the image hold data, its parent's included (from the object map:
+    /// no data is read). After a flatten the image owns exactly these.
+    pub async fn data_objects(&self, p: &CephPath, object_size: u64, stop: &Stop) -> Result<u64, RbdError> {
+        let extents: Vec<Extent> = self.json(&["diff", "--whole-object", &p.spec()], stop).await?;
+        let mut objects = std::collections::BTreeSet::new();
+        for e in extents.iter().filter(|e| e.length > 0) {
+            objects.extend(e.offset / object_size..=(e.offset + e.length - 1) / object_size);
+        }
+        Ok(objects.len() as u64)
     }
 
     /// A new image of at least `size` bytes (rbd sizes are in MiB).

@@ -1,6 +1,7 @@
-//! Flattening volumes: offline by a flat copy renamed over the volume, live by libvirt's block
-//! pull on the running VM (polled for progress, aborted on cancel or deadline, and verified from
-//! the qcow2 header before success is reported).
+//! Flattening volumes. Local files: offline by a flat copy renamed over the volume, live by
+//! libvirt's block pull on the running VM (polled for progress, aborted on cancel or deadline,
+//! and verified from the qcow2 header before success is reported). RBD images: `rbd flatten`,
+//! running or not, verified by the parent being gone.
 
 use std::path::Path;
 use std::time::Duration;
@@ -85,6 +86,9 @@ async fn flatten_volume(
     progress: impl Fn(u8),
 ) -> AgentResult<bool> {
     let _lock = app.volume_locks.write(path).await;
+    if let super::volumes::Place::Rbd(p) = super::volumes::place(path)? {
+        return super::volumes::flatten_rbd(app, &p, &ctx.stop).await;
+    }
     let resolved = app.storage.roots().confine_chain(path)?;
     if qemu_img::read_header(&resolved).map_err(|e| AgentError::invalid(e.to_string()))?.backing_file.is_none() {
         return Ok(false);
@@ -103,24 +107,23 @@ pub async fn flatten(app: &App, ctx: &TaskCtx, cmd: FlattenVmCmd) -> AgentResult
     let _vm_lock = app.vm_locks.write(&vm).await;
     let volumes: Vec<_> =
         std::iter::once(&spec.root_volume).chain(spec.data_volumes.iter().filter(|_| cmd.full)).collect();
-    if let Some(v) = volumes.iter().find(|v| v.device_type != "file") {
-        return Err(AgentError::invalid(format!(
-            "volume {} is not a file volume; this host flattens local volumes only",
-            v.install_path
-        )));
-    }
-    // Every chain must stay inside the roots before anything is touched.
+    // Every local chain must stay inside the roots, and RBD paths be valid, before anything runs.
     for v in &volumes {
-        app.storage.roots().confine_chain(&v.install_path)?;
+        match super::volumes::place(&v.install_path)? {
+            super::volumes::Place::Local => {
+                app.storage.roots().confine_chain(&v.install_path)?;
+            }
+            super::volumes::Place::Rbd(p) => p.require_image()?,
+        }
     }
     if cmd.dry_run {
         let mut out = Vec::new();
         for v in &volumes {
-            let e = app.storage.estimate_flatten(&v.install_path, &ctx.stop).await?;
+            let bytes_to_add = super::volumes::flatten_estimate(app, &v.install_path, &ctx.stop).await?;
             out.push(VolumeEstimate {
                 uuid: v.volume_uuid.clone(),
                 install_path: v.install_path.clone(),
-                bytes_to_add: e.bytes_to_add,
+                bytes_to_add,
             });
         }
         let total_bytes_to_add = out.iter().map(|v| v.bytes_to_add).sum();

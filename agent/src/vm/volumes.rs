@@ -149,3 +149,40 @@ pub async fn sizes(app: &App, path: &str, stop: &Stop) -> AgentResult<(u64, u64)
         Place::Rbd(p) => Ok((app.rbd.info(&p, stop).await?.size, app.rbd.used(&p, stop).await?)),
     }
 }
+
+/// Bytes flattening the volume would add, from metadata (allocation maps) only.
+pub async fn flatten_estimate(app: &App, path: &str, stop: &Stop) -> AgentResult<u64> {
+    match place(path)? {
+        Place::Local => Ok(app.storage.estimate_flatten(path, stop).await?.bytes_to_add),
+        Place::Rbd(p) => {
+            let info = app.rbd.info(&p, stop).await?;
+            if info.parent.is_none() {
+                return Ok(0);
+            }
+            let after = app.rbd.data_objects(&p, info.object_size, stop).await? * info.object_size;
+            Ok(after.saturating_sub(app.rbd.used(&p, stop).await?))
+        }
+    }
+}
+
+/// Flattens an RBD volume (running or not: librbd hands the work to the VM's lock holder) and
+/// checks that the parent is gone.
+pub async fn flatten_rbd(app: &App, p: &CephPath, stop: &Stop) -> AgentResult<bool> {
+    if app.rbd.info(p, stop).await?.parent.is_none() {
+        return Ok(false);
+    }
+    app.rbd.flatten(p, stop).await.map_err(|e| {
+        if e.was_stopped() {
+            stop.error("flattening the image")
+        } else {
+            e.into()
+        }
+    })?;
+    if let Some(parent) = app.rbd.info(p, stop).await?.parent {
+        return Err(AgentError::failed(
+            "rbd flatten did not detach the image",
+            format!("{p} still has parent {}/{}@{}; retry", parent.pool, parent.image, parent.snapshot),
+        ));
+    }
+    Ok(true)
+}
