@@ -4,19 +4,18 @@
 //! one failing does not undo the others, and leaves nothing behind.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::freeze::freeze;
 use super::undo::{UndoLog, UndoStep};
+use super::volumes::{self, sizes};
 use crate::api::native::{CloneMode, CloneSpec, CloneVmCmd, CloneVmRsp, Strategy};
 use crate::api::vm::{NicTo, StartVmCmd};
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
-use crate::qemu_img::CreateOptions;
-use crate::storage::local::Provisioning;
 use crate::tasks::TaskCtx;
 
 const MAX_CLONES: usize = 1000;
@@ -25,7 +24,7 @@ const MAX_CLONES: usize = 1000;
 /// the file it is made from.
 struct Plan {
     spec: StartVmCmd,
-    sources: Vec<PathBuf>,
+    sources: Vec<String>,
 }
 
 fn random_uuid() -> String {
@@ -40,6 +39,9 @@ fn random_mac() -> String {
 
 /// `<...>/vol-<old>/<file>` → `<...>/vol-<new>/<new>.qcow2`: ZStack's layout, beside the source.
 fn path_beside(source: &str, new_volume: &str) -> String {
+    if let Some(p) = source.starts_with("ceph://").then(|| crate::ceph::path::CephPath::parse(source).ok()).flatten() {
+        return format!("ceph://{}/{new_volume}", p.pool);
+    }
     let p = Path::new(source);
     let base = p.parent().and_then(Path::parent).unwrap_or(Path::new("/"));
     base.join(format!("vol-{new_volume}")).join(format!("{new_volume}.qcow2")).display().to_string()
@@ -109,17 +111,28 @@ fn plan(app: &App, cmd: &CloneVmCmd, source: &StartVmCmd) -> AgentResult<Vec<Pla
             let given = if k == 0 { c.root_install_path.clone() } else { c.data_install_paths.get(k - 1).cloned() };
             let new_volume = random_uuid();
             let target = given.unwrap_or_else(|| path_beside(&v.install_path, &new_volume));
-            let confined = app.storage.roots().confine(&target)?;
-            if confined.symlink_metadata().is_ok() {
-                return Err(AgentError::conflict(format!("clones[{i}]: volume {} already exists", confined.display())));
-            }
-            if !targets.insert(confined.clone()) {
+            let target = if target.starts_with("ceph://") {
+                crate::ceph::path::CephPath::parse(&target)?.require_image()?;
+                target
+            } else {
+                let confined = app.storage.roots().confine(&target)?;
+                if confined.symlink_metadata().is_ok() {
+                    return Err(AgentError::conflict(format!(
+                        "clones[{i}]: volume {} already exists",
+                        confined.display()
+                    )));
+                }
+                confined.display().to_string()
+            };
+            if !targets.insert(target.clone()) {
                 return Err(AgentError::invalid(format!("clones[{i}]: install path {target} is named twice")));
             }
-            sources.push(PathBuf::from(&v.install_path));
-            v.install_path = confined.display().to_string();
+            sources.push(v.install_path.clone());
+            v.install_path = target;
             v.volume_uuid = new_volume;
-            v.format = "qcow2".into();
+            if !v.install_path.starts_with("ceph://") {
+                v.format = "qcow2".into();
+            }
         }
         crate::domain::validate(&spec).map_err(|e| e.context(format!("clones[{i}]")))?;
         plans.push(Plan { spec, sources });
@@ -131,7 +144,7 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
     let mut source = app.vm_records.load(&cmd.vm_uuid)?;
     let vm = source.vm_instance_uuid.clone();
     let _source_lock = app.vm_locks.write(&vm).await;
-    let plans = plan(app, &cmd, &source)?;
+    let mut plans = plan(app, &cmd, &source)?;
     for p in &plans {
         if app.libvirt.domain_state(&p.spec.vm_instance_uuid).await?.is_some() {
             return Err(AgentError::conflict(format!(
@@ -139,8 +152,13 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
                 p.spec.vm_instance_uuid
             )));
         }
-        for s in &p.sources {
-            app.storage.roots().confine_chain(&s.to_string_lossy())?;
+        for (s, v) in p.sources.iter().zip(std::iter::once(&p.spec.root_volume).chain(&p.spec.data_volumes)) {
+            if s.starts_with("ceph://") {
+                sizes(app, s, &ctx.stop).await?;
+                super::volumes::check_free(app, &v.install_path, &ctx.stop).await?;
+            } else {
+                app.storage.roots().confine_chain(s)?;
+            }
         }
     }
     let state = app.libvirt.domain_state(&vm).await?;
@@ -151,19 +169,27 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
     // Freeze what the clones are built from, with the source paused for that instant when it
     // runs and has a TPM, so that disks and TPM state are taken at the same moment.
     let needs_freeze = cmd.mode == CloneMode::Linked || running;
-    let paused_here = tpm && state == Some(crate::libvirt::domains::VmState::Running);
+    let rbd_images: Vec<String> = std::iter::once(&source.root_volume)
+        .chain(source.data_volumes.iter().filter(|_| cmd.full))
+        .map(|v| v.install_path.clone())
+        .filter(|p| p.starts_with("ceph://"))
+        .collect();
+    // Pause a running source while disks (several, or with a TPM) are taken, so they are
+    // consistent with each other.
+    let paused_here = (tpm || rbd_images.len() > 1) && state == Some(crate::libvirt::domains::VmState::Running);
     if paused_here {
         app.libvirt.suspend(&vm).await?;
     }
-    let frozen_and_tpm = async {
+    let taken = async {
         let frozen = if needs_freeze { freeze(app, &mut source, cmd.full, &ctx.stop).await? } else { Vec::new() };
+        let snapshots = volumes::snapshot_rbd(app, &rbd_images, &ctx.stop).await?;
         let tpm_copied = if tpm {
             super::tpm::copy_state(&super::tpm::state_dir(&app.config.libvirt.swtpm_dir, &vm), &staging, &ctx.stop)
                 .await?
         } else {
             false
         };
-        Ok::<_, AgentError>((frozen, tpm_copied))
+        Ok::<_, AgentError>((frozen, snapshots, tpm_copied))
     }
     .await;
     if paused_here {
@@ -171,9 +197,16 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
             tracing::error!(vm = %vm, error = %e, "cannot resume the source VM after freezing it");
         }
     }
-    // The plans' sources are the files the source used until now: after a freeze, the
-    // read-only snapshots; for copies of a stopped VM, its unchanged files.
-    let (frozen, tpm_copied) = frozen_and_tpm.map_err(|e| e.context("step 'freeze source' failed"))?;
+    // The plans' sources are what the source used until now: after a freeze, the read-only
+    // snapshots; for copies of a stopped VM, its unchanged files; on RBD, the new snapshots.
+    let (frozen, snapshots, tpm_copied) = taken.map_err(|e| e.context("step 'freeze source' failed"))?;
+    for p in &mut plans {
+        for s in &mut p.sources {
+            if let Some((_, snap)) = snapshots.iter().find(|(image, _)| image == s) {
+                *s = snap.clone();
+            }
+        }
+    }
 
     let tpm_source = tpm_copied.then_some(staging.as_path());
     let cmd = &cmd;
@@ -193,10 +226,14 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
         .collect()
         .await;
     let _ = std::fs::remove_dir_all(&staging);
+    for (_, snap) in &snapshots {
+        volumes::drop_unused_snapshot(app, snap).await;
+    }
+    let rbd_sources = snapshots.iter().map(|(image, snap)| json!({"installPath": image, "snapshotPath": snap}));
     Ok(CloneVmRsp {
         number_of_cloned_vm: results.iter().filter(|r| r.get("inventory").is_some()).count(),
         inventories: results,
-        source_volumes: frozen.iter().map(|z| json!(z)).collect(),
+        source_volumes: frozen.iter().map(|z| json!(z)).chain(rbd_sources).collect(),
     })
 }
 
@@ -212,27 +249,13 @@ async fn make_one(
     let _lock = app.vm_locks.write(&vm).await;
     let mut undo = UndoLog::default();
     let result = async {
-        let volumes = std::iter::once(&p.spec.root_volume).chain(&p.spec.data_volumes);
-        for (v, src) in volumes.zip(&p.sources) {
+        let new_volumes = std::iter::once(&p.spec.root_volume).chain(&p.spec.data_volumes);
+        for (v, src) in new_volumes.zip(&p.sources) {
             ctx.stop.check("cloning the VM")?;
-            let src = src.to_string_lossy();
-            let made = match cmd.mode {
-                CloneMode::Linked => {
-                    app.storage
-                        .create_empty(
-                            &v.install_path,
-                            0,
-                            Some(&src),
-                            Provisioning::Thin,
-                            CreateOptions::default(),
-                            &ctx.stop,
-                        )
-                        .await
-                }
-                CloneMode::Copy => app.storage.create_flat_copy(&src, &v.install_path, &ctx.stop, |_| {}).await,
-            }
-            .map_err(|e| e.context(format!("step 'create volume {}' failed", v.volume_uuid)))?;
-            undo.push(UndoStep::RemoveFile { path: made });
+            let made = volumes::clone_volume(app, src, &v.install_path, cmd.mode == CloneMode::Linked, &ctx.stop)
+                .await
+                .map_err(|e| e.context(format!("step 'create volume {}' failed", v.volume_uuid)))?;
+            undo.push(made);
         }
         if let Some(staged) = tpm_source {
             let dst = super::tpm::state_dir(&app.config.libvirt.swtpm_dir, &vm);

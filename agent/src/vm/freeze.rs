@@ -44,9 +44,10 @@ pub struct Target {
 /// Freezes the root (and the data volumes when `with_data`) of the VM whose record is `spec`,
 /// with new tops beside the current ones, and updates the record. The caller holds the VM's lock.
 pub async fn freeze(app: &App, spec: &mut StartVmCmd, with_data: bool, stop: &Stop) -> AgentResult<Vec<Frozen>> {
+    // RBD volumes are not frozen: their snapshots are immutable already.
     let targets: Vec<Target> = volumes_mut(spec)
         .enumerate()
-        .filter(|(i, _)| *i == 0 || with_data)
+        .filter(|(i, v)| (*i == 0 || with_data) && !v.install_path.starts_with("ceph://"))
         .map(|(_, v)| {
             let dir = std::path::Path::new(&v.install_path).parent().unwrap_or(std::path::Path::new("/"));
             let new_top = dir.join(format!("{}.qcow2", uuid::Uuid::new_v4().simple())).display().to_string();

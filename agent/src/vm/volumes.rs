@@ -186,3 +186,53 @@ pub async fn flatten_rbd(app: &App, p: &CephPath, stop: &Stop) -> AgentResult<bo
     }
     Ok(true)
 }
+
+/// One clone volume at `dst` from `src` (a frozen local file, or an RBD snapshot): linked (an
+/// overlay / an rbd clone) or a full copy. Returns how to undo it.
+pub async fn clone_volume(app: &App, src: &str, dst: &str, linked: bool, stop: &Stop) -> AgentResult<UndoStep> {
+    match place(src)? {
+        Place::Local if linked => {
+            let made =
+                app.storage.create_empty(dst, 0, Some(src), Provisioning::Thin, CreateOptions::default(), stop).await?;
+            Ok(UndoStep::RemoveFile { path: made })
+        }
+        Place::Local => {
+            let made = app.storage.create_flat_copy(src, dst, stop, |_| {}).await?;
+            Ok(UndoStep::RemoveFile { path: made })
+        }
+        Place::Rbd(_) => {
+            make_from_image(app, src, dst, None, if linked { Provisioning::Thin } else { Provisioning::Thick }, stop)
+                .await
+        }
+    }
+}
+
+/// Takes a protected snapshot of each RBD image in `images`, named for this operation; returns
+/// `(image, snapshot)` paths.
+pub async fn snapshot_rbd(app: &App, images: &[String], stop: &Stop) -> AgentResult<Vec<(String, String)>> {
+    let name = format!("kvmagent-clone-{}", uuid::Uuid::new_v4().simple());
+    let mut out = Vec::new();
+    for i in images {
+        let snap = CephPath::parse(i)?.with_snap(&name);
+        app.rbd.snap_create(&snap, stop).await?;
+        app.rbd.snap_protect(&snap, stop).await?;
+        out.push((i.clone(), snap.to_string()));
+    }
+    Ok(out)
+}
+
+/// Removes a temporary snapshot once no clone depends on it; it stays otherwise.
+pub async fn drop_unused_snapshot(app: &App, snap: &str) {
+    let stop = Stop::new();
+    let Ok(p) = CephPath::parse(snap) else { return };
+    match app.rbd.children(&p, &stop).await {
+        Ok(kids) if kids.is_empty() => {
+            let _ = app.rbd.snap_unprotect(&p, &stop).await;
+            if let Err(e) = app.rbd.snap_remove(&p, &stop).await {
+                tracing::warn!(snapshot = %p, error = %e, "cannot remove a temporary snapshot");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(snapshot = %p, error = %e, "cannot list the clones of a temporary snapshot"),
+    }
+}
