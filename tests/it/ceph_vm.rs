@@ -214,3 +214,82 @@ async fn flatten_of_an_rbd_root_while_the_vm_runs() {
     let _ = ceph::rbd(&["rm", "--no-progress", &format!("rbd/{img}")]);
     let _ = virsh(&["secret-undefine", &secret]);
 }
+
+#[tokio::test]
+async fn clones_of_a_running_rbd_vm_linked_and_copied() {
+    let h = Host::start_with(&agent_config()).await.unwrap();
+    let (img, bytes) = rbd_image();
+    let secret = secret(&h).await;
+    let vm = uuid();
+    h.track_vm(&vm);
+    let (root, data) = (format!("vol-{}", uuid()), format!("vol-{}", uuid()));
+    let mut boot = kernel_boot(&h, &[0], 2).unwrap();
+    boot["cmdline"] = json!(format!("{} kvmagent.shell=1", boot["cmdline"].as_str().unwrap()));
+    let cmd = json!({
+        "vm": {"vmInstanceUuid": vm, "vmName": "rbd-src", "memory": 160 * MIB, "cpuNum": 1, "kernelBoot": boot},
+        "rootVolume": {"volumeUuid": uuid(), "installPath": format!("ceph://rbd/{root}"), "imagePath": format!("ceph://rbd/{img}@{img}")},
+        "dataVolumes": [{"volumeUuid": uuid(), "installPath": format!("ceph://rbd/{data}"), "size": 16 * MIB}],
+        "ceph": {"secretUuid": secret, "monInfo": [{"hostname": "127.0.0.1", "port": 6789}]},
+        "strategy": "CreateStopped",
+    });
+    h.call_ok("/vm/create", &cmd).await.unwrap();
+    let data_bytes = pattern("RBDDATA");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &data_bytes).unwrap();
+    let w = format!("write -s {} 0 64", file.path().display());
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", &w, &qemu_name(&format!("rbd/{data}"))])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    virsh(&["start", &vm]).unwrap();
+    wait_report(&console_log(&h, &vm), Duration::from_secs(90)).await.unwrap();
+
+    for mode in ["linked", "copy"] {
+        let r = h
+            .call_ok("/vm/clone", &json!({"vmUuid": vm, "names": ["a", "b"], "full": true, "mode": mode}))
+            .await
+            .unwrap();
+        assert_eq!(r["numberOfClonedVm"], 2, "{mode}: {r}");
+        assert_eq!(kvmagent_host_tests::checks::domstate(&vm).as_deref(), Some("running"), "the source keeps running");
+        for inv in r["inventories"].as_array().unwrap() {
+            let c = inv["inventory"]["uuid"].as_str().unwrap().to_owned();
+            h.track_vm(&c);
+            let vols = inv["inventory"]["allVolumes"].as_array().unwrap();
+            for v in vols {
+                let name = v["installPath"].as_str().unwrap().trim_start_matches("ceph://");
+                let parent = &ceph::info(name).unwrap()["parent"];
+                assert_eq!(parent.is_object(), mode == "linked", "{mode} clone {name}: {parent}");
+            }
+            let dump = wait_report(&console_log(&h, &c), Duration::from_secs(120)).await.unwrap();
+            assert_eq!(dump["vda"][&0], bytes, "{mode} clone sees the root data");
+            assert_eq!(dump["vdb"][&0], data_bytes, "{mode} clone sees the data volume");
+            h.call_ok("/vm/destroy", &json!({"uuid": c})).await.unwrap();
+            for v in vols {
+                h.call_ok("/ceph/primarystorage/delete", &json!({"installPath": v["installPath"]})).await.unwrap();
+            }
+        }
+        // Copies leave no temporary snapshot behind, and a linked clone's goes with the last
+        // clone deleted.
+        for i in [&root, &data] {
+            let snaps = ceph::rbd(&["snap", "ls", "--format", "json", &format!("rbd/{i}")]).unwrap();
+            assert!(!snaps.contains("kvmagent-clone"), "{mode}: {snaps}");
+        }
+    }
+    h.call_ok("/vm/destroy", &json!({"uuid": vm})).await.unwrap();
+    for i in [&root, &data] {
+        let _ = ceph::rbd(&["snap", "ls", "--format", "json", &format!("rbd/{i}")]);
+        let snaps: Vec<serde_json::Value> =
+            serde_json::from_str(&ceph::rbd(&["snap", "ls", "--format", "json", &format!("rbd/{i}")]).unwrap())
+                .unwrap();
+        for s in snaps {
+            let _ = ceph::rbd(&["snap", "unprotect", &format!("rbd/{i}@{}", s["name"].as_str().unwrap())]);
+        }
+        let _ = ceph::rbd(&["snap", "purge", &format!("rbd/{i}")]);
+        let _ = ceph::rbd(&["rm", "--no-progress", &format!("rbd/{i}")]);
+    }
+    let _ = ceph::rbd(&["snap", "unprotect", &format!("rbd/{img}@{img}")]);
+    let _ = ceph::rbd(&["snap", "purge", &format!("rbd/{img}")]);
+    let _ = ceph::rbd(&["rm", "--no-progress", &format!("rbd/{img}")]);
+    let _ = virsh(&["secret-undefine", &secret]);
+}

@@ -188,7 +188,7 @@ impl Rbd {
         self.run(&["clone", &src.spec(), &dst.image_spec()], stop, true).await.map(|_| ())
     }
 
-    /// Full, independent copy (with the data of every layer) of `src` (an image or a snapshot).
+    /// `rbd deep cp`: a copy with the source's snapshots and parent link (ZStack's volume/cp).
     pub async fn deep_copy(&self, src: &CephPath, dst: &CephPath, stop: &Stop) -> Result<(), RbdError> {
         self.run(&["deep", "cp", "--no-progress", &src.spec(), &dst.image_spec()], stop, false).await.map(|_| ())
     }

@@ -178,7 +178,13 @@ pub async fn delete(app: &App, ctx: &TaskCtx, cmd: InstallPathCmd) -> AgentResul
         let names: Vec<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
         return Err(AgentError::conflict(format!("{p} still has snapshots {names:?}; delete them first")));
     }
+    let parent = app.rbd.info(&p, &ctx.stop).await?.parent;
     app.rbd.remove(&p, &ctx.stop).await?;
+    // A snapshot this agent took for clones goes with its last clone.
+    if let Some(parent) = parent.filter(|pa| pa.snapshot.starts_with(crate::vm::volumes::CLONE_SNAPSHOT_PREFIX)) {
+        let snap = CephPath { pool: parent.pool, image: parent.image, snap: Some(parent.snapshot) };
+        crate::vm::volumes::drop_unused_snapshot(app, &snap.to_string()).await;
+    }
     Ok(Empty {})
 }
 

@@ -54,6 +54,9 @@ pub async fn freeze(app: &App, spec: &mut StartVmCmd, with_data: bool, stop: &St
             Target { volume_uuid: v.volume_uuid.clone(), current: v.install_path.clone(), new_top }
         })
         .collect();
+    if targets.is_empty() {
+        return Ok(Vec::new());
+    }
     let frozen = freeze_to(app, &spec.vm_instance_uuid.clone(), &targets, stop).await?;
     record(app, spec, &frozen).await?;
     Ok(frozen)

@@ -9,6 +9,9 @@ use crate::qemu_img::CreateOptions;
 use crate::stop::Stop;
 use crate::storage::local::Provisioning;
 
+/// Names of the snapshots this agent takes for clones; they are removed once unused.
+pub const CLONE_SNAPSHOT_PREFIX: &str = "kvmagent-clone-";
+
 pub enum Place {
     Local,
     Rbd(CephPath),
@@ -84,20 +87,17 @@ pub async fn make_from_image(
                 .await?
                 .iter()
                 .any(|s| Some(s.name.as_str()) == src.snap.as_deref() && s.protected.as_deref() == Some("true"));
-            match prov {
-                Provisioning::Thin => {
-                    if !protected {
-                        app.rbd.snap_protect(&src, stop).await?;
-                    }
-                    app.rbd.clone(&src, &to, stop).await?
+            if !protected {
+                app.rbd.snap_protect(&src, stop).await?;
+            }
+            app.rbd.clone(&src, &to, stop).await?;
+            // Thick: the clone is flattened to stand alone (`rbd cp` would skip a clone's parent
+            // data, `rbd deep cp` would carry the source's snapshot history).
+            if prov == Provisioning::Thick {
+                if let Err(e) = flatten_rbd(app, &to, stop).await {
+                    let _ = app.rbd.remove(&to, &Stop::new()).await;
+                    return Err(e);
                 }
-                Provisioning::Thick => app.rbd.deep_copy(&src, &to, stop).await.map_err(|e| {
-                    if e.was_stopped() {
-                        stop.error("copying the image")
-                    } else {
-                        e.into()
-                    }
-                })?,
             }
             let undo = UndoStep::RemoveRbdImage { path: to.to_string() };
             if let Some(s) = size.filter(|s| *s > 0) {
@@ -210,7 +210,7 @@ pub async fn clone_volume(app: &App, src: &str, dst: &str, linked: bool, stop: &
 /// Takes a protected snapshot of each RBD image in `images`, named for this operation; returns
 /// `(image, snapshot)` paths.
 pub async fn snapshot_rbd(app: &App, images: &[String], stop: &Stop) -> AgentResult<Vec<(String, String)>> {
-    let name = format!("kvmagent-clone-{}", uuid::Uuid::new_v4().simple());
+    let name = format!("{CLONE_SNAPSHOT_PREFIX}{}", uuid::Uuid::new_v4().simple());
     let mut out = Vec::new();
     for i in images {
         let snap = CephPath::parse(i)?.with_snap(&name);
