@@ -293,3 +293,44 @@ async fn clones_of_a_running_rbd_vm_linked_and_copied() {
     let _ = ceph::rbd(&["rm", "--no-progress", &format!("rbd/{img}")]);
     let _ = virsh(&["secret-undefine", &secret]);
 }
+
+#[tokio::test]
+async fn change_image_of_an_rbd_root() {
+    let h = Host::start_with(&agent_config()).await.unwrap();
+    let (a, _) = rbd_image();
+    let (b, b_bytes) = rbd_image();
+    let secret = secret(&h).await;
+    let vm = uuid();
+    h.track_vm(&vm);
+    let root = format!("vol-{}", uuid());
+    let cmd = json!({
+        "vm": {"vmInstanceUuid": vm, "vmName": "rbd-ci", "memory": 160 * MIB, "cpuNum": 1, "kernelBoot": kernel_boot(&h, &[0], 1).unwrap()},
+        "rootVolume": {"volumeUuid": uuid(), "installPath": format!("ceph://rbd/{root}"), "imagePath": format!("ceph://rbd/{a}@{a}")},
+        "ceph": {"secretUuid": secret, "monInfo": [{"hostname": "127.0.0.1", "port": 6789}]},
+        "strategy": "CreateStopped",
+    });
+    h.call_ok("/vm/create", &cmd).await.unwrap();
+    let r = h
+        .call_ok("/vm/changeimage", &json!({"vmUuid": vm, "imagePath": format!("ceph://rbd/{b}@{b}"), "systemTags": ["ceph::rootPoolName::rbd"]}))
+        .await
+        .unwrap();
+    let new_root = r["allVolumes"][0]["installPath"].as_str().unwrap().trim_start_matches("ceph://").to_owned();
+    assert_ne!(new_root, format!("rbd/{root}"));
+    assert_eq!(
+        ceph::info(&new_root).unwrap()["parent"]["image"].as_str(),
+        Some(b.as_str()),
+        "cloned from the new image"
+    );
+    assert!(ceph::info(&format!("rbd/{root}")).is_none(), "the old root is removed once the VM points at the new one");
+    virsh(&["start", &vm]).unwrap();
+    let dump = wait_report(&console_log(&h, &vm), Duration::from_secs(90)).await.unwrap();
+    assert_eq!(dump["vda"][&0], b_bytes, "the guest sees the new image");
+    h.call_ok("/vm/destroy", &json!({"uuid": vm})).await.unwrap();
+    let _ = ceph::rbd(&["rm", "--no-progress", &new_root]);
+    for i in [&a, &b] {
+        let _ = ceph::rbd(&["snap", "unprotect", &format!("rbd/{i}@{i}")]);
+        let _ = ceph::rbd(&["snap", "purge", &format!("rbd/{i}")]);
+        let _ = ceph::rbd(&["rm", "--no-progress", &format!("rbd/{i}")]);
+    }
+    let _ = virsh(&["secret-undefine", &secret]);
+}

@@ -3,6 +3,7 @@
 //! removed. On any failure before the switch the new root is removed and the VM is as before.
 
 use super::undo::{UndoLog, UndoStep};
+use super::volumes;
 use crate::api::inventory::VmInstanceInventory;
 use crate::api::native::ChangeImageCmd;
 use crate::app::App;
@@ -19,43 +20,45 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
         return Err(AgentError::conflict(format!("VM {vm} is running; stop it before changing its image")));
     }
     let old_root = spec.root_volume.install_path.clone();
-    if spec.root_volume.device_type != "file" {
-        return Err(AgentError::invalid(format!(
-            "VM {vm} has a {} root; this host changes images of file roots only",
-            spec.root_volume.device_type
-        )));
-    }
     let new_root = match &cmd.new_root_install_path {
         Some(p) => p.clone(),
-        None => {
-            let dir = std::path::Path::new(&old_root).parent().unwrap_or(std::path::Path::new("/"));
-            dir.join(format!("{}.qcow2", uuid::Uuid::new_v4().simple())).display().to_string()
-        }
+        None => match volumes::place(&old_root)? {
+            volumes::Place::Rbd(old) => {
+                // `ceph::rootPoolName::<pool>` places the new root in another pool.
+                let pool =
+                    cmd.system_tags.iter().find_map(|t| t.strip_prefix("ceph::rootPoolName::")).unwrap_or(&old.pool);
+                format!("ceph://{pool}/{}", uuid::Uuid::new_v4().simple())
+            }
+            volumes::Place::Local => {
+                let dir = std::path::Path::new(&old_root).parent().unwrap_or(std::path::Path::new("/"));
+                dir.join(format!("{}.qcow2", uuid::Uuid::new_v4().simple())).display().to_string()
+            }
+        },
     };
     let _volumes = app.volume_locks.write_all(&[old_root.clone(), new_root.clone()]).await;
+    volumes::check_image(app, &cmd.image_path, &ctx.stop).await.map_err(|e| e.context("imagePath"))?;
+    volumes::check_free(app, &new_root, &ctx.stop).await?;
     // The new root keeps the old one's size when that is larger than the image.
     let (old_size, _) =
-        app.storage.sizes(&old_root, &ctx.stop).await.map_err(|e| e.context("reading the current root"))?;
+        volumes::sizes(app, &old_root, &ctx.stop).await.map_err(|e| e.context("reading the current root"))?;
     let (image_size, _) =
-        app.storage.sizes(&cmd.image_path, &ctx.stop).await.map_err(|e| e.context("reading the image"))?;
+        volumes::sizes(app, &cmd.image_path, &ctx.stop).await.map_err(|e| e.context("reading the image"))?;
 
     let mut undo = UndoLog::default();
     let result = async {
-        let made = app
-            .storage
-            .create_from_image(
-                &cmd.image_path,
-                &new_root,
-                Some(old_size).filter(|s| *s > image_size),
-                Provisioning::Thin,
-                &ctx.stop,
-            )
+        let grow = Some(old_size).filter(|s| *s > image_size);
+        let made = volumes::make_from_image(app, &cmd.image_path, &new_root, grow, Provisioning::Thin, &ctx.stop)
             .await
             .map_err(|e| e.context("step 'create new root' failed"))?;
-        undo.push(UndoStep::RemoveFile { path: made.clone() });
+        spec.root_volume.install_path = match &made {
+            UndoStep::RemoveFile { path } => path.display().to_string(),
+            _ => new_root.clone(),
+        };
+        undo.push(made);
         ctx.stop.check("changing the image")?;
-        spec.root_volume.install_path = made.display().to_string();
-        spec.root_volume.format = "qcow2".into();
+        if spec.root_volume.device_type == "file" {
+            spec.root_volume.format = "qcow2".into();
+        }
         if state.is_some() {
             // A defined (stopped) domain is redefined to point at the new root.
             let xml = crate::domain::render(&spec, &super::settings(app, &vm))?;
@@ -72,9 +75,24 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
         }
     }
     // The switch is done; the old root goes only now.
-    if !app.storage.delete(&old_root)? {
+    if !remove_old_root(app, &old_root, &ctx.stop).await? {
         tracing::warn!(vm = %vm, path = %old_root, "the old root is in use and was kept; delete it later");
     }
     ctx.progress(100, "image changed");
     super::inventory::of(app, &spec, if state.is_some() { "Stopped" } else { "Created" }, ctx).await
+}
+
+/// Removes the replaced root; false when something still uses it (a process has the file open,
+/// or the image has snapshots clones depend on), in which case it is kept.
+async fn remove_old_root(app: &App, path: &str, stop: &crate::stop::Stop) -> AgentResult<bool> {
+    match volumes::place(path)? {
+        volumes::Place::Local => app.storage.delete(path),
+        volumes::Place::Rbd(p) => {
+            if !app.rbd.snapshots(&p, stop).await?.is_empty() {
+                return Ok(false);
+            }
+            app.rbd.remove(&p, stop).await?;
+            Ok(true)
+        }
+    }
 }
