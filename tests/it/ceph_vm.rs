@@ -21,14 +21,7 @@ async fn a_guest_boots_from_an_rbd_root_and_reads_its_bytes() {
     .await
     .unwrap();
     let bytes = pattern("RBD");
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), &bytes).unwrap();
-    let cmd = format!("write -s {} 0 64", file.path().display());
-    let out = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-c", &cmd, &qemu_name(&format!("rbd/{img}"))])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ceph::write(&format!("rbd/{img}"), 0, &bytes);
 
     let secret = uuid::Uuid::new_v4().to_string();
     h.call_ok("/vm/createcephsecret", &json!({"userKey": admin_key(), "uuid": secret})).await.unwrap();
@@ -63,14 +56,7 @@ fn rbd_image() -> (String, Vec<u8>) {
     let img = format!("image-{}", uuid());
     ceph::rbd(&["create", "--size", "64M", &format!("rbd/{img}")]).unwrap();
     let bytes = pattern("RBDIMG");
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), &bytes).unwrap();
-    let cmd = format!("write -s {} 0 64", file.path().display());
-    let out = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-c", &cmd, &qemu_name(&format!("rbd/{img}"))])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ceph::write(&format!("rbd/{img}"), 0, &bytes);
     ceph::rbd(&["snap", "create", &format!("rbd/{img}@{img}")]).unwrap();
     (img, bytes)
 }
@@ -111,9 +97,7 @@ async fn create_on_rbd_clones_the_image_and_the_guest_reads_it() {
     for i in [&root, &data] {
         ceph::rbd(&["rm", "--no-progress", &format!("rbd/{i}")]).unwrap();
     }
-    let _ = ceph::rbd(&["snap", "unprotect", &format!("rbd/{img}@{img}")]);
-    let _ = ceph::rbd(&["snap", "purge", &format!("rbd/{img}")]);
-    let _ = ceph::rbd(&["rm", "--no-progress", &format!("rbd/{img}")]);
+    ceph::remove_all(&format!("rbd/{img}"));
     let _ = virsh(&["secret-undefine", &secret]);
 }
 
@@ -140,9 +124,7 @@ async fn a_failed_create_on_rbd_leaves_no_image() {
     let e = h.call_err("/vm/create", &bad).await.unwrap();
     assert!(e.contains("does not exist"), "{e}");
     assert_eq!(ceph::images("rbd"), before);
-    let _ = ceph::rbd(&["snap", "unprotect", &format!("rbd/{img}@{img}")]);
-    let _ = ceph::rbd(&["snap", "purge", &format!("rbd/{img}")]);
-    let _ = ceph::rbd(&["rm", "--no-progress", &format!("rbd/{img}")]);
+    ceph::remove_all(&format!("rbd/{img}"));
 }
 
 #[tokio::test]
@@ -207,11 +189,7 @@ async fn flatten_of_an_rbd_root_while_the_vm_runs() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && !text.contains("Pattern verification failed"), "{text}");
     ceph::rbd(&["rm", "--no-progress", &format!("rbd/{root}")]).unwrap();
-    for s in ["v2", img.as_str()] {
-        let _ = ceph::rbd(&["snap", "unprotect", &format!("rbd/{img}@{s}")]);
-    }
-    let _ = ceph::rbd(&["snap", "purge", &format!("rbd/{img}")]);
-    let _ = ceph::rbd(&["rm", "--no-progress", &format!("rbd/{img}")]);
+    ceph::remove_all(&format!("rbd/{img}"));
     let _ = virsh(&["secret-undefine", &secret]);
 }
 
@@ -234,14 +212,7 @@ async fn clones_of_a_running_rbd_vm_linked_and_copied() {
     });
     h.call_ok("/vm/create", &cmd).await.unwrap();
     let data_bytes = pattern("RBDDATA");
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), &data_bytes).unwrap();
-    let w = format!("write -s {} 0 64", file.path().display());
-    let out = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-c", &w, &qemu_name(&format!("rbd/{data}"))])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    ceph::write(&format!("rbd/{data}"), 0, &data_bytes);
     virsh(&["start", &vm]).unwrap();
     wait_report(&console_log(&h, &vm), Duration::from_secs(90)).await.unwrap();
 
@@ -278,19 +249,9 @@ async fn clones_of_a_running_rbd_vm_linked_and_copied() {
     }
     h.call_ok("/vm/destroy", &json!({"uuid": vm})).await.unwrap();
     for i in [&root, &data] {
-        let _ = ceph::rbd(&["snap", "ls", "--format", "json", &format!("rbd/{i}")]);
-        let snaps: Vec<serde_json::Value> =
-            serde_json::from_str(&ceph::rbd(&["snap", "ls", "--format", "json", &format!("rbd/{i}")]).unwrap())
-                .unwrap();
-        for s in snaps {
-            let _ = ceph::rbd(&["snap", "unprotect", &format!("rbd/{i}@{}", s["name"].as_str().unwrap())]);
-        }
-        let _ = ceph::rbd(&["snap", "purge", &format!("rbd/{i}")]);
-        let _ = ceph::rbd(&["rm", "--no-progress", &format!("rbd/{i}")]);
+        ceph::remove_all(&format!("rbd/{i}"));
     }
-    let _ = ceph::rbd(&["snap", "unprotect", &format!("rbd/{img}@{img}")]);
-    let _ = ceph::rbd(&["snap", "purge", &format!("rbd/{img}")]);
-    let _ = ceph::rbd(&["rm", "--no-progress", &format!("rbd/{img}")]);
+    ceph::remove_all(&format!("rbd/{img}"));
     let _ = virsh(&["secret-undefine", &secret]);
 }
 
@@ -328,9 +289,7 @@ async fn change_image_of_an_rbd_root() {
     h.call_ok("/vm/destroy", &json!({"uuid": vm})).await.unwrap();
     let _ = ceph::rbd(&["rm", "--no-progress", &new_root]);
     for i in [&a, &b] {
-        let _ = ceph::rbd(&["snap", "unprotect", &format!("rbd/{i}@{i}")]);
-        let _ = ceph::rbd(&["snap", "purge", &format!("rbd/{i}")]);
-        let _ = ceph::rbd(&["rm", "--no-progress", &format!("rbd/{i}")]);
+        ceph::remove_all(&format!("rbd/{i}"));
     }
     let _ = virsh(&["secret-undefine", &secret]);
 }

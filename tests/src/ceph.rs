@@ -55,3 +55,24 @@ pub fn admin_key() -> String {
     let text = std::fs::read_to_string(&keyring).expect("admin keyring");
     text.lines().find_map(|l| l.trim().strip_prefix("key = ")).expect("a key line in the keyring").trim().to_owned()
 }
+
+/// Writes `bytes` at `offset` of an RBD image through QEMU's rbd driver.
+pub fn write(spec: &str, offset: u64, bytes: &[u8]) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), bytes).unwrap();
+    let cmd = format!("write -s {} {offset} {}", file.path().display(), bytes.len());
+    let out = Command::new("qemu-io").args(["-f", "raw", "-c", &cmd, &qemu_name(spec)]).output().unwrap();
+    assert!(out.status.success(), "qemu-io on {spec}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Removes an image with all its snapshots (test clean-up; errors ignored).
+pub fn remove_all(spec: &str) {
+    if let Ok(list) = rbd(&["snap", "ls", "--format", "json", spec]) {
+        let snaps: Vec<Value> = serde_json::from_str(&list).unwrap_or_default();
+        for s in snaps {
+            let _ = rbd(&["snap", "unprotect", &format!("{spec}@{}", s["name"].as_str().unwrap_or_default())]);
+        }
+    }
+    let _ = rbd(&["snap", "purge", "--no-progress", spec]);
+    let _ = rbd(&["rm", "--no-progress", spec]);
+}
