@@ -111,7 +111,9 @@ async fn bad_ceph_commands_change_nothing() {
     let h = Host::start_with(&agent_config()).await.unwrap();
     let img = format!("keep-{}", uuid());
     ceph::rbd(&["create", "--size", "16M", &format!("rbd/{img}")]).unwrap();
-    let before = images("rbd");
+    // Images the refused commands would have made (other tests share the pool, so only these
+    // names are checked).
+    let fresh: Vec<String> = (0..4).map(|_| format!("n-{}", uuid())).collect();
     let cases = vec![
         (
             "/ceph/primarystorage/volume/createempty",
@@ -130,22 +132,22 @@ async fn bad_ceph_commands_change_nothing() {
         ),
         (
             "/ceph/primarystorage/volume/createempty",
-            json!({"installPath": format!("ceph://rbd/n-{}", uuid()), "size": 0}),
+            json!({"installPath": format!("ceph://rbd/{}", fresh[0]), "size": 0}),
             "size",
         ),
         (
             "/ceph/primarystorage/volume/clone",
-            json!({"srcPath": format!("ceph://rbd/{img}"), "dstPath": "ceph://rbd/new"}),
+            json!({"srcPath": format!("ceph://rbd/{img}"), "dstPath": format!("ceph://rbd/{}", fresh[1])}),
             "names no snapshot",
         ),
         (
             "/ceph/primarystorage/volume/clone",
-            json!({"srcPath": format!("ceph://rbd/{img}@nosnap"), "dstPath": format!("ceph://rbd/n-{}", uuid())}),
+            json!({"srcPath": format!("ceph://rbd/{img}@nosnap"), "dstPath": format!("ceph://rbd/{}", fresh[2])}),
             "does not exist",
         ),
         (
             "/ceph/primarystorage/volume/cp",
-            json!({"srcPath": format!("ceph://rbd/missing-{}", uuid()), "dstPath": format!("ceph://rbd/n-{}", uuid())}),
+            json!({"srcPath": format!("ceph://rbd/missing-{}", uuid()), "dstPath": format!("ceph://rbd/{}", fresh[3])}),
             "No such file",
         ),
         ("/ceph/primarystorage/getvolumesize", json!({"installPath": "/etc/passwd"}), "not a Ceph path"),
@@ -154,6 +156,14 @@ async fn bad_ceph_commands_change_nothing() {
         let e = h.call_err(path, &body).await.unwrap();
         assert!(e.contains(needle), "{path}: expected {needle:?} in {e}");
     }
-    assert_eq!(images("rbd"), before, "no image made or removed");
+    for name in &fresh {
+        assert!(info(&format!("rbd/{name}")).is_none(), "{name} was not made");
+    }
+    assert_eq!(
+        info(&format!("rbd/{img}")).unwrap()["size"].as_u64(),
+        Some(16 * MIB),
+        "the existing image is untouched"
+    );
+    assert!(!images("rbd").iter().any(|i| i == "-rf" || i == "x y"));
     ceph::rbd(&["rm", "--no-progress", &format!("rbd/{img}")]).unwrap();
 }
