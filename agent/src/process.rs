@@ -4,7 +4,7 @@
 use std::ffi::OsStr;
 use std::process::{ExitStatus, Stdio};
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 
 use crate::stop::Stop;
@@ -54,7 +54,7 @@ pub async fn run<S: AsRef<OsStr>>(program: &str, args: &[S], stop: &Stop) -> Res
 }
 
 /// Like [`run`], and calls `on_line` with every line (or `\r`-terminated progress update) the
-/// child writes to stdout, e.g. `qemu-img convert -p` progress.
+/// child writes to stdout or stderr, e.g. `qemu-img convert -p` or `rbd flatten` progress.
 pub async fn run_with_lines<S: AsRef<OsStr>>(
     program: &str,
     args: &[S],
@@ -73,8 +73,13 @@ pub async fn run_with_lines<S: AsRef<OsStr>>(
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
 
+    // Progress goes to stdout (qemu-img) or stderr (rbd): both streams reach `on_line`.
+    let on_line = std::sync::Mutex::new(&mut on_line);
+    let call = |l: &str| (on_line.lock().unwrap_or_else(|p| p.into_inner()))(l);
+    let (mut to_out, mut to_err) = (call, call);
     let work = async {
-        let (out, err, status) = tokio::join!(read_lines(stdout, &mut on_line), read_all(stderr), child.wait());
+        let (out, err, status) =
+            tokio::join!(read_lines(stdout, &mut to_out), read_lines(stderr, &mut to_err), child.wait());
         let io = |source| ProcessError::Io { command: command.clone(), source };
         Ok::<_, ProcessError>((out.map_err(io)?, err.map_err(io)?, status.map_err(io)?))
     };
@@ -126,12 +131,6 @@ async fn read_until_any<R: AsyncRead + Unpin>(r: &mut BufReader<R>, buf: &mut Ve
         r.consume(n);
         total += n;
     }
-}
-
-async fn read_all(mut r: impl AsyncRead + Unpin) -> std::io::Result<String> {
-    let mut s = Vec::new();
-    r.read_to_end(&mut s).await?;
-    Ok(String::from_utf8_lossy(&s).into_owned())
 }
 
 #[cfg(test)]

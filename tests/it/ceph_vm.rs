@@ -131,6 +131,8 @@ async fn a_failed_create_on_rbd_leaves_no_image() {
 #[tokio::test]
 async fn flatten_of_an_rbd_root_while_the_vm_runs() {
     let h = Host::start_with(&agent_config()).await.unwrap();
+    let connect = json!({"hostUuid": "h1", "sendCommandUrl": h.callbacks.send_command_url()});
+    assert_eq!(h.post("/host/connect", &[], connect.to_string()).await.unwrap().0, 200);
     let (img, _) = rbd_image();
     // More parent data than the clone will own, so the flatten has objects to copy.
     let fill = format!("write -P 7 8M 12M");
@@ -175,6 +177,8 @@ async fn flatten_of_an_rbd_root_while_the_vm_runs() {
         ceph::info(&format!("rbd/{root}")).unwrap()["parent"].is_null(),
         "flatten removed the parent while the VM ran"
     );
+    let reports = h.callbacks.progress_reports();
+    assert!(reports.iter().any(|p| p["processType"] == "/vm/flatten"), "flatten progress was reported: {reports:?}");
     let added = used(&root) - before;
     assert!(
         added > 0 && (predicted as f64 - added as f64).abs() <= added as f64 * 0.01,

@@ -61,6 +61,11 @@ impl From<RbdError> for AgentError {
     }
 }
 
+/// `rbd flatten` prints `Image flatten: 42% complete...`.
+fn flatten_progress(line: &str) -> Option<u8> {
+    line.trim().strip_prefix("Image flatten: ")?.split('%').next()?.trim().parse().ok()
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct Parent {
     pub pool: String,
@@ -193,8 +198,19 @@ impl Rbd {
         self.run(&["deep", "cp", "--no-progress", &src.spec(), &dst.image_spec()], stop, false).await.map(|_| ())
     }
 
-    pub async fn flatten(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
-        self.run(&["flatten", "--no-progress", &p.image_spec()], stop, false).await.map(|_| ())
+    /// `rbd flatten`; `on_progress` gets the percentages rbd prints ("Image flatten: 42% complete").
+    pub async fn flatten(&self, p: &CephPath, stop: &Stop, mut on_progress: impl FnMut(u8)) -> Result<(), RbdError> {
+        let what = format!("flatten {}", p.image_spec());
+        let mut args = self.base_args();
+        args.extend(["flatten".into(), p.image_spec().into()]);
+        process::run_with_lines("rbd", &args, stop, |line| {
+            if let Some(pct) = flatten_progress(line) {
+                on_progress(pct);
+            }
+        })
+        .await
+        .map(|_| ())
+        .map_err(|source| RbdError::Run { what, source })
     }
 
     pub async fn snap_create(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
@@ -225,5 +241,15 @@ impl Rbd {
 
     pub async fn remove(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
         self.run(&["rm", "--no-progress", &p.image_spec()], stop, true).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn flatten_progress_lines() {
+        assert_eq!(super::flatten_progress("Image flatten: 42% complete..."), Some(42));
+        assert_eq!(super::flatten_progress("Image flatten: 100% complete...done."), Some(100));
+        assert_eq!(super::flatten_progress("rbd: error"), None);
     }
 }

@@ -81,7 +81,7 @@ pub async fn flatten(app: &App, ctx: &TaskCtx, cmd: PathCmd) -> AgentResult<Empt
     let p = image(&cmd.path)?;
     let _lock = app.volume_locks.write(&p.to_string()).await;
     if app.rbd.info(&p, &ctx.stop).await?.parent.is_some() {
-        app.rbd.flatten(&p, &ctx.stop).await.map_err(|e| {
+        app.rbd.flatten(&p, &ctx.stop, |pct| ctx.progress(pct, "flattening")).await.map_err(|e| {
             if e.was_stopped() {
                 ctx.stop.error("flattening the image")
             } else {

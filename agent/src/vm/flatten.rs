@@ -87,7 +87,7 @@ async fn flatten_volume(
 ) -> AgentResult<bool> {
     let _lock = app.volume_locks.write(path).await;
     if let super::volumes::Place::Rbd(p) = super::volumes::place(path)? {
-        return super::volumes::flatten_rbd(app, &p, &ctx.stop).await;
+        return super::volumes::flatten_rbd(app, &p, &ctx.stop, progress).await;
     }
     let resolved = app.storage.roots().confine_chain(path)?;
     if qemu_img::read_header(&resolved).map_err(|e| AgentError::invalid(e.to_string()))?.backing_file.is_none() {

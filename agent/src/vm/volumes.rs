@@ -94,7 +94,7 @@ pub async fn make_from_image(
             // Thick: the clone is flattened to stand alone (`rbd cp` would skip a clone's parent
             // data, `rbd deep cp` would carry the source's snapshot history).
             if prov == Provisioning::Thick {
-                if let Err(e) = flatten_rbd(app, &to, stop).await {
+                if let Err(e) = flatten_rbd(app, &to, stop, |_| {}).await {
                     let _ = app.rbd.remove(&to, &Stop::new()).await;
                     return Err(e);
                 }
@@ -167,11 +167,11 @@ pub async fn flatten_estimate(app: &App, path: &str, stop: &Stop) -> AgentResult
 
 /// Flattens an RBD volume (running or not: librbd hands the work to the VM's lock holder) and
 /// checks that the parent is gone.
-pub async fn flatten_rbd(app: &App, p: &CephPath, stop: &Stop) -> AgentResult<bool> {
+pub async fn flatten_rbd(app: &App, p: &CephPath, stop: &Stop, progress: impl FnMut(u8)) -> AgentResult<bool> {
     if app.rbd.info(p, stop).await?.parent.is_none() {
         return Ok(false);
     }
-    app.rbd.flatten(p, stop).await.map_err(|e| {
+    app.rbd.flatten(p, stop, progress).await.map_err(|e| {
         if e.was_stopped() {
             stop.error("flattening the image")
         } else {
