@@ -145,22 +145,7 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
     let vm = source.vm_instance_uuid.clone();
     let _source_lock = app.vm_locks.write(&vm).await;
     let mut plans = plan(app, &cmd, &source)?;
-    for p in &plans {
-        if app.libvirt.domain_state(&p.spec.vm_instance_uuid).await?.is_some() {
-            return Err(AgentError::conflict(format!(
-                "a domain for VM {} already exists on this host",
-                p.spec.vm_instance_uuid
-            )));
-        }
-        for (s, v) in p.sources.iter().zip(std::iter::once(&p.spec.root_volume).chain(&p.spec.data_volumes)) {
-            if s.starts_with("ceph://") {
-                sizes(app, s, &ctx.stop).await?;
-                super::volumes::check_free(app, &v.install_path, &ctx.stop).await?;
-            } else {
-                app.storage.roots().confine_chain(s)?;
-            }
-        }
-    }
+    check_plans(app, ctx, &plans).await?;
     let state = app.libvirt.domain_state(&vm).await?;
     let running = state.is_some_and(|s| s.is_active());
     let tpm = source.tpm.as_ref().is_some_and(|t| t.enable);
@@ -235,6 +220,40 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
         inventories: results,
         source_volumes: frozen.iter().map(|z| json!(z)).chain(rbd_sources).collect(),
     })
+}
+
+/// The checks that need the host or the cluster: no clone's domain exists, every source is
+/// usable (each checked once) and every RBD target is free (checked concurrently: a call each).
+async fn check_plans(app: &App, ctx: &TaskCtx, plans: &[Plan]) -> AgentResult<()> {
+    let mut sources = HashSet::new();
+    let mut rbd_targets = Vec::new();
+    for p in plans {
+        if app.libvirt.domain_state(&p.spec.vm_instance_uuid).await?.is_some() {
+            return Err(AgentError::conflict(format!(
+                "a domain for VM {} already exists on this host",
+                p.spec.vm_instance_uuid
+            )));
+        }
+        for (s, v) in p.sources.iter().zip(std::iter::once(&p.spec.root_volume).chain(&p.spec.data_volumes)) {
+            if v.install_path.starts_with("ceph://") {
+                rbd_targets.push(v.install_path.clone());
+            }
+            if !sources.insert(s.as_str()) {
+                continue;
+            }
+            if s.starts_with("ceph://") {
+                sizes(app, s, &ctx.stop).await?;
+            } else {
+                app.storage.roots().confine_chain(s)?;
+            }
+        }
+    }
+    let checks: Vec<AgentResult<()>> = futures::stream::iter(rbd_targets)
+        .map(|t: String| async move { volumes::check_free(app, &t, &ctx.stop).await })
+        .buffer_unordered(app.config.clone.parallelism)
+        .collect()
+        .await;
+    checks.into_iter().collect()
 }
 
 /// Makes one clone; on failure removes everything it made.

@@ -200,9 +200,17 @@ pub async fn clone_volume(app: &App, src: &str, dst: &str, linked: bool, stop: &
             let made = app.storage.create_flat_copy(src, dst, stop, |_| {}).await?;
             Ok(UndoStep::RemoveFile { path: made })
         }
-        Place::Rbd(_) => {
-            make_from_image(app, src, dst, None, if linked { Provisioning::Thin } else { Provisioning::Thick }, stop)
-                .await
+        // `src` is a snapshot this operation took and protected: clone it directly.
+        Place::Rbd(snap) => {
+            let to = CephPath::parse(dst)?;
+            app.rbd.clone(&snap, &to, stop).await?;
+            if !linked {
+                if let Err(e) = flatten_rbd(app, &to, stop, |_| {}).await {
+                    let _ = app.rbd.remove(&to, &Stop::new()).await;
+                    return Err(e);
+                }
+            }
+            Ok(UndoStep::RemoveRbdImage { path: to.to_string() })
         }
     }
 }
