@@ -183,7 +183,7 @@ pub async fn delete(app: &App, ctx: &TaskCtx, cmd: InstallPathCmd) -> AgentResul
     // A snapshot this agent took for clones goes with its last clone.
     if let Some(parent) = parent.filter(|pa| pa.snapshot.starts_with(crate::vm::volumes::CLONE_SNAPSHOT_PREFIX)) {
         let snap = CephPath { pool: parent.pool, image: parent.image, snap: Some(parent.snapshot) };
-        crate::vm::volumes::drop_unused_snapshot(app, &snap.to_string()).await;
+        crate::vm::volumes::drop_unused_snapshot(&app.rbd, &snap.to_string()).await;
     }
     Ok(Empty {})
 }

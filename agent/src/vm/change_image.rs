@@ -36,18 +36,26 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
         },
     };
     let _volumes = app.volume_locks.write_all(&[old_root.clone(), new_root.clone()]).await;
-    volumes::check_image(app, &cmd.image_path, &ctx.stop).await.map_err(|e| e.context("imagePath"))?;
-    volumes::check_free(app, &new_root, &ctx.stop).await?;
+    volumes::store(app, &cmd.image_path)?
+        .check_image(&cmd.image_path, &ctx.stop)
+        .await
+        .map_err(|e| e.context("imagePath"))?;
+    volumes::store(app, &new_root)?.check_free(&new_root, &ctx.stop).await?;
     // The new root keeps the old one's size when that is larger than the image.
-    let (old_size, _) =
-        volumes::sizes(app, &old_root, &ctx.stop).await.map_err(|e| e.context("reading the current root"))?;
-    let (image_size, _) =
-        volumes::sizes(app, &cmd.image_path, &ctx.stop).await.map_err(|e| e.context("reading the image"))?;
+    let (old_size, _) = volumes::store(app, &old_root)?
+        .sizes(&old_root, &ctx.stop)
+        .await
+        .map_err(|e| e.context("reading the current root"))?;
+    let (image_size, _) = volumes::store(app, &cmd.image_path)?
+        .sizes(&cmd.image_path, &ctx.stop)
+        .await
+        .map_err(|e| e.context("reading the image"))?;
 
     let mut undo = UndoLog::default();
     let result = async {
         let grow = Some(old_size).filter(|s| *s > image_size);
-        let made = volumes::make_from_image(app, &cmd.image_path, &new_root, grow, Provisioning::Thin, &ctx.stop)
+        let made = volumes::store(app, &new_root)?
+            .make_from_image(&cmd.image_path, &new_root, grow, Provisioning::Thin, &ctx.stop)
             .await
             .map_err(|e| e.context("step 'create new root' failed"))?;
         spec.root_volume.install_path = match &made {

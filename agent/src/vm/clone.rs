@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::freeze::freeze;
 use super::undo::{UndoLog, UndoStep};
-use super::volumes::{self, sizes};
+use super::volumes;
 use crate::api::native::{CloneMode, CloneSpec, CloneVmCmd, CloneVmRsp, Strategy};
 use crate::api::vm::{NicTo, StartVmCmd};
 use crate::app::App;
@@ -167,7 +167,7 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
     }
     let taken = async {
         let frozen = if needs_freeze { freeze(app, &mut source, cmd.full, &ctx.stop).await? } else { Vec::new() };
-        let snapshots = volumes::snapshot_rbd(app, &rbd_images, &ctx.stop).await?;
+        let snapshots = volumes::snapshot_rbd(&app.rbd, &rbd_images, &ctx.stop).await?;
         let tpm_copied = if tpm {
             super::tpm::copy_state(&super::tpm::state_dir(&app.config.libvirt.swtpm_dir, &vm), &staging, &ctx.stop)
                 .await?
@@ -212,7 +212,7 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
         .await;
     let _ = std::fs::remove_dir_all(&staging);
     for (_, snap) in &snapshots {
-        volumes::drop_unused_snapshot(app, snap).await;
+        volumes::drop_unused_snapshot(&app.rbd, snap).await;
     }
     let rbd_sources = snapshots.iter().map(|(image, snap)| json!({"installPath": image, "snapshotPath": snap}));
     Ok(CloneVmRsp {
@@ -242,14 +242,14 @@ async fn check_plans(app: &App, ctx: &TaskCtx, plans: &[Plan]) -> AgentResult<()
                 continue;
             }
             if s.starts_with("ceph://") {
-                sizes(app, s, &ctx.stop).await?;
+                volumes::store(app, s)?.sizes(s, &ctx.stop).await?;
             } else {
                 app.storage.roots().confine_chain(s)?;
             }
         }
     }
     let checks: Vec<AgentResult<()>> = futures::stream::iter(rbd_targets)
-        .map(|t: String| async move { volumes::check_free(app, &t, &ctx.stop).await })
+        .map(|t: String| async move { volumes::store(app, &t)?.check_free(&t, &ctx.stop).await })
         .buffer_unordered(app.config.clone.parallelism)
         .collect()
         .await;
@@ -271,7 +271,8 @@ async fn make_one(
         let new_volumes = std::iter::once(&p.spec.root_volume).chain(&p.spec.data_volumes);
         for (v, src) in new_volumes.zip(&p.sources) {
             ctx.stop.check("cloning the VM")?;
-            let made = volumes::clone_volume(app, src, &v.install_path, cmd.mode == CloneMode::Linked, &ctx.stop)
+            let made = volumes::store(app, &v.install_path)?
+                .clone_volume(src, &v.install_path, cmd.mode == CloneMode::Linked, &ctx.stop)
                 .await
                 .map_err(|e| e.context(format!("step 'create volume {}' failed", v.volume_uuid)))?;
             undo.push(made);

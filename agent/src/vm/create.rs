@@ -64,15 +64,16 @@ async fn check(app: &App, ctx: &TaskCtx, cmd: &CreateVmCmd, spec: &StartVmCmd) -
         if uuid.is_empty() {
             return Err(AgentError::invalid(format!("volume at {path} has an empty volumeUuid")));
         }
-        volumes::check_free(app, path, &ctx.stop).await?;
+        volumes::store(app, path)?.check_free(path, &ctx.stop).await?;
         if !targets.insert(path.clone()) {
             return Err(AgentError::invalid(format!("installPath {path} is named twice")));
         }
     }
     match (&cmd.root_volume.image_path, cmd.root_volume.size) {
-        (Some(image), _) => {
-            volumes::check_image(app, image, &ctx.stop).await.map_err(|e| e.context("rootVolume.imagePath"))?
-        }
+        (Some(image), _) => volumes::store(app, image)?
+            .check_image(image, &ctx.stop)
+            .await
+            .map_err(|e| e.context("rootVolume.imagePath"))?,
         (None, Some(s)) if s > 0 => {}
         (None, _) => return Err(AgentError::invalid("rootVolume needs imagePath or a size > 0")),
     }
@@ -133,8 +134,16 @@ async fn build(
     let root = &cmd.root_volume;
     let prov = provisioning(root.provisioning);
     let made = match &root.image_path {
-        Some(image) => volumes::make_from_image(app, image, &root.install_path, root.size, prov, stop).await,
-        None => volumes::make_empty(app, &root.install_path, root.size.unwrap_or(0), prov, stop).await,
+        Some(image) => {
+            volumes::store(app, &root.install_path)?
+                .make_from_image(image, &root.install_path, root.size, prov, stop)
+                .await
+        }
+        None => {
+            volumes::store(app, &root.install_path)?
+                .make_empty(&root.install_path, root.size.unwrap_or(0), prov, stop)
+                .await
+        }
     }
     .map_err(|e| e.context("step 'create root volume' failed"))?;
     undo.push(made);
@@ -142,7 +151,8 @@ async fn build(
 
     for (i, d) in cmd.data_volumes.iter().enumerate() {
         stop.check("creating the VM")?;
-        let made = volumes::make_empty(app, &d.install_path, d.size, provisioning(d.provisioning), stop)
+        let made = volumes::store(app, &d.install_path)?
+            .make_empty(&d.install_path, d.size, provisioning(d.provisioning), stop)
             .await
             .map_err(|e| e.context(format!("step 'create data volume {i}' failed")))?;
         undo.push(made);

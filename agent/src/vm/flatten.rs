@@ -87,7 +87,7 @@ async fn flatten_volume(
 ) -> AgentResult<bool> {
     let _lock = app.volume_locks.write(path).await;
     if let super::volumes::Place::Rbd(p) = super::volumes::place(path)? {
-        return super::volumes::flatten_rbd(app, &p, &ctx.stop, progress).await;
+        return super::volumes::flatten_rbd(&app.rbd, &p, &ctx.stop, progress).await;
     }
     let resolved = app.storage.roots().confine_chain(path)?;
     if qemu_img::read_header(&resolved).map_err(|e| AgentError::invalid(e.to_string()))?.backing_file.is_none() {
@@ -119,7 +119,8 @@ pub async fn flatten(app: &App, ctx: &TaskCtx, cmd: FlattenVmCmd) -> AgentResult
     if cmd.dry_run {
         let mut out = Vec::new();
         for v in &volumes {
-            let bytes_to_add = super::volumes::flatten_estimate(app, &v.install_path, &ctx.stop).await?;
+            let bytes_to_add =
+                super::volumes::store(app, &v.install_path)?.flatten_estimate(&v.install_path, &ctx.stop).await?;
             out.push(VolumeEstimate {
                 uuid: v.volume_uuid.clone(),
                 install_path: v.install_path.clone(),

@@ -7,7 +7,7 @@ use crate::error::AgentResult;
 use crate::tasks::TaskCtx;
 
 async fn volume(app: &App, vm: &str, v: &VolumeTo, ctx: &TaskCtx) -> AgentResult<VolumeInventory> {
-    let (size, actual_size) = super::volumes::sizes(app, &v.install_path, &ctx.stop).await?;
+    let (size, actual_size) = super::volumes::store(app, &v.install_path)?.sizes(&v.install_path, &ctx.stop).await?;
     Ok(VolumeInventory {
         uuid: v.volume_uuid.clone(),
         name: if v.device_id == 0 { format!("ROOT-for-{vm}") } else { format!("DATA-{}-for-{vm}", v.device_id) },

@@ -1,0 +1,67 @@
+//! Volumes as qcow2 files under the storage roots.
+
+use super::{mixed, taken, Fut, VolumeStore};
+use crate::qemu_img::CreateOptions;
+use crate::stop::Stop;
+use crate::storage::local::{LocalStorage, Provisioning};
+use crate::vm::undo::UndoStep;
+
+pub struct LocalStore<'a>(pub &'a LocalStorage);
+
+impl VolumeStore for LocalStore<'_> {
+    fn check_free<'a>(&'a self, path: &'a str, _stop: &'a Stop) -> Fut<'a, ()> {
+        Box::pin(async move {
+            if self.0.roots().confine(path)?.symlink_metadata().is_ok() {
+                return Err(taken(path));
+            }
+            Ok(())
+        })
+    }
+
+    fn check_image<'a>(&'a self, image: &'a str, _stop: &'a Stop) -> Fut<'a, ()> {
+        Box::pin(async move { self.0.roots().confine_chain(image).map(|_| ()).map_err(Into::into) })
+    }
+
+    fn make_from_image<'a>(
+        &'a self,
+        image: &'a str,
+        dst: &'a str,
+        size: Option<u64>,
+        prov: Provisioning,
+        stop: &'a Stop,
+    ) -> Fut<'a, UndoStep> {
+        Box::pin(async move {
+            if image.starts_with("ceph://") {
+                return Err(mixed(image, dst));
+            }
+            let made = self.0.create_from_image(image, dst, size, prov, stop).await?;
+            Ok(UndoStep::RemoveFile { path: made })
+        })
+    }
+
+    fn make_empty<'a>(&'a self, dst: &'a str, size: u64, prov: Provisioning, stop: &'a Stop) -> Fut<'a, UndoStep> {
+        Box::pin(async move {
+            let made = self.0.create_empty(dst, size, None, prov, CreateOptions::default(), stop).await?;
+            Ok(UndoStep::RemoveFile { path: made })
+        })
+    }
+
+    fn clone_volume<'a>(&'a self, src: &'a str, dst: &'a str, linked: bool, stop: &'a Stop) -> Fut<'a, UndoStep> {
+        Box::pin(async move {
+            let made = if linked {
+                self.0.create_empty(dst, 0, Some(src), Provisioning::Thin, CreateOptions::default(), stop).await?
+            } else {
+                self.0.create_flat_copy(src, dst, stop, |_| {}).await?
+            };
+            Ok(UndoStep::RemoveFile { path: made })
+        })
+    }
+
+    fn sizes<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, (u64, u64)> {
+        Box::pin(self.0.sizes(path, stop))
+    }
+
+    fn flatten_estimate<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, u64> {
+        Box::pin(async move { Ok(self.0.estimate_flatten(path, stop).await?.bytes_to_add) })
+    }
+}

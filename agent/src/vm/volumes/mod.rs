@@ -1,0 +1,74 @@
+//! Where a VM volume lives — a local qcow2 file or an RBD image — and the operations VM-level
+//! work (create, clone, change image, flatten) needs from it: one trait, one implementation per
+//! kind of primary storage, chosen by the install path (`ceph://` or a file path).
+
+mod local;
+mod rbd;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use rbd::{drop_unused_snapshot, flatten_rbd, snapshot_rbd, CLONE_SNAPSHOT_PREFIX};
+
+use super::undo::UndoStep;
+use crate::app::App;
+use crate::ceph::path::CephPath;
+use crate::error::AgentResult;
+use crate::stop::Stop;
+use crate::storage::local::Provisioning;
+
+pub type Fut<'a, T> = Pin<Box<dyn Future<Output = AgentResult<T>> + Send + 'a>>;
+
+pub trait VolumeStore: Send + Sync {
+    /// Fails unless `path` can take a new volume (a valid place, nothing there yet).
+    fn check_free<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, ()>;
+    /// Fails unless `image` can be built from (a confined chain, or an existing snapshot).
+    fn check_image<'a>(&'a self, image: &'a str, stop: &'a Stop) -> Fut<'a, ()>;
+    /// A new volume at `dst` from `image`, grown to `size`; returns how to undo it.
+    fn make_from_image<'a>(
+        &'a self,
+        image: &'a str,
+        dst: &'a str,
+        size: Option<u64>,
+        prov: Provisioning,
+        stop: &'a Stop,
+    ) -> Fut<'a, UndoStep>;
+    /// A new empty volume of `size` bytes at `dst`; returns how to undo it.
+    fn make_empty<'a>(&'a self, dst: &'a str, size: u64, prov: Provisioning, stop: &'a Stop) -> Fut<'a, UndoStep>;
+    /// One clone volume at `dst` from `src` (a frozen file, or a protected snapshot): linked or a
+    /// full copy; returns how to undo it.
+    fn clone_volume<'a>(&'a self, src: &'a str, dst: &'a str, linked: bool, stop: &'a Stop) -> Fut<'a, UndoStep>;
+    /// `(virtual size, bytes used)`.
+    fn sizes<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, (u64, u64)>;
+    /// Bytes flattening the volume would add, from allocation metadata only.
+    fn flatten_estimate<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, u64>;
+}
+
+pub enum Place {
+    Local,
+    Rbd(CephPath),
+}
+
+pub fn place(path: &str) -> AgentResult<Place> {
+    if path.starts_with("ceph://") {
+        Ok(Place::Rbd(CephPath::parse(path)?))
+    } else {
+        Ok(Place::Local)
+    }
+}
+
+/// The store that holds (or will hold) `path`.
+pub fn store<'a>(app: &'a App, path: &str) -> AgentResult<Box<dyn VolumeStore + 'a>> {
+    Ok(match place(path)? {
+        Place::Local => Box::new(local::LocalStore(&app.storage)),
+        Place::Rbd(_) => Box::new(rbd::RbdStore(&app.rbd)),
+    })
+}
+
+fn taken(path: &str) -> crate::error::AgentError {
+    crate::error::AgentError::conflict(format!("volume {path} already exists; choose another installPath"))
+}
+
+fn mixed(image: &str, dst: &str) -> crate::error::AgentError {
+    crate::error::AgentError::invalid(format!("{dst} and its image {image} must both be local or both on Ceph"))
+}

@@ -1,0 +1,202 @@
+//! Volumes as RBD images: roots are clones of an image's protected snapshot, clones are clones
+//! of a temporary snapshot (removed once unused), full copies are flattened clones.
+
+use super::{mixed, taken, Fut, VolumeStore};
+use crate::ceph::path::CephPath;
+use crate::ceph::rbd::Rbd;
+use crate::error::{AgentError, AgentResult};
+use crate::stop::Stop;
+use crate::storage::local::Provisioning;
+use crate::vm::undo::UndoStep;
+
+/// Names of the snapshots this agent takes for clones; they are removed once unused.
+pub const CLONE_SNAPSHOT_PREFIX: &str = "kvmagent-clone-";
+
+pub struct RbdStore<'a>(pub &'a Rbd);
+
+fn stopped_or(e: crate::ceph::rbd::RbdError, stop: &Stop, what: &str) -> AgentError {
+    if e.was_stopped() {
+        stop.error(what)
+    } else {
+        e.into()
+    }
+}
+
+impl RbdStore<'_> {
+    async fn exists(&self, p: &CephPath, stop: &Stop) -> AgentResult<bool> {
+        match self.0.info(p, stop).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Clones the protected snapshot `src` to `to`; thick flattens the clone so it stands alone
+    /// (`rbd cp` would skip a clone's parent data, `rbd deep cp` would carry the source's
+    /// snapshot history). A failed flatten leaves no image.
+    async fn clone_from(&self, src: &CephPath, to: &CephPath, thick: bool, stop: &Stop) -> AgentResult<UndoStep> {
+        self.0.clone(src, to, stop).await?;
+        if thick {
+            if let Err(e) = flatten_rbd(self.0, to, stop, |_| {}).await {
+                let _ = self.0.remove(to, &Stop::new()).await;
+                return Err(e);
+            }
+        }
+        Ok(UndoStep::RemoveRbdImage { path: to.to_string() })
+    }
+
+    async fn grow(&self, p: &CephPath, size: u64, stop: &Stop) -> AgentResult<()> {
+        let current = self.0.info(p, stop).await?.size;
+        if size < current {
+            return Err(AgentError::invalid(format!(
+                "size {size} is smaller than the image's {current} bytes; volumes cannot shrink"
+            )));
+        }
+        if size > current {
+            self.0.resize(p, size, stop).await?;
+        }
+        Ok(())
+    }
+}
+
+impl VolumeStore for RbdStore<'_> {
+    fn check_free<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let p = CephPath::parse(path)?;
+            p.require_image()?;
+            if self.exists(&p, stop).await? {
+                return Err(taken(path));
+            }
+            Ok(())
+        })
+    }
+
+    fn check_image<'a>(&'a self, image: &'a str, stop: &'a Stop) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let p = CephPath::parse(image)?;
+            let snap = p.require_snap()?;
+            if self.0.snapshots(&p, stop).await?.iter().any(|s| s.name == snap) {
+                Ok(())
+            } else {
+                Err(AgentError::not_found(format!("image snapshot {p} does not exist")))
+            }
+        })
+    }
+
+    fn make_from_image<'a>(
+        &'a self,
+        image: &'a str,
+        dst: &'a str,
+        size: Option<u64>,
+        prov: Provisioning,
+        stop: &'a Stop,
+    ) -> Fut<'a, UndoStep> {
+        Box::pin(async move {
+            if !image.starts_with("ceph://") {
+                return Err(mixed(image, dst));
+            }
+            let (src, to) = (CephPath::parse(image)?, CephPath::parse(dst)?);
+            let snap = src.require_snap()?;
+            let protected = self
+                .0
+                .snapshots(&src, stop)
+                .await?
+                .iter()
+                .any(|s| s.name == snap && s.protected.as_deref() == Some("true"));
+            if !protected {
+                self.0.snap_protect(&src, stop).await?;
+            }
+            let undo = self.clone_from(&src, &to, prov == Provisioning::Thick, stop).await?;
+            if let Some(s) = size.filter(|s| *s > 0) {
+                if let Err(e) = self.grow(&to, s, stop).await {
+                    let _ = self.0.remove(&to, &Stop::new()).await;
+                    return Err(e);
+                }
+            }
+            Ok(undo)
+        })
+    }
+
+    fn make_empty<'a>(&'a self, dst: &'a str, size: u64, _prov: Provisioning, stop: &'a Stop) -> Fut<'a, UndoStep> {
+        Box::pin(async move {
+            let p = CephPath::parse(dst)?;
+            if size == 0 {
+                return Err(AgentError::invalid("size must be greater than 0"));
+            }
+            self.0.create(&p, size, stop).await?;
+            Ok(UndoStep::RemoveRbdImage { path: p.to_string() })
+        })
+    }
+
+    /// `src` is a snapshot this operation took and protected: cloned directly.
+    fn clone_volume<'a>(&'a self, src: &'a str, dst: &'a str, linked: bool, stop: &'a Stop) -> Fut<'a, UndoStep> {
+        Box::pin(async move { self.clone_from(&CephPath::parse(src)?, &CephPath::parse(dst)?, !linked, stop).await })
+    }
+
+    fn sizes<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, (u64, u64)> {
+        Box::pin(async move {
+            let p = CephPath::parse(path)?;
+            Ok((self.0.info(&p, stop).await?.size, self.0.used(&p, stop).await?))
+        })
+    }
+
+    /// After a flatten the image owns every object that holds data in it or its parents: the
+    /// object map says which, without reading data.
+    fn flatten_estimate<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, u64> {
+        Box::pin(async move {
+            let p = CephPath::parse(path)?;
+            let info = self.0.info(&p, stop).await?;
+            if info.parent.is_none() {
+                return Ok(0);
+            }
+            let after = self.0.data_objects(&p, info.object_size, stop).await? * info.object_size;
+            Ok(after.saturating_sub(self.0.used(&p, stop).await?))
+        })
+    }
+}
+
+/// Flattens an RBD volume (running or not: librbd hands the work to the VM's lock holder) and
+/// checks that the parent is gone. Returns false when it had none.
+pub async fn flatten_rbd(rbd: &Rbd, p: &CephPath, stop: &Stop, progress: impl FnMut(u8)) -> AgentResult<bool> {
+    if rbd.info(p, stop).await?.parent.is_none() {
+        return Ok(false);
+    }
+    rbd.flatten(p, stop, progress).await.map_err(|e| stopped_or(e, stop, "flattening the image"))?;
+    if let Some(parent) = rbd.info(p, stop).await?.parent {
+        return Err(AgentError::failed(
+            "rbd flatten did not detach the image",
+            format!("{p} still has parent {}/{}@{}; retry", parent.pool, parent.image, parent.snapshot),
+        ));
+    }
+    Ok(true)
+}
+
+/// Takes a protected snapshot of each RBD image in `images`, named for this operation; returns
+/// `(image, snapshot)` paths.
+pub async fn snapshot_rbd(rbd: &Rbd, images: &[String], stop: &Stop) -> AgentResult<Vec<(String, String)>> {
+    let name = format!("{CLONE_SNAPSHOT_PREFIX}{}", uuid::Uuid::new_v4().simple());
+    let mut out = Vec::new();
+    for i in images {
+        let snap = CephPath::parse(i)?.with_snap(&name);
+        rbd.snap_create(&snap, stop).await?;
+        rbd.snap_protect(&snap, stop).await?;
+        out.push((i.clone(), snap.to_string()));
+    }
+    Ok(out)
+}
+
+/// Removes a temporary snapshot once no clone depends on it; it stays otherwise.
+pub async fn drop_unused_snapshot(rbd: &Rbd, snap: &str) {
+    let stop = Stop::new();
+    let Ok(p) = CephPath::parse(snap) else { return };
+    match rbd.children(&p, &stop).await {
+        Ok(kids) if kids.is_empty() => {
+            let _ = rbd.snap_unprotect(&p, &stop).await;
+            if let Err(e) = rbd.snap_remove(&p, &stop).await {
+                tracing::warn!(snapshot = %p, error = %e, "cannot remove a temporary snapshot");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(snapshot = %p, error = %e, "cannot list the clones of a temporary snapshot"),
+    }
+}
