@@ -57,8 +57,7 @@ pub fn qemu_io_write(path: &Path, offset: u64, pattern: &[u8]) -> Result<()> {
     let tmp = tempfile::NamedTempFile::new()?;
     std::fs::write(tmp.path(), pattern)?;
     // `write -s FILE` fills the write buffer from a pattern file: arbitrary bytes, no shell.
-    let cmd = format!("write -s {} {offset} {}", tmp.path().display(), pattern.len());
-    run("qemu-io", &["-f", "qcow2", "-c", &cmd, &path.to_string_lossy()]).map(|_| ())
+    qemu_io(path, &format!("write -s {} {offset} {}", tmp.path().display(), pattern.len()))
 }
 
 /// The SHA-256 of a file's bytes, to prove a source was not written.
@@ -85,6 +84,16 @@ pub fn xml_text(xml: &str, tag: &str) -> Option<String> {
 
 /// Fills `len` bytes at `offset` of a qcow2 image with `byte` (real, non-zero data).
 pub fn qemu_io_fill(path: &Path, offset: u64, len: u64, byte: u8) -> Result<()> {
-    let cmd = format!("write -P {byte} {offset} {len}");
-    run("qemu-io", &["-f", "qcow2", "-c", &cmd, &path.to_string_lossy()]).map(|_| ())
+    qemu_io(path, &format!("write -P {byte} {offset} {len}"))
+}
+
+/// Like [`qemu_io_fill`], as compressed clusters (`len` below 2 GiB): the file stays small, and
+/// reading it back is CPU-bound decompression, so copying it takes seconds even from the page
+/// cache (a copy slow enough to stop half-way).
+pub fn qemu_io_fill_compressed(path: &Path, offset: u64, len: u64, byte: u8) -> Result<()> {
+    qemu_io(path, &format!("write -c -P {byte} {offset} {len}"))
+}
+
+fn qemu_io(path: &Path, cmd: &str) -> Result<()> {
+    run("qemu-io", &["-f", "qcow2", "-c", cmd, &path.to_string_lossy()]).map(|_| ())
 }
