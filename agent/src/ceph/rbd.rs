@@ -158,6 +158,15 @@ impl Rbd {
         self.json(&["info", &p.spec()], stop).await
     }
 
+    /// Whether the image (or snapshot) exists.
+    pub async fn exists(&self, p: &CephPath, stop: &Stop) -> Result<bool, RbdError> {
+        match self.info(p, stop).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Bytes the image (without its snapshots) uses in the cluster.
     pub async fn used(&self, p: &CephPath, stop: &Stop) -> Result<u64, RbdError> {
         let du: Du = self.json(&["du", &p.image_spec()], stop).await?;

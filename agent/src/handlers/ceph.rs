@@ -26,16 +26,8 @@ async fn describe(app: &App, ctx: &TaskCtx, p: &CephPath) -> AgentResult<ImageRs
     Ok(ImageRsp { install_path: p.to_string(), size, actual_size })
 }
 
-async fn exists(app: &App, ctx: &TaskCtx, p: &CephPath) -> AgentResult<bool> {
-    match app.rbd.info(p, &ctx.stop).await {
-        Ok(_) => Ok(true),
-        Err(e) if e.is_not_found() => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
 async fn refuse_existing(app: &App, ctx: &TaskCtx, p: &CephPath) -> AgentResult<()> {
-    if exists(app, ctx, p).await? {
+    if app.rbd.exists(p, &ctx.stop).await? {
         return Err(AgentError::conflict(format!("{p} already exists; delete it first or choose another path")));
     }
     Ok(())
@@ -47,7 +39,7 @@ pub async fn create_empty(app: &App, ctx: &TaskCtx, cmd: CreateEmptyCmd) -> Agen
         return Err(AgentError::invalid("size must be greater than 0"));
     }
     let _lock = app.volume_locks.write(&p.to_string()).await;
-    if !(cmd.skip_if_existing && exists(app, ctx, &p).await?) {
+    if !(cmd.skip_if_existing && app.rbd.exists(&p, &ctx.stop).await?) {
         refuse_existing(app, ctx, &p).await?;
         app.rbd.create(&p, cmd.size, &ctx.stop).await?;
     }
@@ -170,7 +162,7 @@ pub async fn get_size(app: &App, ctx: &TaskCtx, cmd: InstallPathCmd) -> AgentRes
 pub async fn delete(app: &App, ctx: &TaskCtx, cmd: InstallPathCmd) -> AgentResult<Empty> {
     let p = image(&cmd.install_path)?;
     let _lock = app.volume_locks.write(&p.to_string()).await;
-    if !exists(app, ctx, &p).await? {
+    if !app.rbd.exists(&p, &ctx.stop).await? {
         return Ok(Empty {});
     }
     let snaps = app.rbd.snapshots(&p, &ctx.stop).await?;

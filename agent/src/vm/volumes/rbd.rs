@@ -23,14 +23,6 @@ fn stopped_or(e: crate::ceph::rbd::RbdError, stop: &Stop, what: &str) -> AgentEr
 }
 
 impl RbdStore<'_> {
-    async fn exists(&self, p: &CephPath, stop: &Stop) -> AgentResult<bool> {
-        match self.0.info(p, stop).await {
-            Ok(_) => Ok(true),
-            Err(e) if e.is_not_found() => Ok(false),
-            Err(e) => Err(e.into()),
-        }
-    }
-
     /// Clones the protected snapshot `src` to `to`; thick flattens the clone so it stands alone
     /// (`rbd cp` would skip a clone's parent data, `rbd deep cp` would carry the source's
     /// snapshot history). A failed flatten leaves no image.
@@ -64,7 +56,7 @@ impl VolumeStore for RbdStore<'_> {
         Box::pin(async move {
             let p = CephPath::parse(path)?;
             p.require_image()?;
-            if self.exists(&p, stop).await? {
+            if self.0.exists(&p, stop).await? {
                 return Err(taken(path));
             }
             Ok(())
