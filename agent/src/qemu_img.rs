@@ -159,16 +159,35 @@ pub async fn convert(
     dst: &Path,
     opts: &CreateOptions,
     stop: &Stop,
-    mut on_progress: impl FnMut(u8),
+    on_progress: impl FnMut(u8),
 ) -> Result<(), QemuImgError> {
+    let c = Convert { src: src.as_os_str(), src_fmt, dst: dst.as_os_str(), dst_fmt: "qcow2", opts, into_zeroed: false };
+    convert_image(c, stop, on_progress).await
+}
+
+/// One `qemu-img convert`: `src` and `dst` are files or `rbd:` names.
+pub struct Convert<'a> {
+    pub src: &'a std::ffi::OsStr,
+    pub src_fmt: &'a str,
+    pub dst: &'a std::ffi::OsStr,
+    pub dst_fmt: &'a str,
+    pub opts: &'a CreateOptions,
+    /// `dst` exists already and reads as zeros (a new RBD image): only data is written.
+    pub into_zeroed: bool,
+}
+
+pub async fn convert_image(c: Convert<'_>, stop: &Stop, mut on_progress: impl FnMut(u8)) -> Result<(), QemuImgError> {
     let mut args: Vec<std::ffi::OsString> =
-        vec!["convert".into(), "-p".into(), "-f".into(), src_fmt.into(), "-O".into(), "qcow2".into()];
-    let all: Vec<&(String, String)> = opts.pairs.iter().collect();
+        vec!["convert".into(), "-p".into(), "-f".into(), c.src_fmt.into(), "-O".into(), c.dst_fmt.into()];
+    if c.into_zeroed {
+        args.extend(["-n".into(), "--target-is-zero".into()]);
+    }
+    let all: Vec<&(String, String)> = c.opts.pairs.iter().collect();
     if let Some(o) = CreateOptions::to_arg(&all) {
         args.extend(["-o".into(), o.into()]);
     }
-    args.push(src.into());
-    args.push(dst.into());
+    args.push(c.src.into());
+    args.push(c.dst.into());
     let start = Instant::now();
     let out = process::run_with_lines("qemu-img", &args, stop, |line| {
         if let Some(p) = parse_progress(line) {
@@ -179,7 +198,7 @@ pub async fn convert(
     metrics::observe_qemu_img("convert", start);
     out.map(|_| ()).map_err(|source| QemuImgError::Run {
         subcommand: "convert",
-        path: src.display().to_string(),
+        path: c.src.to_string_lossy().into_owned(),
         source,
     })
 }

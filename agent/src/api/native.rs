@@ -182,3 +182,98 @@ pub struct VolumeEstimate {
     pub install_path: String,
     pub bytes_to_add: u64,
 }
+
+/// The new VM of `/vm/createfromsnapshot` and `/vm/createfrombackup`: made from the source VM's
+/// recorded spec, with these changes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewVmTarget {
+    /// StartVmCmd fields that replace the source's (`vmInstanceUuid`, `vmName`, `cpuNum`,
+    /// `memory`, `nics`, `imagePlatform`...). Left out: a fresh uuid and serial, the source's
+    /// NICs with fresh MACs, everything else as the source had it.
+    #[serde(default)]
+    pub vm: Map<String, Value>,
+    /// Where the root goes; by default a new volume beside the source's.
+    #[serde(default)]
+    pub root_volume: Option<NewVolume>,
+    /// Which data volumes to make, and where; by default all of the source's, beside them.
+    #[serde(default)]
+    pub data_volumes: Option<Vec<NewVolume>>,
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// How the VM reaches RBD volumes, when they go to Ceph.
+    #[serde(default)]
+    pub ceph: Option<CephAccess>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewVolume {
+    /// The source volume this one is made from.
+    #[serde(default)]
+    pub source_volume_uuid: Option<String>,
+    /// Or the snapshot it is made from (`/vm/createfromsnapshot` only).
+    #[serde(default)]
+    pub snapshot_path: Option<String>,
+    #[serde(default)]
+    pub volume_uuid: Option<String>,
+    #[serde(default)]
+    pub install_path: Option<String>,
+}
+
+/// `/vm/volumes/takesnapshot`: one snapshot of every volume of a VM, at one instant.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TakeSnapshotGroupCmd {
+    pub vm_uuid: String,
+    /// By default a new one.
+    #[serde(default)]
+    pub group_uuid: Option<String>,
+    #[serde(default)]
+    pub name: String,
+}
+
+/// `/vm/volumes/getsnapshotgroup`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotGroupRef {
+    pub group_uuid: String,
+}
+
+/// A snapshot group, as recorded by the agent and answered by the snapshot paths.
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotGroup {
+    pub group_uuid: String,
+    pub vm_uuid: String,
+    pub name: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    /// The VM's spec at the instant, its volumes at the paths they had then.
+    pub vm: crate::api::vm::StartVmCmd,
+    pub snapshots: Vec<GroupSnapshot>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupSnapshot {
+    pub volume_uuid: String,
+    /// `Root` or `Data`.
+    pub volume_type: String,
+    pub device_id: u32,
+    /// A read-only qcow2 file (the volume's former top), or `ceph://pool/image@snap`.
+    pub snapshot_path: String,
+    pub size: u64,
+}
+
+/// `/vm/createfromsnapshot`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateFromSnapshotCmd {
+    pub group_uuid: String,
+    #[serde(flatten)]
+    pub target: NewVmTarget,
+    /// `thin` (default): overlays on the snapshots (RBD clones); `thick`: full copies.
+    #[serde(default)]
+    pub provisioning: Provisioning,
+}

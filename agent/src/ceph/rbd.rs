@@ -134,6 +134,17 @@ impl Rbd {
         a
     }
 
+    /// How QEMU (and qemu-img) names `p`: `rbd:pool/image[@snap]:id=..:conf=..[:keyring=..]`,
+    /// with `:` and `\\` in the paths escaped as QEMU's option syntax wants.
+    pub fn qemu_name(&self, p: &CephPath) -> String {
+        let esc = |s: &std::path::Path| s.display().to_string().replace('\\', "\\\\").replace(':', "\\:");
+        let mut n = format!("rbd:{}:id={}:conf={}", p.spec(), self.id, esc(&self.conf));
+        if let Some(k) = &self.keyring {
+            n.push_str(&format!(":keyring={}", esc(k)));
+        }
+        n
+    }
+
     async fn run(&self, args: &[&str], stop: &Stop, bounded: bool) -> Result<String, RbdError> {
         let what = args.join(" ");
         let mut all = self.base_args();

@@ -7,7 +7,7 @@ mod validate;
 
 pub use addresses::{device_info, live_disks, LiveDisk};
 pub use render::{dashed_uuid, device_letter, render, xml_escape, DomainSettings};
-pub use validate::{check_uuid, file_paths, is_ifname, validate};
+pub use validate::{check_uuid, file_paths, is_ifname, validate, xml_safe};
 
 #[cfg(test)]
 mod tests {

@@ -14,7 +14,7 @@ fn invalid(msg: String) -> AgentError {
 }
 
 /// Characters XML 1.0 cannot carry at all (escaping does not help).
-fn xml_safe(field: &str, value: &str) -> AgentResult<()> {
+pub fn xml_safe(field: &str, value: &str) -> AgentResult<()> {
     match value.chars().find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
         Some(c) => Err(invalid(format!(
             "{field} contains the control character U+{:04X}, which a domain definition cannot carry",

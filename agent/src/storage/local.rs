@@ -250,10 +250,22 @@ impl LocalStorage {
         on_progress: impl FnMut(u8),
     ) -> AgentResult<PathBuf> {
         let src = self.roots.confine_chain(src)?;
-        let format = qemu_img::read_header(&src).map_err(|e| AgentError::invalid(e.to_string()))?.format;
+        self.copy_flat(&src, dst, stop, on_progress).await
+    }
+
+    /// Like [`create_flat_copy`](Self::create_flat_copy) from a chain the caller has already
+    /// confined (to other roots: a backup chain).
+    pub async fn copy_flat(
+        &self,
+        src: &Path,
+        dst: &str,
+        stop: &Stop,
+        on_progress: impl FnMut(u8),
+    ) -> AgentResult<PathBuf> {
+        let format = qemu_img::read_header(src).map_err(|e| AgentError::invalid(e.to_string()))?.format;
         let dst = self.prepare_target(dst)?;
         let building = Building::beside(&dst);
-        copy_into(&src, format, &building, &CreateOptions::default(), stop, on_progress).await?;
+        copy_into(src, format, &building, &CreateOptions::default(), stop, on_progress).await?;
         stop.check("copying the volume")?;
         building.publish(&dst)?;
         Ok(dst)

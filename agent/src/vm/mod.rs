@@ -1,13 +1,17 @@
 //! VM operations shared by the compat `/vm/*` paths and the native operations: checking a VM
 //! spec against the host, defining and starting its domain, and undoing that on failure.
 
+pub mod assemble;
+pub mod capture;
 pub mod change_image;
 pub mod clone;
 pub mod create;
+pub mod derived;
 pub mod flatten;
 pub mod freeze;
 pub mod inventory;
 pub mod records;
+pub mod snapshot_group;
 pub mod tpm;
 pub mod undo;
 pub mod volumes;

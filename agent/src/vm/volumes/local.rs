@@ -57,6 +57,13 @@ impl VolumeStore for LocalStore<'_> {
         })
     }
 
+    fn restore<'a>(&'a self, chain_top: &'a std::path::Path, dst: &'a str, stop: &'a Stop) -> Fut<'a, UndoStep> {
+        Box::pin(async move {
+            let made = self.0.copy_flat(chain_top, dst, stop, |_| {}).await?;
+            Ok(UndoStep::RemoveFile { path: made })
+        })
+    }
+
     fn sizes<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, (u64, u64)> {
         Box::pin(self.0.sizes(path, stop))
     }

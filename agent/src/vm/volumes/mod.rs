@@ -38,6 +38,9 @@ pub trait VolumeStore: Send + Sync {
     /// One clone volume at `dst` from `src` (a frozen file, or a protected snapshot): linked or a
     /// full copy; returns how to undo it.
     fn clone_volume<'a>(&'a self, src: &'a str, dst: &'a str, linked: bool, stop: &'a Stop) -> Fut<'a, UndoStep>;
+    /// A flat volume at `dst` with the content of `chain_top`: the top of a backup chain that
+    /// the caller has verified (it lies outside the storage roots). Returns how to undo it.
+    fn restore<'a>(&'a self, chain_top: &'a std::path::Path, dst: &'a str, stop: &'a Stop) -> Fut<'a, UndoStep>;
     /// `(virtual size, bytes used)`.
     fn sizes<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, (u64, u64)>;
     /// Bytes flattening the volume would add, from allocation metadata only.

@@ -125,6 +125,31 @@ impl VolumeStore for RbdStore<'_> {
         Box::pin(async move { self.clone_from(&CephPath::parse(src)?, &CephPath::parse(dst)?, !linked, stop).await })
     }
 
+    /// A new image of the chain's virtual size, written by qemu-img through librbd (data only:
+    /// the new image reads as zeros). A failed write leaves no image.
+    fn restore<'a>(&'a self, chain_top: &'a std::path::Path, dst: &'a str, stop: &'a Stop) -> Fut<'a, UndoStep> {
+        Box::pin(async move {
+            let to = CephPath::parse(dst)?;
+            to.require_image()?;
+            let size = crate::qemu_img::info(chain_top, stop).await?.virtual_size;
+            self.0.create(&to, size, stop).await?;
+            let name = self.0.qemu_name(&to);
+            let c = crate::qemu_img::Convert {
+                src: chain_top.as_os_str(),
+                src_fmt: "qcow2",
+                dst: std::ffi::OsStr::new(&name),
+                dst_fmt: "raw",
+                opts: &Default::default(),
+                into_zeroed: true,
+            };
+            if let Err(e) = crate::qemu_img::convert_image(c, stop, |_| {}).await {
+                let _ = self.0.remove(&to, &Stop::new()).await;
+                return Err(if e.was_stopped() { stop.error("restoring the volume") } else { e.into() });
+            }
+            Ok(UndoStep::RemoveRbdImage { path: to.to_string() })
+        })
+    }
+
     fn sizes<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, (u64, u64)> {
         Box::pin(async move {
             let p = CephPath::parse(path)?;
@@ -163,16 +188,24 @@ pub async fn flatten_rbd(rbd: &Rbd, p: &CephPath, stop: &Stop, progress: impl Fn
     Ok(true)
 }
 
-/// Takes a protected snapshot of each RBD image in `images`, named for this operation; returns
-/// `(image, snapshot)` paths.
-pub async fn snapshot_rbd(rbd: &Rbd, images: &[String], stop: &Stop) -> AgentResult<Vec<(String, String)>> {
-    let name = format!("{CLONE_SNAPSHOT_PREFIX}{}", uuid::Uuid::new_v4().simple());
-    let mut out = Vec::new();
+/// Takes a protected snapshot `name` of each RBD image in `images`; returns `(image, snapshot)`
+/// paths. On failure the snapshots already taken are removed again.
+pub async fn snapshot_rbd(rbd: &Rbd, images: &[String], name: &str, stop: &Stop) -> AgentResult<Vec<(String, String)>> {
+    let mut out: Vec<(String, String)> = Vec::new();
     for i in images {
-        let snap = CephPath::parse(i)?.with_snap(&name);
-        rbd.snap_create(&snap, stop).await?;
-        rbd.snap_protect(&snap, stop).await?;
-        out.push((i.clone(), snap.to_string()));
+        let snap = CephPath::parse(i)?.with_snap(name);
+        let taken = async {
+            rbd.snap_create(&snap, stop).await?;
+            out.push((i.clone(), snap.to_string()));
+            rbd.snap_protect(&snap, stop).await
+        }
+        .await;
+        if let Err(e) = taken {
+            for (_, s) in &out {
+                drop_unused_snapshot(rbd, s).await;
+            }
+            return Err(e.into());
+        }
     }
     Ok(out)
 }

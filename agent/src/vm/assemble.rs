@@ -1,0 +1,167 @@
+//! Making a new VM from a spec whose volumes do not exist yet, all or nothing: every volume is
+//! made from its [`Source`], then the domain per strategy, then the record. Every step that
+//! makes something records its undo; any failure (or a cancel, or the deadline) plays the undo
+//! log back. `/vm/create`, `/vm/clone`, `/vm/createfromsnapshot` and `/vm/createfrombackup`
+//! differ only in where the volumes come from.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use super::undo::{UndoLog, UndoStep};
+use super::volumes;
+use crate::api::inventory::VmInstanceInventory;
+use crate::api::native::Strategy;
+use crate::api::vm::StartVmCmd;
+use crate::app::App;
+use crate::error::{AgentError, AgentResult};
+use crate::storage::local::Provisioning;
+use crate::tasks::TaskCtx;
+
+/// What a new volume is made from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A cached image (a file chain, or a protected RBD snapshot), grown to `size`.
+    Image {
+        image: String,
+        size: Option<u64>,
+        provisioning: Provisioning,
+    },
+    Empty {
+        size: u64,
+        provisioning: Provisioning,
+    },
+    /// A frozen file or a protected RBD snapshot: an overlay/clone on it, or a full copy.
+    Clone {
+        from: String,
+        linked: bool,
+    },
+    /// The top file of a verified backup chain, copied flat.
+    Restore {
+        chain_top: PathBuf,
+    },
+}
+
+fn volumes_of(spec: &StartVmCmd) -> impl Iterator<Item = &crate::api::vm::VolumeTo> {
+    std::iter::once(&spec.root_volume).chain(&spec.data_volumes)
+}
+
+/// Locks the VM and its target volumes, checks that nothing is in the way, and makes the VM.
+pub async fn create_vm(
+    app: &App,
+    ctx: &TaskCtx,
+    spec: &StartVmCmd,
+    sources: &[Source],
+    strategy: Strategy,
+) -> AgentResult<VmInstanceInventory> {
+    let _vm_lock = app.vm_locks.write(&spec.vm_instance_uuid).await;
+    let paths: Vec<String> = volumes_of(spec).map(|v| v.install_path.clone()).collect();
+    let _volume_locks = app.volume_locks.write_all(&paths).await;
+    check_targets(app, ctx, spec).await?;
+    make(app, ctx, spec, sources, None, strategy).await
+}
+
+/// Everything that can be known before making anything: the spec is valid, the VM has no domain
+/// and no record here, every target volume is free, inside the roots and named once, and every
+/// other file the domain opens (ISOs, kernel) is inside the roots.
+pub async fn check_targets(app: &App, ctx: &TaskCtx, spec: &StartVmCmd) -> AgentResult<()> {
+    crate::domain::validate(spec)?;
+    let mut targets = HashSet::new();
+    for v in volumes_of(spec) {
+        if v.volume_uuid.is_empty() {
+            return Err(AgentError::invalid(format!("volume at {} has an empty volumeUuid", v.install_path)));
+        }
+        volumes::store(app, &v.install_path)?.check_free(&v.install_path, &ctx.stop).await?;
+        if !targets.insert(v.install_path.as_str()) {
+            return Err(AgentError::invalid(format!("installPath {} is named twice", v.install_path)));
+        }
+    }
+    for path in crate::domain::file_paths(spec).into_iter().filter(|p| !targets.contains(p)) {
+        app.storage.roots().confine_existing(path)?;
+    }
+    let vm = &spec.vm_instance_uuid;
+    if app.libvirt.domain_state(vm).await?.is_some() || app.vm_records.load(vm).is_ok() {
+        return Err(AgentError::conflict(format!("VM {vm} already exists on this host")));
+    }
+    Ok(())
+}
+
+/// Makes the volumes of `spec` (one source each, root first), the TPM state (a copy of
+/// `tpm_from`) and the domain per `strategy`, records the VM and answers its inventory. On
+/// failure everything made is removed.
+pub async fn make(
+    app: &App,
+    ctx: &TaskCtx,
+    spec: &StartVmCmd,
+    sources: &[Source],
+    tpm_from: Option<&Path>,
+    strategy: Strategy,
+) -> AgentResult<VmInstanceInventory> {
+    let mut undo = UndoLog::default();
+    match build(app, ctx, spec, sources, tpm_from, strategy, &mut undo).await {
+        Ok(state) => {
+            undo.commit();
+            ctx.progress(100, "created");
+            super::inventory::of(app, spec, state, ctx).await
+        }
+        Err(e) => {
+            undo.rollback(app).await;
+            app.vm_records.remove(&spec.vm_instance_uuid);
+            Err(e)
+        }
+    }
+}
+
+async fn build(
+    app: &App,
+    ctx: &TaskCtx,
+    spec: &StartVmCmd,
+    sources: &[Source],
+    tpm_from: Option<&Path>,
+    strategy: Strategy,
+    undo: &mut UndoLog,
+) -> AgentResult<&'static str> {
+    let stop = &ctx.stop;
+    let vm = &spec.vm_instance_uuid;
+    let steps = sources.len() as u32 + 1;
+    for (i, (v, source)) in volumes_of(spec).zip(sources).enumerate() {
+        stop.check("creating the VM")?;
+        let dst = &v.install_path;
+        let store = volumes::store(app, dst)?;
+        let made = match source {
+            Source::Image { image, size, provisioning } => {
+                store.make_from_image(image, dst, *size, *provisioning, stop).await
+            }
+            Source::Empty { size, provisioning } => store.make_empty(dst, *size, *provisioning, stop).await,
+            Source::Clone { from, linked } => store.clone_volume(from, dst, *linked, stop).await,
+            Source::Restore { chain_top } => store.restore(chain_top, dst, stop).await,
+        }
+        .map_err(|e| e.context(format!("step 'create volume {}' failed", v.volume_uuid)))?;
+        undo.push(made);
+        ctx.progress(((i as u32 + 1) * 100 / steps) as u8, "volume created");
+    }
+    if let Some(from) = tpm_from {
+        let dst = super::tpm::state_dir(&app.config.libvirt.swtpm_dir, vm);
+        super::tpm::copy_state(from, &dst, stop).await.map_err(|e| e.context("step 'copy TPM state' failed"))?;
+        undo.push(UndoStep::RemoveTree { path: dst });
+    }
+    stop.check("creating the VM")?;
+    let state = match strategy {
+        Strategy::JustCreate => "Created",
+        Strategy::CreateStopped => {
+            super::define(app, spec, false, undo).await.map_err(|e| e.context("step 'define domain' failed"))?;
+            "Stopped"
+        }
+        Strategy::InstantStart => {
+            super::define(app, spec, true, undo).await.map_err(|e| e.context("step 'start domain' failed"))?;
+            if spec.create_paused {
+                "Paused"
+            } else {
+                "Running"
+            }
+        }
+    };
+    // A cancel that arrived during the last step still undoes the whole VM.
+    stop.check("creating the VM")?;
+    app.vm_records.save(spec)?;
+    Ok(state)
+}

@@ -1,0 +1,101 @@
+//! One consistent instant of a VM's volumes, to build from while the VM goes on: file volumes
+//! are frozen (see [`super::freeze`]), RBD volumes get a protected snapshot, and the TPM state
+//! may be copied. When that takes more than one action on a running VM (file and RBD disks,
+//! several RBD disks, or a TPM), the VM is paused for the instant so that all of them agree.
+//! Clones, snapshot groups and backups are all built from a capture.
+
+use std::path::Path;
+
+use super::freeze::{freeze, Frozen};
+use super::volumes;
+use crate::api::vm::StartVmCmd;
+use crate::app::App;
+use crate::error::{AgentError, AgentResult};
+use crate::libvirt::domains::VmState;
+use crate::stop::Stop;
+
+/// When file volumes are frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freeze {
+    /// Always: the frozen files are kept (linked clones, snapshot groups).
+    Always,
+    /// Only while the VM runs; a stopped VM's files are read as they are, under its lock.
+    WhenRunning,
+}
+
+pub struct Options<'a> {
+    /// Data volumes too, not only the root.
+    pub with_data: bool,
+    pub freeze: Freeze,
+    /// The name of the RBD snapshots taken.
+    pub rbd_snapshot: &'a str,
+    /// Copy the TPM state here (when the VM has one).
+    pub tpm_to: Option<&'a Path>,
+}
+
+#[derive(Debug, Default)]
+pub struct Captured {
+    pub frozen: Vec<Frozen>,
+    /// `(image, image@snapshot)` per RBD volume.
+    pub rbd_snapshots: Vec<(String, String)>,
+    pub tpm_copied: bool,
+}
+
+impl Captured {
+    /// Where the captured instant of the volume that was at `install_path` can be read: its
+    /// frozen file, its RBD snapshot, or (a stopped VM, not frozen) the volume itself.
+    pub fn point(&self, volume_uuid: &str, install_path: &str) -> String {
+        if let Some(z) = self.frozen.iter().find(|z| z.volume_uuid == volume_uuid) {
+            return z.snapshot_path.display().to_string();
+        }
+        match self.rbd_snapshots.iter().find(|(image, _)| image == install_path) {
+            Some((_, snap)) => snap.clone(),
+            None => install_path.to_owned(),
+        }
+    }
+
+    /// Removes the RBD snapshots that no clone depends on (temporary ones).
+    pub async fn drop_unused_rbd_snapshots(&self, app: &App) {
+        for (_, snap) in &self.rbd_snapshots {
+            volumes::drop_unused_snapshot(&app.rbd, snap).await;
+        }
+    }
+}
+
+/// Captures the VM whose record is `spec` (its record is updated when files are frozen). The
+/// caller holds the VM's lock.
+pub async fn capture(app: &App, spec: &mut StartVmCmd, opts: Options<'_>, stop: &Stop) -> AgentResult<Captured> {
+    let vm = spec.vm_instance_uuid.clone();
+    let state = app.libvirt.domain_state(&vm).await?;
+    let running = state.is_some_and(|s| s.is_active());
+    let chosen = || std::iter::once(&spec.root_volume).chain(spec.data_volumes.iter().filter(|_| opts.with_data));
+    let rbd_images: Vec<String> =
+        chosen().map(|v| v.install_path.clone()).filter(|p| p.starts_with("ceph://")).collect();
+    let has_files = chosen().any(|v| !v.install_path.starts_with("ceph://"));
+    let tpm = spec.tpm.as_ref().is_some_and(|t| t.enable) && opts.tpm_to.is_some();
+    let freezing = has_files && (opts.freeze == Freeze::Always || running);
+    let actions = usize::from(freezing) + rbd_images.len() + usize::from(tpm);
+    let pause = actions > 1 && state == Some(VmState::Running);
+    if pause {
+        app.libvirt.suspend(&vm).await?;
+    }
+    let taken = async {
+        let mut captured = Captured::default();
+        if freezing {
+            captured.frozen = freeze(app, spec, opts.with_data, stop).await?;
+        }
+        captured.rbd_snapshots = volumes::snapshot_rbd(&app.rbd, &rbd_images, opts.rbd_snapshot, stop).await?;
+        if let Some(to) = opts.tpm_to.filter(|_| tpm) {
+            let from = super::tpm::state_dir(&app.config.libvirt.swtpm_dir, &vm);
+            captured.tpm_copied = super::tpm::copy_state(&from, to, stop).await?;
+        }
+        Ok::<_, AgentError>(captured)
+    }
+    .await;
+    if pause {
+        if let Err(e) = app.libvirt.resume(&vm).await {
+            tracing::error!(vm = %vm, error = %e, "cannot resume the VM after capturing its volumes");
+        }
+    }
+    taken.map_err(|e| e.context(format!("capturing the volumes of VM {vm}")))
+}

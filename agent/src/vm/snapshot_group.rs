@@ -1,0 +1,164 @@
+//! Snapshot groups: one snapshot of every volume of a VM at one instant (see [`super::capture`];
+//! file volumes are frozen and keep running on an overlay, RBD volumes get a protected
+//! snapshot), recorded in `state_dir/snapshot-groups/<group>.json` so that a VM can be made
+//! from the group later. Neither the snapshots nor the source VM are ever written by that.
+
+use std::path::PathBuf;
+
+use super::assemble::{self, Source};
+use super::capture::{self, capture, Freeze};
+use super::derived;
+use super::volumes::{self, Place};
+use crate::api::inventory::VmInstanceInventory;
+use crate::api::native::{
+    CreateFromSnapshotCmd, GroupSnapshot, NewVolume, Provisioning, SnapshotGroup, SnapshotGroupRef,
+    TakeSnapshotGroupCmd,
+};
+use crate::app::App;
+use crate::atomic_file;
+use crate::error::{AgentError, AgentResult};
+use crate::tasks::TaskCtx;
+
+/// Names of the RBD snapshots of a group: `kvmagent-group-<group uuid>`.
+const RBD_SNAPSHOT_PREFIX: &str = "kvmagent-group-";
+
+struct Groups {
+    dir: PathBuf,
+}
+
+impl Groups {
+    fn of(app: &App) -> Groups {
+        Groups { dir: app.config.state_dir.join("snapshot-groups") }
+    }
+
+    fn file(&self, group: &str) -> PathBuf {
+        self.dir.join(format!("{group}.json"))
+    }
+
+    fn load(&self, group: &str) -> AgentResult<SnapshotGroup> {
+        crate::domain::check_uuid(group).map_err(|e| e.context("groupUuid"))?;
+        match atomic_file::read_json(&self.file(group)) {
+            Ok(Some(g)) => Ok(g),
+            Ok(None) => Err(AgentError::not_found(format!("snapshot group {group} is not known to this host"))),
+            Err(e) => Err(AgentError::failed("cannot read the snapshot group", format!("{group}: {e}"))),
+        }
+    }
+
+    fn save(&self, g: &SnapshotGroup) -> AgentResult<()> {
+        atomic_file::write_json(&self.file(&g.group_uuid), g)
+            .map_err(|e| AgentError::failed("cannot record the snapshot group", format!("{}: {e}", self.dir.display())))
+    }
+
+    /// The group (other than `except`) that holds snapshot `path`, if any.
+    fn holding(&self, path: &str, except: &str) -> Option<SnapshotGroup> {
+        let entries = std::fs::read_dir(&self.dir).ok()?;
+        entries
+            .flatten()
+            .filter_map(|e| atomic_file::read_json::<SnapshotGroup>(&e.path()).ok().flatten())
+            .find(|g| g.group_uuid != except && g.snapshots.iter().any(|s| s.snapshot_path == path))
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// `/vm/volumes/takesnapshot`.
+pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentResult<SnapshotGroup> {
+    let groups = Groups::of(app);
+    let group_uuid = cmd.group_uuid.clone().unwrap_or_else(derived::random_uuid);
+    crate::domain::check_uuid(&group_uuid).map_err(|e| e.context("groupUuid"))?;
+    crate::domain::xml_safe("name", &cmd.name)?;
+    let mut spec = app.vm_records.load(&cmd.vm_uuid)?;
+    let _lock = app.vm_locks.write(&spec.vm_instance_uuid).await;
+    if groups.file(&group_uuid).exists() {
+        return Err(AgentError::conflict(format!("snapshot group {group_uuid} already exists")));
+    }
+    let before = spec.clone();
+    let rbd_snapshot = format!("{RBD_SNAPSHOT_PREFIX}{group_uuid}");
+    let opts = capture::Options { with_data: true, freeze: Freeze::Always, rbd_snapshot: &rbd_snapshot, tpm_to: None };
+    let captured = capture(app, &mut spec, opts, &ctx.stop).await?;
+    let mut snapshots = Vec::new();
+    for v in std::iter::once(&before.root_volume).chain(&before.data_volumes) {
+        let snapshot_path = captured.point(&v.volume_uuid, &v.install_path);
+        let (size, _) = volumes::store(app, &snapshot_path)?.sizes(&snapshot_path, &ctx.stop).await?;
+        snapshots.push(GroupSnapshot {
+            volume_uuid: v.volume_uuid.clone(),
+            volume_type: if v.device_id == 0 { "Root" } else { "Data" }.into(),
+            device_id: v.device_id,
+            snapshot_path,
+            size,
+        });
+    }
+    let group = SnapshotGroup {
+        group_uuid,
+        vm_uuid: before.vm_instance_uuid.clone(),
+        name: cmd.name,
+        created_at: now(),
+        vm: before,
+        snapshots,
+    };
+    groups.save(&group)?;
+    Ok(group)
+}
+
+/// `/vm/volumes/getsnapshotgroup`.
+pub async fn get(app: &App, _ctx: &TaskCtx, cmd: SnapshotGroupRef) -> AgentResult<SnapshotGroup> {
+    Groups::of(app).load(&cmd.group_uuid)
+}
+
+/// `/vm/createfromsnapshot`: a new VM whose volumes are made from the group's snapshots.
+pub async fn create_from(app: &App, ctx: &TaskCtx, cmd: CreateFromSnapshotCmd) -> AgentResult<VmInstanceInventory> {
+    let groups = Groups::of(app);
+    let group = groups.load(&cmd.group_uuid)?;
+    // A request entry names its snapshot by source volume or by path; a path must be one of
+    // this group's (a snapshot of another VM, or another instant, would mix disks).
+    let identify = |req: &NewVolume| -> AgentResult<Option<String>> {
+        if let Some(volume) = &req.source_volume_uuid {
+            return match group.snapshots.iter().find(|s| &s.volume_uuid == volume) {
+                Some(s) => Ok(Some(s.volume_uuid.clone())),
+                None => {
+                    Err(AgentError::not_found(format!("volume {volume} has no snapshot in group {}", group.group_uuid)))
+                }
+            };
+        }
+        let Some(path) = &req.snapshot_path else { return Ok(None) };
+        if let Some(s) = group.snapshots.iter().find(|s| &s.snapshot_path == path) {
+            return Ok(Some(s.volume_uuid.clone()));
+        }
+        Err(match groups.holding(path, &group.group_uuid) {
+            Some(other) => AgentError::invalid(format!(
+                "snapshot {path} belongs to group {} of VM {}, not to group {}; a VM is made from one group",
+                other.group_uuid, other.vm_uuid, group.group_uuid
+            )),
+            None => AgentError::not_found(format!("snapshot {path} is not known to this host")),
+        })
+    };
+    let (spec, origins) = derived::derive(&group.vm, &cmd.target, identify)?;
+
+    let linked = cmd.provisioning == Provisioning::Thin;
+    let mut sources = Vec::new();
+    for (origin, v) in origins.iter().zip(std::iter::once(&spec.root_volume).chain(&spec.data_volumes)) {
+        let snap =
+            group.snapshots.iter().find(|s| &s.volume_uuid == origin).ok_or_else(|| {
+                AgentError::internal(format!("group {} lost the snapshot of {origin}", group.group_uuid))
+            })?;
+        let from = &snap.snapshot_path;
+        match (volumes::place(from)?, volumes::place(&v.install_path)?) {
+            (Place::Local, Place::Local) => {
+                app.storage.roots().confine_chain(from)?;
+            }
+            (Place::Rbd(_), Place::Rbd(_)) => {
+                volumes::store(app, from)?.sizes(from, &ctx.stop).await?;
+            }
+            _ => {
+                return Err(AgentError::invalid(format!(
+                    "volume {} and its snapshot {from} must both be local or both on Ceph",
+                    v.install_path
+                )))
+            }
+        }
+        sources.push(Source::Clone { from: from.clone(), linked });
+    }
+    assemble::create_vm(app, ctx, &spec, &sources, cmd.target.strategy).await
+}
