@@ -97,3 +97,16 @@ pub fn qemu_io_fill_compressed(path: &Path, offset: u64, len: u64, byte: u8) -> 
 fn qemu_io(path: &Path, cmd: &str) -> Result<()> {
     run("qemu-io", &["-f", "qcow2", "-c", cmd, &path.to_string_lossy()]).map(|_| ())
 }
+
+/// Fills `len` bytes at `offset` of disk `alias` (e.g. `virtio-disk1`) of running VM `vm`
+/// with `byte`, through the VM's own block layer (HMP `qemu-io`): a write the running VM makes,
+/// while its image files are locked against other writers.
+pub fn guest_disk_fill(vm: &str, alias: &str, offset: u64, len: u64, byte: u8) -> Result<()> {
+    let cmd = format!("qemu-io -d /machine/peripheral/{alias}/virtio-backend \"write -P {byte} {offset} {len}\"");
+    let out = virsh(&["qemu-monitor-command", "--hmp", vm, &cmd])?;
+    if out.trim().is_empty() {
+        Ok(())
+    } else {
+        bail!("qemu-io in VM {vm} on {alias}: {}", out.trim())
+    }
+}

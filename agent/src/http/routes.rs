@@ -65,7 +65,7 @@ static ROUTES: &[Route] = &[
     Route { path: "/vm/clone", style: Style::Async, handler: typed!(vm::clone::clone) },
     Route { path: "/vm/flatten", style: Style::Async, handler: typed!(vm::flatten::flatten) },
     Route { path: "/vm/volumes/takesnapshot", style: Style::Async, handler: typed!(vm::snapshot_group::take) },
-    Route { path: "/vm/volumes/getsnapshotgroup", style: Style::Sync, handler: typed!(vm::snapshot_group::get) },
+    Route { path: "/vm/volumes/getsnapshotgroup", style: Style::Async, handler: typed!(vm::snapshot_group::get) },
     Route { path: "/vm/createfromsnapshot", style: Style::Async, handler: typed!(vm::snapshot_group::create_from) },
     Route { path: "/vm/volume/takesnapshot", style: Style::Async, handler: typed!(handlers::vm::take_snapshot) },
     Route { path: "/vm/volume/mergesnapshot", style: Style::Async, handler: typed!(handlers::vm::merge_snapshot) },
