@@ -27,6 +27,8 @@ pub struct App {
     pub storage: LocalStorage,
     pub rbd: Rbd,
     pub vm_records: VmRecords,
+    /// Where backup groups may be written and read.
+    pub backup_roots: StorageRoots,
     /// One writer per VM: two commands on the same VM never interleave.
     pub vm_locks: Arc<KeyedLocks>,
     /// Per volume path: writers exclusive, readers (sizes, chains) shared.
@@ -40,6 +42,8 @@ pub enum StartupError {
     StateDir { dir: String, source: std::io::Error },
     #[error("storage roots {roots:?} are not usable: {source}; create them or fix storage.roots")]
     Roots { roots: Vec<std::path::PathBuf>, source: std::io::Error },
+    #[error("backup roots {roots:?} cannot be created or resolved: {source}; fix backup.roots")]
+    BackupRoots { roots: Vec<std::path::PathBuf>, source: std::io::Error },
 }
 
 impl App {
@@ -58,6 +62,11 @@ impl App {
         let libvirt = Libvirt::new(&config.libvirt.uri);
         let roots = StorageRoots::new(&config.storage.roots)
             .map_err(|source| StartupError::Roots { roots: config.storage.roots.clone(), source })?;
+        let backup_err = |source| StartupError::BackupRoots { roots: config.backup.roots.clone(), source };
+        for r in &config.backup.roots {
+            std::fs::create_dir_all(r).map_err(backup_err)?;
+        }
+        let backup_roots = StorageRoots::new(&config.backup.roots).map_err(backup_err)?;
         let vm_records = VmRecords::new(&config.state_dir);
         let rbd =
             Rbd { conf: config.ceph.conf.clone(), id: config.ceph.id.clone(), keyring: config.ceph.keyring.clone() };
@@ -68,6 +77,7 @@ impl App {
             poster,
             libvirt,
             storage: LocalStorage::new(roots),
+            backup_roots,
             rbd,
             vm_records,
             vm_locks: Default::default(),

@@ -15,6 +15,7 @@ pub struct Config {
     pub tasks: TaskConfig,
     pub clone: CloneConfig,
     pub ceph: CephConfig,
+    pub backup: BackupConfig,
     /// Where the agent keeps its task journal, host identity and VM records.
     pub state_dir: PathBuf,
 }
@@ -54,6 +55,20 @@ pub struct LibvirtConfig {
 pub struct CloneConfig {
     /// How many clones of one `/vm/clone` are built at the same time.
     pub parallelism: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackupConfig {
+    /// Backup groups are written and read only under these directories (local paths or mounted
+    /// shares); the first is the default. They are created at start when missing.
+    pub roots: Vec<PathBuf>,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig { roots: vec![PathBuf::from("/var/lib/kvmagent/backup")] }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -98,6 +113,7 @@ impl Default for Config {
             tasks: TaskConfig::default(),
             clone: CloneConfig::default(),
             ceph: CephConfig::default(),
+            backup: BackupConfig::default(),
             state_dir: PathBuf::from("/var/lib/kvmagent/state"),
         }
     }

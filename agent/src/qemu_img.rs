@@ -231,6 +231,12 @@ pub async fn rebase(path: &Path, backing: &Path, backing_fmt: &str, stop: &Stop)
     run("rebase", path, &args, stop).await.map(|_| ())
 }
 
+/// `qemu-img commit -f qcow2 <path>`: writes `path`'s data into its backing file (which
+/// then reads as `path` did). Only for a top nothing has open.
+pub async fn commit(path: &Path, stop: &Stop) -> Result<(), QemuImgError> {
+    run("commit", path, &[os("commit"), os("-q"), os("-f"), os("qcow2"), path.as_os_str()], stop).await.map(|_| ())
+}
+
 /// `qemu-img measure -O qcow2`: bytes a flat qcow2 copy of the image (with its chain) needs.
 pub async fn measure(path: &Path, fmt: &str, stop: &Stop) -> Result<Measure, QemuImgError> {
     let out = run(

@@ -68,9 +68,10 @@ pub struct Host {
 /// The agent config used by the tests: TCG domains, everything under one temp dir.
 fn config_text(root: &Path, state: &Path, port: u16, extra: &str) -> String {
     format!(
-        "state_dir = \"{}\"\n[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_secs = 10\n[storage]\nroots = [\"{}\"]\n[libvirt]\ndomain_type = \"qemu\"\n{extra}",
+        "state_dir = \"{}\"\n[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_secs = 10\n[storage]\nroots = [\"{}\"]\n[backup]\nroots = [\"{}/backup\"]\n[libvirt]\ndomain_type = \"qemu\"\n{extra}",
         state.display(),
-        root.display()
+        root.display(),
+        state.parent().unwrap_or(state).display()
     )
 }
 

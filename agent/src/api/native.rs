@@ -277,3 +277,51 @@ pub struct CreateFromSnapshotCmd {
     #[serde(default)]
     pub provisioning: Provisioning,
 }
+
+/// `/vm/backup`: a point of a backup group — the first (full) one, or an incremental on the
+/// group's newest point.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupVmCmd {
+    pub vm_uuid: String,
+    #[serde(default)]
+    pub mode: BackupMode,
+    /// A new group's uuid (by default a new one), or the group an incremental adds to.
+    #[serde(default)]
+    pub group_uuid: Option<String>,
+    /// A directory inside one of the configured backup roots; by default the first root.
+    #[serde(default)]
+    pub backup_root: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupMode {
+    #[default]
+    Full,
+    Incremental,
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupVmRsp {
+    pub group_uuid: String,
+    pub group_path: String,
+    /// The point this call added.
+    pub point: usize,
+    pub manifest: crate::backup_group::Manifest,
+}
+
+/// `/vm/createfrombackup`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateFromBackupCmd {
+    pub group_uuid: String,
+    #[serde(default)]
+    pub backup_root: Option<String>,
+    /// The point to restore; by default the newest.
+    #[serde(default)]
+    pub point: Option<usize>,
+    #[serde(flatten)]
+    pub target: NewVmTarget,
+}

@@ -67,6 +67,8 @@ static ROUTES: &[Route] = &[
     Route { path: "/vm/volumes/takesnapshot", style: Style::Async, handler: typed!(vm::snapshot_group::take) },
     Route { path: "/vm/volumes/getsnapshotgroup", style: Style::Async, handler: typed!(vm::snapshot_group::get) },
     Route { path: "/vm/createfromsnapshot", style: Style::Async, handler: typed!(vm::snapshot_group::create_from) },
+    Route { path: "/vm/backup", style: Style::Async, handler: typed!(vm::backup::backup) },
+    Route { path: "/vm/createfrombackup", style: Style::Async, handler: typed!(vm::backup::create_from) },
     Route { path: "/vm/volume/takesnapshot", style: Style::Async, handler: typed!(handlers::vm::take_snapshot) },
     Route { path: "/vm/volume/mergesnapshot", style: Style::Async, handler: typed!(handlers::vm::merge_snapshot) },
     Route { path: "/vm/createcephsecret", style: Style::Async, handler: typed!(handlers::vm::create_ceph_secret) },

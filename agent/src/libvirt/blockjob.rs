@@ -1,5 +1,5 @@
-//! Block jobs (libvirt's block pull), which the `virt` crate offers only as raw FFI: this module
-//! is the one place that calls them, each behind a safe function.
+//! Block jobs (libvirt's block pull and active commit), which the `virt` crate offers only as
+//! raw FFI: this module is the one place that calls them, each behind a safe function.
 
 use std::ffi::CString;
 
@@ -69,14 +69,39 @@ impl Libvirt {
         .await
     }
 
-    /// Aborts the block job on `disk` and waits for it to be gone. A pull stopped half-way leaves
-    /// the chain as it was (the top holds some copied clusters; the guest sees the same data).
-    pub async fn block_job_abort(&self, vm: &str, disk: &str) -> Result<(), LibvirtError> {
+    /// Starts committing the active top of `disk` into its immediate backing file (SHALLOW):
+    /// once the job is ready, [`block_job_abort`](Self::block_job_abort) with `pivot` switches
+    /// the VM to the backing file: `virDomainBlockCommit`.
+    pub async fn block_commit_active(&self, vm: &str, disk: &str) -> Result<(), LibvirtError> {
+        let (vm, disk) = (vm.to_owned(), disk_name(disk)?);
+        self.call("blockCommit", move |c| {
+            let d = lookup(c, &vm)?;
+            let flags = sys::VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | sys::VIR_DOMAIN_BLOCK_COMMIT_SHALLOW;
+            // SAFETY: `d` keeps the domain pointer alive for the call; `disk` is NUL-terminated
+            // and outlives it; NULL base and top mean "the active layer into its backing file".
+            let rc = unsafe {
+                sys::virDomainBlockCommit(d.as_ptr(), disk.as_ptr(), std::ptr::null(), std::ptr::null(), 0, flags)
+            };
+            if rc < 0 {
+                Err(last_error("blockCommit"))
+            } else {
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    /// Ends the block job on `disk` and waits for it to be gone: with `pivot`, a ready active
+    /// commit switches the VM to the commit's base; without, the job is abandoned. A pull
+    /// stopped half-way leaves the chain as it was (the top holds some copied clusters; the
+    /// guest sees the same data).
+    pub async fn block_job_abort(&self, vm: &str, disk: &str, pivot: bool) -> Result<(), LibvirtError> {
         let (vm, disk) = (vm.to_owned(), disk_name(disk)?);
         self.call("blockJobAbort", move |c| {
             let d = lookup(c, &vm)?;
+            let flags = if pivot { sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT } else { 0 };
             // SAFETY: as above. Without the ASYNC flag the call returns once the job is gone.
-            let rc = unsafe { sys::virDomainBlockJobAbort(d.as_ptr(), disk.as_ptr(), 0) };
+            let rc = unsafe { sys::virDomainBlockJobAbort(d.as_ptr(), disk.as_ptr(), flags) };
             if rc < 0 {
                 Err(last_error("blockJobAbort"))
             } else {

@@ -38,21 +38,25 @@ pub struct LocalStorage {
     roots: StorageRoots,
 }
 
-/// A volume file being built; removed on drop unless published.
-struct Building {
+/// A volume file being built beside its final name; removed on drop unless published.
+pub(crate) struct Building {
     tmp: PathBuf,
     published: bool,
 }
 
 impl Building {
-    fn beside(dst: &Path) -> Building {
+    pub(crate) fn beside(dst: &Path) -> Building {
         let name = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = dst.with_file_name(format!(".{name}.kvmagent-tmp-{}", uuid::Uuid::new_v4().simple()));
         Building { tmp, published: false }
     }
 
+    pub(crate) fn path(&self) -> &Path {
+        &self.tmp
+    }
+
     /// Flushes the new file and links it to `dst`; fails if `dst` appeared meanwhile.
-    fn publish(mut self, dst: &Path) -> AgentResult<()> {
+    pub(crate) fn publish(mut self, dst: &Path) -> AgentResult<()> {
         let fail = |e: std::io::Error| {
             AgentError::failed("cannot put the new volume in place", format!("{}: {e}", dst.display()))
         };

@@ -17,7 +17,7 @@ use crate::tasks::TaskCtx;
 const POLL: Duration = Duration::from_millis(200);
 
 /// The live disk target (e.g. `vda`) whose top file is `path`.
-async fn disk_of(app: &App, vm: &str, path: &Path) -> AgentResult<String> {
+pub(super) async fn disk_of(app: &App, vm: &str, path: &Path) -> AgentResult<String> {
     let live = app.libvirt.xml(vm).await?;
     crate::domain::live_disks(&live)?
         .into_iter()
@@ -50,7 +50,7 @@ pub async fn pull_live(
     loop {
         tokio::select! {
             _ = ctx.stop.stopped() => {
-                if let Err(e) = app.libvirt.block_job_abort(vm, &disk).await {
+                if let Err(e) = app.libvirt.block_job_abort(vm, &disk, false).await {
                     tracing::error!(vm, disk = %disk, error = %e, "cannot abort the block pull");
                 }
                 return Err(ctx.stop.error("flattening the running VM's disk"));

@@ -4,7 +4,8 @@
 //! stopped VM switches in its record and definition. Linked clones are then built on the
 //! bases, which nothing writes any more.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::undo::{UndoLog, UndoStep};
 use crate::api::vm::{StartVmCmd, VolumeTo};
@@ -137,6 +138,10 @@ pub async fn record(app: &App, spec: &mut StartVmCmd, frozen: &[Frozen]) -> Agen
             v.format = "qcow2".into();
         }
     }
+    save_and_redefine(app, spec).await
+}
+
+async fn save_and_redefine(app: &App, spec: &StartVmCmd) -> AgentResult<()> {
     app.vm_records.save(spec)?;
     let vm = &spec.vm_instance_uuid;
     if app.libvirt.domain_state(vm).await?.is_some_and(|s| !s.is_active()) {
@@ -144,4 +149,64 @@ pub async fn record(app: &App, spec: &mut StartVmCmd, frozen: &[Frozen]) -> Agen
         app.libvirt.define(xml).await?;
     }
     Ok(())
+}
+
+/// How long committing a new top back may take before it is given up (the top then stays).
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Undoes a freeze that was only needed for an instant (a backup): each new top is committed
+/// back into the file it froze — on a running VM by an active block commit and a pivot, on a
+/// stopped one by `qemu-img commit` — and removed, and the record points at the old files
+/// again. A top that cannot be committed stays: the VM's data is intact, its chain one layer
+/// longer. The caller holds the VM's lock.
+pub async fn thaw(app: &App, spec: &mut StartVmCmd, frozen: &[Frozen]) {
+    let vm = spec.vm_instance_uuid.clone();
+    let mut thawed = Vec::new();
+    for z in frozen {
+        match commit_back(app, &vm, z).await {
+            Ok(()) => thawed.push(z),
+            Err(e) => tracing::warn!(vm = %vm, top = %z.install_path.display(), error = %e,
+                "cannot commit a temporary top back; the VM keeps running on it"),
+        }
+    }
+    for v in volumes_mut(spec) {
+        if let Some(z) = thawed.iter().find(|z| Path::new(&v.install_path) == z.install_path) {
+            v.install_path = z.snapshot_path.display().to_string();
+            v.format = crate::qemu_img::sniff_format(&z.snapshot_path).unwrap_or("qcow2").to_owned();
+        }
+    }
+    if let Err(e) = save_and_redefine(app, spec).await {
+        tracing::error!(vm = %vm, error = %e, "cannot record the VM after committing its temporary tops back");
+    }
+    for z in thawed {
+        if let Err(e) = std::fs::remove_file(&z.install_path) {
+            tracing::warn!(top = %z.install_path.display(), error = %e, "cannot remove a committed temporary top");
+        }
+    }
+}
+
+async fn commit_back(app: &App, vm: &str, z: &Frozen) -> AgentResult<()> {
+    if !app.libvirt.domain_state(vm).await?.is_some_and(|s| s.is_active()) {
+        return crate::qemu_img::commit(&z.install_path, &Stop::new()).await.map_err(Into::into);
+    }
+    let disk = super::flatten::disk_of(app, vm, &z.install_path).await?;
+    app.libvirt.block_commit_active(vm, &disk).await?;
+    let deadline = Instant::now() + COMMIT_TIMEOUT;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let job = app.libvirt.block_job(vm, &disk).await?;
+        let Some(p) = job else {
+            return Err(AgentError::failed("the commit job ended before the pivot", format!("VM {vm} disk {disk}")));
+        };
+        // Once everything is copied the job becomes ready; until then a pivot is refused.
+        if p.end > 0 && p.cur == p.end && app.libvirt.block_job_abort(vm, &disk, true).await.is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = app.libvirt.block_job_abort(vm, &disk, false).await;
+            return Err(AgentError::failed("committing the temporary top timed out", format!("VM {vm} disk {disk}")));
+        }
+    }
+    // The pivot succeeded only if the VM now writes to the old file again.
+    super::flatten::disk_of(app, vm, &z.snapshot_path).await.map(|_| ())
 }

@@ -2,6 +2,7 @@
 //! spec against the host, defining and starting its domain, and undoing that on failure.
 
 pub mod assemble;
+pub mod backup;
 pub mod capture;
 pub mod change_image;
 pub mod clone;

@@ -1,0 +1,262 @@
+//! VM backups into backup groups (see [`crate::backup_group`]) and VMs restored from them.
+//!
+//! `/vm/backup` captures the VM's volumes at one instant (a running VM's files are frozen for
+//! the copy and committed back afterwards; RBD volumes get a temporary snapshot), then writes
+//! one qcow2 file per volume: a flat copy for the full point, or for an incremental the
+//! clusters that differ from the previous point (an overlay on the instant, safely rebased onto
+//! the previous file). Files are built beside their final names and the manifest is replaced
+//! last, so a failed backup leaves the group as it was.
+//!
+//! `/vm/createfrombackup` verifies every file of the chosen point's chains, then makes the VM
+//! like `/vm/create`, each volume a flat copy of its chain; the group is only read.
+
+use std::path::{Path, PathBuf};
+
+use super::assemble::{self, Source};
+use super::capture::{self, capture, Freeze};
+use super::derived;
+use super::volumes::{self, Place};
+use crate::api::inventory::VmInstanceInventory;
+use crate::api::native::{BackupMode, BackupVmCmd, BackupVmRsp, CreateFromBackupCmd, NewVolume};
+use crate::api::vm::{StartVmCmd, VolumeTo};
+use crate::app::App;
+use crate::backup_group::{self, BackupFile, BackupVolume, Group, Manifest, Point, PointKind};
+use crate::error::{AgentError, AgentResult};
+use crate::qemu_img::{self, Convert, CreateOptions};
+use crate::stop::Stop;
+use crate::storage::local::Building;
+use crate::tasks::TaskCtx;
+
+/// Names of the temporary RBD snapshots a backup reads from.
+const RBD_SNAPSHOT_PREFIX: &str = "kvmagent-backup-";
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn volumes_of(spec: &StartVmCmd) -> impl Iterator<Item = &VolumeTo> {
+    std::iter::once(&spec.root_volume).chain(&spec.data_volumes)
+}
+
+/// Runs blocking file work (hashing) off the async runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> AgentResult<T> + Send + 'static) -> AgentResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| AgentError::internal(format!("blocking task failed: {e}")))?
+}
+
+/// The manifest a backup adds to, after checking that the VM's volumes still match it.
+fn previous(group: &Group, spec: &StartVmCmd) -> AgentResult<Manifest> {
+    let m = group.manifest()?;
+    if m.vm_uuid != spec.vm_instance_uuid {
+        return Err(AgentError::invalid(format!(
+            "backup group {} holds VM {}, not VM {}",
+            group.uuid, m.vm_uuid, spec.vm_instance_uuid
+        )));
+    }
+    let mut have: Vec<&str> = m.volumes.iter().map(|v| v.volume_uuid.as_str()).collect();
+    let mut now: Vec<&str> = volumes_of(spec).map(|v| v.volume_uuid.as_str()).collect();
+    have.sort();
+    now.sort();
+    if have != now {
+        return Err(AgentError::conflict(format!(
+            "the volumes of VM {} changed since backup group {} was started; take a full backup into a new group",
+            spec.vm_instance_uuid, group.uuid
+        )));
+    }
+    for v in &m.volumes {
+        if let Some(f) = v.chain.iter().find(|f| !group.path(&f.file).is_file()) {
+            return Err(AgentError::not_found(format!(
+                "backup group {}: file {} is missing; take a full backup into a new group",
+                group.uuid, f.file
+            )));
+        }
+    }
+    Ok(m)
+}
+
+/// `/vm/backup`.
+pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<BackupVmRsp> {
+    let mut spec = app.vm_records.load(&cmd.vm_uuid)?;
+    let _lock = app.vm_locks.write(&spec.vm_instance_uuid).await;
+    let group_uuid = match (cmd.mode, &cmd.group_uuid) {
+        (BackupMode::Full, g) => g.clone().unwrap_or_else(derived::random_uuid),
+        (BackupMode::Incremental, Some(g)) => g.clone(),
+        (BackupMode::Incremental, None) => return Err(AgentError::invalid("an incremental backup needs groupUuid")),
+    };
+    let group = Group::locate(&app.backup_roots, cmd.backup_root.as_deref(), &group_uuid)?;
+    let manifest = match cmd.mode {
+        BackupMode::Full if group.dir.exists() => {
+            return Err(AgentError::conflict(format!("backup group {} already exists", group.dir.display())))
+        }
+        BackupMode::Full => None,
+        BackupMode::Incremental => Some(previous(&group, &spec)?),
+    };
+    let point = manifest.as_ref().map_or(0, |m| m.points.len());
+    let before = spec.clone();
+
+    let rbd_snapshot = format!("{RBD_SNAPSHOT_PREFIX}{}", derived::random_uuid());
+    let opts =
+        capture::Options { with_data: true, freeze: Freeze::WhenRunning, rbd_snapshot: &rbd_snapshot, tpm_to: None };
+    let captured = capture(app, &mut spec, opts, &ctx.stop).await?;
+    let written = write_point(app, ctx, &group, &before, point, &captured).await;
+    // The instant is released whatever happened: temporary tops go back into the volumes.
+    super::freeze::thaw(app, &mut spec, &captured.frozen).await;
+    captured.drop_unused_rbd_snapshots(app).await;
+
+    let result = async {
+        let files = written?;
+        let mut m = manifest.unwrap_or_else(|| Manifest {
+            format_version: backup_group::FORMAT_VERSION,
+            group_uuid: group.uuid.clone(),
+            vm_uuid: before.vm_instance_uuid.clone(),
+            points: Vec::new(),
+            volumes: Vec::new(),
+        });
+        let kind = if point == 0 { PointKind::Full } else { PointKind::Incremental };
+        m.points.push(Point { index: point, kind, taken_at: now(), vm: before.clone() });
+        for (v, file) in volumes_of(&before).zip(files) {
+            let entry = match m.volumes.iter_mut().find(|b| b.volume_uuid == v.volume_uuid) {
+                Some(e) => e,
+                None => {
+                    m.volumes.push(BackupVolume {
+                        volume_uuid: v.volume_uuid.clone(),
+                        volume_type: if v.device_id == 0 { "Root" } else { "Data" }.into(),
+                        device_id: v.device_id,
+                        virtual_size: 0,
+                        chain: Vec::new(),
+                    });
+                    m.volumes.last_mut().expect("just pushed")
+                }
+            };
+            entry.virtual_size = file.virtual_size;
+            entry.chain.push(file);
+        }
+        group.write_manifest(&m)?;
+        Ok::<_, AgentError>(m)
+    }
+    .await;
+    match result {
+        Ok(m) => Ok(BackupVmRsp { group_uuid, group_path: group.dir.display().to_string(), point, manifest: m }),
+        Err(e) => {
+            remove_point(&group, &before, point);
+            Err(e)
+        }
+    }
+}
+
+/// Removes what a failed backup wrote: the point's files, and a new group's directory.
+fn remove_point(group: &Group, spec: &StartVmCmd, point: usize) {
+    for v in volumes_of(spec) {
+        let _ = std::fs::remove_file(group.path(&backup_group::file_name(&v.volume_uuid, point)));
+    }
+    if point == 0 {
+        let _ = std::fs::remove_dir_all(&group.dir);
+    }
+}
+
+/// Writes every volume's file of `point`, in volume order.
+async fn write_point(
+    app: &App,
+    ctx: &TaskCtx,
+    group: &Group,
+    spec: &StartVmCmd,
+    point: usize,
+    captured: &capture::Captured,
+) -> AgentResult<Vec<BackupFile>> {
+    let total = volumes_of(spec).count();
+    let mut files = Vec::new();
+    for (i, v) in volumes_of(spec).enumerate() {
+        ctx.stop.check("backing up the VM")?;
+        let from = captured.point(&v.volume_uuid, &v.install_path);
+        let relative = backup_group::file_name(&v.volume_uuid, point);
+        let dst = group.path(&relative);
+        let previous = (point > 0).then(|| format!("{}.qcow2", point - 1));
+        write_file(app, &from, previous.as_deref(), &dst, &ctx.stop)
+            .await
+            .map_err(|e| e.context(format!("step 'back up volume {}' failed", v.volume_uuid)))?;
+        let virtual_size = qemu_img::info(&dst, &ctx.stop).await?.virtual_size;
+        let path = dst.clone();
+        let sha256 = blocking(move || backup_group::sha256_file(&path)).await?;
+        let bytes = std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0);
+        files.push(BackupFile { point, file: relative, virtual_size, bytes, sha256 });
+        ctx.progress(((i + 1) * 100 / total) as u8, "volume backed up");
+    }
+    Ok(files)
+}
+
+/// Writes the instant `from` (a file chain, or an RBD snapshot) to `dst`: flat, or — with
+/// `previous`, the name of the previous point's file beside `dst` — only what differs from it.
+async fn write_file(app: &App, from: &str, previous: Option<&str>, dst: &Path, stop: &Stop) -> AgentResult<()> {
+    let (src, src_fmt): (String, &str) = match volumes::place(from)? {
+        Place::Rbd(p) => (app.rbd.qemu_name(&p), "raw"),
+        Place::Local => {
+            let path = app.storage.roots().confine_chain(from)?;
+            let fmt = qemu_img::read_header(&path).map_err(|e| AgentError::invalid(e.to_string()))?.format;
+            (path.display().to_string(), fmt)
+        }
+    };
+    if let Some(dir) = dst.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| AgentError::failed("cannot create the backup directory", format!("{}: {e}", dir.display())))?;
+    }
+    let building = Building::beside(dst);
+    let tmp = building.path();
+    let stopped =
+        |e: qemu_img::QemuImgError| if e.was_stopped() { stop.error("backing up the volume") } else { e.into() };
+    match previous {
+        None => {
+            let c = Convert {
+                src: src.as_ref(),
+                src_fmt,
+                dst: tmp.as_os_str(),
+                dst_fmt: "qcow2",
+                opts: &CreateOptions::default(),
+                into_zeroed: false,
+            };
+            qemu_img::convert_image(c, stop, |_| {}).await.map_err(stopped)?;
+        }
+        Some(prev) => {
+            // An empty overlay on the instant reads as the instant; a safe rebase onto the
+            // previous point writes into it exactly the clusters where the two differ.
+            qemu_img::create_overlay(Path::new(&src), src_fmt, tmp, None, &CreateOptions::default(), stop)
+                .await
+                .map_err(stopped)?;
+            qemu_img::rebase(tmp, Path::new(prev), "qcow2", stop).await.map_err(stopped)?;
+        }
+    }
+    stop.check("backing up the volume")?;
+    building.publish(dst)
+}
+
+/// `/vm/createfrombackup`.
+pub async fn create_from(app: &App, ctx: &TaskCtx, cmd: CreateFromBackupCmd) -> AgentResult<VmInstanceInventory> {
+    let group = Group::locate(&app.backup_roots, cmd.backup_root.as_deref(), &cmd.group_uuid)?;
+    let m = group.manifest()?;
+    let newest = m.points.len().checked_sub(1).ok_or_else(|| AgentError::invalid("the backup group has no point"))?;
+    let point = cmd.point.unwrap_or(newest);
+    let at = m.points.get(point).ok_or_else(|| {
+        AgentError::not_found(format!("backup group {} has points 0 to {newest}, not {point}", group.uuid))
+    })?;
+    let identify = |req: &NewVolume| -> AgentResult<Option<String>> {
+        if req.snapshot_path.is_some() {
+            return Err(AgentError::invalid("snapshotPath does not name a backup; use sourceVolumeUuid"));
+        }
+        match &req.source_volume_uuid {
+            Some(v) if m.volumes.iter().any(|b| &b.volume_uuid == v) => Ok(Some(v.clone())),
+            Some(v) => Err(AgentError::not_found(format!("volume {v} is not in backup group {}", group.uuid))),
+            None => Ok(None),
+        }
+    };
+    let (spec, origins) = derived::derive(&at.vm, &cmd.target, identify)?;
+    let (g, manifest, roots) = (group.clone(), m.clone(), app.backup_roots.clone());
+    let tops: Vec<(String, PathBuf)> = blocking(move || g.verify(&manifest, point, &roots)).await?;
+    let sources = origins
+        .iter()
+        .map(|o| {
+            let (_, top) = tops.iter().find(|(v, _)| v == o).ok_or_else(|| {
+                AgentError::invalid(format!("backup group {} has no chain for volume {o}", group.uuid))
+            })?;
+            Ok(Source::Restore { chain_top: top.clone() })
+        })
+        .collect::<AgentResult<Vec<_>>>()?;
+    assemble::create_vm(app, ctx, &spec, &sources, cmd.target.strategy).await
+}
