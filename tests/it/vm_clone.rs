@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kvmagent_host_tests::checks::{
-    domstate, dumpxml, file_sha256, qemu_img, qemu_img_info, qemu_io_write, virsh, xml_text,
+    domstate, dumpxml, file_sha256, qemu_img, qemu_img_info, qemu_io_write, virsh, xml_text, SmallDisk,
 };
 use kvmagent_host_tests::guest::{console_log, kernel_boot, pattern, wait_report};
 use kvmagent_host_tests::images::{data_volume_path, root_volume_path, BaseImage};
@@ -223,28 +223,6 @@ async fn bad_clone_commands_make_nothing() {
         assert_eq!(std::fs::read_dir(h.path("rootVolumes/acct-test")).unwrap().count(), before, "nothing made ({e})");
     }
     assert_eq!(std::fs::read(&existing).unwrap(), b"keep");
-}
-
-/// A tmpfs of a few MiB mounted inside the storage root: a disk that fills up. Unmounted on drop.
-struct SmallDisk(PathBuf);
-
-impl SmallDisk {
-    fn mount(at: PathBuf, size: &str) -> SmallDisk {
-        std::fs::create_dir_all(&at).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&at)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "mounting a tmpfs needs root");
-        SmallDisk(at)
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }
 
 #[tokio::test]

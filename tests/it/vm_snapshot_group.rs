@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kvmagent_host_tests::ceph::{self, admin_key, agent_config};
 use kvmagent_host_tests::checks::{domstate, file_sha256, guest_disk_fill, qemu_img_info, qemu_io_write, virsh};
-use kvmagent_host_tests::guest::{console_log, kernel_boot, pattern, wait_report};
+use kvmagent_host_tests::guest::{console_log, make_and_check, pattern, staying_kernel_boot, wait_report};
 use kvmagent_host_tests::images::{data_volume_path, root_volume_path, BaseImage};
 use kvmagent_host_tests::{uuid, Host};
 use serde_json::{json, Value};
@@ -16,11 +16,8 @@ const MIB: u64 = 1 << 20;
 /// Where the tests write through the running VM (the root's image pattern sits at 0).
 const AT: u64 = MIB;
 
-/// The kernel-boot spec of a guest that reports offsets 0 and [`AT`] of two disks and stays up.
 fn staying_guest(h: &Host) -> Value {
-    let mut boot = kernel_boot(h, &[0, AT], 2).unwrap();
-    boot["cmdline"] = json!(format!("{} kvmagent.shell=1", boot["cmdline"].as_str().unwrap()));
-    boot
+    staying_kernel_boot(h, &[0, AT], 2).unwrap()
 }
 
 /// Writes `byte` at [`AT`] on both disks of the running VM.
@@ -30,20 +27,16 @@ fn write_both(vm: &str, byte: u8) {
     }
 }
 
-/// Makes a VM from `group` and checks what its guest sees: the root image pattern and the
-/// data pattern at 0, `byte` at [`AT`] on both disks.
+/// Makes a VM from a group; its guest must see the root image pattern and the data pattern at
+/// 0, `byte` at [`AT`] on both disks.
 async fn check_vm_from_group(h: &Host, cmd: Value, root_pattern: &[u8], data_pattern: &[u8], byte: u8) -> Value {
-    let r = h.call_within("/vm/createfromsnapshot", &cmd, Duration::from_secs(120)).await.unwrap();
-    assert_eq!(r["success"], true, "{r}");
-    let vm = r["uuid"].as_str().unwrap().to_owned();
-    h.track_vm(&vm);
-    assert_eq!(r["state"], "Running", "{r}");
-    let dump = wait_report(&console_log(h, &vm), Duration::from_secs(120)).await.unwrap();
-    assert_eq!(dump["vda"][&0], root_pattern, "root at 0");
-    assert_eq!(dump["vdb"][&0], data_pattern, "data at 0");
-    assert_eq!(dump["vda"][&AT], vec![byte; 64], "root at the instant");
-    assert_eq!(dump["vdb"][&AT], vec![byte; 64], "data at the instant");
-    r
+    let expect = [
+        ("vda", 0, root_pattern.to_vec()),
+        ("vdb", 0, data_pattern.to_vec()),
+        ("vda", AT, vec![byte; 64]),
+        ("vdb", AT, vec![byte; 64]),
+    ];
+    make_and_check(h, "/vm/createfromsnapshot", &cmd, &expect).await.unwrap()
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! Checks on real effects: qemu-img's view of images, virsh's view of domains, file bytes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -108,5 +108,28 @@ pub fn guest_disk_fill(vm: &str, alias: &str, offset: u64, len: u64, byte: u8) -
         Ok(())
     } else {
         bail!("qemu-io in VM {vm} on {alias}: {}", out.trim())
+    }
+}
+
+/// A tmpfs of a few MiB (mounted inside a storage or backup root): a disk that fills up.
+/// Unmounted on drop.
+pub struct SmallDisk(pub PathBuf);
+
+impl SmallDisk {
+    pub fn mount(at: PathBuf, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(&at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mounting a tmpfs needs root");
+        SmallDisk(at)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
     }
 }

@@ -74,3 +74,31 @@ pub fn pattern(tag: &str) -> Vec<u8> {
     p.resize(64, b'.');
     p
 }
+
+/// Like [`kernel_boot`], for a guest that stays up after its report (a shell on its console),
+/// so that tests can go on writing to its disks.
+pub fn staying_kernel_boot(host: &Host, offsets: &[u64], disks: usize) -> Result<Value> {
+    let mut boot = kernel_boot(host, offsets, disks)?;
+    boot["cmdline"] = json!(format!("{} kvmagent.shell=1", boot["cmdline"].as_str().unwrap_or_default()));
+    Ok(boot)
+}
+
+/// Sends a command that makes a running VM (`/vm/create`, `/vm/createfromsnapshot`,
+/// `/vm/createfrombackup`...) and checks what its guest sees: `expect` lists `(disk, offset,
+/// bytes)`. Returns the VM's inventory.
+pub async fn make_and_check(host: &Host, path: &str, cmd: &Value, expect: &[(&str, u64, Vec<u8>)]) -> Result<Value> {
+    let r = host.call_within(path, cmd, Duration::from_secs(180)).await?;
+    if r["success"] != true || r["state"] != "Running" {
+        bail!("{path} did not make a running VM: {r}");
+    }
+    let vm = r["uuid"].as_str().unwrap_or_default().to_owned();
+    host.track_vm(&vm);
+    let dump = wait_report(&console_log(host, &vm), Duration::from_secs(120)).await?;
+    for (disk, offset, bytes) in expect {
+        let seen = dump.get(*disk).and_then(|d| d.get(offset));
+        if seen != Some(bytes) {
+            bail!("VM {vm} from {path}: {disk} at {offset} reads {seen:?}, expected {bytes:?}");
+        }
+    }
+    Ok(r)
+}
