@@ -10,6 +10,7 @@ pub mod ceph;
 pub mod checks;
 pub mod guest;
 pub mod images;
+pub mod sources;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

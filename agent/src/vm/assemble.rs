@@ -57,7 +57,7 @@ pub async fn create_vm(
     let paths: Vec<String> = volumes_of(spec).map(|v| v.install_path.clone()).collect();
     let _volume_locks = app.volume_locks.write_all(&paths).await;
     check_targets(app, ctx, spec).await?;
-    make(app, ctx, spec, sources, None, strategy).await
+    make(app, ctx, NewVm { spec, sources, tpm_from: None, strategy }).await
 }
 
 /// Everything that can be known before making anything: the spec is valid, the VM has no domain
@@ -85,41 +85,34 @@ pub async fn check_targets(app: &App, ctx: &TaskCtx, spec: &StartVmCmd) -> Agent
     Ok(())
 }
 
-/// Makes the volumes of `spec` (one source each, root first), the TPM state (a copy of
-/// `tpm_from`) and the domain per `strategy`, records the VM and answers its inventory. On
-/// failure everything made is removed.
-pub async fn make(
-    app: &App,
-    ctx: &TaskCtx,
-    spec: &StartVmCmd,
-    sources: &[Source],
-    tpm_from: Option<&Path>,
-    strategy: Strategy,
-) -> AgentResult<VmInstanceInventory> {
+/// A VM to make: its spec, one source per volume (root first), the TPM state to copy.
+pub struct NewVm<'a> {
+    pub spec: &'a StartVmCmd,
+    pub sources: &'a [Source],
+    pub tpm_from: Option<&'a Path>,
+    pub strategy: Strategy,
+}
+
+/// Makes the volumes, the TPM state and the domain per strategy, records the VM and answers
+/// its inventory. On failure everything made is removed.
+pub async fn make(app: &App, ctx: &TaskCtx, new: NewVm<'_>) -> AgentResult<VmInstanceInventory> {
     let mut undo = UndoLog::default();
-    match build(app, ctx, spec, sources, tpm_from, strategy, &mut undo).await {
+    match build(app, ctx, &new, &mut undo).await {
         Ok(state) => {
             undo.commit();
             ctx.progress(100, "created");
-            super::inventory::of(app, spec, state, ctx).await
+            super::inventory::of(app, new.spec, state, ctx).await
         }
         Err(e) => {
             undo.rollback(app).await;
-            app.vm_records.remove(&spec.vm_instance_uuid);
+            app.vm_records.remove(&new.spec.vm_instance_uuid);
             Err(e)
         }
     }
 }
 
-async fn build(
-    app: &App,
-    ctx: &TaskCtx,
-    spec: &StartVmCmd,
-    sources: &[Source],
-    tpm_from: Option<&Path>,
-    strategy: Strategy,
-    undo: &mut UndoLog,
-) -> AgentResult<&'static str> {
+async fn build(app: &App, ctx: &TaskCtx, new: &NewVm<'_>, undo: &mut UndoLog) -> AgentResult<&'static str> {
+    let NewVm { spec, sources, tpm_from, strategy } = *new;
     let stop = &ctx.stop;
     let vm = &spec.vm_instance_uuid;
     let steps = sources.len() as u32 + 1;

@@ -7,7 +7,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 
-use super::assemble::{self, Source};
+use super::assemble::{self, NewVm, Source};
 use super::capture::{self, capture, Freeze};
 use super::derived::{fresh_nics, path_beside, random_uuid};
 use super::volumes::{self, CLONE_SNAPSHOT_PREFIX};
@@ -140,7 +140,8 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
             let sources: Vec<Source> = (p.sources.iter())
                 .map(|(volume, path)| Source::Clone { from: captured.point(volume, path), linked })
                 .collect();
-            let r = assemble::make(app, ctx, &p.spec, &sources, tpm_source, cmd.strategy).await;
+            let new = NewVm { spec: &p.spec, sources: &sources, tpm_from: tpm_source, strategy: cmd.strategy };
+            let r = assemble::make(app, ctx, new).await;
             ctx.progress(((i + 1) * 100 / total) as u8, "clone finished");
             match r {
                 Ok(inv) => json!({ "inventory": inv }),
