@@ -98,6 +98,7 @@ async fn bad_createfromsnapshot_commands_make_nothing() {
     let cases = [
         (with(json!({"groupUuid": uuid()})), "not known"),
         (with(json!({"groupUuid": "../etc"})), "groupUuid"),
+        (with(json!({"dataVolumes": [{"snapshotPath": "/var/tmp/no-such-snapshot.qcow2"}]})), "is not known"),
         (with(json!({"dataVolumes": [{"snapshotPath": b["snapshots"][1]["snapshotPath"]}]})), "belongs to group"),
         (
             with(json!({"dataVolumes": [{"sourceVolumeUuid": b["snapshots"][1]["volumeUuid"]}]})),
