@@ -2,7 +2,7 @@
 //! back ends (libvirt, storage).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::mpsc;
 
@@ -12,9 +12,10 @@ use crate::host_identity::HostIdentity;
 use crate::http::client::Poster;
 use crate::libvirt::Libvirt;
 use crate::locks::KeyedLocks;
+use crate::recovery::{Inherited, Report};
 use crate::storage::local::LocalStorage;
 use crate::storage::roots::StorageRoots;
-use crate::tasks::journal::{Journal, TaskRecord};
+use crate::tasks::journal::Journal;
 use crate::tasks::registry::TaskRegistry;
 use crate::vm::records::VmRecords;
 
@@ -34,6 +35,8 @@ pub struct App {
     /// Per volume path: writers exclusive, readers (sizes, chains) shared.
     pub volume_locks: Arc<KeyedLocks>,
     shutting_down: AtomicBool,
+    /// What the start-up recovery found.
+    pub recovery: OnceLock<Report>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,15 +50,15 @@ pub enum StartupError {
 }
 
 impl App {
-    /// Builds the application state. Returns the tasks a previous run left without a delivered
-    /// result, so the caller can deliver them.
-    pub fn new(config: Config) -> Result<(Arc<App>, Vec<TaskRecord>), StartupError> {
+    /// Builds the application state. Returns the tasks a previous run left unfinished or
+    /// undelivered, for [`crate::recovery`].
+    pub fn new(config: Config) -> Result<(Arc<App>, Inherited), StartupError> {
         let state_err = |source| StartupError::StateDir { dir: config.state_dir.display().to_string(), source };
         std::fs::create_dir_all(&config.state_dir).map_err(state_err)?;
         let identity = Arc::new(HostIdentity::load(&config.state_dir).map_err(state_err)?);
         let poster = Poster::default();
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
-        let (tasks, undelivered) =
+        let (tasks, undelivered, interrupted) =
             TaskRegistry::open(Journal::open(&config.state_dir).map_err(state_err)?, Some(progress_tx))
                 .map_err(state_err)?;
         crate::http::progress::spawn_forwarder(progress_rx, identity.clone(), poster.clone());
@@ -83,8 +86,9 @@ impl App {
             vm_locks: Default::default(),
             volume_locks: Default::default(),
             shutting_down: AtomicBool::new(false),
+            recovery: OnceLock::new(),
         };
-        Ok((Arc::new(app), undelivered))
+        Ok((Arc::new(app), Inherited { undelivered, interrupted }))
     }
 
     pub fn is_shutting_down(&self) -> bool {

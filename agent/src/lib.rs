@@ -18,6 +18,7 @@ pub mod locks;
 pub mod metrics;
 pub mod process;
 pub mod qemu_img;
+pub mod recovery;
 pub mod stop;
 pub mod storage;
 pub mod tasks;

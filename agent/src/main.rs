@@ -9,7 +9,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use kvmagent::app::App;
 use kvmagent::config::Config;
-use kvmagent::http::{runner, server};
+use kvmagent::http::server;
 
 /// A per-host KVM agent: serves a ZStack-compatible command API over HTTP and carries the
 /// commands out with libvirt, QEMU and qemu-img.
@@ -96,19 +96,15 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     let listen = config.server.listen;
     let retention = Duration::from_secs(config.tasks.retention_secs);
-    let (app, undelivered) = App::new(config)?;
+    let (app, inherited) = App::new(config)?;
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     tracing::info!(%listen, "kvmagent listening");
 
-    // Results a previous run finished (or was interrupted in) but could not deliver.
-    for record in undelivered {
-        let (Some(url), Some(result)) = (record.callback_url.clone(), record.result.clone()) else {
-            continue;
-        };
-        let app = app.clone();
-        tokio::spawn(async move { runner::deliver(&app, &record.task_id, &url, &result).await });
-    }
+    // Before serving: what a previous run left is rolled back or resumed, and its results
+    // are delivered.
+    let report = kvmagent::recovery::recover(&app, inherited).await;
+    let _ = app.recovery.set(report);
     let pruner = {
         let app = app.clone();
         tokio::spawn(async move {

@@ -68,7 +68,8 @@ pub async fn take_snapshot(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotCmd) -> Ag
         cmd.new_volume_install_path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| cmd.install_path.clone());
     let target =
         vm::freeze::Target { volume_uuid: cmd.volume_uuid.clone(), current: cmd.volume_install_path.clone(), new_top };
-    let frozen = vm::freeze::freeze_to(app, &cmd.vm_uuid, std::slice::from_ref(&target), &ctx.stop).await?;
+    let frozen =
+        vm::freeze::freeze_to(app, &cmd.vm_uuid, std::slice::from_ref(&target), &ctx.task_id, &ctx.stop).await?;
     if let Ok(mut spec) = app.vm_records.load(&cmd.vm_uuid) {
         vm::freeze::record(app, &mut spec, &frozen).await?;
     }

@@ -1,5 +1,6 @@
 //! The HTTP server (spec §1): sync paths answer inline, async paths are acknowledged with an
-//! empty 200 and answered by callback; `GET /task/<taskuuid>` and `GET /metrics` are ours.
+//! empty 200 and answered by callback; `GET /task/<taskuuid>`, `GET /metrics` and
+//! `GET /recovery` are ours.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -102,6 +103,10 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Resp {
     match *req.method() {
         Method::GET if path == "/metrics" => {
             respond(StatusCode::OK, "text/plain; version=0.0.4", crate::metrics::render())
+        }
+        Method::GET if path == "/recovery" => {
+            let report = app.recovery.get().map(crate::recovery::report_json).unwrap_or(Value::Null);
+            json_resp(StatusCode::OK, &report)
         }
         Method::GET if path.starts_with("/task/") => {
             task_status(&app, path.trim_start_matches("/task/").trim_end_matches('/'))

@@ -388,7 +388,7 @@ async fn copy_into(
 }
 
 /// Whether any process holds `path` open (scans `/proc/*/fd`).
-fn is_open_by_any_process(path: &Path) -> bool {
+pub fn is_open_by_any_process(path: &Path) -> bool {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return false;
     };

@@ -74,37 +74,30 @@ pub struct Intake<'a> {
 }
 
 impl TaskRegistry {
-    /// Opens the journal and loads finished tasks. Tasks the journal shows as still running were
-    /// interrupted by a stop of the agent; they are marked failed and returned so their result
-    /// can be delivered.
+    /// Opens the journal and loads its tasks. Returns, besides the registry, the finished tasks
+    /// whose result was not delivered, and the tasks the journal shows as still running: a
+    /// previous run of the agent was stopped or killed in them. Those stay running here until
+    /// [`crate::recovery`] resumes them or rolls them back and finishes them.
     pub fn open(
         journal: Journal,
         progress_out: Option<mpsc::UnboundedSender<ProgressEvent>>,
-    ) -> std::io::Result<(Arc<Self>, Vec<TaskRecord>)> {
+    ) -> std::io::Result<(Arc<Self>, Vec<TaskRecord>, Vec<TaskRecord>)> {
         let mut entries = HashMap::new();
-        let mut interrupted = Vec::new();
-        for mut record in journal.load_all()? {
+        let (mut undelivered, mut interrupted) = (Vec::new(), Vec::new());
+        for record in journal.load_all()? {
             if record.state == TaskState::Running {
-                record.state = TaskState::Failed;
-                record.finished_ms = Some(now_ms());
-                record.result = Some(crate::api::envelope(&Err(crate::error::AgentError::new(
-                    crate::error::ErrorKind::OperationFailed,
-                    "task interrupted",
-                    format!("the agent stopped while {} was running; check the resources it names and send the command again with a new taskuuid", record.path),
-                ))));
-                record.delivered = record.callback_url.is_none();
-                journal.save(&record)?;
-            }
-            if !record.delivered {
                 interrupted.push(record.clone());
+            } else if !record.delivered {
+                undelivered.push(record.clone());
             }
+            let progress = if record.state == TaskState::Running { 0 } else { 100 };
             entries.insert(
                 record.task_id.clone(),
                 Entry {
                     record,
                     stop: Stop::new(),
                     api_id: None,
-                    progress: 100,
+                    progress,
                     thread_context: Value::Null,
                     thread_context_stack: Value::Null,
                 },
@@ -112,7 +105,18 @@ impl TaskRegistry {
         }
         let registry =
             Arc::new(TaskRegistry { journal, entries: Mutex::new(entries), idle: Notify::new(), progress_out });
-        Ok((registry, interrupted))
+        Ok((registry, undelivered, interrupted))
+    }
+
+    /// The context to run again a task that [`open`](Self::open) found interrupted.
+    pub fn resume(self: &Arc<Self>, task_id: &str) -> Option<TaskCtx> {
+        let (path, stop) = {
+            let map = self.lock();
+            let e = map.get(task_id).filter(|e| e.record.state == TaskState::Running)?;
+            (e.record.path.clone(), e.stop.clone())
+        };
+        let sink: Arc<dyn ProgressSink> = self.clone();
+        Some(TaskCtx::new(task_id, path, None, stop, Some(sink)))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
@@ -320,7 +324,7 @@ mod tests {
     #[tokio::test]
     async fn duplicate_while_running_is_not_started_again_and_after_finish_gets_stored_result() {
         let dir = tempfile::tempdir().unwrap();
-        let (reg, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
+        let (reg, _, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
         let id = "0123456789abcdef0123456789abcdef";
         assert!(matches!(reg.admit(intake(id, b"{}")).await.unwrap(), Admission::Start(_)));
         assert!(matches!(reg.admit(intake(id, b"{}")).await.unwrap(), Admission::AlreadyRunning));
@@ -332,30 +336,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn finished_results_survive_reopen_and_running_ones_become_interrupted() {
+    async fn finished_results_survive_reopen_and_running_ones_are_handed_over() {
         let dir = tempfile::tempdir().unwrap();
         let done = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
         let cut = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
         {
-            let (reg, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
+            let (reg, _, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
             let _ = reg.admit(intake(done, b"{}")).await.unwrap();
             reg.finish(done, TaskState::Succeeded, serde_json::json!({"success": true, "x": 1})).await;
             reg.mark_delivered(done).await;
             let _ = reg.admit(intake(cut, b"{}")).await.unwrap();
         }
-        let (reg, undelivered) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
+        let (reg, undelivered, interrupted) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
         assert_eq!(reg.status(done).unwrap().result.unwrap()["x"], 1);
-        let s = reg.status(cut).unwrap();
-        assert_eq!(s.state, "failed");
-        assert_eq!(s.result.unwrap()["success"], false);
-        assert_eq!(undelivered.len(), 1);
-        assert_eq!(undelivered[0].task_id, cut);
+        assert!(undelivered.is_empty());
+        assert_eq!(interrupted.len(), 1);
+        assert_eq!(interrupted[0].task_id, cut);
+        assert_eq!(reg.status(cut).unwrap().state, "running", "running until recovery decides");
+        assert!(matches!(reg.admit(intake(cut, b"{}")).await.unwrap(), Admission::AlreadyRunning));
+        assert!(reg.resume(cut).is_some() && reg.resume(done).is_none());
+        reg.finish(cut, TaskState::Failed, serde_json::json!({"success": false})).await;
+        let (_, undelivered, interrupted) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
+        assert_eq!((undelivered.len(), interrupted.len()), (1, 0));
     }
 
     #[tokio::test]
     async fn cancel_fires_only_matching_running_tasks() {
         let dir = tempfile::tempdir().unwrap();
-        let (reg, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
+        let (reg, _, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
         let Admission::Start(ctx) = reg.admit(intake("cccccccccccccccccccccccccccccccc", b"{}")).await.unwrap() else {
             panic!()
         };

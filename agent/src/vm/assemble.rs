@@ -96,7 +96,7 @@ pub struct NewVm<'a> {
 /// Makes the volumes, the TPM state and the domain per strategy, records the VM and answers
 /// its inventory. On failure everything made is removed.
 pub async fn make(app: &App, ctx: &TaskCtx, new: NewVm<'_>) -> AgentResult<VmInstanceInventory> {
-    let mut undo = UndoLog::default();
+    let mut undo = UndoLog::journaled(app, &ctx.task_id);
     match build(app, ctx, &new, &mut undo).await {
         Ok(state) => {
             undo.commit();
@@ -120,7 +120,8 @@ async fn build(app: &App, ctx: &TaskCtx, new: &NewVm<'_>, undo: &mut UndoLog) ->
         stop.check("creating the VM")?;
         let dst = &v.install_path;
         let store = volumes::store(app, dst)?;
-        let made = match source {
+        undo.push(store.undo_for(dst)?);
+        match source {
             Source::Image { image, size, provisioning } => {
                 store.make_from_image(image, dst, *size, *provisioning, stop).await
             }
@@ -129,13 +130,15 @@ async fn build(app: &App, ctx: &TaskCtx, new: &NewVm<'_>, undo: &mut UndoLog) ->
             Source::Restore { chain_top } => store.restore(chain_top, dst, stop).await,
         }
         .map_err(|e| e.context(format!("step 'create volume {}' failed", v.volume_uuid)))?;
-        undo.push(made);
         ctx.progress(((i as u32 + 1) * 100 / steps) as u8, "volume created");
     }
     if let Some(from) = tpm_from {
         let dst = super::tpm::state_dir(&app.config.libvirt.swtpm_dir, vm);
+        if dst.exists() {
+            return Err(AgentError::conflict(format!("TPM state {} already exists", dst.display())));
+        }
+        undo.push(UndoStep::RemoveTree { path: dst.clone() });
         super::tpm::copy_state(from, &dst, stop).await.map_err(|e| e.context("step 'copy TPM state' failed"))?;
-        undo.push(UndoStep::RemoveTree { path: dst });
     }
     stop.check("creating the VM")?;
     let state = match strategy {

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use super::assemble::{self, Source};
 use super::capture::{self, capture, Freeze};
 use super::derived;
+use super::undo::{UndoLog, UndoStep};
 use super::volumes::{self, Place};
 use crate::api::inventory::VmInstanceInventory;
 use crate::api::native::{BackupMode, BackupVmCmd, BackupVmRsp, CreateFromBackupCmd, NewVolume};
@@ -94,13 +95,29 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
     let before = spec.clone();
 
     let rbd_snapshot = format!("{RBD_SNAPSHOT_PREFIX}{}", derived::random_uuid());
-    let opts =
-        capture::Options { with_data: true, freeze: Freeze::WhenRunning, rbd_snapshot: &rbd_snapshot, tpm_to: None };
+    let opts = capture::Options {
+        with_data: true,
+        freeze: Freeze::WhenRunning,
+        rbd_snapshot: &rbd_snapshot,
+        tpm_to: None,
+        task_id: &ctx.task_id,
+    };
     let captured = capture(app, &mut spec, opts, &ctx.stop).await?;
-    let written = write_point(app, ctx, &group, &before, point, &captured).await;
-    // The instant is released whatever happened: temporary tops go back into the volumes.
-    super::freeze::thaw(app, &mut spec, &captured.frozen).await;
-    captured.drop_unused_rbd_snapshots(app).await;
+    // The instant is released whatever happens (temporary tops committed back into the volumes,
+    // temporary snapshots dropped), and after a crash too: both logs are journaled.
+    let mut release = UndoLog::journaled(app, &ctx.task_id);
+    if !captured.frozen.is_empty() {
+        release.push(UndoStep::Thaw { vm: before.vm_instance_uuid.clone(), frozen: captured.frozen.clone() });
+    }
+    for (_, snap) in &captured.rbd_snapshots {
+        release.push(UndoStep::RemoveRbdSnapshot { path: snap.clone() });
+    }
+    let mut made = UndoLog::journaled(app, &ctx.task_id);
+    if point == 0 {
+        made.push(UndoStep::RemoveTree { path: group.dir.clone() });
+    }
+    let written = write_point(app, ctx, &group, &before, point, &captured, &mut made).await;
+    release.rollback(app).await;
 
     let result = async {
         let files = written?;
@@ -135,21 +152,14 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
     }
     .await;
     match result {
-        Ok(m) => Ok(BackupVmRsp { group_uuid, group_path: group.dir.display().to_string(), point, manifest: m }),
+        Ok(m) => {
+            made.commit();
+            Ok(BackupVmRsp { group_uuid, group_path: group.dir.display().to_string(), point, manifest: m })
+        }
         Err(e) => {
-            remove_point(&group, &before, point);
+            made.rollback(app).await;
             Err(e)
         }
-    }
-}
-
-/// Removes what a failed backup wrote: the point's files, and a new group's directory.
-fn remove_point(group: &Group, spec: &StartVmCmd, point: usize) {
-    for v in volumes_of(spec) {
-        let _ = std::fs::remove_file(group.path(&backup_group::file_name(&v.volume_uuid, point)));
-    }
-    if point == 0 {
-        let _ = std::fs::remove_dir_all(&group.dir);
     }
 }
 
@@ -161,6 +171,7 @@ async fn write_point(
     spec: &StartVmCmd,
     point: usize,
     captured: &capture::Captured,
+    made: &mut UndoLog,
 ) -> AgentResult<Vec<BackupFile>> {
     let total = volumes_of(spec).count();
     let mut files = Vec::new();
@@ -170,6 +181,7 @@ async fn write_point(
         let relative = backup_group::file_name(&v.volume_uuid, point);
         let dst = group.path(&relative);
         let previous = (point > 0).then(|| format!("{}.qcow2", point - 1));
+        made.push(UndoStep::RemoveFile { path: dst.clone() });
         write_file(app, &from, previous.as_deref(), &dst, &ctx.stop)
             .await
             .map_err(|e| e.context(format!("step 'back up volume {}' failed", v.volume_uuid)))?;

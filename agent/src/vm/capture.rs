@@ -31,6 +31,8 @@ pub struct Options<'a> {
     pub rbd_snapshot: &'a str,
     /// Copy the TPM state here (when the VM has one).
     pub tpm_to: Option<&'a Path>,
+    /// The task capturing, for its journaled undo log.
+    pub task_id: &'a str,
 }
 
 #[derive(Debug, Default)]
@@ -82,7 +84,7 @@ pub async fn capture(app: &App, spec: &mut StartVmCmd, opts: Options<'_>, stop: 
     let taken = async {
         let mut captured = Captured::default();
         if freezing {
-            captured.frozen = freeze(app, spec, opts.with_data, stop).await?;
+            captured.frozen = freeze(app, spec, opts.with_data, opts.task_id, stop).await?;
         }
         captured.rbd_snapshots = volumes::snapshot_rbd(&app.rbd, &rbd_images, opts.rbd_snapshot, stop).await?;
         if let Some(to) = opts.tpm_to.filter(|_| tpm) {

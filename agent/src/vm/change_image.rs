@@ -51,18 +51,20 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
         .await
         .map_err(|e| e.context("reading the image"))?;
 
-    let mut undo = UndoLog::default();
+    let mut undo = UndoLog::journaled(app, &ctx.task_id);
     let result = async {
         let grow = Some(old_size).filter(|s| *s > image_size);
-        let made = volumes::store(app, &new_root)?
-            .make_from_image(&cmd.image_path, &new_root, grow, Provisioning::Thin, &ctx.stop)
-            .await
-            .map_err(|e| e.context("step 'create new root' failed"))?;
+        let store = volumes::store(app, &new_root)?;
+        let made = store.undo_for(&new_root)?;
         spec.root_volume.install_path = match &made {
             UndoStep::RemoveFile { path } => path.display().to_string(),
             _ => new_root.clone(),
         };
         undo.push(made);
+        store
+            .make_from_image(&cmd.image_path, &new_root, grow, Provisioning::Thin, &ctx.stop)
+            .await
+            .map_err(|e| e.context("step 'create new root' failed"))?;
         ctx.stop.check("changing the image")?;
         if spec.root_volume.device_type == "file" {
             spec.root_volume.format = "qcow2".into();

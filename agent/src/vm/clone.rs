@@ -124,6 +124,7 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
         freeze: if cmd.mode == CloneMode::Linked { Freeze::Always } else { Freeze::WhenRunning },
         rbd_snapshot: &rbd_snapshot,
         tpm_to: Some(&staging),
+        task_id: &ctx.task_id,
     };
     let captured =
         capture(app, &mut source, opts, &ctx.stop).await.map_err(|e| e.context("step 'freeze source' failed"))?;

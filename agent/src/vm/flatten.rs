@@ -37,16 +37,17 @@ pub async fn pull_live(
     progress: impl Fn(u8),
 ) -> AgentResult<()> {
     let disk = disk_of(app, vm, path).await?;
+    // Commands on one volume never overlap, so a job already on the disk is the pull of a run
+    // of this agent that was killed: it is re-attached and awaited (and verified like ours).
     if app.libvirt.block_job(vm, &disk).await?.is_some() {
-        return Err(AgentError::conflict(format!(
-            "disk {disk} of VM {vm} already has a block job running; wait for it"
-        )));
+        tracing::warn!(vm, disk = %disk, "re-attaching to the block job already running on the disk");
+    } else {
+        let base_str = base.map(|b| b.display().to_string());
+        app.libvirt
+            .block_pull(vm, &disk, base_str.as_deref())
+            .await
+            .map_err(|e| AgentError::from(e).context(format!("starting the block pull of {disk}")))?;
     }
-    let base_str = base.map(|b| b.display().to_string());
-    app.libvirt
-        .block_pull(vm, &disk, base_str.as_deref())
-        .await
-        .map_err(|e| AgentError::from(e).context(format!("starting the block pull of {disk}")))?;
     loop {
         tokio::select! {
             _ = ctx.stop.stopped() => {

@@ -16,7 +16,7 @@ use crate::stop::Stop;
 use crate::storage::local::Provisioning;
 
 /// One frozen volume.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Frozen {
     pub volume_uuid: String,
@@ -44,7 +44,13 @@ pub struct Target {
 
 /// Freezes the root (and the data volumes when `with_data`) of the VM whose record is `spec`,
 /// with new tops beside the current ones, and updates the record. The caller holds the VM's lock.
-pub async fn freeze(app: &App, spec: &mut StartVmCmd, with_data: bool, stop: &Stop) -> AgentResult<Vec<Frozen>> {
+pub async fn freeze(
+    app: &App,
+    spec: &mut StartVmCmd,
+    with_data: bool,
+    task_id: &str,
+    stop: &Stop,
+) -> AgentResult<Vec<Frozen>> {
     // RBD volumes are not frozen: their snapshots are immutable already.
     let targets: Vec<Target> = volumes_mut(spec)
         .enumerate()
@@ -58,7 +64,7 @@ pub async fn freeze(app: &App, spec: &mut StartVmCmd, with_data: bool, stop: &St
     if targets.is_empty() {
         return Ok(Vec::new());
     }
-    let frozen = freeze_to(app, &spec.vm_instance_uuid.clone(), &targets, stop).await?;
+    let frozen = freeze_to(app, &spec.vm_instance_uuid.clone(), &targets, task_id, stop).await?;
     record(app, spec, &frozen).await?;
     Ok(frozen)
 }
@@ -67,14 +73,20 @@ pub async fn freeze(app: &App, spec: &mut StartVmCmd, with_data: bool, stop: &St
 /// on the current file (one that exists — pre-created by the management node — is reused, as
 /// libvirt's REUSE_EXT); a running VM is switched to the new tops atomically. On failure the
 /// tops this call created are removed and the VM is as before.
-pub async fn freeze_to(app: &App, vm: &str, targets: &[Target], stop: &Stop) -> AgentResult<Vec<Frozen>> {
+pub async fn freeze_to(
+    app: &App,
+    vm: &str,
+    targets: &[Target],
+    task_id: &str,
+    stop: &Stop,
+) -> AgentResult<Vec<Frozen>> {
     if let Some(t) = targets.iter().find(|t| t.current.starts_with("ceph://")) {
         return Err(AgentError::invalid(format!(
             "volume {} is on Ceph; this host freezes file volumes only",
             t.current
         )));
     }
-    let mut undo = UndoLog::default();
+    let mut undo = UndoLog::journaled(app, task_id);
     let result = async {
         let mut frozen = Vec::new();
         for t in targets {
@@ -91,12 +103,11 @@ pub async fn freeze_to(app: &App, vm: &str, targets: &[Target], stop: &Stop) -> 
                     )));
                 }
             } else {
-                let made = app
-                    .storage
+                undo.push(UndoStep::RemoveFile { path: top.clone() });
+                app.storage
                     .create_empty(&t.new_top, 0, Some(&t.current), Provisioning::Thin, CreateOptions::default(), stop)
                     .await
                     .map_err(|e| e.context(format!("creating the new top of volume {}", t.volume_uuid)))?;
-                undo.push(UndoStep::RemoveFile { path: made });
             }
             frozen.push(Frozen { volume_uuid: t.volume_uuid.clone(), snapshot_path: current, install_path: top });
         }

@@ -60,7 +60,8 @@ pub async fn check_against_host(app: &App, cmd: &mut StartVmCmd) -> AgentResult<
 }
 
 /// Defines the domain of `cmd` and, when `start` is set, starts it (paused if the command says
-/// so). The domain is recorded in `undo`, so a later failure of the caller removes it too.
+/// so). The domain is recorded in `undo` (before it is defined: callers have checked that none
+/// exists), so a failure, here or later in the caller, removes it.
 pub async fn define(app: &App, cmd: &StartVmCmd, start: bool, undo: &mut UndoLog) -> AgentResult<StartVmRsp> {
     let vm = &cmd.vm_instance_uuid;
     let xml = domain::render(cmd, &settings(app, vm))?;
@@ -69,8 +70,8 @@ pub async fn define(app: &App, cmd: &StartVmCmd, start: bool, undo: &mut UndoLog
             AgentError::failed("cannot create the console log directory", format!("{}: {e}", dir.display()))
         })?;
     }
-    app.libvirt.define(xml).await.map_err(|e| AgentError::from(e).context(format!("defining domain {vm}")))?;
     undo.push(UndoStep::RemoveDomain { vm: vm.clone() });
+    app.libvirt.define(xml).await.map_err(|e| AgentError::from(e).context(format!("defining domain {vm}")))?;
     if start {
         app.libvirt
             .start(vm, cmd.create_paused)

@@ -76,7 +76,13 @@ pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentR
     }
     let before = spec.clone();
     let rbd_snapshot = format!("{RBD_SNAPSHOT_PREFIX}{group_uuid}");
-    let opts = capture::Options { with_data: true, freeze: Freeze::Always, rbd_snapshot: &rbd_snapshot, tpm_to: None };
+    let opts = capture::Options {
+        with_data: true,
+        freeze: Freeze::Always,
+        rbd_snapshot: &rbd_snapshot,
+        tpm_to: None,
+        task_id: &ctx.task_id,
+    };
     let captured = capture(app, &mut spec, opts, &ctx.stop).await?;
     let mut snapshots = Vec::new();
     for v in std::iter::once(&before.root_volume).chain(&before.data_volumes) {

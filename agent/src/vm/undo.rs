@@ -1,13 +1,19 @@
-//! The undo log of a multi-step operation: each step that makes something records how to
-//! remove it; on failure the log is played backwards, so the operation leaves nothing behind.
+//! The undo log of a multi-step operation: before each step that makes something, the log
+//! records how to remove it; on failure the log is played backwards, so the operation leaves
+//! nothing behind. A journaled log is also written to `state_dir/undo/<task>-<n>.json` at every
+//! step, so that when the agent is killed half-way the next start plays it back (see
+//! [`crate::recovery`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::app::App;
+use crate::atomic_file;
 
 /// One compensation. Plain data, so a log can be written down and replayed after a crash.
+/// Each is recorded before the thing it removes is made, so undoing one that was never made
+/// is a no-op.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
 pub enum UndoStep {
@@ -15,49 +21,127 @@ pub enum UndoStep {
     RemoveFile { path: PathBuf },
     /// Delete an RBD image this operation created.
     RemoveRbdImage { path: String },
-    /// Delete a directory tree this operation created (a clone's TPM state).
+    /// Unprotect and delete an RBD snapshot this operation took, unless a clone depends on it.
+    RemoveRbdSnapshot { path: String },
+    /// Delete a directory tree this operation created (a clone's TPM state, a backup group).
     RemoveTree { path: PathBuf },
     /// Power off and undefine a domain this operation defined, with its TPM state.
     RemoveDomain { vm: String },
+    /// Commit the temporary tops a backup froze back into the VM's volumes.
+    Thaw { vm: String, frozen: Vec<super::freeze::Frozen> },
 }
 
 #[derive(Debug, Default)]
 pub struct UndoLog {
     steps: Vec<UndoStep>,
+    /// Where a journaled log is written.
+    file: Option<PathBuf>,
+}
+
+pub fn undo_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("undo")
 }
 
 impl UndoLog {
+    /// A log that is written down at every step, for task `task_id`.
+    pub fn journaled(app: &App, task_id: &str) -> UndoLog {
+        let name = format!("{task_id}-{}.json", uuid::Uuid::new_v4().simple());
+        UndoLog { steps: Vec::new(), file: Some(undo_dir(&app.config.state_dir).join(name)) }
+    }
+
     pub fn push(&mut self, step: UndoStep) {
         self.steps.push(step);
+        self.write();
+    }
+
+    fn write(&self) {
+        if let Some(f) = &self.file {
+            if let Err(e) = atomic_file::write_json(f, &self.steps) {
+                tracing::error!(file = %f.display(), error = %e, "cannot journal an undo step; a crash now may leave it behind");
+            }
+        }
+    }
+
+    fn forget(&mut self) {
+        self.steps.clear();
+        if let Some(f) = self.file.take() {
+            let _ = std::fs::remove_file(f);
+        }
     }
 
     /// The operation succeeded: nothing is to be undone.
     pub fn commit(mut self) {
-        self.steps.clear();
+        self.forget();
     }
 
     /// Undoes every step, newest first. Failures are logged and the rest still undone.
     pub async fn rollback(mut self, app: &App) {
-        while let Some(step) = self.steps.pop() {
-            if let Err(e) = undo(app, &step).await {
-                tracing::error!(?step, error = %e, "undo step failed; the resource may be left behind");
-            }
-        }
+        replay(app, std::mem::take(&mut self.steps)).await;
+        self.forget();
     }
 }
 
+/// Undoes `steps`, newest first; returns what could not be undone.
+pub async fn replay(app: &App, mut steps: Vec<UndoStep>) -> Vec<String> {
+    let mut failed = Vec::new();
+    while let Some(step) = steps.pop() {
+        if let Err(e) = undo(app, &step).await {
+            tracing::error!(?step, error = %e, "undo step failed; the resource may be left behind");
+            failed.push(e);
+        }
+    }
+    failed
+}
+
+/// A journaled log that a killed agent left: the task it belonged to and its steps.
+pub struct Leftover {
+    pub task_id: String,
+    pub file: PathBuf,
+    pub steps: Vec<UndoStep>,
+}
+
+/// Every journaled log in `state_dir`. Unreadable ones are logged and skipped.
+pub fn leftovers(state_dir: &Path) -> Vec<Leftover> {
+    let Ok(entries) = std::fs::read_dir(undo_dir(state_dir)) else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let file = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(task_id) = name.strip_suffix(".json").and_then(|n| n.split_once('-')).map(|(t, _)| t.to_owned())
+        else {
+            continue;
+        };
+        match atomic_file::read_json::<Vec<UndoStep>>(&file) {
+            Ok(Some(steps)) => out.push(Leftover { task_id, file, steps }),
+            Ok(None) => {}
+            Err(e) => tracing::error!(file = %file.display(), error = %e, "unreadable undo log skipped"),
+        }
+    }
+    out
+}
+
 async fn undo(app: &App, step: &UndoStep) -> Result<(), String> {
+    let stop = crate::stop::Stop::new();
     match step {
+        // A file some process has open (a VM switched to it just before a crash) is in use,
+        // whoever made it: it stays.
+        UndoStep::RemoveFile { path } if crate::storage::local::is_open_by_any_process(path) => {
+            Err(format!("{} is in use; kept", path.display()))
+        }
         UndoStep::RemoveFile { path } => match tokio::fs::remove_file(path).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("removing {}: {e}", path.display())),
             _ => Ok(()),
         },
         UndoStep::RemoveRbdImage { path } => {
             let p = crate::ceph::path::CephPath::parse(path).map_err(|e| e.to_string())?;
-            match app.rbd.remove(&p, &crate::stop::Stop::new()).await {
+            match app.rbd.remove(&p, &stop).await {
                 Err(e) if !e.is_not_found() => Err(e.to_string()),
                 _ => Ok(()),
             }
+        }
+        UndoStep::RemoveRbdSnapshot { path } => {
+            super::volumes::drop_unused_snapshot(&app.rbd, path).await;
+            Ok(())
         }
         UndoStep::RemoveTree { path } => match tokio::fs::remove_dir_all(path).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("removing {}: {e}", path.display())),
@@ -68,7 +152,15 @@ async fn undo(app: &App, step: &UndoStep) -> Result<(), String> {
                 Err(e) if !e.is_no_domain() => return Err(e.to_string()),
                 _ => {}
             }
-            app.libvirt.undefine(vm, true).await.map_err(|e| e.to_string())
+            match app.libvirt.undefine(vm, true).await {
+                Err(e) if !e.is_no_domain() => Err(e.to_string()),
+                _ => Ok(()),
+            }
+        }
+        UndoStep::Thaw { vm, frozen } => {
+            let mut spec = app.vm_records.load(vm).map_err(|e| e.to_string())?;
+            super::freeze::thaw(app, &mut spec, frozen).await;
+            Ok(())
         }
     }
 }

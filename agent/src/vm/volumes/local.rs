@@ -1,6 +1,7 @@
 //! Volumes as qcow2 files under the storage roots.
 
 use super::{mixed, taken, Fut, VolumeStore};
+use crate::error::AgentResult;
 use crate::qemu_img::CreateOptions;
 use crate::stop::Stop;
 use crate::storage::local::{LocalStorage, Provisioning};
@@ -9,6 +10,10 @@ use crate::vm::undo::UndoStep;
 pub struct LocalStore<'a>(pub &'a LocalStorage);
 
 impl VolumeStore for LocalStore<'_> {
+    fn undo_for(&self, dst: &str) -> AgentResult<UndoStep> {
+        Ok(UndoStep::RemoveFile { path: self.0.roots().confine(dst)? })
+    }
+
     fn check_free<'a>(&'a self, path: &'a str, _stop: &'a Stop) -> Fut<'a, ()> {
         Box::pin(async move {
             if self.0.roots().confine(path)?.symlink_metadata().is_ok() {
@@ -29,39 +34,34 @@ impl VolumeStore for LocalStore<'_> {
         size: Option<u64>,
         prov: Provisioning,
         stop: &'a Stop,
-    ) -> Fut<'a, UndoStep> {
+    ) -> Fut<'a, ()> {
         Box::pin(async move {
             if image.starts_with("ceph://") {
                 return Err(mixed(image, dst));
             }
-            let made = self.0.create_from_image(image, dst, size, prov, stop).await?;
-            Ok(UndoStep::RemoveFile { path: made })
+            self.0.create_from_image(image, dst, size, prov, stop).await.map(drop)
         })
     }
 
-    fn make_empty<'a>(&'a self, dst: &'a str, size: u64, prov: Provisioning, stop: &'a Stop) -> Fut<'a, UndoStep> {
-        Box::pin(async move {
-            let made = self.0.create_empty(dst, size, None, prov, CreateOptions::default(), stop).await?;
-            Ok(UndoStep::RemoveFile { path: made })
-        })
+    fn make_empty<'a>(&'a self, dst: &'a str, size: u64, prov: Provisioning, stop: &'a Stop) -> Fut<'a, ()> {
+        Box::pin(
+            async move { self.0.create_empty(dst, size, None, prov, CreateOptions::default(), stop).await.map(drop) },
+        )
     }
 
-    fn clone_volume<'a>(&'a self, src: &'a str, dst: &'a str, linked: bool, stop: &'a Stop) -> Fut<'a, UndoStep> {
+    fn clone_volume<'a>(&'a self, src: &'a str, dst: &'a str, linked: bool, stop: &'a Stop) -> Fut<'a, ()> {
         Box::pin(async move {
-            let made = if linked {
-                self.0.create_empty(dst, 0, Some(src), Provisioning::Thin, CreateOptions::default(), stop).await?
+            if linked {
+                self.0.create_empty(dst, 0, Some(src), Provisioning::Thin, CreateOptions::default(), stop).await?;
             } else {
-                self.0.create_flat_copy(src, dst, stop, |_| {}).await?
-            };
-            Ok(UndoStep::RemoveFile { path: made })
+                self.0.create_flat_copy(src, dst, stop, |_| {}).await?;
+            }
+            Ok(())
         })
     }
 
-    fn restore<'a>(&'a self, chain_top: &'a std::path::Path, dst: &'a str, stop: &'a Stop) -> Fut<'a, UndoStep> {
-        Box::pin(async move {
-            let made = self.0.copy_flat(chain_top, dst, stop, |_| {}).await?;
-            Ok(UndoStep::RemoveFile { path: made })
-        })
+    fn restore<'a>(&'a self, chain_top: &'a std::path::Path, dst: &'a str, stop: &'a Stop) -> Fut<'a, ()> {
+        Box::pin(async move { self.0.copy_flat(chain_top, dst, stop, |_| {}).await.map(drop) })
     }
 
     fn sizes<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, (u64, u64)> {

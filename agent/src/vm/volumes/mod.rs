@@ -24,7 +24,10 @@ pub trait VolumeStore: Send + Sync {
     fn check_free<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, ()>;
     /// Fails unless `image` can be built from (a confined chain, or an existing snapshot).
     fn check_image<'a>(&'a self, image: &'a str, stop: &'a Stop) -> Fut<'a, ()>;
-    /// A new volume at `dst` from `image`, grown to `size`; returns how to undo it.
+    /// How to remove the volume that a make or clone call will put at `dst`: recorded before
+    /// the call, so that a crash in the middle leaves nothing behind either.
+    fn undo_for(&self, dst: &str) -> AgentResult<UndoStep>;
+    /// A new volume at `dst` from `image`, grown to `size`.
     fn make_from_image<'a>(
         &'a self,
         image: &'a str,
@@ -32,15 +35,15 @@ pub trait VolumeStore: Send + Sync {
         size: Option<u64>,
         prov: Provisioning,
         stop: &'a Stop,
-    ) -> Fut<'a, UndoStep>;
-    /// A new empty volume of `size` bytes at `dst`; returns how to undo it.
-    fn make_empty<'a>(&'a self, dst: &'a str, size: u64, prov: Provisioning, stop: &'a Stop) -> Fut<'a, UndoStep>;
+    ) -> Fut<'a, ()>;
+    /// A new empty volume of `size` bytes at `dst`.
+    fn make_empty<'a>(&'a self, dst: &'a str, size: u64, prov: Provisioning, stop: &'a Stop) -> Fut<'a, ()>;
     /// One clone volume at `dst` from `src` (a frozen file, or a protected snapshot): linked or a
-    /// full copy; returns how to undo it.
-    fn clone_volume<'a>(&'a self, src: &'a str, dst: &'a str, linked: bool, stop: &'a Stop) -> Fut<'a, UndoStep>;
+    /// full copy.
+    fn clone_volume<'a>(&'a self, src: &'a str, dst: &'a str, linked: bool, stop: &'a Stop) -> Fut<'a, ()>;
     /// A flat volume at `dst` with the content of `chain_top`: the top of a backup chain that
-    /// the caller has verified (it lies outside the storage roots). Returns how to undo it.
-    fn restore<'a>(&'a self, chain_top: &'a std::path::Path, dst: &'a str, stop: &'a Stop) -> Fut<'a, UndoStep>;
+    /// the caller has verified (it lies outside the storage roots).
+    fn restore<'a>(&'a self, chain_top: &'a std::path::Path, dst: &'a str, stop: &'a Stop) -> Fut<'a, ()>;
     /// `(virtual size, bytes used)`.
     fn sizes<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, (u64, u64)>;
     /// Bytes flattening the volume would add, from allocation metadata only.

@@ -26,7 +26,7 @@ impl RbdStore<'_> {
     /// Clones the protected snapshot `src` to `to`; thick flattens the clone so it stands alone
     /// (`rbd cp` would skip a clone's parent data, `rbd deep cp` would carry the source's
     /// snapshot history). A failed flatten leaves no image.
-    async fn clone_from(&self, src: &CephPath, to: &CephPath, thick: bool, stop: &Stop) -> AgentResult<UndoStep> {
+    async fn clone_from(&self, src: &CephPath, to: &CephPath, thick: bool, stop: &Stop) -> AgentResult<()> {
         self.0.clone(src, to, stop).await?;
         if thick {
             if let Err(e) = flatten_rbd(self.0, to, stop, |_| {}).await {
@@ -34,7 +34,7 @@ impl RbdStore<'_> {
                 return Err(e);
             }
         }
-        Ok(UndoStep::RemoveRbdImage { path: to.to_string() })
+        Ok(())
     }
 
     async fn grow(&self, p: &CephPath, size: u64, stop: &Stop) -> AgentResult<()> {
@@ -52,6 +52,12 @@ impl RbdStore<'_> {
 }
 
 impl VolumeStore for RbdStore<'_> {
+    fn undo_for(&self, dst: &str) -> AgentResult<UndoStep> {
+        let p = CephPath::parse(dst)?;
+        p.require_image()?;
+        Ok(UndoStep::RemoveRbdImage { path: p.to_string() })
+    }
+
     fn check_free<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, ()> {
         Box::pin(async move {
             let p = CephPath::parse(path)?;
@@ -82,7 +88,7 @@ impl VolumeStore for RbdStore<'_> {
         size: Option<u64>,
         prov: Provisioning,
         stop: &'a Stop,
-    ) -> Fut<'a, UndoStep> {
+    ) -> Fut<'a, ()> {
         Box::pin(async move {
             if !image.starts_with("ceph://") {
                 return Err(mixed(image, dst));
@@ -98,36 +104,35 @@ impl VolumeStore for RbdStore<'_> {
             if !protected {
                 self.0.snap_protect(&src, stop).await?;
             }
-            let undo = self.clone_from(&src, &to, prov == Provisioning::Thick, stop).await?;
+            self.clone_from(&src, &to, prov == Provisioning::Thick, stop).await?;
             if let Some(s) = size.filter(|s| *s > 0) {
                 if let Err(e) = self.grow(&to, s, stop).await {
                     let _ = self.0.remove(&to, &Stop::new()).await;
                     return Err(e);
                 }
             }
-            Ok(undo)
+            Ok(())
         })
     }
 
-    fn make_empty<'a>(&'a self, dst: &'a str, size: u64, _prov: Provisioning, stop: &'a Stop) -> Fut<'a, UndoStep> {
+    fn make_empty<'a>(&'a self, dst: &'a str, size: u64, _prov: Provisioning, stop: &'a Stop) -> Fut<'a, ()> {
         Box::pin(async move {
             let p = CephPath::parse(dst)?;
             if size == 0 {
                 return Err(AgentError::invalid("size must be greater than 0"));
             }
-            self.0.create(&p, size, stop).await?;
-            Ok(UndoStep::RemoveRbdImage { path: p.to_string() })
+            self.0.create(&p, size, stop).await.map_err(Into::into)
         })
     }
 
     /// `src` is a snapshot this operation took and protected: cloned directly.
-    fn clone_volume<'a>(&'a self, src: &'a str, dst: &'a str, linked: bool, stop: &'a Stop) -> Fut<'a, UndoStep> {
+    fn clone_volume<'a>(&'a self, src: &'a str, dst: &'a str, linked: bool, stop: &'a Stop) -> Fut<'a, ()> {
         Box::pin(async move { self.clone_from(&CephPath::parse(src)?, &CephPath::parse(dst)?, !linked, stop).await })
     }
 
     /// A new image of the chain's virtual size, written by qemu-img through librbd (data only:
     /// the new image reads as zeros). A failed write leaves no image.
-    fn restore<'a>(&'a self, chain_top: &'a std::path::Path, dst: &'a str, stop: &'a Stop) -> Fut<'a, UndoStep> {
+    fn restore<'a>(&'a self, chain_top: &'a std::path::Path, dst: &'a str, stop: &'a Stop) -> Fut<'a, ()> {
         Box::pin(async move {
             let to = CephPath::parse(dst)?;
             to.require_image()?;
@@ -146,7 +151,7 @@ impl VolumeStore for RbdStore<'_> {
                 let _ = self.0.remove(&to, &Stop::new()).await;
                 return Err(if e.was_stopped() { stop.error("restoring the volume") } else { e.into() });
             }
-            Ok(UndoStep::RemoveRbdImage { path: to.to_string() })
+            Ok(())
         })
     }
 

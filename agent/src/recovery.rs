@@ -1,0 +1,168 @@
+//! What a start of the agent does about the work a previous run left, before it serves:
+//!
+//! - every journaled undo log still on disk belongs to an operation that never finished: it is
+//!   played back, so half-made volumes, images, domains and backup points are removed, and
+//!   temporary tops are committed back;
+//! - each task the journal shows as running is either resumed — flattens, whose libvirt block
+//!   job may still be running and is then re-attached and awaited, or whose offline copy simply
+//!   starts again — or finished as failed with what was rolled back; either way the management
+//!   node gets the final result for that taskuuid;
+//! - the storage and backup roots are searched for the agent's own temporary files (never
+//!   published, so always safe to remove), and libvirt for domains of VMs the agent has no
+//!   record of (reported only: the management node may own them).
+//!
+//! What was found is logged and answered by `GET /recovery`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::api::{self, CommonFields};
+use crate::app::App;
+use crate::error::{AgentError, ErrorKind};
+use crate::http::{routes, runner};
+use crate::tasks::journal::{TaskRecord, TaskState};
+use crate::vm::undo;
+
+/// Paths whose command can simply run again after an interruption: they converge on the same
+/// end state, and re-attach to a block job the interrupted run started.
+const RESUMABLE: &[&str] = &["/vm/flatten", "/vm/volume/mergesnapshot", "/localstorage/snapshot/offlinemerge"];
+
+/// The tasks a previous run left behind (from the task journal).
+#[derive(Debug, Default)]
+pub struct Inherited {
+    /// Finished, but the result never reached its callback.
+    pub undelivered: Vec<TaskRecord>,
+    /// Still running when the agent stopped.
+    pub interrupted: Vec<TaskRecord>,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub resumed: Vec<String>,
+    pub rolled_back: Vec<RolledBack>,
+    /// Temporary files of the agent's that were removed.
+    pub removed: Vec<PathBuf>,
+    /// Domains named as VM uuids that the agent has no record of.
+    pub unknown_domains: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolledBack {
+    pub task_uuid: String,
+    pub path: Option<String>,
+    pub steps_undone: usize,
+    /// Steps that could not be undone (their resources were kept).
+    pub failures: Vec<String>,
+}
+
+/// Runs the recovery; results of resumed tasks arrive later, through the usual runner.
+pub async fn recover(app: &Arc<App>, inherited: Inherited) -> Report {
+    let mut report = Report::default();
+    let leftovers = undo::leftovers(&app.config.state_dir);
+    for l in leftovers {
+        let n = l.steps.len();
+        let failures = undo::replay(app, l.steps).await;
+        let _ = std::fs::remove_file(&l.file);
+        let path = inherited.interrupted.iter().find(|r| r.task_id == l.task_id).map(|r| r.path.clone());
+        tracing::warn!(task = %l.task_id, steps = n, failed = failures.len(), "rolled back an interrupted operation");
+        report.rolled_back.push(RolledBack { task_uuid: l.task_id, path, steps_undone: n, failures });
+    }
+    report.removed = remove_temporaries(app);
+    for record in inherited.interrupted {
+        if RESUMABLE.contains(&record.path.as_str()) && resume(app, &record) {
+            tracing::warn!(task = %record.task_id, path = %record.path, "resuming an interrupted task");
+            report.resumed.push(record.task_id);
+            continue;
+        }
+        let undone: Vec<&RolledBack> = report.rolled_back.iter().filter(|r| r.task_uuid == record.task_id).collect();
+        let steps: usize = undone.iter().map(|r| r.steps_undone).sum();
+        let kept: Vec<&String> = undone.iter().flat_map(|r| &r.failures).collect();
+        let details = format!(
+            "the agent stopped while {} was running; {steps} step(s) of its partial work were rolled back{}; send the command again with a new taskuuid",
+            record.path,
+            if kept.is_empty() { String::new() } else { format!(" and these could not be: {kept:?}") }
+        );
+        let result = api::envelope(&Err(AgentError::new(ErrorKind::OperationFailed, "task interrupted", details)));
+        if let Some(url) = app.tasks.finish(&record.task_id, TaskState::Failed, result.clone()).await {
+            let (app, task) = (app.clone(), record.task_id.clone());
+            tokio::spawn(async move { runner::deliver(&app, &task, &url, &result).await });
+        }
+    }
+    for record in inherited.undelivered {
+        if let (Some(url), Some(result)) = (record.callback_url.clone(), record.result.clone()) {
+            let app = app.clone();
+            tokio::spawn(async move { runner::deliver(&app, &record.task_id, &url, &result).await });
+        }
+    }
+    report.unknown_domains = unknown_domains(app).await;
+    report
+}
+
+/// Runs an interrupted task again under its taskuuid; false when its command cannot be read.
+fn resume(app: &Arc<App>, record: &TaskRecord) -> bool {
+    let (Some(route), Ok(body)) = (routes::find(&record.path), api::parse_body(record.command.as_bytes())) else {
+        return false;
+    };
+    let Some(ctx) = app.tasks.resume(&record.task_id) else { return false };
+    let common: CommonFields = serde_json::from_value(body.clone()).unwrap_or_default();
+    runner::spawn(app.clone(), route, ctx, Ok(body), common);
+    true
+}
+
+/// The agent's temporary files — volumes being built (`.<name>.kvmagent-tmp-<id>`) and TPM
+/// state staged for clones — that a killed run left. Nothing else ever has such names.
+fn remove_temporaries(app: &App) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let roots = app.storage.roots().roots().iter().chain(app.backup_roots.roots());
+    for root in roots {
+        walk(root, 0, &mut |p: &Path| {
+            let temporary = p.file_name().is_some_and(|n| n.to_string_lossy().contains(".kvmagent-tmp-"));
+            if temporary && std::fs::remove_file(p).is_ok() {
+                removed.push(p.to_path_buf());
+            }
+        });
+    }
+    let staging = app.config.state_dir.join("staging");
+    if staging.exists() && std::fs::remove_dir_all(&staging).is_ok() {
+        removed.push(staging);
+    }
+    for p in &removed {
+        tracing::warn!(path = %p.display(), "removed a temporary file an interrupted run left");
+    }
+    removed
+}
+
+/// Calls `f` on every regular file under `dir`, a few levels deep (volumes live at most at
+/// `<root>/<kind>/<account>/<volume>/<file>`), without following symlinks.
+fn walk(dir: &Path, depth: usize, f: &mut impl FnMut(&Path)) {
+    const MAX_DEPTH: usize = 8;
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let Ok(t) = e.file_type() else { continue };
+        if t.is_dir() && depth < MAX_DEPTH {
+            walk(&e.path(), depth + 1, f);
+        } else if t.is_file() {
+            f(&e.path());
+        }
+    }
+}
+
+async fn unknown_domains(app: &App) -> Vec<String> {
+    let Ok((states, _)) = app.libvirt.list_vm_states().await else { return Vec::new() };
+    let unknown: Vec<String> =
+        states.into_iter().map(|(vm, _)| vm).filter(|vm| app.vm_records.load(vm).is_err()).collect();
+    if !unknown.is_empty() {
+        tracing::info!(domains = ?unknown, "domains this agent has no record of (left alone)");
+    }
+    unknown
+}
+
+/// `GET /recovery`: what the last start found.
+pub fn report_json(report: &Report) -> Value {
+    serde_json::to_value(report).unwrap_or(Value::Null)
+}
