@@ -101,10 +101,16 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     tracing::info!(%listen, "kvmagent listening");
 
-    // Before serving: what a previous run left is rolled back or resumed, and its results
-    // are delivered.
-    let report = kvmagent::recovery::recover(&app, inherited).await;
-    let _ = app.recovery.set(report);
+    // What a previous run left is rolled back or resumed, and its results are delivered, while
+    // the agent already answers: undoing can wait on Ceph to time out a killed client's lock.
+    // The interrupted tasks stay running meanwhile, so their resources are not reused.
+    {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let report = kvmagent::recovery::recover(&app, inherited).await;
+            let _ = app.recovery.set(report);
+        });
+    }
     let pruner = {
         let app = app.clone();
         tokio::spawn(async move {

@@ -62,14 +62,21 @@ pub async fn run_with_lines<S: AsRef<OsStr>>(
     mut on_line: impl FnMut(&str),
 ) -> Result<Output, ProcessError> {
     let command = display(program, args);
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| ProcessError::Spawn { program: program.to_owned(), source })?;
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    // A child outliving a killed agent would go on writing what the next start rolls back (a
+    // copy, an RBD clone): it gets SIGKILL when the agent dies. (Children are spawned from the
+    // runtime's worker threads, which live as long as the agent.)
+    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn { program: program.to_owned(), source })?;
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
 

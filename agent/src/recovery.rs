@@ -1,8 +1,8 @@
-//! What a start of the agent does about the work a previous run left, before it serves:
+//! What a start of the agent does about the work a previous run left, as it starts serving:
 //!
-//! - every journaled undo log still on disk belongs to an operation that never finished: it is
-//!   played back, so half-made volumes, images, domains and backup points are removed, and
-//!   temporary tops are committed back;
+//! - every journaled undo log of a task that never recorded its result is played back, so
+//!   half-made volumes, images, domains and backup points are removed, and temporary tops are
+//!   committed back;
 //! - each task the journal shows as running is either resumed — flattens, whose libvirt block
 //!   job may still be running and is then re-attached and awaited, or whose offline copy simply
 //!   starts again — or finished as failed with what was rolled back; either way the management
@@ -65,6 +65,11 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited) -> Report {
     let mut report = Report::default();
     let leftovers = undo::leftovers(&app.config.state_dir);
     for l in leftovers {
+        if !inherited.interrupted.iter().any(|r| r.task_id == l.task_id) {
+            // Its task finished and recorded its result: what it committed stays.
+            let _ = std::fs::remove_file(&l.file);
+            continue;
+        }
         let n = l.steps.len();
         let failures = undo::replay(app, l.steps).await;
         let _ = std::fs::remove_file(&l.file);

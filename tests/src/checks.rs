@@ -11,7 +11,8 @@ pub const LIBVIRT_URI: &str = "qemu:///system";
 fn run(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
     if !out.status.success() {
-        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!("{program} {} failed ({}): {} {}", args.join(" "), out.status, stderr.trim(), stdout.trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -102,7 +103,17 @@ fn qemu_io(path: &Path, cmd: &str) -> Result<()> {
 /// with `byte`, through the VM's own block layer (HMP `qemu-io`): a write the running VM makes,
 /// while its image files are locked against other writers.
 pub fn guest_disk_fill(vm: &str, alias: &str, offset: u64, len: u64, byte: u8) -> Result<()> {
-    let cmd = format!("qemu-io -d /machine/peripheral/{alias}/virtio-backend \"write -P {byte} {offset} {len}\"");
+    guest_qemu_io(vm, alias, &format!("write -P {byte} {offset} {len}"))
+}
+
+/// Flushes disk `alias` of running VM `vm`: QEMU writes out the qcow2 metadata it caches, so
+/// that a reader beside the VM (`qemu-img -U`) sees what the guest sees.
+pub fn guest_disk_flush(vm: &str, alias: &str) -> Result<()> {
+    guest_qemu_io(vm, alias, "flush")
+}
+
+fn guest_qemu_io(vm: &str, alias: &str, command: &str) -> Result<()> {
+    let cmd = format!("qemu-io -d /machine/peripheral/{alias}/virtio-backend \"{command}\"");
     let out = virsh(&["qemu-monitor-command", "--hmp", vm, &cmd])?;
     if out.trim().is_empty() {
         Ok(())

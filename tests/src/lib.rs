@@ -10,6 +10,7 @@ pub mod ceph;
 pub mod checks;
 pub mod guest;
 pub mod images;
+pub mod load;
 pub mod sources;
 
 use std::path::{Path, PathBuf};
@@ -134,6 +135,14 @@ impl Host {
         let mut child = self.child.take().context("agent not running")?;
         sigterm(&child);
         Ok(child.wait()?)
+    }
+
+    /// Kills the agent with SIGKILL (no chance to clean up) and waits for it to be gone.
+    pub fn kill_agent(&mut self) -> Result<()> {
+        let mut child = self.child.take().context("agent not running")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
     }
 
     /// Starts the agent again on the same directories and port.

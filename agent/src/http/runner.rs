@@ -66,7 +66,10 @@ pub fn spawn(app: Arc<App>, route: &'static Route, ctx: TaskCtx, body: AgentResu
             }
             let envelope = api::envelope(&result);
             timer.finish(state.as_str());
-            if let Some(url) = app.tasks.finish(&ctx.task_id, state, envelope.clone()).await {
+            let url = app.tasks.finish(&ctx.task_id, state, envelope.clone()).await;
+            // The result is recorded: what the task committed stays, even if the agent dies now.
+            crate::vm::undo::discard_journal(&app.config.state_dir, &ctx.task_id);
+            if let Some(url) = url {
                 deliver(&app, &ctx.task_id, &url, &envelope).await;
             }
         }

@@ -1,8 +1,10 @@
 //! The undo log of a multi-step operation: before each step that makes something, the log
 //! records how to remove it; on failure the log is played backwards, so the operation leaves
 //! nothing behind. A journaled log is also written to `state_dir/undo/<task>-<n>.json` at every
-//! step, so that when the agent is killed half-way the next start plays it back (see
-//! [`crate::recovery`]).
+//! step. The file outlives a commit: it goes only once the task's result is in the task journal
+//! ([`discard_journal`]), so an agent killed before that — even after the operation itself
+//! completed — plays it back at the next start, and the result it then reports (failed,
+//! rolled back) matches what is on the host (see [`crate::recovery`]).
 
 use std::path::{Path, PathBuf};
 
@@ -69,9 +71,10 @@ impl UndoLog {
         }
     }
 
-    /// The operation succeeded: nothing is to be undone.
+    /// The operation succeeded: nothing is to be undone, once its task's result is recorded.
     pub fn commit(mut self) {
-        self.forget();
+        self.steps.clear();
+        self.file = None;
     }
 
     /// Undoes every step, newest first. Failures are logged and the rest still undone.
@@ -93,6 +96,15 @@ pub async fn replay(app: &App, mut steps: Vec<UndoStep>) -> Vec<String> {
     failed
 }
 
+/// Removes the journaled logs of task `task_id`, whose result is now recorded.
+pub fn discard_journal(state_dir: &Path, task_id: &str) {
+    let Ok(entries) = std::fs::read_dir(undo_dir(state_dir)) else { return };
+    let prefix = format!("{task_id}-");
+    for e in entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&prefix)) {
+        let _ = std::fs::remove_file(e.path());
+    }
+}
+
 /// A journaled log that a killed agent left: the task it belonged to and its steps.
 pub struct Leftover {
     pub task_id: String,
@@ -100,7 +112,8 @@ pub struct Leftover {
     pub steps: Vec<UndoStep>,
 }
 
-/// Every journaled log in `state_dir`. Unreadable ones are logged and skipped.
+/// Every journaled log in `state_dir`. Unreadable ones are logged and skipped; torn writes
+/// are removed.
 pub fn leftovers(state_dir: &Path) -> Vec<Leftover> {
     let Ok(entries) = std::fs::read_dir(undo_dir(state_dir)) else { return Vec::new() };
     let mut out = Vec::new();
@@ -109,6 +122,8 @@ pub fn leftovers(state_dir: &Path) -> Vec<Leftover> {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(task_id) = name.strip_suffix(".json").and_then(|n| n.split_once('-')).map(|(t, _)| t.to_owned())
         else {
+            // A write torn by the kill; the log's previous version is the `.json` beside it.
+            let _ = std::fs::remove_file(&file);
             continue;
         };
         match atomic_file::read_json::<Vec<UndoStep>>(&file) {

@@ -1,0 +1,287 @@
+//! Torture: start an operation (create, clone, change image, flatten offline and live, create on
+//! RBD), SIGKILL the agent at a random moment, start it again, and check that the final result
+//! for that taskuuid is delivered, every volume passes `qemu-img check`, the sources are
+//! bit-identical, and nothing half-made is left: no volume, image, domain or temporary file of
+//! a failed operation, no undo log. `KVMAGENT_TORTURE_COUNT` sets how many rounds (default: one
+//! per kind of operation); `KVMAGENT_TORTURE_KINDS` (comma-separated) picks the kinds;
+//! `KVMAGENT_TORTURE_SEED` replays a run.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kvmagent_host_tests::ceph::{self, agent_config};
+use kvmagent_host_tests::checks::{domstate, file_sha256, guest_disk_flush, qemu_img, qemu_img_info, qemu_io_fill};
+use kvmagent_host_tests::guest::staying_kernel_boot;
+use kvmagent_host_tests::images::{data_volume_path, root_volume_path, BaseImage};
+use kvmagent_host_tests::sources::rbd_spec;
+use kvmagent_host_tests::{uuid, Host};
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+const KINDS: [&str; 6] = ["create", "clone", "changeimage", "flatten-offline", "flatten-live", "rbd-create"];
+
+/// A small deterministic generator (xorshift), so that a seed replays a run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// What one round must find afterwards.
+enum Expect {
+    /// All-or-nothing: on success these files/images and domains exist, on failure none do.
+    AllOrNothing { paths: Vec<String>, domains: Vec<String>, defined: bool },
+    /// Change image: the new root replaced the old one, or the old one is untouched.
+    Replaced { old: PathBuf, new: PathBuf },
+    /// A flatten always ends done (resumed after the kill): the root stands alone and reads as
+    /// `reference` did.
+    Flat { vm: String, root: PathBuf, reference: PathBuf },
+}
+
+struct Setup {
+    base: BaseImage,
+    base_sha: String,
+    image: BaseImage,
+    rbd_image: String,
+    clone_source: String,
+    clone_source_shas: Vec<(PathBuf, String)>,
+}
+
+fn exists(path: &str) -> bool {
+    if path.starts_with("ceph://") {
+        ceph::info(&rbd_spec(path)).is_some()
+    } else {
+        Path::new(path).exists()
+    }
+}
+
+/// A VM with a thin root on the base image and a data volume, defined and stopped (or running).
+async fn vm(h: &Host, s: &Setup, strategy: &str) -> (String, PathBuf) {
+    let vm = uuid();
+    h.track_vm(&vm);
+    let (root_uuid, root) = root_volume_path(h);
+    let (data_uuid, data) = data_volume_path(h);
+    let cmd = json!({
+        "vm": {"vmInstanceUuid": vm, "vmName": "torture", "memory": 128 * MIB, "cpuNum": 1,
+               "kernelBoot": staying_kernel_boot(h, &[0], 2).unwrap()},
+        "rootVolume": {"volumeUuid": root_uuid, "installPath": root, "imagePath": s.base.path},
+        "dataVolumes": [{"volumeUuid": data_uuid, "installPath": data, "size": 16 * MIB}],
+        "strategy": strategy,
+    });
+    h.call_ok("/vm/create", &cmd).await.unwrap();
+    (vm, root)
+}
+
+/// The command of one round, and what to check after it.
+async fn round(h: &Host, s: &Setup, kind: &str) -> (&'static str, Value, Expect) {
+    match kind {
+        "create" => {
+            let vm = uuid();
+            h.track_vm(&vm);
+            let (root_uuid, root) = root_volume_path(h);
+            let (data_uuid, data) = data_volume_path(h);
+            let cmd = json!({
+                "vm": {"vmInstanceUuid": vm, "vmName": "t-create", "memory": 128 * MIB, "cpuNum": 1},
+                "rootVolume": {"volumeUuid": root_uuid, "installPath": root, "imagePath": s.base.path, "provisioning": "thick"},
+                "dataVolumes": [{"volumeUuid": data_uuid, "installPath": data, "size": 64 * MIB, "provisioning": "thick"}],
+                "strategy": "CreateStopped",
+            });
+            let paths = vec![root.display().to_string(), data.display().to_string()];
+            ("/vm/create", cmd, Expect::AllOrNothing { paths, domains: vec![vm], defined: true })
+        }
+        "clone" => {
+            let (mut clones, mut paths, mut domains) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..2 {
+                let (c, (_, root), (_, data)) = (uuid(), root_volume_path(h), data_volume_path(h));
+                h.track_vm(&c);
+                clones.push(json!({"uuid": c, "rootInstallPath": root, "dataInstallPaths": [data]}));
+                paths.extend([root.display().to_string(), data.display().to_string()]);
+                domains.push(c);
+            }
+            let cmd = json!({"vmUuid": s.clone_source, "mode": "copy", "full": true, "strategy": "CreateStopped", "clones": clones});
+            ("/vm/clone", cmd, Expect::AllOrNothing { paths, domains, defined: true })
+        }
+        "changeimage" => {
+            let (vm, root) = vm(h, s, "CreateStopped").await;
+            let (_, new) = root_volume_path(h);
+            let cmd = json!({"vmUuid": vm, "imagePath": s.image.path, "newRootInstallPath": new});
+            ("/vm/changeimage", cmd, Expect::Replaced { old: root, new })
+        }
+        "flatten-offline" | "flatten-live" => {
+            let live = kind == "flatten-live";
+            let (vm, root) = vm(h, s, if live { "InstantStart" } else { "CreateStopped" }).await;
+            let reference = h.path(&format!("reference-{vm}.qcow2"));
+            qemu_img(&["convert", "-U", "-O", "qcow2", root.to_str().unwrap(), reference.to_str().unwrap()]).unwrap();
+            ("/vm/flatten", json!({"vmUuid": vm}), Expect::Flat { vm, root, reference })
+        }
+        _ => {
+            let vm = uuid();
+            h.track_vm(&vm);
+            let root = format!("ceph://rbd/vol-{}", uuid());
+            let img = &s.rbd_image;
+            let cmd = json!({
+                "vm": {"vmInstanceUuid": vm, "vmName": "t-rbd", "memory": 128 * MIB, "cpuNum": 1},
+                "rootVolume": {"volumeUuid": uuid(), "installPath": root, "imagePath": format!("ceph://rbd/{img}@{img}"), "provisioning": "thick"},
+                "ceph": {"monInfo": [{"hostname": "127.0.0.1", "port": 6789}]},
+                "strategy": "JustCreate",
+            });
+            ("/vm/create", cmd, Expect::AllOrNothing { paths: vec![root], domains: vec![vm], defined: false })
+        }
+    }
+}
+
+/// Every file under `dir` (regular files only).
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            out.extend(files(&e.path()));
+        } else if t.is_file() {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+fn check(h: &Host, s: &Setup, result: &Value, expect: &Expect) {
+    let ok = result["success"] == true;
+    match expect {
+        Expect::AllOrNothing { paths, domains, defined } => {
+            for p in paths {
+                assert_eq!(exists(p), ok, "{p} exists exactly when the operation succeeded: {result}");
+                if let (true, false) = (ok, p.starts_with("ceph://")) {
+                    assert!(qemu_img_info(Path::new(p)).unwrap()["backing-filename"].is_null(), "thick: {p}");
+                }
+            }
+            for d in domains {
+                assert_eq!(domstate(d).is_some(), ok && *defined, "domain {d}: {result}");
+            }
+        }
+        Expect::Replaced { old, new } => {
+            assert_eq!(new.exists(), ok, "{result}");
+            assert_eq!(old.exists(), !ok, "the old root goes only once the new one is in place: {result}");
+        }
+        Expect::Flat { vm, root, reference } => {
+            assert!(ok, "an interrupted flatten is resumed to the end: {result}");
+            if domstate(vm).as_deref() == Some("running") {
+                guest_disk_flush(vm, "virtio-disk0").unwrap();
+            }
+            assert!(qemu_img_info(root).unwrap()["backing-filename"].is_null(), "{}", root.display());
+            let same = qemu_img(&["compare", "-U", reference.to_str().unwrap(), root.to_str().unwrap()]).unwrap();
+            assert!(same.contains("identical"), "{same}");
+        }
+    }
+    let all = files(&h.path(""));
+    let temporary: Vec<&PathBuf> = all.iter().filter(|p| p.to_string_lossy().contains(".kvmagent-tmp-")).collect();
+    assert!(temporary.is_empty(), "temporary files left: {temporary:?}");
+    for f in all.iter().filter(|p| p.extension().is_some_and(|e| e == "qcow2")) {
+        qemu_img(&["check", "-U", "-q", f.to_str().unwrap()]).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+    }
+    let undo = h.state_dir.join("undo");
+    assert_eq!(std::fs::read_dir(&undo).map(|d| d.count()).unwrap_or(0), 0, "every undo log was played or dropped");
+    assert_eq!(file_sha256(&s.base.path).unwrap(), s.base_sha, "the base image was not written");
+    for (p, sha) in &s.clone_source_shas {
+        assert_eq!(&file_sha256(p).unwrap(), sha, "the clone source was not written");
+    }
+}
+
+/// `GET /recovery`, once the start-up recovery has finished.
+async fn recovery_report(h: &Host) -> Value {
+    for _ in 0..600 {
+        let report: Value = serde_json::from_str(&h.get("/recovery").await.unwrap().1).unwrap();
+        if !report.is_null() {
+            return report;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("the recovery did not finish within 5 minutes");
+}
+
+#[tokio::test]
+async fn kill_the_agent_at_random_moments() {
+    let mut h = Host::start_with(&agent_config()).await.unwrap();
+    let rounds: usize =
+        std::env::var("KVMAGENT_TORTURE_COUNT").ok().and_then(|n| n.parse().ok()).unwrap_or(KINDS.len());
+    let seed: u64 = std::env::var("KVMAGENT_TORTURE_SEED")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap()) | 1);
+    println!("torture: {rounds} rounds, KVMAGENT_TORTURE_SEED={seed}");
+    let mut rng = Rng(seed);
+
+    // Real data, so that copies and flattens take long enough to be cut in the middle.
+    let base = BaseImage::create(&h, 128 * MIB).unwrap();
+    qemu_io_fill(&base.path, 2 * MIB, 96 * MIB, 0x5a).unwrap();
+    let image = BaseImage::create(&h, 64 * MIB).unwrap();
+    let rbd_image = format!("image-{}", uuid());
+    ceph::rbd(&["create", "--size", "96M", &format!("rbd/{rbd_image}")]).unwrap();
+    let fill = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 7 0 64M", &ceph::qemu_name(&format!("rbd/{rbd_image}"))])
+        .output()
+        .unwrap();
+    assert!(fill.status.success());
+    ceph::rbd(&["snap", "create", &format!("rbd/{rbd_image}@{rbd_image}")]).unwrap();
+    let mut s = Setup {
+        base_sha: file_sha256(&base.path).unwrap(),
+        base,
+        image,
+        rbd_image,
+        clone_source: String::new(),
+        clone_source_shas: Vec::new(),
+    };
+    let (source, _) = vm(&h, &s, "CreateStopped").await;
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(h.state_dir.join(format!("vms/{source}.json"))).unwrap()).unwrap();
+    for v in std::iter::once(&record["rootVolume"]).chain(record["dataVolumes"].as_array().unwrap()) {
+        let p = PathBuf::from(v["installPath"].as_str().unwrap());
+        s.clone_source_shas.push((p.clone(), file_sha256(&p).unwrap()));
+    }
+    s.clone_source = source;
+
+    let (mut before, mut interrupted, mut resumed) = (0, 0, 0);
+    let mut rbd_made = Vec::new();
+    let kinds: Vec<String> = match std::env::var("KVMAGENT_TORTURE_KINDS") {
+        Ok(k) => k.split(',').map(str::to_owned).collect(),
+        Err(_) => KINDS.iter().map(|k| k.to_string()).collect(),
+    };
+    for i in 0..rounds {
+        let kind = kinds[i % kinds.len()].as_str();
+        let (path, cmd, expect) = round(&h, &s, kind).await;
+        let delay = Duration::from_millis(rng.next() % 600);
+        let task = h.send(path, &cmd).await.unwrap();
+        tokio::time::sleep(delay).await;
+        h.kill_agent().unwrap();
+        let finished = h.callbacks.results(&task).is_some();
+        h.restart_agent().unwrap();
+        let result = h.callbacks.wait(&task, Duration::from_secs(300)).await.unwrap();
+        let report = recovery_report(&h).await;
+        if finished {
+            before += 1;
+        } else if report["resumed"].as_array().is_some_and(|r| r.iter().any(|t| t == &json!(task))) {
+            resumed += 1;
+        } else {
+            interrupted += 1;
+        }
+        println!("round {i}: {kind}, killed after {delay:?}: success={}", result["success"]);
+        if std::env::var("KVMAGENT_TORTURE_LOG").is_ok() {
+            println!("{}", h.log());
+        }
+        check(&h, &s, &result, &expect);
+        if let Expect::AllOrNothing { paths, .. } = &expect {
+            rbd_made.extend(paths.iter().filter(|p| p.starts_with("ceph://")).cloned());
+        }
+    }
+    println!(
+        "torture: {rounds} rounds: {before} finished before the kill, {interrupted} killed and rolled back, {resumed} killed and resumed"
+    );
+    for p in rbd_made {
+        ceph::remove_all(&rbd_spec(&p));
+    }
+    ceph::remove_all(&format!("rbd/{}", s.rbd_image));
+}
