@@ -48,6 +48,8 @@ pub struct Report {
     pub removed: Vec<PathBuf>,
     /// Domains named as VM uuids that the agent has no record of.
     pub unknown_domains: Vec<String>,
+    /// Running VMs whose record was made to name the files they really use.
+    pub records_updated: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -105,7 +107,34 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited) -> Report {
         }
     }
     report.unknown_domains = unknown_domains(app).await;
+    report.records_updated = follow_running_vms(app).await;
     report
+}
+
+/// A VM the kill caught between switching to new tops and recording them runs on files its
+/// record does not name; the record follows what the VM really uses (matched by disk serial,
+/// which is the volume uuid). Returns the VMs whose record changed.
+async fn follow_running_vms(app: &App) -> Vec<String> {
+    let Ok((states, _)) = app.libvirt.list_vm_states().await else { return Vec::new() };
+    let mut updated = Vec::new();
+    for (vm, state) in states.into_iter().filter(|(_, s)| s.is_active()) {
+        let (Ok(mut spec), Ok(xml)) = (app.vm_records.load(&vm), app.libvirt.xml(&vm).await) else { continue };
+        let Ok(disks) = crate::domain::live_disks(&xml) else { continue };
+        let mut changed = false;
+        for v in std::iter::once(&mut spec.root_volume).chain(spec.data_volumes.iter_mut()) {
+            let live = disks.iter().find(|d| d.serial.as_deref() == Some(v.volume_uuid.as_str()));
+            if let Some(file) = live.and_then(|d| d.file.clone()).filter(|f| *f != v.install_path) {
+                tracing::warn!(vm = %vm, ?state, volume = %v.volume_uuid, from = %v.install_path, to = %file,
+                    "the VM runs on another file than its record names; the record follows it");
+                v.install_path = file;
+                changed = true;
+            }
+        }
+        if changed && app.vm_records.save(&spec).is_ok() {
+            updated.push(vm);
+        }
+    }
+    updated
 }
 
 /// Runs an interrupted task again under its taskuuid; false when its command cannot be read.

@@ -61,6 +61,8 @@ pub fn device_info(live_xml: &str) -> AgentResult<StartVmRsp> {
 pub struct LiveDisk {
     pub target: String,
     pub file: Option<String>,
+    /// The disk serial: the volume uuid, for disks this agent defined.
+    pub serial: Option<String>,
 }
 
 /// Every `<disk>` of a live domain (disks and CD-ROMs), in document order.
@@ -74,7 +76,8 @@ pub fn live_disks(live_xml: &str) -> AgentResult<Vec<LiveDisk>> {
             let target = d.children().find(|c| c.has_tag_name("target"))?.attribute("dev")?.to_owned();
             let file =
                 d.children().find(|c| c.has_tag_name("source")).and_then(|s| s.attribute("file")).map(str::to_owned);
-            Some(LiveDisk { target, file })
+            let serial = d.children().find(|c| c.has_tag_name("serial")).and_then(|s| s.text()).map(str::to_owned);
+            Some(LiveDisk { target, file, serial })
         })
         .collect())
 }

@@ -103,7 +103,7 @@ pub async fn freeze_to(
                     )));
                 }
             } else {
-                undo.push(UndoStep::RemoveFile { path: top.clone() });
+                undo.push(UndoStep::RemoveTop { vm: vm.to_owned(), top: top.clone(), base: current.clone() });
                 app.storage
                     .create_empty(&t.new_top, 0, Some(&t.current), Provisioning::Thin, CreateOptions::default(), stop)
                     .await
@@ -162,6 +162,25 @@ async fn save_and_redefine(app: &App, spec: &StartVmCmd) -> AgentResult<()> {
     Ok(())
 }
 
+/// Points the volume whose install path is `top` at `base` (the file it froze) again.
+fn repoint(spec: &mut StartVmCmd, top: &Path, base: &Path) -> bool {
+    let mut changed = false;
+    for v in volumes_mut(spec).filter(|v| Path::new(&v.install_path) == top) {
+        v.install_path = base.display().to_string();
+        v.format = crate::qemu_img::sniff_format(base).unwrap_or("qcow2").to_owned();
+        changed = true;
+    }
+    changed
+}
+
+/// Points the VM back at `base` where its record names `top` (a freeze undone).
+pub async fn point_back(app: &App, spec: &mut StartVmCmd, top: &Path, base: &Path) -> AgentResult<()> {
+    if repoint(spec, top, base) {
+        save_and_redefine(app, spec).await?;
+    }
+    Ok(())
+}
+
 /// How long committing a new top back may take before it is given up (the top then stays).
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -180,11 +199,8 @@ pub async fn thaw(app: &App, spec: &mut StartVmCmd, frozen: &[Frozen]) {
                 "cannot commit a temporary top back; the VM keeps running on it"),
         }
     }
-    for v in volumes_mut(spec) {
-        if let Some(z) = thawed.iter().find(|z| Path::new(&v.install_path) == z.install_path) {
-            v.install_path = z.snapshot_path.display().to_string();
-            v.format = crate::qemu_img::sniff_format(&z.snapshot_path).unwrap_or("qcow2").to_owned();
-        }
+    for z in &thawed {
+        repoint(spec, &z.install_path, &z.snapshot_path);
     }
     if let Err(e) = save_and_redefine(app, spec).await {
         tracing::error!(vm = %vm, error = %e, "cannot record the VM after committing its temporary tops back");

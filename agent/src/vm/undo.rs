@@ -29,6 +29,9 @@ pub enum UndoStep {
     RemoveTree { path: PathBuf },
     /// Power off and undefine a domain this operation defined, with its TPM state.
     RemoveDomain { vm: String },
+    /// Remove a new top a freeze made on `base`, pointing the VM's record back at `base` if it
+    /// already names the top (nothing has written to the top while the freeze's task ran).
+    RemoveTop { vm: String, top: PathBuf, base: PathBuf },
     /// Commit the temporary tops a backup froze back into the VM's volumes.
     Thaw { vm: String, frozen: Vec<super::freeze::Frozen> },
 }
@@ -169,6 +172,18 @@ async fn undo(app: &App, step: &UndoStep) -> Result<(), String> {
             }
             match app.libvirt.undefine(vm, true).await {
                 Err(e) if !e.is_no_domain() => Err(e.to_string()),
+                _ => Ok(()),
+            }
+        }
+        UndoStep::RemoveTop { top, .. } if crate::storage::local::is_open_by_any_process(top) => {
+            Err(format!("{} is in use; kept", top.display()))
+        }
+        UndoStep::RemoveTop { vm, top, base } => {
+            if let Ok(mut spec) = app.vm_records.load(vm) {
+                super::freeze::point_back(app, &mut spec, top, base).await.map_err(|e| e.to_string())?;
+            }
+            match tokio::fs::remove_file(top).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("removing {}: {e}", top.display())),
                 _ => Ok(()),
             }
         }
