@@ -18,7 +18,8 @@ use kvmagent_host_tests::{uuid, Host};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
-const KINDS: [&str; 6] = ["create", "clone", "changeimage", "flatten-offline", "flatten-live", "rbd-create"];
+const KINDS: [&str; 8] =
+    ["create", "clone", "changeimage", "flatten-offline", "flatten-live", "rbd-create", "clone-linked", "backup"];
 
 /// A small deterministic generator (xorshift), so that a seed replays a run.
 struct Rng(u64);
@@ -36,8 +37,11 @@ impl Rng {
 enum Expect {
     /// All-or-nothing: on success these files/images and domains exist, on failure none do.
     AllOrNothing { paths: Vec<String>, domains: Vec<String>, defined: bool },
-    /// Change image: the new root replaced the old one, or the old one is untouched.
-    Replaced { old: PathBuf, new: PathBuf },
+    /// Change image: the new root replaced the old one (the agent may have died after the
+    /// switch, and the next start finished it), or the old one is untouched; one of them only.
+    Replaced { vm: String, old: PathBuf, new: PathBuf },
+    /// A backup point is written whole or not at all, and the VM ends on its own files.
+    Backup { vm: String, group: PathBuf, volumes: Vec<String> },
     /// A flatten always ends done (resumed after the kill): the root stands alone and reads as
     /// `reference` did.
     Flat { vm: String, root: PathBuf, reference: PathBuf },
@@ -110,7 +114,25 @@ async fn round(h: &Host, s: &Setup, kind: &str) -> (&'static str, Value, Expect)
             let (vm, root) = vm(h, s, "CreateStopped").await;
             let (_, new) = root_volume_path(h);
             let cmd = json!({"vmUuid": vm, "imagePath": s.image.path, "newRootInstallPath": new});
-            ("/vm/changeimage", cmd, Expect::Replaced { old: root, new })
+            ("/vm/changeimage", cmd, Expect::Replaced { vm, old: root, new })
+        }
+        "clone-linked" => {
+            // A fresh stopped source: the freeze switches its record to new tops.
+            let (source, _) = vm(h, s, "CreateStopped").await;
+            let (c, (_, root), (_, data)) = (uuid(), root_volume_path(h), data_volume_path(h));
+            h.track_vm(&c);
+            let clones = [json!({"uuid": c, "rootInstallPath": root, "dataInstallPaths": [data]})];
+            let cmd = json!({"vmUuid": source, "mode": "linked", "full": true, "strategy": "CreateStopped", "clones": clones});
+            let paths = vec![root.display().to_string(), data.display().to_string()];
+            ("/vm/clone", cmd, Expect::AllOrNothing { paths, domains: vec![c], defined: true })
+        }
+        "backup" => {
+            let (vm, _) = vm(h, s, "InstantStart").await;
+            let record = record(h, &vm);
+            let volumes = volume_paths(&record);
+            let group = uuid();
+            let dir = h.state_dir.parent().unwrap().join("backup").join(&group);
+            ("/vm/backup", json!({"vmUuid": vm, "groupUuid": group}), Expect::Backup { vm, group: dir, volumes })
         }
         "flatten-offline" | "flatten-live" => {
             let live = kind == "flatten-live";
@@ -135,6 +157,16 @@ async fn round(h: &Host, s: &Setup, kind: &str) -> (&'static str, Value, Expect)
     }
 }
 
+fn record(h: &Host, vm: &str) -> Value {
+    serde_json::from_slice(&std::fs::read(h.state_dir.join(format!("vms/{vm}.json"))).unwrap()).unwrap()
+}
+
+/// The install paths a VM record names, root first.
+fn volume_paths(record: &Value) -> Vec<String> {
+    let data = record["dataVolumes"].as_array().cloned().unwrap_or_default();
+    std::iter::once(&record["rootVolume"]).chain(&data).map(|v| v["installPath"].as_str().unwrap().to_owned()).collect()
+}
+
 /// Every file under `dir` (regular files only).
 fn files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -155,17 +187,24 @@ fn check(h: &Host, s: &Setup, result: &Value, expect: &Expect) {
         Expect::AllOrNothing { paths, domains, defined } => {
             for p in paths {
                 assert_eq!(exists(p), ok, "{p} exists exactly when the operation succeeded: {result}");
-                if let (true, false) = (ok, p.starts_with("ceph://")) {
-                    assert!(qemu_img_info(Path::new(p)).unwrap()["backing-filename"].is_null(), "thick: {p}");
-                }
             }
             for d in domains {
                 assert_eq!(domstate(d).is_some(), ok && *defined, "domain {d}: {result}");
             }
         }
-        Expect::Replaced { old, new } => {
-            assert_eq!(new.exists(), ok, "{result}");
-            assert_eq!(old.exists(), !ok, "the old root goes only once the new one is in place: {result}");
+        Expect::Replaced { vm, old, new } => {
+            assert_ne!(old.exists(), new.exists(), "one root only: {result}");
+            assert!(!ok || new.exists(), "{result}");
+            let root = &volume_paths(&record(h, vm))[0];
+            assert!(Path::new(root).exists(), "the VM's record names the root that is there: {root}");
+        }
+        Expect::Backup { vm, group, volumes } => {
+            assert_eq!(group.join("manifest.json").exists(), ok, "{result}");
+            assert_eq!(group.exists(), ok, "a failed backup leaves no group: {result}");
+            let xml = kvmagent_host_tests::checks::dumpxml(vm).unwrap();
+            for v in volumes {
+                assert!(xml.contains(v.as_str()), "the VM is back on {v}: {xml}");
+            }
         }
         Expect::Flat { vm, root, reference } => {
             assert!(ok, "an interrupted flatten is resumed to the end: {result}");
@@ -182,6 +221,13 @@ fn check(h: &Host, s: &Setup, result: &Value, expect: &Expect) {
     assert!(temporary.is_empty(), "temporary files left: {temporary:?}");
     for f in all.iter().filter(|p| p.extension().is_some_and(|e| e == "qcow2")) {
         qemu_img(&["check", "-U", "-q", f.to_str().unwrap()]).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+    }
+    // No VM record names a file that is gone.
+    for e in std::fs::read_dir(h.state_dir.join("vms")).unwrap().flatten() {
+        let rec: Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+        for p in volume_paths(&rec).iter().filter(|p| !p.starts_with("ceph://")) {
+            assert!(Path::new(p).exists(), "the record {} names {p}, which is gone", e.path().display());
+        }
     }
     let undo = h.state_dir.join("undo");
     assert_eq!(std::fs::read_dir(&undo).map(|d| d.count()).unwrap_or(0), 0, "every undo log was played or dropped");

@@ -105,7 +105,6 @@ pub async fn make(app: &App, ctx: &TaskCtx, new: NewVm<'_>) -> AgentResult<VmIns
         }
         Err(e) => {
             undo.rollback(app).await;
-            app.vm_records.remove(&new.spec.vm_instance_uuid);
             Err(e)
         }
     }
@@ -158,6 +157,7 @@ async fn build(app: &App, ctx: &TaskCtx, new: &NewVm<'_>, undo: &mut UndoLog) ->
     };
     // A cancel that arrived during the last step still undoes the whole VM.
     stop.check("creating the VM")?;
+    undo.push(UndoStep::RemoveRecord { vm: vm.clone() });
     app.vm_records.save(spec)?;
     Ok(state)
 }

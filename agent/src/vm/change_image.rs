@@ -60,7 +60,9 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
             UndoStep::RemoveFile { path } => path.display().to_string(),
             _ => new_root.clone(),
         };
-        undo.push(made);
+        // Once the record names the new root, the switch is done: a crash after that keeps it.
+        let path = spec.root_volume.install_path.clone();
+        undo.push(UndoStep::UnlessRecorded { vm: vm.clone(), path, step: Box::new(made) });
         store
             .make_from_image(&cmd.image_path, &new_root, grow, Provisioning::Thin, &ctx.stop)
             .await
@@ -74,7 +76,12 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
             let xml = crate::domain::render(&spec, &super::settings(app, &vm))?;
             app.libvirt.define(xml).await.map_err(|e| AgentError::from(e).context("step 'redefine domain' failed"))?;
         }
-        app.vm_records.save(&spec)
+        app.vm_records.save(&spec)?;
+        // Switched. Should the agent die before the result is recorded, the next start
+        // finishes the job: the old root goes, as it would have below.
+        let old = volumes::store(app, &old_root)?.undo_for(&old_root)?;
+        undo.push(UndoStep::UnlessRecorded { vm: vm.clone(), path: old_root.clone(), step: Box::new(old) });
+        Ok(())
     }
     .await;
     match result {

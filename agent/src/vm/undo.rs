@@ -29,6 +29,11 @@ pub enum UndoStep {
     RemoveTree { path: PathBuf },
     /// Power off and undefine a domain this operation defined, with its TPM state.
     RemoveDomain { vm: String },
+    /// `step`, unless the record of VM `vm` names `path` by then: the operation got past the
+    /// point where the VM was switched to it (a new root in place), so it stays.
+    UnlessRecorded { vm: String, path: String, step: Box<UndoStep> },
+    /// Forget the record of a VM this operation made.
+    RemoveRecord { vm: String },
     /// Remove a new top a freeze made on `base`, pointing the VM's record back at `base` if it
     /// already names the top (nothing has written to the top while the freeze's task ran).
     RemoveTop { vm: String, top: PathBuf, base: PathBuf },
@@ -174,6 +179,20 @@ async fn undo(app: &App, step: &UndoStep) -> Result<(), String> {
                 Err(e) if !e.is_no_domain() => Err(e.to_string()),
                 _ => Ok(()),
             }
+        }
+        UndoStep::UnlessRecorded { vm, path, step } => {
+            let recorded = app.vm_records.load(vm).is_ok_and(|spec| {
+                std::iter::once(&spec.root_volume).chain(&spec.data_volumes).any(|v| &v.install_path == path)
+            });
+            if recorded {
+                Ok(())
+            } else {
+                Box::pin(undo(app, step)).await
+            }
+        }
+        UndoStep::RemoveRecord { vm } => {
+            app.vm_records.remove(vm);
+            Ok(())
         }
         UndoStep::RemoveTop { top, .. } if crate::storage::local::is_open_by_any_process(top) => {
             Err(format!("{} is in use; kept", top.display()))
