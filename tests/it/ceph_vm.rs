@@ -135,9 +135,9 @@ async fn flatten_of_an_rbd_root_while_the_vm_runs() {
     assert_eq!(h.post("/host/connect", &[], connect.to_string()).await.unwrap().0, 200);
     let (img, _) = rbd_image();
     // More parent data than the clone will own, so the flatten has objects to copy.
-    let fill = format!("write -P 7 8M 12M");
+    let fill = "write -P 7 8M 12M";
     let out = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-c", &fill, &qemu_name(&format!("rbd/{img}"))])
+        .args(["-f", "raw", "-c", fill, &qemu_name(&format!("rbd/{img}"))])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -153,9 +153,9 @@ async fn flatten_of_an_rbd_root_while_the_vm_runs() {
         "strategy": "CreateStopped",
     });
     h.call_ok("/vm/create", &cmd).await.unwrap();
-    let own = format!("write -P 9 40M 1M");
+    let own = "write -P 9 40M 1M";
     let out = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-c", &own, &qemu_name(&format!("rbd/{root}"))])
+        .args(["-f", "raw", "-c", own, &qemu_name(&format!("rbd/{root}"))])
         .output()
         .unwrap();
     assert!(out.status.success());

@@ -87,7 +87,7 @@ async fn volume_paths_have_real_effects() {
 
     // Delete: refused while open (inUse), then done, then idempotent.
     let held = std::fs::File::open(&thick).unwrap();
-    let r = h.call(&"/localstorage/delete".to_owned(), &json!({"path": thick})).await.unwrap();
+    let r = h.call("/localstorage/delete", &json!({"path": thick})).await.unwrap();
     assert_eq!((r["success"].as_bool(), r["inUse"].as_bool()), (Some(false), Some(true)), "{r}");
     assert!(thick.exists());
     drop(held);

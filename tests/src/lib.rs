@@ -235,7 +235,7 @@ impl Host {
         if r["success"] != Value::Bool(false) {
             bail!("{path} unexpectedly succeeded: {r}");
         }
-        if r["error"].as_str().map_or(true, str::is_empty) || r["errorCode"]["code"].as_str().is_none() {
+        if r["error"].as_str().is_none_or(str::is_empty) || r["errorCode"]["code"].as_str().is_none() {
             bail!("{path} failure lacks error/errorCode: {r}");
         }
         Ok(r["error"].as_str().unwrap_or_default().to_owned())

@@ -130,10 +130,9 @@ impl LocalStorage {
     pub fn capacity(&self, path: Option<&Path>) -> Capacity {
         let target = path.and_then(|p| p.ancestors().find(|a| a.exists())).unwrap_or_else(|| &self.roots.roots()[0]);
         match nix::sys::statvfs::statvfs(target) {
-            Ok(s) => Capacity {
-                total: s.blocks() as u64 * s.fragment_size() as u64,
-                available: s.blocks_available() as u64 * s.fragment_size() as u64,
-            },
+            Ok(s) => {
+                Capacity { total: s.blocks() * s.fragment_size(), available: s.blocks_available() * s.fragment_size() }
+            }
             Err(_) => Capacity::default(),
         }
     }

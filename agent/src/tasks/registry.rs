@@ -175,9 +175,7 @@ impl TaskRegistry {
     pub async fn finish(&self, task_id: &str, state: TaskState, result: Value) -> Option<String> {
         let (record, running_left) = {
             let mut map = self.lock();
-            let Some(e) = map.get_mut(task_id) else {
-                return None;
-            };
+            let e = map.get_mut(task_id)?;
             e.record.state = state;
             e.record.result = Some(result);
             e.record.finished_ms = Some(now_ms());
