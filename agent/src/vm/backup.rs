@@ -31,10 +31,6 @@ use crate::tasks::TaskCtx;
 /// Names of the temporary RBD snapshots a backup reads from.
 const RBD_SNAPSHOT_PREFIX: &str = "kvmagent-backup-";
 
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 fn volumes_of(spec: &StartVmCmd) -> impl Iterator<Item = &VolumeTo> {
     std::iter::once(&spec.root_volume).chain(&spec.data_volumes)
 }
@@ -129,7 +125,12 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
             volumes: Vec::new(),
         });
         let kind = if point == 0 { PointKind::Full } else { PointKind::Incremental };
-        m.points.push(Point { index: point, kind, taken_at: now(), vm: before.clone() });
+        m.points.push(Point {
+            index: point,
+            kind,
+            taken_at: crate::tasks::journal::now_ms() / 1000,
+            vm: before.clone(),
+        });
         for (v, file) in volumes_of(&before).zip(files) {
             let entry = match m.volumes.iter_mut().find(|b| b.volume_uuid == v.volume_uuid) {
                 Some(e) => e,

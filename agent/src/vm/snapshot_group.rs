@@ -59,10 +59,6 @@ impl Groups {
     }
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 /// `/vm/volumes/takesnapshot`.
 pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentResult<SnapshotGroup> {
     let groups = Groups::of(app);
@@ -100,7 +96,7 @@ pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentR
         group_uuid,
         vm_uuid: before.vm_instance_uuid.clone(),
         name: cmd.name,
-        created_at: now(),
+        created_at: crate::tasks::journal::now_ms() / 1000,
         vm: before,
         snapshots,
     };
