@@ -16,6 +16,7 @@ pub mod http;
 pub mod libvirt;
 pub mod locks;
 pub mod metrics;
+pub mod notify;
 pub mod process;
 pub mod qemu_img;
 pub mod recovery;

@@ -10,6 +10,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use kvmagent::app::App;
 use kvmagent::config::Config;
 use kvmagent::http::server;
+use kvmagent::notify::Notifier;
 
 /// A per-host KVM agent: serves a ZStack-compatible command API over HTTP and carries the
 /// commands out with libvirt, QEMU and qemu-img.
@@ -121,16 +122,33 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         })
     };
 
+    let notifier = std::sync::Arc::new(Notifier::from_env());
+    notifier.notify(&format!("READY=1\nSTATUS=serving on {listen}"));
+    let watchdog = notifier.watchdog_interval().map(|every| {
+        let notifier = notifier.clone();
+        tokio::spawn(async move {
+            loop {
+                notifier.notify("WATCHDOG=1");
+                tokio::time::sleep(every).await;
+            }
+        })
+    });
+
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let stopping = notifier.clone();
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received"),
             _ = int.recv() => tracing::info!("SIGINT received"),
         }
+        stopping.notify("STOPPING=1\nSTATUS=stopping: running tasks wind down");
     };
     server::serve(app, listener, shutdown).await;
     pruner.abort();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     tracing::info!("kvmagent stopped");
     Ok(())
 }

@@ -40,5 +40,5 @@ apt-get install "${apt_opts[@]}" \
     qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports \
     qemu-system-data/bookworm-backports seabios/bookworm-backports \
     qemu-utils/bookworm-backports \
-    busybox-static
+    busybox-static systemd
 echo "install-deps: done"
