@@ -91,6 +91,32 @@ impl App {
         Ok((Arc::new(app), Inherited { undelivered, interrupted }))
     }
 
+    /// Whether results and progress may be posted to `url`: its host must be one of
+    /// `server.management_hosts` or the management node learned at `/host/connect`. When
+    /// neither names one (a fresh agent, no config), any host is, as with ZStack's agent.
+    pub fn callback_allowed(&self, url: &str) -> Result<(), String> {
+        let host_of = |u: &str| u.parse::<http::Uri>().ok()?.host().map(str::to_ascii_lowercase);
+        let learned = self.identity.get().send_command_url.as_deref().and_then(host_of);
+        let allowed: Vec<String> =
+            self.config.server.management_hosts.iter().map(|h| h.to_ascii_lowercase()).chain(learned).collect();
+        if allowed.is_empty() {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!("no management node is known yet (server.management_hosts, /host/connect): callbacks may go to any host")
+            });
+            return Ok(());
+        }
+        let host = host_of(url).ok_or_else(|| format!("{url} names no host"))?;
+        if allowed.contains(&host) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{host} is not a management node of this agent; results go only to server.management_hosts {:?} or the node /host/connect named",
+                self.config.server.management_hosts
+            ))
+        }
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
     }

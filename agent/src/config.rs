@@ -28,6 +28,28 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// On SIGTERM, how long running tasks get to finish before the agent exits anyway.
     pub shutdown_grace_secs: u64,
+    /// A shared secret every request must carry (`Authorization: Bearer <token>` or
+    /// `X-Kvmagent-Token: <token>`). None by default: ZStack's management node sends none.
+    pub token: Option<String>,
+    /// The token, read from this file (trimmed) at start; instead of `token`.
+    pub token_file: Option<PathBuf>,
+    /// TLS on the control port; plain HTTP without it.
+    pub tls: Option<TlsConfig>,
+    /// Hosts (names or addresses) results and progress may be posted to. Together with the
+    /// management node learned at `/host/connect`; when both are empty, any host (ZStack's way).
+    pub management_hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the agent.
+    pub cert: PathBuf,
+    /// PEM private key of the agent.
+    pub key: PathBuf,
+    /// PEM CA certificates; when given, a client must present a certificate signed by one.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -121,7 +143,14 @@ impl Default for Config {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: "0.0.0.0:7070".parse().expect("literal address"), shutdown_grace_secs: 30 }
+        ServerConfig {
+            listen: "0.0.0.0:7070".parse().expect("literal address"),
+            shutdown_grace_secs: 30,
+            token: None,
+            token_file: None,
+            tls: None,
+            management_hosts: Vec::new(),
+        }
     }
 }
 
@@ -166,9 +195,18 @@ impl Config {
         };
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let config: Config =
+        let mut config: Config =
             toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
-        config.validate().map_err(|problem| ConfigError::Invalid { path: path.to_owned(), problem })?;
+        let invalid = |problem| ConfigError::Invalid { path: path.to_owned(), problem };
+        config.validate().map_err(invalid)?;
+        if let Some(file) = &config.server.token_file {
+            let token = std::fs::read_to_string(file)
+                .map_err(|e| invalid(format!("server.token_file {}: {e}", file.display())))?;
+            config.server.token = Some(token.trim().to_owned()).filter(|t| !t.is_empty());
+            if config.server.token.is_none() {
+                return Err(invalid(format!("server.token_file {} is empty", file.display())));
+            }
+        }
         Ok(config)
     }
 
@@ -184,6 +222,12 @@ impl Config {
         }
         if !(1..=64).contains(&self.clone.parallelism) {
             return Err(format!("clone.parallelism must be 1 to 64, not {}", self.clone.parallelism));
+        }
+        if self.server.token.is_some() && self.server.token_file.is_some() {
+            return Err("give server.token or server.token_file, not both".into());
+        }
+        if self.server.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err("server.token is empty".into());
         }
         if !self.state_dir.is_absolute() {
             return Err("state_dir must be an absolute path".into());
@@ -208,6 +252,21 @@ mod tests {
     fn unknown_key_is_refused() {
         let err = toml::from_str::<Config>("[server]\nlisten_port = 1\n").unwrap_err();
         assert!(err.to_string().contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn token_and_token_file_exclude_each_other() {
+        let c: Config = toml::from_str("[server]\ntoken = \"a\"\ntoken_file = \"/t\"\n").unwrap();
+        assert!(c.validate().unwrap_err().contains("not both"));
+        let dir = tempfile::tempdir().unwrap();
+        let (conf, token) = (dir.path().join("c.toml"), dir.path().join("token"));
+        std::fs::write(&token, "  s3cret\n").unwrap();
+        std::fs::write(&conf, format!("[server]\ntoken_file = \"{}\"\n", token.display())).unwrap();
+        assert_eq!(Config::load(Some(&conf)).unwrap().server.token.as_deref(), Some("s3cret"));
+        std::fs::write(&token, "\n").unwrap();
+        assert!(Config::load(Some(&conf)).unwrap_err().to_string().contains("empty"));
+        std::fs::write(&conf, "[server.tls]\ncert = \"/c\"\n").unwrap();
+        assert!(Config::load(Some(&conf)).unwrap_err().to_string().contains("key"));
     }
 
     #[test]

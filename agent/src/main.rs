@@ -63,7 +63,10 @@ fn main() -> ExitCode {
             }
         }
         Command::ShowConfig { config } => match Config::load(config.as_deref()) {
-            Ok(c) => {
+            Ok(mut c) => {
+                if c.server.token.is_some() {
+                    c.server.token = Some("<redacted>".into());
+                }
                 println!("{c:#?}");
                 ExitCode::SUCCESS
             }
@@ -97,6 +100,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     let listen = config.server.listen;
     let retention = Duration::from_secs(config.tasks.retention_secs);
+    let tls = config.server.tls.as_ref().map(kvmagent::http::tls::acceptor).transpose()?;
     let (app, inherited) = App::new(config)?;
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -144,7 +148,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         }
         stopping.notify("STOPPING=1\nSTATUS=stopping: running tasks wind down");
     };
-    server::serve(app, listener, shutdown).await;
+    server::serve(app, listener, tls, shutdown).await;
     pruner.abort();
     if let Some(w) = watchdog {
         w.abort();

@@ -70,9 +70,9 @@ pub struct Host {
 }
 
 /// The agent config used by the tests: TCG domains, everything under one temp dir.
-fn config_text(root: &Path, state: &Path, port: u16, extra: &str) -> String {
+fn config_text(root: &Path, state: &Path, port: u16, server_extra: &str, extra: &str) -> String {
     format!(
-        "state_dir = \"{}\"\n[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_secs = 10\n[storage]\nroots = [\"{}\"]\n[backup]\nroots = [\"{}/backup\"]\n[libvirt]\ndomain_type = \"qemu\"\n{extra}",
+        "state_dir = \"{}\"\n[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_secs = 10\n{server_extra}\n[storage]\nroots = [\"{}\"]\n[backup]\nroots = [\"{}/backup\"]\n[libvirt]\ndomain_type = \"qemu\"\n{extra}",
         state.display(),
         root.display(),
         state.parent().unwrap_or(state).display()
@@ -92,6 +92,12 @@ impl Host {
 
     /// Like [`start_with`](Self::start_with), with extra environment for the agent process.
     pub async fn start_with_env(extra_config: &str, env: &[(&str, &str)]) -> Result<Host> {
+        Self::start_configured("", extra_config, env).await
+    }
+
+    /// The general form: `server_extra` goes into the `[server]` table, `extra_config` after
+    /// the other tables, `env` into the agent's environment.
+    pub async fn start_configured(server_extra: &str, extra_config: &str, env: &[(&str, &str)]) -> Result<Host> {
         checks::require_libvirtd()?;
         let dir = tempfile::Builder::new().prefix("kvmagent-test-").tempdir_in(test_tmp())?;
         let root = dir.path().join("local");
@@ -100,7 +106,7 @@ impl Host {
         let callbacks = Callbacks::start().await?;
         let port = free_port()?;
         let config = dir.path().join("kvmagent.toml");
-        std::fs::write(&config, config_text(&root, &state_dir, port, extra_config))?;
+        std::fs::write(&config, config_text(&root, &state_dir, port, server_extra, extra_config))?;
         let mut host = Host {
             dir,
             root,

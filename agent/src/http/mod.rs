@@ -5,3 +5,4 @@ pub mod progress;
 pub mod routes;
 pub mod runner;
 pub mod server;
+pub mod tls;

@@ -13,9 +13,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use super::routes::{self, Style};
 use super::{client, runner};
@@ -60,8 +61,9 @@ fn is_task_id(s: &str) -> bool {
 }
 
 /// Serves until `shutdown` resolves, then refuses new async work (503), stops running tasks
-/// and gives them the configured grace period, and closes connections.
-pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+/// and gives them the configured grace period, and closes connections. With `tls`, every
+/// connection is a TLS one (a failed handshake just ends it).
+pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsAcceptor>, shutdown: impl Future<Output = ()>) {
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -75,15 +77,19 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
                         continue;
                     }
                 };
-                let app = app.clone();
-                let service = service_fn(move |req| {
-                    let app = app.clone();
-                    async move { Ok::<_, Infallible>(handle(app, req).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
+                let (app, watcher, tls) = (app.clone(), graceful.watcher(), tls.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let served = match tls {
+                        None => connection(app, stream, watcher).await,
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => connection(app, stream, watcher).await,
+                            Err(e) => {
+                                tracing::info!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                        },
+                    };
+                    if let Err(e) = served {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 });
@@ -98,8 +104,38 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
     let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
 }
 
+/// Serves one HTTP/1 connection over `stream` (plain TCP or TLS).
+async fn connection<S>(app: Arc<App>, stream: S, watcher: Watcher) -> Result<(), hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let app = app.clone();
+        async move { Ok::<_, Infallible>(handle(app, req).await) }
+    });
+    watcher.watch(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service)).await
+}
+
+/// Whether the request carries the configured token (compared in constant time).
+fn authorized(app: &App, headers: &HeaderMap) -> bool {
+    let Some(token) = app.config.server.token.as_deref() else { return true };
+    let given = header(headers, "authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| header(headers, "x-kvmagent-token"))
+        .unwrap_or_default();
+    given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> Resp {
     let path = req.uri().path().to_owned();
+    if !authorized(&app, req.headers()) {
+        let e = AgentError::new(
+            crate::error::ErrorKind::InvalidArgument,
+            "not authorized",
+            "this agent requires its token: send Authorization: Bearer <token>",
+        );
+        return json_resp(StatusCode::UNAUTHORIZED, &api::envelope(&Err(e)));
+    }
     match *req.method() {
         Method::GET if path == "/metrics" => {
             respond(StatusCode::OK, "text/plain; version=0.0.4", crate::metrics::render())
@@ -148,6 +184,9 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str) -> Resp {
     let callback_url = header(&headers, "callbackurl").map(str::to_owned);
     if let Some(url) = &callback_url {
         if let Err(e) = client::parse_url(url) {
+            return refuse(StatusCode::BAD_REQUEST, format!("callbackurl: {e}"));
+        }
+        if let Err(e) = app.callback_allowed(url) {
             return refuse(StatusCode::BAD_REQUEST, format!("callbackurl: {e}"));
         }
     }

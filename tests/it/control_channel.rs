@@ -1,0 +1,178 @@
+//! The control channel: a shared token, TLS with client certificates, and results posted only
+//! to the management nodes the agent knows.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use kvmagent_host_tests::{uuid, Host};
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+
+/// Posts an async `createempty` of a new volume; returns the HTTP status and the volume path.
+async fn create_volume(h: &Host, auth: &[(&str, &str)], task: &str) -> (u16, std::path::PathBuf) {
+    let path = h.path(&format!("dataVolumes/acct-test/vol-{task}/{task}.qcow2"));
+    let cb = h.callbacks.url();
+    let mut headers = vec![("taskuuid", task), ("callbackurl", cb.as_str())];
+    headers.extend_from_slice(auth);
+    let body = json!({"installUrl": path, "size": MIB}).to_string();
+    let (status, _) = h.post("/localstorage/volume/createempty", &headers, body).await.unwrap();
+    (status, path)
+}
+
+#[tokio::test]
+async fn without_the_token_nothing_is_done() {
+    let h = Host::start_configured("token = \"s3cret-token\"", "", &[]).await.unwrap();
+    for auth in [vec![], vec![("Authorization", "Bearer wrong-token!")], vec![("X-Kvmagent-Token", "s3cret-toke")]] {
+        let task = uuid();
+        let (status, path) = create_volume(&h, &auth, &task).await;
+        assert_eq!(status, 401, "{auth:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!path.exists() && h.callbacks.results(&task).is_none(), "a refused command does nothing: {auth:?}");
+    }
+    let (status, body) = h.get("/metrics").await.unwrap();
+    assert_eq!(status, 401, "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["errorCode"]["description"], "not authorized");
+
+    let task = uuid();
+    let (status, path) = create_volume(&h, &[("Authorization", "Bearer s3cret-token")], &task).await;
+    assert_eq!(status, 200);
+    let r = h.callbacks.wait(&task, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r["success"], true, "{r}");
+    assert!(path.exists());
+    let (status, _) = h.post("/host/echo", &[("X-Kvmagent-Token", "s3cret-token")], "").await.unwrap();
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn results_go_only_to_known_management_nodes() {
+    let h = Host::start_configured("management_hosts = [\"mn.example.org\"]", "", &[]).await.unwrap();
+    let task = uuid();
+    let (status, path) = create_volume(&h, &[], &task).await;
+    assert_eq!(status, 400, "a callback to 127.0.0.1 is not to a management node");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!path.exists(), "the refused command did nothing");
+
+    // /host/connect names the management node: from now on its host is allowed too.
+    let connect = json!({"hostUuid": "h1", "sendCommandUrl": h.callbacks.send_command_url()});
+    assert_eq!(h.post("/host/connect", &[], connect.to_string()).await.unwrap().0, 200);
+    let task = uuid();
+    let (status, path) = create_volume(&h, &[], &task).await;
+    assert_eq!(status, 200);
+    assert_eq!(h.callbacks.wait(&task, Duration::from_secs(30)).await.unwrap()["success"], true);
+    assert!(path.exists());
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CA (`<ca>.pem`, `<ca>.key`) and a certificate `<name>.pem`/`<name>.key` it signed.
+fn certificate(dir: &Path, ca: &str, name: &str, ext: &str) {
+    if !dir.join(format!("{ca}.pem")).exists() {
+        let subj = format!("/CN={ca}");
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+                "-days",
+                "1",
+                "-subj",
+                &subj,
+            ],
+        );
+    }
+    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "1",
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    );
+}
+
+/// `curl` POST of `/host/echo` over TLS, as the client `client` (none: no certificate).
+fn echo(dir: &Path, port: u16, client: Option<&str>) -> Result<String, String> {
+    let url = format!("https://127.0.0.1:{port}/host/echo");
+    let mut args = vec![
+        "-sS".to_owned(),
+        "-X".into(),
+        "POST".into(),
+        "-o".into(),
+        "/dev/null".into(),
+        "-w".into(),
+        "%{http_code}".into(),
+        "--cacert".into(),
+        "ca.pem".into(),
+    ];
+    if let Some(c) = client {
+        args.extend(["--cert".into(), format!("{c}.pem"), "--key".into(), format!("{c}.key")]);
+    }
+    args.push(url);
+    let out = Command::new("curl").args(&args).current_dir(dir).output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn tls_with_client_certificates() {
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    certificate(d, "ca", "server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n");
+    certificate(d, "ca", "mn", "extendedKeyUsage=clientAuth\n");
+    certificate(d, "other-ca", "stranger", "extendedKeyUsage=clientAuth\n");
+    let tls = format!(
+        "[server.tls]\ncert = \"{0}/server.pem\"\nkey = \"{0}/server.key\"\nclient_ca = \"{0}/ca.pem\"\n",
+        d.display()
+    );
+    // The table goes after [server]'s keys: it is the last thing of the [server] part.
+    let h = Host::start_configured(&tls, "", &[]).await.unwrap();
+    assert_eq!(echo(d, h.port, Some("mn")).as_deref(), Ok("200"), "a management node with a CA-signed certificate");
+    assert!(echo(d, h.port, None).is_err(), "no client certificate: the handshake fails");
+    assert!(echo(d, h.port, Some("stranger")).is_err(), "a certificate from another CA is refused");
+    let plain = h.post("/host/echo", &[], "").await;
+    assert!(plain.is_err() || plain.unwrap().0 != 200, "plain HTTP is not served");
+}
