@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what kvmagent drives on a Debian 12 host: libvirt 9 (bookworm), QEMU + qemu-img from
 # bookworm-backports (qemu-utils 10 breaks bookworm's QEMU 7.2, so both come from backports),
-# swtpm, and the build dependencies of the `virt` crate. Idempotent; safe to run again.
+# swtpm, the build dependencies of the `virt` crate, and what the tests use besides (openssl and
+# curl for TLS, systemd-analyze for the unit file). Idempotent; safe to run again.
 set -euo pipefail
 
 [ "$(id -u)" = 0 ] || { echo "install-deps.sh: run as root" >&2; exit 1; }
 
 need=()
-for bin in libvirtd virsh qemu-system-x86_64 qemu-img swtpm pkg-config; do
+for bin in libvirtd virsh qemu-system-x86_64 qemu-img swtpm pkg-config systemd-analyze openssl curl busybox; do
     command -v "$bin" >/dev/null 2>&1 || need+=("$bin")
 done
 pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev)
@@ -40,5 +41,5 @@ apt-get install "${apt_opts[@]}" \
     qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports \
     qemu-system-data/bookworm-backports seabios/bookworm-backports \
     qemu-utils/bookworm-backports \
-    busybox-static systemd
+    busybox-static systemd openssl curl
 echo "install-deps: done"
