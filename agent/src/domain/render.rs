@@ -324,8 +324,16 @@ pub fn render(cmd: &StartVmCmd, settings: &DomainSettings) -> AgentResult<String
                 }
             }),
         };
-    TEMPLATES
+    let xml = TEMPLATES
         .get_template("domain.xml")
         .and_then(|t| t.render(&view))
-        .map_err(|e| AgentError::internal(format!("rendering the domain XML of {}: {e}", cmd.vm_instance_uuid)))
+        .map_err(|e| AgentError::internal(format!("rendering the domain XML of {}: {e}", cmd.vm_instance_uuid)))?;
+    // Whatever validation missed, XML cannot carry control characters: never hand libvirt one.
+    if let Some(c) = xml.chars().find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
+        return Err(AgentError::invalid(format!(
+            "a value of VM {} contains the control character U+{:04X}, which a domain definition cannot carry",
+            cmd.vm_instance_uuid, c as u32
+        )));
+    }
+    Ok(xml)
 }

@@ -66,6 +66,8 @@ pub fn validate(cmd: &StartVmCmd) -> AgentResult<()> {
         ("systemSerialNumber", &cmd.system_serial_number),
         ("chassisAssetTag", &cmd.chassis_asset_tag),
         ("consolePassword", &cmd.console_password),
+        ("clock", &cmd.clock),
+        ("imagePlatform", &cmd.image_platform),
     ] {
         xml_safe(f, v)?;
     }
@@ -80,6 +82,10 @@ pub fn validate(cmd: &StartVmCmd) -> AgentResult<()> {
     }
     if !matches!(cmd.machine_type.as_str(), "" | "pc" | "q35") {
         return Err(invalid(format!("machineType {:?} is not supported (pc or q35)", cmd.machine_type)));
+    }
+    const VIDEO: &[&str] = &["", "vga", "cirrus", "qxl", "virtio", "vmvga", "bochs", "ramfb", "none"];
+    if !VIDEO.contains(&cmd.video_type.as_str()) {
+        return Err(invalid(format!("videoType {:?} is not one of {:?}", cmd.video_type, &VIDEO[1..])));
     }
     if !matches!(cmd.boot_mode.as_str(), "" | "Legacy") {
         return Err(invalid(format!("bootMode {:?} is not supported by this agent yet (Legacy only)", cmd.boot_mode)));

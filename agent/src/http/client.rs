@@ -37,8 +37,16 @@ impl PostError {
     }
 }
 
-/// Checks that `url` is an absolute `http://host[:port]/...` URL.
+/// Callback URLs longer than this are refused: no management node needs one, and the agent
+/// keeps every task's URL.
+const MAX_URL: usize = 2048;
+
+/// Checks that `url` is an absolute `http://host[:port]/...` URL of a sane length.
 pub fn parse_url(url: &str) -> Result<Uri, PostError> {
+    if url.len() > MAX_URL {
+        let start: String = url.chars().take(64).collect();
+        return Err(PostError::BadUrl { url: format!("{start}... ({} bytes, at most {MAX_URL})", url.len()) });
+    }
     let uri: Uri = url.parse().map_err(|_| PostError::BadUrl { url: url.to_owned() })?;
     if uri.scheme_str() != Some("http") || uri.host().is_none() {
         return Err(PostError::BadUrl { url: url.to_owned() });
@@ -109,6 +117,7 @@ mod tests {
 
     #[test]
     fn only_http_urls_with_a_host_are_accepted() {
+        assert!(parse_url(&format!("http://h/{}", "é".repeat(2000))).is_err(), "too long, cut on a character");
         assert!(parse_url("http://10.0.0.1:8080/zstack/asyncrest/callback").is_ok());
         for bad in ["https://x/y", "ftp://x", "/relative", "http://", "not a url"] {
             assert!(parse_url(bad).is_err(), "{bad}");

@@ -57,7 +57,7 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
         let store = volumes::store(app, &new_root)?;
         let made = store.undo_for(&new_root)?;
         spec.root_volume.install_path = match &made {
-            UndoStep::RemoveFile { path } => path.display().to_string(),
+            UndoStep::RemoveVolumeFile { path, .. } => path.display().to_string(),
             _ => new_root.clone(),
         };
         // Once the record names the new root, the switch is done: a crash after that keeps it.

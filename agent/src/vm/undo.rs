@@ -21,6 +21,9 @@ use crate::atomic_file;
 pub enum UndoStep {
     /// Delete a file this operation created.
     RemoveFile { path: PathBuf },
+    /// Delete a volume file this operation created, then the directories it created for it
+    /// (from the file's parent up to `new_dirs`), as far as they are empty.
+    RemoveVolumeFile { path: PathBuf, new_dirs: Option<PathBuf> },
     /// Delete an RBD image this operation created.
     RemoveRbdImage { path: String },
     /// Unprotect and delete an RBD snapshot this operation took, unless a clone depends on it.
@@ -151,10 +154,22 @@ async fn undo(app: &App, step: &UndoStep) -> Result<(), String> {
         UndoStep::RemoveFile { path } if crate::storage::local::is_open_by_any_process(path) => {
             Err(format!("{} is in use; kept", path.display()))
         }
-        UndoStep::RemoveFile { path } => match tokio::fs::remove_file(path).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("removing {}: {e}", path.display())),
-            _ => Ok(()),
-        },
+        UndoStep::RemoveFile { path } => remove_file(path).await,
+        UndoStep::RemoveVolumeFile { path, .. } if crate::storage::local::is_open_by_any_process(path) => {
+            Err(format!("{} is in use; kept", path.display()))
+        }
+        UndoStep::RemoveVolumeFile { path, new_dirs } => {
+            remove_file(path).await?;
+            if let Some(top) = new_dirs {
+                // Only empty directories go (another operation may have put a file there since).
+                for dir in path.ancestors().skip(1).take_while(|d| d.starts_with(top)) {
+                    if std::fs::remove_dir(dir).is_err() {
+                        break;
+                    }
+                }
+            }
+            Ok(())
+        }
         UndoStep::RemoveRbdImage { path } => {
             let p = crate::ceph::path::CephPath::parse(path).map_err(|e| e.to_string())?;
             match app.rbd.remove(&p, &stop).await {
@@ -211,6 +226,13 @@ async fn undo(app: &App, step: &UndoStep) -> Result<(), String> {
             super::freeze::thaw(app, &mut spec, frozen).await;
             Ok(())
         }
+    }
+}
+
+async fn remove_file(path: &Path) -> Result<(), String> {
+    match tokio::fs::remove_file(path).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("removing {}: {e}", path.display())),
+        _ => Ok(()),
     }
 }
 

@@ -1,5 +1,7 @@
 //! Volumes as qcow2 files under the storage roots.
 
+use std::path::Path;
+
 use super::{mixed, taken, Fut, VolumeStore};
 use crate::error::AgentResult;
 use crate::qemu_img::CreateOptions;
@@ -11,7 +13,10 @@ pub struct LocalStore<'a>(pub &'a LocalStorage);
 
 impl VolumeStore for LocalStore<'_> {
     fn undo_for(&self, dst: &str) -> AgentResult<UndoStep> {
-        Ok(UndoStep::RemoveFile { path: self.0.roots().confine(dst)? })
+        let path = self.0.roots().confine(dst)?;
+        // The directories making the volume will create: the topmost one that does not exist.
+        let new_dirs = path.ancestors().skip(1).take_while(|d| !d.exists()).last().map(Path::to_path_buf);
+        Ok(UndoStep::RemoveVolumeFile { path, new_dirs })
     }
 
     fn check_free<'a>(&'a self, path: &'a str, _stop: &'a Stop) -> Fut<'a, ()> {

@@ -1,0 +1,124 @@
+//! Hostile input: every command of `tests/corpus/hostile.jsonl` (malformed JSON, wrong types,
+//! huge numbers, metacharacters in identifiers, `..` and symlink escapes, images whose backing
+//! file leaves the roots or is a device or a protocol, raw files posing as qcow2, callbacks to
+//! other hosts, bad task ids) is replayed against a real agent. Each must be answered in-band
+//! with an error envelope, the agent must stay up, and nothing may change: the storage tree
+//! (paths, sizes, modification times) and libvirt's domains are compared around every entry.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use kvmagent_host_tests::checks::{qemu_img, virsh};
+use kvmagent_host_tests::images::BaseImage;
+use kvmagent_host_tests::{uuid, Host};
+use serde_json::{Map, Value};
+
+const SYNC: &[&str] = &["/host/echo", "/host/connect", "/ceph/primarystorage/echo"];
+
+/// Every file and directory under `dir`: size and modification time (symlinks not followed).
+fn tree(dir: &Path, out: &mut BTreeMap<String, (u64, Option<SystemTime>)>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let m = e.path().symlink_metadata().unwrap();
+        out.insert(e.path().display().to_string(), (m.len(), m.modified().ok()));
+        if m.is_dir() {
+            tree(&e.path(), out);
+        }
+    }
+}
+
+fn snapshot(h: &Host) -> (BTreeMap<String, (u64, Option<SystemTime>)>, String) {
+    let mut files = BTreeMap::new();
+    tree(&h.root, &mut files);
+    (files, virsh(&["list", "--all", "--name"]).unwrap())
+}
+
+/// The hostile files the corpus names, under `<root>/evil`.
+fn hostile_files(h: &Host) {
+    let evil = h.path("evil");
+    std::fs::create_dir_all(&evil).unwrap();
+    let p = |n: &str| evil.join(n).display().to_string();
+    let unsafe_overlay = |name: &str, backing: &str| {
+        qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", &p(name), "1M"]).unwrap();
+    };
+    qemu_img(&["create", "-q", "-f", "qcow2", &p("plain.qcow2"), "1M"]).unwrap();
+    unsafe_overlay("backing-outside.qcow2", "/etc/passwd");
+    unsafe_overlay("backing-device.qcow2", "/dev/sda");
+    unsafe_overlay("backing-nbd.qcow2", "nbd:127.0.0.1:10809");
+    unsafe_overlay("backing-json.qcow2", r#"json:{"driver":"file","filename":"/etc/shadow"}"#);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", &p("loop-b.qcow2"), "-F", "qcow2", &p("loop-a.qcow2"), "1M"])
+        .unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", &p("loop-a.qcow2"), "-F", "qcow2", &p("loop-b.qcow2"), "1M"])
+        .unwrap();
+    // What a guest could write into a raw disk: a qcow2 header naming a file outside the roots.
+    std::fs::copy(p("backing-outside.qcow2"), p("raw-posing.qcow2")).unwrap();
+    let data = format!("data_file={},data_file_raw=on", p("external.raw"));
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &data, &p("external-data.qcow2"), "1M"]).unwrap();
+    std::os::unix::fs::symlink("/etc", evil.join("link-out")).unwrap();
+}
+
+/// The body and headers of an entry, placeholders filled in.
+fn request(entry: &Value, fill: &dyn Fn(&str) -> String, h: &Host) -> (Vec<u8>, Vec<(String, String)>) {
+    let body = match (&entry["raw"], &entry["generate"]) {
+        (Value::String(b64), _) => base64::engine::general_purpose::STANDARD.decode(b64).unwrap(),
+        (_, g) if g["nested"].is_u64() => {
+            let n = g["nested"].as_u64().unwrap() as usize;
+            format!("{{\"a\":{}{}}}", "[".repeat(n), "]".repeat(n)).into_bytes()
+        }
+        (_, g) if g["oversize"].is_u64() => vec![b' '; g["oversize"].as_u64().unwrap() as usize],
+        _ => fill(&entry["body"].to_string()).into_bytes(),
+    };
+    let path = entry["path"].as_str().unwrap();
+    let mut headers: Map<String, Value> = Map::new();
+    if !SYNC.contains(&path) {
+        headers.insert("taskuuid".into(), Value::String(uuid()));
+        headers.insert("callbackurl".into(), Value::String(h.callbacks.url()));
+    }
+    if let Some(given) = entry["headers"].as_object() {
+        for (k, v) in given {
+            headers.insert(k.clone(), v.clone());
+        }
+    }
+    let headers = headers.into_iter().filter_map(|(k, v)| v.as_str().map(|v| (k, fill(v)))).collect();
+    (body, headers)
+}
+
+/// The error envelope the agent answered `entry` with, in the response or by callback.
+async fn answer(h: &Host, entry: &Value, body: Vec<u8>, headers: &[(String, String)]) -> Value {
+    let path = entry["path"].as_str().unwrap();
+    let hdrs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (status, text) = h.post(path, &hdrs, body).await.unwrap_or_else(|e| panic!("{entry}: no answer: {e}"));
+    assert!(status < 500, "{entry}: HTTP {status}: {text}");
+    if status == 200 && text.is_empty() {
+        let task = headers.iter().find(|(k, _)| k == "taskuuid").map(|(_, v)| v.clone()).unwrap();
+        return h.callbacks.wait(&task, Duration::from_secs(120)).await.unwrap_or_else(|e| panic!("{entry}: {e}"));
+    }
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{entry}: HTTP {status} without an envelope ({e}): {text}"))
+}
+
+#[tokio::test]
+async fn every_hostile_command_is_refused_in_band_and_changes_nothing() {
+    let h = Host::start_configured("management_hosts = [\"127.0.0.1\"]", "", &[]).await.unwrap();
+    let image = BaseImage::create(&h, 16 << 20).unwrap();
+    hostile_files(&h);
+    let (root, image, vm, vol) = (h.root.display().to_string(), image.path.display().to_string(), uuid(), uuid());
+    let fill = move |s: &str| {
+        s.replace("{root}", &root).replace("{image}", &image).replace("{vm}", &vm).replace("{vol}", &vol)
+    };
+    let corpus = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/corpus/hostile.jsonl")).unwrap();
+    let entries: Vec<Value> = corpus.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(entries.len() >= 200, "the corpus has {} entries", entries.len());
+
+    let before = snapshot(&h);
+    for entry in &entries {
+        let (body, headers) = request(entry, &fill, &h);
+        let r = answer(&h, entry, body, &headers).await;
+        assert_eq!(r["success"], false, "{entry}: {r}");
+        let description = r["errorCode"]["description"].as_str().unwrap_or_default();
+        assert!(!description.is_empty() && r["error"].as_str().is_some_and(|e| !e.is_empty()), "{entry}: {r}");
+        assert_eq!(h.post("/host/echo", &[], "").await.unwrap().0, 200, "the agent is up after {entry}");
+        assert_eq!(snapshot(&h), before, "{entry} changed the host: {r}");
+    }
+    println!("hostile input: {} commands refused in-band, nothing changed", entries.len());
+}
