@@ -34,9 +34,9 @@ async fn ready_watchdog_and_stopping_reach_the_notify_socket() {
     let first = receive(&socket, Duration::from_secs(2));
     assert!(first.iter().any(|l| l == "READY=1"), "{first:?}");
     assert!(first.iter().any(|l| l.starts_with("STATUS=serving on")), "{first:?}");
-    // Every 100 ms (half of WATCHDOG_USEC): about 20 in 2 s; at least 10 however loaded.
+    // Every 100 ms (half of WATCHDOG_USEC): about 20 in 2 s; at least 5 however loaded.
     let pings = first.iter().filter(|l| *l == "WATCHDOG=1").count();
-    assert!(pings >= 10, "{pings} watchdog pings in 2 s: {first:?}");
+    assert!(pings >= 5, "{pings} watchdog pings in 2 s: {first:?}");
 
     h.stop_agent().unwrap();
     let last = receive(&socket, Duration::from_millis(500));
