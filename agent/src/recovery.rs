@@ -15,6 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -64,6 +65,7 @@ pub struct RolledBack {
 
 /// Runs the recovery; results of resumed tasks arrive later, through the usual runner.
 pub async fn recover(app: &Arc<App>, inherited: Inherited) -> Report {
+    let started = SystemTime::now();
     let mut report = Report::default();
     let leftovers = undo::leftovers(&app.config.state_dir);
     for l in leftovers {
@@ -79,7 +81,7 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited) -> Report {
         tracing::warn!(task = %l.task_id, steps = n, failed = failures.len(), "rolled back an interrupted operation");
         report.rolled_back.push(RolledBack { task_uuid: l.task_id, path, steps_undone: n, failures });
     }
-    report.removed = remove_temporaries(app);
+    report.removed = remove_temporaries(app, started);
     for record in inherited.interrupted {
         if RESUMABLE.contains(&record.path.as_str()) && resume(app, &record) {
             tracing::warn!(task = %record.task_id, path = %record.path, "resuming an interrupted task");
@@ -149,21 +151,25 @@ fn resume(app: &Arc<App>, record: &TaskRecord) -> bool {
 }
 
 /// The agent's temporary files — volumes being built (`.<name>.kvmagent-tmp-<id>`) and TPM
-/// state staged for clones — that a killed run left. Nothing else ever has such names.
-fn remove_temporaries(app: &App) -> Vec<PathBuf> {
+/// state staged for clones — that a killed run left. Nothing else ever has such names; those
+/// younger than this start belong to commands this run already serves, and stay.
+fn remove_temporaries(app: &App, started: SystemTime) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let roots = app.storage.roots().roots().iter().chain(app.backup_roots.roots());
     for root in roots {
         walk(root, 0, &mut |p: &Path| {
             let temporary = p.file_name().is_some_and(|n| n.to_string_lossy().contains(".kvmagent-tmp-"));
-            if temporary && std::fs::remove_file(p).is_ok() {
+            let old = p.symlink_metadata().and_then(|m| m.modified()).is_ok_and(|t| t < started);
+            if temporary && old && std::fs::remove_file(p).is_ok() {
                 removed.push(p.to_path_buf());
             }
         });
     }
-    let staging = app.config.state_dir.join("staging");
-    if staging.exists() && std::fs::remove_dir_all(&staging).is_ok() {
-        removed.push(staging);
+    for e in std::fs::read_dir(app.config.state_dir.join("staging")).into_iter().flatten().flatten() {
+        let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < started);
+        if old && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed.push(e.path());
+        }
     }
     for p in &removed {
         tracing::warn!(path = %p.display(), "removed a temporary file an interrupted run left");
