@@ -167,3 +167,28 @@ async fn bad_ceph_commands_change_nothing() {
     assert!(!images("rbd").iter().any(|i| i == "-rf" || i == "x y"));
     ceph::rbd(&["rm", "--no-progress", &format!("rbd/{img}")]).unwrap();
 }
+
+#[tokio::test]
+async fn a_flatten_stopped_by_its_deadline_leaves_the_clone_on_its_parent() {
+    let h = Host::start_with(&agent_config()).await.unwrap();
+    let (img, clone) = (format!("img-{}", uuid()), format!("c-{}", uuid()));
+    ceph::rbd(&["create", "--size", "512M", &format!("rbd/{img}")]).unwrap();
+    // Enough parent data that copying it up takes well over the deadline.
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x33 0 256M", &qemu_name(&format!("rbd/{img}"))])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ceph::rbd(&["snap", "create", &format!("rbd/{img}@s")]).unwrap();
+    ceph::rbd(&["snap", "protect", &format!("rbd/{img}@s")]).unwrap();
+    ceph::rbd(&["clone", &format!("rbd/{img}@s"), &format!("rbd/{clone}")]).unwrap();
+
+    let cmd = json!({"path": format!("ceph://rbd/{clone}"), "taskContext": {"__messagetimeout__": 150}});
+    let e = h.call_err("/ceph/primarystorage/volume/flatten", &cmd).await.unwrap();
+    assert!(e.contains("deadline"), "{e}");
+    let parent = &info(&format!("rbd/{clone}")).unwrap()["parent"];
+    assert_eq!(parent["image"], json!(img), "the clone still reads through its parent");
+    assert!(identical(&format!("rbd/{img}@s"), &format!("rbd/{clone}")), "and reads the same");
+    ceph::remove_all(&format!("rbd/{clone}"));
+    ceph::remove_all(&format!("rbd/{img}"));
+}
