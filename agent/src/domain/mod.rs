@@ -90,6 +90,8 @@ mod tests {
             ("cpuNum", json!(0), "cpuNum"),
             ("vmInstanceUuid", json!("not-a-uuid"), "32 hexadecimal"),
             ("bootMode", json!("UEFI"), "Legacy"),
+            ("socketNum", json!(65536), "socketNum"),
+            ("threadsPerCore", json!(u32::MAX), "threadsPerCore"),
         ];
         for (field, value, needle) in cases {
             let mut v = fixture();

@@ -80,6 +80,14 @@ pub fn validate(cmd: &StartVmCmd) -> AgentResult<()> {
             cmd.cpu_num, cmd.max_vcpu_num
         )));
     }
+    // Each at most MAX_CPUS, so that their product (the topology check) cannot overflow.
+    for (f, v) in
+        [("socketNum", cmd.socket_num), ("cpuOnSocket", cmd.cpu_on_socket), ("threadsPerCore", cmd.threads_per_core)]
+    {
+        if v.is_some_and(|n| n > MAX_CPUS) {
+            return Err(invalid(format!("{f} {} is out of range (at most {MAX_CPUS})", v.unwrap_or_default())));
+        }
+    }
     if !matches!(cmd.machine_type.as_str(), "" | "pc" | "q35") {
         return Err(invalid(format!("machineType {:?} is not supported (pc or q35)", cmd.machine_type)));
     }

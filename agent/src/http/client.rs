@@ -48,10 +48,19 @@ pub fn parse_url(url: &str) -> Result<Uri, PostError> {
         return Err(PostError::BadUrl { url: format!("{start}... ({} bytes, at most {MAX_URL})", url.len()) });
     }
     let uri: Uri = url.parse().map_err(|_| PostError::BadUrl { url: url.to_owned() })?;
-    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+    if uri.scheme_str() != Some("http") || uri.host().is_none() || !port_is_valid(&uri) {
         return Err(PostError::BadUrl { url: url.to_owned() });
     }
     Ok(uri)
+}
+
+/// `Uri` keeps a port it cannot read as a number (`:99999`) and reports none: such a URL would
+/// be accepted here and fail at every delivery.
+fn port_is_valid(uri: &Uri) -> bool {
+    let Some(authority) = uri.authority() else { return false };
+    let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
+    let after_host = host_port.rsplit(']').next().unwrap_or_default();
+    authority.port().is_some() || !after_host.contains(':')
 }
 
 #[derive(Clone)]
@@ -119,7 +128,16 @@ mod tests {
     fn only_http_urls_with_a_host_are_accepted() {
         assert!(parse_url(&format!("http://h/{}", "é".repeat(2000))).is_err(), "too long, cut on a character");
         assert!(parse_url("http://10.0.0.1:8080/zstack/asyncrest/callback").is_ok());
-        for bad in ["https://x/y", "ftp://x", "/relative", "http://", "not a url"] {
+        assert!(parse_url("http://user:pw@[::1]:8080/cb").is_ok());
+        for bad in [
+            "https://x/y",
+            "ftp://x",
+            "/relative",
+            "http://",
+            "not a url",
+            "http://127.0.0.1:99999/cb",
+            "http://[::1]:x/",
+        ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
     }

@@ -117,6 +117,27 @@ fn stopped_or(e: qemu_img::QemuImgError, stop: &Stop, what: &str) -> AgentError 
     }
 }
 
+/// The largest virtual size a qcow2 made with `opts` can hold: QEMU's L1 table has at most 2^22
+/// entries, each mapping an L2 table of `cluster / 8` entries (`cluster / 16` with extended L2).
+pub fn max_virtual_size(opts: &CreateOptions) -> u64 {
+    let get = |key: &str| opts.pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let cluster = get("cluster_size").and_then(|v| v.parse::<u64>().ok()).unwrap_or(64 << 10);
+    let entry = if get("extended_l2") == Some("on") { 16 } else { 8 };
+    (1u64 << 22).saturating_mul(cluster / entry).saturating_mul(cluster)
+}
+
+/// Refuses a size qemu-img would refuse, before anything is made (qemu-img fails on it only
+/// after it created the file).
+pub fn check_size(size: u64, opts: &CreateOptions) -> AgentResult<()> {
+    let max = max_virtual_size(opts);
+    if size > max {
+        return Err(AgentError::invalid(format!(
+            "size {size} is larger than a qcow2 volume with these options can be ({max} bytes)"
+        )));
+    }
+    Ok(())
+}
+
 impl LocalStorage {
     pub fn new(roots: StorageRoots) -> Self {
         LocalStorage { roots }
@@ -171,7 +192,10 @@ impl LocalStorage {
         let image_size =
             qemu_img::info(&image, stop).await.map_err(|e| stopped_or(e, stop, "reading the image"))?.virtual_size;
         let grow = match size {
-            Some(s) if s > image_size => Some(s),
+            Some(s) if s > image_size => {
+                check_size(s, &CreateOptions::default())?;
+                Some(s)
+            }
             Some(s) if s != 0 && s < image_size => {
                 return Err(AgentError::invalid(format!(
                     "size {s} is smaller than the image's virtual size {image_size}; volumes cannot shrink"
@@ -223,6 +247,7 @@ impl LocalStorage {
             }
             None => None,
         };
+        check_size(size, &opts)?;
         let dst = self.prepare_target(dst)?;
         let building = Building::beside(&dst);
         let result = match &backing {
@@ -455,6 +480,48 @@ mod tests {
             std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         v.sort();
         v
+    }
+
+    #[tokio::test]
+    async fn sizes_qcow2_cannot_hold_are_refused_before_anything_is_made() {
+        let (_dir, s, root) = setup();
+        let wide = parse_qcow2_options("-o cluster_size=2097152").unwrap();
+        assert_eq!(max_virtual_size(&CreateOptions::default()), 2 << 50, "2 PiB with 64 KiB clusters");
+        assert_eq!(max_virtual_size(&wide), 2 << 60);
+        assert_eq!(max_virtual_size(&parse_qcow2_options("-o extended_l2=on").unwrap()), 1 << 50);
+        // qemu-img agrees at the edge: the largest size is made, one cluster more is not.
+        let edge = root.join("edge/edge.qcow2");
+        empty(&s, edge.to_str().unwrap(), 2 << 50, Provisioning::Thin).await;
+        for size in [(2 << 50) + (64 << 10), 4 << 60, u64::MAX] {
+            let target = root.join("vol-x/x.qcow2");
+            let e = s
+                .create_empty(
+                    target.to_str().unwrap(),
+                    size,
+                    None,
+                    Provisioning::Thin,
+                    CreateOptions::default(),
+                    &Stop::new(),
+                )
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("larger than a qcow2"), "{e}");
+            assert!(!root.join("vol-x").exists(), "no directory is made for a refused size");
+        }
+        let img = image(&root).await;
+        let target = root.join("vol-y/y.qcow2");
+        let e = s
+            .create_from_image(
+                img.to_str().unwrap(),
+                target.to_str().unwrap(),
+                Some(u64::MAX),
+                Provisioning::Thin,
+                &Stop::new(),
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("larger than a qcow2"), "{e}");
+        assert!(!root.join("vol-y").exists());
     }
 
     async fn image(root: &Path) -> PathBuf {

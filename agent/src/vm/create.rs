@@ -10,7 +10,8 @@ use crate::api::native::{CreateVmCmd, Provisioning as WireProvisioning};
 use crate::api::vm::StartVmCmd;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
-use crate::storage::local::Provisioning;
+use crate::qemu_img::CreateOptions;
+use crate::storage::local::{check_size, Provisioning};
 use crate::tasks::TaskCtx;
 
 pub(super) fn provisioning(p: WireProvisioning) -> Provisioning {
@@ -60,6 +61,19 @@ async fn check_sources(app: &App, ctx: &TaskCtx, cmd: &CreateVmCmd) -> AgentResu
     }
     if let Some((i, _)) = cmd.data_volumes.iter().enumerate().find(|(_, d)| d.size == 0) {
         return Err(AgentError::invalid(format!("dataVolumes[{i}].size must be greater than 0")));
+    }
+    // Every size at once, so that a bad one is refused before the first volume is made.
+    let files =
+        std::iter::once((&cmd.root_volume.install_path, cmd.root_volume.size.unwrap_or(0), "rootVolume".to_owned()))
+            .chain(
+                cmd.data_volumes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| (&d.install_path, d.size, format!("dataVolumes[{i}]"))),
+            )
+            .filter(|(path, _, _)| !path.starts_with("ceph://"));
+    for (_, size, field) in files {
+        check_size(size, &CreateOptions::default()).map_err(|e| e.context(field))?;
     }
     Ok(())
 }
