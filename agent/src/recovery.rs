@@ -123,7 +123,7 @@ async fn follow_running_vms(app: &App) -> Vec<String> {
         let (Ok(mut spec), Ok(xml)) = (app.vm_records.load(&vm), app.libvirt.xml(&vm).await) else { continue };
         let Ok(disks) = crate::domain::live_disks(&xml) else { continue };
         let mut changed = false;
-        for v in std::iter::once(&mut spec.root_volume).chain(spec.data_volumes.iter_mut()) {
+        for v in spec.volumes_mut() {
             let live = disks.iter().find(|d| d.serial.as_deref() == Some(v.volume_uuid.as_str()));
             if let Some(file) = live.and_then(|d| d.file.clone()).filter(|f| *f != v.install_path) {
                 tracing::warn!(vm = %vm, ?state, volume = %v.volume_uuid, from = %v.install_path, to = %file,

@@ -230,7 +230,7 @@ pub fn render(cmd: &StartVmCmd, settings: &DomainSettings) -> AgentResult<String
         devs
     };
 
-    let mut volumes: Vec<&VolumeTo> = std::iter::once(&cmd.root_volume).chain(&cmd.data_volumes).collect();
+    let mut volumes: Vec<&VolumeTo> = cmd.volumes().collect();
     volumes.sort_by_key(|v| v.device_id);
     let disks = volumes
         .into_iter()

@@ -153,10 +153,7 @@ pub fn validate(cmd: &StartVmCmd) -> AgentResult<()> {
 
 /// Every local file the domain would open, for the caller to confine to the storage roots.
 pub fn file_paths(cmd: &StartVmCmd) -> Vec<&str> {
-    let disks = std::iter::once(&cmd.root_volume)
-        .chain(&cmd.data_volumes)
-        .filter(|v| v.device_type == "file")
-        .map(|v| v.install_path.as_str());
+    let disks = cmd.volumes().filter(|v| v.device_type == "file").map(|v| v.install_path.as_str());
     let isos = cmd.cd_roms.iter().filter(|c| !c.is_empty && !c.path.is_empty()).map(|c| c.path.as_str());
     let kernel = cmd.kernel_boot.iter().flat_map(|k| [k.kernel.as_str(), k.initrd.as_str()]).filter(|p| !p.is_empty());
     disks.chain(isos).chain(kernel).collect()

@@ -41,10 +41,6 @@ pub enum Source {
     },
 }
 
-fn volumes_of(spec: &StartVmCmd) -> impl Iterator<Item = &crate::api::vm::VolumeTo> {
-    std::iter::once(&spec.root_volume).chain(&spec.data_volumes)
-}
-
 /// Locks the VM and its target volumes, checks that nothing is in the way, and makes the VM.
 pub async fn create_vm(
     app: &App,
@@ -54,7 +50,7 @@ pub async fn create_vm(
     strategy: Strategy,
 ) -> AgentResult<VmInstanceInventory> {
     let _vm_lock = app.vm_locks.write(&spec.vm_instance_uuid).await;
-    let paths: Vec<String> = volumes_of(spec).map(|v| v.install_path.clone()).collect();
+    let paths: Vec<String> = spec.volumes().map(|v| v.install_path.clone()).collect();
     let _volume_locks = app.volume_locks.write_all(&paths).await;
     check_targets(app, ctx, spec).await?;
     make(app, ctx, NewVm { spec, sources, tpm_from: None, strategy }).await
@@ -66,7 +62,7 @@ pub async fn create_vm(
 pub async fn check_targets(app: &App, ctx: &TaskCtx, spec: &StartVmCmd) -> AgentResult<()> {
     crate::domain::validate(spec)?;
     let mut targets = HashSet::new();
-    for v in volumes_of(spec) {
+    for v in spec.volumes() {
         if v.volume_uuid.is_empty() {
             return Err(AgentError::invalid(format!("volume at {} has an empty volumeUuid", v.install_path)));
         }
@@ -115,7 +111,7 @@ async fn build(app: &App, ctx: &TaskCtx, new: &NewVm<'_>, undo: &mut UndoLog) ->
     let stop = &ctx.stop;
     let vm = &spec.vm_instance_uuid;
     let steps = sources.len() as u32 + 1;
-    for (i, (v, source)) in volumes_of(spec).zip(sources).enumerate() {
+    for (i, (v, source)) in spec.volumes().zip(sources).enumerate() {
         stop.check("creating the VM")?;
         let dst = &v.install_path;
         let store = volumes::store(app, dst)?;

@@ -19,7 +19,7 @@ use super::undo::{UndoLog, UndoStep};
 use super::volumes::{self, Place};
 use crate::api::inventory::VmInstanceInventory;
 use crate::api::native::{BackupMode, BackupVmCmd, BackupVmRsp, CreateFromBackupCmd, NewVolume};
-use crate::api::vm::{StartVmCmd, VolumeTo};
+use crate::api::vm::StartVmCmd;
 use crate::app::App;
 use crate::backup_group::{self, BackupFile, BackupVolume, Group, Manifest, Point, PointKind};
 use crate::error::{AgentError, AgentResult};
@@ -30,10 +30,6 @@ use crate::tasks::TaskCtx;
 
 /// Names of the temporary RBD snapshots a backup reads from.
 const RBD_SNAPSHOT_PREFIX: &str = "kvmagent-backup-";
-
-fn volumes_of(spec: &StartVmCmd) -> impl Iterator<Item = &VolumeTo> {
-    std::iter::once(&spec.root_volume).chain(&spec.data_volumes)
-}
 
 /// Runs blocking file work (hashing) off the async runtime.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> AgentResult<T> + Send + 'static) -> AgentResult<T> {
@@ -50,7 +46,7 @@ fn previous(group: &Group, spec: &StartVmCmd) -> AgentResult<Manifest> {
         )));
     }
     let mut have: Vec<&str> = m.volumes.iter().map(|v| v.volume_uuid.as_str()).collect();
-    let mut now: Vec<&str> = volumes_of(spec).map(|v| v.volume_uuid.as_str()).collect();
+    let mut now: Vec<&str> = spec.volumes().map(|v| v.volume_uuid.as_str()).collect();
     have.sort();
     now.sort();
     if have != now {
@@ -131,7 +127,7 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
             taken_at: crate::tasks::journal::now_ms() / 1000,
             vm: before.clone(),
         });
-        for (v, file) in volumes_of(&before).zip(files) {
+        for (v, file) in before.volumes().zip(files) {
             let entry = match m.volumes.iter_mut().find(|b| b.volume_uuid == v.volume_uuid) {
                 Some(e) => e,
                 None => {
@@ -174,9 +170,9 @@ async fn write_point(
     captured: &capture::Captured,
     made: &mut UndoLog,
 ) -> AgentResult<Vec<BackupFile>> {
-    let total = volumes_of(spec).count();
+    let total = spec.volumes().count();
     let mut files = Vec::new();
-    for (i, v) in volumes_of(spec).enumerate() {
+    for (i, v) in spec.volumes().enumerate() {
         ctx.stop.check("backing up the VM")?;
         let from = captured.point(&v.volume_uuid, &v.install_path);
         let relative = backup_group::file_name(&v.volume_uuid, point);

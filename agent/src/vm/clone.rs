@@ -75,7 +75,7 @@ fn plan(app: &App, cmd: &CloneVmCmd, source: &StartVmCmd) -> AgentResult<Vec<Pla
             )));
         }
         let mut sources = Vec::new();
-        let volumes = std::iter::once(&mut spec.root_volume).chain(spec.data_volumes.iter_mut());
+        let volumes = spec.volumes_mut();
         for (k, v) in volumes.enumerate() {
             let given = if k == 0 { c.root_install_path.clone() } else { c.data_install_paths.get(k - 1).cloned() };
             let new_volume = random_uuid();
@@ -175,7 +175,7 @@ async fn check_plans(app: &App, ctx: &TaskCtx, plans: &[Plan]) -> AgentResult<()
                 p.spec.vm_instance_uuid
             )));
         }
-        for ((_, s), v) in p.sources.iter().zip(std::iter::once(&p.spec.root_volume).chain(&p.spec.data_volumes)) {
+        for ((_, s), v) in p.sources.iter().zip(p.spec.volumes()) {
             if v.install_path.starts_with("ceph://") {
                 rbd_targets.push(v.install_path.clone());
             }

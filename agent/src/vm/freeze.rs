@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::undo::{UndoLog, UndoStep};
-use crate::api::vm::{StartVmCmd, VolumeTo};
+use crate::api::vm::StartVmCmd;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::qemu_img::CreateOptions;
@@ -31,10 +31,6 @@ fn same_file(path: &str, resolved: &std::path::Path) -> bool {
     std::fs::canonicalize(path).is_ok_and(|p| p == resolved)
 }
 
-fn volumes_mut(spec: &mut StartVmCmd) -> impl Iterator<Item = &mut VolumeTo> {
-    std::iter::once(&mut spec.root_volume).chain(spec.data_volumes.iter_mut())
-}
-
 /// A volume to freeze: its current top file and where its new top goes.
 pub struct Target {
     pub volume_uuid: String,
@@ -52,7 +48,8 @@ pub async fn freeze(
     stop: &Stop,
 ) -> AgentResult<Vec<Frozen>> {
     // RBD volumes are not frozen: their snapshots are immutable already.
-    let targets: Vec<Target> = volumes_mut(spec)
+    let targets: Vec<Target> = spec
+        .volumes_mut()
         .enumerate()
         .filter(|(i, v)| (*i == 0 || with_data) && !v.install_path.starts_with("ceph://"))
         .map(|(_, v)| {
@@ -143,7 +140,7 @@ pub async fn freeze_to(
 
 /// Points the VM's record (and its definition, when defined but stopped) at the new tops.
 pub async fn record(app: &App, spec: &mut StartVmCmd, frozen: &[Frozen]) -> AgentResult<()> {
-    for v in volumes_mut(spec) {
+    for v in spec.volumes_mut() {
         if let Some(z) = frozen.iter().find(|z| same_file(&v.install_path, &z.snapshot_path)) {
             v.install_path = z.install_path.display().to_string();
             v.format = "qcow2".into();
@@ -165,7 +162,7 @@ async fn save_and_redefine(app: &App, spec: &StartVmCmd) -> AgentResult<()> {
 /// Points the volume whose install path is `top` at `base` (the file it froze) again.
 fn repoint(spec: &mut StartVmCmd, top: &Path, base: &Path) -> bool {
     let mut changed = false;
-    for v in volumes_mut(spec).filter(|v| Path::new(&v.install_path) == top) {
+    for v in spec.volumes_mut().filter(|v| Path::new(&v.install_path) == top) {
         v.install_path = base.display().to_string();
         v.format = crate::qemu_img::sniff_format(base).unwrap_or("qcow2").to_owned();
         changed = true;

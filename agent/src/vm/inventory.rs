@@ -27,8 +27,8 @@ async fn volume(app: &App, vm: &str, v: &VolumeTo, ctx: &TaskCtx) -> AgentResult
 /// `state`: `Running`, `Paused`, `Stopped` or `Created`.
 pub async fn of(app: &App, spec: &StartVmCmd, state: &str, ctx: &TaskCtx) -> AgentResult<VmInstanceInventory> {
     let vm = &spec.vm_instance_uuid;
-    let mut all_volumes = vec![volume(app, vm, &spec.root_volume, ctx).await?];
-    for v in &spec.data_volumes {
+    let mut all_volumes = Vec::new();
+    for v in spec.volumes() {
         all_volumes.push(volume(app, vm, v, ctx).await?);
     }
     Ok(VmInstanceInventory {

@@ -48,7 +48,7 @@ pub async fn check_against_host(app: &App, cmd: &mut StartVmCmd) -> AgentResult<
     for path in domain::file_paths(cmd) {
         app.storage.roots().confine_existing(path)?;
     }
-    for vol in std::iter::once(&mut cmd.root_volume).chain(cmd.data_volumes.iter_mut()) {
+    for vol in cmd.volumes_mut() {
         if vol.device_type == "file" {
             let path = app.storage.roots().confine_chain(&vol.install_path)?;
             vol.format = qemu_img::sniff_format(&path)

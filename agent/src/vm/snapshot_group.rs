@@ -81,7 +81,7 @@ pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentR
     };
     let captured = capture(app, &mut spec, opts, &ctx.stop).await?;
     let mut snapshots = Vec::new();
-    for v in std::iter::once(&before.root_volume).chain(&before.data_volumes) {
+    for v in before.volumes() {
         let snapshot_path = captured.point(&v.volume_uuid, &v.install_path);
         let (size, _) = volumes::store(app, &snapshot_path)?.sizes(&snapshot_path, &ctx.stop).await?;
         snapshots.push(GroupSnapshot {
@@ -140,7 +140,7 @@ pub async fn create_from(app: &App, ctx: &TaskCtx, cmd: CreateFromSnapshotCmd) -
 
     let linked = cmd.provisioning == Provisioning::Thin;
     let mut sources = Vec::new();
-    for (origin, v) in origins.iter().zip(std::iter::once(&spec.root_volume).chain(&spec.data_volumes)) {
+    for (origin, v) in origins.iter().zip(spec.volumes()) {
         let snap =
             group.snapshots.iter().find(|s| &s.volume_uuid == origin).ok_or_else(|| {
                 AgentError::internal(format!("group {} lost the snapshot of {origin}", group.group_uuid))

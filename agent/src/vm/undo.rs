@@ -196,9 +196,7 @@ async fn undo(app: &App, step: &UndoStep) -> Result<(), String> {
             }
         }
         UndoStep::UnlessRecorded { vm, path, step } => {
-            let recorded = app.vm_records.load(vm).is_ok_and(|spec| {
-                std::iter::once(&spec.root_volume).chain(&spec.data_volumes).any(|v| &v.install_path == path)
-            });
+            let recorded = app.vm_records.load(vm).is_ok_and(|spec| spec.volumes().any(|v| &v.install_path == path));
             if recorded {
                 Ok(())
             } else {
