@@ -11,13 +11,13 @@ use crate::config::Config;
 use crate::host_identity::HostIdentity;
 use crate::http::client::Poster;
 use crate::libvirt::Libvirt;
-use crate::locks::KeyedLocks;
 use crate::recovery::{Inherited, Report};
 use crate::storage::local::LocalStorage;
 use crate::storage::roots::StorageRoots;
+use crate::storage::volume_locks::VolumeLocks;
 use crate::tasks::journal::Journal;
 use crate::tasks::registry::TaskRegistry;
-use crate::vm::records::VmRecords;
+use crate::vm::owner::Vms;
 
 pub struct App {
     pub config: Config,
@@ -27,13 +27,12 @@ pub struct App {
     pub libvirt: Libvirt,
     pub storage: LocalStorage,
     pub rbd: Rbd,
-    pub vm_records: VmRecords,
+    /// Every VM's lock and record: one owner per VM at a time.
+    pub vms: Vms,
     /// Where backup groups may be written and read.
     pub backup_roots: StorageRoots,
-    /// One writer per VM: two commands on the same VM never interleave.
-    pub vm_locks: Arc<KeyedLocks>,
-    /// Per volume path: writers exclusive, readers (sizes, chains) shared.
-    pub volume_locks: Arc<KeyedLocks>,
+    /// Per volume (resolved file or RBD image): writers exclusive, readers shared.
+    pub volume_locks: VolumeLocks,
     shutting_down: AtomicBool,
     /// What the start-up recovery found.
     pub recovery: OnceLock<Report>,
@@ -70,7 +69,8 @@ impl App {
             std::fs::create_dir_all(r).map_err(backup_err)?;
         }
         let backup_roots = StorageRoots::new(&config.backup.roots).map_err(backup_err)?;
-        let vm_records = VmRecords::new(&config.state_dir);
+        let vms = Vms::new(&config.state_dir);
+        let volume_locks = VolumeLocks::new(roots.clone());
         let rbd =
             Rbd { conf: config.ceph.conf.clone(), id: config.ceph.id.clone(), keyring: config.ceph.keyring.clone() };
         let app = App {
@@ -82,9 +82,8 @@ impl App {
             storage: LocalStorage::new(roots),
             backup_roots,
             rbd,
-            vm_records,
-            vm_locks: Default::default(),
-            volume_locks: Default::default(),
+            vms,
+            volume_locks,
             shutting_down: AtomicBool::new(false),
             recovery: OnceLock::new(),
         };

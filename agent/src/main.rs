@@ -112,7 +112,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     {
         let app = app.clone();
         tokio::spawn(async move {
-            let report = kvmagent::recovery::recover(&app, inherited).await;
+            let report = kvmagent::recovery::recover(&app, inherited, &kvmagent::http::runner::TaskRunner).await;
             let _ = app.recovery.set(report);
         });
     }

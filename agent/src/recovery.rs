@@ -20,12 +20,19 @@ use std::time::SystemTime;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::api::{self, CommonFields};
+use crate::api;
 use crate::app::App;
 use crate::error::{AgentError, ErrorKind};
-use crate::http::{routes, runner};
 use crate::tasks::journal::{TaskRecord, TaskState};
 use crate::vm::undo;
+
+/// What recovery needs from the task runner, which lives above it (with the command table).
+pub trait Runner: Send + Sync {
+    /// Runs an interrupted task again under its taskuuid; false when its command cannot be read.
+    fn resume(&self, app: &Arc<App>, record: &TaskRecord) -> bool;
+    /// Posts a finished task's result to its callback, in the background.
+    fn deliver(&self, app: &Arc<App>, task_id: String, url: String, result: Value);
+}
 
 /// Paths whose command can simply run again after an interruption: they converge on the same
 /// end state, and re-attach to a block job the interrupted run started.
@@ -63,8 +70,8 @@ pub struct RolledBack {
     pub failures: Vec<String>,
 }
 
-/// Runs the recovery; results of resumed tasks arrive later, through the usual runner.
-pub async fn recover(app: &Arc<App>, inherited: Inherited) -> Report {
+/// Runs the recovery; results of resumed tasks arrive later, through `runner`.
+pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) -> Report {
     let started = SystemTime::now();
     let mut report = Report::default();
     let leftovers = undo::leftovers(&app.config.state_dir);
@@ -75,7 +82,11 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited) -> Report {
             continue;
         }
         let n = l.steps.len();
-        let failures = undo::replay(app, l.steps).await;
+        // The VMs the steps name are taken first: recovery runs while the agent serves.
+        let vms = l.steps.iter().filter_map(undo::UndoStep::vm).map(str::to_owned);
+        let held = app.vms.lock_all(vms.filter(|vm| crate::domain::check_uuid(vm).is_ok())).await.unwrap_or_default();
+        let failures = undo::replay(app, l.steps, &held.iter().collect::<Vec<_>>()).await;
+        drop(held);
         let _ = std::fs::remove_file(&l.file);
         let path = inherited.interrupted.iter().find(|r| r.task_id == l.task_id).map(|r| r.path.clone());
         tracing::warn!(task = %l.task_id, steps = n, failed = failures.len(), "rolled back an interrupted operation");
@@ -83,7 +94,7 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited) -> Report {
     }
     report.removed = remove_temporaries(app, started);
     for record in inherited.interrupted {
-        if RESUMABLE.contains(&record.path.as_str()) && resume(app, &record) {
+        if RESUMABLE.contains(&record.path.as_str()) && runner.resume(app, &record) {
             tracing::warn!(task = %record.task_id, path = %record.path, "resuming an interrupted task");
             report.resumed.push(record.task_id);
             continue;
@@ -98,29 +109,36 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited) -> Report {
         );
         let result = api::envelope(&Err(AgentError::new(ErrorKind::OperationFailed, "task interrupted", details)));
         if let Some(url) = app.tasks.finish(&record.task_id, TaskState::Failed, result.clone()).await {
-            let (app, task) = (app.clone(), record.task_id.clone());
-            tokio::spawn(async move { runner::deliver(&app, &task, &url, &result).await });
+            runner.deliver(app, record.task_id.clone(), url, result);
         }
     }
     for record in inherited.undelivered {
-        if let (Some(url), Some(result)) = (record.callback_url.clone(), record.result.clone()) {
-            let app = app.clone();
-            tokio::spawn(async move { runner::deliver(&app, &record.task_id, &url, &result).await });
+        if let (Some(url), Some(result)) = (record.callback_url, record.result) {
+            runner.deliver(app, record.task_id, url, result);
         }
     }
-    report.unknown_domains = unknown_domains(app).await;
-    report.records_updated = follow_running_vms(app).await;
+    (report.unknown_domains, report.records_updated) = reconcile_domains(app).await;
     report
 }
 
-/// A VM the kill caught between switching to new tops and recording them runs on files its
-/// record does not name; the record follows what the VM really uses (matched by disk serial,
-/// which is the volume uuid). Returns the VMs whose record changed.
-async fn follow_running_vms(app: &App) -> Vec<String> {
-    let Ok((states, _)) = app.libvirt.list_vm_states().await else { return Vec::new() };
-    let mut updated = Vec::new();
-    for (vm, state) in states.into_iter().filter(|(_, s)| s.is_active()) {
-        let (Ok(mut spec), Ok(xml)) = (app.vm_records.load(&vm), app.libvirt.xml(&vm).await) else { continue };
+/// One pass over libvirt's domains. A domain named as a VM uuid without a record here is
+/// reported, not touched (the management node may own it). A running VM the kill caught between
+/// switching to new tops and recording them runs on files its record does not name; the record
+/// follows what the VM really uses (matched by disk serial, which is the volume uuid). Returns
+/// the unknown domains and the VMs whose record changed.
+async fn reconcile_domains(app: &App) -> (Vec<String>, Vec<String>) {
+    let Ok((states, _)) = app.libvirt.list_vm_states().await else { return Default::default() };
+    let (mut unknown, mut updated) = (Vec::new(), Vec::new());
+    for (vm, state) in states {
+        let Ok(owner) = app.vms.lock(&vm).await else { continue };
+        let Ok(Some(mut spec)) = owner.record() else {
+            unknown.push(vm);
+            continue;
+        };
+        if !state.is_active() {
+            continue;
+        }
+        let Ok(xml) = app.libvirt.xml(&vm).await else { continue };
         let Ok(disks) = crate::domain::live_disks(&xml) else { continue };
         let mut changed = false;
         for v in spec.volumes_mut() {
@@ -132,22 +150,14 @@ async fn follow_running_vms(app: &App) -> Vec<String> {
                 changed = true;
             }
         }
-        if changed && app.vm_records.save(&spec).is_ok() {
+        if changed && owner.save(&spec).is_ok() {
             updated.push(vm);
         }
     }
-    updated
-}
-
-/// Runs an interrupted task again under its taskuuid; false when its command cannot be read.
-fn resume(app: &Arc<App>, record: &TaskRecord) -> bool {
-    let (Some(route), Ok(body)) = (routes::find(&record.path), api::parse_body(record.command.as_bytes())) else {
-        return false;
-    };
-    let Some(ctx) = app.tasks.resume(&record.task_id) else { return false };
-    let common: CommonFields = serde_json::from_value(body.clone()).unwrap_or_default();
-    runner::spawn(app.clone(), route, ctx, Ok(body), common);
-    true
+    if !unknown.is_empty() {
+        tracing::info!(domains = ?unknown, "domains this agent has no record of (left alone)");
+    }
+    (unknown, updated)
 }
 
 /// The agent's temporary files — volumes being built (`.<name>.kvmagent-tmp-<id>`) and TPM
@@ -190,16 +200,6 @@ fn walk(dir: &Path, depth: usize, f: &mut impl FnMut(&Path)) {
             f(&e.path());
         }
     }
-}
-
-async fn unknown_domains(app: &App) -> Vec<String> {
-    let Ok((states, _)) = app.libvirt.list_vm_states().await else { return Vec::new() };
-    let unknown: Vec<String> =
-        states.into_iter().map(|(vm, _)| vm).filter(|vm| app.vm_records.load(vm).is_err()).collect();
-    if !unknown.is_empty() {
-        tracing::info!(domains = ?unknown, "domains this agent has no record of (left alone)");
-    }
-    unknown
 }
 
 /// `GET /recovery`: what the last start found.

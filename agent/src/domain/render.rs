@@ -105,7 +105,8 @@ struct DiskView<'a> {
 
 #[derive(Serialize)]
 struct RbdView<'a> {
-    name: &'a str,
+    /// `pool/image`.
+    name: String,
     hosts: &'a [MonInfo],
     secret: Option<&'a str>,
     user: &'a str,
@@ -184,12 +185,15 @@ fn disk_view<'a>(v: &'a VolumeTo, settings: &'a DomainSettings, per_device_boot:
         (false, true) => (format!("vd{letter}"), "virtio"),
         (false, false) => (format!("sd{letter}"), "sata"),
     };
-    let rbd = (v.device_type == "ceph").then(|| RbdView {
-        name: v.install_path.trim_start_matches("ceph://"),
-        hosts: &v.mon_info,
-        secret: v.secret_uuid.as_deref().filter(|s| !s.is_empty()),
-        user: &settings.ceph_user,
-    });
+    let rbd = match v.device_type.as_str() {
+        "ceph" => Some(RbdView {
+            name: crate::ceph::path::CephPath::parse(&v.install_path)?.spec(),
+            hosts: &v.mon_info,
+            secret: v.secret_uuid.as_deref().filter(|s| !s.is_empty()),
+            user: &settings.ceph_user,
+        }),
+        _ => None,
+    };
     Ok(DiskView {
         file: rbd.is_none().then_some(v.install_path.as_str()),
         rbd,

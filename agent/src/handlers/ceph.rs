@@ -38,7 +38,7 @@ pub async fn create_empty(app: &App, ctx: &TaskCtx, cmd: CreateEmptyCmd) -> Agen
     if cmd.size == 0 {
         return Err(AgentError::invalid("size must be greater than 0"));
     }
-    let _lock = app.volume_locks.write(&p.to_string()).await;
+    let _lock = app.volume_locks.write_rbd(&p).await;
     if !(cmd.skip_if_existing && app.rbd.exists(&p, &ctx.stop).await?) {
         refuse_existing(app, ctx, &p).await?;
         app.rbd.create(&p, cmd.size, &ctx.stop).await?;
@@ -51,7 +51,7 @@ pub async fn create_empty(app: &App, ctx: &TaskCtx, cmd: CreateEmptyCmd) -> Agen
 pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CopyCmd) -> AgentResult<ImageRsp> {
     let src = snapshot(&cmd.src_path)?;
     let dst = image(&cmd.dst_path)?;
-    let _lock = app.volume_locks.write(&dst.to_string()).await;
+    let _lock = app.volume_locks.write_rbd(&dst).await;
     refuse_existing(app, ctx, &dst).await?;
     let snap = src.require_snap()?.to_owned();
     let snaps = app.rbd.snapshots(&src, &ctx.stop).await?;
@@ -71,7 +71,7 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CopyCmd) -> AgentResult<ImageR
 
 pub async fn flatten(app: &App, ctx: &TaskCtx, cmd: PathCmd) -> AgentResult<Empty> {
     let p = image(&cmd.path)?;
-    let _lock = app.volume_locks.write(&p.to_string()).await;
+    let _lock = app.volume_locks.write_rbd(&p).await;
     if app.rbd.info(&p, &ctx.stop).await?.parent.is_some() {
         app.rbd.flatten(&p, &ctx.stop, |pct| ctx.progress(pct, "flattening")).await.map_err(|e| {
             if e.was_stopped() {
@@ -86,7 +86,7 @@ pub async fn flatten(app: &App, ctx: &TaskCtx, cmd: PathCmd) -> AgentResult<Empt
 
 pub async fn snapshot_create(app: &App, ctx: &TaskCtx, cmd: SnapshotCmd) -> AgentResult<ImageRsp> {
     let p = snapshot(&cmd.snapshot_path)?;
-    let _lock = app.volume_locks.write(&p.image_spec()).await;
+    let _lock = app.volume_locks.write_rbd(&p).await;
     match app.rbd.snap_create(&p, &ctx.stop).await {
         Err(e) if e.is_exists() && cmd.skip_on_existing => {}
         other => other?,
@@ -122,13 +122,13 @@ async fn unprotect_if_unused(app: &App, ctx: &TaskCtx, p: &CephPath) -> AgentRes
 
 pub async fn snapshot_unprotect(app: &App, ctx: &TaskCtx, cmd: SnapshotCmd) -> AgentResult<Empty> {
     let p = snapshot(&cmd.snapshot_path)?;
-    let _lock = app.volume_locks.write(&p.image_spec()).await;
+    let _lock = app.volume_locks.write_rbd(&p).await;
     unprotect_if_unused(app, ctx, &p).await.map(|_| Empty {})
 }
 
 pub async fn snapshot_delete(app: &App, ctx: &TaskCtx, cmd: SnapshotCmd) -> AgentResult<Empty> {
     let p = snapshot(&cmd.snapshot_path)?;
-    let _lock = app.volume_locks.write(&p.image_spec()).await;
+    let _lock = app.volume_locks.write_rbd(&p).await;
     unprotect_if_unused(app, ctx, &p).await?;
     app.rbd.snap_remove(&p, &ctx.stop).await?;
     Ok(Empty {})
@@ -138,7 +138,7 @@ pub async fn snapshot_delete(app: &App, ctx: &TaskCtx, cmd: SnapshotCmd) -> Agen
 pub async fn copy(app: &App, ctx: &TaskCtx, cmd: CopyCmd) -> AgentResult<ImageRsp> {
     let src = CephPath::parse(&cmd.src_path)?;
     let dst = image(&cmd.dst_path)?;
-    let _lock = app.volume_locks.write(&dst.to_string()).await;
+    let _lock = app.volume_locks.write_rbd(&dst).await;
     app.rbd.info(&src, &ctx.stop).await?;
     refuse_existing(app, ctx, &dst).await?;
     if let Err(e) = app.rbd.deep_copy(&src, &dst, &ctx.stop).await {
@@ -154,14 +154,14 @@ pub async fn copy(app: &App, ctx: &TaskCtx, cmd: CopyCmd) -> AgentResult<ImageRs
 
 pub async fn get_size(app: &App, ctx: &TaskCtx, cmd: InstallPathCmd) -> AgentResult<ImageRsp> {
     let p = image(&cmd.install_path)?;
-    let _lock = app.volume_locks.read(&p.to_string()).await;
+    let _lock = app.volume_locks.read_rbd(&p).await;
     describe(app, ctx, &p).await
 }
 
 /// Deletes an image; one that is already gone is success. Its snapshots must be deleted first.
 pub async fn delete(app: &App, ctx: &TaskCtx, cmd: InstallPathCmd) -> AgentResult<Empty> {
     let p = image(&cmd.install_path)?;
-    let _lock = app.volume_locks.write(&p.to_string()).await;
+    let _lock = app.volume_locks.write_rbd(&p).await;
     if !app.rbd.exists(&p, &ctx.stop).await? {
         return Ok(Empty {});
     }

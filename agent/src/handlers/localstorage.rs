@@ -43,7 +43,7 @@ pub async fn create_volume_from_cache(
     ctx: &TaskCtx,
     cmd: CreateVolumeFromCacheCmd,
 ) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
-    let _lock = app.volume_locks.write(&cmd.install_url).await;
+    let _lock = app.volume_locks.write(&cmd.install_url).await?;
     let path = app
         .storage
         .create_from_image(
@@ -66,7 +66,7 @@ pub async fn create_empty(
         Some(o) => parse_qcow2_options(o)?,
         None => CreateOptions::default(),
     };
-    let _lock = app.volume_locks.write(&cmd.install_url).await;
+    let _lock = app.volume_locks.write(&cmd.install_url).await?;
     let path = app
         .storage
         .create_empty(&cmd.install_url, cmd.size, cmd.backing_file.as_deref(), Provisioning::Thin, opts, &ctx.stop)
@@ -78,7 +78,7 @@ pub async fn create_empty(
 }
 
 pub async fn get_size(app: &App, ctx: &TaskCtx, cmd: VolumePathCmd) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
-    let _lock = app.volume_locks.read(&cmd.install_path).await;
+    let _lock = app.volume_locks.read(&cmd.install_path).await?;
     size_of(app, ctx, Path::new(&cmd.install_path)).await
 }
 
@@ -87,7 +87,7 @@ pub async fn get_backing_chain(
     _ctx: &TaskCtx,
     cmd: VolumePathCmd,
 ) -> AgentResult<WithCapacity<BackingChainRsp>> {
-    let _lock = app.volume_locks.read(&cmd.install_path).await;
+    let _lock = app.volume_locks.read(&cmd.install_path).await?;
     let top = app.storage.roots().confine_chain(&cmd.install_path)?;
     let chain = app.storage.roots().backing_chain(&top)?;
     let total_size = chain.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
@@ -96,7 +96,7 @@ pub async fn get_backing_chain(
 }
 
 pub async fn delete(app: &App, _ctx: &TaskCtx, cmd: DeleteBitsCmd) -> AgentResult<WithCapacity<DeleteBitsRsp>> {
-    let _lock = app.volume_locks.write(&cmd.path).await;
+    let _lock = app.volume_locks.write(&cmd.path).await?;
     if !app.storage.delete(&cmd.path)? {
         return Err(AgentError::conflict(format!(
             "volume {} is in use by a running process; stop the VM first",
@@ -113,7 +113,7 @@ pub async fn create_with_backing(
     ctx: &TaskCtx,
     cmd: CreateWithBackingCmd,
 ) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
-    let _lock = app.volume_locks.write(&cmd.install_path).await;
+    let _lock = app.volume_locks.write(&cmd.install_path).await?;
     let path = app
         .storage
         .create_from_image(&cmd.template_path_in_cache, &cmd.install_path, None, Provisioning::Thin, &ctx.stop)
@@ -127,8 +127,8 @@ pub async fn create_template(
     ctx: &TaskCtx,
     cmd: CreateTemplateCmd,
 ) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
-    let _source = app.volume_locks.read(&cmd.volume_path).await;
-    let _target = app.volume_locks.write(&cmd.install_path).await;
+    let _source = app.volume_locks.read(&cmd.volume_path).await?;
+    let _target = app.volume_locks.write(&cmd.install_path).await?;
     let path = app
         .storage
         .create_flat_copy(&cmd.volume_path, &cmd.install_path, &ctx.stop, |p| ctx.progress(p, "copying"))
@@ -143,7 +143,7 @@ pub async fn reinit_image(app: &App, ctx: &TaskCtx, cmd: ReinitImageCmd) -> Agen
     let dir =
         old.parent().ok_or_else(|| AgentError::invalid(format!("volumePath {} has no directory", cmd.volume_path)))?;
     let new = dir.join(format!("{}.qcow2", uuid::Uuid::new_v4().simple())).display().to_string();
-    let _lock = app.volume_locks.write(&new).await;
+    let _lock = app.volume_locks.write(&new).await?;
     let path = app.storage.create_from_image(&cmd.image_path, &new, None, Provisioning::Thin, &ctx.stop).await?;
     Ok(with_capacity(app, Some(&path), ReinitImageRsp { new_volume_install_path: path.display().to_string() }))
 }
@@ -153,7 +153,7 @@ pub async fn offline_merge(
     ctx: &TaskCtx,
     cmd: OfflineMergeCmd,
 ) -> AgentResult<WithCapacity<crate::api::Empty>> {
-    let _lock = app.volume_locks.write(&cmd.dest_path).await;
+    let _lock = app.volume_locks.write(&cmd.dest_path).await?;
     match (cmd.full_rebase, cmd.src_path.as_deref().filter(|p| !p.is_empty())) {
         (true, _) => {
             app.storage.flatten_offline(&cmd.dest_path, &ctx.stop, |p| ctx.progress(p, "flattening")).await?;
@@ -171,7 +171,7 @@ pub async fn estimate_template_size(
     ctx: &TaskCtx,
     cmd: EstimateTemplateSizeCmd,
 ) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
-    let _lock = app.volume_locks.read(&cmd.volume_path).await;
+    let _lock = app.volume_locks.read(&cmd.volume_path).await?;
     let e = app.storage.estimate_flatten(&cmd.volume_path, &ctx.stop).await?;
     Ok(with_capacity(
         app,

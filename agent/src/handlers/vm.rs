@@ -14,13 +14,12 @@ use crate::tasks::TaskCtx;
 use crate::vm;
 
 pub async fn start(app: &App, ctx: &TaskCtx, cmd: StartVmCmd) -> AgentResult<StartVmRsp> {
-    let _lock = app.vm_locks.write(&cmd.vm_instance_uuid).await;
-    vm::start(app, ctx, cmd).await
+    let owner = app.vms.lock(&cmd.vm_instance_uuid).await?;
+    vm::start(app, ctx, &owner, cmd).await
 }
 
 pub async fn stop(app: &App, _ctx: &TaskCtx, cmd: StopVmCmd) -> AgentResult<Empty> {
-    vm::check_uuid(&cmd.uuid)?;
-    let _lock = app.vm_locks.write(&cmd.uuid).await;
+    let _owner = app.vms.lock(&cmd.uuid).await?;
     let graceful = !matches!(cmd.stop_type.as_str(), "cold" | "force");
     if graceful {
         let timeout = Duration::from_secs(cmd.timeout.clamp(1, 3600));
@@ -32,10 +31,9 @@ pub async fn stop(app: &App, _ctx: &TaskCtx, cmd: StopVmCmd) -> AgentResult<Empt
 }
 
 pub async fn destroy(app: &App, _ctx: &TaskCtx, cmd: DestroyVmCmd) -> AgentResult<Empty> {
-    vm::check_uuid(&cmd.uuid)?;
-    let _lock = app.vm_locks.write(&cmd.uuid).await;
+    let owner = app.vms.lock(&cmd.uuid).await?;
     power_off_and_undefine(app, &cmd.uuid).await?;
-    app.vm_records.remove(&cmd.uuid);
+    owner.remove();
     Ok(Empty {})
 }
 
@@ -63,15 +61,14 @@ pub async fn take_snapshot(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotCmd) -> Ag
     if cmd.full_snapshot {
         return Err(AgentError::invalid("full snapshots are not supported by this agent; take an incremental one"));
     }
-    let _lock = app.vm_locks.write(&cmd.vm_uuid).await;
+    let owner = app.vms.lock(&cmd.vm_uuid).await?;
     let new_top =
         cmd.new_volume_install_path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| cmd.install_path.clone());
     let target =
         vm::freeze::Target { volume_uuid: cmd.volume_uuid.clone(), current: cmd.volume_install_path.clone(), new_top };
-    let frozen =
-        vm::freeze::freeze_to(app, &cmd.vm_uuid, std::slice::from_ref(&target), &ctx.task_id, &ctx.stop).await?;
-    if let Ok(mut spec) = app.vm_records.load(&cmd.vm_uuid) {
-        vm::freeze::record(app, &mut spec, &frozen).await?;
+    let frozen = vm::freeze::freeze_to(app, &owner, std::slice::from_ref(&target), &ctx.task_id, &ctx.stop).await?;
+    if let Some(mut spec) = owner.record()? {
+        vm::freeze::record(app, &owner, &mut spec, &frozen).await?;
     }
     let z = &frozen[0];
     let size = crate::qemu_img::info(&z.snapshot_path, &ctx.stop).await?.actual_size;
@@ -85,9 +82,8 @@ pub async fn take_snapshot(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotCmd) -> Ag
 /// `/vm/volume/mergesnapshot` (ZStack): a live block pull on the running VM, verified from the
 /// qcow2 header before success is reported.
 pub async fn merge_snapshot(app: &App, ctx: &TaskCtx, cmd: MergeSnapshotCmd) -> AgentResult<Empty> {
-    vm::check_uuid(&cmd.vm_uuid)?;
-    let _vm = app.vm_locks.write(&cmd.vm_uuid).await;
-    let _volume = app.volume_locks.write(&cmd.dest_path).await;
+    let _owner = app.vms.lock(&cmd.vm_uuid).await?;
+    let _volume = app.volume_locks.write(&cmd.dest_path).await?;
     let dest = app.storage.roots().confine_chain(&cmd.dest_path)?;
     let base = match (cmd.full_rebase, cmd.src_path.as_deref().filter(|p| !p.is_empty())) {
         (true, _) => None,

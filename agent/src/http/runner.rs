@@ -77,6 +77,25 @@ pub fn spawn(app: Arc<App>, route: &'static Route, ctx: TaskCtx, body: AgentResu
     );
 }
 
+/// The runner as crash recovery uses it.
+pub struct TaskRunner;
+
+impl crate::recovery::Runner for TaskRunner {
+    fn resume(&self, app: &Arc<App>, record: &crate::tasks::journal::TaskRecord) -> bool {
+        let route = super::routes::find(&record.path);
+        let (Some(route), Ok(body)) = (route, api::parse_body(record.command.as_bytes())) else { return false };
+        let Some(ctx) = app.tasks.resume(&record.task_id) else { return false };
+        let common: CommonFields = serde_json::from_value(body.clone()).unwrap_or_default();
+        spawn(app.clone(), route, ctx, Ok(body), common);
+        true
+    }
+
+    fn deliver(&self, app: &Arc<App>, task_id: String, url: String, result: Value) {
+        let app = app.clone();
+        tokio::spawn(async move { deliver(&app, &task_id, &url, &result).await });
+    }
+}
+
 /// Posts a result to its callback URL, retrying with backoff; records delivery on success.
 pub async fn deliver(app: &App, task_id: &str, url: &str, envelope: &Value) {
     let body = Bytes::from(envelope.to_string());

@@ -1,4 +1,7 @@
-//! Primary storage: path confinement and local qcow2 volumes.
+//! Primary storage: where volumes live (local qcow2 files or RBD images), path confinement,
+//! and the locks that keep two commands off one volume.
 
 pub mod local;
+pub mod location;
 pub mod roots;
+pub mod volume_locks;

@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use super::owner::VmGuard;
 use super::undo::{UndoLog, UndoStep};
 use super::volumes;
 use crate::api::inventory::VmInstanceInventory;
@@ -49,16 +50,16 @@ pub async fn create_vm(
     sources: &[Source],
     strategy: Strategy,
 ) -> AgentResult<VmInstanceInventory> {
-    let _vm_lock = app.vm_locks.write(&spec.vm_instance_uuid).await;
+    let vm = app.vms.lock(&spec.vm_instance_uuid).await?;
     let paths: Vec<String> = spec.volumes().map(|v| v.install_path.clone()).collect();
-    let _volume_locks = app.volume_locks.write_all(&paths).await;
+    let _volume_locks = app.volume_locks.write_all(&paths).await?;
     check_targets(app, ctx, spec).await?;
-    make(app, ctx, NewVm { spec, sources, tpm_from: None, strategy }).await
+    make(app, ctx, &vm, NewVm { spec, sources, tpm_from: None, strategy }).await
 }
 
 /// Everything that can be known before making anything: the spec is valid, the VM has no domain
-/// and no record here, every target volume is free, inside the roots and named once, and every
-/// other file the domain opens (ISOs, kernel) is inside the roots.
+/// here, every target volume is free, inside the roots and named once, and every other file the
+/// domain opens (ISOs, kernel) is inside the roots.
 pub async fn check_targets(app: &App, ctx: &TaskCtx, spec: &StartVmCmd) -> AgentResult<()> {
     crate::domain::validate(spec)?;
     let mut targets = HashSet::new();
@@ -75,7 +76,7 @@ pub async fn check_targets(app: &App, ctx: &TaskCtx, spec: &StartVmCmd) -> Agent
         app.storage.roots().confine_existing(path)?;
     }
     let vm = &spec.vm_instance_uuid;
-    if app.libvirt.domain_state(vm).await?.is_some() || app.vm_records.load(vm).is_ok() {
+    if app.libvirt.domain_state(vm).await?.is_some() {
         return Err(AgentError::conflict(format!("VM {vm} already exists on this host")));
     }
     Ok(())
@@ -89,24 +90,41 @@ pub struct NewVm<'a> {
     pub strategy: Strategy,
 }
 
-/// Makes the volumes, the TPM state and the domain per strategy, records the VM and answers
-/// its inventory. On failure everything made is removed.
-pub async fn make(app: &App, ctx: &TaskCtx, new: NewVm<'_>) -> AgentResult<VmInstanceInventory> {
+/// Makes the volumes, the TPM state and the domain per strategy, records the VM (held by `vm`:
+/// a VM with a record already is refused) and answers its inventory. On failure everything made
+/// is removed.
+pub async fn make(app: &App, ctx: &TaskCtx, vm: &VmGuard, new: NewVm<'_>) -> AgentResult<VmInstanceInventory> {
+    if vm.uuid() != new.spec.vm_instance_uuid {
+        return Err(AgentError::internal(format!(
+            "VM {} is made under the lock of {}",
+            new.spec.vm_instance_uuid,
+            vm.uuid()
+        )));
+    }
+    if vm.record()?.is_some() {
+        return Err(AgentError::conflict(format!("VM {} already exists on this host", vm.uuid())));
+    }
     let mut undo = UndoLog::journaled(app, &ctx.task_id);
-    match build(app, ctx, &new, &mut undo).await {
+    match build(app, ctx, vm, &new, &mut undo).await {
         Ok(state) => {
             undo.commit();
             ctx.progress(100, "created");
             super::inventory::of(app, new.spec, state, ctx).await
         }
         Err(e) => {
-            undo.rollback(app).await;
+            undo.rollback(app, vm).await;
             Err(e)
         }
     }
 }
 
-async fn build(app: &App, ctx: &TaskCtx, new: &NewVm<'_>, undo: &mut UndoLog) -> AgentResult<&'static str> {
+async fn build(
+    app: &App,
+    ctx: &TaskCtx,
+    owner: &VmGuard,
+    new: &NewVm<'_>,
+    undo: &mut UndoLog,
+) -> AgentResult<&'static str> {
     let NewVm { spec, sources, tpm_from, strategy } = *new;
     let stop = &ctx.stop;
     let vm = &spec.vm_instance_uuid;
@@ -154,6 +172,6 @@ async fn build(app: &App, ctx: &TaskCtx, new: &NewVm<'_>, undo: &mut UndoLog) ->
     // A cancel that arrived during the last step still undoes the whole VM.
     stop.check("creating the VM")?;
     undo.push(UndoStep::RemoveRecord { vm: vm.clone() });
-    app.vm_records.save(spec)?;
+    owner.save(spec)?;
     Ok(state)
 }

@@ -16,7 +16,6 @@ use super::assemble::{self, Source};
 use super::capture::{self, capture, Freeze};
 use super::derived;
 use super::undo::{UndoLog, UndoStep};
-use super::volumes::{self, Place};
 use crate::api::inventory::VmInstanceInventory;
 use crate::api::native::{BackupMode, BackupVmCmd, BackupVmRsp, CreateFromBackupCmd, NewVolume};
 use crate::api::vm::StartVmCmd;
@@ -26,6 +25,7 @@ use crate::error::{AgentError, AgentResult};
 use crate::qemu_img::{self, Convert, CreateOptions};
 use crate::stop::Stop;
 use crate::storage::local::Building;
+use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
 
 /// Names of the temporary RBD snapshots a backup reads from.
@@ -68,8 +68,8 @@ fn previous(group: &Group, spec: &StartVmCmd) -> AgentResult<Manifest> {
 
 /// `/vm/backup`.
 pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<BackupVmRsp> {
-    let mut spec = app.vm_records.load(&cmd.vm_uuid)?;
-    let _lock = app.vm_locks.write(&spec.vm_instance_uuid).await;
+    let owner = app.vms.lock(&cmd.vm_uuid).await?;
+    let mut spec = owner.load()?;
     let group_uuid = match (cmd.mode, &cmd.group_uuid) {
         (BackupMode::Full, g) => g.clone().unwrap_or_else(derived::random_uuid),
         (BackupMode::Incremental, Some(g)) => g.clone(),
@@ -94,7 +94,7 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
         tpm_to: None,
         task_id: &ctx.task_id,
     };
-    let captured = capture(app, &mut spec, opts, &ctx.stop).await?;
+    let captured = capture(app, &owner, &mut spec, opts, &ctx.stop).await?;
     // The instant is released whatever happens (temporary tops committed back into the volumes,
     // temporary snapshots dropped), and after a crash too: both logs are journaled.
     let mut release = UndoLog::journaled(app, &ctx.task_id);
@@ -109,7 +109,7 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
         made.push(UndoStep::RemoveTree { path: group.dir.clone() });
     }
     let written = write_point(app, ctx, &group, &before, point, &captured, &mut made).await;
-    release.rollback(app).await;
+    release.rollback(app, &owner).await;
 
     let result = async {
         let files = written?;
@@ -154,7 +154,7 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
             Ok(BackupVmRsp { group_uuid, group_path: group.dir.display().to_string(), point, manifest: m })
         }
         Err(e) => {
-            made.rollback(app).await;
+            made.rollback(app, &owner).await;
             Err(e)
         }
     }
@@ -195,9 +195,9 @@ async fn write_point(
 /// Writes the instant `from` (a file chain, or an RBD snapshot) to `dst`: flat, or — with
 /// `previous`, the name of the previous point's file beside `dst` — only what differs from it.
 async fn write_file(app: &App, from: &str, previous: Option<&str>, dst: &Path, stop: &Stop) -> AgentResult<()> {
-    let (src, src_fmt): (String, &str) = match volumes::place(from)? {
-        Place::Rbd(p) => (app.rbd.qemu_name(&p), "raw"),
-        Place::Local => {
+    let (src, src_fmt): (String, &str) = match Location::parse(from)? {
+        Location::Rbd(p) => (app.rbd.qemu_name(&p), "raw"),
+        Location::File(_) => {
             let path = app.storage.roots().confine_chain(from)?;
             let fmt = qemu_img::read_header(&path).map_err(|e| AgentError::invalid(e.to_string()))?.format;
             (path.display().to_string(), fmt)

@@ -7,12 +7,14 @@
 use std::path::Path;
 
 use super::freeze::{freeze, Frozen};
+use super::owner::VmGuard;
 use super::volumes;
 use crate::api::vm::StartVmCmd;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::libvirt::domains::VmState;
 use crate::stop::Stop;
+use crate::storage::location::Location;
 
 /// When file volumes are frozen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,16 +66,20 @@ impl Captured {
     }
 }
 
-/// Captures the VM whose record is `spec` (its record is updated when files are frozen). The
-/// caller holds the VM's lock.
-pub async fn capture(app: &App, spec: &mut StartVmCmd, opts: Options<'_>, stop: &Stop) -> AgentResult<Captured> {
-    let vm = spec.vm_instance_uuid.clone();
+/// Captures VM `owner`, whose record is `spec` (its record is updated when files are frozen).
+pub async fn capture(
+    app: &App,
+    owner: &VmGuard,
+    spec: &mut StartVmCmd,
+    opts: Options<'_>,
+    stop: &Stop,
+) -> AgentResult<Captured> {
+    let vm = owner.uuid().to_owned();
     let state = app.libvirt.domain_state(&vm).await?;
     let running = state.is_some_and(|s| s.is_active());
     let chosen = || std::iter::once(&spec.root_volume).chain(spec.data_volumes.iter().filter(|_| opts.with_data));
-    let rbd_images: Vec<String> =
-        chosen().map(|v| v.install_path.clone()).filter(|p| p.starts_with("ceph://")).collect();
-    let has_files = chosen().any(|v| !v.install_path.starts_with("ceph://"));
+    let rbd_images: Vec<String> = chosen().map(|v| v.install_path.clone()).filter(|p| Location::is_rbd(p)).collect();
+    let has_files = chosen().any(|v| !Location::is_rbd(&v.install_path));
     let tpm = spec.tpm.as_ref().is_some_and(|t| t.enable) && opts.tpm_to.is_some();
     let freezing = has_files && (opts.freeze == Freeze::Always || running);
     let actions = usize::from(freezing) + rbd_images.len() + usize::from(tpm);
@@ -84,7 +90,7 @@ pub async fn capture(app: &App, spec: &mut StartVmCmd, opts: Options<'_>, stop: 
     let taken = async {
         let mut captured = Captured::default();
         if freezing {
-            captured.frozen = freeze(app, spec, opts.with_data, opts.task_id, stop).await?;
+            captured.frozen = freeze(app, owner, spec, opts.with_data, opts.task_id, stop).await?;
         }
         captured.rbd_snapshots = volumes::snapshot_rbd(&app.rbd, &rbd_images, opts.rbd_snapshot, stop).await?;
         if let Some(to) = opts.tpm_to.filter(|_| tpm) {

@@ -9,12 +9,13 @@ use crate::api::native::ChangeImageCmd;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::storage::local::Provisioning;
+use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
 
 pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> AgentResult<VmInstanceInventory> {
-    let mut spec = app.vm_records.load(&cmd.vm_uuid)?;
+    let owner = app.vms.lock(&cmd.vm_uuid).await?;
+    let mut spec = owner.load()?;
     let vm = spec.vm_instance_uuid.clone();
-    let _lock = app.vm_locks.write(&vm).await;
     let state = app.libvirt.domain_state(&vm).await?;
     if state.is_some_and(|s| s.is_active()) {
         return Err(AgentError::conflict(format!("VM {vm} is running; stop it before changing its image")));
@@ -22,20 +23,20 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
     let old_root = spec.root_volume.install_path.clone();
     let new_root = match &cmd.new_root_install_path {
         Some(p) => p.clone(),
-        None => match volumes::place(&old_root)? {
-            volumes::Place::Rbd(old) => {
+        None => match Location::parse(&old_root)? {
+            Location::Rbd(old) => {
                 // `ceph::rootPoolName::<pool>` places the new root in another pool.
                 let pool =
                     cmd.system_tags.iter().find_map(|t| t.strip_prefix("ceph::rootPoolName::")).unwrap_or(&old.pool);
-                format!("ceph://{pool}/{}", uuid::Uuid::new_v4().simple())
+                Location::rbd_image(pool, &uuid::Uuid::new_v4().simple().to_string())
             }
-            volumes::Place::Local => {
+            Location::File(_) => {
                 let dir = std::path::Path::new(&old_root).parent().unwrap_or(std::path::Path::new("/"));
                 dir.join(format!("{}.qcow2", uuid::Uuid::new_v4().simple())).display().to_string()
             }
         },
     };
-    let _volumes = app.volume_locks.write_all(&[old_root.clone(), new_root.clone()]).await;
+    let _volumes = app.volume_locks.write_all(&[old_root.clone(), new_root.clone()]).await?;
     volumes::store(app, &cmd.image_path)?
         .check_image(&cmd.image_path, &ctx.stop)
         .await
@@ -76,7 +77,7 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
             let xml = crate::domain::render(&spec, &super::settings(app, &vm))?;
             app.libvirt.define(xml).await.map_err(|e| AgentError::from(e).context("step 'redefine domain' failed"))?;
         }
-        app.vm_records.save(&spec)?;
+        owner.save(&spec)?;
         // Switched. Should the agent die before the result is recorded, the next start
         // finishes the job: the old root goes, as it would have below.
         let old = volumes::store(app, &old_root)?.undo_for(&old_root)?;
@@ -87,7 +88,7 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
     match result {
         Ok(()) => undo.commit(),
         Err(e) => {
-            undo.rollback(app).await;
+            undo.rollback(app, &owner).await;
             return Err(e);
         }
     }
@@ -102,9 +103,9 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
 /// Removes the replaced root; false when something still uses it (a process has the file open,
 /// or the image has snapshots clones depend on), in which case it is kept.
 async fn remove_old_root(app: &App, path: &str, stop: &crate::stop::Stop) -> AgentResult<bool> {
-    match volumes::place(path)? {
-        volumes::Place::Local => app.storage.delete(path),
-        volumes::Place::Rbd(p) => {
+    match Location::parse(path)? {
+        Location::File(_) => app.storage.delete(path),
+        Location::Rbd(p) => {
             if !app.rbd.snapshots(&p, stop).await?.is_empty() {
                 return Ok(false);
             }

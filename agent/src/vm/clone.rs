@@ -15,6 +15,7 @@ use crate::api::native::{CloneMode, CloneSpec, CloneVmCmd, CloneVmRsp};
 use crate::api::vm::StartVmCmd;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
+use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
 
 const MAX_CLONES: usize = 1000;
@@ -53,7 +54,7 @@ fn plan(app: &App, cmd: &CloneVmCmd, source: &StartVmCmd) -> AgentResult<Vec<Pla
         if uuid == source.vm_instance_uuid || !uuids.insert(uuid.clone()) {
             return Err(AgentError::invalid(format!("clone uuid {uuid} is used twice")));
         }
-        if app.vm_records.load(&uuid).is_ok() {
+        if app.vms.is_known(&uuid) {
             return Err(AgentError::conflict(format!("VM {uuid} already exists on this host")));
         }
         let mut spec = source.clone();
@@ -80,18 +81,20 @@ fn plan(app: &App, cmd: &CloneVmCmd, source: &StartVmCmd) -> AgentResult<Vec<Pla
             let given = if k == 0 { c.root_install_path.clone() } else { c.data_install_paths.get(k - 1).cloned() };
             let new_volume = random_uuid();
             let target = given.unwrap_or_else(|| path_beside(&v.install_path, &new_volume));
-            let target = if target.starts_with("ceph://") {
-                crate::ceph::path::CephPath::parse(&target)?.require_image()?;
-                target
-            } else {
-                let confined = app.storage.roots().confine(&target)?;
-                if confined.symlink_metadata().is_ok() {
-                    return Err(AgentError::conflict(format!(
-                        "clones[{i}]: volume {} already exists",
-                        confined.display()
-                    )));
+            let target = match Location::confined(&target, app.storage.roots())? {
+                Location::Rbd(p) => {
+                    p.require_image()?;
+                    target
                 }
-                confined.display().to_string()
+                Location::File(confined) => {
+                    if confined.symlink_metadata().is_ok() {
+                        return Err(AgentError::conflict(format!(
+                            "clones[{i}]: volume {} already exists",
+                            confined.display()
+                        )));
+                    }
+                    confined.display().to_string()
+                }
             };
             if !targets.insert(target.clone()) {
                 return Err(AgentError::invalid(format!("clones[{i}]: install path {target} is named twice")));
@@ -99,7 +102,7 @@ fn plan(app: &App, cmd: &CloneVmCmd, source: &StartVmCmd) -> AgentResult<Vec<Pla
             sources.push((v.volume_uuid.clone(), v.install_path.clone()));
             v.install_path = target;
             v.volume_uuid = new_volume;
-            if !v.install_path.starts_with("ceph://") {
+            if !Location::is_rbd(&v.install_path) {
                 v.format = "qcow2".into();
             }
         }
@@ -110,8 +113,8 @@ fn plan(app: &App, cmd: &CloneVmCmd, source: &StartVmCmd) -> AgentResult<Vec<Pla
 }
 
 pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<CloneVmRsp> {
-    let mut source = app.vm_records.load(&cmd.vm_uuid)?;
-    let _source_lock = app.vm_locks.write(&source.vm_instance_uuid).await;
+    let owner = app.vms.lock(&cmd.vm_uuid).await?;
+    let mut source = owner.load()?;
     let plans = plan(app, &cmd, &source)?;
     check_plans(app, ctx, &plans).await?;
 
@@ -126,8 +129,9 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
         tpm_to: Some(&staging),
         task_id: &ctx.task_id,
     };
-    let captured =
-        capture(app, &mut source, opts, &ctx.stop).await.map_err(|e| e.context("step 'freeze source' failed"))?;
+    let captured = capture(app, &owner, &mut source, opts, &ctx.stop)
+        .await
+        .map_err(|e| e.context("step 'freeze source' failed"))?;
     let captured = &captured;
 
     let tpm_source = captured.tpm_copied.then_some(staging.as_path());
@@ -137,12 +141,14 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
         .map(|(i, p)| async move {
             let name = p.spec.vm_name.clone();
             let uuid = p.spec.vm_instance_uuid.clone();
-            let _lock = app.vm_locks.write(&uuid).await;
             let sources: Vec<Source> = (p.sources.iter())
                 .map(|(volume, path)| Source::Clone { from: captured.point(volume, path), linked })
                 .collect();
             let new = NewVm { spec: &p.spec, sources: &sources, tpm_from: tpm_source, strategy: cmd.strategy };
-            let r = assemble::make(app, ctx, new).await;
+            let r = match app.vms.lock(&uuid).await {
+                Ok(clone) => assemble::make(app, ctx, &clone, new).await,
+                Err(e) => Err(e),
+            };
             ctx.progress(((i + 1) * 100 / total) as u8, "clone finished");
             match r {
                 Ok(inv) => json!({ "inventory": inv }),
@@ -176,16 +182,15 @@ async fn check_plans(app: &App, ctx: &TaskCtx, plans: &[Plan]) -> AgentResult<()
             )));
         }
         for ((_, s), v) in p.sources.iter().zip(p.spec.volumes()) {
-            if v.install_path.starts_with("ceph://") {
+            if Location::is_rbd(&v.install_path) {
                 rbd_targets.push(v.install_path.clone());
             }
             if !sources.insert(s.as_str()) {
                 continue;
             }
-            if s.starts_with("ceph://") {
-                volumes::store(app, s)?.sizes(s, &ctx.stop).await?;
-            } else {
-                app.storage.roots().confine_chain(s)?;
+            match Location::parse(s)? {
+                Location::Rbd(_) => drop(volumes::store(app, s)?.sizes(s, &ctx.stop).await?),
+                Location::File(_) => drop(app.storage.roots().confine_chain(s)?),
             }
         }
     }

@@ -12,6 +12,7 @@ use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::qemu_img::CreateOptions;
 use crate::storage::local::{check_size, Provisioning};
+use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
 
 pub(super) fn provisioning(p: WireProvisioning) -> Provisioning {
@@ -23,7 +24,7 @@ pub(super) fn provisioning(p: WireProvisioning) -> Provisioning {
 
 /// The VolumeTO of a new volume: a qcow2 file, or an RBD image reached as `cmd.ceph` says.
 fn volume_to(cmd: &CreateVmCmd, path: &str, uuid: &str, device_id: usize) -> Value {
-    if path.starts_with("ceph://") {
+    if Location::is_rbd(path) {
         let ceph = cmd.ceph.clone().unwrap_or_default();
         json!({"installPath": path, "volumeUuid": uuid, "deviceId": device_id, "deviceType": "ceph", "format": "raw",
                "secretUuid": ceph.secret_uuid, "monInfo": ceph.mon_info})
@@ -71,7 +72,7 @@ async fn check_sources(app: &App, ctx: &TaskCtx, cmd: &CreateVmCmd) -> AgentResu
                     .enumerate()
                     .map(|(i, d)| (&d.install_path, d.size, format!("dataVolumes[{i}]"))),
             )
-            .filter(|(path, _, _)| !path.starts_with("ceph://"));
+            .filter(|(path, _, _)| !Location::is_rbd(path));
     for (_, size, field) in files {
         check_size(size, &CreateOptions::default()).map_err(|e| e.context(field))?;
     }

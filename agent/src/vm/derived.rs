@@ -10,6 +10,7 @@ use serde_json::Value;
 use crate::api::native::{CephAccess, NewVmTarget, NewVolume};
 use crate::api::vm::{NicTo, StartVmCmd, VolumeTo};
 use crate::error::{AgentError, AgentResult};
+use crate::storage::location::Location;
 
 pub fn random_uuid() -> String {
     uuid::Uuid::new_v4().simple().to_string()
@@ -24,8 +25,8 @@ fn random_mac() -> String {
 /// `<...>/vol-<old>/<file>` → `<...>/vol-<new>/<new>.qcow2`: ZStack's layout, beside the source;
 /// on Ceph, a new image in the source's pool.
 pub fn path_beside(source: &str, new_volume: &str) -> String {
-    if let Some(p) = source.starts_with("ceph://").then(|| crate::ceph::path::CephPath::parse(source).ok()).flatten() {
-        return format!("ceph://{}/{new_volume}", p.pool);
+    if let Ok(Location::Rbd(p)) = Location::parse(source) {
+        return Location::rbd_image(&p.pool, new_volume);
     }
     let p = Path::new(source);
     let base = p.parent().and_then(Path::parent).unwrap_or(Path::new("/"));
@@ -51,7 +52,7 @@ pub fn retarget(
     ceph: Option<&CephAccess>,
 ) -> AgentResult<VolumeTo> {
     let mut v = VolumeTo { install_path, volume_uuid, ..origin.clone() };
-    if v.install_path.starts_with("ceph://") {
+    if Location::is_rbd(&v.install_path) {
         v.device_type = "ceph".into();
         v.format = "raw".into();
         if let Some(c) = ceph {

@@ -12,6 +12,7 @@ use crate::api::native::{FlattenEstimateRsp, FlattenVmCmd, VolumeEstimate};
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::qemu_img;
+use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
 
 const POLL: Duration = Duration::from_millis(200);
@@ -86,8 +87,8 @@ async fn flatten_volume(
     path: &str,
     progress: impl Fn(u8),
 ) -> AgentResult<bool> {
-    let _lock = app.volume_locks.write(path).await;
-    if let super::volumes::Place::Rbd(p) = super::volumes::place(path)? {
+    let _lock = app.volume_locks.write(path).await?;
+    if let Location::Rbd(p) = Location::parse(path)? {
         return super::volumes::flatten_rbd(&app.rbd, &p, &ctx.stop, progress).await;
     }
     let resolved = app.storage.roots().confine_chain(path)?;
@@ -103,18 +104,18 @@ async fn flatten_volume(
 }
 
 pub async fn flatten(app: &App, ctx: &TaskCtx, cmd: FlattenVmCmd) -> AgentResult<Value> {
-    let spec = app.vm_records.load(&cmd.vm_uuid)?;
+    let owner = app.vms.lock(&cmd.vm_uuid).await?;
+    let spec = owner.load()?;
     let vm = spec.vm_instance_uuid.clone();
-    let _vm_lock = app.vm_locks.write(&vm).await;
     let volumes: Vec<_> =
         std::iter::once(&spec.root_volume).chain(spec.data_volumes.iter().filter(|_| cmd.full)).collect();
     // Every local chain must stay inside the roots, and RBD paths be valid, before anything runs.
     for v in &volumes {
-        match super::volumes::place(&v.install_path)? {
-            super::volumes::Place::Local => {
+        match Location::parse(&v.install_path)? {
+            Location::File(_) => {
                 app.storage.roots().confine_chain(&v.install_path)?;
             }
-            super::volumes::Place::Rbd(p) => p.require_image()?,
+            Location::Rbd(p) => p.require_image()?,
         }
     }
     if cmd.dry_run {

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::owner::VmGuard;
 use super::undo::{UndoLog, UndoStep};
 use crate::api::vm::StartVmCmd;
 use crate::app::App;
@@ -14,6 +15,7 @@ use crate::error::{AgentError, AgentResult};
 use crate::qemu_img::CreateOptions;
 use crate::stop::Stop;
 use crate::storage::local::Provisioning;
+use crate::storage::location::Location;
 
 /// One frozen volume.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -38,10 +40,11 @@ pub struct Target {
     pub new_top: String,
 }
 
-/// Freezes the root (and the data volumes when `with_data`) of the VM whose record is `spec`,
-/// with new tops beside the current ones, and updates the record. The caller holds the VM's lock.
+/// Freezes the root (and the data volumes when `with_data`) of VM `vm`, whose record is `spec`,
+/// with new tops beside the current ones, and updates the record.
 pub async fn freeze(
     app: &App,
+    vm: &VmGuard,
     spec: &mut StartVmCmd,
     with_data: bool,
     task_id: &str,
@@ -51,7 +54,7 @@ pub async fn freeze(
     let targets: Vec<Target> = spec
         .volumes_mut()
         .enumerate()
-        .filter(|(i, v)| (*i == 0 || with_data) && !v.install_path.starts_with("ceph://"))
+        .filter(|(i, v)| (*i == 0 || with_data) && !Location::is_rbd(&v.install_path))
         .map(|(_, v)| {
             let dir = std::path::Path::new(&v.install_path).parent().unwrap_or(std::path::Path::new("/"));
             let new_top = dir.join(format!("{}.qcow2", uuid::Uuid::new_v4().simple())).display().to_string();
@@ -61,8 +64,8 @@ pub async fn freeze(
     if targets.is_empty() {
         return Ok(Vec::new());
     }
-    let frozen = freeze_to(app, &spec.vm_instance_uuid.clone(), &targets, task_id, stop).await?;
-    record(app, spec, &frozen).await?;
+    let frozen = freeze_to(app, vm, &targets, task_id, stop).await?;
+    record(app, vm, spec, &frozen).await?;
     Ok(frozen)
 }
 
@@ -72,12 +75,13 @@ pub async fn freeze(
 /// tops this call created are removed and the VM is as before.
 pub async fn freeze_to(
     app: &App,
-    vm: &str,
+    owner: &VmGuard,
     targets: &[Target],
     task_id: &str,
     stop: &Stop,
 ) -> AgentResult<Vec<Frozen>> {
-    if let Some(t) = targets.iter().find(|t| t.current.starts_with("ceph://")) {
+    let vm = owner.uuid();
+    if let Some(t) = targets.iter().find(|t| Location::is_rbd(&t.current)) {
         return Err(AgentError::invalid(format!(
             "volume {} is on Ceph; this host freezes file volumes only",
             t.current
@@ -132,26 +136,26 @@ pub async fn freeze_to(
             Ok(frozen)
         }
         Err(e) => {
-            undo.rollback(app).await;
+            undo.rollback(app, owner).await;
             Err(e)
         }
     }
 }
 
 /// Points the VM's record (and its definition, when defined but stopped) at the new tops.
-pub async fn record(app: &App, spec: &mut StartVmCmd, frozen: &[Frozen]) -> AgentResult<()> {
+pub async fn record(app: &App, vm: &VmGuard, spec: &mut StartVmCmd, frozen: &[Frozen]) -> AgentResult<()> {
     for v in spec.volumes_mut() {
         if let Some(z) = frozen.iter().find(|z| same_file(&v.install_path, &z.snapshot_path)) {
             v.install_path = z.install_path.display().to_string();
             v.format = "qcow2".into();
         }
     }
-    save_and_redefine(app, spec).await
+    save_and_redefine(app, vm, spec).await
 }
 
-async fn save_and_redefine(app: &App, spec: &StartVmCmd) -> AgentResult<()> {
-    app.vm_records.save(spec)?;
-    let vm = &spec.vm_instance_uuid;
+async fn save_and_redefine(app: &App, owner: &VmGuard, spec: &StartVmCmd) -> AgentResult<()> {
+    owner.save(spec)?;
+    let vm = owner.uuid();
     if app.libvirt.domain_state(vm).await?.is_some_and(|s| !s.is_active()) {
         let xml = crate::domain::render(spec, &super::settings(app, vm))?;
         app.libvirt.define(xml).await?;
@@ -171,9 +175,9 @@ fn repoint(spec: &mut StartVmCmd, top: &Path, base: &Path) -> bool {
 }
 
 /// Points the VM back at `base` where its record names `top` (a freeze undone).
-pub async fn point_back(app: &App, spec: &mut StartVmCmd, top: &Path, base: &Path) -> AgentResult<()> {
+pub async fn point_back(app: &App, vm: &VmGuard, spec: &mut StartVmCmd, top: &Path, base: &Path) -> AgentResult<()> {
     if repoint(spec, top, base) {
-        save_and_redefine(app, spec).await?;
+        save_and_redefine(app, vm, spec).await?;
     }
     Ok(())
 }
@@ -185,9 +189,9 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
 /// back into the file it froze — on a running VM by an active block commit and a pivot, on a
 /// stopped one by `qemu-img commit` — and removed, and the record points at the old files
 /// again. A top that cannot be committed stays: the VM's data is intact, its chain one layer
-/// longer. The caller holds the VM's lock.
-pub async fn thaw(app: &App, spec: &mut StartVmCmd, frozen: &[Frozen]) {
-    let vm = spec.vm_instance_uuid.clone();
+/// longer.
+pub async fn thaw(app: &App, owner: &VmGuard, spec: &mut StartVmCmd, frozen: &[Frozen]) {
+    let vm = owner.uuid().to_owned();
     let mut thawed = Vec::new();
     for z in frozen {
         match commit_back(app, &vm, z).await {
@@ -199,7 +203,7 @@ pub async fn thaw(app: &App, spec: &mut StartVmCmd, frozen: &[Frozen]) {
     for z in &thawed {
         repoint(spec, &z.install_path, &z.snapshot_path);
     }
-    if let Err(e) = save_and_redefine(app, spec).await {
+    if let Err(e) = save_and_redefine(app, owner, spec).await {
         tracing::error!(vm = %vm, error = %e, "cannot record the VM after committing its temporary tops back");
     }
     for z in thawed {

@@ -11,7 +11,7 @@ pub mod derived;
 pub mod flatten;
 pub mod freeze;
 pub mod inventory;
-pub mod records;
+pub mod owner;
 pub mod snapshot_group;
 pub mod tpm;
 pub mod undo;
@@ -84,7 +84,7 @@ pub async fn define(app: &App, cmd: &StartVmCmd, start: bool, undo: &mut UndoLog
 
 /// `/vm/start`: a running (or paused) VM is left as it is; otherwise its domain is (re)defined
 /// from the command and started. A start that fails leaves no domain behind.
-pub async fn start(app: &App, _ctx: &TaskCtx, mut cmd: StartVmCmd) -> AgentResult<StartVmRsp> {
+pub async fn start(app: &App, _ctx: &TaskCtx, owner: &owner::VmGuard, mut cmd: StartVmCmd) -> AgentResult<StartVmRsp> {
     check_against_host(app, &mut cmd).await?;
     let vm = cmd.vm_instance_uuid.clone();
     if app.libvirt.domain_state(&vm).await?.is_some_and(|s| s.is_active()) {
@@ -94,7 +94,7 @@ pub async fn start(app: &App, _ctx: &TaskCtx, mut cmd: StartVmCmd) -> AgentResul
     match define(app, &cmd, true, &mut undo).await {
         Ok(rsp) => {
             undo.commit();
-            app.vm_records.save(&cmd)?;
+            owner.save(&cmd)?;
             Ok(rsp)
         }
         Err(e) => {

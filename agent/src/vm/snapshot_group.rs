@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use super::assemble::{self, Source};
 use super::capture::{self, capture, Freeze};
 use super::derived;
-use super::volumes::{self, Place};
+use super::volumes;
 use crate::api::inventory::VmInstanceInventory;
 use crate::api::native::{
     CreateFromSnapshotCmd, GroupSnapshot, NewVolume, Provisioning, SnapshotGroup, SnapshotGroupRef,
@@ -17,6 +17,7 @@ use crate::api::native::{
 use crate::app::App;
 use crate::atomic_file;
 use crate::error::{AgentError, AgentResult};
+use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
 
 /// Names of the RBD snapshots of a group: `kvmagent-group-<group uuid>`.
@@ -65,8 +66,8 @@ pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentR
     let group_uuid = cmd.group_uuid.clone().unwrap_or_else(derived::random_uuid);
     crate::domain::check_uuid(&group_uuid).map_err(|e| e.context("groupUuid"))?;
     crate::domain::xml_safe("name", &cmd.name)?;
-    let mut spec = app.vm_records.load(&cmd.vm_uuid)?;
-    let _lock = app.vm_locks.write(&spec.vm_instance_uuid).await;
+    let owner = app.vms.lock(&cmd.vm_uuid).await?;
+    let mut spec = owner.load()?;
     if groups.file(&group_uuid).exists() {
         return Err(AgentError::conflict(format!("snapshot group {group_uuid} already exists")));
     }
@@ -79,7 +80,7 @@ pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentR
         tpm_to: None,
         task_id: &ctx.task_id,
     };
-    let captured = capture(app, &mut spec, opts, &ctx.stop).await?;
+    let captured = capture(app, &owner, &mut spec, opts, &ctx.stop).await?;
     let mut snapshots = Vec::new();
     for v in before.volumes() {
         let snapshot_path = captured.point(&v.volume_uuid, &v.install_path);
@@ -146,11 +147,11 @@ pub async fn create_from(app: &App, ctx: &TaskCtx, cmd: CreateFromSnapshotCmd) -
                 AgentError::internal(format!("group {} lost the snapshot of {origin}", group.group_uuid))
             })?;
         let from = &snap.snapshot_path;
-        match (volumes::place(from)?, volumes::place(&v.install_path)?) {
-            (Place::Local, Place::Local) => {
+        match (Location::parse(from)?, Location::parse(&v.install_path)?) {
+            (Location::File(_), Location::File(_)) => {
                 app.storage.roots().confine_chain(from)?;
             }
-            (Place::Rbd(_), Place::Rbd(_)) => {
+            (Location::Rbd(_), Location::Rbd(_)) => {
                 volumes::store(app, from)?.sizes(from, &ctx.stop).await?;
             }
             _ => {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::owner::VmGuard;
 use crate::app::App;
 use crate::atomic_file;
 
@@ -88,18 +89,39 @@ impl UndoLog {
         self.file = None;
     }
 
-    /// Undoes every step, newest first. Failures are logged and the rest still undone.
-    pub async fn rollback(mut self, app: &App) {
-        replay(app, std::mem::take(&mut self.steps)).await;
+    /// Undoes every step, newest first, as the owner of VM `vm` (the only VM a log's steps
+    /// name). Failures are logged and the rest still undone.
+    pub async fn rollback(mut self, app: &App, vm: &VmGuard) {
+        replay(app, std::mem::take(&mut self.steps), &[vm]).await;
         self.forget();
     }
 }
 
-/// Undoes `steps`, newest first; returns what could not be undone.
-pub async fn replay(app: &App, mut steps: Vec<UndoStep>) -> Vec<String> {
+impl UndoStep {
+    /// The VM whose record or domain this step touches: its lock must be held to undo it.
+    pub fn vm(&self) -> Option<&str> {
+        match self {
+            UndoStep::RemoveDomain { vm }
+            | UndoStep::UnlessRecorded { vm, .. }
+            | UndoStep::RemoveRecord { vm }
+            | UndoStep::RemoveTop { vm, .. }
+            | UndoStep::Thaw { vm, .. } => Some(vm),
+            _ => None,
+        }
+    }
+}
+
+/// Undoes `steps`, newest first, holding the VMs they name; returns what could not be undone.
+pub async fn replay(app: &App, mut steps: Vec<UndoStep>, held: &[&VmGuard]) -> Vec<String> {
     let mut failed = Vec::new();
     while let Some(step) = steps.pop() {
-        if let Err(e) = undo(app, &step).await {
+        let owner = step.vm().map(|vm| held.iter().find(|g| g.uuid() == vm).copied().ok_or(vm));
+        let done = match owner {
+            Some(Err(vm)) => Err(format!("VM {vm} is not held by this undo; its step was left alone")),
+            Some(Ok(g)) => undo(app, &step, Some(g)).await,
+            None => undo(app, &step, None).await,
+        };
+        if let Err(e) = done {
             tracing::error!(?step, error = %e, "undo step failed; the resource may be left behind");
             failed.push(e);
         }
@@ -146,7 +168,8 @@ pub fn leftovers(state_dir: &Path) -> Vec<Leftover> {
     out
 }
 
-async fn undo(app: &App, step: &UndoStep) -> Result<(), String> {
+/// Undoes one step; `owner` is the held VM the step names, if it names one.
+async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(), String> {
     let stop = crate::stop::Stop::new();
     match step {
         // A file some process has open (a VM switched to it just before a crash) is in use,
@@ -195,36 +218,42 @@ async fn undo(app: &App, step: &UndoStep) -> Result<(), String> {
                 _ => Ok(()),
             }
         }
-        UndoStep::UnlessRecorded { vm, path, step } => {
-            let recorded = app.vm_records.load(vm).is_ok_and(|spec| spec.volumes().any(|v| &v.install_path == path));
+        UndoStep::UnlessRecorded { path, step, .. } => {
+            let recorded = owned(owner)?.load().is_ok_and(|spec| spec.volumes().any(|v| &v.install_path == path));
             if recorded {
                 Ok(())
             } else {
-                Box::pin(undo(app, step)).await
+                Box::pin(undo(app, step, owner)).await
             }
         }
-        UndoStep::RemoveRecord { vm } => {
-            app.vm_records.remove(vm);
+        UndoStep::RemoveRecord { .. } => {
+            owned(owner)?.remove();
             Ok(())
         }
         UndoStep::RemoveTop { top, .. } if crate::storage::local::is_open_by_any_process(top) => {
             Err(format!("{} is in use; kept", top.display()))
         }
-        UndoStep::RemoveTop { vm, top, base } => {
-            if let Ok(mut spec) = app.vm_records.load(vm) {
-                super::freeze::point_back(app, &mut spec, top, base).await.map_err(|e| e.to_string())?;
+        UndoStep::RemoveTop { top, base, .. } => {
+            let vm = owned(owner)?;
+            if let Ok(mut spec) = vm.load() {
+                super::freeze::point_back(app, vm, &mut spec, top, base).await.map_err(|e| e.to_string())?;
             }
             match tokio::fs::remove_file(top).await {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("removing {}: {e}", top.display())),
                 _ => Ok(()),
             }
         }
-        UndoStep::Thaw { vm, frozen } => {
-            let mut spec = app.vm_records.load(vm).map_err(|e| e.to_string())?;
-            super::freeze::thaw(app, &mut spec, frozen).await;
+        UndoStep::Thaw { frozen, .. } => {
+            let vm = owned(owner)?;
+            let mut spec = vm.load().map_err(|e| e.to_string())?;
+            super::freeze::thaw(app, vm, &mut spec, frozen).await;
             Ok(())
         }
     }
+}
+
+fn owned(owner: Option<&VmGuard>) -> Result<&VmGuard, String> {
+    owner.ok_or_else(|| "a step on a VM record was replayed without its VM".to_owned())
 }
 
 async fn remove_file(path: &Path) -> Result<(), String> {

@@ -41,7 +41,7 @@ impl VolumeStore for LocalStore<'_> {
         stop: &'a Stop,
     ) -> Fut<'a, ()> {
         Box::pin(async move {
-            if image.starts_with("ceph://") {
+            if crate::storage::location::Location::is_rbd(image) {
                 return Err(mixed(image, dst));
             }
             self.0.create_from_image(image, dst, size, prov, stop).await.map(drop)

@@ -1,6 +1,6 @@
 //! Where a VM volume lives — a local qcow2 file or an RBD image — and the operations VM-level
 //! work (create, clone, change image, flatten) needs from it: one trait, one implementation per
-//! kind of primary storage, chosen by the install path (`ceph://` or a file path).
+//! kind of primary storage, chosen by the install path's [`Location`].
 
 mod local;
 mod rbd;
@@ -12,10 +12,10 @@ pub use rbd::{drop_unused_snapshot, flatten_rbd, snapshot_rbd, CLONE_SNAPSHOT_PR
 
 use super::undo::UndoStep;
 use crate::app::App;
-use crate::ceph::path::CephPath;
 use crate::error::AgentResult;
 use crate::stop::Stop;
 use crate::storage::local::Provisioning;
+use crate::storage::location::Location;
 
 pub type Fut<'a, T> = Pin<Box<dyn Future<Output = AgentResult<T>> + Send + 'a>>;
 
@@ -50,24 +50,11 @@ pub trait VolumeStore: Send + Sync {
     fn flatten_estimate<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, u64>;
 }
 
-pub enum Place {
-    Local,
-    Rbd(CephPath),
-}
-
-pub fn place(path: &str) -> AgentResult<Place> {
-    if path.starts_with("ceph://") {
-        Ok(Place::Rbd(CephPath::parse(path)?))
-    } else {
-        Ok(Place::Local)
-    }
-}
-
 /// The store that holds (or will hold) `path`.
 pub fn store<'a>(app: &'a App, path: &str) -> AgentResult<Box<dyn VolumeStore + 'a>> {
-    Ok(match place(path)? {
-        Place::Local => Box::new(local::LocalStore(&app.storage)),
-        Place::Rbd(_) => Box::new(rbd::RbdStore(&app.rbd)),
+    Ok(match Location::parse(path)? {
+        Location::File(_) => Box::new(local::LocalStore(&app.storage)),
+        Location::Rbd(_) => Box::new(rbd::RbdStore(&app.rbd)),
     })
 }
 

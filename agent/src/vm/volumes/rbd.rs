@@ -90,7 +90,7 @@ impl VolumeStore for RbdStore<'_> {
         stop: &'a Stop,
     ) -> Fut<'a, ()> {
         Box::pin(async move {
-            if !image.starts_with("ceph://") {
+            if !crate::storage::location::Location::is_rbd(image) {
                 return Err(mixed(image, dst));
             }
             let (src, to) = (CephPath::parse(image)?, CephPath::parse(dst)?);
