@@ -68,6 +68,24 @@ pub fn decode<T: DeserializeOwned>(body: &Value) -> Result<T, AgentError> {
     })
 }
 
+/// Decodes a native command strictly: the fields every command may carry ([`CommonFields`])
+/// are set aside, and any other key the command does not name is refused, by its path.
+pub fn decode_native<T: native::NativeCommand>(body: &Value) -> Result<T, AgentError> {
+    let mut own = body.clone();
+    if let Value::Object(m) = &mut own {
+        for common in ["threadContext", "taskContext", "kvmHostAddons"] {
+            m.remove(common);
+        }
+    }
+    let cmd: T = decode(&own)?;
+    match cmd.unknown_keys().first() {
+        Some(key) => Err(AgentError::invalid(format!(
+            "bad field `{key}`: this command has no such field; see the README for its fields"
+        ))),
+        None => Ok(cmd),
+    }
+}
+
 /// The response envelope: `{"success": true, "error": null, ...fields}` or
 /// `{"success": false, "error": "...", "errorCode": {...}}`.
 pub fn envelope(result: &Result<Value, AgentError>) -> Value {

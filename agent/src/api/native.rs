@@ -1,12 +1,14 @@
 //! Native one-call operations (spec §4): all-or-nothing, answered with the management plane's
-//! inventory shapes.
+//! inventory shapes. Unlike ZStack's commands, native ones refuse a field they do not know
+//! ([`NativeCommand`]): a misspelt or unsupported option must not be silently dropped. The `vm`
+//! objects are ZStack StartVmCmd fields and keep ZStack's leniency.
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 /// `/vm/create`: volumes from an image (or empty), then the domain, per `strategy`.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateVmCmd {
     /// A StartVmCmd without its volumes: the agent fills in `rootVolume` and `dataVolumes`
     /// from the specs below before decoding it.
@@ -24,7 +26,7 @@ pub struct CreateVmCmd {
 }
 
 #[derive(Debug, Default, Clone, Deserialize, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CephAccess {
     /// The libvirt secret `/vm/createcephsecret` defined.
     #[serde(default)]
@@ -35,7 +37,7 @@ pub struct CephAccess {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RootVolumeSpec {
     pub volume_uuid: String,
     pub install_path: String,
@@ -50,7 +52,7 @@ pub struct RootVolumeSpec {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DataVolumeSpec {
     pub volume_uuid: String,
     pub install_path: String,
@@ -82,7 +84,7 @@ pub enum Strategy {
 
 /// `/vm/changeimage`: replace a stopped VM's root disk with a new one built from another image.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ChangeImageCmd {
     pub vm_uuid: String,
     pub image_path: String,
@@ -96,7 +98,7 @@ pub struct ChangeImageCmd {
 
 /// `/vm/clone`: one VM into N named copies.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CloneVmCmd {
     pub vm_uuid: String,
     /// One clone per name (or per entry of `clones`).
@@ -125,7 +127,7 @@ pub enum CloneMode {
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CloneSpec {
     #[serde(default)]
     pub uuid: Option<String>,
@@ -153,7 +155,7 @@ pub struct CloneVmRsp {
 
 /// `/vm/flatten`: cut volumes loose from their backing chains.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FlattenVmCmd {
     pub vm_uuid: String,
     /// All volumes (the management plane's default) or the root only.
@@ -207,7 +209,7 @@ pub struct NewVmTarget {
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewVolume {
     /// The source volume this one is made from.
     #[serde(default)]
@@ -223,7 +225,7 @@ pub struct NewVolume {
 
 /// `/vm/volumes/takesnapshot`: one snapshot of every volume of a VM, at one instant.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TakeSnapshotGroupCmd {
     pub vm_uuid: String,
     /// By default a new one.
@@ -235,7 +237,7 @@ pub struct TakeSnapshotGroupCmd {
 
 /// `/vm/volumes/getsnapshotgroup`.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SnapshotGroupRef {
     pub group_uuid: String,
 }
@@ -276,12 +278,15 @@ pub struct CreateFromSnapshotCmd {
     /// `thin` (default): overlays on the snapshots (RBD clones); `thick`: full copies.
     #[serde(default)]
     pub provisioning: Provisioning,
+    /// What no field above took (last, so it sees only the leftovers): refused.
+    #[serde(flatten)]
+    pub unknown: Map<String, Value>,
 }
 
 /// `/vm/backup`: a point of a backup group — the first (full) one, or an incremental on the
 /// group's newest point.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackupVmCmd {
     pub vm_uuid: String,
     #[serde(default)]
@@ -324,4 +329,79 @@ pub struct CreateFromBackupCmd {
     pub point: Option<usize>,
     #[serde(flatten)]
     pub target: NewVmTarget,
+    /// What no field above took (last, so it sees only the leftovers): refused.
+    #[serde(flatten)]
+    pub unknown: Map<String, Value>,
+}
+
+/// A native command: decoded strictly by [`crate::api::decode_native`].
+pub trait NativeCommand: serde::de::DeserializeOwned {
+    /// Top-level keys a catch-all collected (commands that flatten a shared part cannot use
+    /// serde's `deny_unknown_fields`).
+    fn unknown_keys(&self) -> Vec<&str> {
+        Vec::new()
+    }
+}
+
+impl NativeCommand for CreateVmCmd {}
+impl NativeCommand for ChangeImageCmd {}
+impl NativeCommand for CloneVmCmd {}
+impl NativeCommand for FlattenVmCmd {}
+impl NativeCommand for TakeSnapshotGroupCmd {}
+impl NativeCommand for SnapshotGroupRef {}
+impl NativeCommand for BackupVmCmd {}
+
+impl NativeCommand for CreateFromSnapshotCmd {
+    fn unknown_keys(&self) -> Vec<&str> {
+        self.unknown.keys().map(String::as_str).collect()
+    }
+}
+
+impl NativeCommand for CreateFromBackupCmd {
+    fn unknown_keys(&self) -> Vec<&str> {
+        self.unknown.keys().map(String::as_str).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::decode_native;
+    use serde_json::json;
+
+    fn refused<T: NativeCommand + std::fmt::Debug>(body: Value, field: &str) {
+        let e = decode_native::<T>(&body).expect_err(&body.to_string());
+        assert!(e.details.contains(field), "{body}: {}", e.details);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let create = json!({"vm": {}, "rootVolume": {"volumeUuid": "a", "installPath": "/r/a", "size": 1},
+                            "dataVolumes": [{"volumeUuid": "d", "installPath": "/r/d", "size": 1, "imagePath": "/i"}]});
+        refused::<CreateVmCmd>(create, "imagePath");
+        refused::<CloneVmCmd>(json!({"vmUuid": "v", "names": ["a"], "linked": true}), "linked");
+        refused::<CloneVmCmd>(json!({"vmUuid": "v", "clones": [{"rootVolumeUuid": "x"}]}), "rootVolumeUuid");
+        refused::<FlattenVmCmd>(json!({"vmUuid": "v", "dryrun": true}), "dryrun");
+        refused::<ChangeImageCmd>(json!({"vmUuid": "v", "imagePath": "/i", "newRootUuid": "x"}), "newRootUuid");
+        refused::<TakeSnapshotGroupCmd>(json!({"vmUuid": "v", "quiesce": true}), "quiesce");
+        refused::<BackupVmCmd>(json!({"vmUuid": "v", "mode": "full", "compress": true}), "compress");
+        refused::<CreateFromSnapshotCmd>(
+            json!({"groupUuid": "g", "provisioning": "thin", "firmware": "uefi"}),
+            "firmware",
+        );
+        refused::<CreateFromSnapshotCmd>(json!({"groupUuid": "g", "rootVolume": {"size": 1}}), "size");
+        refused::<CreateFromBackupCmd>(json!({"groupUuid": "g", "point": 0, "provisioning": "thin"}), "provisioning");
+    }
+
+    #[test]
+    fn known_and_common_fields_pass() {
+        let common = json!({"threadContext": {"api": "x"}, "taskContext": {}, "kvmHostAddons": {}});
+        let mut body = json!({"groupUuid": "g", "point": 1, "vm": {"anyStartVmField": 1}, "strategy": "JustCreate"});
+        body.as_object_mut().unwrap().extend(common.as_object().unwrap().clone());
+        let cmd = decode_native::<CreateFromBackupCmd>(&body).unwrap();
+        assert_eq!((cmd.point, cmd.target.strategy), (Some(1), Strategy::JustCreate));
+        let mut flatten = json!({"vmUuid": "v", "dryRun": true});
+        flatten.as_object_mut().unwrap().extend(common.as_object().unwrap().clone());
+        assert!(decode_native::<FlattenVmCmd>(&flatten).unwrap().dry_run);
+    }
 }

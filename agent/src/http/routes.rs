@@ -45,6 +45,20 @@ macro_rules! typed {
     };
 }
 
+/// Like `typed!`, for native commands: unknown fields are refused ([`crate::api::decode_native`]).
+macro_rules! native {
+    ($f:path) => {
+        |app: Arc<App>, ctx: TaskCtx, body: Value| -> HandlerFuture {
+            Box::pin(async move {
+                let cmd = crate::api::decode_native(&body)?;
+                let rsp = $f(&app, &ctx, cmd).await?;
+                serde_json::to_value(rsp)
+                    .map_err(|e| crate::error::AgentError::internal(format!("cannot encode the response: {e}")))
+            })
+        }
+    };
+}
+
 fn echo(_: Arc<App>, _: TaskCtx, _: Value) -> HandlerFuture {
     Box::pin(async { Ok(Value::Null) })
 }
@@ -60,15 +74,15 @@ static ROUTES: &[Route] = &[
     Route { path: "/vm/start", style: Style::Async, handler: typed!(handlers::vm::start) },
     Route { path: "/vm/stop", style: Style::Async, handler: typed!(handlers::vm::stop) },
     Route { path: "/vm/destroy", style: Style::Async, handler: typed!(handlers::vm::destroy) },
-    Route { path: "/vm/create", style: Style::Async, handler: typed!(vm::create::create) },
-    Route { path: "/vm/changeimage", style: Style::Async, handler: typed!(vm::change_image::change_image) },
-    Route { path: "/vm/clone", style: Style::Async, handler: typed!(vm::clone::clone) },
-    Route { path: "/vm/flatten", style: Style::Async, handler: typed!(vm::flatten::flatten) },
-    Route { path: "/vm/volumes/takesnapshot", style: Style::Async, handler: typed!(vm::snapshot_group::take) },
-    Route { path: "/vm/volumes/getsnapshotgroup", style: Style::Async, handler: typed!(vm::snapshot_group::get) },
-    Route { path: "/vm/createfromsnapshot", style: Style::Async, handler: typed!(vm::snapshot_group::create_from) },
-    Route { path: "/vm/backup", style: Style::Async, handler: typed!(vm::backup::backup) },
-    Route { path: "/vm/createfrombackup", style: Style::Async, handler: typed!(vm::backup::create_from) },
+    Route { path: "/vm/create", style: Style::Async, handler: native!(vm::create::create) },
+    Route { path: "/vm/changeimage", style: Style::Async, handler: native!(vm::change_image::change_image) },
+    Route { path: "/vm/clone", style: Style::Async, handler: native!(vm::clone::clone) },
+    Route { path: "/vm/flatten", style: Style::Async, handler: native!(vm::flatten::flatten) },
+    Route { path: "/vm/volumes/takesnapshot", style: Style::Async, handler: native!(vm::snapshot_group::take) },
+    Route { path: "/vm/volumes/getsnapshotgroup", style: Style::Async, handler: native!(vm::snapshot_group::get) },
+    Route { path: "/vm/createfromsnapshot", style: Style::Async, handler: native!(vm::snapshot_group::create_from) },
+    Route { path: "/vm/backup", style: Style::Async, handler: native!(vm::backup::backup) },
+    Route { path: "/vm/createfrombackup", style: Style::Async, handler: native!(vm::backup::create_from) },
     Route { path: "/vm/volume/takesnapshot", style: Style::Async, handler: typed!(handlers::vm::take_snapshot) },
     Route { path: "/vm/volume/mergesnapshot", style: Style::Async, handler: typed!(handlers::vm::merge_snapshot) },
     Route { path: "/vm/createcephsecret", style: Style::Async, handler: typed!(handlers::vm::create_ceph_secret) },
