@@ -10,6 +10,7 @@ use crate::ceph::rbd::Rbd;
 use crate::config::Config;
 use crate::host_identity::HostIdentity;
 use crate::http::client::Poster;
+use crate::hypervisor::Hypervisor;
 use crate::libvirt::Libvirt;
 use crate::recovery::{Inherited, Report};
 use crate::storage::local::LocalStorage;
@@ -24,7 +25,8 @@ pub struct App {
     pub tasks: Arc<TaskRegistry>,
     pub identity: Arc<HostIdentity>,
     pub poster: Poster,
-    pub libvirt: Libvirt,
+    /// The hypervisor port (libvirt; a fake in unit tests).
+    pub libvirt: Arc<dyn Hypervisor>,
     pub storage: LocalStorage,
     pub rbd: Rbd,
     /// Every VM's lock and record: one owner per VM at a time.
@@ -52,6 +54,15 @@ impl App {
     /// Builds the application state. Returns the tasks a previous run left unfinished or
     /// undelivered, for [`crate::recovery`].
     pub fn new(config: Config) -> Result<(Arc<App>, Inherited), StartupError> {
+        let libvirt = Arc::new(Libvirt::new(&config.libvirt.uri));
+        App::with_hypervisor(config, libvirt)
+    }
+
+    /// Like [`new`](Self::new), on the given hypervisor (a fake one in unit tests).
+    pub fn with_hypervisor(
+        config: Config,
+        libvirt: Arc<dyn Hypervisor>,
+    ) -> Result<(Arc<App>, Inherited), StartupError> {
         let state_err = |source| StartupError::StateDir { dir: config.state_dir.display().to_string(), source };
         std::fs::create_dir_all(&config.state_dir).map_err(state_err)?;
         let identity = Arc::new(HostIdentity::load(&config.state_dir).map_err(state_err)?);
@@ -61,7 +72,6 @@ impl App {
             TaskRegistry::open(Journal::open(&config.state_dir).map_err(state_err)?, Some(progress_tx))
                 .map_err(state_err)?;
         crate::http::progress::spawn_forwarder(progress_rx, identity.clone(), poster.clone());
-        let libvirt = Libvirt::new(&config.libvirt.uri);
         let roots = StorageRoots::new(&config.storage.roots)
             .map_err(|source| StartupError::Roots { roots: config.storage.roots.clone(), source })?;
         let backup_err = |source| StartupError::BackupRoots { roots: config.backup.roots.clone(), source };

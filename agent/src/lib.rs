@@ -13,6 +13,7 @@ pub mod handlers;
 pub mod host_identity;
 pub mod host_info;
 pub mod http;
+pub mod hypervisor;
 pub mod libvirt;
 pub mod locks;
 pub mod metrics;
@@ -23,4 +24,6 @@ pub mod recovery;
 pub mod stop;
 pub mod storage;
 pub mod tasks;
+#[cfg(test)]
+pub mod testing;
 pub mod vm;

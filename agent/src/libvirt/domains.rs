@@ -1,7 +1,5 @@
 //! Domain-level calls: look-up, state, define/start, stop, undefine, live XML.
 
-use std::time::Duration;
-
 use virt::domain::Domain;
 use virt::sys;
 
@@ -131,27 +129,17 @@ impl Libvirt {
         .await
     }
 
-    /// Asks the guest to shut down (ACPI) and waits up to `timeout` for it to stop. Returns
-    /// whether it stopped.
-    pub async fn shutdown_and_wait(&self, name: &str, timeout: Duration) -> Result<bool, LibvirtError> {
-        let n = name.to_owned();
+    /// Asks the guest to shut down (ACPI); returns at once.
+    pub async fn shutdown(&self, name: &str) -> Result<(), LibvirtError> {
+        let name = name.to_owned();
         self.call("shutdown", move |c| {
-            let d = lookup(c, &n)?;
+            let d = lookup(c, &name)?;
             if !state_of(&d)?.0.is_active() {
                 return Ok(());
             }
             d.shutdown().map_err(|e| LibvirtError::from_virt("shutdown", e))
         })
-        .await?;
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            match self.domain_state(name).await? {
-                None => return Ok(true),
-                Some(s) if !s.is_active() => return Ok(true),
-                Some(_) if tokio::time::Instant::now() >= deadline => return Ok(false),
-                Some(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-            }
-        }
+        .await
     }
 
     /// Removes the persistent definition (with its managed-save image, snapshot metadata and

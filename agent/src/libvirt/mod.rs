@@ -28,6 +28,16 @@ impl LibvirtError {
         LibvirtError::Call { call, message: e.message().to_string(), code: e.code().to_raw() as i32 }
     }
 
+    /// libvirt's own "no domain" error, as a fake hypervisor answers it.
+    #[cfg(test)]
+    pub fn no_domain(vm: &str) -> Self {
+        LibvirtError::Call {
+            call: "lookupByName",
+            message: format!("Domain not found: no domain with matching name '{vm}'"),
+            code: virt::sys::VIR_ERR_NO_DOMAIN as i32,
+        }
+    }
+
     /// libvirt's "no domain with matching name/uuid" (VIR_ERR_NO_DOMAIN).
     pub fn is_no_domain(&self) -> bool {
         matches!(self, LibvirtError::Call { code, .. } if *code == virt::sys::VIR_ERR_NO_DOMAIN as i32)
@@ -113,6 +123,62 @@ impl Libvirt {
             Ok((dotted(lib), dotted(hyp)))
         })
         .await
+    }
+}
+
+/// The real hypervisor: each call forwards to the libvirt call of the same name.
+#[async_trait::async_trait]
+impl crate::hypervisor::Hypervisor for Libvirt {
+    async fn versions(&self) -> Result<(String, String), LibvirtError> {
+        Libvirt::versions(self).await
+    }
+    async fn domain_state(&self, vm: &str) -> Result<Option<domains::VmState>, LibvirtError> {
+        Libvirt::domain_state(self, vm).await
+    }
+    async fn list_vm_states(&self) -> Result<(Vec<(String, domains::VmState)>, Vec<String>), LibvirtError> {
+        Libvirt::list_vm_states(self).await
+    }
+    async fn define(&self, xml: String) -> Result<(), LibvirtError> {
+        Libvirt::define(self, xml).await
+    }
+    async fn start(&self, vm: &str, paused: bool) -> Result<(), LibvirtError> {
+        Libvirt::start(self, vm, paused).await
+    }
+    async fn xml(&self, vm: &str) -> Result<String, LibvirtError> {
+        Libvirt::xml(self, vm).await
+    }
+    async fn destroy(&self, vm: &str) -> Result<(), LibvirtError> {
+        Libvirt::destroy(self, vm).await
+    }
+    async fn shutdown(&self, vm: &str) -> Result<(), LibvirtError> {
+        Libvirt::shutdown(self, vm).await
+    }
+    async fn undefine(&self, vm: &str, remove_tpm_state: bool) -> Result<(), LibvirtError> {
+        Libvirt::undefine(self, vm, remove_tpm_state).await
+    }
+    async fn suspend(&self, vm: &str) -> Result<(), LibvirtError> {
+        Libvirt::suspend(self, vm).await
+    }
+    async fn resume(&self, vm: &str) -> Result<(), LibvirtError> {
+        Libvirt::resume(self, vm).await
+    }
+    async fn snapshot_disks(&self, vm: &str, disks: Vec<(String, Option<String>)>) -> Result<(), LibvirtError> {
+        Libvirt::snapshot_disks(self, vm, disks).await
+    }
+    async fn block_pull(&self, vm: &str, disk: &str, base: Option<&str>) -> Result<(), LibvirtError> {
+        Libvirt::block_pull(self, vm, disk, base).await
+    }
+    async fn block_job(&self, vm: &str, disk: &str) -> Result<Option<blockjob::JobProgress>, LibvirtError> {
+        Libvirt::block_job(self, vm, disk).await
+    }
+    async fn block_commit_active(&self, vm: &str, disk: &str) -> Result<(), LibvirtError> {
+        Libvirt::block_commit_active(self, vm, disk).await
+    }
+    async fn block_job_abort(&self, vm: &str, disk: &str, pivot: bool) -> Result<(), LibvirtError> {
+        Libvirt::block_job_abort(self, vm, disk, pivot).await
+    }
+    async fn set_ceph_secret(&self, uuid: &str, key: Vec<u8>) -> Result<(), LibvirtError> {
+        Libvirt::set_ceph_secret(self, uuid, key).await
     }
 }
 

@@ -108,3 +108,6 @@ pub async fn start(app: &App, _ctx: &TaskCtx, owner: &owner::VmGuard, mut cmd: S
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

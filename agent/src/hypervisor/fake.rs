@@ -1,0 +1,291 @@
+//! A hypervisor in memory, for unit tests of the orchestration. Domains are kept as their XML
+//! and a state; the calls that change disks do to the files what libvirt would (a block pull
+//! rebases the top with `qemu-img`, a pivoted commit commits it), so a test checks real files.
+//!
+//! A running domain keeps every file of its disks' chains open, as QEMU does, so the agent's
+//! "is this file in use" checks see what they would see on a real host.
+//!
+//! Two kinds of fault: a named call can be made to fail, and the agent can be "killed" at the
+//! n-th call: that call never returns, and [`FakeHypervisor::killed`] fires, so the test drops
+//! the operation mid-way, as SIGKILL would leave it. Domains outlive the agent, as with libvirtd.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use super::Hypervisor;
+use crate::libvirt::blockjob::JobProgress;
+use crate::libvirt::domains::VmState;
+use crate::libvirt::LibvirtError;
+
+#[derive(Debug, Clone)]
+pub struct FakeDomain {
+    pub xml: String,
+    pub state: VmState,
+    /// Disk target → the top a commit job started on.
+    commits: HashMap<String, PathBuf>,
+    open: Vec<Arc<std::fs::File>>,
+}
+
+impl FakeDomain {
+    /// Opens the chains of the disks while the domain runs; closes them when it stops.
+    fn refresh_open_files(&mut self) {
+        self.open.clear();
+        if !self.state.is_active() {
+            return;
+        }
+        let disks = crate::domain::live_disks(&self.xml).unwrap_or_default();
+        for mut cur in disks.into_iter().filter_map(|d| d.file).map(PathBuf::from) {
+            while let Ok(f) = std::fs::File::open(&cur) {
+                self.open.push(Arc::new(f));
+                let Some(b) = crate::qemu_img::read_header(&cur).ok().and_then(|h| h.backing_file) else { break };
+                cur = cur.parent().unwrap_or(Path::new("/")).join(b);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct FakeHypervisor {
+    domains: Mutex<HashMap<String, FakeDomain>>,
+    secrets: Mutex<HashMap<String, Vec<u8>>>,
+    calls: AtomicUsize,
+    kill_at: AtomicUsize,
+    killed: Notify,
+    failing: Mutex<HashSet<&'static str>>,
+}
+
+fn injected(call: &'static str) -> LibvirtError {
+    LibvirtError::Call { call, message: "injected failure".into(), code: 1 }
+}
+
+impl FakeHypervisor {
+    pub fn new() -> FakeHypervisor {
+        FakeHypervisor { kill_at: AtomicUsize::new(usize::MAX), ..Default::default() }
+    }
+
+    /// Makes every later `call` fail.
+    pub fn fail(&self, call: &'static str) {
+        self.failing.lock().unwrap().insert(call);
+    }
+
+    /// The agent dies at the `n`-th call from now (1 = the next one).
+    pub fn kill_at(&self, n: usize) {
+        self.kill_at.store(self.calls.load(Ordering::SeqCst) + n, Ordering::SeqCst);
+    }
+
+    /// Never kills again (a restarted agent).
+    pub fn revive(&self) {
+        self.kill_at.store(usize::MAX, Ordering::SeqCst);
+    }
+
+    /// Resolves once the agent was killed.
+    pub async fn killed(&self) {
+        self.killed.notified().await
+    }
+
+    pub fn domain(&self, vm: &str) -> Option<FakeDomain> {
+        self.domains.lock().unwrap().get(vm).cloned()
+    }
+
+    pub fn domain_names(&self) -> Vec<String> {
+        self.domains.lock().unwrap().keys().cloned().collect()
+    }
+
+    async fn enter(&self, call: &'static str) -> Result<(), LibvirtError> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == self.kill_at.load(Ordering::SeqCst) {
+            self.killed.notify_one();
+            std::future::pending::<()>().await;
+        }
+        if self.failing.lock().unwrap().contains(call) {
+            return Err(injected(call));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on domain `vm`, then brings its open files up to date.
+    fn with<T>(&self, vm: &str, f: impl FnOnce(&mut FakeDomain) -> T) -> Result<T, LibvirtError> {
+        let mut map = self.domains.lock().unwrap();
+        let d = map.get_mut(vm).ok_or_else(|| LibvirtError::no_domain(vm))?;
+        let r = f(d);
+        d.refresh_open_files();
+        Ok(r)
+    }
+
+    /// The file under disk `target`.
+    fn disk_file(&self, vm: &str, target: &str) -> Result<PathBuf, LibvirtError> {
+        let xml = self.with(vm, |d| d.xml.clone())?;
+        let disks = crate::domain::live_disks(&xml).map_err(|e| LibvirtError::Call {
+            call: "getXMLDesc",
+            message: e.to_string(),
+            code: 1,
+        })?;
+        disks.into_iter().find(|d| d.target == target).and_then(|d| d.file).map(PathBuf::from).ok_or_else(|| {
+            LibvirtError::Call { call: "blockJob", message: format!("no disk {target} with a file"), code: 1 }
+        })
+    }
+
+    fn switch_disk(&self, vm: &str, from: &Path, to: &Path) -> Result<(), LibvirtError> {
+        let (from, to) = (format!("file='{}'", from.display()), format!("file='{}'", to.display()));
+        self.with(vm, |d| d.xml = d.xml.replacen(&from, &to, 1))
+    }
+}
+
+async fn qemu_img(args: &[&str]) -> Result<(), LibvirtError> {
+    let out = tokio::process::Command::new("qemu-img").args(args).output().await.map_err(|e| LibvirtError::Call {
+        call: "blockJob",
+        message: e.to_string(),
+        code: 1,
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(LibvirtError::Call {
+            call: "blockJob",
+            message: String::from_utf8_lossy(&out.stderr).into_owned(),
+            code: 1,
+        })
+    }
+}
+
+fn domain_name(xml: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    doc.root_element().children().find(|n| n.has_tag_name("name")).and_then(|n| n.text()).map(str::to_owned)
+}
+
+#[async_trait]
+impl Hypervisor for FakeHypervisor {
+    async fn versions(&self) -> Result<(String, String), LibvirtError> {
+        self.enter("getVersion").await?;
+        Ok(("9.0.0".into(), "7.2.0".into()))
+    }
+
+    async fn domain_state(&self, vm: &str) -> Result<Option<VmState>, LibvirtError> {
+        self.enter("getState").await?;
+        Ok(self.domain(vm).map(|d| d.state))
+    }
+
+    async fn list_vm_states(&self) -> Result<(Vec<(String, VmState)>, Vec<String>), LibvirtError> {
+        self.enter("listAllDomains").await?;
+        let map = self.domains.lock().unwrap();
+        Ok((map.iter().map(|(n, d)| (n.clone(), d.state)).collect(), Vec::new()))
+    }
+
+    async fn define(&self, xml: String) -> Result<(), LibvirtError> {
+        self.enter("defineXML").await?;
+        let name = domain_name(&xml).ok_or_else(|| LibvirtError::Call {
+            call: "defineXML",
+            message: "XML without a name".into(),
+            code: 1,
+        })?;
+        let mut map = self.domains.lock().unwrap();
+        let state = map.get(&name).map_or(VmState::Shutdown, |d| d.state);
+        let mut d = FakeDomain { xml, state, commits: HashMap::new(), open: Vec::new() };
+        d.refresh_open_files();
+        map.insert(name, d);
+        Ok(())
+    }
+
+    async fn start(&self, vm: &str, paused: bool) -> Result<(), LibvirtError> {
+        self.enter("create").await?;
+        self.with(vm, |d| {
+            if !d.state.is_active() {
+                d.state = if paused { VmState::Paused } else { VmState::Running };
+            }
+        })
+    }
+
+    async fn xml(&self, vm: &str) -> Result<String, LibvirtError> {
+        self.enter("getXMLDesc").await?;
+        self.with(vm, |d| d.xml.clone())
+    }
+
+    async fn destroy(&self, vm: &str) -> Result<(), LibvirtError> {
+        self.enter("destroy").await?;
+        self.with(vm, |d| d.state = VmState::Shutdown)
+    }
+
+    async fn shutdown(&self, vm: &str) -> Result<(), LibvirtError> {
+        self.enter("shutdown").await?;
+        self.with(vm, |d| d.state = VmState::Shutdown)
+    }
+
+    async fn undefine(&self, vm: &str, _remove_tpm_state: bool) -> Result<(), LibvirtError> {
+        self.enter("undefine").await?;
+        self.domains.lock().unwrap().remove(vm);
+        Ok(())
+    }
+
+    async fn suspend(&self, vm: &str) -> Result<(), LibvirtError> {
+        self.enter("suspend").await?;
+        self.with(vm, |d| d.state = VmState::Paused)
+    }
+
+    async fn resume(&self, vm: &str) -> Result<(), LibvirtError> {
+        self.enter("resume").await?;
+        self.with(vm, |d| d.state = VmState::Running)
+    }
+
+    async fn snapshot_disks(&self, vm: &str, disks: Vec<(String, Option<String>)>) -> Result<(), LibvirtError> {
+        self.enter("snapshotCreateXML").await?;
+        let switches: Vec<(PathBuf, String)> = disks
+            .into_iter()
+            .filter_map(|(target, new)| Some((self.disk_file(vm, &target), new?)))
+            .map(|(old, new)| old.map(|o| (o, new)))
+            .collect::<Result<_, _>>()?;
+        for (old, new) in switches {
+            self.switch_disk(vm, &old, Path::new(&new))?;
+        }
+        Ok(())
+    }
+
+    async fn block_pull(&self, vm: &str, disk: &str, base: Option<&str>) -> Result<(), LibvirtError> {
+        self.enter("blockRebase").await?;
+        let top = self.disk_file(vm, disk)?.display().to_string();
+        // The job finishes at once: a safe rebase copies what the top lacks, as the pull does.
+        match base {
+            None => qemu_img(&["rebase", "-q", "-f", "qcow2", "-b", "", &top]).await,
+            Some(b) => qemu_img(&["rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", b, &top]).await,
+        }
+    }
+
+    async fn block_job(&self, vm: &str, disk: &str) -> Result<Option<JobProgress>, LibvirtError> {
+        self.enter("getBlockJobInfo").await?;
+        // A commit is ready at once; a pull has already finished.
+        self.with(vm, |d| d.commits.contains_key(disk).then_some(JobProgress { cur: 1, end: 1 }))
+    }
+
+    async fn block_commit_active(&self, vm: &str, disk: &str) -> Result<(), LibvirtError> {
+        self.enter("blockCommit").await?;
+        let top = self.disk_file(vm, disk)?;
+        self.with(vm, |d| d.commits.insert(disk.to_owned(), top)).map(drop)
+    }
+
+    async fn block_job_abort(&self, vm: &str, disk: &str, pivot: bool) -> Result<(), LibvirtError> {
+        self.enter("blockJobAbort").await?;
+        let Some(top) = self.with(vm, |d| d.commits.remove(disk))? else { return Ok(()) };
+        if pivot {
+            let header = crate::qemu_img::read_header(&top).map_err(|e| LibvirtError::Call {
+                call: "blockJobAbort",
+                message: e.to_string(),
+                code: 1,
+            })?;
+            let base = header.backing_file.map(|b| top.parent().unwrap_or(Path::new("/")).join(b));
+            let base = base.ok_or_else(|| injected("blockJobAbort"))?;
+            qemu_img(&["commit", "-q", "-f", "qcow2", &top.display().to_string()]).await?;
+            self.switch_disk(vm, &top, &base)?;
+        }
+        Ok(())
+    }
+
+    async fn set_ceph_secret(&self, uuid: &str, key: Vec<u8>) -> Result<(), LibvirtError> {
+        self.enter("secretDefineXML").await?;
+        self.secrets.lock().unwrap().insert(uuid.to_owned(), key);
+        Ok(())
+    }
+}

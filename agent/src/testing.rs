@@ -1,0 +1,181 @@
+//! A host for unit tests of the orchestration: an [`App`] on a temporary directory and a
+//! [`FakeHypervisor`], with real qcow2 files made by `qemu-img` (no daemon). It can be
+//! "restarted" (a new `App` on the same directories and the same hypervisor, as after a kill)
+//! to test crash recovery.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::app::App;
+use crate::config::Config;
+use crate::hypervisor::fake::FakeHypervisor;
+use crate::recovery::{Inherited, Runner};
+use crate::tasks::journal::TaskRecord;
+use crate::tasks::registry::{Admission, Intake};
+use crate::tasks::TaskCtx;
+
+pub struct TestHost {
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub hv: Arc<FakeHypervisor>,
+    pub app: Arc<App>,
+}
+
+/// Recovery as a restarted agent runs it, without an HTTP runner: nothing is resumed and
+/// results are not posted.
+struct NoRunner;
+
+impl Runner for NoRunner {
+    fn resume(&self, _: &Arc<App>, _: &TaskRecord) -> bool {
+        false
+    }
+    fn deliver(&self, _: &Arc<App>, _: String, _: String, _: Value) {}
+}
+
+pub fn uuid() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-img check` of `path` passes.
+pub fn check(path: &str) {
+    run("qemu-img", &["check", "-q", path]);
+}
+
+/// The backing file `path`'s header names, resolved beside it.
+pub fn backing(path: &str) -> Option<PathBuf> {
+    let h = crate::qemu_img::read_header(Path::new(path)).unwrap();
+    h.backing_file.map(|b| Path::new(path).parent().unwrap().join(b))
+}
+
+/// Whether the two images read the same (`qemu-img compare`).
+pub fn same_content(a: &str, b: &str) -> bool {
+    Command::new("qemu-img").args(["compare", "-q", a, b]).status().unwrap().success()
+}
+
+/// Writes `byte` repeated over 64 KiB at `offset` into the image (format-aware).
+pub fn write(path: &str, offset: u64, byte: u8) {
+    run("qemu-io", &["-f", "qcow2", "-c", &format!("write -P {byte} {offset} 64k"), path]);
+}
+
+impl TestHost {
+    pub fn start() -> TestHost {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        let hv = Arc::new(FakeHypervisor::new());
+        let app = start(dir.path(), &root, &hv).0;
+        TestHost { dir, root, hv, app }
+    }
+
+    /// A new agent on the same directories and hypervisor, after recovery: what a restart
+    /// after a kill does.
+    pub async fn restart_and_recover(&mut self) -> crate::recovery::Report {
+        self.hv.revive();
+        let (app, inherited) = start(self.dir.path(), &self.root, &self.hv);
+        self.app = app;
+        self.recover(inherited).await
+    }
+
+    async fn recover(&self, inherited: Inherited) -> crate::recovery::Report {
+        crate::recovery::recover(&self.app, inherited, &NoRunner).await
+    }
+
+    /// A path under the storage root.
+    pub fn path(&self, rel: &str) -> String {
+        self.root.join(rel).display().to_string()
+    }
+
+    /// A cached image of `size` bytes with a pattern written at its start.
+    pub fn image(&self, name: &str, size: u64) -> String {
+        let p = self.path(&format!("imagecache/{name}.qcow2"));
+        std::fs::create_dir_all(Path::new(&p).parent().unwrap()).unwrap();
+        run("qemu-img", &["create", "-q", "-f", "qcow2", &p, &size.to_string()]);
+        write(&p, 0, 0x5a);
+        p
+    }
+
+    /// Every file under the storage root.
+    pub fn files(&self) -> BTreeSet<PathBuf> {
+        fn walk(d: &Path, out: &mut BTreeSet<PathBuf>) {
+            for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+                if e.file_type().unwrap().is_dir() {
+                    walk(&e.path(), out);
+                } else {
+                    out.insert(e.path());
+                }
+            }
+        }
+        let mut out = BTreeSet::new();
+        walk(&self.root, &mut out);
+        out
+    }
+
+    /// A task admitted as the HTTP server admits one (journaled as running).
+    pub async fn task(&self, path: &str) -> TaskCtx {
+        let id = uuid();
+        let intake = Intake {
+            task_id: &id,
+            path,
+            callback_url: None,
+            raw_body: b"{}",
+            api_id: None,
+            thread_context: Value::Null,
+            thread_context_stack: Value::Null,
+        };
+        match self.app.tasks.admit(intake).await.unwrap() {
+            Admission::Start(ctx) => ctx,
+            _ => unreachable!("a fresh task id"),
+        }
+    }
+
+    /// A `/vm/create` body: a thin root on `image`, a data volume of 1 MiB, started.
+    pub fn create_cmd(&self, vm: &str, image: &str) -> Value {
+        json!({
+            "vm": {"vmInstanceUuid": vm, "vmName": "t", "memory": 67108864, "cpuNum": 1},
+            "rootVolume": {"volumeUuid": uuid(), "installPath": self.path(&format!("rootVolumes/vol-{vm}/root.qcow2")),
+                           "imagePath": image},
+            "dataVolumes": [{"volumeUuid": uuid(), "installPath": self.path(&format!("dataVolumes/vol-{vm}/data.qcow2")),
+                             "size": 1048576}],
+        })
+    }
+
+    /// Creates a running VM (root on a new image, one data volume); returns its uuid.
+    pub async fn running_vm(&self) -> String {
+        let vm = uuid();
+        let image = self.image(&uuid(), 4 << 20);
+        let cmd = crate::api::decode_native(&self.create_cmd(&vm, &image)).unwrap();
+        crate::vm::create::create(&self.app, &TaskCtx::detached("/vm/create"), cmd).await.unwrap();
+        vm
+    }
+
+    /// The VM's recorded volume paths, root first.
+    pub async fn recorded(&self, vm: &str) -> Vec<String> {
+        let g = self.app.vms.lock(vm).await.unwrap();
+        g.load().unwrap().volumes().map(|v| v.install_path.clone()).collect()
+    }
+
+    /// The files the VM's domain uses, by disk serial (= volume uuid), root first.
+    pub fn domain_files(&self, vm: &str) -> Vec<String> {
+        let xml = self.hv.domain(vm).expect("a domain").xml;
+        crate::domain::live_disks(&xml).unwrap().into_iter().filter_map(|d| d.file).collect()
+    }
+}
+
+fn start(dir: &Path, root: &Path, hv: &Arc<FakeHypervisor>) -> (Arc<App>, Inherited) {
+    let mut config = Config { state_dir: dir.join("state"), ..Config::default() };
+    config.storage.roots = vec![root.to_path_buf()];
+    config.backup.roots = vec![dir.join("backup")];
+    config.libvirt.domain_type = "qemu".into();
+    config.libvirt.swtpm_dir = dir.join("swtpm");
+    App::with_hypervisor(config, hv.clone()).unwrap()
+}

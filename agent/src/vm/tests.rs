@@ -1,0 +1,304 @@
+//! Unit tests of the VM operations on a fake hypervisor and real qcow2 files: each operation's
+//! effect, its rollback when a step fails, a kill at every hypervisor call followed by crash
+//! recovery, and operations racing on one VM. No daemon is needed.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+
+use crate::api::decode_native;
+use crate::error::AgentResult;
+use crate::libvirt::domains::VmState;
+use crate::tasks::TaskCtx;
+use crate::testing::{backing, check, same_content, uuid, write, TestHost};
+
+fn cmd<T: crate::api::native::NativeCommand>(v: Value) -> T {
+    decode_native(&v).unwrap()
+}
+
+/// The files a host may hold: cached images, and every chain file of every recorded VM and of
+/// every snapshot group. Every VM's record names existing, sound files, and a VM with a domain
+/// runs on exactly the files its record names.
+async fn assert_consistent(h: &TestHost) {
+    let mut wanted: BTreeSet<PathBuf> = BTreeSet::new();
+    let chain = |top: PathBuf, wanted: &mut BTreeSet<PathBuf>| {
+        let mut cur = Some(top);
+        while let Some(p) = cur {
+            check(&p.display().to_string());
+            cur = backing(&p.display().to_string());
+            wanted.insert(p);
+        }
+    };
+    let records = h.app.config.state_dir.join("vms");
+    for e in std::fs::read_dir(&records).into_iter().flatten().flatten() {
+        let vm = e.file_name().to_string_lossy().trim_end_matches(".json").to_owned();
+        let recorded = h.recorded(&vm).await;
+        for f in &recorded {
+            assert!(std::path::Path::new(f).exists(), "VM {vm}'s record names {f}, which is gone");
+            chain(PathBuf::from(f), &mut wanted);
+        }
+        if h.hv.domain(&vm).is_some() {
+            assert_eq!(h.domain_files(&vm), recorded, "VM {vm} runs on other files than its record names");
+        }
+    }
+    let groups = h.app.config.state_dir.join("snapshot-groups");
+    for e in std::fs::read_dir(&groups).into_iter().flatten().flatten() {
+        let g: Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+        for s in g["snapshots"].as_array().unwrap() {
+            chain(PathBuf::from(s["snapshotPath"].as_str().unwrap()), &mut wanted);
+        }
+    }
+    let stray: Vec<PathBuf> =
+        h.files().into_iter().filter(|f| !wanted.contains(f) && !f.starts_with(h.root.join("imagecache"))).collect();
+    assert!(stray.is_empty(), "files no VM, clone or group references: {stray:?}");
+    for d in h.hv.domain_names() {
+        assert!(h.app.vms.is_known(&d), "domain {d} has no record");
+    }
+}
+
+#[tokio::test]
+async fn create_makes_the_vm_and_a_failed_start_leaves_nothing() {
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    assert_eq!(h.hv.domain(&vm).unwrap().state, VmState::Running);
+    let files = h.recorded(&vm).await;
+    assert!(backing(&files[0]).is_some_and(|b| b.starts_with(h.root.join("imagecache"))), "a thin root");
+    assert_consistent(&h).await;
+
+    let before = h.files();
+    h.hv.fail("create");
+    let (other, image) = (uuid(), h.image("i2", 1 << 20));
+    let before = before.into_iter().chain([PathBuf::from(&image)]).collect::<BTreeSet<_>>();
+    let e = crate::vm::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(h.create_cmd(&other, &image)))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("start domain"), "{e}");
+    assert_eq!(h.files(), before, "a failed create leaves no volume");
+    assert!(h.hv.domain(&other).is_none() && !h.app.vms.is_known(&other), "nor a domain or record");
+}
+
+#[tokio::test]
+async fn a_linked_clone_freezes_the_source_and_its_record_follows() {
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    let old = h.recorded(&vm).await;
+    let rsp = crate::vm::clone::clone(
+        &h.app,
+        &TaskCtx::detached("/vm/clone"),
+        cmd(json!({"vmUuid": vm, "names": ["a", "b"], "full": true})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rsp.number_of_cloned_vm, 2, "{:?}", rsp.inventories);
+    let now = h.recorded(&vm).await;
+    for (o, n) in old.iter().zip(&now) {
+        assert_ne!(o, n, "the source runs on a new top");
+        assert_eq!(backing(n).unwrap(), PathBuf::from(o), "on the frozen file");
+    }
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn a_failing_clone_leaves_nothing_of_itself() {
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    h.hv.fail("defineXML");
+    let rsp =
+        crate::vm::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(json!({"vmUuid": vm, "names": ["a"]})))
+            .await
+            .unwrap();
+    assert_eq!(rsp.number_of_cloned_vm, 0);
+    assert!(rsp.inventories[0]["message"].as_str().unwrap().contains("defineXML failed"), "{:?}", rsp.inventories);
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn change_image_switches_a_stopped_vm_or_changes_nothing() {
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    h.app.libvirt.destroy(&vm).await.unwrap();
+    let (old, image) = (h.recorded(&vm).await, h.image("other", 8 << 20));
+    let c = || cmd(json!({"vmUuid": vm, "imagePath": image}));
+    h.hv.fail("defineXML");
+    crate::vm::change_image::change_image(&h.app, &TaskCtx::detached("/vm/changeimage"), c()).await.unwrap_err();
+    assert_eq!(h.recorded(&vm).await, old, "a failed change keeps the old root");
+    assert_consistent(&h).await;
+
+    let h2 = TestHost::start();
+    let vm = h2.running_vm().await;
+    h2.app.libvirt.destroy(&vm).await.unwrap();
+    let old = h2.recorded(&vm).await;
+    let image = h2.image("other", 8 << 20);
+    let c = cmd(json!({"vmUuid": vm, "imagePath": image}));
+    crate::vm::change_image::change_image(&h2.app, &TaskCtx::detached("/vm/changeimage"), c).await.unwrap();
+    let now = h2.recorded(&vm).await;
+    assert_ne!(now[0], old[0]);
+    assert!(!std::path::Path::new(&old[0]).exists(), "the old root is gone once the switch is done");
+    assert_eq!(backing(&now[0]).unwrap(), PathBuf::from(&image));
+    assert_consistent(&h2).await;
+}
+
+#[tokio::test]
+async fn flatten_cuts_volumes_loose_live_and_offline_with_the_same_content() {
+    for running in [true, false] {
+        let h = TestHost::start();
+        let vm = h.running_vm().await;
+        if !running {
+            h.app.libvirt.destroy(&vm).await.unwrap();
+        }
+        let root = h.recorded(&vm).await.remove(0);
+        let image = backing(&root).unwrap().display().to_string();
+        let dry = crate::vm::flatten::flatten(
+            &h.app,
+            &TaskCtx::detached("/vm/flatten"),
+            cmd(json!({"vmUuid": vm, "dryRun": true})),
+        )
+        .await
+        .unwrap();
+        assert!(dry["totalBytesToAdd"].as_u64().unwrap() >= 64 << 10, "{dry}");
+        assert!(backing(&root).is_some(), "a dry run changes nothing");
+        crate::vm::flatten::flatten(&h.app, &TaskCtx::detached("/vm/flatten"), cmd(json!({"vmUuid": vm})))
+            .await
+            .unwrap();
+        assert!(backing(&root).is_none(), "running: {running}");
+        assert!(same_content(&root, &image), "the flattened root reads as before");
+        assert_consistent(&h).await;
+    }
+}
+
+#[tokio::test]
+async fn a_backup_of_a_running_vm_commits_its_temporary_tops_back() {
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    let files = h.recorded(&vm).await;
+    write(&files[1], 0, 0x11);
+    let rsp =
+        crate::vm::backup::backup(&h.app, &TaskCtx::detached("/vm/backup"), cmd(json!({"vmUuid": vm}))).await.unwrap();
+    assert_eq!(h.recorded(&vm).await, files, "the VM is back on its own files");
+    let point = PathBuf::from(&rsp.group_path).join(&rsp.manifest.volumes[1].chain[0].file);
+    assert!(same_content(&point.display().to_string(), &files[1]));
+    assert_consistent(&h).await;
+}
+
+/// Runs `op` once per hypervisor call it makes, killing the agent at that call, restarting it
+/// and recovering; each time the host must be consistent again. Returns how many kills ran.
+async fn kill_at_every_call<F, Fut>(h: &mut TestHost, path: &str, op: F) -> usize
+where
+    F: Fn(std::sync::Arc<crate::app::App>, TaskCtx) -> Fut,
+    Fut: Future<Output = AgentResult<Value>>,
+{
+    for n in 1.. {
+        let ctx = h.task(path).await;
+        h.hv.kill_at(n);
+        let killed = tokio::select! {
+            r = op(h.app.clone(), ctx.clone()) => { r.map(drop).unwrap_or_else(|e| panic!("{path}: {e}")); false }
+            _ = h.hv.killed() => true,
+        };
+        h.hv.revive();
+        if !killed {
+            return n - 1;
+        }
+        let report = h.restart_and_recover().await;
+        // A step may keep what a running VM already uses; anything else must be undone.
+        let failures = report.rolled_back.iter().flat_map(|r| &r.failures);
+        assert!(failures.clone().all(|f| f.ends_with("is in use; kept")), "{path} killed at call {n}: {report:?}");
+        assert_consistent(h).await;
+    }
+    unreachable!()
+}
+
+fn value<T: serde::Serialize>(r: AgentResult<T>) -> AgentResult<Value> {
+    r.map(|v| serde_json::to_value(v).unwrap())
+}
+
+/// A host with one running VM and a second image, for the kill tests.
+async fn kill_host() -> (TestHost, String, String) {
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    let image = h.image("other", 8 << 20);
+    (h, vm, image)
+}
+
+#[tokio::test]
+async fn a_create_killed_at_any_hypervisor_call_is_rolled_back() {
+    let (mut h, _, image) = kill_host().await;
+    let kills = kill_at_every_call(&mut h, "/vm/create", |app, ctx| {
+        let root = app.storage.roots().roots()[0].join(format!("k/{}.qcow2", uuid()));
+        let body = json!({
+            "vm": {"vmInstanceUuid": uuid(), "vmName": "k", "memory": 67108864, "cpuNum": 1},
+            "rootVolume": {"volumeUuid": uuid(), "installPath": root.display().to_string(), "imagePath": image.clone()},
+        });
+        async move { value(crate::vm::create::create(&app, &ctx, cmd(body)).await) }
+    })
+    .await;
+    assert!(kills >= 3, "{kills} kill points");
+}
+
+#[tokio::test]
+async fn a_clone_killed_at_any_hypervisor_call_is_recovered() {
+    let (mut h, vm, _) = kill_host().await;
+    let kills = kill_at_every_call(&mut h, "/vm/clone", |app, ctx| {
+        let body = json!({"vmUuid": vm, "names": ["c"], "full": true});
+        async move { value(crate::vm::clone::clone(&app, &ctx, cmd(body)).await) }
+    })
+    .await;
+    assert!(kills >= 6, "{kills} kill points");
+}
+
+#[tokio::test]
+async fn a_snapshot_group_killed_at_any_hypervisor_call_is_recovered() {
+    let (mut h, vm, _) = kill_host().await;
+    let kills = kill_at_every_call(&mut h, "/vm/volumes/takesnapshot", |app, ctx| {
+        let body = json!({"vmUuid": vm});
+        async move { value(crate::vm::snapshot_group::take(&app, &ctx, cmd(body)).await) }
+    })
+    .await;
+    assert!(kills >= 4, "{kills} kill points");
+}
+
+#[tokio::test]
+async fn a_backup_killed_at_any_hypervisor_call_is_recovered() {
+    let (mut h, vm, _) = kill_host().await;
+    let kills = kill_at_every_call(&mut h, "/vm/backup", |app, ctx| {
+        let body = json!({"vmUuid": vm});
+        async move { value(crate::vm::backup::backup(&app, &ctx, cmd(body)).await) }
+    })
+    .await;
+    assert!(kills >= 10, "{kills} kill points");
+}
+
+#[tokio::test]
+async fn a_change_image_killed_at_any_hypervisor_call_is_recovered() {
+    let (mut h, vm, image) = kill_host().await;
+    h.app.libvirt.destroy(&vm).await.unwrap();
+    let kills = kill_at_every_call(&mut h, "/vm/changeimage", |app, ctx| {
+        let body = json!({"vmUuid": vm, "imagePath": image.clone()});
+        async move { value(crate::vm::change_image::change_image(&app, &ctx, cmd(body)).await) }
+    })
+    .await;
+    assert!(kills >= 1, "{kills} kill points");
+}
+
+#[tokio::test]
+async fn operations_racing_on_one_vm_lose_no_update() {
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    let ops = (0..4).map(|i| {
+        let (app, vm) = (h.app.clone(), vm.clone());
+        async move {
+            let ctx = TaskCtx::detached("/race");
+            match i {
+                0 => value(crate::vm::snapshot_group::take(&app, &ctx, cmd(json!({"vmUuid": vm}))).await),
+                1 => value(crate::vm::clone::clone(&app, &ctx, cmd(json!({"vmUuid": vm, "names": ["r"]}))).await),
+                2 => value(crate::vm::backup::backup(&app, &ctx, cmd(json!({"vmUuid": vm}))).await),
+                _ => crate::vm::flatten::flatten(&app, &ctx, cmd(json!({"vmUuid": vm, "full": false}))).await,
+            }
+        }
+    });
+    for r in futures::future::join_all(ops).await {
+        r.unwrap();
+    }
+    assert_consistent(&h).await;
+}
