@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 /// Rounds of commands; each round's are sent at once and all answered before the next.
-const ROUNDS: usize = 6;
+const ROUNDS: usize = 12;
 /// Snapshot groups and linked clones per round (each freezes the VM's files).
 const FREEZES: usize = 2;
 

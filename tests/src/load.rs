@@ -61,7 +61,7 @@ fn command(i: usize, vms: &[Vm]) -> (&'static str, Value) {
         }
         4 | 6 => ("/localstorage/volume/getsize", json!({"installPath": vm.root})),
         // Half the VMs get full backups into new groups, half incrementals into their group.
-        7 if i % vms.len() % 2 == 0 => ("/vm/backup", json!({"vmUuid": vm.uuid, "groupUuid": uuid()})),
+        7 if (i % vms.len()).is_multiple_of(2) => ("/vm/backup", json!({"vmUuid": vm.uuid, "groupUuid": uuid()})),
         7 => ("/vm/backup", json!({"vmUuid": vm.uuid, "mode": "incremental", "groupUuid": vm.backup_group})),
         _ => ("/vm/flatten", json!({"vmUuid": vm.uuid})),
     }
