@@ -1,6 +1,7 @@
 //! Benchmark: 1000 mixed commands at once across 20 VMs (see `kvmagent_host_tests::load`),
 //! against a baseline of the same commands sent one after another, each awaited; prints both
-//! wall times and the ratio. Fails if any command is lost, fails or deadlocks.
+//! wall times and the ratio. Fails if any command is lost, deadlocks or fails other than by a
+//! conflict, or if the host is left inconsistent.
 //!
 //! Run: `cargo build --release -p kvmagent && cargo bench -p kvmagent-host-tests --bench load`
 //! (`KVMAGENT_BENCH_COMMANDS=N` to change N; needs libvirtd like the host tests).
@@ -20,10 +21,11 @@ async fn main() {
     let concurrent = load::run(&h, &vms, n, limit).await.expect("concurrent run");
     let per = |d: Duration| d.as_secs_f64() * 1000.0 / n as f64;
     println!(
-        "concurrent: {n} commands across {} VMs in {:.2?} ({:.2} ms/command)",
+        "concurrent: {n} commands across {} VMs in {:.2?} ({:.2} ms/command); conflicts {:?}",
         vms.len(),
         concurrent.elapsed,
-        per(concurrent.elapsed)
+        per(concurrent.elapsed),
+        concurrent.tally.conflicts
     );
     let mut sequential = Duration::ZERO;
     for i in 0..n {

@@ -8,6 +8,7 @@
 pub mod callbacks;
 pub mod ceph;
 pub mod checks;
+pub mod consistency;
 pub mod guest;
 pub mod images;
 pub mod load;
