@@ -80,6 +80,7 @@ impl App {
         }
         let backup_roots = StorageRoots::new(&config.backup.roots).map_err(backup_err)?;
         let vms = Vms::new(&config.state_dir);
+        vms.migrate();
         let volume_locks = VolumeLocks::new(roots.clone());
         let rbd =
             Rbd { conf: config.ceph.conf.clone(), id: config.ceph.id.clone(), keyring: config.ceph.keyring.clone() };

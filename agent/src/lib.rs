@@ -17,6 +17,7 @@ pub mod hypervisor;
 pub mod libvirt;
 pub mod locks;
 pub mod metrics;
+pub mod model;
 pub mod notify;
 pub mod process;
 pub mod qemu_img;

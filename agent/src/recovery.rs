@@ -141,12 +141,12 @@ async fn reconcile_domains(app: &App) -> (Vec<String>, Vec<String>) {
         let Ok(xml) = app.libvirt.xml(&vm).await else { continue };
         let Ok(disks) = crate::domain::live_disks(&xml) else { continue };
         let mut changed = false;
-        for v in spec.volumes_mut() {
-            let live = disks.iter().find(|d| d.serial.as_deref() == Some(v.volume_uuid.as_str()));
-            if let Some(file) = live.and_then(|d| d.file.clone()).filter(|f| *f != v.install_path) {
-                tracing::warn!(vm = %vm, ?state, volume = %v.volume_uuid, from = %v.install_path, to = %file,
+        for v in spec.volumes.iter_mut() {
+            let live = disks.iter().find(|d| d.serial.as_deref() == Some(v.uuid.as_str()));
+            if let Some(file) = live.and_then(|d| d.file.clone()).filter(|f| *f != v.install_path()) {
+                tracing::warn!(vm = %vm, ?state, volume = %v.uuid, from = %v.install_path(), to = %file,
                     "the VM runs on another file than its record names; the record follows it");
-                v.install_path = file;
+                v.location = crate::storage::location::Location::File(file.into());
                 changed = true;
             }
         }

@@ -161,7 +161,7 @@ impl TestHost {
     /// The VM's recorded volume paths, root first.
     pub async fn recorded(&self, vm: &str) -> Vec<String> {
         let g = self.app.vms.lock(vm).await.unwrap();
-        g.load().unwrap().volumes().map(|v| v.install_path.clone()).collect()
+        g.load().unwrap().volumes.iter().map(|v| v.install_path()).collect()
     }
 
     /// The files the VM's domain uses, by disk serial (= volume uuid), root first.

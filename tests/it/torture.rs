@@ -14,7 +14,7 @@ use kvmagent_host_tests::checks::{domstate, file_sha256, guest_disk_flush, qemu_
 use kvmagent_host_tests::guest::staying_kernel_boot;
 use kvmagent_host_tests::images::{data_volume_path, root_volume_path, BaseImage};
 use kvmagent_host_tests::sources::rbd_spec;
-use kvmagent_host_tests::{uuid, Host};
+use kvmagent_host_tests::{record_volumes, uuid, Host};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -128,8 +128,7 @@ async fn round(h: &Host, s: &Setup, kind: &str) -> (&'static str, Value, Expect)
         }
         "backup" => {
             let (vm, _) = vm(h, s, "InstantStart").await;
-            let record = record(h, &vm);
-            let volumes = volume_paths(&record);
+            let volumes = h.recorded_paths(&vm).unwrap();
             let group = uuid();
             let dir = h.state_dir.parent().unwrap().join("backup").join(&group);
             ("/vm/backup", json!({"vmUuid": vm, "groupUuid": group}), Expect::Backup { vm, group: dir, volumes })
@@ -155,16 +154,6 @@ async fn round(h: &Host, s: &Setup, kind: &str) -> (&'static str, Value, Expect)
             ("/vm/create", cmd, Expect::AllOrNothing { paths: vec![root], domains: vec![vm], defined: false })
         }
     }
-}
-
-fn record(h: &Host, vm: &str) -> Value {
-    serde_json::from_slice(&std::fs::read(h.state_dir.join(format!("vms/{vm}.json"))).unwrap()).unwrap()
-}
-
-/// The install paths a VM record names, root first.
-fn volume_paths(record: &Value) -> Vec<String> {
-    let data = record["dataVolumes"].as_array().cloned().unwrap_or_default();
-    std::iter::once(&record["rootVolume"]).chain(&data).map(|v| v["installPath"].as_str().unwrap().to_owned()).collect()
 }
 
 /// Every file under `dir` (regular files only).
@@ -195,7 +184,7 @@ fn check(h: &Host, s: &Setup, result: &Value, expect: &Expect) {
         Expect::Replaced { vm, old, new } => {
             assert_ne!(old.exists(), new.exists(), "one root only: {result}");
             assert!(!ok || new.exists(), "{result}");
-            let root = &volume_paths(&record(h, vm))[0];
+            let root = &h.recorded_paths(vm).unwrap()[0];
             assert!(Path::new(root).exists(), "the VM's record names the root that is there: {root}");
         }
         Expect::Backup { vm, group, volumes } => {
@@ -225,7 +214,7 @@ fn check(h: &Host, s: &Setup, result: &Value, expect: &Expect) {
     // No VM record names a file that is gone.
     for e in std::fs::read_dir(h.state_dir.join("vms")).unwrap().flatten() {
         let rec: Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
-        for p in volume_paths(&rec).iter().filter(|p| !p.starts_with("ceph://")) {
+        for (_, p) in record_volumes(&rec).iter().filter(|(_, p)| !p.starts_with("ceph://")) {
             assert!(Path::new(p).exists(), "the record {} names {p}, which is gone", e.path().display());
         }
     }
@@ -282,10 +271,7 @@ async fn kill_the_agent_at_random_moments() {
         clone_source_shas: Vec::new(),
     };
     let (source, _) = vm(&h, &s, "CreateStopped").await;
-    let record: Value =
-        serde_json::from_slice(&std::fs::read(h.state_dir.join(format!("vms/{source}.json"))).unwrap()).unwrap();
-    for v in std::iter::once(&record["rootVolume"]).chain(record["dataVolumes"].as_array().unwrap()) {
-        let p = PathBuf::from(v["installPath"].as_str().unwrap());
+    for p in h.recorded_paths(&source).unwrap().into_iter().map(PathBuf::from) {
         s.clone_source_shas.push((p.clone(), file_sha256(&p).unwrap()));
     }
     s.clone_source = source;

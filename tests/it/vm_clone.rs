@@ -141,9 +141,7 @@ async fn five_clones_of_a_running_vm(mode: &str) {
 async fn full_copies_of_a_stopped_vm_leave_the_source_as_it_was() {
     let h = Host::start().await.unwrap();
     let src = source_vm(&h, false).await;
-    let record: Value =
-        serde_json::from_slice(&std::fs::read(h.state_dir.join(format!("vms/{}.json", src.vm))).unwrap()).unwrap();
-    let src_root = PathBuf::from(record["rootVolume"]["installPath"].as_str().unwrap());
+    let src_root = PathBuf::from(&h.recorded_paths(&src.vm).unwrap()[0]);
     let (root_sha, data_sha) = (file_sha256(&src_root).unwrap(), file_sha256(&src.data).unwrap());
     let r = h
         .call_ok("/vm/clone", &json!({"vmUuid": src.vm, "names": ["copy-1", "copy-2"], "full": true, "mode": "copy", "strategy": "JustCreate"}))
@@ -230,10 +228,7 @@ async fn a_clone_that_fills_its_disk_leaves_nothing_and_its_sibling_succeeds() {
     let h = Host::start().await.unwrap();
     let src = source_vm(&h, false).await;
     // 4 MiB of data in the source root: a flat copy cannot fit in 2 MiB.
-    let record: Value =
-        serde_json::from_slice(&std::fs::read(h.state_dir.join(format!("vms/{}.json", src.vm))).unwrap()).unwrap();
-    qemu_io_write(Path::new(record["rootVolume"]["installPath"].as_str().unwrap()), MIB, &vec![0x5a; 4 * MIB as usize])
-        .unwrap();
+    qemu_io_write(Path::new(&h.recorded_paths(&src.vm).unwrap()[0]), MIB, &vec![0x5a; 4 * MIB as usize]).unwrap();
     let small = SmallDisk::mount(h.path("small"), "2M");
     let full_target = small.0.join("vol-x/x.qcow2");
     let (a, b) = (uuid(), uuid());

@@ -48,9 +48,9 @@ async fn chained_vm(h: &Host, strategy: &str, fill: u64) -> Chained {
     qemu_io_fill(&top, MIB + 2 * fill, fill, 0x33).unwrap();
     qemu_io_write(&top, 8192, b"TOP-LAYER").unwrap();
     if strategy == "run" {
-        let spec: Value =
-            serde_json::from_slice(&std::fs::read(h.state_dir.join(format!("vms/{vm}.json"))).unwrap()).unwrap();
-        h.call_ok("/vm/start", &spec).await.unwrap();
+        let start = json!({"vmInstanceUuid": vm, "vmName": "flat", "memory": 128 * MIB, "cpuNum": 1,
+                           "rootVolume": {"volumeUuid": root_uuid, "installPath": top}});
+        h.call_ok("/vm/start", &start).await.unwrap();
     }
     let reference = tempfile::tempdir().unwrap();
     qemu_img(&[

@@ -89,7 +89,7 @@ pub fn problems(h: &Host) -> Result<Vec<String>> {
     // each snapshot group's snapshots.
     let mut tops: BTreeSet<PathBuf> = BTreeSet::new();
     for (vm, record) in json_files(&h.state_dir.join("vms"))? {
-        let volumes = record_volumes(&record);
+        let volumes = crate::record_volumes(&record);
         let disks = domain_disks(&vm)?;
         for (uuid, recorded) in &volumes {
             tops.insert(PathBuf::from(recorded));
@@ -147,14 +147,6 @@ pub fn problems(h: &Host) -> Result<Vec<String>> {
         }
     }
     Ok(problems)
-}
-
-/// `(uuid, installPath)` of the root and each data volume of a VM record.
-fn record_volumes(record: &Value) -> Vec<(String, String)> {
-    std::iter::once(&record["rootVolume"])
-        .chain(record["dataVolumes"].as_array().into_iter().flatten())
-        .filter_map(|v| Some((v["volumeUuid"].as_str()?.to_owned(), v["installPath"].as_str()?.to_owned())))
-        .collect()
 }
 
 /// The file each disk of domain `vm` uses, by disk serial; `None` when there is no domain.

@@ -80,7 +80,27 @@ fn config_text(root: &Path, state: &Path, port: u16, server_extra: &str, extra: 
     )
 }
 
+/// `(volume uuid, install path)` of each volume a VM record names, root first. A record is
+/// `{formatVersion, vm: {volumes: [{uuid, location}, ...]}}` (see the agent's model).
+pub fn record_volumes(record: &Value) -> Vec<(String, String)> {
+    (record["vm"]["volumes"].as_array().into_iter().flatten())
+        .filter_map(|v| Some((v["uuid"].as_str()?.to_owned(), v["location"].as_str()?.to_owned())))
+        .collect()
+}
+
 impl Host {
+    /// The volumes VM `vm`'s record names on this host, root first (see [`record_volumes`]).
+    pub fn recorded_volumes(&self, vm: &str) -> Result<Vec<(String, String)>> {
+        let file = self.state_dir.join(format!("vms/{vm}.json"));
+        let text = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+        Ok(record_volumes(&serde_json::from_slice(&text)?))
+    }
+
+    /// The install paths VM `vm`'s record names, root first.
+    pub fn recorded_paths(&self, vm: &str) -> Result<Vec<String>> {
+        Ok(self.recorded_volumes(vm)?.into_iter().map(|(_, p)| p).collect())
+    }
+
     /// Starts an agent and waits until it answers `/host/echo`.
     pub async fn start() -> Result<Host> {
         Self::start_with("").await

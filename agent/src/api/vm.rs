@@ -71,17 +71,6 @@ pub struct StartVmCmd {
     pub kernel_boot: Option<KernelBoot>,
 }
 
-impl StartVmCmd {
-    /// The root volume, then the data volumes.
-    pub fn volumes(&self) -> impl Iterator<Item = &VolumeTo> {
-        std::iter::once(&self.root_volume).chain(&self.data_volumes)
-    }
-
-    pub fn volumes_mut(&mut self) -> impl Iterator<Item = &mut VolumeTo> {
-        std::iter::once(&mut self.root_volume).chain(self.data_volumes.iter_mut())
-    }
-}
-
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TpmSpec {

@@ -5,7 +5,7 @@ use std::fmt;
 
 use crate::error::AgentError;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CephPath {
     pub pool: String,
     pub image: String,

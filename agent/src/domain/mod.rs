@@ -1,4 +1,4 @@
-//! The libvirt domain of a VM: validating a StartVmCmd, rendering its XML, and reading device
+//! The libvirt domain of a VM: rendering its XML from the VM's spec, and reading device
 //! addresses back from the live domain.
 
 mod addresses;
@@ -7,7 +7,7 @@ mod validate;
 
 pub use addresses::{device_info, live_disks, LiveDisk};
 pub use render::{dashed_uuid, device_letter, render, xml_escape, DomainSettings};
-pub use validate::{check_uuid, file_paths, is_ifname, validate, xml_safe};
+pub use validate::{check_uuid, file_paths, is_ifname, xml_safe};
 
 #[cfg(test)]
 mod tests {
@@ -25,10 +25,13 @@ mod tests {
         crate::api::decode(&v).unwrap()
     }
 
+    fn validate(c: &StartVmCmd) -> crate::error::AgentResult<crate::model::VmSpec> {
+        c.to_spec()
+    }
+
     fn rendered(v: Value) -> String {
-        let c = cmd(v);
-        validate(&c).unwrap();
-        render(&c, &DomainSettings { domain_type: "qemu".into(), ..Default::default() }).unwrap()
+        let spec = validate(&cmd(v)).unwrap();
+        render(&spec, &DomainSettings { domain_type: "qemu".into(), ..Default::default() }).unwrap()
     }
 
     fn text_of<'a>(doc: &'a roxmltree::Document, tag: &str) -> Vec<&'a str> {
@@ -139,8 +142,8 @@ mod tests {
         assert_eq!(targets, ["vda", "vdb", "vdd"], "sorted by deviceId; c is left to the cdrom");
         assert_eq!(text_of(&doc, "kernel"), ["/k/vmlinuz"]);
         assert_eq!(text_of(&doc, "cmdline"), ["console=ttyS0"]);
-        let c = cmd(v);
-        let paths = file_paths(&c);
+        let spec = validate(&cmd(v)).unwrap();
+        let paths: Vec<&str> = file_paths(&spec).into_iter().filter_map(std::path::Path::to_str).collect();
         assert_eq!(
             paths,
             ["/var/lib/kvmagent/local/root.qcow2", "/d2.qcow2", "/d1.qcow2", "/k/vmlinuz", "/k/initrd.img"]

@@ -1,4 +1,4 @@
-//! Renders a StartVmCmd into libvirt domain XML. Decisions (device names, boot order, sizes)
+//! Renders a VM spec into libvirt domain XML. Decisions (device names, boot order, sizes)
 //! are made here in Rust on a view struct; the template only lays the view out, and every value
 //! it prints goes through XML escaping.
 
@@ -8,8 +8,9 @@ use std::sync::LazyLock;
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::Serialize;
 
-use crate::api::vm::{KernelBoot, MonInfo, StartVmCmd, VolumeTo};
 use crate::error::{AgentError, AgentResult};
+use crate::model::{BootDevice, Bus, Clock, KernelBoot, Machine, Monitor, NicNetwork, TpmModel, Video, VmSpec, Volume};
+use crate::storage::location::Location;
 
 /// How this host renders domains.
 #[derive(Debug, Clone)]
@@ -64,7 +65,7 @@ struct View<'a> {
     vcpu: u32,
     vcpu_max: Option<u32>,
     cpu_mode: Option<&'a str>,
-    topology: Option<Topology>,
+    topology: Option<crate::model::Topology>,
     serial_number: &'a str,
     asset_tag: &'a str,
     machine: &'a str,
@@ -84,18 +85,11 @@ struct View<'a> {
 }
 
 #[derive(Serialize)]
-struct Topology {
-    sockets: u32,
-    cores: u32,
-    threads: u32,
-}
-
-#[derive(Serialize)]
 struct DiskView<'a> {
-    file: Option<&'a str>,
+    file: Option<String>,
     rbd: Option<RbdView<'a>>,
-    format: &'a str,
-    cache: &'a str,
+    format: &'static str,
+    cache: &'static str,
     dev: String,
     bus: &'static str,
     shareable: bool,
@@ -107,9 +101,15 @@ struct DiskView<'a> {
 struct RbdView<'a> {
     /// `pool/image`.
     name: String,
-    hosts: &'a [MonInfo],
+    hosts: Vec<HostView<'a>>,
     secret: Option<&'a str>,
     user: &'a str,
+}
+
+#[derive(Serialize)]
+struct HostView<'a> {
+    hostname: &'a str,
+    port: Option<u16>,
 }
 
 #[derive(Serialize)]
@@ -127,7 +127,7 @@ struct NicView<'a> {
     bridge: &'a str,
     mac: &'a str,
     target: Option<&'a str>,
-    model: &'a str,
+    model: &'static str,
     mtu: Option<u32>,
     link_down: bool,
     boot_order: Option<u32>,
@@ -174,169 +174,160 @@ pub fn dashed_uuid(u: &str) -> String {
     format!("{}-{}-{}-{}-{}", &u[0..8], &u[8..12], &u[12..16], &u[16..20], &u[20..32])
 }
 
-fn none_if_zero(n: u32) -> Option<u32> {
-    (n > 0).then_some(n)
-}
-
-fn disk_view<'a>(v: &'a VolumeTo, settings: &'a DomainSettings, per_device_boot: bool) -> AgentResult<DiskView<'a>> {
+fn disk_view<'a>(v: &'a Volume, settings: &'a DomainSettings, per_device_boot: bool) -> AgentResult<DiskView<'a>> {
     let letter = device_letter(v.device_id)?;
-    let (dev, bus) = match (v.use_virtio_scsi, v.use_virtio) {
-        (true, _) => (format!("sd{letter}"), "scsi"),
-        (false, true) => (format!("vd{letter}"), "virtio"),
-        (false, false) => (format!("sd{letter}"), "sata"),
+    let (dev, bus) = match v.bus {
+        Bus::Scsi => (format!("sd{letter}"), "scsi"),
+        Bus::Virtio => (format!("vd{letter}"), "virtio"),
+        Bus::Sata => (format!("sd{letter}"), "sata"),
     };
-    let rbd = match v.device_type.as_str() {
-        "ceph" => Some(RbdView {
-            name: crate::ceph::path::CephPath::parse(&v.install_path)?.spec(),
-            hosts: &v.mon_info,
-            secret: v.secret_uuid.as_deref().filter(|s| !s.is_empty()),
-            user: &settings.ceph_user,
-        }),
-        _ => None,
+    let (file, rbd) = match &v.location {
+        Location::File(p) => (Some(p.display().to_string()), None),
+        Location::Rbd(p) => {
+            let access = v.rbd.as_ref();
+            let rbd = RbdView {
+                name: p.spec(),
+                hosts: (access.iter().flat_map(|a| &a.monitors))
+                    .map(|m: &Monitor| HostView { hostname: &m.host, port: m.port })
+                    .collect(),
+                secret: access.and_then(|a| a.secret_uuid.as_deref()),
+                user: &settings.ceph_user,
+            };
+            (None, Some(rbd))
+        }
     };
     Ok(DiskView {
-        file: rbd.is_none().then_some(v.install_path.as_str()),
+        file,
         rbd,
-        format: if v.format.is_empty() { "qcow2" } else { &v.format },
-        cache: if v.cache_mode.is_empty() { "none" } else { &v.cache_mode },
+        format: v.format.as_str(),
+        cache: v.cache.as_str(),
         dev,
         bus,
         shareable: v.shareable,
-        boot_order: if per_device_boot { none_if_zero(v.boot_order) } else { None },
-        serial: &v.volume_uuid,
+        boot_order: v.boot_order.filter(|_| per_device_boot),
+        serial: &v.uuid,
     })
 }
 
-/// Renders the domain XML of `cmd`. Call [`super::validate`] first.
-pub fn render(cmd: &StartVmCmd, settings: &DomainSettings) -> AgentResult<String> {
-    let q35 = cmd.machine_type == "q35";
+/// Renders the domain XML of `spec`.
+pub fn render(spec: &VmSpec, settings: &DomainSettings) -> AgentResult<String> {
+    let q35 = spec.machine == Machine::Q35;
     // libvirt refuses <os><boot dev> together with per-device <boot order>: per-device wins
     // when any device asks for a position.
-    let per_device_boot = cmd.root_volume.boot_order > 0
-        || cmd.cd_roms.iter().any(|c| c.boot_order > 0)
-        || cmd.nics.iter().any(|n| n.boot_order > 0);
-    let boot_devs = if per_device_boot || cmd.kernel_boot.is_some() {
+    let per_device_boot = spec.root().boot_order.is_some()
+        || spec.cd_roms.iter().any(|c| c.boot_order.is_some())
+        || spec.nics.iter().any(|n| n.boot_order.is_some());
+    let boot_devs = if per_device_boot || spec.kernel_boot.is_some() {
         Vec::new()
     } else {
-        let mut devs: Vec<&'static str> = cmd
-            .boot_dev
-            .iter()
-            .filter_map(|d| match d.as_str() {
-                "hd" => Some("hd"),
-                "cdrom" => Some("cdrom"),
-                "network" => Some("network"),
-                _ => None,
+        (spec.boot_devices.iter())
+            .map(|d| match d {
+                BootDevice::Hd => "hd",
+                BootDevice::Cdrom => "cdrom",
+                BootDevice::Network => "network",
             })
-            .collect();
-        if devs.is_empty() {
-            devs.push("hd");
-        }
-        devs
+            .collect()
     };
 
-    let mut volumes: Vec<&VolumeTo> = cmd.volumes().collect();
+    let mut volumes: Vec<&Volume> = spec.volumes.iter().collect();
     volumes.sort_by_key(|v| v.device_id);
     let disks = volumes
         .into_iter()
         .map(|v| disk_view(v, settings, per_device_boot && v.device_id == 0))
         .collect::<AgentResult<Vec<_>>>()?;
 
-    let mut cd_roms: Vec<_> = cmd.cd_roms.iter().collect();
+    let mut cd_roms: Vec<_> = spec.cd_roms.iter().collect();
     cd_roms.sort_by_key(|c| c.device_id);
     let slots = if q35 { &SATA_CDROMS } else { &IDE_CDROMS };
     let cdroms = cd_roms
         .iter()
         .zip(slots.iter())
         .map(|(c, dev)| CdromView {
-            file: (!c.is_empty && !c.path.is_empty()).then_some(c.path.as_str()),
+            file: c.iso.as_deref(),
             dev,
             bus: if q35 { "sata" } else { "ide" },
-            boot_order: if per_device_boot { none_if_zero(c.boot_order) } else { None },
+            boot_order: c.boot_order.filter(|_| per_device_boot),
             serial: &c.resource_uuid,
         })
         .collect();
 
-    let mut nics: Vec<_> = cmd.nics.iter().collect();
+    let mut nics: Vec<_> = spec.nics.iter().collect();
     nics.sort_by_key(|n| n.device_id);
     let nics = nics
         .into_iter()
         .map(|n| {
             // User-mode NICs have no tap device and no MTU setting.
-            let user_mode = n.nic_type == "user";
+            let (user_mode, bridge) = match &n.network {
+                NicNetwork::User => (true, ""),
+                NicNetwork::Bridge(b) => (false, b.as_str()),
+            };
             NicView {
                 user_mode,
-                bridge: &n.bridge_name,
+                bridge,
                 mac: &n.mac,
-                target: Some(n.nic_internal_name.as_str()).filter(|t| !user_mode && super::validate::is_ifname(t)),
-                model: match n.driver_type.as_str() {
-                    "" if n.use_virtio => "virtio",
-                    "" => "e1000",
-                    other => other,
-                },
-                mtu: n.mtu.filter(|m| *m > 0 && !user_mode),
-                link_down: n.state == "disable",
-                boot_order: if per_device_boot { none_if_zero(n.boot_order) } else { None },
+                target: Some(n.internal_name.as_str()).filter(|t| !user_mode && super::validate::is_ifname(t)),
+                model: n.model.as_str(),
+                mtu: n.mtu.filter(|_| !user_mode),
+                link_down: !n.link_up,
+                boot_order: n.boot_order.filter(|_| per_device_boot),
             }
         })
         .collect();
 
-    let vcpu_max = (cmd.use_numa && cmd.max_vcpu_num > cmd.cpu_num).then_some(cmd.max_vcpu_num);
-    let all_vcpus = vcpu_max.unwrap_or(cmd.cpu_num);
-    let topology = match (cmd.socket_num, cmd.cpu_on_socket, cmd.threads_per_core) {
-        (Some(s), Some(c), t) if s * c * t.unwrap_or(1) == all_vcpus => {
-            Some(Topology { sockets: s, cores: c, threads: t.unwrap_or(1) })
-        }
-        _ => None,
+    let view = View {
+        domain_type: &settings.domain_type,
+        name: &spec.uuid,
+        uuid: dashed_uuid(&spec.uuid),
+        description: &spec.name,
+        internal_id: spec.internal_id,
+        host_ip: &spec.host_management_ip,
+        memory_kib: spec.memory / 1024,
+        vcpu: spec.cpu.count,
+        vcpu_max: spec.cpu.max,
+        // Host CPU modes need hardware virtualisation; under TCG the default model is used.
+        cpu_mode: None,
+        topology: spec.cpu.topology,
+        serial_number: &spec.serial_number,
+        asset_tag: &spec.chassis_asset_tag,
+        machine: if q35 { "q35" } else { "pc" },
+        kernel: spec.kernel_boot.as_ref(),
+        boot_devs,
+        clock: match spec.clock {
+            Clock::Localtime => "localtime",
+            Clock::Utc => "utc",
+        },
+        emulator: settings.emulator.as_deref(),
+        virtio_scsi: disks.iter().any(|d| d.bus == "scsi"),
+        disks,
+        cdroms,
+        nics,
+        console_log: settings.console_log.as_ref().map(|p| p.display().to_string()),
+        vnc_listen: &settings.vnc_listen,
+        vnc_password: &spec.console_password,
+        video: match spec.video {
+            Video::Vga => "vga",
+            Video::Cirrus => "cirrus",
+            Video::Qxl => "qxl",
+            Video::Virtio => "virtio",
+            Video::Vmvga => "vmvga",
+            Video::Bochs => "bochs",
+            Video::Ramfb => "ramfb",
+            Video::None => "none",
+        },
+        tpm_model: spec.tpm.map(|t| match t {
+            TpmModel::Crb => "tpm-crb",
+            TpmModel::Tis => "tpm-tis",
+        }),
     };
-    let view =
-        View {
-            domain_type: &settings.domain_type,
-            name: &cmd.vm_instance_uuid,
-            uuid: dashed_uuid(&cmd.vm_instance_uuid),
-            description: &cmd.vm_name,
-            internal_id: cmd.vm_internal_id,
-            host_ip: &cmd.host_management_ip,
-            memory_kib: cmd.memory / 1024,
-            vcpu: cmd.cpu_num,
-            vcpu_max,
-            // Host CPU modes need hardware virtualisation; under TCG the default model is used.
-            cpu_mode: None,
-            topology,
-            serial_number: &cmd.system_serial_number,
-            asset_tag: &cmd.chassis_asset_tag,
-            machine: if q35 { "q35" } else { "pc" },
-            kernel: cmd.kernel_boot.as_ref(),
-            boot_devs,
-            clock: if cmd.clock == "localtime" { "localtime" } else { "utc" },
-            emulator: settings.emulator.as_deref(),
-            virtio_scsi: disks.iter().any(|d| d.bus == "scsi"),
-            disks,
-            cdroms,
-            nics,
-            console_log: settings.console_log.as_ref().map(|p| p.display().to_string()),
-            vnc_listen: &settings.vnc_listen,
-            vnc_password: &cmd.console_password,
-            video: match cmd.video_type.as_str() {
-                "" => "vga",
-                other => other,
-            },
-            tpm_model: cmd.tpm.as_ref().filter(|t| t.enable).map(|t| {
-                if t.model == "tpm-tis" {
-                    "tpm-tis"
-                } else {
-                    "tpm-crb"
-                }
-            }),
-        };
     let xml = TEMPLATES
         .get_template("domain.xml")
         .and_then(|t| t.render(&view))
-        .map_err(|e| AgentError::internal(format!("rendering the domain XML of {}: {e}", cmd.vm_instance_uuid)))?;
+        .map_err(|e| AgentError::internal(format!("rendering the domain XML of {}: {e}", spec.uuid)))?;
     // Whatever validation missed, XML cannot carry control characters: never hand libvirt one.
     if let Some(c) = xml.chars().find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
         return Err(AgentError::invalid(format!(
             "a value of VM {} contains the control character U+{:04X}, which a domain definition cannot carry",
-            cmd.vm_instance_uuid, c as u32
+            spec.uuid, c as u32
         )));
     }
     Ok(xml)

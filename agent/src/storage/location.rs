@@ -10,7 +10,8 @@ use crate::storage::roots::StorageRoots;
 
 const RBD_SCHEME: &str = "ceph://";
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Shown and persisted as its install path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Location {
     /// A file path as given (see [`Location::confined`] for one resolved inside the roots).
     File(PathBuf),
@@ -54,6 +55,28 @@ impl Location {
     /// The install path of a new RBD image `image` in `pool`.
     pub fn rbd_image(pool: &str, image: &str) -> String {
         format!("{RBD_SCHEME}{pool}/{image}")
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::File(p) => write!(f, "{}", p.display()),
+            Location::Rbd(p) => write!(f, "{p}"),
+        }
+    }
+}
+
+impl serde::Serialize for Location {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Location {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Location::parse(&s).map_err(|e| serde::de::Error::custom(e.details))
     }
 }
 

@@ -12,10 +12,11 @@ use super::undo::{UndoLog, UndoStep};
 use super::volumes;
 use crate::api::inventory::VmInstanceInventory;
 use crate::api::native::Strategy;
-use crate::api::vm::StartVmCmd;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
+use crate::model::VmSpec;
 use crate::storage::local::Provisioning;
+use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
 
 /// What a new volume is made from.
@@ -46,36 +47,38 @@ pub enum Source {
 pub async fn create_vm(
     app: &App,
     ctx: &TaskCtx,
-    spec: &StartVmCmd,
+    spec: &VmSpec,
     sources: &[Source],
     strategy: Strategy,
 ) -> AgentResult<VmInstanceInventory> {
-    let vm = app.vms.lock(&spec.vm_instance_uuid).await?;
-    let paths: Vec<String> = spec.volumes().map(|v| v.install_path.clone()).collect();
+    let vm = app.vms.lock(&spec.uuid).await?;
+    let paths: Vec<String> = spec.volumes.iter().map(|v| v.install_path().clone()).collect();
     let _volume_locks = app.volume_locks.write_all(&paths).await?;
     check_targets(app, ctx, spec).await?;
     make(app, ctx, &vm, NewVm { spec, sources, tpm_from: None, strategy }).await
 }
 
-/// Everything that can be known before making anything: the spec is valid, the VM has no domain
-/// here, every target volume is free, inside the roots and named once, and every other file the
-/// domain opens (ISOs, kernel) is inside the roots.
-pub async fn check_targets(app: &App, ctx: &TaskCtx, spec: &StartVmCmd) -> AgentResult<()> {
-    crate::domain::validate(spec)?;
+/// Everything that can be known before making anything: the VM has no domain here, every
+/// target volume is free, inside the roots and named once, and every other file the domain
+/// opens (ISOs, kernel) is inside the roots.
+pub async fn check_targets(app: &App, ctx: &TaskCtx, spec: &VmSpec) -> AgentResult<()> {
     let mut targets = HashSet::new();
-    for v in spec.volumes() {
-        if v.volume_uuid.is_empty() {
-            return Err(AgentError::invalid(format!("volume at {} has an empty volumeUuid", v.install_path)));
+    for v in spec.volumes.iter() {
+        let path = v.install_path();
+        if v.uuid.is_empty() {
+            return Err(AgentError::invalid(format!("volume at {path} has an empty volumeUuid")));
         }
-        volumes::store(app, &v.install_path)?.check_free(&v.install_path, &ctx.stop).await?;
-        if !targets.insert(v.install_path.as_str()) {
-            return Err(AgentError::invalid(format!("installPath {} is named twice", v.install_path)));
+        volumes::store(app, &path)?.check_free(&path, &ctx.stop).await?;
+        if !targets.insert(v.location.clone()) {
+            return Err(AgentError::invalid(format!("installPath {path} is named twice")));
         }
     }
-    for path in crate::domain::file_paths(spec).into_iter().filter(|p| !targets.contains(p)) {
-        app.storage.roots().confine_existing(path)?;
+    for path in crate::domain::file_paths(spec) {
+        if !targets.contains(&Location::File(path.to_path_buf())) {
+            app.storage.roots().confine_existing(&path.display().to_string())?;
+        }
     }
-    let vm = &spec.vm_instance_uuid;
+    let vm = &spec.uuid;
     if app.libvirt.domain_state(vm).await?.is_some() {
         return Err(AgentError::conflict(format!("VM {vm} already exists on this host")));
     }
@@ -84,7 +87,7 @@ pub async fn check_targets(app: &App, ctx: &TaskCtx, spec: &StartVmCmd) -> Agent
 
 /// A VM to make: its spec, one source per volume (root first), the TPM state to copy.
 pub struct NewVm<'a> {
-    pub spec: &'a StartVmCmd,
+    pub spec: &'a VmSpec,
     pub sources: &'a [Source],
     pub tpm_from: Option<&'a Path>,
     pub strategy: Strategy,
@@ -94,12 +97,8 @@ pub struct NewVm<'a> {
 /// a VM with a record already is refused) and answers its inventory. On failure everything made
 /// is removed.
 pub async fn make(app: &App, ctx: &TaskCtx, vm: &VmGuard, new: NewVm<'_>) -> AgentResult<VmInstanceInventory> {
-    if vm.uuid() != new.spec.vm_instance_uuid {
-        return Err(AgentError::internal(format!(
-            "VM {} is made under the lock of {}",
-            new.spec.vm_instance_uuid,
-            vm.uuid()
-        )));
+    if vm.uuid() != new.spec.uuid {
+        return Err(AgentError::internal(format!("VM {} is made under the lock of {}", new.spec.uuid, vm.uuid())));
     }
     if vm.record()?.is_some() {
         return Err(AgentError::conflict(format!("VM {} already exists on this host", vm.uuid())));
@@ -127,11 +126,11 @@ async fn build(
 ) -> AgentResult<&'static str> {
     let NewVm { spec, sources, tpm_from, strategy } = *new;
     let stop = &ctx.stop;
-    let vm = &spec.vm_instance_uuid;
+    let vm = &spec.uuid;
     let steps = sources.len() as u32 + 1;
-    for (i, (v, source)) in spec.volumes().zip(sources).enumerate() {
+    for (i, (v, source)) in spec.volumes.iter().zip(sources).enumerate() {
         stop.check("creating the VM")?;
-        let dst = &v.install_path;
+        let dst = &v.install_path();
         let store = volumes::store(app, dst)?;
         undo.push(store.undo_for(dst)?);
         match source {
@@ -142,7 +141,7 @@ async fn build(
             Source::Clone { from, linked } => store.clone_volume(from, dst, *linked, stop).await,
             Source::Restore { chain_top } => store.restore(chain_top, dst, stop).await,
         }
-        .map_err(|e| e.context(format!("step 'create volume {}' failed", v.volume_uuid)))?;
+        .map_err(|e| e.context(format!("step 'create volume {}' failed", v.uuid)))?;
         ctx.progress(((i as u32 + 1) * 100 / steps) as u8, "volume created");
     }
     if let Some(from) = tpm_from {

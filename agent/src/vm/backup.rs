@@ -18,10 +18,10 @@ use super::derived;
 use super::undo::{UndoLog, UndoStep};
 use crate::api::inventory::VmInstanceInventory;
 use crate::api::native::{BackupMode, BackupVmCmd, BackupVmRsp, CreateFromBackupCmd, NewVolume};
-use crate::api::vm::StartVmCmd;
 use crate::app::App;
 use crate::backup_group::{self, BackupFile, BackupVolume, Group, Manifest, Point, PointKind};
 use crate::error::{AgentError, AgentResult};
+use crate::model::VmSpec;
 use crate::qemu_img::{self, Convert, CreateOptions};
 use crate::stop::Stop;
 use crate::storage::local::Building;
@@ -37,22 +37,22 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> AgentResult<T> + Send +
 }
 
 /// The manifest a backup adds to, after checking that the VM's volumes still match it.
-fn previous(group: &Group, spec: &StartVmCmd) -> AgentResult<Manifest> {
+fn previous(group: &Group, spec: &VmSpec) -> AgentResult<Manifest> {
     let m = group.manifest()?;
-    if m.vm_uuid != spec.vm_instance_uuid {
+    if m.vm_uuid != spec.uuid {
         return Err(AgentError::invalid(format!(
             "backup group {} holds VM {}, not VM {}",
-            group.uuid, m.vm_uuid, spec.vm_instance_uuid
+            group.uuid, m.vm_uuid, spec.uuid
         )));
     }
     let mut have: Vec<&str> = m.volumes.iter().map(|v| v.volume_uuid.as_str()).collect();
-    let mut now: Vec<&str> = spec.volumes().map(|v| v.volume_uuid.as_str()).collect();
+    let mut now: Vec<&str> = spec.volumes.iter().map(|v| v.uuid.as_str()).collect();
     have.sort();
     now.sort();
     if have != now {
         return Err(AgentError::conflict(format!(
             "the volumes of VM {} changed since backup group {} was started; take a full backup into a new group",
-            spec.vm_instance_uuid, group.uuid
+            spec.uuid, group.uuid
         )));
     }
     for v in &m.volumes {
@@ -99,7 +99,7 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
     // temporary snapshots dropped), and after a crash too: both logs are journaled.
     let mut release = UndoLog::journaled(app, &ctx.task_id);
     if !captured.frozen.is_empty() {
-        release.push(UndoStep::Thaw { vm: before.vm_instance_uuid.clone(), frozen: captured.frozen.clone() });
+        release.push(UndoStep::Thaw { vm: before.uuid.clone(), frozen: captured.frozen.clone() });
     }
     for (_, snap) in &captured.rbd_snapshots {
         release.push(UndoStep::RemoveRbdSnapshot { path: snap.clone() });
@@ -116,7 +116,7 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
         let mut m = manifest.unwrap_or_else(|| Manifest {
             format_version: backup_group::FORMAT_VERSION,
             group_uuid: group.uuid.clone(),
-            vm_uuid: before.vm_instance_uuid.clone(),
+            vm_uuid: before.uuid.clone(),
             points: Vec::new(),
             volumes: Vec::new(),
         });
@@ -125,14 +125,14 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
             index: point,
             kind,
             taken_at: crate::tasks::journal::now_ms() / 1000,
-            vm: before.clone(),
+            vm: crate::api::vm::StartVmCmd::from_spec(&before),
         });
-        for (v, file) in before.volumes().zip(files) {
-            let entry = match m.volumes.iter_mut().find(|b| b.volume_uuid == v.volume_uuid) {
+        for (v, file) in before.volumes.iter().zip(files) {
+            let entry = match m.volumes.iter_mut().find(|b| b.volume_uuid == v.uuid) {
                 Some(e) => e,
                 None => {
                     m.volumes.push(BackupVolume {
-                        volume_uuid: v.volume_uuid.clone(),
+                        volume_uuid: v.uuid.clone(),
                         volume_type: if v.device_id == 0 { "Root" } else { "Data" }.into(),
                         device_id: v.device_id,
                         virtual_size: 0,
@@ -165,23 +165,23 @@ async fn write_point(
     app: &App,
     ctx: &TaskCtx,
     group: &Group,
-    spec: &StartVmCmd,
+    spec: &VmSpec,
     point: usize,
     captured: &capture::Captured,
     made: &mut UndoLog,
 ) -> AgentResult<Vec<BackupFile>> {
-    let total = spec.volumes().count();
+    let total = spec.volumes.len();
     let mut files = Vec::new();
-    for (i, v) in spec.volumes().enumerate() {
+    for (i, v) in spec.volumes.iter().enumerate() {
         ctx.stop.check("backing up the VM")?;
-        let from = captured.point(&v.volume_uuid, &v.install_path);
-        let relative = backup_group::file_name(&v.volume_uuid, point);
+        let from = captured.point(&v.uuid, &v.install_path());
+        let relative = backup_group::file_name(&v.uuid, point);
         let dst = group.path(&relative);
         let previous = (point > 0).then(|| format!("{}.qcow2", point - 1));
         made.push(UndoStep::RemoveFile { path: dst.clone() });
         write_file(app, &from, previous.as_deref(), &dst, &ctx.stop)
             .await
-            .map_err(|e| e.context(format!("step 'back up volume {}' failed", v.volume_uuid)))?;
+            .map_err(|e| e.context(format!("step 'back up volume {}' failed", v.uuid)))?;
         let virtual_size = qemu_img::info(&dst, &ctx.stop).await?.virtual_size;
         let path = dst.clone();
         let sha256 = blocking(move || backup_group::sha256_file(&path)).await?;
@@ -255,7 +255,7 @@ pub async fn create_from(app: &App, ctx: &TaskCtx, cmd: CreateFromBackupCmd) -> 
             None => Ok(None),
         }
     };
-    let (spec, origins) = derived::derive(&at.vm, &cmd.target, identify)?;
+    let (spec, origins) = derived::derive(&at.vm.to_spec()?, &cmd.target, identify)?;
     let (g, manifest, roots) = (group.clone(), m.clone(), app.backup_roots.clone());
     let tops: Vec<(String, PathBuf)> = blocking(move || g.verify(&manifest, point, &roots)).await?;
     let sources = origins

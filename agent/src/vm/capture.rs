@@ -9,10 +9,10 @@ use std::path::Path;
 use super::freeze::{freeze, Frozen};
 use super::owner::VmGuard;
 use super::volumes;
-use crate::api::vm::StartVmCmd;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::libvirt::domains::VmState;
+use crate::model::VmSpec;
 use crate::stop::Stop;
 use crate::storage::location::Location;
 
@@ -70,17 +70,17 @@ impl Captured {
 pub async fn capture(
     app: &App,
     owner: &VmGuard,
-    spec: &mut StartVmCmd,
+    spec: &mut VmSpec,
     opts: Options<'_>,
     stop: &Stop,
 ) -> AgentResult<Captured> {
     let vm = owner.uuid().to_owned();
     let state = app.libvirt.domain_state(&vm).await?;
     let running = state.is_some_and(|s| s.is_active());
-    let chosen = || std::iter::once(&spec.root_volume).chain(spec.data_volumes.iter().filter(|_| opts.with_data));
-    let rbd_images: Vec<String> = chosen().map(|v| v.install_path.clone()).filter(|p| Location::is_rbd(p)).collect();
-    let has_files = chosen().any(|v| !Location::is_rbd(&v.install_path));
-    let tpm = spec.tpm.as_ref().is_some_and(|t| t.enable) && opts.tpm_to.is_some();
+    let chosen = || std::iter::once(spec.root()).chain(spec.data_volumes().iter().filter(|_| opts.with_data));
+    let rbd_images: Vec<String> = chosen().map(|v| v.install_path().clone()).filter(|p| Location::is_rbd(p)).collect();
+    let has_files = chosen().any(|v| !Location::is_rbd(&v.install_path()));
+    let tpm = spec.tpm.is_some() && opts.tpm_to.is_some();
     let freezing = has_files && (opts.freeze == Freeze::Always || running);
     let actions = usize::from(freezing) + rbd_images.len() + usize::from(tpm);
     let pause = actions > 1 && state == Some(VmState::Running);

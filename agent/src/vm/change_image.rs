@@ -15,12 +15,12 @@ use crate::tasks::TaskCtx;
 pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> AgentResult<VmInstanceInventory> {
     let owner = app.vms.lock(&cmd.vm_uuid).await?;
     let mut spec = owner.load()?;
-    let vm = spec.vm_instance_uuid.clone();
+    let vm = spec.uuid.clone();
     let state = app.libvirt.domain_state(&vm).await?;
     if state.is_some_and(|s| s.is_active()) {
         return Err(AgentError::conflict(format!("VM {vm} is running; stop it before changing its image")));
     }
-    let old_root = spec.root_volume.install_path.clone();
+    let old_root = spec.root().install_path().clone();
     let new_root = match &cmd.new_root_install_path {
         Some(p) => p.clone(),
         None => match Location::parse(&old_root)? {
@@ -57,21 +57,20 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
         let grow = Some(old_size).filter(|s| *s > image_size);
         let store = volumes::store(app, &new_root)?;
         let made = store.undo_for(&new_root)?;
-        spec.root_volume.install_path = match &made {
-            UndoStep::RemoveVolumeFile { path, .. } => path.display().to_string(),
-            _ => new_root.clone(),
+        let location = match &made {
+            UndoStep::RemoveVolumeFile { path, .. } => Location::File(path.clone()),
+            _ => Location::parse(&new_root)?,
         };
+        let old = spec.root();
+        *spec.root_mut() = old.moved_to(old.uuid.clone(), location, old.rbd.clone());
         // Once the record names the new root, the switch is done: a crash after that keeps it.
-        let path = spec.root_volume.install_path.clone();
+        let path = spec.root().install_path();
         undo.push(UndoStep::UnlessRecorded { vm: vm.clone(), path, step: Box::new(made) });
         store
             .make_from_image(&cmd.image_path, &new_root, grow, Provisioning::Thin, &ctx.stop)
             .await
             .map_err(|e| e.context("step 'create new root' failed"))?;
         ctx.stop.check("changing the image")?;
-        if spec.root_volume.device_type == "file" {
-            spec.root_volume.format = "qcow2".into();
-        }
         if state.is_some() {
             // A defined (stopped) domain is redefined to point at the new root.
             let xml = crate::domain::render(&spec, &super::settings(app, &vm))?;

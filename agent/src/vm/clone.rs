@@ -12,9 +12,9 @@ use super::capture::{self, capture, Freeze};
 use super::derived::{fresh_nics, path_beside, random_uuid};
 use super::volumes::{self, CLONE_SNAPSHOT_PREFIX};
 use crate::api::native::{CloneMode, CloneSpec, CloneVmCmd, CloneVmRsp};
-use crate::api::vm::StartVmCmd;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
+use crate::model::VmSpec;
 use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
 
@@ -23,12 +23,12 @@ const MAX_CLONES: usize = 1000;
 /// One clone to make: its spec (volumes already pointing at their targets) and, per volume,
 /// the source volume it is made from (uuid and install path).
 struct Plan {
-    spec: StartVmCmd,
+    spec: VmSpec,
     sources: Vec<(String, String)>,
 }
 
 /// Works out every clone's spec and target paths, and checks them all before anything is made.
-fn plan(app: &App, cmd: &CloneVmCmd, source: &StartVmCmd) -> AgentResult<Vec<Plan>> {
+fn plan(app: &App, cmd: &CloneVmCmd, source: &VmSpec) -> AgentResult<Vec<Plan>> {
     let n = cmd.names.len().max(cmd.clones.len());
     if n == 0 {
         return Err(AgentError::invalid("give at least one clone in `names` or `clones`"));
@@ -51,62 +51,54 @@ fn plan(app: &App, cmd: &CloneVmCmd, source: &StartVmCmd) -> AgentResult<Vec<Pla
         let c = cmd.clones.get(i).unwrap_or(&empty);
         let uuid = c.uuid.clone().unwrap_or_else(random_uuid);
         crate::domain::check_uuid(&uuid).map_err(|e| e.context(format!("clones[{i}].uuid")))?;
-        if uuid == source.vm_instance_uuid || !uuids.insert(uuid.clone()) {
+        if uuid == source.uuid || !uuids.insert(uuid.clone()) {
             return Err(AgentError::invalid(format!("clone uuid {uuid} is used twice")));
         }
         if app.vms.is_known(&uuid) {
             return Err(AgentError::conflict(format!("VM {uuid} already exists on this host")));
         }
         let mut spec = source.clone();
-        spec.vm_instance_uuid = uuid.clone();
-        spec.vm_name = cmd
+        spec.uuid = uuid.clone();
+        spec.name = cmd
             .names
             .get(i)
             .cloned()
             .or_else(|| c.name.clone())
-            .unwrap_or_else(|| format!("{}-clone-{}", source.vm_name, i + 1));
-        spec.system_serial_number = uuid::Uuid::new_v4().to_string();
+            .unwrap_or_else(|| format!("{}-clone-{}", source.name, i + 1));
+        crate::domain::xml_safe(&format!("clones[{i}] name"), &spec.name)?;
+        spec.serial_number = uuid::Uuid::new_v4().to_string();
         spec.nics = fresh_nics(&source.nics, c.nics.as_ref()).map_err(|e| e.context(format!("clones[{i}].nics")))?;
         if !cmd.full {
-            spec.data_volumes.clear();
+            spec.volumes.truncate(1);
         }
-        if c.data_install_paths.len() > spec.data_volumes.len() {
+        if c.data_install_paths.len() > spec.data_volumes().len() {
             return Err(AgentError::invalid(format!(
                 "clones[{i}].dataInstallPaths names more volumes than are cloned"
             )));
         }
         let mut sources = Vec::new();
-        let volumes = spec.volumes_mut();
+        let volumes = spec.volumes.iter_mut();
         for (k, v) in volumes.enumerate() {
             let given = if k == 0 { c.root_install_path.clone() } else { c.data_install_paths.get(k - 1).cloned() };
             let new_volume = random_uuid();
-            let target = given.unwrap_or_else(|| path_beside(&v.install_path, &new_volume));
-            let target = match Location::confined(&target, app.storage.roots())? {
-                Location::Rbd(p) => {
-                    p.require_image()?;
-                    target
+            let target = given.unwrap_or_else(|| path_beside(&v.install_path(), &new_volume));
+            let target = Location::confined(&target, app.storage.roots())?;
+            match &target {
+                Location::Rbd(p) => p.require_image()?,
+                Location::File(confined) if confined.symlink_metadata().is_ok() => {
+                    return Err(AgentError::conflict(format!(
+                        "clones[{i}]: volume {} already exists",
+                        confined.display()
+                    )))
                 }
-                Location::File(confined) => {
-                    if confined.symlink_metadata().is_ok() {
-                        return Err(AgentError::conflict(format!(
-                            "clones[{i}]: volume {} already exists",
-                            confined.display()
-                        )));
-                    }
-                    confined.display().to_string()
-                }
-            };
+                Location::File(_) => {}
+            }
             if !targets.insert(target.clone()) {
                 return Err(AgentError::invalid(format!("clones[{i}]: install path {target} is named twice")));
             }
-            sources.push((v.volume_uuid.clone(), v.install_path.clone()));
-            v.install_path = target;
-            v.volume_uuid = new_volume;
-            if !Location::is_rbd(&v.install_path) {
-                v.format = "qcow2".into();
-            }
+            sources.push((v.uuid.clone(), v.install_path()));
+            *v = v.moved_to(new_volume, target, v.rbd.clone());
         }
-        crate::domain::validate(&spec).map_err(|e| e.context(format!("clones[{i}]")))?;
         plans.push(Plan { spec, sources });
     }
     Ok(plans)
@@ -139,8 +131,8 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
     let total = plans.len();
     let results: Vec<Value> = futures::stream::iter(plans.into_iter().enumerate())
         .map(|(i, p)| async move {
-            let name = p.spec.vm_name.clone();
-            let uuid = p.spec.vm_instance_uuid.clone();
+            let name = p.spec.name.clone();
+            let uuid = p.spec.uuid.clone();
             let sources: Vec<Source> = (p.sources.iter())
                 .map(|(volume, path)| Source::Clone { from: captured.point(volume, path), linked })
                 .collect();
@@ -175,15 +167,12 @@ async fn check_plans(app: &App, ctx: &TaskCtx, plans: &[Plan]) -> AgentResult<()
     let mut sources = HashSet::new();
     let mut rbd_targets = Vec::new();
     for p in plans {
-        if app.libvirt.domain_state(&p.spec.vm_instance_uuid).await?.is_some() {
-            return Err(AgentError::conflict(format!(
-                "a domain for VM {} already exists on this host",
-                p.spec.vm_instance_uuid
-            )));
+        if app.libvirt.domain_state(&p.spec.uuid).await?.is_some() {
+            return Err(AgentError::conflict(format!("a domain for VM {} already exists on this host", p.spec.uuid)));
         }
-        for ((_, s), v) in p.sources.iter().zip(p.spec.volumes()) {
-            if Location::is_rbd(&v.install_path) {
-                rbd_targets.push(v.install_path.clone());
+        for ((_, s), v) in p.sources.iter().zip(p.spec.volumes.iter()) {
+            if Location::is_rbd(&v.install_path()) {
+                rbd_targets.push(v.install_path().clone());
             }
             if !sources.insert(s.as_str()) {
                 continue;

@@ -10,6 +10,7 @@ use crate::api::native::{CreateVmCmd, Provisioning as WireProvisioning};
 use crate::api::vm::StartVmCmd;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
+use crate::model::VmSpec;
 use crate::qemu_img::CreateOptions;
 use crate::storage::local::{check_size, Provisioning};
 use crate::storage::location::Location;
@@ -33,8 +34,8 @@ fn volume_to(cmd: &CreateVmCmd, path: &str, uuid: &str, device_id: usize) -> Val
     }
 }
 
-/// The StartVmCmd of the new VM: the caller's `vm` object with the volumes filled in.
-fn vm_spec(cmd: &CreateVmCmd) -> AgentResult<StartVmCmd> {
+/// The new VM: the caller's `vm` object (StartVmCmd fields) with the volumes filled in.
+fn vm_spec(cmd: &CreateVmCmd) -> AgentResult<VmSpec> {
     let mut vm = cmd.vm.clone();
     vm.insert("rootVolume".into(), volume_to(cmd, &cmd.root_volume.install_path, &cmd.root_volume.volume_uuid, 0));
     let data: Vec<Value> = cmd
@@ -47,7 +48,9 @@ fn vm_spec(cmd: &CreateVmCmd) -> AgentResult<StartVmCmd> {
     if let Some(tpm) = &cmd.tpm {
         vm.insert("tpm".into(), tpm.clone());
     }
-    crate::api::decode(&Value::Object(vm)).map_err(|e| AgentError::invalid(format!("vm: {}", e.details)))
+    let wire: StartVmCmd =
+        crate::api::decode(&Value::Object(vm)).map_err(|e| AgentError::invalid(format!("vm: {}", e.details)))?;
+    wire.to_spec()
 }
 
 /// The checks of the sources; the targets are checked by [`assemble::create_vm`].
@@ -81,7 +84,6 @@ async fn check_sources(app: &App, ctx: &TaskCtx, cmd: &CreateVmCmd) -> AgentResu
 
 pub async fn create(app: &App, ctx: &TaskCtx, cmd: CreateVmCmd) -> AgentResult<VmInstanceInventory> {
     let spec = vm_spec(&cmd)?;
-    crate::domain::validate(&spec)?;
     check_sources(app, ctx, &cmd).await?;
     let root = &cmd.root_volume;
     let provisioning = provisioning(root.provisioning);

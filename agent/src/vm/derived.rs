@@ -8,8 +8,9 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::api::native::{CephAccess, NewVmTarget, NewVolume};
-use crate::api::vm::{NicTo, StartVmCmd, VolumeTo};
+use crate::api::vm::{MonInfo, StartVmCmd};
 use crate::error::{AgentError, AgentResult};
+use crate::model::{Monitor, Nic, RbdAccess, VmSpec, Volume};
 use crate::storage::location::Location;
 
 pub fn random_uuid() -> String {
@@ -34,60 +35,63 @@ pub fn path_beside(source: &str, new_volume: &str) -> String {
 }
 
 /// The NICs of a new VM: `given` NicTOs, or the source's NICs with fresh MACs and uuids.
-pub fn fresh_nics(source: &[NicTo], given: Option<&Vec<Value>>) -> AgentResult<Vec<NicTo>> {
+pub fn fresh_nics(source: &[Nic], given: Option<&Vec<Value>>) -> AgentResult<Vec<Nic>> {
     match given {
-        Some(nics) => crate::api::decode(&Value::Array(nics.clone())),
+        Some(nics) => crate::api::vm_model::nics(nics),
         None => Ok(source
             .iter()
-            .map(|n| NicTo { mac: random_mac(), uuid: random_uuid(), nic_internal_name: String::new(), ..n.clone() })
+            .map(|n| Nic { mac: random_mac(), uuid: random_uuid(), internal_name: String::new(), ..n.clone() })
             .collect()),
     }
 }
 
-/// `origin` (a volume of the source VM) moved to `install_path` under a new uuid.
+/// `origin` (a volume of the source VM) moved to `install_path` under a new uuid; an RBD volume
+/// is reached as `ceph` says.
 pub fn retarget(
-    origin: &VolumeTo,
+    origin: &Volume,
     install_path: String,
     volume_uuid: String,
     ceph: Option<&CephAccess>,
-) -> AgentResult<VolumeTo> {
-    let mut v = VolumeTo { install_path, volume_uuid, ..origin.clone() };
-    if Location::is_rbd(&v.install_path) {
-        v.device_type = "ceph".into();
-        v.format = "raw".into();
-        if let Some(c) = ceph {
-            v.secret_uuid = c.secret_uuid.clone();
-            v.mon_info =
+) -> AgentResult<Volume> {
+    let location = Location::parse(&install_path)?;
+    let rbd = match ceph {
+        Some(c) => {
+            let mons: Vec<MonInfo> =
                 crate::api::decode(&Value::Array(c.mon_info.clone())).map_err(|e| e.context("ceph.monInfo"))?;
+            Some(RbdAccess {
+                secret_uuid: c.secret_uuid.clone().filter(|s| !s.is_empty()),
+                monitors: mons
+                    .into_iter()
+                    .map(|m| Monitor { host: m.hostname, port: Some(m.port).filter(|p| *p > 0) })
+                    .collect(),
+            })
         }
-    } else {
-        v.device_type = "file".into();
-        v.format = "qcow2".into();
-    }
-    Ok(v)
+        None => origin.rbd.clone(),
+    };
+    Ok(origin.moved_to(volume_uuid, location, rbd))
 }
 
 /// The spec of a new VM made from `base` as `target` asks, and per new volume (root first)
 /// the uuid of the `base` volume it is made from. `identify` says which base volume a
 /// request entry names (by source volume uuid, snapshot path...), `None` when it names none.
 pub fn derive(
-    base: &StartVmCmd,
+    base: &VmSpec,
     target: &NewVmTarget,
     identify: impl Fn(&NewVolume) -> AgentResult<Option<String>>,
-) -> AgentResult<(StartVmCmd, Vec<String>)> {
-    let root = &base.root_volume;
+) -> AgentResult<(VmSpec, Vec<String>)> {
+    let root = base.root();
     let root_req = target.root_volume.clone().unwrap_or_default();
     if let Some(named) = identify(&root_req).map_err(|e| e.context("rootVolume"))? {
-        if named != root.volume_uuid {
+        if named != root.uuid {
             return Err(AgentError::invalid(format!(
                 "rootVolume names volume {named}, which is not the root volume {} of the source",
-                root.volume_uuid
+                root.uuid
             )));
         }
     }
-    let mut picked: Vec<(&VolumeTo, NewVolume)> = vec![(root, root_req)];
+    let mut picked: Vec<(&Volume, NewVolume)> = vec![(root, root_req)];
     match &target.data_volumes {
-        None => picked.extend(base.data_volumes.iter().map(|v| (v, NewVolume::default()))),
+        None => picked.extend(base.data_volumes().iter().map(|v| (v, NewVolume::default()))),
         Some(list) => {
             let mut seen = HashSet::new();
             for (i, req) in list.iter().enumerate() {
@@ -95,7 +99,7 @@ pub fn derive(
                 let named = identify(req).map_err(|e| e.context(at()))?.ok_or_else(|| {
                     AgentError::invalid(format!("{}: name the source volume (sourceVolumeUuid)", at()))
                 })?;
-                let origin = base.data_volumes.iter().find(|v| v.volume_uuid == named).ok_or_else(|| {
+                let origin = base.data_volumes().iter().find(|v| v.uuid == named).ok_or_else(|| {
                     AgentError::invalid(format!("{}: volume {named} is not a data volume of the source", at()))
                 })?;
                 if !seen.insert(named.clone()) {
@@ -106,7 +110,8 @@ pub fn derive(
         }
     }
 
-    let mut vm = serde_json::to_value(base)
+    // The caller's overrides are StartVmCmd fields: they are laid over the source's wire form.
+    let mut vm = serde_json::to_value(StartVmCmd::from_spec(base))
         .map_err(|e| AgentError::internal(format!("cannot encode the source spec: {e}")))?
         .as_object()
         .cloned()
@@ -118,19 +123,18 @@ pub fn derive(
     let nics =
         fresh_nics(&base.nics, target.vm.get("nics").and_then(Value::as_array)).map_err(|e| e.context("vm.nics"))?;
     vm.remove("nics");
-    let mut spec: StartVmCmd = crate::api::decode(&Value::Object(vm)).map_err(|e| e.context("vm"))?;
+    let wire: StartVmCmd = crate::api::decode(&Value::Object(vm)).map_err(|e| e.context("vm"))?;
+    let mut spec = wire.to_spec().map_err(|e| e.context("vm"))?;
     spec.nics = nics;
 
     let mut origins = Vec::new();
     let mut volumes = Vec::new();
     for (origin, req) in picked {
         let uuid = req.volume_uuid.clone().unwrap_or_else(random_uuid);
-        let path = req.install_path.clone().unwrap_or_else(|| path_beside(&origin.install_path, &uuid));
+        let path = req.install_path.clone().unwrap_or_else(|| path_beside(&origin.install_path(), &uuid));
         volumes.push(retarget(origin, path, uuid, target.ceph.as_ref())?);
-        origins.push(origin.volume_uuid.clone());
+        origins.push(origin.uuid.clone());
     }
-    let mut volumes = volumes.into_iter();
-    spec.root_volume = volumes.next().expect("the root is always picked");
-    spec.data_volumes = volumes.collect();
+    spec.volumes = volumes;
     Ok((spec, origins))
 }

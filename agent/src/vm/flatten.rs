@@ -106,14 +106,13 @@ async fn flatten_volume(
 pub async fn flatten(app: &App, ctx: &TaskCtx, cmd: FlattenVmCmd) -> AgentResult<Value> {
     let owner = app.vms.lock(&cmd.vm_uuid).await?;
     let spec = owner.load()?;
-    let vm = spec.vm_instance_uuid.clone();
-    let volumes: Vec<_> =
-        std::iter::once(&spec.root_volume).chain(spec.data_volumes.iter().filter(|_| cmd.full)).collect();
+    let vm = spec.uuid.clone();
+    let volumes: Vec<_> = std::iter::once(spec.root()).chain(spec.data_volumes().iter().filter(|_| cmd.full)).collect();
     // Every local chain must stay inside the roots, and RBD paths be valid, before anything runs.
     for v in &volumes {
-        match Location::parse(&v.install_path)? {
+        match Location::parse(&v.install_path())? {
             Location::File(_) => {
-                app.storage.roots().confine_chain(&v.install_path)?;
+                app.storage.roots().confine_chain(&v.install_path())?;
             }
             Location::Rbd(p) => p.require_image()?,
         }
@@ -122,12 +121,8 @@ pub async fn flatten(app: &App, ctx: &TaskCtx, cmd: FlattenVmCmd) -> AgentResult
         let mut out = Vec::new();
         for v in &volumes {
             let bytes_to_add =
-                super::volumes::store(app, &v.install_path)?.flatten_estimate(&v.install_path, &ctx.stop).await?;
-            out.push(VolumeEstimate {
-                uuid: v.volume_uuid.clone(),
-                install_path: v.install_path.clone(),
-                bytes_to_add,
-            });
+                super::volumes::store(app, &v.install_path())?.flatten_estimate(&v.install_path(), &ctx.stop).await?;
+            out.push(VolumeEstimate { uuid: v.uuid.clone(), install_path: v.install_path().clone(), bytes_to_add });
         }
         let total_bytes_to_add = out.iter().map(|v| v.bytes_to_add).sum();
         return serde_json::to_value(FlattenEstimateRsp { volumes: out, total_bytes_to_add })
@@ -137,10 +132,10 @@ pub async fn flatten(app: &App, ctx: &TaskCtx, cmd: FlattenVmCmd) -> AgentResult
     let running = state.is_some_and(|s| s.is_active());
     let n = volumes.len();
     for (i, v) in volumes.iter().enumerate() {
-        let report = |p: u8| ctx.progress(((i * 100 + p as usize) / n) as u8, &v.volume_uuid);
-        flatten_volume(app, ctx, &vm, running, &v.install_path, report)
+        let report = |p: u8| ctx.progress(((i * 100 + p as usize) / n) as u8, &v.uuid);
+        flatten_volume(app, ctx, &vm, running, &v.install_path(), report)
             .await
-            .map_err(|e| e.context(format!("flattening volume {}", v.volume_uuid)))?;
+            .map_err(|e| e.context(format!("flattening volume {}", v.uuid)))?;
     }
     ctx.progress(100, "flattened");
     let label = match state {

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use super::owner::VmGuard;
 use super::undo::{UndoLog, UndoStep};
-use crate::api::vm::StartVmCmd;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
+use crate::model::{DiskFormat, VmSpec};
 use crate::qemu_img::CreateOptions;
 use crate::stop::Stop;
 use crate::storage::local::Provisioning;
@@ -45,20 +45,22 @@ pub struct Target {
 pub async fn freeze(
     app: &App,
     vm: &VmGuard,
-    spec: &mut StartVmCmd,
+    spec: &mut VmSpec,
     with_data: bool,
     task_id: &str,
     stop: &Stop,
 ) -> AgentResult<Vec<Frozen>> {
     // RBD volumes are not frozen: their snapshots are immutable already.
     let targets: Vec<Target> = spec
-        .volumes_mut()
+        .volumes
+        .iter_mut()
         .enumerate()
-        .filter(|(i, v)| (*i == 0 || with_data) && !Location::is_rbd(&v.install_path))
+        .filter(|(i, v)| (*i == 0 || with_data) && !v.is_rbd())
         .map(|(_, v)| {
-            let dir = std::path::Path::new(&v.install_path).parent().unwrap_or(std::path::Path::new("/"));
+            let current = v.install_path();
+            let dir = std::path::Path::new(&current).parent().unwrap_or(std::path::Path::new("/"));
             let new_top = dir.join(format!("{}.qcow2", uuid::Uuid::new_v4().simple())).display().to_string();
-            Target { volume_uuid: v.volume_uuid.clone(), current: v.install_path.clone(), new_top }
+            Target { volume_uuid: v.uuid.clone(), current, new_top }
         })
         .collect();
     if targets.is_empty() {
@@ -143,17 +145,17 @@ pub async fn freeze_to(
 }
 
 /// Points the VM's record (and its definition, when defined but stopped) at the new tops.
-pub async fn record(app: &App, vm: &VmGuard, spec: &mut StartVmCmd, frozen: &[Frozen]) -> AgentResult<()> {
-    for v in spec.volumes_mut() {
-        if let Some(z) = frozen.iter().find(|z| same_file(&v.install_path, &z.snapshot_path)) {
-            v.install_path = z.install_path.display().to_string();
-            v.format = "qcow2".into();
+pub async fn record(app: &App, vm: &VmGuard, spec: &mut VmSpec, frozen: &[Frozen]) -> AgentResult<()> {
+    for v in spec.volumes.iter_mut() {
+        if let Some(z) = frozen.iter().find(|z| same_file(&v.install_path(), &z.snapshot_path)) {
+            v.location = Location::File(z.install_path.clone());
+            v.format = DiskFormat::Qcow2;
         }
     }
     save_and_redefine(app, vm, spec).await
 }
 
-async fn save_and_redefine(app: &App, owner: &VmGuard, spec: &StartVmCmd) -> AgentResult<()> {
+async fn save_and_redefine(app: &App, owner: &VmGuard, spec: &VmSpec) -> AgentResult<()> {
     owner.save(spec)?;
     let vm = owner.uuid();
     if app.libvirt.domain_state(vm).await?.is_some_and(|s| !s.is_active()) {
@@ -164,18 +166,22 @@ async fn save_and_redefine(app: &App, owner: &VmGuard, spec: &StartVmCmd) -> Age
 }
 
 /// Points the volume whose install path is `top` at `base` (the file it froze) again.
-fn repoint(spec: &mut StartVmCmd, top: &Path, base: &Path) -> bool {
+fn repoint(spec: &mut VmSpec, top: &Path, base: &Path) -> bool {
     let mut changed = false;
-    for v in spec.volumes_mut().filter(|v| Path::new(&v.install_path) == top) {
-        v.install_path = base.display().to_string();
-        v.format = crate::qemu_img::sniff_format(base).unwrap_or("qcow2").to_owned();
+    for v in spec.volumes.iter_mut().filter(|v| v.location == Location::File(top.to_path_buf())) {
+        v.location = Location::File(base.to_path_buf());
+        v.format = if crate::qemu_img::sniff_format(base).is_ok_and(|f| f == "raw") {
+            DiskFormat::Raw
+        } else {
+            DiskFormat::Qcow2
+        };
         changed = true;
     }
     changed
 }
 
 /// Points the VM back at `base` where its record names `top` (a freeze undone).
-pub async fn point_back(app: &App, vm: &VmGuard, spec: &mut StartVmCmd, top: &Path, base: &Path) -> AgentResult<()> {
+pub async fn point_back(app: &App, vm: &VmGuard, spec: &mut VmSpec, top: &Path, base: &Path) -> AgentResult<()> {
     if repoint(spec, top, base) {
         save_and_redefine(app, vm, spec).await?;
     }
@@ -190,7 +196,7 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
 /// stopped one by `qemu-img commit` — and removed, and the record points at the old files
 /// again. A top that cannot be committed stays: the VM's data is intact, its chain one layer
 /// longer.
-pub async fn thaw(app: &App, owner: &VmGuard, spec: &mut StartVmCmd, frozen: &[Frozen]) {
+pub async fn thaw(app: &App, owner: &VmGuard, spec: &mut VmSpec, frozen: &[Frozen]) {
     let vm = owner.uuid().to_owned();
     let mut thawed = Vec::new();
     for z in frozen {

@@ -21,7 +21,9 @@ use crate::api::vm::{StartVmCmd, StartVmRsp};
 use crate::app::App;
 use crate::domain::{self, DomainSettings};
 use crate::error::{AgentError, AgentResult};
+use crate::model::{DiskFormat, VmSpec};
 use crate::qemu_img;
+use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
 use undo::{UndoLog, UndoStep};
 
@@ -39,32 +41,33 @@ pub fn settings(app: &App, vm: &str) -> DomainSettings {
     }
 }
 
-/// Validates `cmd` and checks it against this host: every file it names, and every backing
-/// file of every disk, lies inside the storage roots and exists; disk formats are taken from
-/// the files themselves (never from the command: a raw file declared qcow2, or the reverse, is
-/// how backing-file tricks start).
-pub async fn check_against_host(app: &App, cmd: &mut StartVmCmd) -> AgentResult<()> {
-    domain::validate(cmd)?;
-    for path in domain::file_paths(cmd) {
-        app.storage.roots().confine_existing(path)?;
+/// Checks `spec` against this host: every file it names, and every backing file of every
+/// disk, lies inside the storage roots and exists; disk formats are taken from the files
+/// themselves (never from the command: a raw file declared qcow2, or the reverse, is how
+/// backing-file tricks start).
+pub async fn check_against_host(app: &App, spec: &mut VmSpec) -> AgentResult<()> {
+    for path in domain::file_paths(spec) {
+        app.storage.roots().confine_existing(&path.display().to_string())?;
     }
-    for vol in cmd.volumes_mut() {
-        if vol.device_type == "file" {
-            let path = app.storage.roots().confine_chain(&vol.install_path)?;
-            vol.format = qemu_img::sniff_format(&path)
-                .map_err(|e| AgentError::invalid(format!("volume {}: {e}", vol.install_path)))?
-                .to_owned();
+    for vol in spec.volumes.iter_mut() {
+        if let Location::File(p) = &vol.location {
+            let path = app.storage.roots().confine_chain(&p.display().to_string())?;
+            vol.format = match qemu_img::sniff_format(&path) {
+                Ok("raw") => DiskFormat::Raw,
+                Ok(_) => DiskFormat::Qcow2,
+                Err(e) => return Err(AgentError::invalid(format!("volume {}: {e}", p.display()))),
+            };
         }
     }
     Ok(())
 }
 
-/// Defines the domain of `cmd` and, when `start` is set, starts it (paused if the command says
+/// Defines the domain of `spec` and, when `start` is set, starts it (paused if the spec says
 /// so). The domain is recorded in `undo` (before it is defined: callers have checked that none
 /// exists), so a failure, here or later in the caller, removes it.
-pub async fn define(app: &App, cmd: &StartVmCmd, start: bool, undo: &mut UndoLog) -> AgentResult<StartVmRsp> {
-    let vm = &cmd.vm_instance_uuid;
-    let xml = domain::render(cmd, &settings(app, vm))?;
+pub async fn define(app: &App, spec: &VmSpec, start: bool, undo: &mut UndoLog) -> AgentResult<StartVmRsp> {
+    let vm = &spec.uuid;
+    let xml = domain::render(spec, &settings(app, vm))?;
     if let Some(dir) = settings(app, vm).console_log.as_deref().and_then(std::path::Path::parent) {
         std::fs::create_dir_all(dir).map_err(|e| {
             AgentError::failed("cannot create the console log directory", format!("{}: {e}", dir.display()))
@@ -74,7 +77,7 @@ pub async fn define(app: &App, cmd: &StartVmCmd, start: bool, undo: &mut UndoLog
     app.libvirt.define(xml).await.map_err(|e| AgentError::from(e).context(format!("defining domain {vm}")))?;
     if start {
         app.libvirt
-            .start(vm, cmd.create_paused)
+            .start(vm, spec.create_paused)
             .await
             .map_err(|e| AgentError::from(e).context(format!("starting domain {vm}")))?;
     }
@@ -84,17 +87,18 @@ pub async fn define(app: &App, cmd: &StartVmCmd, start: bool, undo: &mut UndoLog
 
 /// `/vm/start`: a running (or paused) VM is left as it is; otherwise its domain is (re)defined
 /// from the command and started. A start that fails leaves no domain behind.
-pub async fn start(app: &App, _ctx: &TaskCtx, owner: &owner::VmGuard, mut cmd: StartVmCmd) -> AgentResult<StartVmRsp> {
-    check_against_host(app, &mut cmd).await?;
-    let vm = cmd.vm_instance_uuid.clone();
+pub async fn start(app: &App, _ctx: &TaskCtx, owner: &owner::VmGuard, cmd: StartVmCmd) -> AgentResult<StartVmRsp> {
+    let mut spec = cmd.to_spec()?;
+    check_against_host(app, &mut spec).await?;
+    let vm = spec.uuid.clone();
     if app.libvirt.domain_state(&vm).await?.is_some_and(|s| s.is_active()) {
         return domain::device_info(&app.libvirt.xml(&vm).await?);
     }
     let mut undo = UndoLog::default();
-    match define(app, &cmd, true, &mut undo).await {
+    match define(app, &spec, true, &mut undo).await {
         Ok(rsp) => {
             undo.commit();
-            owner.save(&cmd)?;
+            owner.save(&spec)?;
             Ok(rsp)
         }
         Err(e) => {

@@ -5,18 +5,22 @@
 //! queued, say), and no stale record is ever saved over a newer one.
 //!
 //! The records themselves are the last spec of every VM this agent started or created, kept in
-//! `state_dir/vms/<uuid>.json` (written atomically), so that operations naming only a `vmUuid`
-//! (clone, change image) know the VM's volumes, NICs and devices even while it is stopped.
+//! `state_dir/vms/<uuid>.json` (written atomically, with the model's format version), so that
+//! operations naming only a `vmUuid` (clone, change image) know the VM's volumes, NICs and
+//! devices even while it is stopped. Records of an older format are migrated at start.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::OwnedRwLockWriteGuard;
 
+use serde_json::Value;
+
 use crate::api::vm::StartVmCmd;
 use crate::atomic_file;
 use crate::error::{AgentError, AgentResult};
 use crate::locks::{Held, KeyedLocks};
+use crate::model::{VmRecord, VmSpec, FORMAT_VERSION};
 
 /// The registry of VMs: their locks and their records.
 pub struct Vms {
@@ -55,6 +59,30 @@ impl Vms {
         Ok(guards)
     }
 
+    /// Rewrites records of an older format in the current one (at start, before serving).
+    /// Returns the VMs migrated; a record that cannot be read is logged and left as it is.
+    pub fn migrate(&self) -> Vec<String> {
+        let mut migrated = Vec::new();
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            let Ok(Some(v)) = atomic_file::read_json::<Value>(&path) else { continue };
+            if v.get("formatVersion").is_some() {
+                continue;
+            }
+            let upgraded = crate::api::decode::<StartVmCmd>(&v)
+                .and_then(|cmd| cmd.to_spec())
+                .and_then(|vm| write_record(&path, vm.clone()).map(|_| vm.uuid));
+            match upgraded {
+                Ok(vm) => migrated.push(vm),
+                Err(e) => tracing::error!(file = %path.display(), error = %e, "cannot migrate a VM record"),
+            }
+        }
+        if !migrated.is_empty() {
+            tracing::info!(vms = ?migrated, version = FORMAT_VERSION, "VM records migrated");
+        }
+        migrated
+    }
+
     /// Whether VM `vm` has a record here. A hint only (it may change the next moment): a
     /// decision that must hold is made under the VM's lock.
     pub fn is_known(&self, vm: &str) -> bool {
@@ -64,6 +92,11 @@ impl Vms {
 
 fn record_file(dir: &Path, vm: &str) -> PathBuf {
     dir.join(format!("{vm}.json"))
+}
+
+fn write_record(file: &Path, vm: VmSpec) -> AgentResult<()> {
+    atomic_file::write_json(file, &VmRecord { format_version: FORMAT_VERSION, vm })
+        .map_err(|e| AgentError::failed("cannot record the VM", format!("{}: {e}", file.display())))
 }
 
 impl VmGuard {
@@ -76,28 +109,29 @@ impl VmGuard {
     }
 
     /// The VM's record, or None when this host has none.
-    pub fn record(&self) -> AgentResult<Option<StartVmCmd>> {
-        atomic_file::read_json::<StartVmCmd>(&self.file())
-            .map_err(|e| AgentError::failed("cannot read the VM record", format!("{}: {e}", self.uuid)))
+    pub fn record(&self) -> AgentResult<Option<VmSpec>> {
+        match atomic_file::read_json::<VmRecord>(&self.file()) {
+            Ok(r) => Ok(r.map(|r| r.vm)),
+            Err(e) => Err(AgentError::failed("cannot read the VM record", format!("{}: {e}", self.uuid))),
+        }
     }
 
     /// The VM's record; a NotFound error when this host has none.
-    pub fn load(&self) -> AgentResult<StartVmCmd> {
+    pub fn load(&self) -> AgentResult<VmSpec> {
         self.record()?.ok_or_else(|| {
             AgentError::not_found(format!("VM {} is not known to this host; start or create it here first", self.uuid))
         })
     }
 
     /// Records `spec`, which must be this VM's.
-    pub fn save(&self, spec: &StartVmCmd) -> AgentResult<()> {
-        if spec.vm_instance_uuid != self.uuid {
+    pub fn save(&self, spec: &VmSpec) -> AgentResult<()> {
+        if spec.uuid != self.uuid {
             return Err(AgentError::internal(format!(
                 "the record of VM {} cannot be saved under the lock of VM {}",
-                spec.vm_instance_uuid, self.uuid
+                spec.uuid, self.uuid
             )));
         }
-        atomic_file::write_json(&self.file(), spec)
-            .map_err(|e| AgentError::failed("cannot record the VM", format!("{}: {e}", self.dir.display())))
+        write_record(&self.file(), spec.clone())
     }
 
     pub fn remove(&self) {
@@ -110,12 +144,15 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn spec(vm: &str) -> StartVmCmd {
-        crate::api::decode(&serde_json::json!({
+    fn wire(vm: &str) -> serde_json::Value {
+        serde_json::json!({
             "vmInstanceUuid": vm, "vmName": "t", "memory": 1 << 30, "cpuNum": 1,
             "rootVolume": {"installPath": "/r/a.qcow2", "volumeUuid": "a", "deviceId": 0}
-        }))
-        .unwrap()
+        })
+    }
+
+    fn spec(vm: &str) -> VmSpec {
+        crate::api::decode::<StartVmCmd>(&wire(vm)).unwrap().to_spec().unwrap()
     }
 
     #[tokio::test]
@@ -129,12 +166,12 @@ mod tests {
         // A second operation queues; it must see what the first one saved last.
         let waiting = tokio::spawn(async move {
             let g = v2.lock(&name).await.unwrap();
-            g.load().unwrap().root_volume.install_path
+            g.load().unwrap().root().install_path()
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiting.is_finished(), "the second operation waits for the lock");
         let mut moved = first.load().unwrap();
-        moved.root_volume.install_path = "/r/top.qcow2".into();
+        moved.root_mut().location = crate::storage::location::Location::File("/r/top.qcow2".into());
         first.save(&moved).unwrap();
         drop(first);
         assert_eq!(waiting.await.unwrap(), "/r/top.qcow2");
@@ -164,5 +201,17 @@ mod tests {
             held.iter().map(VmGuard::uuid).collect::<Vec<_>>(),
             [a.as_str(), "fedcba9876543210fedcba9876543210"]
         );
+    }
+
+    #[tokio::test]
+    async fn records_of_the_first_format_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let vms = Vms::new(dir.path());
+        let vm = "0123456789abcdef0123456789abcdef";
+        std::fs::create_dir_all(dir.path().join("vms")).unwrap();
+        atomic_file::write_json(&dir.path().join(format!("vms/{vm}.json")), &wire(vm)).unwrap();
+        assert_eq!(vms.migrate(), [vm]);
+        assert_eq!(vms.lock(vm).await.unwrap().load().unwrap(), spec(vm));
+        assert!(vms.migrate().is_empty(), "a migrated record is left alone");
     }
 }

@@ -17,6 +17,7 @@ use crate::api::native::{
 use crate::app::App;
 use crate::atomic_file;
 use crate::error::{AgentError, AgentResult};
+use crate::model::VmSpec;
 use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
 
@@ -25,6 +26,54 @@ const RBD_SNAPSHOT_PREFIX: &str = "kvmagent-group-";
 
 struct Groups {
     dir: PathBuf,
+}
+
+/// A group as kept in `state_dir/snapshot-groups/`: the wire answer's fields, the VM in the
+/// model, and the model's format version. Files of the first format (the wire answer itself)
+/// are read too.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct StoredGroup {
+    format_version: u32,
+    group_uuid: String,
+    vm_uuid: String,
+    name: String,
+    created_at: u64,
+    vm: VmSpec,
+    snapshots: Vec<GroupSnapshot>,
+}
+
+impl StoredGroup {
+    fn to_wire(&self) -> SnapshotGroup {
+        SnapshotGroup {
+            group_uuid: self.group_uuid.clone(),
+            vm_uuid: self.vm_uuid.clone(),
+            name: self.name.clone(),
+            created_at: self.created_at,
+            vm: crate::api::vm::StartVmCmd::from_spec(&self.vm),
+            snapshots: self.snapshots.clone(),
+        }
+    }
+
+    fn read(path: &std::path::Path) -> AgentResult<Option<StoredGroup>> {
+        let bad = |e: String| AgentError::failed("cannot read the snapshot group", format!("{}: {e}", path.display()));
+        let Some(v) = atomic_file::read_json::<serde_json::Value>(path).map_err(|e| bad(e.to_string()))? else {
+            return Ok(None);
+        };
+        if v.get("formatVersion").is_some() {
+            return serde_json::from_value(v).map(Some).map_err(|e| bad(e.to_string()));
+        }
+        let g: SnapshotGroup = crate::api::decode(&v)?;
+        Ok(Some(StoredGroup {
+            format_version: crate::model::FORMAT_VERSION,
+            vm: g.vm.to_spec()?,
+            group_uuid: g.group_uuid,
+            vm_uuid: g.vm_uuid,
+            name: g.name,
+            created_at: g.created_at,
+            snapshots: g.snapshots,
+        }))
+    }
 }
 
 impl Groups {
@@ -36,26 +85,23 @@ impl Groups {
         self.dir.join(format!("{group}.json"))
     }
 
-    fn load(&self, group: &str) -> AgentResult<SnapshotGroup> {
+    fn load(&self, group: &str) -> AgentResult<StoredGroup> {
         crate::domain::check_uuid(group).map_err(|e| e.context("groupUuid"))?;
-        match atomic_file::read_json(&self.file(group)) {
-            Ok(Some(g)) => Ok(g),
-            Ok(None) => Err(AgentError::not_found(format!("snapshot group {group} is not known to this host"))),
-            Err(e) => Err(AgentError::failed("cannot read the snapshot group", format!("{group}: {e}"))),
-        }
+        StoredGroup::read(&self.file(group))?
+            .ok_or_else(|| AgentError::not_found(format!("snapshot group {group} is not known to this host")))
     }
 
-    fn save(&self, g: &SnapshotGroup) -> AgentResult<()> {
+    fn save(&self, g: &StoredGroup) -> AgentResult<()> {
         atomic_file::write_json(&self.file(&g.group_uuid), g)
             .map_err(|e| AgentError::failed("cannot record the snapshot group", format!("{}: {e}", self.dir.display())))
     }
 
     /// The group (other than `except`) that holds snapshot `path`, if any.
-    fn holding(&self, path: &str, except: &str) -> Option<SnapshotGroup> {
+    fn holding(&self, path: &str, except: &str) -> Option<StoredGroup> {
         let entries = std::fs::read_dir(&self.dir).ok()?;
         entries
             .flatten()
-            .filter_map(|e| atomic_file::read_json::<SnapshotGroup>(&e.path()).ok().flatten())
+            .filter_map(|e| StoredGroup::read(&e.path()).ok().flatten())
             .find(|g| g.group_uuid != except && g.snapshots.iter().any(|s| s.snapshot_path == path))
     }
 }
@@ -82,32 +128,33 @@ pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentR
     };
     let captured = capture(app, &owner, &mut spec, opts, &ctx.stop).await?;
     let mut snapshots = Vec::new();
-    for v in before.volumes() {
-        let snapshot_path = captured.point(&v.volume_uuid, &v.install_path);
+    for v in before.volumes.iter() {
+        let snapshot_path = captured.point(&v.uuid, &v.install_path());
         let (size, _) = volumes::store(app, &snapshot_path)?.sizes(&snapshot_path, &ctx.stop).await?;
         snapshots.push(GroupSnapshot {
-            volume_uuid: v.volume_uuid.clone(),
-            volume_type: if v.device_id == 0 { "Root" } else { "Data" }.into(),
+            volume_uuid: v.uuid.clone(),
+            volume_type: v.volume_type().into(),
             device_id: v.device_id,
             snapshot_path,
             size,
         });
     }
-    let group = SnapshotGroup {
+    let group = StoredGroup {
+        format_version: crate::model::FORMAT_VERSION,
         group_uuid,
-        vm_uuid: before.vm_instance_uuid.clone(),
+        vm_uuid: before.uuid.clone(),
         name: cmd.name,
         created_at: crate::tasks::journal::now_ms() / 1000,
         vm: before,
         snapshots,
     };
     groups.save(&group)?;
-    Ok(group)
+    Ok(group.to_wire())
 }
 
 /// `/vm/volumes/getsnapshotgroup`.
 pub async fn get(app: &App, _ctx: &TaskCtx, cmd: SnapshotGroupRef) -> AgentResult<SnapshotGroup> {
-    Groups::of(app).load(&cmd.group_uuid)
+    Groups::of(app).load(&cmd.group_uuid).map(|g| g.to_wire())
 }
 
 /// `/vm/createfromsnapshot`: a new VM whose volumes are made from the group's snapshots.
@@ -141,13 +188,13 @@ pub async fn create_from(app: &App, ctx: &TaskCtx, cmd: CreateFromSnapshotCmd) -
 
     let linked = cmd.provisioning == Provisioning::Thin;
     let mut sources = Vec::new();
-    for (origin, v) in origins.iter().zip(spec.volumes()) {
+    for (origin, v) in origins.iter().zip(spec.volumes.iter()) {
         let snap =
             group.snapshots.iter().find(|s| &s.volume_uuid == origin).ok_or_else(|| {
                 AgentError::internal(format!("group {} lost the snapshot of {origin}", group.group_uuid))
             })?;
         let from = &snap.snapshot_path;
-        match (Location::parse(from)?, Location::parse(&v.install_path)?) {
+        match (Location::parse(from)?, Location::parse(&v.install_path())?) {
             (Location::File(_), Location::File(_)) => {
                 app.storage.roots().confine_chain(from)?;
             }
@@ -157,7 +204,7 @@ pub async fn create_from(app: &App, ctx: &TaskCtx, cmd: CreateFromSnapshotCmd) -
             _ => {
                 return Err(AgentError::invalid(format!(
                     "volume {} and its snapshot {from} must both be local or both on Ceph",
-                    v.install_path
+                    v.install_path()
                 )))
             }
         }

@@ -219,7 +219,8 @@ async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(),
             }
         }
         UndoStep::UnlessRecorded { path, step, .. } => {
-            let recorded = owned(owner)?.load().is_ok_and(|spec| spec.volumes().any(|v| &v.install_path == path));
+            let recorded =
+                owned(owner)?.load().is_ok_and(|spec| spec.volumes.iter().any(|v| &v.install_path() == path));
             if recorded {
                 Ok(())
             } else {

@@ -1,0 +1,392 @@
+//! ZStack's StartVmCmd to the agent's model and back: the one place that knows both. Into the
+//! model, every value is checked once — text XML cannot carry, out-of-range sizes, unknown
+//! choices (named with their field), volume locations parsed and validated; back to the wire for
+//! the answers and files that carry a StartVmCmd (snapshot groups, backup manifests).
+
+use std::collections::HashSet;
+
+use serde_json::Value;
+
+use super::vm::{CdRomTo, KernelBoot as WireKernelBoot, MonInfo, NicTo, StartVmCmd, TpmSpec, VolumeTo};
+use crate::domain::{check_uuid, device_letter, is_ifname, xml_safe};
+use crate::error::{AgentError, AgentResult};
+use crate::model::{
+    BootDevice, Bus, CacheMode, CdRom, Clock, Cpu, DiskFormat, KernelBoot, Machine, Monitor, Nic, NicModel, NicNetwork,
+    RbdAccess, Topology, TpmModel, Video, VmSpec, Volume,
+};
+use crate::storage::location::Location;
+
+const MAX_MEMORY: u64 = 16 << 40;
+const MAX_CPUS: u32 = 512;
+const VIDEO: [(&str, Video); 8] = [
+    ("vga", Video::Vga),
+    ("cirrus", Video::Cirrus),
+    ("qxl", Video::Qxl),
+    ("virtio", Video::Virtio),
+    ("vmvga", Video::Vmvga),
+    ("bochs", Video::Bochs),
+    ("ramfb", Video::Ramfb),
+    ("none", Video::None),
+];
+
+fn invalid(msg: String) -> AgentError {
+    AgentError::invalid(msg)
+}
+
+impl StartVmCmd {
+    /// The VM this command describes, in the agent's model.
+    pub fn to_spec(&self) -> AgentResult<VmSpec> {
+        check_uuid(&self.vm_instance_uuid)?;
+        xml_safe("vmName", &self.vm_name)?;
+        for (f, v) in [
+            ("hostManagementIp", &self.host_management_ip),
+            ("systemSerialNumber", &self.system_serial_number),
+            ("chassisAssetTag", &self.chassis_asset_tag),
+            ("consolePassword", &self.console_password),
+            ("clock", &self.clock),
+            ("imagePlatform", &self.image_platform),
+        ] {
+            xml_safe(f, v)?;
+        }
+        if self.memory < (1 << 20) || self.memory > MAX_MEMORY {
+            return Err(invalid(format!("memory {} bytes is out of range (1 MiB to 16 TiB)", self.memory)));
+        }
+        let machine = match self.machine_type.as_str() {
+            "" | "pc" => Machine::Pc,
+            "q35" => Machine::Q35,
+            other => return Err(invalid(format!("machineType {other:?} is not supported (pc or q35)"))),
+        };
+        let video = match self.video_type.as_str() {
+            "" => Video::Vga,
+            v => VIDEO
+                .iter()
+                .find(|(n, _)| *n == v)
+                .map(|(_, m)| *m)
+                .ok_or_else(|| invalid(format!("videoType {v:?} is not one of {:?}", VIDEO.map(|(n, _)| n))))?,
+        };
+        if !matches!(self.boot_mode.as_str(), "" | "Legacy") {
+            return Err(invalid(format!(
+                "bootMode {:?} is not supported by this agent yet (Legacy only)",
+                self.boot_mode
+            )));
+        }
+        if self.root_volume.device_id != 0 {
+            return Err(invalid(format!("rootVolume.deviceId must be 0, not {}", self.root_volume.device_id)));
+        }
+        let mut volumes = vec![volume("rootVolume", &self.root_volume)?];
+        let mut ids = HashSet::from([0]);
+        for (i, v) in self.data_volumes.iter().enumerate() {
+            volumes.push(volume(&format!("dataVolumes[{i}]"), v)?);
+            if !ids.insert(v.device_id) {
+                return Err(invalid(format!("dataVolumes[{i}].deviceId {} is used by another disk", v.device_id)));
+            }
+        }
+        if self.cd_roms.len() > 3 {
+            return Err(invalid(format!("at most 3 cdRoms are supported, not {}", self.cd_roms.len())));
+        }
+        let cd_roms = self.cd_roms.iter().enumerate().map(|(i, c)| cd_rom(i, c)).collect::<AgentResult<_>>()?;
+        let nics = self.nics.iter().enumerate().map(|(i, n)| nic(i, n)).collect::<AgentResult<_>>()?;
+        if let Some(k) = &self.kernel_boot {
+            for (f, v) in
+                [("kernelBoot.kernel", &k.kernel), ("kernelBoot.initrd", &k.initrd), ("kernelBoot.cmdline", &k.cmdline)]
+            {
+                xml_safe(f, v)?;
+            }
+        }
+        let tpm = match &self.tpm {
+            Some(t) if !matches!(t.model.as_str(), "" | "tpm-crb" | "tpm-tis") => {
+                return Err(invalid(format!("tpm.model {:?} is not supported (tpm-crb or tpm-tis)", t.model)))
+            }
+            Some(t) if t.enable => Some(if t.model == "tpm-tis" { TpmModel::Tis } else { TpmModel::Crb }),
+            _ => None,
+        };
+        let mut boot_devices: Vec<BootDevice> = (self.boot_dev.iter())
+            .filter_map(|d| match d.as_str() {
+                "hd" => Some(BootDevice::Hd),
+                "cdrom" => Some(BootDevice::Cdrom),
+                "network" => Some(BootDevice::Network),
+                _ => None,
+            })
+            .collect();
+        if boot_devices.is_empty() {
+            boot_devices.push(BootDevice::Hd);
+        }
+        Ok(VmSpec {
+            uuid: self.vm_instance_uuid.clone(),
+            name: self.vm_name.clone(),
+            internal_id: self.vm_internal_id,
+            memory: self.memory,
+            cpu: self.cpu()?,
+            machine,
+            boot_devices,
+            volumes,
+            cd_roms,
+            nics,
+            create_paused: self.create_paused,
+            host_management_ip: self.host_management_ip.clone(),
+            clock: if self.clock == "localtime" { Clock::Localtime } else { Clock::Utc },
+            serial_number: self.system_serial_number.clone(),
+            chassis_asset_tag: self.chassis_asset_tag.clone(),
+            console_password: self.console_password.clone(),
+            video,
+            image_platform: self.image_platform.clone(),
+            addons: self.addons.clone(),
+            tpm,
+            kernel_boot: self.kernel_boot.as_ref().map(|k| KernelBoot {
+                kernel: k.kernel.clone(),
+                initrd: k.initrd.clone(),
+                cmdline: k.cmdline.clone(),
+            }),
+        })
+    }
+
+    fn cpu(&self) -> AgentResult<Cpu> {
+        if self.cpu_num == 0 || self.cpu_num > MAX_CPUS || self.max_vcpu_num > MAX_CPUS {
+            return Err(invalid(format!(
+                "cpuNum {} / maxVcpuNum {} out of range (1 to {MAX_CPUS})",
+                self.cpu_num, self.max_vcpu_num
+            )));
+        }
+        // Each at most MAX_CPUS, so that their product cannot overflow.
+        for (f, v) in [
+            ("socketNum", self.socket_num),
+            ("cpuOnSocket", self.cpu_on_socket),
+            ("threadsPerCore", self.threads_per_core),
+        ] {
+            if let Some(n) = v.filter(|n| *n > MAX_CPUS) {
+                return Err(invalid(format!("{f} {n} is out of range (at most {MAX_CPUS})")));
+            }
+        }
+        let max = (self.use_numa && self.max_vcpu_num > self.cpu_num).then_some(self.max_vcpu_num);
+        let all = max.unwrap_or(self.cpu_num);
+        let topology = match (self.socket_num, self.cpu_on_socket, self.threads_per_core) {
+            (Some(s), Some(c), t) if s * c * t.unwrap_or(1) == all => {
+                Some(Topology { sockets: s, cores: c, threads: t.unwrap_or(1) })
+            }
+            _ => None,
+        };
+        Ok(Cpu { count: self.cpu_num, max, topology })
+    }
+
+    /// The wire form of `spec`, for answers and files that carry a StartVmCmd.
+    pub fn from_spec(spec: &VmSpec) -> StartVmCmd {
+        let mut volumes = spec.volumes.iter().map(volume_to);
+        StartVmCmd {
+            vm_instance_uuid: spec.uuid.clone(),
+            vm_name: spec.name.clone(),
+            vm_internal_id: spec.internal_id,
+            memory: spec.memory,
+            cpu_num: spec.cpu.count,
+            max_vcpu_num: spec.cpu.max.unwrap_or(0),
+            socket_num: spec.cpu.topology.map(|t| t.sockets),
+            cpu_on_socket: spec.cpu.topology.map(|t| t.cores),
+            threads_per_core: spec.cpu.topology.map(|t| t.threads),
+            use_numa: spec.cpu.max.is_some(),
+            machine_type: match spec.machine {
+                Machine::Pc => "pc",
+                Machine::Q35 => "q35",
+            }
+            .into(),
+            boot_mode: "Legacy".into(),
+            boot_dev: (spec.boot_devices.iter())
+                .map(|d| match d {
+                    BootDevice::Hd => "hd",
+                    BootDevice::Cdrom => "cdrom",
+                    BootDevice::Network => "network",
+                })
+                .map(str::to_owned)
+                .collect(),
+            root_volume: volumes.next().expect("a spec always has its root"),
+            data_volumes: volumes.collect(),
+            cd_roms: spec.cd_roms.iter().map(cd_rom_to).collect(),
+            nics: spec.nics.iter().map(nic_to).collect(),
+            create_paused: spec.create_paused,
+            host_management_ip: spec.host_management_ip.clone(),
+            clock: match spec.clock {
+                Clock::Utc => "utc",
+                Clock::Localtime => "localtime",
+            }
+            .into(),
+            system_serial_number: spec.serial_number.clone(),
+            chassis_asset_tag: spec.chassis_asset_tag.clone(),
+            console_password: spec.console_password.clone(),
+            video_type: VIDEO.iter().find(|(_, v)| *v == spec.video).map_or("vga", |(n, _)| n).into(),
+            image_platform: spec.image_platform.clone(),
+            addons: spec.addons.clone(),
+            tpm: spec.tpm.map(|m| TpmSpec {
+                enable: true,
+                model: match m {
+                    TpmModel::Crb => "tpm-crb",
+                    TpmModel::Tis => "tpm-tis",
+                }
+                .into(),
+            }),
+            kernel_boot: spec.kernel_boot.as_ref().map(|k| WireKernelBoot {
+                kernel: k.kernel.clone(),
+                initrd: k.initrd.clone(),
+                cmdline: k.cmdline.clone(),
+            }),
+        }
+    }
+}
+
+fn volume(field: &str, v: &VolumeTo) -> AgentResult<Volume> {
+    xml_safe(&format!("{field}.installPath"), &v.install_path)?;
+    xml_safe(&format!("{field}.volumeUuid"), &v.volume_uuid)?;
+    device_letter(v.device_id).map_err(|e| e.context(format!("{field}.deviceId")))?;
+    let (location, rbd) = match v.device_type.as_str() {
+        "file" if !v.install_path.starts_with('/') => {
+            return Err(invalid(format!("{field}.installPath {:?} must be an absolute path", v.install_path)))
+        }
+        "file" => (Location::File(v.install_path.clone().into()), None),
+        "ceph" => {
+            let p = crate::ceph::path::CephPath::parse(&v.install_path)
+                .and_then(|p| p.require_image().map(|_| p))
+                .map_err(|e| invalid(format!("{field}.installPath: {}", e.details)))?;
+            let monitors = (v.mon_info.iter())
+                .map(|m| Monitor { host: m.hostname.clone(), port: Some(m.port).filter(|p| *p > 0) })
+                .collect();
+            let secret_uuid = v.secret_uuid.clone().filter(|s| !s.is_empty());
+            (Location::Rbd(p), Some(RbdAccess { secret_uuid, monitors }))
+        }
+        other => return Err(invalid(format!("{field}.deviceType {other:?} is not supported (file or ceph)"))),
+    };
+    let format = match (v.format.as_str(), &location) {
+        ("qcow2", _) | ("", Location::File(_)) => DiskFormat::Qcow2,
+        ("raw", _) | ("", Location::Rbd(_)) => DiskFormat::Raw,
+        (other, _) => return Err(invalid(format!("{field}.format {other:?} is not supported (qcow2 or raw)"))),
+    };
+    let cache = match v.cache_mode.as_str() {
+        "" => CacheMode::None,
+        c => CacheMode::ALL.iter().find(|(n, _)| *n == c).map(|(_, m)| *m).ok_or_else(|| {
+            invalid(format!("{field}.cacheMode {c:?} is not one of {:?}", CacheMode::ALL.map(|(n, _)| n)))
+        })?,
+    };
+    Ok(Volume {
+        uuid: v.volume_uuid.clone(),
+        location,
+        device_id: v.device_id,
+        format,
+        bus: match (v.use_virtio_scsi, v.use_virtio) {
+            (true, _) => Bus::Scsi,
+            (false, true) => Bus::Virtio,
+            (false, false) => Bus::Sata,
+        },
+        cache,
+        shareable: v.shareable,
+        boot_order: Some(v.boot_order).filter(|o| *o > 0),
+        rbd,
+    })
+}
+
+fn volume_to(v: &Volume) -> VolumeTo {
+    VolumeTo {
+        install_path: v.install_path(),
+        device_id: v.device_id,
+        device_type: if v.is_rbd() { "ceph" } else { "file" }.into(),
+        volume_uuid: v.uuid.clone(),
+        use_virtio: v.bus == Bus::Virtio,
+        use_virtio_scsi: v.bus == Bus::Scsi,
+        shareable: v.shareable,
+        cache_mode: v.cache.as_str().into(),
+        boot_order: v.boot_order.unwrap_or(0),
+        format: v.format.as_str().into(),
+        secret_uuid: v.rbd.as_ref().and_then(|r| r.secret_uuid.clone()),
+        mon_info: (v.rbd.iter().flat_map(|r| &r.monitors))
+            .map(|m| MonInfo { hostname: m.host.clone(), port: m.port.unwrap_or(0) })
+            .collect(),
+    }
+}
+
+fn cd_rom(i: usize, c: &CdRomTo) -> AgentResult<CdRom> {
+    xml_safe(&format!("cdRoms[{i}].path"), &c.path)?;
+    let iso = (!c.is_empty && !c.path.is_empty()).then(|| c.path.clone());
+    if iso.as_deref().is_some_and(|p| !p.starts_with('/')) {
+        return Err(invalid(format!("cdRoms[{i}].path {:?} must be an absolute path", c.path)));
+    }
+    Ok(CdRom {
+        resource_uuid: c.resource_uuid.clone(),
+        iso,
+        device_id: c.device_id,
+        boot_order: Some(c.boot_order).filter(|o| *o > 0),
+    })
+}
+
+fn cd_rom_to(c: &CdRom) -> CdRomTo {
+    CdRomTo {
+        resource_uuid: c.resource_uuid.clone(),
+        path: c.iso.clone().unwrap_or_default(),
+        device_id: c.device_id,
+        is_empty: c.iso.is_none(),
+        boot_order: c.boot_order.unwrap_or(0),
+    }
+}
+
+fn is_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn nic(i: usize, n: &NicTo) -> AgentResult<Nic> {
+    if !is_mac(&n.mac) {
+        return Err(invalid(format!("nics[{i}].mac {:?} is not a MAC address (xx:xx:xx:xx:xx:xx)", n.mac)));
+    }
+    let network = if n.nic_type == "user" {
+        NicNetwork::User
+    } else if is_ifname(&n.bridge_name) {
+        NicNetwork::Bridge(n.bridge_name.clone())
+    } else {
+        return Err(invalid(format!("nics[{i}].bridgeName {:?} is not a valid Linux interface name", n.bridge_name)));
+    };
+    let model = match n.driver_type.as_str() {
+        "" if n.use_virtio => NicModel::Virtio,
+        "" => NicModel::E1000,
+        "virtio" => NicModel::Virtio,
+        "e1000" => NicModel::E1000,
+        "rtl8139" => NicModel::Rtl8139,
+        other => {
+            return Err(invalid(format!("nics[{i}].driverType {other:?} is not supported (virtio, e1000, rtl8139)")))
+        }
+    };
+    xml_safe(&format!("nics[{i}].uuid"), &n.uuid)?;
+    Ok(Nic {
+        mac: n.mac.clone(),
+        uuid: n.uuid.clone(),
+        device_id: n.device_id,
+        internal_name: n.nic_internal_name.clone(),
+        network,
+        model,
+        mtu: n.mtu.filter(|m| *m > 0),
+        link_up: n.state != "disable",
+        boot_order: Some(n.boot_order).filter(|o| *o > 0),
+    })
+}
+
+fn nic_to(n: &Nic) -> NicTo {
+    NicTo {
+        mac: n.mac.clone(),
+        uuid: n.uuid.clone(),
+        device_id: n.device_id,
+        nic_internal_name: n.internal_name.clone(),
+        bridge_name: match &n.network {
+            NicNetwork::Bridge(b) => b.clone(),
+            NicNetwork::User => String::new(),
+        },
+        mtu: n.mtu,
+        use_virtio: n.model == NicModel::Virtio,
+        driver_type: n.model.as_str().into(),
+        boot_order: n.boot_order.unwrap_or(0),
+        nic_type: match n.network {
+            NicNetwork::User => "user",
+            NicNetwork::Bridge(_) => "VNIC",
+        }
+        .into(),
+        state: if n.link_up { "enable" } else { "disable" }.into(),
+    }
+}
+
+/// NicTOs (as a management plane sends them for a new VM) in the model.
+pub fn nics(given: &[Value]) -> AgentResult<Vec<Nic>> {
+    let wire: Vec<NicTo> = super::decode(&Value::Array(given.to_vec()))?;
+    wire.iter().enumerate().map(|(i, n)| nic(i, n)).collect()
+}

@@ -1,0 +1,191 @@
+//! The agent's own model of a VM: what the operations work on, what the domain XML is rendered
+//! from and what VM records and snapshot groups persist. Wire commands (ZStack's StartVmCmd,
+//! the native commands) are decoded into it at the edge ([`crate::api::vm`]), validated once:
+//! every choice is an enum, every volume a typed [`Location`], and no other module knows a
+//! ZStack field name.
+
+mod volume;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub use volume::{Bus, CacheMode, DiskFormat, Monitor, RbdAccess, Volume};
+
+/// The version of the persisted model (VM records, snapshot groups). Version 1 was ZStack's
+/// StartVmCmd itself; such files are migrated at start.
+pub const FORMAT_VERSION: u32 = 2;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmSpec {
+    /// 32 hex characters; also the domain's name.
+    pub uuid: String,
+    pub name: String,
+    pub internal_id: i64,
+    /// Bytes.
+    pub memory: u64,
+    pub cpu: Cpu,
+    pub machine: Machine,
+    /// Firmware boot order when no device names its own position.
+    pub boot_devices: Vec<BootDevice>,
+    /// The root volume (device 0) first, then the data volumes.
+    pub volumes: Vec<Volume>,
+    pub cd_roms: Vec<CdRom>,
+    pub nics: Vec<Nic>,
+    pub create_paused: bool,
+    pub host_management_ip: String,
+    pub clock: Clock,
+    pub serial_number: String,
+    pub chassis_asset_tag: String,
+    pub console_password: String,
+    pub video: Video,
+    pub image_platform: String,
+    /// ZStack's free-form addons, carried as they came.
+    pub addons: Map<String, Value>,
+    pub tpm: Option<TpmModel>,
+    pub kernel_boot: Option<KernelBoot>,
+}
+
+impl VmSpec {
+    pub fn root(&self) -> &Volume {
+        &self.volumes[0]
+    }
+
+    pub fn root_mut(&mut self) -> &mut Volume {
+        &mut self.volumes[0]
+    }
+
+    pub fn data_volumes(&self) -> &[Volume] {
+        &self.volumes[1..]
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Cpu {
+    /// vCPUs at start.
+    pub count: u32,
+    /// vCPUs the VM may grow to (NUMA form), when more than `count`.
+    pub max: Option<u32>,
+    /// Sockets, cores, threads, when given and consistent with the vCPUs.
+    pub topology: Option<Topology>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Topology {
+    pub sockets: u32,
+    pub cores: u32,
+    pub threads: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Machine {
+    Pc,
+    Q35,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootDevice {
+    Hd,
+    Cdrom,
+    Network,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Clock {
+    Utc,
+    Localtime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Video {
+    Vga,
+    Cirrus,
+    Qxl,
+    Virtio,
+    Vmvga,
+    Bochs,
+    Ramfb,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TpmModel {
+    #[serde(rename = "tpm-crb")]
+    Crb,
+    #[serde(rename = "tpm-tis")]
+    Tis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KernelBoot {
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CdRom {
+    pub resource_uuid: String,
+    /// The ISO; `None` for an empty drive.
+    pub iso: Option<String>,
+    pub device_id: u32,
+    pub boot_order: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Nic {
+    pub mac: String,
+    pub uuid: String,
+    pub device_id: u32,
+    /// The tap device's name, when the management plane chose one.
+    pub internal_name: String,
+    pub network: NicNetwork,
+    pub model: NicModel,
+    pub mtu: Option<u32>,
+    pub link_up: bool,
+    pub boot_order: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NicNetwork {
+    /// A tap on this Linux bridge.
+    Bridge(String),
+    /// QEMU's user-mode networking (hosts without bridges).
+    User,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NicModel {
+    Virtio,
+    E1000,
+    Rtl8139,
+}
+
+impl NicModel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NicModel::Virtio => "virtio",
+            NicModel::E1000 => "e1000",
+            NicModel::Rtl8139 => "rtl8139",
+        }
+    }
+}
+
+/// A persisted VM record: the spec with the model's version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmRecord {
+    pub format_version: u32,
+    pub vm: VmSpec,
+}
