@@ -4,11 +4,15 @@
 //! other hosts, bad task ids) is replayed against a real agent. Each must be answered in-band
 //! with an error envelope, the agent must stay up, and nothing may change: the storage tree
 //! (paths, sizes, modification times) and the domains the test could have made are compared
-//! around every entry. Domains that are none of the test's (VMs beside it) are not looked at.
+//! around every entry. Domains that are none of the test's (VMs beside it) are not looked at,
+//! and the corpus is also replayed while such a VM is defined, started, stopped and undefined.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use kvmagent_host_tests::checks::{qemu_img, virsh};
@@ -90,6 +94,58 @@ fn define(xml: &str) -> anyhow::Result<()> {
     let file = tempfile::NamedTempFile::new()?;
     std::fs::write(file.path(), xml)?;
     virsh(&["define", &file.path().to_string_lossy()]).map(|_| ())
+}
+
+/// A VM that is none of the test's: defined, started, stopped and undefined with `virsh` in a
+/// loop on a thread of its own until [`finish`](Self::finish) or drop (also on a panic), or
+/// until its time is up. Removed at the end.
+struct UnrelatedVm {
+    name: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<anyhow::Result<usize>>>,
+}
+
+impl UnrelatedVm {
+    fn start(limit: Duration) -> UnrelatedVm {
+        let name = format!("kvmagent-unrelated-{}", uuid());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (n, s) = (name.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + limit;
+            let xml = tiny_domain_xml(&n, "");
+            let mut cycles = 0;
+            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
+                define(&xml)?;
+                virsh(&["start", &n])?;
+                std::thread::sleep(Duration::from_millis(300));
+                virsh(&["destroy", &n])?;
+                virsh(&["undefine", &n])?;
+                cycles += 1;
+            }
+            Ok(cycles)
+        });
+        UnrelatedVm { name, stop, thread: Some(thread) }
+    }
+
+    /// Stops the loop; returns how many full cycles it made, or what failed.
+    fn finish(&mut self) -> anyhow::Result<usize> {
+        self.stop.store(true, Ordering::Relaxed);
+        let result = match self.thread.take() {
+            Some(t) => t.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the loop panicked"))),
+            None => Err(anyhow::anyhow!("already finished")),
+        };
+        let _ = virsh(&["destroy", &self.name]);
+        let _ = virsh(&["undefine", &self.name]);
+        result
+    }
+}
+
+impl Drop for UnrelatedVm {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.finish();
+        }
+    }
 }
 
 /// The hostile files the corpus names, under `<root>/evil`.
@@ -214,4 +270,13 @@ async fn the_domain_check_counts_what_the_test_could_have_made_and_nothing_else(
 async fn every_hostile_command_is_refused_in_band_and_changes_nothing() {
     let n = replay_corpus().await;
     println!("hostile input: {n} commands refused in-band, nothing changed");
+}
+
+#[tokio::test]
+async fn hostile_commands_beside_an_unrelated_vm_that_comes_and_goes() {
+    let mut other = UnrelatedVm::start(Duration::from_secs(900));
+    let n = replay_corpus().await;
+    let cycles = other.finish().unwrap_or_else(|e| panic!("the unrelated VM: {e}"));
+    assert!(cycles > 0, "the unrelated VM never went through a full cycle");
+    println!("hostile input: {n} commands refused in-band beside an unrelated VM ({cycles} cycles)");
 }
