@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use crate::ceph::rbd::Rbd;
 use crate::config::Config;
 use crate::host_identity::HostIdentity;
-use crate::http::client::Poster;
+use crate::callbacks::client::Poster;
 use crate::hypervisor::Hypervisor;
 use crate::libvirt::Libvirt;
 use crate::recovery::{Inherited, Report};
@@ -71,7 +71,7 @@ impl App {
         let (tasks, undelivered, interrupted) =
             TaskRegistry::open(Journal::open(&config.state_dir).map_err(state_err)?, Some(progress_tx))
                 .map_err(state_err)?;
-        crate::http::progress::spawn_forwarder(progress_rx, identity.clone(), poster.clone());
+        crate::callbacks::progress::spawn_forwarder(progress_rx, identity.clone(), poster.clone());
         let roots = StorageRoots::new(&config.storage.roots)
             .map_err(|source| StartupError::Roots { roots: config.storage.roots.clone(), source })?;
         let backup_err = |source| StartupError::BackupRoots { roots: config.backup.roots.clone(), source };

@@ -5,6 +5,7 @@ pub mod api;
 pub mod app;
 pub mod atomic_file;
 pub mod backup_group;
+pub mod callbacks;
 pub mod ceph;
 pub mod config;
 pub mod domain;

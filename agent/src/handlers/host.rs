@@ -12,7 +12,7 @@ pub async fn connect(app: &App, _ctx: &TaskCtx, cmd: ConnectCmd) -> AgentResult<
         return Err(AgentError::invalid("hostUuid must not be empty"));
     }
     if let Some(url) = &cmd.send_command_url {
-        crate::http::client::parse_url(url).map_err(|e| AgentError::invalid(format!("sendCommandUrl: {e}")))?;
+        crate::callbacks::client::parse_url(url).map_err(|e| AgentError::invalid(format!("sendCommandUrl: {e}")))?;
     }
     // Ask libvirt first: a connect that fails must leave the stored identity as it was.
     let (libvirt_version, qemu_version) = app.libvirt.versions().await?;

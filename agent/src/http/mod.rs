@@ -1,7 +1,5 @@
-//! The HTTP side: the server, its routes, the task runner, and outbound posts.
+//! The control channel: the server, its path table and the task runner.
 
-pub mod client;
-pub mod progress;
 pub mod routes;
 pub mod runner;
 pub mod server;

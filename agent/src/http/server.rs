@@ -19,7 +19,8 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::routes::{self, Style};
-use super::{client, runner};
+use super::runner;
+use crate::callbacks::client;
 use crate::api::{self, CommonFields};
 use crate::app::App;
 use crate::error::AgentError;
