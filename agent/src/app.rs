@@ -6,19 +6,19 @@ use std::sync::{Arc, OnceLock};
 
 use tokio::sync::mpsc;
 
+use crate::callbacks::client::Poster;
 use crate::ceph::rbd::Rbd;
 use crate::config::Config;
 use crate::host_identity::HostIdentity;
-use crate::callbacks::client::Poster;
 use crate::hypervisor::Hypervisor;
 use crate::libvirt::Libvirt;
+use crate::ops::owner::Vms;
 use crate::recovery::{Inherited, Report};
 use crate::storage::local::LocalStorage;
 use crate::storage::roots::StorageRoots;
 use crate::storage::volume_locks::VolumeLocks;
 use crate::tasks::journal::Journal;
 use crate::tasks::registry::TaskRegistry;
-use crate::vm::owner::Vms;
 
 pub struct App {
     pub config: Config,

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::api::vm::StartVmCmd;
 use crate::atomic_file;
 use crate::error::{AgentError, AgentResult};
 use crate::storage::roots::StorageRoots;
+use crate::wire::vm::StartVmCmd;
 
 pub const MANIFEST: &str = "manifest.json";
 pub const FORMAT_VERSION: u32 = 1;

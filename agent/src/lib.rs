@@ -1,16 +1,15 @@
 //! kvmagent: a per-host KVM agent. The management plane POSTs commands over HTTP; the agent
 //! carries them out with libvirt, QEMU and qemu-img and reports the result back.
 
-pub mod api;
 pub mod app;
 pub mod atomic_file;
 pub mod backup_group;
 pub mod callbacks;
 pub mod ceph;
+pub mod compat;
 pub mod config;
 pub mod domain;
 pub mod error;
-pub mod handlers;
 pub mod host_identity;
 pub mod host_info;
 pub mod http;
@@ -20,6 +19,7 @@ pub mod locks;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod ops;
 pub mod process;
 pub mod qemu_img;
 pub mod recovery;
@@ -28,4 +28,4 @@ pub mod storage;
 pub mod tasks;
 #[cfg(test)]
 pub mod testing;
-pub mod vm;
+pub mod wire;

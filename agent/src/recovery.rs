@@ -20,11 +20,11 @@ use std::time::SystemTime;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::api;
 use crate::app::App;
 use crate::error::{AgentError, ErrorKind};
+use crate::ops::undo;
 use crate::tasks::journal::{TaskRecord, TaskState};
-use crate::vm::undo;
+use crate::wire;
 
 /// What recovery needs from the task runner, which lives above it (with the command table).
 pub trait Runner: Send + Sync {
@@ -107,7 +107,7 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) 
             record.path,
             if kept.is_empty() { String::new() } else { format!(" and these could not be: {kept:?}") }
         );
-        let result = api::envelope(&Err(AgentError::new(ErrorKind::OperationFailed, "task interrupted", details)));
+        let result = wire::envelope(&Err(AgentError::new(ErrorKind::OperationFailed, "task interrupted", details)));
         if let Some(url) = app.tasks.finish(&record.task_id, TaskState::Failed, result.clone()).await {
             runner.deliver(app, record.task_id.clone(), url, result);
         }

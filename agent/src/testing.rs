@@ -153,8 +153,8 @@ impl TestHost {
     pub async fn running_vm(&self) -> String {
         let vm = uuid();
         let image = self.image(&uuid(), 4 << 20);
-        let cmd = crate::api::decode_native(&self.create_cmd(&vm, &image)).unwrap();
-        crate::vm::create::create(&self.app, &TaskCtx::detached("/vm/create"), cmd).await.unwrap();
+        let cmd = crate::wire::decode_native(&self.create_cmd(&vm, &image)).unwrap();
+        crate::ops::create::create(&self.app, &TaskCtx::detached("/vm/create"), cmd).await.unwrap();
         vm
     }
 

@@ -3,7 +3,7 @@
 
 #![no_main]
 
-use kvmagent::api::{ceph, decode, host, localstorage, native, parse_body, vm};
+use kvmagent::wire::{ceph, decode, host, localstorage, native, parse_body, vm};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 

@@ -3,7 +3,7 @@
 
 #![no_main]
 
-use kvmagent::api::vm::StartVmCmd;
+use kvmagent::wire::vm::StartVmCmd;
 use kvmagent::domain::{render, DomainSettings};
 use libfuzzer_sys::fuzz_target;
 

@@ -1,8 +1,8 @@
 //! Reads device addresses back from a live domain's XML, for the StartVmCmd response (the
 //! management plane stores them and replays them so addresses stay stable).
 
-use crate::api::vm::{DeviceAddress, NicInfo, StartVmRsp, VirtualDeviceInfo};
 use crate::error::{AgentError, AgentResult};
+use crate::wire::vm::{DeviceAddress, NicInfo, StartVmRsp, VirtualDeviceInfo};
 
 fn address(node: roxmltree::Node) -> DeviceAddress {
     let Some(a) = node.children().find(|c| c.has_tag_name("address")) else {

@@ -12,7 +12,7 @@ pub use validate::{check_uuid, file_paths, is_ifname, xml_safe};
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::vm::StartVmCmd;
+    use crate::wire::vm::StartVmCmd;
     use serde_json::{json, Value};
 
     fn fixture() -> Value {
@@ -22,7 +22,7 @@ mod tests {
     }
 
     fn cmd(v: Value) -> StartVmCmd {
-        crate::api::decode(&v).unwrap()
+        crate::wire::decode(&v).unwrap()
     }
 
     fn validate(c: &StartVmCmd) -> crate::error::AgentResult<crate::model::VmSpec> {

@@ -1,6 +1,6 @@
 //! The checks a domain's values need. Text that XML can carry is escaped, not refused; what it
 //! cannot carry (control characters) is refused. (A whole StartVmCmd is checked as it is decoded
-//! into the model, in [`crate::api::vm_model`].)
+//! into the model, in [`crate::wire::vm_model`].)
 
 use std::path::Path;
 

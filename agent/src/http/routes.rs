@@ -8,10 +8,10 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::app::App;
+use crate::compat;
 use crate::error::AgentResult;
-use crate::handlers;
+use crate::ops;
 use crate::tasks::TaskCtx;
-use crate::vm;
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = AgentResult<Value>> + Send>>;
 pub type Handler = fn(Arc<App>, TaskCtx, Value) -> HandlerFuture;
@@ -36,7 +36,7 @@ macro_rules! typed {
     ($f:path) => {
         |app: Arc<App>, ctx: TaskCtx, body: Value| -> HandlerFuture {
             Box::pin(async move {
-                let cmd = crate::api::decode(&body)?;
+                let cmd = crate::wire::decode(&body)?;
                 let rsp = $f(&app, &ctx, cmd).await?;
                 serde_json::to_value(rsp)
                     .map_err(|e| crate::error::AgentError::internal(format!("cannot encode the response: {e}")))
@@ -45,12 +45,12 @@ macro_rules! typed {
     };
 }
 
-/// Like `typed!`, for native commands: unknown fields are refused ([`crate::api::decode_native`]).
+/// Like `typed!`, for native commands: unknown fields are refused ([`crate::wire::decode_native`]).
 macro_rules! native {
     ($f:path) => {
         |app: Arc<App>, ctx: TaskCtx, body: Value| -> HandlerFuture {
             Box::pin(async move {
-                let cmd = crate::api::decode_native(&body)?;
+                let cmd = crate::wire::decode_native(&body)?;
                 let rsp = $f(&app, &ctx, cmd).await?;
                 serde_json::to_value(rsp)
                     .map_err(|e| crate::error::AgentError::internal(format!("cannot encode the response: {e}")))
@@ -65,118 +65,110 @@ fn echo(_: Arc<App>, _: TaskCtx, _: Value) -> HandlerFuture {
 
 static ROUTES: &[Route] = &[
     Route { path: "/host/echo", style: Style::Sync, handler: echo },
-    Route { path: "/host/connect", style: Style::Sync, handler: typed!(handlers::host::connect) },
-    Route { path: "/host/ping", style: Style::Async, handler: typed!(handlers::host::ping) },
-    Route { path: "/host/fact", style: Style::Async, handler: typed!(handlers::host::fact) },
-    Route { path: "/host/capacity", style: Style::Async, handler: typed!(handlers::host::capacity) },
-    Route { path: "/vm/vmsync", style: Style::Async, handler: typed!(handlers::host::vm_sync) },
-    Route { path: "/job/cancel", style: Style::Async, handler: typed!(handlers::host::cancel) },
-    Route { path: "/vm/start", style: Style::Async, handler: typed!(handlers::vm::start) },
-    Route { path: "/vm/stop", style: Style::Async, handler: typed!(handlers::vm::stop) },
-    Route { path: "/vm/destroy", style: Style::Async, handler: typed!(handlers::vm::destroy) },
-    Route { path: "/vm/create", style: Style::Async, handler: native!(vm::create::create) },
-    Route { path: "/vm/changeimage", style: Style::Async, handler: native!(vm::change_image::change_image) },
-    Route { path: "/vm/clone", style: Style::Async, handler: native!(vm::clone::clone) },
-    Route { path: "/vm/flatten", style: Style::Async, handler: native!(vm::flatten::flatten) },
-    Route { path: "/vm/volumes/takesnapshot", style: Style::Async, handler: native!(vm::snapshot_group::take) },
-    Route { path: "/vm/volumes/getsnapshotgroup", style: Style::Async, handler: native!(vm::snapshot_group::get) },
-    Route { path: "/vm/createfromsnapshot", style: Style::Async, handler: native!(vm::snapshot_group::create_from) },
-    Route { path: "/vm/backup", style: Style::Async, handler: native!(vm::backup::backup) },
-    Route { path: "/vm/createfrombackup", style: Style::Async, handler: native!(vm::backup::create_from) },
-    Route { path: "/vm/volume/takesnapshot", style: Style::Async, handler: typed!(handlers::vm::take_snapshot) },
-    Route { path: "/vm/volume/mergesnapshot", style: Style::Async, handler: typed!(handlers::vm::merge_snapshot) },
-    Route { path: "/vm/createcephsecret", style: Style::Async, handler: typed!(handlers::vm::create_ceph_secret) },
+    Route { path: "/host/connect", style: Style::Sync, handler: typed!(compat::host::connect) },
+    Route { path: "/host/ping", style: Style::Async, handler: typed!(compat::host::ping) },
+    Route { path: "/host/fact", style: Style::Async, handler: typed!(compat::host::fact) },
+    Route { path: "/host/capacity", style: Style::Async, handler: typed!(compat::host::capacity) },
+    Route { path: "/vm/vmsync", style: Style::Async, handler: typed!(compat::host::vm_sync) },
+    Route { path: "/job/cancel", style: Style::Async, handler: typed!(compat::host::cancel) },
+    Route { path: "/vm/start", style: Style::Async, handler: typed!(compat::vm::start) },
+    Route { path: "/vm/stop", style: Style::Async, handler: typed!(compat::vm::stop) },
+    Route { path: "/vm/destroy", style: Style::Async, handler: typed!(compat::vm::destroy) },
+    Route { path: "/vm/create", style: Style::Async, handler: native!(ops::create::create) },
+    Route { path: "/vm/changeimage", style: Style::Async, handler: native!(ops::change_image::change_image) },
+    Route { path: "/vm/clone", style: Style::Async, handler: native!(ops::clone::clone) },
+    Route { path: "/vm/flatten", style: Style::Async, handler: native!(ops::flatten::flatten) },
+    Route { path: "/vm/volumes/takesnapshot", style: Style::Async, handler: native!(ops::snapshot_group::take) },
+    Route { path: "/vm/volumes/getsnapshotgroup", style: Style::Async, handler: native!(ops::snapshot_group::get) },
+    Route { path: "/vm/createfromsnapshot", style: Style::Async, handler: native!(ops::snapshot_group::create_from) },
+    Route { path: "/vm/backup", style: Style::Async, handler: native!(ops::backup::backup) },
+    Route { path: "/vm/createfrombackup", style: Style::Async, handler: native!(ops::backup::create_from) },
+    Route { path: "/vm/volume/takesnapshot", style: Style::Async, handler: typed!(compat::vm::take_snapshot) },
+    Route { path: "/vm/volume/mergesnapshot", style: Style::Async, handler: typed!(compat::vm::merge_snapshot) },
+    Route { path: "/vm/createcephsecret", style: Style::Async, handler: typed!(compat::vm::create_ceph_secret) },
     Route {
         path: "/localstorage/snapshot/offlinemerge",
         style: Style::Async,
-        handler: typed!(handlers::localstorage::offline_merge),
+        handler: typed!(compat::localstorage::offline_merge),
     },
     Route {
         path: "/localstorage/volume/estimatetemplatesize",
         style: Style::Async,
-        handler: typed!(handlers::localstorage::estimate_template_size),
+        handler: typed!(compat::localstorage::estimate_template_size),
     },
-    Route { path: "/localstorage/init", style: Style::Async, handler: typed!(handlers::localstorage::init) },
-    Route { path: "/localstorage/checkbits", style: Style::Async, handler: typed!(handlers::localstorage::check_bits) },
+    Route { path: "/localstorage/init", style: Style::Async, handler: typed!(compat::localstorage::init) },
+    Route { path: "/localstorage/checkbits", style: Style::Async, handler: typed!(compat::localstorage::check_bits) },
     Route {
         path: "/localstorage/volume/createvolumefromcache",
         style: Style::Async,
-        handler: typed!(handlers::localstorage::create_volume_from_cache),
+        handler: typed!(compat::localstorage::create_volume_from_cache),
     },
     Route {
         path: "/localstorage/volume/createempty",
         style: Style::Async,
-        handler: typed!(handlers::localstorage::create_empty),
+        handler: typed!(compat::localstorage::create_empty),
     },
     Route {
         path: "/localstorage/volume/getsize",
         style: Style::Async,
-        handler: typed!(handlers::localstorage::get_size),
+        handler: typed!(compat::localstorage::get_size),
     },
     Route {
         path: "/localstorage/volume/getbackingchain",
         style: Style::Async,
-        handler: typed!(handlers::localstorage::get_backing_chain),
+        handler: typed!(compat::localstorage::get_backing_chain),
     },
-    Route { path: "/localstorage/delete", style: Style::Async, handler: typed!(handlers::localstorage::delete) },
+    Route { path: "/localstorage/delete", style: Style::Async, handler: typed!(compat::localstorage::delete) },
     Route {
         path: "/localstorage/volume/createwithbacking",
         style: Style::Async,
-        handler: typed!(handlers::localstorage::create_with_backing),
+        handler: typed!(compat::localstorage::create_with_backing),
     },
     Route {
         path: "/localstorage/volume/createtemplate",
         style: Style::Async,
-        handler: typed!(handlers::localstorage::create_template),
+        handler: typed!(compat::localstorage::create_template),
     },
     Route {
         path: "/localstorage/reinit/image",
         style: Style::Async,
-        handler: typed!(handlers::localstorage::reinit_image),
+        handler: typed!(compat::localstorage::reinit_image),
     },
     Route { path: "/ceph/primarystorage/echo", style: Style::Sync, handler: echo },
     Route {
         path: "/ceph/primarystorage/volume/createempty",
         style: Style::Async,
-        handler: typed!(handlers::ceph::create_empty),
+        handler: typed!(compat::ceph::create_empty),
     },
-    Route { path: "/ceph/primarystorage/volume/clone", style: Style::Async, handler: typed!(handlers::ceph::clone) },
-    Route {
-        path: "/ceph/primarystorage/volume/flatten",
-        style: Style::Async,
-        handler: typed!(handlers::ceph::flatten),
-    },
+    Route { path: "/ceph/primarystorage/volume/clone", style: Style::Async, handler: typed!(compat::ceph::clone) },
+    Route { path: "/ceph/primarystorage/volume/flatten", style: Style::Async, handler: typed!(compat::ceph::flatten) },
     Route {
         path: "/ceph/primarystorage/snapshot/create",
         style: Style::Async,
-        handler: typed!(handlers::ceph::snapshot_create),
+        handler: typed!(compat::ceph::snapshot_create),
     },
     Route {
         path: "/ceph/primarystorage/snapshot/protect",
         style: Style::Async,
-        handler: typed!(handlers::ceph::snapshot_protect),
+        handler: typed!(compat::ceph::snapshot_protect),
     },
     Route {
         path: "/ceph/primarystorage/snapshot/unprotect",
         style: Style::Async,
-        handler: typed!(handlers::ceph::snapshot_unprotect),
+        handler: typed!(compat::ceph::snapshot_unprotect),
     },
     Route {
         path: "/ceph/primarystorage/snapshot/delete",
         style: Style::Async,
-        handler: typed!(handlers::ceph::snapshot_delete),
+        handler: typed!(compat::ceph::snapshot_delete),
     },
-    Route { path: "/ceph/primarystorage/volume/cp", style: Style::Async, handler: typed!(handlers::ceph::copy) },
-    Route {
-        path: "/ceph/primarystorage/getvolumesize",
-        style: Style::Async,
-        handler: typed!(handlers::ceph::get_size),
-    },
-    Route { path: "/ceph/primarystorage/delete", style: Style::Async, handler: typed!(handlers::ceph::delete) },
+    Route { path: "/ceph/primarystorage/volume/cp", style: Style::Async, handler: typed!(compat::ceph::copy) },
+    Route { path: "/ceph/primarystorage/getvolumesize", style: Style::Async, handler: typed!(compat::ceph::get_size) },
+    Route { path: "/ceph/primarystorage/delete", style: Style::Async, handler: typed!(compat::ceph::delete) },
     Route {
         path: "/ceph/primarystorage/volume/getbackingchain",
         style: Style::Async,
-        handler: typed!(handlers::ceph::get_backing_chain),
+        handler: typed!(compat::ceph::get_backing_chain),
     },
 ];
 

@@ -9,13 +9,13 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use super::routes::Route;
-use crate::api::{self, CommonFields};
 use crate::app::App;
 use crate::error::{AgentError, AgentResult, ErrorKind};
 use crate::metrics;
 use crate::stop::StopReason;
 use crate::tasks::journal::{now_ms, TaskState};
 use crate::tasks::TaskCtx;
+use crate::wire::{self, CommonFields};
 
 /// How long until the task must stop, from `taskContext` (`__messagetimeout__` is a duration,
 /// `__messagedeadline__` an absolute epoch time, both in ms); the sooner wins.
@@ -64,11 +64,11 @@ pub fn spawn(app: Arc<App>, route: &'static Route, ctx: TaskCtx, body: AgentResu
                 Ok(_) => tracing::info!("task succeeded"),
                 Err(e) => tracing::warn!(error = %e, "task failed"),
             }
-            let envelope = api::envelope(&result);
+            let envelope = wire::envelope(&result);
             timer.finish(state.as_str());
             let url = app.tasks.finish(&ctx.task_id, state, envelope.clone()).await;
             // The result is recorded: what the task committed stays, even if the agent dies now.
-            crate::vm::undo::discard_journal(&app.config.state_dir, &ctx.task_id);
+            crate::ops::undo::discard_journal(&app.config.state_dir, &ctx.task_id);
             if let Some(url) = url {
                 deliver(&app, &ctx.task_id, &url, &envelope).await;
             }
@@ -83,7 +83,7 @@ pub struct TaskRunner;
 impl crate::recovery::Runner for TaskRunner {
     fn resume(&self, app: &Arc<App>, record: &crate::tasks::journal::TaskRecord) -> bool {
         let route = super::routes::find(&record.path);
-        let (Some(route), Ok(body)) = (route, api::parse_body(record.command.as_bytes())) else { return false };
+        let (Some(route), Ok(body)) = (route, wire::parse_body(record.command.as_bytes())) else { return false };
         let Some(ctx) = app.tasks.resume(&record.task_id) else { return false };
         let common: CommonFields = serde_json::from_value(body.clone()).unwrap_or_default();
         spawn(app.clone(), route, ctx, Ok(body), common);

@@ -20,12 +20,12 @@ use tokio_rustls::TlsAcceptor;
 
 use super::routes::{self, Style};
 use super::runner;
-use crate::callbacks::client;
-use crate::api::{self, CommonFields};
 use crate::app::App;
+use crate::callbacks::client;
 use crate::error::AgentError;
 use crate::tasks::registry::{Admission, Intake};
 use crate::tasks::TaskCtx;
+use crate::wire::{self, CommonFields};
 
 /// Commands are small JSON documents; anything larger is refused before it is buffered.
 const MAX_BODY: usize = 16 << 20;
@@ -46,7 +46,7 @@ fn json_resp(status: StatusCode, v: &Value) -> Resp {
 
 /// A transport-level refusal, still as a JSON envelope.
 fn refuse(status: StatusCode, message: impl Into<String>) -> Resp {
-    json_resp(status, &api::envelope(&Err(AgentError::invalid(message))))
+    json_resp(status, &wire::envelope(&Err(AgentError::invalid(message))))
 }
 
 fn empty_ok() -> Resp {
@@ -135,7 +135,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Resp {
             "not authorized",
             "this agent requires its token: send Authorization: Bearer <token>",
         );
-        return json_resp(StatusCode::UNAUTHORIZED, &api::envelope(&Err(e)));
+        return json_resp(StatusCode::UNAUTHORIZED, &wire::envelope(&Err(e)));
     }
     match *req.method() {
         Method::GET if path == "/metrics" => {
@@ -158,7 +158,7 @@ fn task_status(app: &App, task_id: &str) -> Resp {
         Some(s) => json_resp(StatusCode::OK, &serde_json::to_value(s).unwrap_or(Value::Null)),
         None => json_resp(
             StatusCode::NOT_FOUND,
-            &api::envelope(&Err(AgentError::not_found(format!("no task {task_id} is known to this agent")))),
+            &wire::envelope(&Err(AgentError::not_found(format!("no task {task_id} is known to this agent")))),
         ),
     }
 }
@@ -198,7 +198,7 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str) -> Resp {
         Ok(b) => b.to_bytes(),
         Err(e) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read the request body: {e}")),
     };
-    let body = api::parse_body(&raw);
+    let body = wire::parse_body(&raw);
 
     if route.style == Style::Sync {
         let result = match body {
@@ -209,7 +209,7 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str) -> Resp {
         if matches!(result, Ok(Value::Null)) {
             return empty_ok();
         }
-        return json_resp(StatusCode::OK, &api::envelope(&result));
+        return json_resp(StatusCode::OK, &wire::envelope(&result));
     }
 
     let task_id = task_id.expect("async routes have a checked taskuuid");

@@ -1,6 +1,6 @@
 //! The agent's own model of a VM: what the operations work on, what the domain XML is rendered
 //! from and what VM records and snapshot groups persist. Wire commands (ZStack's StartVmCmd,
-//! the native commands) are decoded into it at the edge ([`crate::api::vm`]), validated once:
+//! the native commands) are decoded into it at the edge ([`crate::wire::vm`]), validated once:
 //! every choice is an enum, every volume a typed [`Location`], and no other module knows a
 //! ZStack field name.
 

@@ -4,10 +4,10 @@ use std::path::Path;
 
 use super::{mixed, taken, Fut, VolumeStore};
 use crate::error::AgentResult;
+use crate::ops::undo::UndoStep;
 use crate::qemu_img::CreateOptions;
 use crate::stop::Stop;
 use crate::storage::local::{LocalStorage, Provisioning};
-use crate::vm::undo::UndoStep;
 
 pub struct LocalStore<'a>(pub &'a LocalStorage);
 

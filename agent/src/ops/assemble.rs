@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 use super::owner::VmGuard;
 use super::undo::{UndoLog, UndoStep};
 use super::volumes;
-use crate::api::inventory::VmInstanceInventory;
-use crate::api::native::Strategy;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::model::VmSpec;
 use crate::storage::local::Provisioning;
 use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
+use crate::wire::inventory::VmInstanceInventory;
+use crate::wire::native::Strategy;
 
 /// What a new volume is made from.
 #[derive(Debug, Clone)]

@@ -1,10 +1,10 @@
 //! The `VmInstanceInventory` of a VM this agent made, from its spec and its volumes' real sizes.
 
-use crate::api::inventory::{VmCdRomInventory, VmInstanceInventory, VmNicInventory, VolumeInventory};
 use crate::app::App;
 use crate::error::AgentResult;
 use crate::model::{NicNetwork, VmSpec, Volume};
 use crate::tasks::TaskCtx;
+use crate::wire::inventory::{VmCdRomInventory, VmInstanceInventory, VmNicInventory, VolumeInventory};
 
 async fn volume(app: &App, vm: &str, v: &Volume, ctx: &TaskCtx) -> AgentResult<VolumeInventory> {
     let path = v.install_path();

@@ -5,9 +5,9 @@ use super::{mixed, taken, Fut, VolumeStore};
 use crate::ceph::path::CephPath;
 use crate::ceph::rbd::Rbd;
 use crate::error::{AgentError, AgentResult};
+use crate::ops::undo::UndoStep;
 use crate::stop::Stop;
 use crate::storage::local::Provisioning;
-use crate::vm::undo::UndoStep;
 
 /// Names of the snapshots this agent takes for clones; they are removed once unused.
 pub const CLONE_SNAPSHOT_PREFIX: &str = "kvmagent-clone-";

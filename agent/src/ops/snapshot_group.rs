@@ -9,17 +9,17 @@ use super::assemble::{self, Source};
 use super::capture::{self, capture, Freeze};
 use super::derived;
 use super::volumes;
-use crate::api::inventory::VmInstanceInventory;
-use crate::api::native::{
-    CreateFromSnapshotCmd, GroupSnapshot, NewVolume, Provisioning, SnapshotGroup, SnapshotGroupRef,
-    TakeSnapshotGroupCmd,
-};
 use crate::app::App;
 use crate::atomic_file;
 use crate::error::{AgentError, AgentResult};
 use crate::model::VmSpec;
 use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
+use crate::wire::inventory::VmInstanceInventory;
+use crate::wire::native::{
+    CreateFromSnapshotCmd, GroupSnapshot, NewVolume, Provisioning, SnapshotGroup, SnapshotGroupRef,
+    TakeSnapshotGroupCmd,
+};
 
 /// Names of the RBD snapshots of a group: `kvmagent-group-<group uuid>`.
 const RBD_SNAPSHOT_PREFIX: &str = "kvmagent-group-";
@@ -50,7 +50,7 @@ impl StoredGroup {
             vm_uuid: self.vm_uuid.clone(),
             name: self.name.clone(),
             created_at: self.created_at,
-            vm: crate::api::vm::StartVmCmd::from_spec(&self.vm),
+            vm: crate::wire::vm::StartVmCmd::from_spec(&self.vm),
             snapshots: self.snapshots.clone(),
         }
     }
@@ -63,7 +63,7 @@ impl StoredGroup {
         if v.get("formatVersion").is_some() {
             return serde_json::from_value(v).map(Some).map_err(|e| bad(e.to_string()));
         }
-        let g: SnapshotGroup = crate::api::decode(&v)?;
+        let g: SnapshotGroup = crate::wire::decode(&v)?;
         Ok(Some(StoredGroup {
             format_version: crate::model::FORMAT_VERSION,
             vm: g.vm.to_spec()?,

@@ -8,13 +8,13 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
-use crate::api::decode_native;
 use crate::error::AgentResult;
 use crate::libvirt::domains::VmState;
 use crate::tasks::TaskCtx;
 use crate::testing::{backing, check, same_content, uuid, write, TestHost};
+use crate::wire::decode_native;
 
-fn cmd<T: crate::api::native::NativeCommand>(v: Value) -> T {
+fn cmd<T: crate::wire::native::NativeCommand>(v: Value) -> T {
     decode_native(&v).unwrap()
 }
 
@@ -71,7 +71,7 @@ async fn create_makes_the_vm_and_a_failed_start_leaves_nothing() {
     h.hv.fail("create");
     let (other, image) = (uuid(), h.image("i2", 1 << 20));
     let before = before.into_iter().chain([PathBuf::from(&image)]).collect::<BTreeSet<_>>();
-    let e = crate::vm::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(h.create_cmd(&other, &image)))
+    let e = crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(h.create_cmd(&other, &image)))
         .await
         .unwrap_err();
     assert!(e.to_string().contains("start domain"), "{e}");
@@ -84,7 +84,7 @@ async fn a_linked_clone_freezes_the_source_and_its_record_follows() {
     let h = TestHost::start();
     let vm = h.running_vm().await;
     let old = h.recorded(&vm).await;
-    let rsp = crate::vm::clone::clone(
+    let rsp = crate::ops::clone::clone(
         &h.app,
         &TaskCtx::detached("/vm/clone"),
         cmd(json!({"vmUuid": vm, "names": ["a", "b"], "full": true})),
@@ -106,7 +106,7 @@ async fn a_failing_clone_leaves_nothing_of_itself() {
     let vm = h.running_vm().await;
     h.hv.fail("defineXML");
     let rsp =
-        crate::vm::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(json!({"vmUuid": vm, "names": ["a"]})))
+        crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(json!({"vmUuid": vm, "names": ["a"]})))
             .await
             .unwrap();
     assert_eq!(rsp.number_of_cloned_vm, 0);
@@ -122,7 +122,7 @@ async fn change_image_switches_a_stopped_vm_or_changes_nothing() {
     let (old, image) = (h.recorded(&vm).await, h.image("other", 8 << 20));
     let c = || cmd(json!({"vmUuid": vm, "imagePath": image}));
     h.hv.fail("defineXML");
-    crate::vm::change_image::change_image(&h.app, &TaskCtx::detached("/vm/changeimage"), c()).await.unwrap_err();
+    crate::ops::change_image::change_image(&h.app, &TaskCtx::detached("/vm/changeimage"), c()).await.unwrap_err();
     assert_eq!(h.recorded(&vm).await, old, "a failed change keeps the old root");
     assert_consistent(&h).await;
 
@@ -132,7 +132,7 @@ async fn change_image_switches_a_stopped_vm_or_changes_nothing() {
     let old = h2.recorded(&vm).await;
     let image = h2.image("other", 8 << 20);
     let c = cmd(json!({"vmUuid": vm, "imagePath": image}));
-    crate::vm::change_image::change_image(&h2.app, &TaskCtx::detached("/vm/changeimage"), c).await.unwrap();
+    crate::ops::change_image::change_image(&h2.app, &TaskCtx::detached("/vm/changeimage"), c).await.unwrap();
     let now = h2.recorded(&vm).await;
     assert_ne!(now[0], old[0]);
     assert!(!std::path::Path::new(&old[0]).exists(), "the old root is gone once the switch is done");
@@ -150,7 +150,7 @@ async fn flatten_cuts_volumes_loose_live_and_offline_with_the_same_content() {
         }
         let root = h.recorded(&vm).await.remove(0);
         let image = backing(&root).unwrap().display().to_string();
-        let dry = crate::vm::flatten::flatten(
+        let dry = crate::ops::flatten::flatten(
             &h.app,
             &TaskCtx::detached("/vm/flatten"),
             cmd(json!({"vmUuid": vm, "dryRun": true})),
@@ -159,7 +159,7 @@ async fn flatten_cuts_volumes_loose_live_and_offline_with_the_same_content() {
         .unwrap();
         assert!(dry["totalBytesToAdd"].as_u64().unwrap() >= 64 << 10, "{dry}");
         assert!(backing(&root).is_some(), "a dry run changes nothing");
-        crate::vm::flatten::flatten(&h.app, &TaskCtx::detached("/vm/flatten"), cmd(json!({"vmUuid": vm})))
+        crate::ops::flatten::flatten(&h.app, &TaskCtx::detached("/vm/flatten"), cmd(json!({"vmUuid": vm})))
             .await
             .unwrap();
         assert!(backing(&root).is_none(), "running: {running}");
@@ -175,7 +175,7 @@ async fn a_backup_of_a_running_vm_commits_its_temporary_tops_back() {
     let files = h.recorded(&vm).await;
     write(&files[1], 0, 0x11);
     let rsp =
-        crate::vm::backup::backup(&h.app, &TaskCtx::detached("/vm/backup"), cmd(json!({"vmUuid": vm}))).await.unwrap();
+        crate::ops::backup::backup(&h.app, &TaskCtx::detached("/vm/backup"), cmd(json!({"vmUuid": vm}))).await.unwrap();
     assert_eq!(h.recorded(&vm).await, files, "the VM is back on its own files");
     let point = PathBuf::from(&rsp.group_path).join(&rsp.manifest.volumes[1].chain[0].file);
     assert!(same_content(&point.display().to_string(), &files[1]));
@@ -230,7 +230,7 @@ async fn a_create_killed_at_any_hypervisor_call_is_rolled_back() {
             "vm": {"vmInstanceUuid": uuid(), "vmName": "k", "memory": 67108864, "cpuNum": 1},
             "rootVolume": {"volumeUuid": uuid(), "installPath": root.display().to_string(), "imagePath": image.clone()},
         });
-        async move { value(crate::vm::create::create(&app, &ctx, cmd(body)).await) }
+        async move { value(crate::ops::create::create(&app, &ctx, cmd(body)).await) }
     })
     .await;
     assert!(kills >= 3, "{kills} kill points");
@@ -241,7 +241,7 @@ async fn a_clone_killed_at_any_hypervisor_call_is_recovered() {
     let (mut h, vm, _) = kill_host().await;
     let kills = kill_at_every_call(&mut h, "/vm/clone", |app, ctx| {
         let body = json!({"vmUuid": vm, "names": ["c"], "full": true});
-        async move { value(crate::vm::clone::clone(&app, &ctx, cmd(body)).await) }
+        async move { value(crate::ops::clone::clone(&app, &ctx, cmd(body)).await) }
     })
     .await;
     assert!(kills >= 6, "{kills} kill points");
@@ -252,7 +252,7 @@ async fn a_snapshot_group_killed_at_any_hypervisor_call_is_recovered() {
     let (mut h, vm, _) = kill_host().await;
     let kills = kill_at_every_call(&mut h, "/vm/volumes/takesnapshot", |app, ctx| {
         let body = json!({"vmUuid": vm});
-        async move { value(crate::vm::snapshot_group::take(&app, &ctx, cmd(body)).await) }
+        async move { value(crate::ops::snapshot_group::take(&app, &ctx, cmd(body)).await) }
     })
     .await;
     assert!(kills >= 4, "{kills} kill points");
@@ -263,7 +263,7 @@ async fn a_backup_killed_at_any_hypervisor_call_is_recovered() {
     let (mut h, vm, _) = kill_host().await;
     let kills = kill_at_every_call(&mut h, "/vm/backup", |app, ctx| {
         let body = json!({"vmUuid": vm});
-        async move { value(crate::vm::backup::backup(&app, &ctx, cmd(body)).await) }
+        async move { value(crate::ops::backup::backup(&app, &ctx, cmd(body)).await) }
     })
     .await;
     assert!(kills >= 10, "{kills} kill points");
@@ -275,7 +275,7 @@ async fn a_change_image_killed_at_any_hypervisor_call_is_recovered() {
     h.app.libvirt.destroy(&vm).await.unwrap();
     let kills = kill_at_every_call(&mut h, "/vm/changeimage", |app, ctx| {
         let body = json!({"vmUuid": vm, "imagePath": image.clone()});
-        async move { value(crate::vm::change_image::change_image(&app, &ctx, cmd(body)).await) }
+        async move { value(crate::ops::change_image::change_image(&app, &ctx, cmd(body)).await) }
     })
     .await;
     assert!(kills >= 1, "{kills} kill points");
@@ -290,10 +290,10 @@ async fn operations_racing_on_one_vm_lose_no_update() {
         async move {
             let ctx = TaskCtx::detached("/race");
             match i {
-                0 => value(crate::vm::snapshot_group::take(&app, &ctx, cmd(json!({"vmUuid": vm}))).await),
-                1 => value(crate::vm::clone::clone(&app, &ctx, cmd(json!({"vmUuid": vm, "names": ["r"]}))).await),
-                2 => value(crate::vm::backup::backup(&app, &ctx, cmd(json!({"vmUuid": vm}))).await),
-                _ => crate::vm::flatten::flatten(&app, &ctx, cmd(json!({"vmUuid": vm, "full": false}))).await,
+                0 => value(crate::ops::snapshot_group::take(&app, &ctx, cmd(json!({"vmUuid": vm}))).await),
+                1 => value(crate::ops::clone::clone(&app, &ctx, cmd(json!({"vmUuid": vm, "names": ["r"]}))).await),
+                2 => value(crate::ops::backup::backup(&app, &ctx, cmd(json!({"vmUuid": vm}))).await),
+                _ => crate::ops::flatten::flatten(&app, &ctx, cmd(json!({"vmUuid": vm, "full": false}))).await,
             }
         }
     });

@@ -11,12 +11,12 @@ use super::assemble::{self, NewVm, Source};
 use super::capture::{self, capture, Freeze};
 use super::derived::{fresh_nics, path_beside, random_uuid};
 use super::volumes::{self, CLONE_SNAPSHOT_PREFIX};
-use crate::api::native::{CloneMode, CloneSpec, CloneVmCmd, CloneVmRsp};
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::model::VmSpec;
 use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
+use crate::wire::native::{CloneMode, CloneSpec, CloneVmCmd, CloneVmRsp};
 
 const MAX_CLONES: usize = 1000;
 

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::api::native::{FlattenEstimateRsp, FlattenVmCmd, VolumeEstimate};
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::qemu_img;
 use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
+use crate::wire::native::{FlattenEstimateRsp, FlattenVmCmd, VolumeEstimate};
 
 const POLL: Duration = Duration::from_millis(200);
 

@@ -16,8 +16,6 @@ use super::assemble::{self, Source};
 use super::capture::{self, capture, Freeze};
 use super::derived;
 use super::undo::{UndoLog, UndoStep};
-use crate::api::inventory::VmInstanceInventory;
-use crate::api::native::{BackupMode, BackupVmCmd, BackupVmRsp, CreateFromBackupCmd, NewVolume};
 use crate::app::App;
 use crate::backup_group::{self, BackupFile, BackupVolume, Group, Manifest, Point, PointKind};
 use crate::error::{AgentError, AgentResult};
@@ -27,6 +25,8 @@ use crate::stop::Stop;
 use crate::storage::local::Building;
 use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
+use crate::wire::inventory::VmInstanceInventory;
+use crate::wire::native::{BackupMode, BackupVmCmd, BackupVmRsp, CreateFromBackupCmd, NewVolume};
 
 /// Names of the temporary RBD snapshots a backup reads from.
 const RBD_SNAPSHOT_PREFIX: &str = "kvmagent-backup-";
@@ -125,7 +125,7 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
             index: point,
             kind,
             taken_at: crate::tasks::journal::now_ms() / 1000,
-            vm: crate::api::vm::StartVmCmd::from_spec(&before),
+            vm: crate::wire::vm::StartVmCmd::from_spec(&before),
         });
         for (v, file) in before.volumes.iter().zip(files) {
             let entry = match m.volumes.iter_mut().find(|b| b.volume_uuid == v.uuid) {

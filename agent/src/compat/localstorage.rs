@@ -4,12 +4,12 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::api::localstorage::*;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::qemu_img::CreateOptions;
 use crate::storage::local::{parse_qcow2_options, Provisioning};
 use crate::tasks::TaskCtx;
+use crate::wire::localstorage::*;
 
 fn with_capacity<T: Serialize>(app: &App, path: Option<&Path>, rsp: T) -> WithCapacity<T> {
     let c = app.storage.capacity(path);
@@ -152,7 +152,7 @@ pub async fn offline_merge(
     app: &App,
     ctx: &TaskCtx,
     cmd: OfflineMergeCmd,
-) -> AgentResult<WithCapacity<crate::api::Empty>> {
+) -> AgentResult<WithCapacity<crate::wire::Empty>> {
     let _lock = app.volume_locks.write(&cmd.dest_path).await?;
     match (cmd.full_rebase, cmd.src_path.as_deref().filter(|p| !p.is_empty())) {
         (true, _) => {
@@ -161,7 +161,7 @@ pub async fn offline_merge(
         (false, Some(src)) => app.storage.rebase_offline(&cmd.dest_path, src, &ctx.stop).await?,
         (false, None) => return Err(AgentError::invalid("srcPath is required unless fullRebase is true")),
     }
-    Ok(with_capacity(app, Some(Path::new(&cmd.dest_path)), crate::api::Empty {}))
+    Ok(with_capacity(app, Some(Path::new(&cmd.dest_path)), crate::wire::Empty {}))
 }
 
 /// Bytes a flat copy of the volume would take (`actualSize`) and its virtual size (`size`),

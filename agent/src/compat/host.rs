@@ -1,11 +1,11 @@
 //! Host admission, facts, capacity, VM state sync, and cancellation.
 
-use crate::api::host::*;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::host_identity::Identity;
 use crate::host_info;
 use crate::tasks::TaskCtx;
+use crate::wire::host::*;
 
 pub async fn connect(app: &App, _ctx: &TaskCtx, cmd: ConnectCmd) -> AgentResult<ConnectRsp> {
     if cmd.host_uuid.trim().is_empty() {
@@ -32,7 +32,7 @@ pub async fn ping(app: &App, _ctx: &TaskCtx, _cmd: PingCmd) -> AgentResult<PingR
     Ok(PingRsp { host_uuid: id.host_uuid, send_command_url: id.send_command_url, version: id.version })
 }
 
-pub async fn fact(app: &App, ctx: &TaskCtx, _cmd: crate::api::Empty) -> AgentResult<FactRsp> {
+pub async fn fact(app: &App, ctx: &TaskCtx, _cmd: crate::wire::Empty) -> AgentResult<FactRsp> {
     let (libvirt_version, _) = app.libvirt.versions().await?;
     let qemu_img_version = host_info::qemu_img_version(&ctx.stop).await?;
     let cpu = host_info::cpu_info();
@@ -52,7 +52,7 @@ pub async fn fact(app: &App, ctx: &TaskCtx, _cmd: crate::api::Empty) -> AgentRes
     })
 }
 
-pub async fn capacity(_app: &App, _ctx: &TaskCtx, _cmd: crate::api::Empty) -> AgentResult<CapacityRsp> {
+pub async fn capacity(_app: &App, _ctx: &TaskCtx, _cmd: crate::wire::Empty) -> AgentResult<CapacityRsp> {
     let cpu = host_info::cpu_info();
     let mem = host_info::memory();
     Ok(CapacityRsp {
@@ -65,7 +65,7 @@ pub async fn capacity(_app: &App, _ctx: &TaskCtx, _cmd: crate::api::Empty) -> Ag
     })
 }
 
-pub async fn vm_sync(app: &App, _ctx: &TaskCtx, _cmd: crate::api::Empty) -> AgentResult<VmSyncRsp> {
+pub async fn vm_sync(app: &App, _ctx: &TaskCtx, _cmd: crate::wire::Empty) -> AgentResult<VmSyncRsp> {
     let (states, vm_in_shutdowns) = app.libvirt.list_vm_states().await?;
     Ok(VmSyncRsp { states: states.into_iter().collect(), vm_in_shutdowns })
 }

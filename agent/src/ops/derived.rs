@@ -7,11 +7,11 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::api::native::{CephAccess, NewVmTarget, NewVolume};
-use crate::api::vm::{MonInfo, StartVmCmd};
 use crate::error::{AgentError, AgentResult};
 use crate::model::{Monitor, Nic, RbdAccess, VmSpec, Volume};
 use crate::storage::location::Location;
+use crate::wire::native::{CephAccess, NewVmTarget, NewVolume};
+use crate::wire::vm::{MonInfo, StartVmCmd};
 
 pub fn random_uuid() -> String {
     uuid::Uuid::new_v4().simple().to_string()
@@ -37,7 +37,7 @@ pub fn path_beside(source: &str, new_volume: &str) -> String {
 /// The NICs of a new VM: `given` NicTOs, or the source's NICs with fresh MACs and uuids.
 pub fn fresh_nics(source: &[Nic], given: Option<&Vec<Value>>) -> AgentResult<Vec<Nic>> {
     match given {
-        Some(nics) => crate::api::vm_model::nics(nics),
+        Some(nics) => crate::wire::vm_model::nics(nics),
         None => Ok(source
             .iter()
             .map(|n| Nic { mac: random_mac(), uuid: random_uuid(), internal_name: String::new(), ..n.clone() })
@@ -57,7 +57,7 @@ pub fn retarget(
     let rbd = match ceph {
         Some(c) => {
             let mons: Vec<MonInfo> =
-                crate::api::decode(&Value::Array(c.mon_info.clone())).map_err(|e| e.context("ceph.monInfo"))?;
+                crate::wire::decode(&Value::Array(c.mon_info.clone())).map_err(|e| e.context("ceph.monInfo"))?;
             Some(RbdAccess {
                 secret_uuid: c.secret_uuid.clone().filter(|s| !s.is_empty()),
                 monitors: mons
@@ -123,7 +123,7 @@ pub fn derive(
     let nics =
         fresh_nics(&base.nics, target.vm.get("nics").and_then(Value::as_array)).map_err(|e| e.context("vm.nics"))?;
     vm.remove("nics");
-    let wire: StartVmCmd = crate::api::decode(&Value::Object(vm)).map_err(|e| e.context("vm"))?;
+    let wire: StartVmCmd = crate::wire::decode(&Value::Object(vm)).map_err(|e| e.context("vm"))?;
     let mut spec = wire.to_spec().map_err(|e| e.context("vm"))?;
     spec.nics = nics;
 

@@ -3,19 +3,19 @@
 
 use std::time::Duration;
 
-use crate::api::vm::{
+use crate::app::App;
+use crate::error::{AgentError, AgentResult};
+use crate::ops;
+use crate::tasks::TaskCtx;
+use crate::wire::vm::{
     CreateCephSecretCmd, DestroyVmCmd, MergeSnapshotCmd, StartVmCmd, StartVmRsp, StopVmCmd, TakeSnapshotCmd,
     TakeSnapshotRsp,
 };
-use crate::api::Empty;
-use crate::app::App;
-use crate::error::{AgentError, AgentResult};
-use crate::tasks::TaskCtx;
-use crate::vm;
+use crate::wire::Empty;
 
 pub async fn start(app: &App, ctx: &TaskCtx, cmd: StartVmCmd) -> AgentResult<StartVmRsp> {
     let owner = app.vms.lock(&cmd.vm_instance_uuid).await?;
-    vm::start(app, ctx, &owner, cmd).await
+    ops::start(app, ctx, &owner, cmd).await
 }
 
 pub async fn stop(app: &App, _ctx: &TaskCtx, cmd: StopVmCmd) -> AgentResult<Empty> {
@@ -57,7 +57,7 @@ fn missing_is_stopped(e: crate::libvirt::LibvirtError) -> AgentResult<bool> {
 /// `/vm/volume/takesnapshot` (ZStack): the volume's current file becomes the snapshot; the VM
 /// (running or not) continues on a new overlay, which is reused when already created.
 pub async fn take_snapshot(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotCmd) -> AgentResult<TakeSnapshotRsp> {
-    vm::check_uuid(&cmd.vm_uuid)?;
+    ops::check_uuid(&cmd.vm_uuid)?;
     if cmd.full_snapshot {
         return Err(AgentError::invalid("full snapshots are not supported by this agent; take an incremental one"));
     }
@@ -65,10 +65,10 @@ pub async fn take_snapshot(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotCmd) -> Ag
     let new_top =
         cmd.new_volume_install_path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| cmd.install_path.clone());
     let target =
-        vm::freeze::Target { volume_uuid: cmd.volume_uuid.clone(), current: cmd.volume_install_path.clone(), new_top };
-    let frozen = vm::freeze::freeze_to(app, &owner, std::slice::from_ref(&target), &ctx.task_id, &ctx.stop).await?;
+        ops::freeze::Target { volume_uuid: cmd.volume_uuid.clone(), current: cmd.volume_install_path.clone(), new_top };
+    let frozen = ops::freeze::freeze_to(app, &owner, std::slice::from_ref(&target), &ctx.task_id, &ctx.stop).await?;
     if let Some(mut spec) = owner.record()? {
-        vm::freeze::record(app, &owner, &mut spec, &frozen).await?;
+        ops::freeze::record(app, &owner, &mut spec, &frozen).await?;
     }
     let z = &frozen[0];
     let size = crate::qemu_img::info(&z.snapshot_path, &ctx.stop).await?.actual_size;
@@ -98,7 +98,7 @@ pub async fn merge_snapshot(app: &App, ctx: &TaskCtx, cmd: MergeSnapshotCmd) -> 
     if !app.libvirt.domain_state(&cmd.vm_uuid).await?.is_some_and(|s| s.is_active()) {
         return Err(AgentError::conflict(format!("VM {} is not running; merge offline instead", cmd.vm_uuid)));
     }
-    vm::flatten::pull_live(app, ctx, &cmd.vm_uuid, &dest, base.as_deref(), |p| ctx.progress(p, "pulling")).await?;
+    ops::flatten::pull_live(app, ctx, &cmd.vm_uuid, &dest, base.as_deref(), |p| ctx.progress(p, "pulling")).await?;
     Ok(Empty {})
 }
 

@@ -4,13 +4,13 @@
 
 use super::undo::{UndoLog, UndoStep};
 use super::volumes;
-use crate::api::inventory::VmInstanceInventory;
-use crate::api::native::ChangeImageCmd;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::storage::local::Provisioning;
 use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
+use crate::wire::inventory::VmInstanceInventory;
+use crate::wire::native::ChangeImageCmd;
 
 pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> AgentResult<VmInstanceInventory> {
     let owner = app.vms.lock(&cmd.vm_uuid).await?;

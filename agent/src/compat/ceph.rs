@@ -1,12 +1,12 @@
 //! `/ceph/primarystorage/*`: RBD images, snapshots and clones. ZStack serves these from a
 //! separate agent on the monitors; this agent serves them on its own port.
 
-use crate::api::ceph::*;
-use crate::api::Empty;
 use crate::app::App;
 use crate::ceph::path::CephPath;
 use crate::error::{AgentError, AgentResult};
 use crate::tasks::TaskCtx;
+use crate::wire::ceph::*;
+use crate::wire::Empty;
 
 fn image(p: &str) -> AgentResult<CephPath> {
     let p = CephPath::parse(p)?;
@@ -173,9 +173,9 @@ pub async fn delete(app: &App, ctx: &TaskCtx, cmd: InstallPathCmd) -> AgentResul
     let parent = app.rbd.info(&p, &ctx.stop).await?.parent;
     app.rbd.remove(&p, &ctx.stop).await?;
     // A snapshot this agent took for clones goes with its last clone.
-    if let Some(parent) = parent.filter(|pa| pa.snapshot.starts_with(crate::vm::volumes::CLONE_SNAPSHOT_PREFIX)) {
+    if let Some(parent) = parent.filter(|pa| pa.snapshot.starts_with(crate::ops::volumes::CLONE_SNAPSHOT_PREFIX)) {
         let snap = CephPath { pool: parent.pool, image: parent.image, snap: Some(parent.snapshot) };
-        crate::vm::volumes::drop_unused_snapshot(&app.rbd, &snap.to_string()).await;
+        crate::ops::volumes::drop_unused_snapshot(&app.rbd, &snap.to_string()).await;
     }
     Ok(Empty {})
 }

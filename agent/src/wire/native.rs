@@ -252,7 +252,7 @@ pub struct SnapshotGroup {
     /// Seconds since the Unix epoch.
     pub created_at: u64,
     /// The VM's spec at the instant, its volumes at the paths they had then.
-    pub vm: crate::api::vm::StartVmCmd,
+    pub vm: crate::wire::vm::StartVmCmd,
     pub snapshots: Vec<GroupSnapshot>,
 }
 
@@ -334,7 +334,7 @@ pub struct CreateFromBackupCmd {
     pub unknown: Map<String, Value>,
 }
 
-/// A native command: decoded strictly by [`crate::api::decode_native`].
+/// A native command: decoded strictly by [`crate::wire::decode_native`].
 pub trait NativeCommand: serde::de::DeserializeOwned {
     /// Top-level keys a catch-all collected (commands that flatten a shared part cannot use
     /// serde's `deny_unknown_fields`).
@@ -366,7 +366,7 @@ impl NativeCommand for CreateFromBackupCmd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::decode_native;
+    use crate::wire::decode_native;
     use serde_json::json;
 
     fn refused<T: NativeCommand + std::fmt::Debug>(body: Value, field: &str) {

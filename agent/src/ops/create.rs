@@ -5,9 +5,6 @@ use serde_json::{json, Value};
 
 use super::assemble::{self, Source};
 use super::volumes;
-use crate::api::inventory::VmInstanceInventory;
-use crate::api::native::{CreateVmCmd, Provisioning as WireProvisioning};
-use crate::api::vm::StartVmCmd;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::model::VmSpec;
@@ -15,6 +12,9 @@ use crate::qemu_img::CreateOptions;
 use crate::storage::local::{check_size, Provisioning};
 use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
+use crate::wire::inventory::VmInstanceInventory;
+use crate::wire::native::{CreateVmCmd, Provisioning as WireProvisioning};
+use crate::wire::vm::StartVmCmd;
 
 pub(super) fn provisioning(p: WireProvisioning) -> Provisioning {
     match p {
@@ -49,7 +49,7 @@ fn vm_spec(cmd: &CreateVmCmd) -> AgentResult<VmSpec> {
         vm.insert("tpm".into(), tpm.clone());
     }
     let wire: StartVmCmd =
-        crate::api::decode(&Value::Object(vm)).map_err(|e| AgentError::invalid(format!("vm: {}", e.details)))?;
+        crate::wire::decode(&Value::Object(vm)).map_err(|e| AgentError::invalid(format!("vm: {}", e.details)))?;
     wire.to_spec()
 }
 

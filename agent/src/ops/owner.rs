@@ -16,11 +16,11 @@ use tokio::sync::OwnedRwLockWriteGuard;
 
 use serde_json::Value;
 
-use crate::api::vm::StartVmCmd;
 use crate::atomic_file;
 use crate::error::{AgentError, AgentResult};
 use crate::locks::{Held, KeyedLocks};
 use crate::model::{VmRecord, VmSpec, FORMAT_VERSION};
+use crate::wire::vm::StartVmCmd;
 
 /// The registry of VMs: their locks and their records.
 pub struct Vms {
@@ -69,7 +69,7 @@ impl Vms {
             if v.get("formatVersion").is_some() {
                 continue;
             }
-            let upgraded = crate::api::decode::<StartVmCmd>(&v)
+            let upgraded = crate::wire::decode::<StartVmCmd>(&v)
                 .and_then(|cmd| cmd.to_spec())
                 .and_then(|vm| write_record(&path, vm.clone()).map(|_| vm.uuid));
             match upgraded {
@@ -152,7 +152,7 @@ mod tests {
     }
 
     fn spec(vm: &str) -> VmSpec {
-        crate::api::decode::<StartVmCmd>(&wire(vm)).unwrap().to_spec().unwrap()
+        crate::wire::decode::<StartVmCmd>(&wire(vm)).unwrap().to_spec().unwrap()
     }
 
     #[tokio::test]

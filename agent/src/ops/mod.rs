@@ -17,7 +17,6 @@ pub mod tpm;
 pub mod undo;
 pub mod volumes;
 
-use crate::api::vm::{StartVmCmd, StartVmRsp};
 use crate::app::App;
 use crate::domain::{self, DomainSettings};
 use crate::error::{AgentError, AgentResult};
@@ -25,6 +24,7 @@ use crate::model::{DiskFormat, VmSpec};
 use crate::qemu_img;
 use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
+use crate::wire::vm::{StartVmCmd, StartVmRsp};
 use undo::{UndoLog, UndoStep};
 
 pub use crate::domain::check_uuid;
