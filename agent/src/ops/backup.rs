@@ -16,6 +16,7 @@ use super::assemble::{self, Source};
 use super::capture::{self, capture, Freeze};
 use super::derived;
 use super::undo::{UndoLog, UndoStep};
+use super::volumes;
 use crate::app::App;
 use crate::backup_group::{self, BackupFile, BackupVolume, Group, Manifest, Point, PointKind};
 use crate::error::{AgentError, AgentResult};
@@ -23,7 +24,6 @@ use crate::model::VmSpec;
 use crate::qemu_img::{self, Convert, CreateOptions};
 use crate::stop::Stop;
 use crate::storage::local::Building;
-use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
 use crate::wire::inventory::VmInstanceInventory;
 use crate::wire::native::{BackupMode, BackupVmCmd, BackupVmRsp, CreateFromBackupCmd, NewVolume};
@@ -195,14 +195,7 @@ async fn write_point(
 /// Writes the instant `from` (a file chain, or an RBD snapshot) to `dst`: flat, or — with
 /// `previous`, the name of the previous point's file beside `dst` — only what differs from it.
 async fn write_file(app: &App, from: &str, previous: Option<&str>, dst: &Path, stop: &Stop) -> AgentResult<()> {
-    let (src, src_fmt): (String, &str) = match Location::parse(from)? {
-        Location::Rbd(p) => (app.rbd.qemu_name(&p), "raw"),
-        Location::File(_) => {
-            let path = app.storage.roots().confine_chain(from)?;
-            let fmt = qemu_img::read_header(&path).map_err(|e| AgentError::invalid(e.to_string()))?.format;
-            (path.display().to_string(), fmt)
-        }
-    };
+    let (src, src_fmt) = volumes::store(app, from)?.qemu_source(from)?;
     if let Some(dir) = dst.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| AgentError::failed("cannot create the backup directory", format!("{}: {e}", dir.display())))?;

@@ -92,24 +92,9 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
         }
     }
     // The switch is done; the old root goes only now.
-    if !remove_old_root(app, &old_root, &ctx.stop).await? {
+    if !volumes::store(app, &old_root)?.remove_unless_in_use(&old_root, &ctx.stop).await? {
         tracing::warn!(vm = %vm, path = %old_root, "the old root is in use and was kept; delete it later");
     }
     ctx.progress(100, "image changed");
     super::inventory::of(app, &spec, if state.is_some() { "Stopped" } else { "Created" }, ctx).await
-}
-
-/// Removes the replaced root; false when something still uses it (a process has the file open,
-/// or the image has snapshots clones depend on), in which case it is kept.
-async fn remove_old_root(app: &App, path: &str, stop: &crate::stop::Stop) -> AgentResult<bool> {
-    match Location::parse(path)? {
-        Location::File(_) => app.storage.delete(path),
-        Location::Rbd(p) => {
-            if !app.rbd.snapshots(&p, stop).await?.is_empty() {
-                return Ok(false);
-            }
-            app.rbd.remove(&p, stop).await?;
-            Ok(true)
-        }
-    }
 }

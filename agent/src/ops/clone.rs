@@ -177,10 +177,7 @@ async fn check_plans(app: &App, ctx: &TaskCtx, plans: &[Plan]) -> AgentResult<()
             if !sources.insert(s.as_str()) {
                 continue;
             }
-            match Location::parse(s)? {
-                Location::Rbd(_) => drop(volumes::store(app, s)?.sizes(s, &ctx.stop).await?),
-                Location::File(_) => drop(app.storage.roots().confine_chain(s)?),
-            }
+            volumes::store(app, s)?.check_source(s, &ctx.stop).await?;
         }
     }
     let checks: Vec<AgentResult<()>> = futures::stream::iter(rbd_targets)

@@ -85,20 +85,17 @@ async fn flatten_volume(
     vm: &str,
     running: bool,
     path: &str,
-    progress: impl Fn(u8),
+    progress: impl Fn(u8) + Sync,
 ) -> AgentResult<bool> {
     let _lock = app.volume_locks.write(path).await?;
-    if let Location::Rbd(p) = Location::parse(path)? {
-        return super::volumes::flatten_rbd(&app.rbd, &p, &ctx.stop, progress).await;
-    }
-    let resolved = app.storage.roots().confine_chain(path)?;
-    if qemu_img::read_header(&resolved).map_err(|e| AgentError::invalid(e.to_string()))?.backing_file.is_none() {
+    let store = super::volumes::store(app, path)?;
+    if !store.has_parent(path, &ctx.stop).await? {
         return Ok(false);
     }
-    if running {
-        pull_live(app, ctx, vm, &resolved, None, progress).await?;
-    } else {
-        app.storage.flatten_offline(path, &ctx.stop, progress).await?;
+    match Location::confined(path, app.storage.roots())? {
+        // A running VM's file is pulled by QEMU itself; anything else is flattened in place.
+        Location::File(resolved) if running => pull_live(app, ctx, vm, &resolved, None, progress).await?,
+        _ => store.flatten(path, &ctx.stop, &progress).await?,
     }
     Ok(true)
 }
@@ -110,12 +107,7 @@ pub async fn flatten(app: &App, ctx: &TaskCtx, cmd: FlattenVmCmd) -> AgentResult
     let volumes: Vec<_> = std::iter::once(spec.root()).chain(spec.data_volumes().iter().filter(|_| cmd.full)).collect();
     // Every local chain must stay inside the roots, and RBD paths be valid, before anything runs.
     for v in &volumes {
-        match Location::parse(&v.install_path())? {
-            Location::File(_) => {
-                app.storage.roots().confine_chain(&v.install_path())?;
-            }
-            Location::Rbd(p) => p.require_image()?,
-        }
+        super::volumes::store(app, &v.install_path())?.check_source(&v.install_path(), &ctx.stop).await?;
     }
     if cmd.dry_run {
         let mut out = Vec::new();

@@ -194,20 +194,13 @@ pub async fn create_from(app: &App, ctx: &TaskCtx, cmd: CreateFromSnapshotCmd) -
                 AgentError::internal(format!("group {} lost the snapshot of {origin}", group.group_uuid))
             })?;
         let from = &snap.snapshot_path;
-        match (Location::parse(from)?, Location::parse(&v.install_path())?) {
-            (Location::File(_), Location::File(_)) => {
-                app.storage.roots().confine_chain(from)?;
-            }
-            (Location::Rbd(_), Location::Rbd(_)) => {
-                volumes::store(app, from)?.sizes(from, &ctx.stop).await?;
-            }
-            _ => {
-                return Err(AgentError::invalid(format!(
-                    "volume {} and its snapshot {from} must both be local or both on Ceph",
-                    v.install_path()
-                )))
-            }
+        if Location::is_rbd(from) != v.is_rbd() {
+            return Err(AgentError::invalid(format!(
+                "volume {} and its snapshot {from} must both be local or both on Ceph",
+                v.install_path()
+            )));
         }
+        volumes::store(app, from)?.check_source(from, &ctx.stop).await?;
         sources.push(Source::Clone { from: from.clone(), linked });
     }
     assemble::create_vm(app, ctx, &spec, &sources, cmd.target.strategy).await

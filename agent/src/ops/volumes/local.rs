@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::{mixed, taken, Fut, VolumeStore};
-use crate::error::AgentResult;
+use crate::error::{AgentError, AgentResult};
 use crate::ops::undo::UndoStep;
 use crate::qemu_img::CreateOptions;
 use crate::stop::Stop;
@@ -75,5 +75,31 @@ impl VolumeStore for LocalStore<'_> {
 
     fn flatten_estimate<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, u64> {
         Box::pin(async move { Ok(self.0.estimate_flatten(path, stop).await?.bytes_to_add) })
+    }
+
+    fn check_source<'a>(&'a self, path: &'a str, _stop: &'a Stop) -> Fut<'a, ()> {
+        Box::pin(async move { self.0.roots().confine_chain(path).map(drop).map_err(Into::into) })
+    }
+
+    fn has_parent<'a>(&'a self, path: &'a str, _stop: &'a Stop) -> Fut<'a, bool> {
+        Box::pin(async move {
+            let resolved = self.0.roots().confine_chain(path)?;
+            let header = crate::qemu_img::read_header(&resolved).map_err(|e| AgentError::invalid(e.to_string()))?;
+            Ok(header.backing_file.is_some())
+        })
+    }
+
+    fn flatten<'a>(&'a self, path: &'a str, stop: &'a Stop, progress: &'a (dyn Fn(u8) + Sync)) -> Fut<'a, ()> {
+        Box::pin(async move { self.0.flatten_offline(path, stop, progress).await.map(drop) })
+    }
+
+    fn remove_unless_in_use<'a>(&'a self, path: &'a str, _stop: &'a Stop) -> Fut<'a, bool> {
+        Box::pin(async move { self.0.delete(path) })
+    }
+
+    fn qemu_source(&self, path: &str) -> AgentResult<(String, &'static str)> {
+        let resolved = self.0.roots().confine_chain(path)?;
+        let fmt = crate::qemu_img::read_header(&resolved).map_err(|e| AgentError::invalid(e.to_string()))?.format;
+        Ok((resolved.display().to_string(), fmt))
     }
 }

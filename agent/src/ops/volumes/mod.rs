@@ -8,7 +8,7 @@ mod rbd;
 use std::future::Future;
 use std::pin::Pin;
 
-pub use rbd::{drop_unused_snapshot, flatten_rbd, snapshot_rbd, CLONE_SNAPSHOT_PREFIX};
+pub use rbd::{drop_unused_snapshot, snapshot_rbd, CLONE_SNAPSHOT_PREFIX};
 
 use super::undo::UndoStep;
 use crate::app::App;
@@ -48,6 +48,18 @@ pub trait VolumeStore: Send + Sync {
     fn sizes<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, (u64, u64)>;
     /// Bytes flattening the volume would add, from allocation metadata only.
     fn flatten_estimate<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, u64>;
+    /// Fails unless `path` can be read from: a file chain inside the roots, or an existing
+    /// image or snapshot.
+    fn check_source<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, ()>;
+    /// Whether the volume has a backing file or parent to be cut loose from.
+    fn has_parent<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, bool>;
+    /// Flattens a volume no VM writes to (RBD: also a running VM's, librbd coordinates).
+    fn flatten<'a>(&'a self, path: &'a str, stop: &'a Stop, progress: &'a (dyn Fn(u8) + Sync)) -> Fut<'a, ()>;
+    /// Removes the volume unless something still uses it (a process has the file open, or
+    /// clones depend on the image's snapshots); returns whether it was removed.
+    fn remove_unless_in_use<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, bool>;
+    /// How `qemu-img` reads the volume: a name and a format.
+    fn qemu_source(&self, path: &str) -> AgentResult<(String, &'static str)>;
 }
 
 /// The store that holds (or will hold) `path`.

@@ -175,11 +175,38 @@ impl VolumeStore for RbdStore<'_> {
             Ok(after.saturating_sub(self.0.used(&p, stop).await?))
         })
     }
+
+    fn check_source<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, ()> {
+        Box::pin(async move { self.sizes(path, stop).await.map(drop) })
+    }
+
+    fn has_parent<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, bool> {
+        Box::pin(async move { Ok(self.0.info(&CephPath::parse(path)?, stop).await?.parent.is_some()) })
+    }
+
+    fn flatten<'a>(&'a self, path: &'a str, stop: &'a Stop, progress: &'a (dyn Fn(u8) + Sync)) -> Fut<'a, ()> {
+        Box::pin(async move { flatten_rbd(self.0, &CephPath::parse(path)?, stop, progress).await.map(drop) })
+    }
+
+    fn remove_unless_in_use<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, bool> {
+        Box::pin(async move {
+            let p = CephPath::parse(path)?;
+            if !self.0.snapshots(&p, stop).await?.is_empty() {
+                return Ok(false);
+            }
+            self.0.remove(&p, stop).await?;
+            Ok(true)
+        })
+    }
+
+    fn qemu_source(&self, path: &str) -> AgentResult<(String, &'static str)> {
+        Ok((self.0.qemu_name(&CephPath::parse(path)?), "raw"))
+    }
 }
 
 /// Flattens an RBD volume (running or not: librbd hands the work to the VM's lock holder) and
 /// checks that the parent is gone. Returns false when it had none.
-pub async fn flatten_rbd(rbd: &Rbd, p: &CephPath, stop: &Stop, progress: impl FnMut(u8)) -> AgentResult<bool> {
+async fn flatten_rbd(rbd: &Rbd, p: &CephPath, stop: &Stop, progress: impl FnMut(u8)) -> AgentResult<bool> {
     if rbd.info(p, stop).await?.parent.is_none() {
         return Ok(false);
     }
