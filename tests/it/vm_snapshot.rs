@@ -5,7 +5,7 @@ use std::path::Path;
 use kvmagent_host_tests::checks::{dumpxml, qemu_img, qemu_img_info};
 use kvmagent_host_tests::images::{root_volume_path, BaseImage};
 use kvmagent_host_tests::{uuid, Host};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 
@@ -23,8 +23,9 @@ async fn vm(h: &Host, strategy: &str) -> (String, String, std::path::PathBuf) {
     (vm, root_uuid, root)
 }
 
-fn record(h: &Host, vm: &str) -> Value {
-    serde_json::from_slice(&std::fs::read(h.state_dir.join(format!("vms/{vm}.json"))).unwrap()).unwrap()
+/// The root's install path as the VM's record names it.
+fn recorded_root(h: &Host, vm: &str) -> String {
+    h.recorded_paths(vm).unwrap().remove(0)
 }
 
 #[tokio::test]
@@ -45,7 +46,7 @@ async fn live_snapshot_switches_the_running_vm_to_the_new_top() {
     let xml = dumpxml(&vm).unwrap();
     assert!(xml.contains(&format!("<source file='{}'", top.display())), "the running VM writes to the new top: {xml}");
     assert_eq!(qemu_img_info(&top).unwrap()["backing-filename"].as_str(), root.to_str());
-    assert_eq!(record(&h, &vm)["rootVolume"]["installPath"].as_str(), top.to_str(), "the VM record follows");
+    assert_eq!(Some(recorded_root(&h, &vm).as_str()), top.to_str(), "the VM record follows");
     assert!(qemu_img(&["compare", "-U", root.to_str().unwrap(), top.to_str().unwrap()]).unwrap().contains("identical"));
 }
 
@@ -72,7 +73,7 @@ async fn offline_snapshot_reuses_a_precreated_overlay_and_refuses_a_foreign_file
         before,
         "the pre-created overlay is reused as it is"
     );
-    assert_eq!(record(&h, &vm)["rootVolume"]["installPath"].as_str(), top.to_str());
+    assert_eq!(Some(recorded_root(&h, &vm).as_str()), top.to_str());
 
     // A file at the target that is not an overlay on the volume is never taken over.
     let foreign = root.with_file_name("foreign.qcow2");
@@ -82,7 +83,7 @@ async fn offline_snapshot_reuses_a_precreated_overlay_and_refuses_a_foreign_file
         .await
         .unwrap();
     assert!(e.contains("is not an overlay"), "{e}");
-    assert_eq!(record(&h, &vm)["rootVolume"]["installPath"].as_str(), top.to_str(), "nothing changed");
+    assert_eq!(Some(recorded_root(&h, &vm).as_str()), top.to_str(), "nothing changed");
     let e = h
         .call_err(
             "/vm/volume/takesnapshot",

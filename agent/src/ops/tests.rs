@@ -182,6 +182,38 @@ async fn a_backup_of_a_running_vm_commits_its_temporary_tops_back() {
     assert_consistent(&h).await;
 }
 
+#[tokio::test]
+async fn a_cancelled_flatten_leaves_the_volume_as_it_was() {
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    h.app.libvirt.destroy(&vm).await.unwrap();
+    let root = h.recorded(&vm).await.remove(0);
+    let before = std::fs::read(&root).unwrap();
+    let ctx = TaskCtx::detached("/vm/flatten");
+    ctx.stop.fire(crate::stop::StopReason::Cancelled);
+    crate::ops::flatten::flatten(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap_err();
+    assert_eq!(std::fs::read(&root).unwrap(), before, "the volume is byte for byte as it was");
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn a_failed_snapshot_group_or_backup_changes_nothing() {
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    let (files, before) = (h.recorded(&vm).await, h.files());
+    h.hv.fail("snapshotCreateXML");
+    let ctx = TaskCtx::detached("/vm/volumes/takesnapshot");
+    crate::ops::snapshot_group::take(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap_err();
+    let ctx = TaskCtx::detached("/vm/backup");
+    crate::ops::backup::backup(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap_err();
+    assert_eq!((h.recorded(&vm).await, h.files()), (files, before), "same record, same files");
+    assert_eq!(h.domain_files(&vm), h.recorded(&vm).await);
+    let groups = h.app.config.state_dir.join("snapshot-groups");
+    assert_eq!(std::fs::read_dir(groups).map(|d| d.count()).unwrap_or(0), 0, "no group recorded");
+    let backups = std::fs::read_dir(h.dir.path().join("backup")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(backups, 0, "no backup group left");
+}
+
 /// Runs `op` once per hypervisor call it makes, killing the agent at that call, restarting it
 /// and recovering; each time the host must be consistent again. Returns how many kills ran.
 async fn kill_at_every_call<F, Fut>(h: &mut TestHost, path: &str, op: F) -> usize
