@@ -1,56 +1,22 @@
 //! Native `/vm/create`: root volume (thin overlay on a cached image, thick copy, or empty), data
 //! volumes, then the domain per strategy — all or nothing (see [`super::assemble`]).
 
-use serde_json::{json, Value};
-
 use super::assemble::{self, Source};
 use super::volumes;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
-use crate::model::VmSpec;
 use crate::qemu_img::CreateOptions;
 use crate::storage::local::{check_size, Provisioning};
 use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
 use crate::wire::inventory::VmInstanceInventory;
 use crate::wire::native::{CreateVmCmd, Provisioning as WireProvisioning};
-use crate::wire::vm::StartVmCmd;
 
 pub(super) fn provisioning(p: WireProvisioning) -> Provisioning {
     match p {
         WireProvisioning::Thin => Provisioning::Thin,
         WireProvisioning::Thick => Provisioning::Thick,
     }
-}
-
-/// The VolumeTO of a new volume: a qcow2 file, or an RBD image reached as `cmd.ceph` says.
-fn volume_to(cmd: &CreateVmCmd, path: &str, uuid: &str, device_id: usize) -> Value {
-    if Location::is_rbd(path) {
-        let ceph = cmd.ceph.clone().unwrap_or_default();
-        json!({"installPath": path, "volumeUuid": uuid, "deviceId": device_id, "deviceType": "ceph", "format": "raw",
-               "secretUuid": ceph.secret_uuid, "monInfo": ceph.mon_info})
-    } else {
-        json!({"installPath": path, "volumeUuid": uuid, "deviceId": device_id, "deviceType": "file", "format": "qcow2"})
-    }
-}
-
-/// The new VM: the caller's `vm` object (StartVmCmd fields) with the volumes filled in.
-fn vm_spec(cmd: &CreateVmCmd) -> AgentResult<VmSpec> {
-    let mut vm = cmd.vm.clone();
-    vm.insert("rootVolume".into(), volume_to(cmd, &cmd.root_volume.install_path, &cmd.root_volume.volume_uuid, 0));
-    let data: Vec<Value> = cmd
-        .data_volumes
-        .iter()
-        .enumerate()
-        .map(|(i, d)| volume_to(cmd, &d.install_path, &d.volume_uuid, i + 1))
-        .collect();
-    vm.insert("dataVolumes".into(), Value::Array(data));
-    if let Some(tpm) = &cmd.tpm {
-        vm.insert("tpm".into(), tpm.clone());
-    }
-    let wire: StartVmCmd =
-        crate::wire::decode(&Value::Object(vm)).map_err(|e| AgentError::invalid(format!("vm: {}", e.details)))?;
-    wire.to_spec()
 }
 
 /// The checks of the sources; the targets are checked by [`assemble::create_vm`].
@@ -83,7 +49,7 @@ async fn check_sources(app: &App, ctx: &TaskCtx, cmd: &CreateVmCmd) -> AgentResu
 }
 
 pub async fn create(app: &App, ctx: &TaskCtx, cmd: CreateVmCmd) -> AgentResult<VmInstanceInventory> {
-    let spec = vm_spec(&cmd)?;
+    let spec = cmd.to_spec()?;
     check_sources(app, ctx, &cmd).await?;
     let root = &cmd.root_volume;
     let provisioning = provisioning(root.provisioning);

@@ -11,7 +11,7 @@ use crate::error::{AgentError, AgentResult};
 use crate::model::{Monitor, Nic, RbdAccess, VmSpec, Volume};
 use crate::storage::location::Location;
 use crate::wire::native::{CephAccess, NewVmTarget, NewVolume};
-use crate::wire::vm::{MonInfo, StartVmCmd};
+use crate::wire::vm::MonInfo;
 
 pub fn random_uuid() -> String {
     uuid::Uuid::new_v4().simple().to_string()
@@ -110,22 +110,8 @@ pub fn derive(
         }
     }
 
-    // The caller's overrides are StartVmCmd fields: they are laid over the source's wire form.
-    let mut vm = serde_json::to_value(StartVmCmd::from_spec(base))
-        .map_err(|e| AgentError::internal(format!("cannot encode the source spec: {e}")))?
-        .as_object()
-        .cloned()
-        .unwrap_or_default();
-    vm.remove("nics");
-    vm.insert("systemSerialNumber".into(), Value::String(uuid::Uuid::new_v4().to_string()));
-    vm.insert("vmInstanceUuid".into(), Value::String(random_uuid()));
-    vm.extend(target.vm.clone());
-    let nics =
-        fresh_nics(&base.nics, target.vm.get("nics").and_then(Value::as_array)).map_err(|e| e.context("vm.nics"))?;
-    vm.remove("nics");
-    let wire: StartVmCmd = crate::wire::decode(&Value::Object(vm)).map_err(|e| e.context("vm"))?;
-    let mut spec = wire.to_spec().map_err(|e| e.context("vm"))?;
-    spec.nics = nics;
+    let mut spec = target.overlay(base)?;
+    spec.nics = fresh_nics(&base.nics, target.nics()).map_err(|e| e.context("vm.nics"))?;
 
     let mut origins = Vec::new();
     let mut volumes = Vec::new();

@@ -4,7 +4,12 @@
 //! objects are ZStack StartVmCmd fields and keep ZStack's leniency.
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
+
+use super::vm::StartVmCmd;
+use crate::error::{AgentError, AgentResult};
+use crate::model::VmSpec;
+use crate::storage::location::Location;
 
 /// `/vm/create`: volumes from an image (or empty), then the domain, per `strategy`.
 #[derive(Debug, Deserialize)]
@@ -332,6 +337,62 @@ pub struct CreateFromBackupCmd {
     /// What no field above took (last, so it sees only the leftovers): refused.
     #[serde(flatten)]
     pub unknown: Map<String, Value>,
+}
+
+impl CreateVmCmd {
+    /// The new VM: the caller's `vm` object (StartVmCmd fields) with the volumes filled in, in
+    /// the model.
+    pub fn to_spec(&self) -> AgentResult<VmSpec> {
+        let mut vm = self.vm.clone();
+        let root = &self.root_volume;
+        vm.insert("rootVolume".into(), self.volume_to(&root.install_path, &root.volume_uuid, 0));
+        let data: Vec<Value> = (self.data_volumes.iter().enumerate())
+            .map(|(i, d)| self.volume_to(&d.install_path, &d.volume_uuid, i + 1))
+            .collect();
+        vm.insert("dataVolumes".into(), Value::Array(data));
+        if let Some(tpm) = &self.tpm {
+            vm.insert("tpm".into(), tpm.clone());
+        }
+        let wire: StartVmCmd =
+            super::decode(&Value::Object(vm)).map_err(|e| AgentError::invalid(format!("vm: {}", e.details)))?;
+        wire.to_spec()
+    }
+
+    /// The VolumeTO of a new volume: a qcow2 file, or an RBD image reached as `ceph` says.
+    fn volume_to(&self, path: &str, uuid: &str, device_id: usize) -> Value {
+        if Location::is_rbd(path) {
+            let ceph = self.ceph.clone().unwrap_or_default();
+            json!({"installPath": path, "volumeUuid": uuid, "deviceId": device_id, "deviceType": "ceph",
+                   "format": "raw", "secretUuid": ceph.secret_uuid, "monInfo": ceph.mon_info})
+        } else {
+            json!({"installPath": path, "volumeUuid": uuid, "deviceId": device_id, "deviceType": "file",
+                   "format": "qcow2"})
+        }
+    }
+}
+
+impl NewVmTarget {
+    /// The new VM's spec: `base` with a fresh uuid and serial number and this target's `vm`
+    /// fields (StartVmCmd fields, laid over the base's wire form). NICs and volumes are the
+    /// caller's to set.
+    pub fn overlay(&self, base: &VmSpec) -> AgentResult<VmSpec> {
+        let mut vm = serde_json::to_value(StartVmCmd::from_spec(base))
+            .map_err(|e| AgentError::internal(format!("cannot encode the source spec: {e}")))?
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        vm.insert("systemSerialNumber".into(), Value::String(uuid::Uuid::new_v4().to_string()));
+        vm.insert("vmInstanceUuid".into(), Value::String(uuid::Uuid::new_v4().simple().to_string()));
+        vm.extend(self.vm.clone());
+        vm.remove("nics");
+        let wire: StartVmCmd = super::decode(&Value::Object(vm)).map_err(|e| e.context("vm"))?;
+        wire.to_spec().map_err(|e| e.context("vm"))
+    }
+
+    /// The NicTOs the target gives, if any.
+    pub fn nics(&self) -> Option<&Vec<Value>> {
+        self.vm.get("nics").and_then(Value::as_array)
+    }
 }
 
 /// A native command: decoded strictly by [`crate::wire::decode_native`].
