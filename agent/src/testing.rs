@@ -23,6 +23,7 @@ pub struct TestHost {
     pub root: PathBuf,
     pub hv: Arc<FakeHypervisor>,
     pub app: Arc<App>,
+    checked: Checked,
 }
 
 /// Recovery as a restarted agent runs it, without an HTTP runner: nothing is resumed and
@@ -47,9 +48,13 @@ fn run(program: &str, args: &[&str]) -> String {
 }
 
 /// `qemu-img check` of `path` passes.
-pub fn check(path: &str) {
+fn check(path: &str) {
     run("qemu-img", &["check", "-q", path]);
 }
+
+/// Files already checked, by path, size and modification time: unchanged ones are not
+/// checked again (kill tests check the whole host after every kill).
+type Checked = std::sync::Mutex<std::collections::HashMap<PathBuf, (u64, std::time::SystemTime)>>;
 
 /// The backing file `path`'s header names, resolved beside it.
 pub fn backing(path: &str) -> Option<PathBuf> {
@@ -74,7 +79,7 @@ impl TestHost {
         std::fs::create_dir_all(&root).unwrap();
         let hv = Arc::new(FakeHypervisor::new());
         let app = start(dir.path(), &root, &hv).0;
-        TestHost { dir, root, hv, app }
+        TestHost { dir, root, hv, app, checked: Default::default() }
     }
 
     /// A new agent on the same directories and hypervisor, after recovery: what a restart
@@ -88,6 +93,16 @@ impl TestHost {
 
     async fn recover(&self, inherited: Inherited) -> crate::recovery::Report {
         crate::recovery::recover(&self.app, inherited, &NoRunner).await
+    }
+
+    /// `qemu-img check` of `path` passes (once per version of the file).
+    pub fn check(&self, path: &Path) {
+        let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let version = (m.len(), m.modified().unwrap());
+        if self.checked.lock().unwrap().get(path) != Some(&version) {
+            check(&path.display().to_string());
+            self.checked.lock().unwrap().insert(path.to_path_buf(), version);
+        }
     }
 
     /// A path under the storage root.

@@ -10,8 +10,9 @@ use serde_json::{json, Value};
 
 use crate::error::AgentResult;
 use crate::libvirt::domains::VmState;
+use crate::ops::undo::kill_point;
 use crate::tasks::TaskCtx;
-use crate::testing::{backing, check, same_content, uuid, write, TestHost};
+use crate::testing::{backing, same_content, uuid, write, TestHost};
 use crate::wire::decode_native;
 
 fn cmd<T: crate::wire::native::NativeCommand>(v: Value) -> T {
@@ -26,7 +27,7 @@ async fn assert_consistent(h: &TestHost) {
     let chain = |top: PathBuf, wanted: &mut BTreeSet<PathBuf>| {
         let mut cur = Some(top);
         while let Some(p) = cur {
-            check(&p.display().to_string());
+            h.check(&p);
             cur = backing(&p.display().to_string());
             wanted.insert(p);
         }
@@ -214,31 +215,63 @@ async fn a_failed_snapshot_group_or_backup_changes_nothing() {
     assert_eq!(backups, 0, "no backup group left");
 }
 
-/// Runs `op` once per hypervisor call it makes, killing the agent at that call, restarting it
-/// and recovering; each time the host must be consistent again. Returns how many kills ran.
-async fn kill_at_every_call<F, Fut>(h: &mut TestHost, path: &str, op: F) -> usize
+/// Where a test kills the agent: at its n-th hypervisor call (which then never returns), or
+/// right after its n-th journaled undo step.
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    Call(usize),
+    Step(usize),
+}
+
+/// Runs `op` once, killed at `kill`; false when it finished first (it must have succeeded).
+async fn run_killed<Fut: Future<Output = AgentResult<Value>>>(h: &TestHost, path: &str, op: Fut, kill: Kill) -> bool {
+    use futures::FutureExt;
+    let killed = match kill {
+        Kill::Call(n) => {
+            h.hv.kill_at(n);
+            tokio::select! {
+                r = op => { r.unwrap_or_else(|e| panic!("{path}: {e}")); false }
+                _ = h.hv.killed() => true,
+            }
+        }
+        Kill::Step(n) => match std::panic::AssertUnwindSafe(kill_point::after(n, op)).catch_unwind().await {
+            Ok(r) => {
+                r.unwrap_or_else(|e| panic!("{path}: {e}"));
+                false
+            }
+            Err(p) if p.downcast_ref::<&str>() == Some(&kill_point::KILLED) => true,
+            Err(p) => std::panic::resume_unwind(p),
+        },
+    };
+    h.hv.revive();
+    killed
+}
+
+/// Runs `op` killed at each of its hypervisor calls and after each of its journaled steps in
+/// turn, restarting the agent and recovering after each kill; each time the host must be
+/// consistent again. Returns how many kills ran.
+async fn kill_at_every_point<F, Fut>(h: &mut TestHost, path: &str, op: F) -> usize
 where
     F: Fn(std::sync::Arc<crate::app::App>, TaskCtx) -> Fut,
     Fut: Future<Output = AgentResult<Value>>,
 {
-    for n in 1.. {
-        let ctx = h.task(path).await;
-        h.hv.kill_at(n);
-        let killed = tokio::select! {
-            r = op(h.app.clone(), ctx.clone()) => { r.map(drop).unwrap_or_else(|e| panic!("{path}: {e}")); false }
-            _ = h.hv.killed() => true,
-        };
-        h.hv.revive();
-        if !killed {
-            return n - 1;
+    let mut kills = 0;
+    for at in [Kill::Call as fn(usize) -> Kill, Kill::Step] {
+        for n in 1.. {
+            let ctx = h.task(path).await;
+            if !run_killed(h, path, op(h.app.clone(), ctx), at(n)).await {
+                break;
+            }
+            kills += 1;
+            let report = h.restart_and_recover().await;
+            // A step may keep what a running VM already uses; anything else must be undone.
+            let failures = report.rolled_back.iter().flat_map(|r| &r.failures);
+            let kill = at(n);
+            assert!(failures.clone().all(|f| f.ends_with("is in use; kept")), "{path} killed at {kill:?}: {report:?}");
+            assert_consistent(h).await;
         }
-        let report = h.restart_and_recover().await;
-        // A step may keep what a running VM already uses; anything else must be undone.
-        let failures = report.rolled_back.iter().flat_map(|r| &r.failures);
-        assert!(failures.clone().all(|f| f.ends_with("is in use; kept")), "{path} killed at call {n}: {report:?}");
-        assert_consistent(h).await;
     }
-    unreachable!()
+    kills
 }
 
 fn value<T: serde::Serialize>(r: AgentResult<T>) -> AgentResult<Value> {
@@ -254,9 +287,9 @@ async fn kill_host() -> (TestHost, String, String) {
 }
 
 #[tokio::test]
-async fn a_create_killed_at_any_hypervisor_call_is_rolled_back() {
+async fn a_create_killed_at_any_point_is_rolled_back() {
     let (mut h, _, image) = kill_host().await;
-    let kills = kill_at_every_call(&mut h, "/vm/create", |app, ctx| {
+    let kills = kill_at_every_point(&mut h, "/vm/create", |app, ctx| {
         let root = app.storage.roots().roots()[0].join(format!("k/{}.qcow2", uuid()));
         let body = json!({
             "vm": {"vmInstanceUuid": uuid(), "vmName": "k", "memory": 67108864, "cpuNum": 1},
@@ -265,52 +298,52 @@ async fn a_create_killed_at_any_hypervisor_call_is_rolled_back() {
         async move { value(crate::ops::create::create(&app, &ctx, cmd(body)).await) }
     })
     .await;
-    assert!(kills >= 3, "{kills} kill points");
+    assert!(kills >= 6, "{kills} kill points");
 }
 
 #[tokio::test]
-async fn a_clone_killed_at_any_hypervisor_call_is_recovered() {
+async fn a_clone_killed_at_any_point_is_recovered() {
     let (mut h, vm, _) = kill_host().await;
-    let kills = kill_at_every_call(&mut h, "/vm/clone", |app, ctx| {
+    let kills = kill_at_every_point(&mut h, "/vm/clone", |app, ctx| {
         let body = json!({"vmUuid": vm, "names": ["c"], "full": true});
         async move { value(crate::ops::clone::clone(&app, &ctx, cmd(body)).await) }
+    })
+    .await;
+    assert!(kills >= 12, "{kills} kill points");
+}
+
+#[tokio::test]
+async fn a_snapshot_group_killed_at_any_point_is_recovered() {
+    let (mut h, vm, _) = kill_host().await;
+    let kills = kill_at_every_point(&mut h, "/vm/volumes/takesnapshot", |app, ctx| {
+        let body = json!({"vmUuid": vm});
+        async move { value(crate::ops::snapshot_group::take(&app, &ctx, cmd(body)).await) }
     })
     .await;
     assert!(kills >= 6, "{kills} kill points");
 }
 
 #[tokio::test]
-async fn a_snapshot_group_killed_at_any_hypervisor_call_is_recovered() {
+async fn a_backup_killed_at_any_point_is_recovered() {
     let (mut h, vm, _) = kill_host().await;
-    let kills = kill_at_every_call(&mut h, "/vm/volumes/takesnapshot", |app, ctx| {
-        let body = json!({"vmUuid": vm});
-        async move { value(crate::ops::snapshot_group::take(&app, &ctx, cmd(body)).await) }
-    })
-    .await;
-    assert!(kills >= 4, "{kills} kill points");
-}
-
-#[tokio::test]
-async fn a_backup_killed_at_any_hypervisor_call_is_recovered() {
-    let (mut h, vm, _) = kill_host().await;
-    let kills = kill_at_every_call(&mut h, "/vm/backup", |app, ctx| {
+    let kills = kill_at_every_point(&mut h, "/vm/backup", |app, ctx| {
         let body = json!({"vmUuid": vm});
         async move { value(crate::ops::backup::backup(&app, &ctx, cmd(body)).await) }
     })
     .await;
-    assert!(kills >= 10, "{kills} kill points");
+    assert!(kills >= 20, "{kills} kill points");
 }
 
 #[tokio::test]
-async fn a_change_image_killed_at_any_hypervisor_call_is_recovered() {
+async fn a_change_image_killed_at_any_point_is_recovered() {
     let (mut h, vm, image) = kill_host().await;
     h.app.libvirt.destroy(&vm).await.unwrap();
-    let kills = kill_at_every_call(&mut h, "/vm/changeimage", |app, ctx| {
+    let kills = kill_at_every_point(&mut h, "/vm/changeimage", |app, ctx| {
         let body = json!({"vmUuid": vm, "imagePath": image.clone()});
         async move { value(crate::ops::change_image::change_image(&app, &ctx, cmd(body)).await) }
     })
     .await;
-    assert!(kills >= 1, "{kills} kill points");
+    assert!(kills >= 3, "{kills} kill points");
 }
 
 #[tokio::test]

@@ -66,6 +66,8 @@ impl UndoLog {
     pub fn push(&mut self, step: UndoStep) {
         self.steps.push(step);
         self.write();
+        #[cfg(test)]
+        kill_point::reached();
     }
 
     fn write(&self) {
@@ -269,5 +271,34 @@ impl Drop for UndoLog {
         if !self.steps.is_empty() {
             tracing::error!(steps = ?self.steps, "an undo log was dropped without commit or rollback");
         }
+    }
+}
+
+/// Unit tests kill the "agent" right after the n-th journaled step of an operation: the
+/// operation's future then unwinds without running anything more (no rollback), as a SIGKILL
+/// would leave it, and the test restarts and recovers.
+#[cfg(test)]
+pub mod kill_point {
+    use std::cell::Cell;
+
+    tokio::task_local! {
+        static STEPS_LEFT: Cell<usize>;
+    }
+
+    /// The panic message a kill unwinds with.
+    pub const KILLED: &str = "killed after a journaled step";
+
+    /// Runs `f` so that it is killed right after its `n`-th journaled step (1 = the first).
+    pub async fn after<F: std::future::Future>(n: usize, f: F) -> F::Output {
+        STEPS_LEFT.scope(Cell::new(n), f).await
+    }
+
+    pub(super) fn reached() {
+        let _ = STEPS_LEFT.try_with(|left| {
+            left.set(left.get().saturating_sub(1));
+            if left.get() == 0 {
+                std::panic::panic_any(KILLED);
+            }
+        });
     }
 }
