@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
 
 use crate::callbacks::client::Poster;
-use crate::ceph::rbd::Rbd;
+use crate::ceph::rbd::{Rbd, RbdCli};
 use crate::config::Config;
 use crate::host_identity::HostIdentity;
 use crate::hypervisor::Hypervisor;
@@ -28,7 +28,8 @@ pub struct App {
     /// The hypervisor port (libvirt; a fake in unit tests).
     pub libvirt: Arc<dyn Hypervisor>,
     pub storage: LocalStorage,
-    pub rbd: Rbd,
+    /// RBD (the `rbd` command line; a fake in unit tests).
+    pub rbd: Arc<dyn Rbd>,
     /// Every VM's lock and record: one owner per VM at a time.
     pub vms: Vms,
     /// Where backup groups may be written and read.
@@ -55,13 +56,16 @@ impl App {
     /// undelivered, for [`crate::recovery`].
     pub fn new(config: Config) -> Result<(Arc<App>, Inherited), StartupError> {
         let libvirt = Arc::new(Libvirt::new(&config.libvirt.uri));
-        App::with_hypervisor(config, libvirt)
+        let c = &config.ceph;
+        let rbd = Arc::new(RbdCli { conf: c.conf.clone(), id: c.id.clone(), keyring: c.keyring.clone() });
+        App::with_backends(config, libvirt, rbd)
     }
 
-    /// Like [`new`](Self::new), on the given hypervisor (a fake one in unit tests).
-    pub fn with_hypervisor(
+    /// Like [`new`](Self::new), on the given hypervisor and RBD (fakes in unit tests).
+    pub fn with_backends(
         config: Config,
         libvirt: Arc<dyn Hypervisor>,
+        rbd: Arc<dyn Rbd>,
     ) -> Result<(Arc<App>, Inherited), StartupError> {
         let state_err = |source| StartupError::StateDir { dir: config.state_dir.display().to_string(), source };
         std::fs::create_dir_all(&config.state_dir).map_err(state_err)?;
@@ -82,8 +86,6 @@ impl App {
         let vms = Vms::new(&config.state_dir);
         vms.migrate();
         let volume_locks = VolumeLocks::new(roots.clone());
-        let rbd =
-            Rbd { conf: config.ceph.conf.clone(), id: config.ceph.id.clone(), keyring: config.ceph.keyring.clone() };
         let app = App {
             config,
             tasks,

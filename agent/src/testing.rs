@@ -11,6 +11,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use crate::app::App;
+use crate::ceph::fake::FakeRbd;
 use crate::config::Config;
 use crate::hypervisor::fake::FakeHypervisor;
 use crate::recovery::{Inherited, Runner};
@@ -22,6 +23,7 @@ pub struct TestHost {
     pub dir: tempfile::TempDir,
     pub root: PathBuf,
     pub hv: Arc<FakeHypervisor>,
+    pub rbd: Arc<FakeRbd>,
     pub app: Arc<App>,
     checked: Checked,
 }
@@ -78,15 +80,16 @@ impl TestHost {
         let root = dir.path().join("root");
         std::fs::create_dir_all(&root).unwrap();
         let hv = Arc::new(FakeHypervisor::new());
-        let app = start(dir.path(), &root, &hv).0;
-        TestHost { dir, root, hv, app, checked: Default::default() }
+        let rbd = Arc::new(FakeRbd::default());
+        let app = start(dir.path(), &root, &hv, &rbd).0;
+        TestHost { dir, root, hv, rbd, app, checked: Default::default() }
     }
 
     /// A new agent on the same directories and hypervisor, after recovery: what a restart
     /// after a kill does.
     pub async fn restart_and_recover(&mut self) -> crate::recovery::Report {
         self.hv.revive();
-        let (app, inherited) = start(self.dir.path(), &self.root, &self.hv);
+        let (app, inherited) = start(self.dir.path(), &self.root, &self.hv, &self.rbd);
         self.app = app;
         self.recover(inherited).await
     }
@@ -186,11 +189,11 @@ impl TestHost {
     }
 }
 
-fn start(dir: &Path, root: &Path, hv: &Arc<FakeHypervisor>) -> (Arc<App>, Inherited) {
+fn start(dir: &Path, root: &Path, hv: &Arc<FakeHypervisor>, rbd: &Arc<FakeRbd>) -> (Arc<App>, Inherited) {
     let mut config = Config { state_dir: dir.join("state"), ..Config::default() };
     config.storage.roots = vec![root.to_path_buf()];
     config.backup.roots = vec![dir.join("backup")];
     config.libvirt.domain_type = "qemu".into();
     config.libvirt.swtpm_dir = dir.join("swtpm");
-    App::with_hypervisor(config, hv.clone()).unwrap()
+    App::with_backends(config, hv.clone(), rbd.clone()).unwrap()
 }

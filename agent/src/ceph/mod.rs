@@ -1,4 +1,6 @@
 //! Ceph RBD primary storage: validated paths and the `rbd` command line.
 
+#[cfg(test)]
+pub mod fake;
 pub mod path;
 pub mod rbd;

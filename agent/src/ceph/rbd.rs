@@ -1,10 +1,13 @@
-//! The `rbd` command line, run directly with `--format json` where it answers, every call
-//! bounded in time (some Ceph commands wait forever when a daemon is missing).
+//! RBD as the agent uses it: one trait ([`Rbd`]) for every image and snapshot operation, and
+//! the real one, [`RbdCli`]: the `rbd` command line, run directly with `--format json` where it
+//! answers, every call bounded in time (some Ceph commands wait forever when a daemon is
+//! missing). Unit tests use the in-memory [`super::fake`].
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use serde::Deserialize;
 
 use super::path::CephPath;
@@ -23,6 +26,15 @@ pub enum RbdError {
     Timeout { what: String },
     #[error("rbd {what} printed output that is not understood: {reason}")]
     Parse { what: String, reason: String },
+    /// What `rbd` says as "No such file or directory", from a back end that says it directly.
+    #[error("rbd {what}: no such image or snapshot")]
+    NotFound { what: String },
+    /// What `rbd` says as "File exists".
+    #[error("rbd {what}: it already exists")]
+    Exists { what: String },
+    /// Refused by the cluster for the reason given (a fake's answer; `rbd` gives stderr).
+    #[error("rbd {what}: {reason}")]
+    Refused { what: String, reason: String },
 }
 
 impl RbdError {
@@ -34,11 +46,11 @@ impl RbdError {
     }
 
     pub fn is_not_found(&self) -> bool {
-        self.stderr().contains("No such file or directory")
+        matches!(self, RbdError::NotFound { .. }) || self.stderr().contains("No such file or directory")
     }
 
     pub fn is_exists(&self) -> bool {
-        self.stderr().contains("File exists")
+        matches!(self, RbdError::Exists { .. }) || self.stderr().contains("File exists")
     }
 
     pub fn was_stopped(&self) -> bool {
@@ -117,32 +129,66 @@ struct DuImage {
     used_size: u64,
 }
 
-/// How to reach the cluster.
+/// Every RBD operation the agent makes.
+#[async_trait]
+pub trait Rbd: Send + Sync {
+    /// How QEMU (and qemu-img) name `p`.
+    fn qemu_name(&self, p: &CephPath) -> String;
+    async fn info(&self, p: &CephPath, stop: &Stop) -> Result<ImageInfo, RbdError>;
+    /// Bytes the image (without its snapshots) uses in the cluster.
+    async fn used(&self, p: &CephPath, stop: &Stop) -> Result<u64, RbdError>;
+    /// How many objects of the image hold data, its parent's included. After a flatten the
+    /// image owns exactly these.
+    async fn data_objects(&self, p: &CephPath, object_size: u64, stop: &Stop) -> Result<u64, RbdError>;
+    /// A new image of at least `size` bytes.
+    async fn create(&self, p: &CephPath, size: u64, stop: &Stop) -> Result<(), RbdError>;
+    /// Grows an image to at least `size` bytes.
+    async fn resize(&self, p: &CephPath, size: u64, stop: &Stop) -> Result<(), RbdError>;
+    /// A clone of snapshot `src` at `dst`.
+    async fn clone_snapshot(&self, src: &CephPath, dst: &CephPath, stop: &Stop) -> Result<(), RbdError>;
+    /// A copy with the source's snapshots and parent link (ZStack's volume/cp).
+    async fn deep_copy(&self, src: &CephPath, dst: &CephPath, stop: &Stop) -> Result<(), RbdError>;
+    /// Copies the parent's data into the image and cuts the link; `on_progress` gets percentages.
+    async fn flatten(
+        &self,
+        p: &CephPath,
+        stop: &Stop,
+        on_progress: &mut (dyn FnMut(u8) + Send),
+    ) -> Result<(), RbdError>;
+    async fn snap_create(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError>;
+    async fn snap_protect(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError>;
+    async fn snap_unprotect(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError>;
+    async fn snap_remove(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError>;
+    async fn snapshots(&self, p: &CephPath, stop: &Stop) -> Result<Vec<Snapshot>, RbdError>;
+    /// Images cloned from the snapshot `p`.
+    async fn children(&self, p: &CephPath, stop: &Stop) -> Result<Vec<CephPath>, RbdError>;
+    async fn remove(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError>;
+
+    /// Whether the image (or snapshot) exists.
+    async fn exists(&self, p: &CephPath, stop: &Stop) -> Result<bool, RbdError> {
+        match self.info(p, stop).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The `rbd` command line, and how it reaches the cluster.
 #[derive(Debug, Clone)]
-pub struct Rbd {
+pub struct RbdCli {
     pub conf: PathBuf,
     pub id: String,
     pub keyring: Option<PathBuf>,
 }
 
-impl Rbd {
+impl RbdCli {
     fn base_args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec!["-c".into(), self.conf.clone().into(), "--id".into(), self.id.clone().into()];
         if let Some(k) = &self.keyring {
             a.extend(["--keyring".into(), k.clone().into()]);
         }
         a
-    }
-
-    /// How QEMU (and qemu-img) names `p`: `rbd:pool/image[@snap]:id=..:conf=..[:keyring=..]`,
-    /// with `:` and `\\` in the paths escaped as QEMU's option syntax wants.
-    pub fn qemu_name(&self, p: &CephPath) -> String {
-        let esc = |s: &std::path::Path| s.display().to_string().replace('\\', "\\\\").replace(':', "\\:");
-        let mut n = format!("rbd:{}:id={}:conf={}", p.spec(), self.id, esc(&self.conf));
-        if let Some(k) = &self.keyring {
-            n.push_str(&format!(":keyring={}", esc(k)));
-        }
-        n
     }
 
     async fn run(&self, args: &[&str], stop: &Stop, bounded: bool) -> Result<String, RbdError> {
@@ -164,29 +210,34 @@ impl Rbd {
         let out = self.run(&a, stop, true).await?;
         serde_json::from_str(&out).map_err(|e| RbdError::Parse { what: args.join(" "), reason: e.to_string() })
     }
+}
 
-    pub async fn info(&self, p: &CephPath, stop: &Stop) -> Result<ImageInfo, RbdError> {
+#[async_trait]
+impl Rbd for RbdCli {
+    /// How QEMU (and qemu-img) names `p`: `rbd:pool/image[@snap]:id=..:conf=..[:keyring=..]`,
+    /// with `:` and `\\` in the paths escaped as QEMU's option syntax wants.
+    fn qemu_name(&self, p: &CephPath) -> String {
+        let esc = |s: &std::path::Path| s.display().to_string().replace('\\', "\\\\").replace(':', "\\:");
+        let mut n = format!("rbd:{}:id={}:conf={}", p.spec(), self.id, esc(&self.conf));
+        if let Some(k) = &self.keyring {
+            n.push_str(&format!(":keyring={}", esc(k)));
+        }
+        n
+    }
+
+    async fn info(&self, p: &CephPath, stop: &Stop) -> Result<ImageInfo, RbdError> {
         self.json(&["info", &p.spec()], stop).await
     }
 
-    /// Whether the image (or snapshot) exists.
-    pub async fn exists(&self, p: &CephPath, stop: &Stop) -> Result<bool, RbdError> {
-        match self.info(p, stop).await {
-            Ok(_) => Ok(true),
-            Err(e) if e.is_not_found() => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
     /// Bytes the image (without its snapshots) uses in the cluster.
-    pub async fn used(&self, p: &CephPath, stop: &Stop) -> Result<u64, RbdError> {
+    async fn used(&self, p: &CephPath, stop: &Stop) -> Result<u64, RbdError> {
         let du: Du = self.json(&["du", &p.image_spec()], stop).await?;
         Ok(du.images.iter().filter(|i| i.snapshot.is_none()).map(|i| i.used_size).sum())
     }
 
     /// How many objects of the image hold data, its parent's included (from the object map:
     /// no data is read). After a flatten the image owns exactly these.
-    pub async fn data_objects(&self, p: &CephPath, object_size: u64, stop: &Stop) -> Result<u64, RbdError> {
+    async fn data_objects(&self, p: &CephPath, object_size: u64, stop: &Stop) -> Result<u64, RbdError> {
         let extents: Vec<Extent> = self.json(&["diff", "--whole-object", &p.spec()], stop).await?;
         let mut objects = std::collections::BTreeSet::new();
         for e in extents.iter().filter(|e| e.length > 0) {
@@ -196,30 +247,35 @@ impl Rbd {
     }
 
     /// A new image of at least `size` bytes (rbd sizes are in MiB).
-    pub async fn create(&self, p: &CephPath, size: u64, stop: &Stop) -> Result<(), RbdError> {
+    async fn create(&self, p: &CephPath, size: u64, stop: &Stop) -> Result<(), RbdError> {
         let mib = size.div_ceil(1 << 20).max(1);
         self.run(&["create", "--size", &format!("{mib}M"), &p.image_spec()], stop, true).await.map(|_| ())
     }
 
     /// Grows an image to at least `size` bytes.
-    pub async fn resize(&self, p: &CephPath, size: u64, stop: &Stop) -> Result<(), RbdError> {
+    async fn resize(&self, p: &CephPath, size: u64, stop: &Stop) -> Result<(), RbdError> {
         let mib = size.div_ceil(1 << 20).max(1);
         self.run(&["resize", "--no-progress", "--size", &format!("{mib}M"), &p.image_spec()], stop, true)
             .await
             .map(|_| ())
     }
 
-    pub async fn clone(&self, src: &CephPath, dst: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+    async fn clone_snapshot(&self, src: &CephPath, dst: &CephPath, stop: &Stop) -> Result<(), RbdError> {
         self.run(&["clone", &src.spec(), &dst.image_spec()], stop, true).await.map(|_| ())
     }
 
     /// `rbd deep cp`: a copy with the source's snapshots and parent link (ZStack's volume/cp).
-    pub async fn deep_copy(&self, src: &CephPath, dst: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+    async fn deep_copy(&self, src: &CephPath, dst: &CephPath, stop: &Stop) -> Result<(), RbdError> {
         self.run(&["deep", "cp", "--no-progress", &src.spec(), &dst.image_spec()], stop, false).await.map(|_| ())
     }
 
     /// `rbd flatten`; `on_progress` gets the percentages rbd prints ("Image flatten: 42% complete").
-    pub async fn flatten(&self, p: &CephPath, stop: &Stop, mut on_progress: impl FnMut(u8)) -> Result<(), RbdError> {
+    async fn flatten(
+        &self,
+        p: &CephPath,
+        stop: &Stop,
+        on_progress: &mut (dyn FnMut(u8) + Send),
+    ) -> Result<(), RbdError> {
         let what = format!("flatten {}", p.image_spec());
         let mut args = self.base_args();
         args.extend(["flatten".into(), p.image_spec().into()]);
@@ -233,33 +289,33 @@ impl Rbd {
         .map_err(|source| RbdError::Run { what, source })
     }
 
-    pub async fn snap_create(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+    async fn snap_create(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
         self.run(&["snap", "create", &p.spec()], stop, true).await.map(|_| ())
     }
 
-    pub async fn snap_protect(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+    async fn snap_protect(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
         self.run(&["snap", "protect", &p.spec()], stop, true).await.map(|_| ())
     }
 
-    pub async fn snap_unprotect(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+    async fn snap_unprotect(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
         self.run(&["snap", "unprotect", &p.spec()], stop, true).await.map(|_| ())
     }
 
-    pub async fn snap_remove(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+    async fn snap_remove(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
         self.run(&["snap", "rm", "--no-progress", &p.spec()], stop, true).await.map(|_| ())
     }
 
-    pub async fn snapshots(&self, p: &CephPath, stop: &Stop) -> Result<Vec<Snapshot>, RbdError> {
+    async fn snapshots(&self, p: &CephPath, stop: &Stop) -> Result<Vec<Snapshot>, RbdError> {
         self.json(&["snap", "ls", &p.image_spec()], stop).await
     }
 
     /// Images cloned from the snapshot `p`, as `ceph://` paths.
-    pub async fn children(&self, p: &CephPath, stop: &Stop) -> Result<Vec<CephPath>, RbdError> {
+    async fn children(&self, p: &CephPath, stop: &Stop) -> Result<Vec<CephPath>, RbdError> {
         let kids: Vec<Child> = self.json(&["children", &p.spec()], stop).await?;
         Ok(kids.into_iter().map(|c| CephPath { pool: c.pool, image: c.image, snap: None }).collect())
     }
 
-    pub async fn remove(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+    async fn remove(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
         self.run(&["rm", "--no-progress", &p.image_spec()], stop, true).await.map(|_| ())
     }
 }

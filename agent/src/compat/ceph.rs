@@ -62,7 +62,7 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CopyCmd) -> AgentResult<ImageR
     if found.protected.as_deref() != Some("true") {
         app.rbd.snap_protect(&src, &ctx.stop).await?;
     }
-    app.rbd.clone(&src, &dst, &ctx.stop).await?;
+    app.rbd.clone_snapshot(&src, &dst, &ctx.stop).await?;
     // ZStack reports the source's size for a clone.
     let mut rsp = describe(app, ctx, &dst).await?;
     rsp.size = app.rbd.info(&src, &ctx.stop).await?.size.max(rsp.size);
@@ -73,7 +73,7 @@ pub async fn flatten(app: &App, ctx: &TaskCtx, cmd: PathCmd) -> AgentResult<Empt
     let p = image(&cmd.path)?;
     let _lock = app.volume_locks.write_rbd(&p).await;
     if app.rbd.info(&p, &ctx.stop).await?.parent.is_some() {
-        app.rbd.flatten(&p, &ctx.stop, |pct| ctx.progress(pct, "flattening")).await.map_err(|e| {
+        app.rbd.flatten(&p, &ctx.stop, &mut |pct| ctx.progress(pct, "flattening")).await.map_err(|e| {
             if e.was_stopped() {
                 ctx.stop.error("flattening the image")
             } else {
@@ -175,7 +175,7 @@ pub async fn delete(app: &App, ctx: &TaskCtx, cmd: InstallPathCmd) -> AgentResul
     // A snapshot this agent took for clones goes with its last clone.
     if let Some(parent) = parent.filter(|pa| pa.snapshot.starts_with(crate::ops::volumes::CLONE_SNAPSHOT_PREFIX)) {
         let snap = CephPath { pool: parent.pool, image: parent.image, snap: Some(parent.snapshot) };
-        crate::ops::volumes::drop_unused_snapshot(&app.rbd, &snap.to_string()).await;
+        crate::ops::volumes::drop_unused_snapshot(app.rbd.as_ref(), &snap.to_string()).await;
     }
     Ok(Empty {})
 }

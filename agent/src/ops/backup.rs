@@ -91,6 +91,7 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
         with_data: true,
         freeze: Freeze::WhenRunning,
         rbd_snapshot: &rbd_snapshot,
+        rbd_snapshot_temporary: true,
         tpm_to: None,
         task_id: &ctx.task_id,
     };

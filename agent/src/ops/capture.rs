@@ -8,6 +8,7 @@ use std::path::Path;
 
 use super::freeze::{freeze, Frozen};
 use super::owner::VmGuard;
+use super::undo::{UndoLog, UndoStep};
 use super::volumes;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
@@ -31,6 +32,9 @@ pub struct Options<'a> {
     pub freeze: Freeze,
     /// The name of the RBD snapshots taken.
     pub rbd_snapshot: &'a str,
+    /// Whether those snapshots are temporary (clones, backups): a kill before the task's result
+    /// is recorded then removes each one no clone depends on. A snapshot group's are kept.
+    pub rbd_snapshot_temporary: bool,
     /// Copy the TPM state here (when the VM has one).
     pub tpm_to: Option<&'a Path>,
     /// The task capturing, for its journaled undo log.
@@ -61,7 +65,7 @@ impl Captured {
     /// Removes the RBD snapshots that no clone depends on (temporary ones).
     pub async fn drop_unused_rbd_snapshots(&self, app: &App) {
         for (_, snap) in &self.rbd_snapshots {
-            volumes::drop_unused_snapshot(&app.rbd, snap).await;
+            volumes::drop_unused_snapshot(app.rbd.as_ref(), snap).await;
         }
     }
 }
@@ -92,7 +96,20 @@ pub async fn capture(
         if freezing {
             captured.frozen = freeze(app, owner, spec, opts.with_data, opts.task_id, stop).await?;
         }
-        captured.rbd_snapshots = volumes::snapshot_rbd(&app.rbd, &rbd_images, opts.rbd_snapshot, stop).await?;
+        let mut journal = opts.rbd_snapshot_temporary.then(|| UndoLog::journaled(app, opts.task_id));
+        if let Some(log) = journal.as_mut() {
+            for image in &rbd_images {
+                if let Ok(Location::Rbd(p)) = Location::parse(image) {
+                    log.push(UndoStep::RemoveRbdSnapshot { path: p.with_snap(opts.rbd_snapshot).to_string() });
+                }
+            }
+        }
+        let taken = volumes::snapshot_rbd(app.rbd.as_ref(), &rbd_images, opts.rbd_snapshot, stop).await;
+        // The log stays journaled until the task's result is recorded (see `undo`).
+        if let Some(log) = journal {
+            log.commit();
+        }
+        captured.rbd_snapshots = taken?;
         if let Some(to) = opts.tpm_to.filter(|_| tpm) {
             let from = super::tpm::state_dir(&app.config.libvirt.swtpm_dir, &vm);
             captured.tpm_copied = super::tpm::copy_state(&from, to, stop).await?;

@@ -118,6 +118,7 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
         with_data: cmd.full,
         freeze: if cmd.mode == CloneMode::Linked { Freeze::Always } else { Freeze::WhenRunning },
         rbd_snapshot: &rbd_snapshot,
+        rbd_snapshot_temporary: true,
         tpm_to: Some(&staging),
         task_id: &ctx.task_id,
     };

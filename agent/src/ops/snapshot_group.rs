@@ -123,6 +123,7 @@ pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentR
         with_data: true,
         freeze: Freeze::Always,
         rbd_snapshot: &rbd_snapshot,
+        rbd_snapshot_temporary: false,
         tpm_to: None,
         task_id: &ctx.task_id,
     };

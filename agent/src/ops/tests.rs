@@ -35,7 +35,8 @@ async fn assert_consistent(h: &TestHost) {
     let records = h.app.config.state_dir.join("vms");
     for e in std::fs::read_dir(&records).into_iter().flatten().flatten() {
         let vm = e.file_name().to_string_lossy().trim_end_matches(".json").to_owned();
-        let recorded = h.recorded(&vm).await;
+        // RBD volumes are checked by `assert_rbd_consistent`.
+        let recorded: Vec<String> = h.recorded(&vm).await.into_iter().filter(|p| !p.starts_with("ceph://")).collect();
         for f in &recorded {
             assert!(std::path::Path::new(f).exists(), "VM {vm}'s record names {f}, which is gone");
             chain(PathBuf::from(f), &mut wanted);
@@ -366,4 +367,96 @@ async fn operations_racing_on_one_vm_lose_no_update() {
         r.unwrap();
     }
     assert_consistent(&h).await;
+}
+
+/// The RBD images a host may hold: the cached image and those VM records name; no temporary
+/// clone snapshot without a clone on it.
+async fn assert_rbd_consistent(h: &TestHost, base: &str) {
+    let mut wanted = BTreeSet::from([base.to_owned()]);
+    for e in std::fs::read_dir(h.app.config.state_dir.join("vms")).into_iter().flatten().flatten() {
+        let vm = e.file_name().to_string_lossy().trim_end_matches(".json").to_owned();
+        for p in h.recorded(&vm).await.iter().filter_map(|p| p.strip_prefix("ceph://")) {
+            assert!(h.rbd.images().contains(&p.to_owned()), "VM {vm}'s record names {p}, which is gone");
+            wanted.insert(p.to_owned());
+        }
+    }
+    let stray: Vec<String> = h.rbd.images().into_iter().filter(|i| !wanted.contains(i)).collect();
+    assert!(stray.is_empty(), "images no VM references: {stray:?}");
+    let stop = crate::stop::Stop::new();
+    for image in h.rbd.images() {
+        let p = crate::ceph::path::CephPath::parse(&image).unwrap();
+        for s in h.app.rbd.snapshots(&p, &stop).await.unwrap() {
+            let kids = h.app.rbd.children(&p.with_snap(&s.name), &stop).await.unwrap();
+            let temporary = s.name.starts_with(crate::ops::volumes::CLONE_SNAPSHOT_PREFIX);
+            assert!(!temporary || !kids.is_empty(), "temporary snapshot {image}@{} has no clone", s.name);
+        }
+    }
+}
+
+/// A cached image on the fake cluster (`rbd/base@s`), and a `/vm/create` body on it.
+async fn rbd_host() -> (TestHost, String, impl Fn(&str) -> Value) {
+    let h = TestHost::start();
+    let stop = crate::stop::Stop::new();
+    let base = crate::ceph::path::CephPath::parse("rbd/base").unwrap();
+    h.app.rbd.create(&base, 8 << 20, &stop).await.unwrap();
+    h.app.rbd.snap_create(&base.with_snap("s"), &stop).await.unwrap();
+    let body = |vm: &str| {
+        json!({
+            "vm": {"vmInstanceUuid": vm, "vmName": "r", "memory": 67108864, "cpuNum": 1},
+            "rootVolume": {"volumeUuid": uuid(), "installPath": format!("ceph://rbd/{}", uuid()), "imagePath": "ceph://rbd/base@s"},
+            "dataVolumes": [{"volumeUuid": uuid(), "installPath": format!("ceph://rbd/{}", uuid()), "size": 1048576}],
+            "ceph": {"secretUuid": "9e1fd1a2-6e6c-4b4b-8a4c-4f6f0b0e2f11", "monInfo": [{"hostname": "127.0.0.1", "port": 6789}]},
+        })
+    };
+    (h, "rbd/base".to_owned(), body)
+}
+
+#[tokio::test]
+async fn rbd_volumes_are_created_cloned_flattened_and_replaced_through_the_same_operations() {
+    let (h, base, body) = rbd_host().await;
+    let vm = uuid();
+    let ctx = TaskCtx::detached("/vm/create");
+    crate::ops::create::create(&h.app, &ctx, cmd(body(&vm))).await.unwrap();
+    let root = h.recorded(&vm).await[0].trim_start_matches("ceph://").to_owned();
+    assert_eq!(h.rbd.parent(&root).as_deref(), Some("rbd/base@s"), "a thin root is a clone of the image");
+    let xml = h.hv.domain(&vm).unwrap().xml;
+    assert!(xml.contains(&format!("name='{root}'")) && xml.contains("protocol='rbd'"), "{xml}");
+
+    let ctx = TaskCtx::detached("/vm/clone");
+    let rsp = crate::ops::clone::clone(&h.app, &ctx, cmd(json!({"vmUuid": vm, "names": ["c"], "full": true}))).await;
+    assert_eq!(rsp.unwrap().number_of_cloned_vm, 1);
+    assert_rbd_consistent(&h, &base).await;
+
+    let ctx = TaskCtx::detached("/vm/flatten");
+    crate::ops::flatten::flatten(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap();
+    assert_eq!(h.rbd.parent(&root), None, "flattened");
+
+    h.app.libvirt.destroy(&vm).await.unwrap();
+    let ctx = TaskCtx::detached("/vm/changeimage");
+    let change = cmd(json!({"vmUuid": vm, "imagePath": "ceph://rbd/base@s"}));
+    crate::ops::change_image::change_image(&h.app, &ctx, change).await.unwrap();
+    let new_root = h.recorded(&vm).await[0].trim_start_matches("ceph://").to_owned();
+    assert_ne!(new_root, root);
+    assert!(h.rbd.images().contains(&root), "the old root is kept while a clone depends on its snapshot");
+    assert_eq!(h.rbd.parent(&new_root).as_deref(), Some("rbd/base@s"));
+}
+
+#[tokio::test]
+async fn rbd_create_and_clone_killed_at_any_point_leak_no_image() {
+    let (mut h, base, body) = rbd_host().await;
+    let vm = uuid();
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body(&vm))).await.unwrap();
+    let mut kills = kill_at_every_point(&mut h, "/vm/create", |app, ctx| {
+        let b = body(&uuid());
+        async move { value(crate::ops::create::create(&app, &ctx, cmd(b)).await) }
+    })
+    .await;
+    assert_rbd_consistent(&h, &base).await;
+    kills += kill_at_every_point(&mut h, "/vm/clone", |app, ctx| {
+        let b = json!({"vmUuid": vm, "names": ["c"], "full": true});
+        async move { value(crate::ops::clone::clone(&app, &ctx, cmd(b)).await) }
+    })
+    .await;
+    assert_rbd_consistent(&h, &base).await;
+    assert!(kills >= 10, "{kills} kill points");
 }

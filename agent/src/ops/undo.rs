@@ -57,9 +57,11 @@ pub fn undo_dir(state_dir: &Path) -> PathBuf {
 }
 
 impl UndoLog {
-    /// A log that is written down at every step, for task `task_id`.
+    /// A log that is written down at every step, for task `task_id`. Its name orders it among
+    /// the task's logs (a creation time), so that recovery undoes the newest first.
     pub fn journaled(app: &App, task_id: &str) -> UndoLog {
-        let name = format!("{task_id}-{}.json", uuid::Uuid::new_v4().simple());
+        let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let name = format!("{task_id}-{:020}-{}.json", created.as_nanos(), uuid::Uuid::new_v4().simple());
         UndoLog { steps: Vec::new(), file: Some(undo_dir(&app.config.state_dir).join(name)) }
     }
 
@@ -147,8 +149,9 @@ pub struct Leftover {
     pub steps: Vec<UndoStep>,
 }
 
-/// Every journaled log in `state_dir`. Unreadable ones are logged and skipped; torn writes
-/// are removed.
+/// Every journaled log in `state_dir`, each task's newest first (a later log may hold what
+/// depends on an earlier one's: a clone on a temporary snapshot). Unreadable ones are logged
+/// and skipped; torn writes are removed.
 pub fn leftovers(state_dir: &Path) -> Vec<Leftover> {
     let Ok(entries) = std::fs::read_dir(undo_dir(state_dir)) else { return Vec::new() };
     let mut out = Vec::new();
@@ -167,6 +170,7 @@ pub fn leftovers(state_dir: &Path) -> Vec<Leftover> {
             Err(e) => tracing::error!(file = %file.display(), error = %e, "unreadable undo log skipped"),
         }
     }
+    out.sort_by(|a, b| b.file.cmp(&a.file));
     out
 }
 
@@ -203,7 +207,7 @@ async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(),
             }
         }
         UndoStep::RemoveRbdSnapshot { path } => {
-            super::volumes::drop_unused_snapshot(&app.rbd, path).await;
+            super::volumes::drop_unused_snapshot(app.rbd.as_ref(), path).await;
             Ok(())
         }
         UndoStep::RemoveTree { path } => match tokio::fs::remove_dir_all(path).await {

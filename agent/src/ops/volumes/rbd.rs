@@ -12,7 +12,7 @@ use crate::storage::local::Provisioning;
 /// Names of the snapshots this agent takes for clones; they are removed once unused.
 pub const CLONE_SNAPSHOT_PREFIX: &str = "kvmagent-clone-";
 
-pub struct RbdStore<'a>(pub &'a Rbd);
+pub struct RbdStore<'a>(pub &'a dyn Rbd);
 
 fn stopped_or(e: crate::ceph::rbd::RbdError, stop: &Stop, what: &str) -> AgentError {
     if e.was_stopped() {
@@ -27,7 +27,7 @@ impl RbdStore<'_> {
     /// (`rbd cp` would skip a clone's parent data, `rbd deep cp` would carry the source's
     /// snapshot history). A failed flatten leaves no image.
     async fn clone_from(&self, src: &CephPath, to: &CephPath, thick: bool, stop: &Stop) -> AgentResult<()> {
-        self.0.clone(src, to, stop).await?;
+        self.0.clone_snapshot(src, to, stop).await?;
         if thick {
             if let Err(e) = flatten_rbd(self.0, to, stop, |_| {}).await {
                 let _ = self.0.remove(to, &Stop::new()).await;
@@ -206,11 +206,16 @@ impl VolumeStore for RbdStore<'_> {
 
 /// Flattens an RBD volume (running or not: librbd hands the work to the VM's lock holder) and
 /// checks that the parent is gone. Returns false when it had none.
-async fn flatten_rbd(rbd: &Rbd, p: &CephPath, stop: &Stop, progress: impl FnMut(u8)) -> AgentResult<bool> {
+async fn flatten_rbd(
+    rbd: &dyn Rbd,
+    p: &CephPath,
+    stop: &Stop,
+    mut progress: impl FnMut(u8) + Send,
+) -> AgentResult<bool> {
     if rbd.info(p, stop).await?.parent.is_none() {
         return Ok(false);
     }
-    rbd.flatten(p, stop, progress).await.map_err(|e| stopped_or(e, stop, "flattening the image"))?;
+    rbd.flatten(p, stop, &mut progress).await.map_err(|e| stopped_or(e, stop, "flattening the image"))?;
     if let Some(parent) = rbd.info(p, stop).await?.parent {
         return Err(AgentError::failed(
             "rbd flatten did not detach the image",
@@ -222,7 +227,12 @@ async fn flatten_rbd(rbd: &Rbd, p: &CephPath, stop: &Stop, progress: impl FnMut(
 
 /// Takes a protected snapshot `name` of each RBD image in `images`; returns `(image, snapshot)`
 /// paths. On failure the snapshots already taken are removed again.
-pub async fn snapshot_rbd(rbd: &Rbd, images: &[String], name: &str, stop: &Stop) -> AgentResult<Vec<(String, String)>> {
+pub async fn snapshot_rbd(
+    rbd: &dyn Rbd,
+    images: &[String],
+    name: &str,
+    stop: &Stop,
+) -> AgentResult<Vec<(String, String)>> {
     let mut out: Vec<(String, String)> = Vec::new();
     for i in images {
         let snap = CephPath::parse(i)?.with_snap(name);
@@ -243,7 +253,7 @@ pub async fn snapshot_rbd(rbd: &Rbd, images: &[String], name: &str, stop: &Stop)
 }
 
 /// Removes a temporary snapshot once no clone depends on it; it stays otherwise.
-pub async fn drop_unused_snapshot(rbd: &Rbd, snap: &str) {
+pub async fn drop_unused_snapshot(rbd: &dyn Rbd, snap: &str) {
     let stop = Stop::new();
     let Ok(p) = CephPath::parse(snap) else { return };
     match rbd.children(&p, &stop).await {

@@ -1,0 +1,216 @@
+//! A Ceph cluster in memory, for unit tests of the RBD paths: images with a size, a parent
+//! snapshot and snapshots of their own, and the rules the cluster enforces (a clone needs a
+//! protected snapshot, a snapshot with clones cannot be unprotected, an image with snapshots
+//! cannot be removed). Data is not kept: `used` counts what was written by creating, growing
+//! and flattening.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use super::path::CephPath;
+use super::rbd::{ImageInfo, Parent, Rbd, RbdError, Snapshot};
+use crate::stop::Stop;
+
+const OBJECT: u64 = 4 << 20;
+
+#[derive(Debug, Clone, Default)]
+struct Image {
+    size: u64,
+    used: u64,
+    parent: Option<CephPath>,
+    /// Snapshot name → protected.
+    snaps: BTreeMap<String, bool>,
+}
+
+#[derive(Default)]
+pub struct FakeRbd {
+    images: Mutex<BTreeMap<String, Image>>,
+}
+
+fn not_found(p: &CephPath) -> RbdError {
+    RbdError::NotFound { what: p.spec() }
+}
+
+fn refused(p: &CephPath, reason: &str) -> RbdError {
+    RbdError::Refused { what: p.spec(), reason: reason.into() }
+}
+
+impl FakeRbd {
+    /// Every image, as `pool/image`.
+    pub fn images(&self) -> Vec<String> {
+        self.images.lock().unwrap().keys().cloned().collect()
+    }
+
+    /// `image`'s parent snapshot, when it is a clone.
+    pub fn parent(&self, image: &str) -> Option<String> {
+        self.images.lock().unwrap().get(image).and_then(|i| i.parent.as_ref().map(CephPath::spec))
+    }
+
+    fn with<T>(&self, p: &CephPath, f: impl FnOnce(&mut Image) -> Result<T, RbdError>) -> Result<T, RbdError> {
+        let mut map = self.images.lock().unwrap();
+        let image = map.get_mut(&p.image_spec()).ok_or_else(|| not_found(p))?;
+        if let Some(s) = &p.snap {
+            if !image.snaps.contains_key(s) {
+                return Err(not_found(p));
+            }
+        }
+        f(image)
+    }
+
+    fn add(&self, p: &CephPath, image: Image) -> Result<(), RbdError> {
+        let mut map = self.images.lock().unwrap();
+        if map.contains_key(&p.image_spec()) {
+            return Err(RbdError::Exists { what: p.spec() });
+        }
+        map.insert(p.image_spec(), image);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Rbd for FakeRbd {
+    fn qemu_name(&self, p: &CephPath) -> String {
+        format!("rbd:{}", p.spec())
+    }
+
+    async fn info(&self, p: &CephPath, _stop: &Stop) -> Result<ImageInfo, RbdError> {
+        self.with(p, |i| {
+            let parent = i.parent.as_ref().map(|s| Parent {
+                pool: s.pool.clone(),
+                image: s.image.clone(),
+                snapshot: s.snap.clone().unwrap_or_default(),
+            });
+            Ok(ImageInfo { size: i.size, object_size: OBJECT, parent })
+        })
+    }
+
+    async fn used(&self, p: &CephPath, _stop: &Stop) -> Result<u64, RbdError> {
+        self.with(p, |i| Ok(i.used))
+    }
+
+    async fn data_objects(&self, p: &CephPath, object_size: u64, _stop: &Stop) -> Result<u64, RbdError> {
+        let (own, parent) = self.with(p, |i| Ok((i.used, i.parent.clone())))?;
+        let inherited = match parent {
+            Some(s) => self.with(&s, |i| Ok(i.used))?,
+            None => 0,
+        };
+        Ok(own.max(inherited).div_ceil(object_size))
+    }
+
+    async fn create(&self, p: &CephPath, size: u64, _stop: &Stop) -> Result<(), RbdError> {
+        self.add(p, Image { size: size.div_ceil(1 << 20).max(1) << 20, ..Image::default() })
+    }
+
+    async fn resize(&self, p: &CephPath, size: u64, _stop: &Stop) -> Result<(), RbdError> {
+        self.with(p, |i| {
+            i.size = i.size.max(size.div_ceil(1 << 20) << 20);
+            Ok(())
+        })
+    }
+
+    async fn clone_snapshot(&self, src: &CephPath, dst: &CephPath, _stop: &Stop) -> Result<(), RbdError> {
+        let snap = src.snap.clone().ok_or_else(|| refused(src, "a clone needs a snapshot"))?;
+        let size = self.with(src, |i| match i.snaps.get(&snap) {
+            Some(true) => Ok(i.size),
+            _ => Err(refused(src, "the snapshot is not protected")),
+        })?;
+        self.add(dst, Image { size, parent: Some(src.clone()), ..Image::default() })
+    }
+
+    async fn deep_copy(&self, src: &CephPath, dst: &CephPath, _stop: &Stop) -> Result<(), RbdError> {
+        let copy = self.with(src, |i| Ok(i.clone()))?;
+        self.add(dst, copy)
+    }
+
+    async fn flatten(
+        &self,
+        p: &CephPath,
+        _stop: &Stop,
+        on_progress: &mut (dyn FnMut(u8) + Send),
+    ) -> Result<(), RbdError> {
+        let parent = self.with(p, |i| Ok(i.parent.clone()))?;
+        let inherited = match &parent {
+            Some(s) => self.with(s, |i| Ok(i.used))?,
+            None => 0,
+        };
+        self.with(p, |i| {
+            i.used = i.used.max(inherited);
+            i.parent = None;
+            Ok(())
+        })?;
+        on_progress(100);
+        Ok(())
+    }
+
+    async fn snap_create(&self, p: &CephPath, _stop: &Stop) -> Result<(), RbdError> {
+        let snap = p.require_snap().map_err(|_| refused(p, "no snapshot name"))?.to_owned();
+        let image = CephPath { snap: None, ..p.clone() };
+        self.with(&image, |i| match i.snaps.insert(snap, false) {
+            Some(_) => Err(RbdError::Exists { what: p.spec() }),
+            None => Ok(()),
+        })
+    }
+
+    async fn snap_protect(&self, p: &CephPath, _stop: &Stop) -> Result<(), RbdError> {
+        let snap = p.snap.clone().unwrap_or_default();
+        self.with(p, |i| {
+            i.snaps.insert(snap, true);
+            Ok(())
+        })
+    }
+
+    async fn snap_unprotect(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+        if !self.children(p, stop).await?.is_empty() {
+            return Err(refused(p, "the snapshot has clones"));
+        }
+        let snap = p.snap.clone().unwrap_or_default();
+        self.with(p, |i| {
+            i.snaps.insert(snap, false);
+            Ok(())
+        })
+    }
+
+    async fn snap_remove(&self, p: &CephPath, _stop: &Stop) -> Result<(), RbdError> {
+        let snap = p.snap.clone().unwrap_or_default();
+        self.with(p, |i| match i.snaps.get(&snap) {
+            Some(true) => Err(refused(p, "the snapshot is protected")),
+            _ => {
+                i.snaps.remove(&snap);
+                Ok(())
+            }
+        })
+    }
+
+    async fn snapshots(&self, p: &CephPath, _stop: &Stop) -> Result<Vec<Snapshot>, RbdError> {
+        let image = CephPath { snap: None, ..p.clone() };
+        self.with(&image, |i| {
+            Ok(i.snaps
+                .iter()
+                .map(|(name, protected)| Snapshot { name: name.clone(), protected: Some(protected.to_string()) })
+                .collect())
+        })
+    }
+
+    async fn children(&self, p: &CephPath, _stop: &Stop) -> Result<Vec<CephPath>, RbdError> {
+        let map = self.images.lock().unwrap();
+        Ok(map
+            .iter()
+            .filter(|(_, i)| i.parent.as_ref() == Some(p))
+            .filter_map(|(spec, _)| CephPath::parse(spec).ok())
+            .collect())
+    }
+
+    async fn remove(&self, p: &CephPath, _stop: &Stop) -> Result<(), RbdError> {
+        let mut map = self.images.lock().unwrap();
+        match map.get(&p.image_spec()) {
+            None => Err(not_found(p)),
+            Some(i) if !i.snaps.is_empty() => Err(refused(p, "the image has snapshots")),
+            Some(_) => {
+                map.remove(&p.image_spec());
+                Ok(())
+            }
+        }
+    }
+}
