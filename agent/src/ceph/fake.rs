@@ -27,6 +27,8 @@ struct Image {
 #[derive(Default)]
 pub struct FakeRbd {
     images: Mutex<BTreeMap<String, Image>>,
+    /// How many more removals fail because a (killed) client still watches the image.
+    watched: std::sync::atomic::AtomicUsize,
 }
 
 fn not_found(p: &CephPath) -> RbdError {
@@ -41,6 +43,11 @@ impl FakeRbd {
     /// Every image, as `pool/image`.
     pub fn images(&self) -> Vec<String> {
         self.images.lock().unwrap().keys().cloned().collect()
+    }
+
+    /// The next `n` removals find the image watched, as after a client was killed with it open.
+    pub fn watch_for(&self, n: usize) {
+        self.watched.store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// `image`'s parent snapshot, when it is a clone.
@@ -203,6 +210,10 @@ impl Rbd for FakeRbd {
     }
 
     async fn remove(&self, p: &CephPath, _stop: &Stop) -> Result<(), RbdError> {
+        use std::sync::atomic::Ordering;
+        if self.watched.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(RbdError::Busy { what: p.spec() });
+        }
         let mut map = self.images.lock().unwrap();
         match map.get(&p.image_spec()) {
             None => Err(not_found(p)),

@@ -32,6 +32,9 @@ pub enum RbdError {
     /// What `rbd` says as "File exists".
     #[error("rbd {what}: it already exists")]
     Exists { what: String },
+    /// The image is open by a client (a fake's answer; `rbd` says "image still has watchers").
+    #[error("rbd {what}: the image still has watchers")]
+    Busy { what: String },
     /// Refused by the cluster for the reason given (a fake's answer; `rbd` gives stderr).
     #[error("rbd {what}: {reason}")]
     Refused { what: String, reason: String },
@@ -51,6 +54,12 @@ impl RbdError {
 
     pub fn is_exists(&self) -> bool {
         matches!(self, RbdError::Exists { .. }) || self.stderr().contains("File exists")
+    }
+
+    /// The image is still open somewhere (possibly by a killed client, until Ceph times its
+    /// watch out).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, RbdError::Busy { .. }) || self.stderr().contains("image still has watchers")
     }
 
     pub fn was_stopped(&self) -> bool {

@@ -460,3 +460,17 @@ async fn rbd_create_and_clone_killed_at_any_point_leak_no_image() {
     assert_rbd_consistent(&h, &base).await;
     assert!(kills >= 10, "{kills} kill points");
 }
+
+#[tokio::test(start_paused = true)]
+async fn recovery_waits_out_the_watch_a_killed_client_left_on_an_image() {
+    let (mut h, base, body) = rbd_host().await;
+    let ctx = h.task("/vm/create").await;
+    let create = crate::ops::create::create(&h.app, &ctx, cmd(body(&uuid())));
+    assert!(run_killed(&h, "/vm/create", async { value(create.await) }, Kill::Step(2)).await, "killed");
+    assert!(h.rbd.images().len() > 1, "the kill left the new root behind");
+    // The killed run's open of the image: the first removals find it watched.
+    h.rbd.watch_for(5);
+    let report = h.restart_and_recover().await;
+    assert!(report.rolled_back.iter().all(|r| r.failures.is_empty()), "{report:?}");
+    assert_rbd_consistent(&h, &base).await;
+}

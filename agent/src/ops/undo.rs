@@ -201,10 +201,7 @@ async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(),
         }
         UndoStep::RemoveRbdImage { path } => {
             let p = crate::ceph::path::CephPath::parse(path).map_err(|e| e.to_string())?;
-            match app.rbd.remove(&p, &stop).await {
-                Err(e) if !e.is_not_found() => Err(e.to_string()),
-                _ => Ok(()),
-            }
+            remove_rbd_image(app, &p, &stop).await
         }
         UndoStep::RemoveRbdSnapshot { path } => {
             super::volumes::drop_unused_snapshot(app.rbd.as_ref(), path).await;
@@ -261,6 +258,28 @@ async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(),
 
 fn owned(owner: Option<&VmGuard>) -> Result<&VmGuard, String> {
     owner.ok_or_else(|| "a step on a VM record was replayed without its VM".to_owned())
+}
+
+/// How long a removal waits for the watch a killed client left on an image: Ceph drops it
+/// after about 30 s.
+const DEAD_WATCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(75);
+
+/// Removes an RBD image this operation made; a missing one is fine. While the image still has
+/// a watcher — the previous run of the agent, killed with the image open — the removal is
+/// retried until the cluster times the watch out.
+async fn remove_rbd_image(app: &App, p: &crate::ceph::path::CephPath, stop: &crate::stop::Stop) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + DEAD_WATCH_TIMEOUT;
+    loop {
+        match app.rbd.remove(p, stop).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) if e.is_busy() && tokio::time::Instant::now() < deadline => {
+                tracing::info!(image = %p, "the image still has a watcher (a killed client's); waiting for it to expire");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 async fn remove_file(path: &Path) -> Result<(), String> {
