@@ -139,7 +139,12 @@ pub async fn create_template(
 /// A fresh root from the image beside the old one, which is left for the management node to
 /// delete once it has switched the volume over.
 pub async fn reinit_image(app: &App, ctx: &TaskCtx, cmd: ReinitImageCmd) -> AgentResult<WithCapacity<ReinitImageRsp>> {
-    let old = app.storage.roots().confine(&cmd.volume_path)?;
+    // The volume must be there: its directory is where the new root goes.
+    let old = app
+        .storage
+        .roots()
+        .confine_existing(&cmd.volume_path)
+        .map_err(|e| AgentError::from(e).context("volumePath"))?;
     let dir =
         old.parent().ok_or_else(|| AgentError::invalid(format!("volumePath {} has no directory", cmd.volume_path)))?;
     let new = dir.join(format!("{}.qcow2", uuid::Uuid::new_v4().simple())).display().to_string();

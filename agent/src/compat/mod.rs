@@ -5,3 +5,6 @@ pub mod ceph;
 pub mod host;
 pub mod localstorage;
 pub mod vm;
+
+#[cfg(test)]
+mod tests;

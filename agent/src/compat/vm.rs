@@ -1,14 +1,12 @@
 //! The compat `/vm/*` paths. `/vm/start`, `/vm/stop`, `/vm/destroy`: domains are defined from the
 //! command, persistent while running, and undefined when stopped or destroyed (ZStack's model).
 
-use std::time::Duration;
-
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::ops;
 use crate::tasks::TaskCtx;
 use crate::wire::vm::{
-    CreateCephSecretCmd, DestroyVmCmd, MergeSnapshotCmd, StartVmCmd, StartVmRsp, StopVmCmd, TakeSnapshotCmd,
+    CreateCephSecretCmd, DestroyVmCmd, MergeSnapshotCmd, StartVmCmd, StartVmRsp, StopMode, StopVmCmd, TakeSnapshotCmd,
     TakeSnapshotRsp,
 };
 use crate::wire::Empty;
@@ -19,10 +17,9 @@ pub async fn start(app: &App, ctx: &TaskCtx, cmd: StartVmCmd) -> AgentResult<Sta
 }
 
 pub async fn stop(app: &App, _ctx: &TaskCtx, cmd: StopVmCmd) -> AgentResult<Empty> {
+    let mode = cmd.mode()?;
     let _owner = app.vms.lock(&cmd.uuid).await?;
-    let graceful = !matches!(cmd.stop_type.as_str(), "cold" | "force");
-    if graceful {
-        let timeout = Duration::from_secs(cmd.timeout.clamp(1, 3600));
+    if let StopMode::Grace(timeout) = mode {
         if !app.libvirt.shutdown_and_wait(&cmd.uuid, timeout).await.or_else(missing_is_stopped)? {
             tracing::info!(vm = %cmd.uuid, "guest did not shut down in time; powering it off");
         }
@@ -110,6 +107,11 @@ pub async fn create_ceph_secret(app: &App, _ctx: &TaskCtx, cmd: CreateCephSecret
     let key = base64::engine::general_purpose::STANDARD
         .decode(cmd.user_key.trim())
         .map_err(|e| AgentError::invalid(format!("userKey is not a base64 cephx key: {e}")))?;
+    if key.is_empty() {
+        return Err(AgentError::invalid(
+            "userKey is empty; give the cephx key (base64, as `ceph auth get-key` prints it)",
+        ));
+    }
     app.libvirt.set_ceph_secret(&cmd.uuid, key).await?;
     Ok(Empty {})
 }

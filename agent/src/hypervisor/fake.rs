@@ -92,6 +92,10 @@ impl FakeHypervisor {
         self.domains.lock().unwrap().get(vm).cloned()
     }
 
+    pub fn secret_uuids(&self) -> Vec<String> {
+        self.secrets.lock().unwrap().keys().cloned().collect()
+    }
+
     pub fn domain_names(&self) -> Vec<String> {
         self.domains.lock().unwrap().keys().cloned().collect()
     }

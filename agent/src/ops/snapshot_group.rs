@@ -132,12 +132,14 @@ pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentR
     for v in before.volumes.iter() {
         let snapshot_path = captured.point(&v.uuid, &v.install_path());
         let (size, _) = volumes::store(app, &snapshot_path)?.sizes(&snapshot_path, &ctx.stop).await?;
+        let now = spec.volumes.iter().find(|n| n.uuid == v.uuid).map(|n| n.install_path());
         snapshots.push(GroupSnapshot {
             volume_uuid: v.uuid.clone(),
             volume_type: v.volume_type().into(),
             device_id: v.device_id,
             snapshot_path,
             size,
+            new_install_path: now,
         });
     }
     let group = StoredGroup {

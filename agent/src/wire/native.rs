@@ -271,6 +271,10 @@ pub struct GroupSnapshot {
     /// A read-only qcow2 file (the volume's former top), or `ceph://pool/image@snap`.
     pub snapshot_path: String,
     pub size: u64,
+    /// Where the volume is after the snapshot: the new top a file volume goes on writing to,
+    /// or the RBD image itself. (Absent in groups recorded before this field existed.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_install_path: Option<String>,
 }
 
 /// `/vm/createfromsnapshot`.

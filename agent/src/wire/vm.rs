@@ -199,6 +199,34 @@ pub struct StopVmCmd {
 fn default_stop_timeout() -> u64 {
     60
 }
+
+/// The longest graceful stop a command may ask for; the VM's lock is held that long at most.
+pub const MAX_STOP_TIMEOUT_SECS: u64 = 3600;
+
+/// How `/vm/stop` stops a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// ACPI shutdown, then a hard power-off when the guest has not stopped within the timeout.
+    Grace(std::time::Duration),
+    /// Hard power-off at once (`cold` and `force`).
+    PowerOff,
+}
+
+impl StopVmCmd {
+    /// The stop asked for; an unknown `type` or a timeout past the bound is refused, named.
+    pub fn mode(&self) -> Result<StopMode, crate::error::AgentError> {
+        let invalid = crate::error::AgentError::invalid;
+        match self.stop_type.as_str() {
+            "" | "grace" if self.timeout > MAX_STOP_TIMEOUT_SECS => Err(invalid(format!(
+                "timeout {} s is longer than the {MAX_STOP_TIMEOUT_SECS} s a graceful stop may take",
+                self.timeout
+            ))),
+            "" | "grace" => Ok(StopMode::Grace(std::time::Duration::from_secs(self.timeout.max(1)))),
+            "cold" | "force" => Ok(StopMode::PowerOff),
+            other => Err(invalid(format!("type {other:?} is not a stop type (grace, cold or force)"))),
+        }
+    }
+}
 fn nullable_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     Ok(Option::<u64>::deserialize(d)?.unwrap_or_else(default_stop_timeout))
 }
