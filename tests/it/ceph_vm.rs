@@ -131,7 +131,8 @@ async fn a_failed_create_on_rbd_leaves_no_image() {
 #[tokio::test]
 async fn flatten_of_an_rbd_root_while_the_vm_runs() {
     let h = Host::start_with(&agent_config()).await.unwrap();
-    let connect = json!({"hostUuid": "h1", "sendCommandUrl": h.callbacks.send_command_url()});
+    let connect =
+        json!({"hostUuid": "5a1c0e1d2d9c4f0e9d1c3c2b1a090807", "sendCommandUrl": h.callbacks.send_command_url()});
     assert_eq!(h.post("/host/connect", &[], connect.to_string()).await.unwrap().0, 200);
     let (img, _) = rbd_image();
     // More parent data than the clone will own, so the flatten has objects to copy.

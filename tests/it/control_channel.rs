@@ -56,7 +56,8 @@ async fn results_go_only_to_known_management_nodes() {
     assert!(!path.exists(), "the refused command did nothing");
 
     // /host/connect names the management node: from now on its host is allowed too.
-    let connect = json!({"hostUuid": "h1", "sendCommandUrl": h.callbacks.send_command_url()});
+    let connect =
+        json!({"hostUuid": "5a1c0e1d2d9c4f0e9d1c3c2b1a090807", "sendCommandUrl": h.callbacks.send_command_url()});
     assert_eq!(h.post("/host/connect", &[], connect.to_string()).await.unwrap().0, 200);
     let task = uuid();
     let (status, path) = create_volume(&h, &[], &task).await;

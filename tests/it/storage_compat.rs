@@ -21,7 +21,8 @@ fn files(dir: &Path) -> Vec<String> {
 #[tokio::test]
 async fn with_backing_template_and_reinit_have_real_effects() {
     let h = Host::start().await.unwrap();
-    let connect = json!({"hostUuid": "h1", "sendCommandUrl": h.callbacks.send_command_url()});
+    let connect =
+        json!({"hostUuid": "5a1c0e1d2d9c4f0e9d1c3c2b1a090807", "sendCommandUrl": h.callbacks.send_command_url()});
     assert_eq!(h.post("/host/connect", &[], connect.to_string()).await.unwrap().0, 200);
     let base = BaseImage::create(&h, 32 * MIB).unwrap();
 

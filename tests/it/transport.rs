@@ -48,21 +48,25 @@ async fn bad_input_is_answered_in_band() {
 async fn duplicate_taskuuid_gets_the_stored_result_even_after_restart() {
     let mut h = Host::start().await.unwrap();
     let sendurl = h.callbacks.send_command_url();
-    let connect = json!({"hostUuid": "host-1", "sendCommandUrl": sendurl, "version": "5.1.0"});
+    let connect =
+        json!({"hostUuid": "5a1c0e1d2d9c4f0e9d1c3c2b1a090807", "sendCommandUrl": sendurl, "version": "5.1.0"});
     let (s, body) = h.post("/host/connect", &[], connect.to_string()).await.unwrap();
     assert_eq!(s, 200);
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["success"], true, "{body}");
 
     let task = uuid();
-    h.send_as(&task, "/host/ping", &json!({"hostUuid": "host-1"})).await.unwrap();
+    h.send_as(&task, "/host/ping", &json!({"hostUuid": "5a1c0e1d2d9c4f0e9d1c3c2b1a090807"})).await.unwrap();
     let first = h.callbacks.wait(&task, Duration::from_secs(10)).await.unwrap();
     assert_eq!(first["version"], "5.1.0");
 
     h.restart_agent().unwrap();
     // A changed identity would change a re-run's answer; the stored result must come back instead.
-    let other = json!({"hostUuid": "host-2", "sendCommandUrl": sendurl, "version": "9.9"});
+    let other = json!({"hostUuid": "6b2d1f2e3e0d4a1f8e2d4d3c2b1a0918", "sendCommandUrl": sendurl, "version": "9.9"});
     assert_eq!(h.post("/host/connect", &[], other.to_string()).await.unwrap().0, 200);
-    h.send_as(&task, "/host/ping", &json!({"hostUuid": "host-1"})).await.unwrap();
+    // The same task id in capitals is the same task.
+    h.send_as(&task.to_uppercase(), "/host/ping", &json!({"hostUuid": "5a1c0e1d2d9c4f0e9d1c3c2b1a090807"}))
+        .await
+        .unwrap();
     let all = h.callbacks.wait_count(&task, 2, Duration::from_secs(10)).await.unwrap();
     assert_eq!(all[1], first, "the stored result is re-posted, not re-run");
 

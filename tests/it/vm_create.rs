@@ -24,7 +24,7 @@ fn vm_object(vm: &str) -> Value {
 async fn instant_start_thin_root_with_data_volume_and_tpm_boots_the_guest() {
     let h = Host::start().await.unwrap();
     // Progress goes to the sendCommandUrl learned at connect.
-    let connect = json!({"hostUuid": "h1", "sendCommandUrl": h.callbacks.send_command_url(), "version": "1"});
+    let connect = json!({"hostUuid": "5a1c0e1d2d9c4f0e9d1c3c2b1a090807", "sendCommandUrl": h.callbacks.send_command_url(), "version": "1"});
     assert_eq!(h.post("/host/connect", &[], connect.to_string()).await.unwrap().0, 200);
     let base = BaseImage::create(&h, 64 * MIB).unwrap();
     let base_sha = file_sha256(&base.path).unwrap();

@@ -87,7 +87,8 @@ fn temporaries(dir: &Path) -> Vec<String> {
 #[tokio::test]
 async fn offline_flatten_keeps_every_byte_and_the_dry_run_predicts_it() {
     let h = Host::start().await.unwrap();
-    let connect = json!({"hostUuid": "h1", "sendCommandUrl": h.callbacks.send_command_url()});
+    let connect =
+        json!({"hostUuid": "5a1c0e1d2d9c4f0e9d1c3c2b1a090807", "sendCommandUrl": h.callbacks.send_command_url()});
     assert_eq!(h.post("/host/connect", &[], connect.to_string()).await.unwrap().0, 200);
     let c = chained_vm(&h, "stopped", 16 * MIB).await;
     let (base_sha, middle_sha, top_sha) =

@@ -60,7 +60,10 @@ fn port_is_valid(uri: &Uri) -> bool {
     let Some(authority) = uri.authority() else { return false };
     let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
     let after_host = host_port.rsplit(']').next().unwrap_or_default();
-    authority.port().is_some() || !after_host.contains(':')
+    match authority.port_u16() {
+        Some(port) => port > 0,
+        None => authority.port().is_none() && !after_host.contains(':'),
+    }
 }
 
 #[derive(Clone)]
@@ -136,6 +139,7 @@ mod tests {
             "http://",
             "not a url",
             "http://127.0.0.1:99999/cb",
+            "http://127.0.0.1:0/cb",
             "http://[::1]:x/",
         ] {
             assert!(parse_url(bad).is_err(), "{bad}");

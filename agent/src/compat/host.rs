@@ -8,8 +8,8 @@ use crate::tasks::TaskCtx;
 use crate::wire::host::*;
 
 pub async fn connect(app: &App, _ctx: &TaskCtx, cmd: ConnectCmd) -> AgentResult<ConnectRsp> {
-    if cmd.host_uuid.trim().is_empty() {
-        return Err(AgentError::invalid("hostUuid must not be empty"));
+    if uuid::Uuid::try_parse(&cmd.host_uuid).is_err() {
+        return Err(AgentError::invalid(format!("hostUuid {:?} is not a uuid", cmd.host_uuid)));
     }
     if let Some(url) = &cmd.send_command_url {
         crate::callbacks::client::parse_url(url).map_err(|e| AgentError::invalid(format!("sendCommandUrl: {e}")))?;

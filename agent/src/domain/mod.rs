@@ -112,7 +112,7 @@ mod tests {
         v["rootVolume"]["installPath"] = json!("relative.qcow2");
         assert!(validate(&cmd(v)).unwrap_err().to_string().contains("absolute"));
         let mut v = fixture();
-        v["dataVolumes"] = json!([{"installPath": "/a", "deviceId": 1}, {"installPath": "/b", "deviceId": 1}]);
+        v["dataVolumes"] = json!([{"installPath": "/a", "deviceId": 1, "volumeUuid": "a"}, {"installPath": "/b", "deviceId": 1, "volumeUuid": "b"}]);
         assert!(validate(&cmd(v)).unwrap_err().to_string().contains("deviceId 1"));
     }
 

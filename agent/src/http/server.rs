@@ -168,7 +168,8 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str) -> Resp {
         return refuse(StatusCode::NOT_FOUND, format!("no command is served at {path}"));
     };
     let headers = req.headers().clone();
-    let task_id = header(&headers, "taskuuid").map(str::to_owned);
+    // One normal form: the same task id in capitals is the same task.
+    let task_id = header(&headers, "taskuuid").map(str::to_ascii_lowercase);
     match (route.style, &task_id) {
         (Style::Sync, Some(_)) => {
             return refuse(

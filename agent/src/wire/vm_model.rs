@@ -230,9 +230,20 @@ impl StartVmCmd {
     }
 }
 
+/// Whether `s` can be a disk's serial (it is the volume uuid): what libvirt and the guest's
+/// `/dev/disk/by-id` names carry.
+fn is_serial(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 fn volume(field: &str, v: &VolumeTo) -> AgentResult<Volume> {
     xml_safe(&format!("{field}.installPath"), &v.install_path)?;
-    xml_safe(&format!("{field}.volumeUuid"), &v.volume_uuid)?;
+    if !is_serial(&v.volume_uuid) {
+        return Err(invalid(format!(
+            "{field}.volumeUuid {:?} cannot be a disk serial: 1 to 64 letters, digits, '-', '_' or '.'",
+            v.volume_uuid
+        )));
+    }
     device_letter(v.device_id).map_err(|e| e.context(format!("{field}.deviceId")))?;
     let (location, rbd) = match v.device_type.as_str() {
         "file" if !v.install_path.starts_with('/') => {
