@@ -19,11 +19,14 @@ use crate::storage::roots::StorageRoots;
 use crate::storage::volume_locks::VolumeLocks;
 use crate::tasks::journal::Journal;
 use crate::tasks::registry::TaskRegistry;
+use crate::trusted_sources::TrustedSources;
 
 pub struct App {
     pub config: Config,
     pub tasks: Arc<TaskRegistry>,
     pub identity: Arc<HostIdentity>,
+    /// Who may command this host (configured management hosts, or the first connect's).
+    pub sources: TrustedSources,
     pub poster: Poster,
     /// The hypervisor port (libvirt; a fake in unit tests).
     pub libvirt: Arc<dyn Hypervisor>,
@@ -70,6 +73,7 @@ impl App {
         let state_err = |source| StartupError::StateDir { dir: config.state_dir.display().to_string(), source };
         std::fs::create_dir_all(&config.state_dir).map_err(state_err)?;
         let identity = Arc::new(HostIdentity::load(&config.state_dir).map_err(state_err)?);
+        let sources = TrustedSources::load(&config.state_dir).map_err(state_err)?;
         let poster = Poster::default();
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
         let (tasks, undelivered, interrupted) =
@@ -90,6 +94,7 @@ impl App {
             config,
             tasks,
             identity,
+            sources,
             poster,
             libvirt,
             storage: LocalStorage::new(roots),

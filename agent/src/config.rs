@@ -35,8 +35,10 @@ pub struct ServerConfig {
     pub token_file: Option<PathBuf>,
     /// TLS on the control port; plain HTTP without it.
     pub tls: Option<TlsConfig>,
-    /// Hosts (names or addresses) results and progress may be posted to. Together with the
-    /// management node learned at `/host/connect`; when both are empty, any host (ZStack's way).
+    /// Hosts (names or addresses) commands are taken from, and results and progress may be
+    /// posted to. Without them, commands are taken from the address of the first successful
+    /// `/host/connect` (until `kvmagent forget-management-node`) and results go to the node it
+    /// named; on a fresh agent, any host (ZStack's way).
     pub management_hosts: Vec<String>,
 }
 

@@ -28,4 +28,5 @@ pub mod storage;
 pub mod tasks;
 #[cfg(test)]
 pub mod testing;
+pub mod trusted_sources;
 pub mod wire;

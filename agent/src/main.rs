@@ -39,6 +39,12 @@ enum Command {
     },
     /// List the command paths the agent serves.
     Paths,
+    /// Forget the management node learned at the first `/host/connect`: the next connect is
+    /// trusted again (to move a host to another management node).
+    ForgetManagementNode {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -75,6 +81,20 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::ForgetManagementNode { config } => {
+            let forgotten = Config::load(config.as_deref()).map_err(|e| e.to_string()).and_then(|c| {
+                kvmagent::trusted_sources::TrustedSources::forget(&c.state_dir).map_err(|e| e.to_string())
+            });
+            match forgotten {
+                Ok(true) => println!("forgotten: the next /host/connect is trusted"),
+                Ok(false) => println!("no management node was remembered"),
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        }
         Command::Paths => {
             for (path, style) in kvmagent::http::routes::paths() {
                 println!("{style:?}\t{path}");

@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,9 +82,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsAcceptor
                 let (app, watcher, tls) = (app.clone(), graceful.watcher(), tls.clone());
                 tokio::spawn(async move {
                     let served = match tls {
-                        None => connection(app, stream, watcher).await,
+                        None => connection(app, stream, watcher, peer.ip()).await,
                         Some(tls) => match tls.accept(stream).await {
-                            Ok(stream) => connection(app, stream, watcher).await,
+                            Ok(stream) => connection(app, stream, watcher, peer.ip()).await,
                             Err(e) => {
                                 tracing::info!(%peer, error = %e, "TLS handshake failed");
                                 return;
@@ -106,13 +107,13 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsAcceptor
 }
 
 /// Serves one HTTP/1 connection over `stream` (plain TCP or TLS).
-async fn connection<S>(app: Arc<App>, stream: S, watcher: Watcher) -> Result<(), hyper::Error>
+async fn connection<S>(app: Arc<App>, stream: S, watcher: Watcher, peer: IpAddr) -> Result<(), hyper::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
         let app = app.clone();
-        async move { Ok::<_, Infallible>(handle(app, req).await) }
+        async move { Ok::<_, Infallible>(handle(app, req, peer).await) }
     });
     watcher.watch(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service)).await
 }
@@ -127,7 +128,7 @@ fn authorized(app: &App, headers: &HeaderMap) -> bool {
     given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
-async fn handle(app: Arc<App>, req: Request<Incoming>) -> Resp {
+async fn handle(app: Arc<App>, req: Request<Incoming>, peer: IpAddr) -> Resp {
     let path = req.uri().path().to_owned();
     if !authorized(&app, req.headers()) {
         let e = AgentError::new(
@@ -148,7 +149,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Resp {
         Method::GET if path.starts_with("/task/") => {
             task_status(&app, path.trim_start_matches("/task/").trim_end_matches('/'))
         }
-        Method::POST => command(app, req, &path).await,
+        Method::POST => command(app, req, &path, peer).await,
         _ => refuse(StatusCode::METHOD_NOT_ALLOWED, format!("{} {path}: commands are POSTed", req.method())),
     }
 }
@@ -163,10 +164,20 @@ fn task_status(app: &App, task_id: &str) -> Resp {
     }
 }
 
-async fn command(app: Arc<App>, req: Request<Incoming>, path: &str) -> Resp {
+/// Paths anyone may call: they only say the agent is there.
+const OPEN: &[&str] = &["/host/echo", "/ceph/primarystorage/echo"];
+
+async fn command(app: Arc<App>, req: Request<Incoming>, path: &str, peer: IpAddr) -> Resp {
     let Some(route) = routes::find(path) else {
         return refuse(StatusCode::NOT_FOUND, format!("no command is served at {path}"));
     };
+    if !OPEN.contains(&route.path) {
+        if let Err(why) = app.sources.check(peer, &app.config.server.management_hosts).await {
+            tracing::warn!(%peer, path, "command refused: {why}");
+            let e = AgentError::new(crate::error::ErrorKind::InvalidArgument, "not a management node", why);
+            return json_resp(StatusCode::FORBIDDEN, &wire::envelope(&Err(e)));
+        }
+    }
     let headers = req.headers().clone();
     // One normal form: the same task id in capitals is the same task.
     let task_id = header(&headers, "taskuuid").map(str::to_ascii_lowercase);
@@ -203,9 +214,14 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str) -> Resp {
 
     if route.style == Style::Sync {
         let result = match body {
-            Ok(b) => (route.handler)(app, TaskCtx::detached(route.path), b).await,
+            Ok(b) => (route.handler)(app.clone(), TaskCtx::detached(route.path), b).await,
             Err(e) => Err(e),
         };
+        if route.path == "/host/connect" && result.is_ok() {
+            if let Err(e) = app.sources.learn(peer) {
+                tracing::error!(error = %e, "cannot remember the management node; commands stay open to any address");
+            }
+        }
         // Echo paths answer an empty body.
         if matches!(result, Ok(Value::Null)) {
             return empty_ok();
