@@ -18,7 +18,7 @@ use crate::storage::local::LocalStorage;
 use crate::storage::roots::StorageRoots;
 use crate::storage::volume_locks::VolumeLocks;
 use crate::tasks::journal::Journal;
-use crate::tasks::registry::TaskRegistry;
+use crate::tasks::registry::{Limits, TaskRegistry};
 use crate::trusted_sources::TrustedSources;
 
 pub struct App {
@@ -76,8 +76,9 @@ impl App {
         let sources = TrustedSources::load(&config.state_dir).map_err(state_err)?;
         let poster = Poster::default();
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+        let limits = Limits { max_running: config.tasks.max_running, max_finished: config.tasks.max_finished };
         let (tasks, undelivered, interrupted) =
-            TaskRegistry::open(Journal::open(&config.state_dir).map_err(state_err)?, Some(progress_tx))
+            TaskRegistry::open(Journal::open(&config.state_dir).map_err(state_err)?, Some(progress_tx), limits)
                 .map_err(state_err)?;
         crate::callbacks::progress::spawn_forwarder(progress_rx, identity.clone(), poster.clone());
         let roots = StorageRoots::new(&config.storage.roots)

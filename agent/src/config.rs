@@ -126,6 +126,10 @@ pub struct TaskConfig {
     pub callback_retry_secs: u64,
     /// Finished tasks older than this are dropped from the journal.
     pub retention_secs: u64,
+    /// Commands running (or queued on a lock) at once; one more is refused as busy.
+    pub max_running: usize,
+    /// Finished tasks kept (memory and journal); past it the oldest are dropped first.
+    pub max_finished: usize,
 }
 
 impl Default for Config {
@@ -175,7 +179,7 @@ impl Default for LibvirtConfig {
 
 impl Default for TaskConfig {
     fn default() -> Self {
-        TaskConfig { callback_retry_secs: 120, retention_secs: 24 * 3600 }
+        TaskConfig { callback_retry_secs: 120, retention_secs: 24 * 3600, max_running: 1024, max_finished: 10_000 }
     }
 }
 

@@ -255,6 +255,16 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str, peer: IpAddr
         Ok(Admission::AlreadyRunning) => {
             tracing::info!(task = %task_id, "duplicate of a running task; not run again")
         }
+        Ok(Admission::Busy { running }) => {
+            let e = AgentError::new(
+                crate::error::ErrorKind::OperationFailed,
+                "busy",
+                format!(
+                    "{running} commands are running or waiting; at most tasks.max_running may; send it again later"
+                ),
+            );
+            return json_resp(StatusCode::SERVICE_UNAVAILABLE, &wire::envelope(&Err(e)));
+        }
         Ok(Admission::Finished(result)) => {
             tracing::info!(task = %task_id, "duplicate of a finished task; posting its stored result again");
             if let Some(url) = callback_url {

@@ -32,6 +32,23 @@ pub enum Admission {
     AlreadyRunning,
     /// The same `taskuuid` finished: post its stored result again.
     Finished(Value),
+    /// Too many tasks run already: refused, nothing recorded.
+    Busy { running: usize },
+}
+
+/// How much the registry holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Tasks running (or waiting on a lock) at once.
+    pub max_running: usize,
+    /// Finished tasks kept; past it the oldest are forgotten first.
+    pub max_finished: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_running: 1024, max_finished: 10_000 }
+    }
 }
 
 /// The answer to `GET /task/<taskuuid>`.
@@ -60,6 +77,7 @@ pub struct TaskRegistry {
     entries: Mutex<HashMap<String, Entry>>,
     idle: Notify,
     progress_out: Option<mpsc::UnboundedSender<ProgressEvent>>,
+    limits: Limits,
 }
 
 /// What the command carried that the registry needs besides its body.
@@ -81,6 +99,7 @@ impl TaskRegistry {
     pub fn open(
         journal: Journal,
         progress_out: Option<mpsc::UnboundedSender<ProgressEvent>>,
+        limits: Limits,
     ) -> std::io::Result<(Arc<Self>, Vec<TaskRecord>, Vec<TaskRecord>)> {
         let mut entries = HashMap::new();
         let (mut undelivered, mut interrupted) = (Vec::new(), Vec::new());
@@ -104,7 +123,7 @@ impl TaskRegistry {
             );
         }
         let registry =
-            Arc::new(TaskRegistry { journal, entries: Mutex::new(entries), idle: Notify::new(), progress_out });
+            Arc::new(TaskRegistry { journal, entries: Mutex::new(entries), idle: Notify::new(), progress_out, limits });
         Ok((registry, undelivered, interrupted))
     }
 
@@ -146,6 +165,10 @@ impl TaskRegistry {
                     None => Admission::AlreadyRunning,
                 });
             }
+            let running = map.values().filter(|e| e.record.state == TaskState::Running).count();
+            if running >= self.limits.max_running {
+                return Ok(Admission::Busy { running });
+            }
             map.insert(
                 record.task_id.clone(),
                 Entry {
@@ -178,6 +201,8 @@ impl TaskRegistry {
             let e = map.get_mut(task_id)?;
             e.record.state = state;
             e.record.result = Some(result);
+            // The command is needed only to run it again; a finished task keeps its result.
+            e.record.command = String::new();
             e.record.finished_ms = Some(now_ms());
             e.record.delivered = e.record.callback_url.is_none();
             e.progress = 100;
@@ -192,7 +217,39 @@ impl TaskRegistry {
         if running_left == 0 {
             self.idle.notify_waiters();
         }
+        self.evict_past_limit().await;
         url
+    }
+
+    /// Forgets the oldest finished tasks (delivered ones first) past `max_finished`.
+    async fn evict_past_limit(&self) {
+        let evicted: Vec<String> = {
+            let mut map = self.lock();
+            let mut finished: Vec<(bool, u64, String)> = map
+                .values()
+                .filter(|e| e.record.state != TaskState::Running)
+                .map(|e| (!e.record.delivered, e.record.finished_ms.unwrap_or(0), e.record.task_id.clone()))
+                .collect();
+            let excess = finished.len().saturating_sub(self.limits.max_finished);
+            finished.sort();
+            let evicted: Vec<String> = finished.into_iter().take(excess).map(|(_, _, id)| id).collect();
+            for id in &evicted {
+                map.remove(id);
+            }
+            evicted
+        };
+        if evicted.is_empty() {
+            return;
+        }
+        let journal = self.journal.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for id in evicted {
+                if let Err(e) = journal.remove(&id) {
+                    tracing::warn!(task = %id, error = %e, "cannot remove an evicted task record");
+                }
+            }
+        })
+        .await;
     }
 
     pub async fn mark_delivered(&self, task_id: &str) {
@@ -322,7 +379,7 @@ mod tests {
     #[tokio::test]
     async fn duplicate_while_running_is_not_started_again_and_after_finish_gets_stored_result() {
         let dir = tempfile::tempdir().unwrap();
-        let (reg, _, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
+        let (reg, _, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None, Limits::default()).unwrap();
         let id = "0123456789abcdef0123456789abcdef";
         assert!(matches!(reg.admit(intake(id, b"{}")).await.unwrap(), Admission::Start(_)));
         assert!(matches!(reg.admit(intake(id, b"{}")).await.unwrap(), Admission::AlreadyRunning));
@@ -339,13 +396,14 @@ mod tests {
         let done = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
         let cut = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
         {
-            let (reg, _, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
+            let (reg, _, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None, Limits::default()).unwrap();
             let _ = reg.admit(intake(done, b"{}")).await.unwrap();
             reg.finish(done, TaskState::Succeeded, serde_json::json!({"success": true, "x": 1})).await;
             reg.mark_delivered(done).await;
             let _ = reg.admit(intake(cut, b"{}")).await.unwrap();
         }
-        let (reg, undelivered, interrupted) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
+        let (reg, undelivered, interrupted) =
+            TaskRegistry::open(Journal::open(dir.path()).unwrap(), None, Limits::default()).unwrap();
         assert_eq!(reg.status(done).unwrap().result.unwrap()["x"], 1);
         assert!(undelivered.is_empty());
         assert_eq!(interrupted.len(), 1);
@@ -354,14 +412,15 @@ mod tests {
         assert!(matches!(reg.admit(intake(cut, b"{}")).await.unwrap(), Admission::AlreadyRunning));
         assert!(reg.resume(cut).is_some() && reg.resume(done).is_none());
         reg.finish(cut, TaskState::Failed, serde_json::json!({"success": false})).await;
-        let (_, undelivered, interrupted) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
+        let (_, undelivered, interrupted) =
+            TaskRegistry::open(Journal::open(dir.path()).unwrap(), None, Limits::default()).unwrap();
         assert_eq!((undelivered.len(), interrupted.len()), (1, 0));
     }
 
     #[tokio::test]
     async fn cancel_fires_only_matching_running_tasks() {
         let dir = tempfile::tempdir().unwrap();
-        let (reg, _, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None).unwrap();
+        let (reg, _, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None, Limits::default()).unwrap();
         let Admission::Start(ctx) = reg.admit(intake("cccccccccccccccccccccccccccccccc", b"{}")).await.unwrap() else {
             panic!()
         };
@@ -369,5 +428,30 @@ mod tests {
         assert!(!ctx.stop.is_stopped());
         assert_eq!(reg.cancel_by_api("api1"), 1);
         assert_eq!(ctx.stop.reason(), Some(StopReason::Cancelled));
+    }
+
+    #[tokio::test]
+    async fn finished_tasks_keep_their_result_not_their_command_and_the_oldest_go_past_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits { max_running: 2, max_finished: 3 };
+        let (reg, _, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None, limits).unwrap();
+        let big = vec![b'x'; 1 << 20];
+        let ids: Vec<String> = (0..5).map(|i| format!("{i:032x}")).collect();
+        for id in &ids {
+            assert!(matches!(reg.admit(intake(id, &big)).await.unwrap(), Admission::Start(_)));
+            reg.finish(id, TaskState::Failed, serde_json::json!({"success": false})).await;
+            reg.mark_delivered(id).await;
+        }
+        let on_disk: u64 =
+            std::fs::read_dir(dir.path().join("tasks")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+        assert!(on_disk < 4096, "no command is kept once its task finished: {on_disk} bytes");
+        assert!(reg.status(&ids[0]).is_none() && reg.status(&ids[1]).is_none(), "the oldest are forgotten");
+        assert!(ids[2..].iter().all(|id| reg.status(id).is_some()), "the newest stay");
+
+        let (a, b, c) = ("a".repeat(32), "b".repeat(32), "c".repeat(32));
+        assert!(matches!(reg.admit(intake(&a, b"{}")).await.unwrap(), Admission::Start(_)));
+        assert!(matches!(reg.admit(intake(&b, b"{}")).await.unwrap(), Admission::Start(_)));
+        assert!(matches!(reg.admit(intake(&c, b"{}")).await.unwrap(), Admission::Busy { running: 2 }));
+        assert!(reg.status(&c).is_none(), "a busy refusal records nothing");
     }
 }

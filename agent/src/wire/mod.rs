@@ -110,8 +110,32 @@ pub fn envelope(result: &Result<Value, AgentError>) -> Value {
             m.insert("success".into(), Value::Bool(false));
             m.insert("error".into(), Value::String(e.to_string()));
             m.insert("errorCode".into(), serde_json::to_value(e.error_code()).unwrap_or(Value::Null));
-            Value::Object(m)
+            let mut v = Value::Object(m);
+            bound_text(&mut v);
+            v
         }
+    }
+}
+
+/// The most an error's text keeps of any one string (it may echo what the command sent; the
+/// journal keeps results for a day).
+pub const MAX_ERROR_TEXT: usize = 4096;
+
+/// Cuts every string in `v` to [`MAX_ERROR_TEXT`] bytes (on a character boundary), saying so.
+fn bound_text(v: &mut Value) {
+    match v {
+        Value::String(s) if s.len() > MAX_ERROR_TEXT => {
+            let mut end = MAX_ERROR_TEXT;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            let cut = s.len() - end;
+            s.truncate(end);
+            s.push_str(&format!("... ({cut} bytes not shown)"));
+        }
+        Value::Array(a) => a.iter_mut().for_each(bound_text),
+        Value::Object(m) => m.values_mut().for_each(bound_text),
+        _ => {}
     }
 }
 
@@ -142,6 +166,15 @@ mod tests {
     fn wrong_type_names_path() {
         let e = decode::<Cmd>(&serde_json::json!({"installUrl": "/x", "size": "big"})).unwrap_err();
         assert!(e.to_string().contains("`size`"), "{e}");
+    }
+
+    #[test]
+    fn an_error_echoing_a_huge_value_is_cut() {
+        let huge = "é".repeat(1 << 20);
+        let v = envelope(&Err(AgentError::invalid(format!("path {huge} is outside"))));
+        let text = v.to_string();
+        assert!(text.len() < 4 * MAX_ERROR_TEXT, "{} bytes", text.len());
+        assert!(v["error"].as_str().unwrap().ends_with("bytes not shown)"));
     }
 
     #[test]
