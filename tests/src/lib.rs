@@ -101,6 +101,11 @@ impl Host {
         Ok(self.recorded_volumes(vm)?.into_iter().map(|(_, p)| p).collect())
     }
 
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts an agent and waits until it answers `/host/echo`.
     pub async fn start() -> Result<Host> {
         Self::start_with("").await

@@ -10,11 +10,15 @@ use crate::error::{AgentError, ErrorKind};
 use crate::qemu_img::{read_header, HeaderError};
 
 const MAX_CHAIN: usize = 64;
+/// Linux's limit on a path.
+const PATH_MAX: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PathError {
     #[error("path {0:?} must be absolute")]
     NotAbsolute(String),
+    #[error("a path of {0} bytes is longer than the {PATH_MAX} a path may have")]
+    TooLong(usize),
     #[error("path {0:?} contains control characters")]
     BadCharacters(String),
     #[error("path {0:?} contains '..'; name the file directly")]
@@ -76,6 +80,9 @@ impl StorageRoots {
     /// Resolves `path` (which need not exist yet) and checks it lies inside a root: the deepest
     /// existing ancestor is canonicalised (following symlinks), the rest appended.
     pub fn confine(&self, path: &str) -> Result<PathBuf, PathError> {
+        if path.len() > PATH_MAX {
+            return Err(PathError::TooLong(path.len()));
+        }
         if path.chars().any(char::is_control) {
             return Err(PathError::BadCharacters(path.to_owned()));
         }
