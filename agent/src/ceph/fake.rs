@@ -29,6 +29,8 @@ pub struct FakeRbd {
     images: Mutex<BTreeMap<String, Image>>,
     /// How many more removals fail because a (killed) client still watches the image.
     watched: std::sync::atomic::AtomicUsize,
+    /// Reading usage fails (a cluster that stops answering half-way through a command).
+    usage_fails: std::sync::atomic::AtomicBool,
 }
 
 fn not_found(p: &CephPath) -> RbdError {
@@ -48,6 +50,11 @@ impl FakeRbd {
     /// The next `n` removals find the image watched, as after a client was killed with it open.
     pub fn watch_for(&self, n: usize) {
         self.watched.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// From now on, reading an image's usage fails.
+    pub fn fail_usage(&self) {
+        self.usage_fails.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// `image`'s parent snapshot, when it is a clone.
@@ -94,6 +101,9 @@ impl Rbd for FakeRbd {
     }
 
     async fn used(&self, p: &CephPath, _stop: &Stop) -> Result<u64, RbdError> {
+        if self.usage_fails.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(refused(p, "the cluster did not answer"));
+        }
         self.with(p, |i| Ok(i.used))
     }
 

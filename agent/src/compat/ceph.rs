@@ -26,6 +26,23 @@ async fn describe(app: &App, ctx: &TaskCtx, p: &CephPath) -> AgentResult<ImageRs
     Ok(ImageRsp { install_path: p.to_string(), size, actual_size })
 }
 
+/// The answer about image `p` that this command just made (`made`); should it fail, the image
+/// goes again: a failed command leaves nothing it made.
+async fn answer_made(
+    app: &App,
+    p: &CephPath,
+    made: bool,
+    answer: impl std::future::Future<Output = AgentResult<ImageRsp>>,
+) -> AgentResult<ImageRsp> {
+    let r = answer.await;
+    if r.is_err() && made {
+        if let Err(e) = app.rbd.remove(p, &crate::stop::Stop::new()).await {
+            tracing::error!(image = %p, error = %e, "cannot remove the image a failed command made");
+        }
+    }
+    r
+}
+
 async fn refuse_existing(app: &App, ctx: &TaskCtx, p: &CephPath) -> AgentResult<()> {
     if app.rbd.exists(p, &ctx.stop).await? {
         return Err(AgentError::conflict(format!("{p} already exists; delete it first or choose another path")));
@@ -39,11 +56,12 @@ pub async fn create_empty(app: &App, ctx: &TaskCtx, cmd: CreateEmptyCmd) -> Agen
         return Err(AgentError::invalid("size must be greater than 0"));
     }
     let _lock = app.volume_locks.write_rbd(&p).await;
-    if !(cmd.skip_if_existing && app.rbd.exists(&p, &ctx.stop).await?) {
+    let made = !(cmd.skip_if_existing && app.rbd.exists(&p, &ctx.stop).await?);
+    if made {
         refuse_existing(app, ctx, &p).await?;
         app.rbd.create(&p, cmd.size, &ctx.stop).await?;
     }
-    describe(app, ctx, &p).await
+    answer_made(app, &p, made, describe(app, ctx, &p)).await
 }
 
 /// `rbd clone` of a snapshot; a v1-format cluster needs the snapshot protected first, which is
@@ -63,10 +81,13 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CopyCmd) -> AgentResult<ImageR
         app.rbd.snap_protect(&src, &ctx.stop).await?;
     }
     app.rbd.clone_snapshot(&src, &dst, &ctx.stop).await?;
-    // ZStack reports the source's size for a clone.
-    let mut rsp = describe(app, ctx, &dst).await?;
-    rsp.size = app.rbd.info(&src, &ctx.stop).await?.size.max(rsp.size);
-    Ok(rsp)
+    answer_made(app, &dst, true, async {
+        // ZStack reports the source's size for a clone.
+        let mut rsp = describe(app, ctx, &dst).await?;
+        rsp.size = app.rbd.info(&src, &ctx.stop).await?.size.max(rsp.size);
+        Ok(rsp)
+    })
+    .await
 }
 
 pub async fn flatten(app: &App, ctx: &TaskCtx, cmd: PathCmd) -> AgentResult<Empty> {

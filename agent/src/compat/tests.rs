@@ -71,3 +71,18 @@ async fn a_snapshot_group_names_the_new_top_of_each_volume() {
         assert_ne!(before, after);
     }
 }
+
+#[tokio::test]
+async fn a_ceph_create_or_clone_that_fails_after_making_its_image_removes_it() {
+    let h = TestHost::start();
+    let stop = crate::stop::Stop::new();
+    let base = crate::ceph::path::CephPath::parse("rbd/base").unwrap();
+    h.app.rbd.create(&base, 4 << 20, &stop).await.unwrap();
+    h.app.rbd.snap_create(&base.with_snap("s"), &stop).await.unwrap();
+    h.rbd.fail_usage();
+    let create = json!({"installPath": "ceph://rbd/new", "size": 1048576});
+    super::ceph::create_empty(&h.app, &ctx(), decode(&create).unwrap()).await.unwrap_err();
+    let clone = json!({"srcPath": "ceph://rbd/base@s", "dstPath": "ceph://rbd/clone"});
+    super::ceph::clone(&h.app, &ctx(), decode(&clone).unwrap()).await.unwrap_err();
+    assert_eq!(h.rbd.images(), ["rbd/base"], "nothing the failed commands made is left");
+}
