@@ -292,6 +292,13 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
         let now = rss(h.pid().unwrap());
         assert!(now < baseline + 100 * MIB, "RSS grew from {baseline} to {now} bytes");
         assert!(size_of_tree(&h.state_dir) < 64 * MIB, "the state directory grew past 64 MiB");
+        // Domains: only those of the VM uuids the fuzzer sends may appear, and only once a
+        // successful command named them.
+        for d in [&vm, &other_vm] {
+            if kvmagent_host_tests::checks::domstate(d).is_some() {
+                assert!(named.contains(d.as_str()), "domain {d} exists, but no successful command named it");
+            }
+        }
         let mut after = BTreeSet::new();
         files(&h.root, &mut after);
         for f in after.difference(&before) {

@@ -95,6 +95,8 @@ mod tests {
             ("bootMode", json!("UEFI"), "Legacy"),
             ("socketNum", json!(65536), "socketNum"),
             ("threadsPerCore", json!(u32::MAX), "threadsPerCore"),
+            ("clock", json!("pst"), "clock"),
+            ("vmName", json!("x".repeat(5000)), "vmName"),
         ];
         for (field, value, needle) in cases {
             let mut v = fixture();
@@ -105,6 +107,9 @@ mod tests {
         let mut v = fixture();
         v["nics"][0]["mac"] = json!("fa:62:4a:61:6c");
         assert!(validate(&cmd(v)).unwrap_err().to_string().contains("mac"));
+        let mut v = fixture();
+        v["nics"][0]["type"] = json!("vDPA");
+        assert!(validate(&cmd(v)).unwrap_err().to_string().contains("nics[0].type"));
         let mut v = fixture();
         v["nics"][0]["bridgeName"] = json!("br/../x");
         assert!(validate(&cmd(v)).unwrap_err().to_string().contains("bridgeName"));

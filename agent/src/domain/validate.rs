@@ -12,8 +12,15 @@ fn invalid(msg: String) -> AgentError {
     AgentError::invalid(msg)
 }
 
-/// Characters XML 1.0 cannot carry at all (escaping does not help).
+/// The longest text a field of a VM may hold (names, serials, passwords, paths).
+pub const MAX_TEXT: usize = 4096;
+
+/// Text a domain definition can carry: at most [`MAX_TEXT`] bytes, and none of the characters
+/// XML 1.0 cannot carry at all (escaping does not help).
 pub fn xml_safe(field: &str, value: &str) -> AgentResult<()> {
+    if value.len() > MAX_TEXT {
+        return Err(invalid(format!("{field} is {} bytes long; at most {MAX_TEXT} are taken", value.len())));
+    }
     match value.chars().find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
         Some(c) => Err(invalid(format!(
             "{field} contains the control character U+{:04X}, which a domain definition cannot carry",

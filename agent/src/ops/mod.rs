@@ -95,10 +95,11 @@ pub async fn start(app: &App, _ctx: &TaskCtx, owner: &owner::VmGuard, cmd: Start
         return domain::device_info(&app.libvirt.xml(&vm).await?);
     }
     let mut undo = UndoLog::default();
-    match define(app, &spec, true, &mut undo).await {
+    // A VM that runs without its record could not be cloned or changed: both, or neither.
+    let started = async { define(app, &spec, true, &mut undo).await.and_then(|rsp| owner.save(&spec).map(|_| rsp)) };
+    match started.await {
         Ok(rsp) => {
             undo.commit();
-            owner.save(&spec)?;
             Ok(rsp)
         }
         Err(e) => {

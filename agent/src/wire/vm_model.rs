@@ -124,7 +124,11 @@ impl StartVmCmd {
             nics,
             create_paused: self.create_paused,
             host_management_ip: self.host_management_ip.clone(),
-            clock: if self.clock == "localtime" { Clock::Localtime } else { Clock::Utc },
+            clock: match self.clock.as_str() {
+                "" | "utc" => Clock::Utc,
+                "localtime" => Clock::Localtime,
+                other => return Err(invalid(format!("clock {other:?} is not utc or localtime"))),
+            },
             serial_number: self.system_serial_number.clone(),
             chassis_asset_tag: self.chassis_asset_tag.clone(),
             console_password: self.console_password.clone(),
@@ -342,12 +346,16 @@ fn nic(i: usize, n: &NicTo) -> AgentResult<Nic> {
     if !is_mac(&n.mac) {
         return Err(invalid(format!("nics[{i}].mac {:?} is not a MAC address (xx:xx:xx:xx:xx:xx)", n.mac)));
     }
-    let network = if n.nic_type == "user" {
-        NicNetwork::User
-    } else if is_ifname(&n.bridge_name) {
-        NicNetwork::Bridge(n.bridge_name.clone())
-    } else {
-        return Err(invalid(format!("nics[{i}].bridgeName {:?} is not a valid Linux interface name", n.bridge_name)));
+    let network = match n.nic_type.as_str() {
+        "user" => NicNetwork::User,
+        "" | "VNIC" if is_ifname(&n.bridge_name) => NicNetwork::Bridge(n.bridge_name.clone()),
+        "" | "VNIC" => {
+            return Err(invalid(format!(
+                "nics[{i}].bridgeName {:?} is not a valid Linux interface name",
+                n.bridge_name
+            )))
+        }
+        other => return Err(invalid(format!("nics[{i}].type {other:?} is not supported (VNIC or user)"))),
     };
     let model = match n.driver_type.as_str() {
         "" if n.use_virtio => NicModel::Virtio,
