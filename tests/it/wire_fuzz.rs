@@ -3,7 +3,8 @@
 //! path tricks, arrays for objects, unknown and missing fields, bad headers), sent in bursts,
 //! with replays of earlier task ids. After each burst: the agent answers, every accepted task
 //! got exactly one result (one more per replay), memory and the state directory stay bounded,
-//! and no file or domain exists that no successful command named.
+//! and no file, domain or libvirt secret exists that no successful command named. (The fuzzed
+//! agent has no Ceph cluster: every RBD command fails, so no image can be left.)
 //!
 //! CI runs a fixed seed (`KVMAGENT_FUZZ_REQUESTS`, default 2000); `KVMAGENT_FUZZ_SEED` picks
 //! another, e.g. `KVMAGENT_FUZZ_REQUESTS=20000 KVMAGENT_FUZZ_SEED=7 cargo test -p
@@ -99,6 +100,15 @@ fn mutate(rng: &mut Rng, v: &mut Value, root: &str) {
     }
 }
 
+/// The libvirt secrets the fuzzer may define (and removes at the end).
+const SECRETS: [&str; 2] = ["6f7e2a1c-0b9d-4c3e-8f1a-2b3c4d5e6f70", "6f7e2a1c-0b9d-4c3e-8f1a-2b3c4d5e6f71"];
+
+fn remove_secrets() {
+    for s in SECRETS {
+        let _ = std::process::Command::new("virsh").args(["secret-undefine", s]).output();
+    }
+}
+
 /// A command that would work on each path, from which mutations start.
 fn template(path: &str, root: &str, image: &str, vm: &str, other_vm: &str) -> Value {
     let u = uuid();
@@ -121,6 +131,9 @@ fn template(path: &str, root: &str, image: &str, vm: &str, other_vm: &str) -> Va
         "/vm/clone" => json!({"vmUuid": vm, "clones": [{"uuid": other_vm, "name": "fz"}], "strategy": "JustCreate"}),
         "/vm/stop" | "/vm/destroy" => json!({"uuid": other_vm, "type": "cold"}),
         "/host/connect" => json!({"hostUuid": uuid(), "sendCommandUrl": "http://127.0.0.1:1/x"}),
+        "/vm/createcephsecret" => {
+            json!({"userKey": "QVFCSmFrMWxBQUFBQUJBQWhUcjBaaVdDOHZBQzVHNVhqV2c9PQ==", "uuid": SECRETS[0]})
+        }
         _ => json!({}),
     }
 }
@@ -171,6 +184,7 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
     let seed: u64 = std::env::var("KVMAGENT_FUZZ_SEED").ok().and_then(|n| n.parse().ok()).unwrap_or(0x5eed_f022);
     println!("wire fuzz: {requests} requests, KVMAGENT_FUZZ_SEED={seed}");
     let mut rng = Rng(seed | 1);
+    remove_secrets();
     let h = Host::start().await.unwrap();
     let root = h.root.display().to_string();
     let image = BaseImage::create(&h, 4 * MIB).unwrap().path.display().to_string();
@@ -299,6 +313,13 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
                 assert!(named.contains(d.as_str()), "domain {d} exists, but no successful command named it");
             }
         }
+        // Secrets: likewise for the secret uuids the fuzzer sends.
+        for secret in SECRETS {
+            let defined = std::process::Command::new("virsh").args(["secret-dumpxml", secret]).output();
+            if defined.is_ok_and(|o| o.status.success()) {
+                assert!(named.contains(secret), "secret {secret} exists, but no successful command named it");
+            }
+        }
         let mut after = BTreeSet::new();
         files(&h.root, &mut after);
         for f in after.difference(&before) {
@@ -308,5 +329,6 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
             assert!(named.contains(&shown) || parent_named, "{shown} exists, but no successful command named it");
         }
     }
+    remove_secrets();
     println!("wire fuzz: {done} requests, {} accepted tasks, agent sound", expected.len());
 }
