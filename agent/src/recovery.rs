@@ -38,6 +38,12 @@ pub trait Runner: Send + Sync {
 /// end state, and re-attach to a block job the interrupted run started.
 const RESUMABLE: &[&str] = &["/vm/flatten", "/vm/volume/mergesnapshot", "/localstorage/snapshot/offlinemerge"];
 
+/// Whether a task on `path` is run again after an interruption (so its command must be kept
+/// while it runs; other tasks' commands are never needed again).
+pub fn is_resumable(path: &str) -> bool {
+    RESUMABLE.contains(&path)
+}
+
 /// The tasks a previous run left behind (from the task journal).
 #[derive(Debug, Default)]
 pub struct Inherited {
@@ -94,7 +100,7 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) 
     }
     report.removed = remove_temporaries(app, started);
     for record in inherited.interrupted {
-        if RESUMABLE.contains(&record.path.as_str()) && runner.resume(app, &record) {
+        if is_resumable(&record.path) && runner.resume(app, &record) {
             tracing::warn!(task = %record.task_id, path = %record.path, "resuming an interrupted task");
             report.resumed.push(record.task_id);
             continue;

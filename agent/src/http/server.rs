@@ -245,7 +245,8 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str, peer: IpAddr
         task_id: &task_id,
         path: route.path,
         callback_url: callback_url.clone(),
-        raw_body: &raw,
+        // Only a task recovery may run again needs its command journaled.
+        raw_body: if crate::recovery::is_resumable(route.path) { &raw } else { b"" },
         api_id: common.api_id().map(str::to_owned),
         thread_context,
         thread_context_stack: stack,
