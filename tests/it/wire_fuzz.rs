@@ -321,7 +321,7 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
         // Domains and secrets (each a `virsh` call, so every few bursts and at the end): only
         // those of the uuids the fuzzer sends may appear, and only once a successful command
         // named them.
-        if (done / BURST) % 8 != 0 && done < requests {
+        if !(done / BURST).is_multiple_of(8) && done < requests {
             continue;
         }
         for d in [&vm, &other_vm] {
