@@ -14,24 +14,12 @@ use kvmagent_host_tests::checks::{domstate, file_sha256, guest_disk_flush, qemu_
 use kvmagent_host_tests::guest::staying_kernel_boot;
 use kvmagent_host_tests::images::{data_volume_path, root_volume_path, BaseImage};
 use kvmagent_host_tests::sources::rbd_spec;
-use kvmagent_host_tests::{record_volumes, uuid, Host};
+use kvmagent_host_tests::{record_volumes, uuid, Host, Rng};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 const KINDS: [&str; 8] =
     ["create", "clone", "changeimage", "flatten-offline", "flatten-live", "rbd-create", "clone-linked", "backup"];
-
-/// A small deterministic generator (xorshift), so that a seed replays a run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// What one round must find afterwards.
 enum Expect {
@@ -285,7 +273,7 @@ async fn kill_the_agent_at_random_moments() {
     for i in 0..rounds {
         let kind = kinds[i % kinds.len()].as_str();
         let (path, cmd, expect) = round(&h, &s, kind).await;
-        let delay = Duration::from_millis(rng.next() % 600);
+        let delay = Duration::from_millis(rng.next_u64() % 600);
         let task = h.send(path, &cmd).await.unwrap();
         tokio::time::sleep(delay).await;
         h.kill_agent().unwrap();

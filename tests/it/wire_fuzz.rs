@@ -15,30 +15,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kvmagent_host_tests::images::BaseImage;
-use kvmagent_host_tests::{agent_binary, uuid, Host};
+use kvmagent_host_tests::{agent_binary, uuid, Host, Rng};
 use serde_json::{json, Map, Value};
 
 const MIB: u64 = 1 << 20;
 const BURST: usize = 16;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
 
 /// Strings that have broken agents: traversal, other files, protocols, control characters,
 /// markup, sizes.
@@ -239,7 +220,7 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
         let h = &h;
         // Now and then a bad header: a callback on port 0, a task id one digit too long, or a
         // callback to another host (accepted by a fresh agent, but then never ours to count).
-        let headers: Vec<u64> = burst.iter().map(|_| rng.next() % 20).collect();
+        let headers: Vec<u64> = burst.iter().map(|_| rng.next_u64() % 20).collect();
         let answers = futures::future::join_all(burst.iter().zip(&headers).map(|((task, path, body, _), bad)| {
             let callback = match bad {
                 0 => "http://127.0.0.1:0/cb".to_owned(),

@@ -27,6 +27,27 @@ use serde_json::Value;
 
 pub use callbacks::Callbacks;
 
+/// A small seeded generator (xorshift): runs that print their seed can be replayed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
 /// A fresh 32-hex uuid, as the management plane uses for VMs, volumes and tasks.
 pub fn uuid() -> String {
     uuid::Uuid::new_v4().simple().to_string()
