@@ -181,6 +181,18 @@ fn remove_temporaries(app: &App, started: SystemTime) -> Vec<PathBuf> {
             }
         });
     }
+    // State files a kill caught half-written (`.<name>.tmp-<id>`, see `atomic_file`): the file
+    // itself still holds its previous content.
+    walk(&app.config.state_dir, 0, &mut |p: &Path| {
+        let torn = p.file_name().is_some_and(|n| {
+            let n = n.to_string_lossy();
+            n.starts_with('.') && n.contains(".tmp-")
+        });
+        let old = p.symlink_metadata().and_then(|m| m.modified()).is_ok_and(|t| t < started);
+        if torn && old && std::fs::remove_file(p).is_ok() {
+            removed.push(p.to_path_buf());
+        }
+    });
     for e in std::fs::read_dir(app.config.state_dir.join("staging")).into_iter().flatten().flatten() {
         let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < started);
         if old && std::fs::remove_dir_all(e.path()).is_ok() {

@@ -65,6 +65,11 @@ impl Vms {
         let mut migrated = Vec::new();
         for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let path = e.path();
+            // Only `<uuid>.json` is a record (a kill may leave an atomic write's temporary).
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.strip_suffix(".json").is_some_and(|vm| crate::domain::check_uuid(vm).is_ok()) {
+                continue;
+            }
             let Ok(Some(v)) = atomic_file::read_json::<Value>(&path) else { continue };
             if v.get("formatVersion").is_some() {
                 continue;

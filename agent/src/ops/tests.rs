@@ -474,3 +474,17 @@ async fn recovery_waits_out_the_watch_a_killed_client_left_on_an_image() {
     assert!(report.rolled_back.iter().all(|r| r.failures.is_empty()), "{report:?}");
     assert_rbd_consistent(&h, &base).await;
 }
+
+#[tokio::test]
+async fn a_state_file_torn_by_a_kill_is_removed_at_start_and_never_read_as_a_record() {
+    let mut h = TestHost::start();
+    let vm = h.running_vm().await;
+    let vms = h.app.config.state_dir.join("vms");
+    // What a kill in the middle of an atomic write leaves: a temporary beside the record.
+    let torn = vms.join(format!(".{vm}.json.tmp-{}", uuid()));
+    std::fs::write(&torn, br#"{"vmInstanceUuid": "half"#).unwrap();
+    let report = h.restart_and_recover().await;
+    assert!(!torn.exists() && report.removed.contains(&torn), "{report:?}");
+    assert_eq!(std::fs::read_dir(&vms).unwrap().count(), 1, "only the record stays");
+    assert_consistent(&h).await;
+}
