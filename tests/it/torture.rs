@@ -159,7 +159,9 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn check(h: &Host, s: &Setup, result: &Value, expect: &Expect) {
-    let ok = result["success"] == true;
+    // A clone command succeeds even when each of its clones failed (and left nothing): what
+    // counts is whether its clone was made.
+    let ok = result["success"] == true && result["numberOfClonedVm"] != 0;
     match expect {
         Expect::AllOrNothing { paths, domains, defined } => {
             for p in paths {
