@@ -2,41 +2,13 @@
 //! agent's memory within 50 MiB of what it used before them, and its state directory small
 //! (a finished task keeps its result, cut to size, not its command).
 
-use std::path::Path;
 use std::time::Duration;
 
+use kvmagent_host_tests::checks::{rss, tree_size};
 use kvmagent_host_tests::Host;
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
-
-/// Resident memory of process `pid`, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap();
-    kib * 1024
-}
-
-fn size_of_tree(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| {
-            let m = e.metadata().unwrap();
-            if m.is_dir() {
-                size_of_tree(&e.path())
-            } else {
-                m.len()
-            }
-        })
-        .sum()
-}
 
 #[tokio::test]
 async fn a_thousand_commands_with_megabyte_strings_leave_memory_and_journal_bounded() {
@@ -54,7 +26,7 @@ async fn a_thousand_commands_with_megabyte_strings_leave_memory_and_journal_boun
         assert!(r.to_string().len() < 64 * 1024, "command {i}: an answer of {} bytes", r.to_string().len());
     }
     let after = rss(pid);
-    let journal = size_of_tree(&h.state_dir);
+    let journal = tree_size(&h.state_dir);
     println!(
         "RSS {} MiB before, {} MiB after 1000 commands of 1 MiB; state dir {} KiB",
         idle / MIB,

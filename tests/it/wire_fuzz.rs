@@ -14,6 +14,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kvmagent_host_tests::checks::{rss, tree_size};
 use kvmagent_host_tests::images::BaseImage;
 use kvmagent_host_tests::{agent_binary, uuid, Host, Rng};
 use serde_json::{json, Map, Value};
@@ -128,22 +129,6 @@ fn files(dir: &Path, out: &mut BTreeSet<PathBuf>) {
             out.insert(e.path());
         }
     }
-}
-
-fn size_of_tree(dir: &Path) -> u64 {
-    let mut all = BTreeSet::new();
-    files(dir, &mut all);
-    all.iter().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum()
-}
-
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-        * 1024
 }
 
 /// Every string inside `v` (keys too), for "was this named by a successful command".
@@ -291,7 +276,7 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
         assert_eq!(h.post("/host/echo", &[], "").await.unwrap().0, 200, "the agent is up");
         let now = rss(h.pid().unwrap());
         assert!(now < baseline + 100 * MIB, "RSS grew from {baseline} to {now} bytes");
-        assert!(size_of_tree(&h.state_dir) < 64 * MIB, "the state directory grew past 64 MiB");
+        assert!(tree_size(&h.state_dir) < 64 * MIB, "the state directory grew past 64 MiB");
         let mut after = BTreeSet::new();
         files(&h.root, &mut after);
         for f in after.difference(&before) {

@@ -58,6 +58,14 @@ pub enum DiskFormat {
 }
 
 impl DiskFormat {
+    /// The format a file's own header says it has (never what a command claims).
+    pub fn of_file(path: &std::path::Path) -> Result<DiskFormat, crate::qemu_img::HeaderError> {
+        Ok(match crate::qemu_img::sniff_format(path)? {
+            "raw" => DiskFormat::Raw,
+            _ => DiskFormat::Qcow2,
+        })
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DiskFormat::Qcow2 => "qcow2",

@@ -170,11 +170,7 @@ fn repoint(spec: &mut VmSpec, top: &Path, base: &Path) -> bool {
     let mut changed = false;
     for v in spec.volumes.iter_mut().filter(|v| v.location == Location::File(top.to_path_buf())) {
         v.location = Location::File(base.to_path_buf());
-        v.format = if crate::qemu_img::sniff_format(base).is_ok_and(|f| f == "raw") {
-            DiskFormat::Raw
-        } else {
-            DiskFormat::Qcow2
-        };
+        v.format = DiskFormat::of_file(base).unwrap_or(DiskFormat::Qcow2);
         changed = true;
     }
     changed

@@ -21,7 +21,6 @@ use crate::app::App;
 use crate::domain::{self, DomainSettings};
 use crate::error::{AgentError, AgentResult};
 use crate::model::{DiskFormat, VmSpec};
-use crate::qemu_img;
 use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
 use crate::wire::vm::{StartVmCmd, StartVmRsp};
@@ -52,11 +51,8 @@ pub async fn check_against_host(app: &App, spec: &mut VmSpec) -> AgentResult<()>
     for vol in spec.volumes.iter_mut() {
         if let Location::File(p) = &vol.location {
             let path = app.storage.roots().confine_chain(&p.display().to_string())?;
-            vol.format = match qemu_img::sniff_format(&path) {
-                Ok("raw") => DiskFormat::Raw,
-                Ok(_) => DiskFormat::Qcow2,
-                Err(e) => return Err(AgentError::invalid(format!("volume {}: {e}", p.display()))),
-            };
+            vol.format =
+                DiskFormat::of_file(&path).map_err(|e| AgentError::invalid(format!("volume {}: {e}", p.display())))?;
         }
     }
     Ok(())
