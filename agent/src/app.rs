@@ -13,6 +13,8 @@ use crate::host_identity::HostIdentity;
 use crate::hypervisor::Hypervisor;
 use crate::libvirt::Libvirt;
 use crate::ops::owner::Vms;
+use crate::qemu_img::cli::QemuImgCli;
+use crate::qemu_img::QemuImg;
 use crate::recovery::{Inherited, Report};
 use crate::storage::local::LocalStorage;
 use crate::storage::roots::StorageRoots;
@@ -33,6 +35,8 @@ pub struct App {
     pub storage: LocalStorage,
     /// RBD (the `rbd` command line; a fake in unit tests).
     pub rbd: Arc<dyn Rbd>,
+    /// qcow2 work (the `qemu-img` command; a fake in unit tests).
+    pub qemu_img: Arc<dyn QemuImg>,
     /// Every VM's lock and record: one owner per VM at a time.
     pub vms: Vms,
     /// Where backup groups may be written and read.
@@ -61,14 +65,15 @@ impl App {
         let libvirt = Arc::new(Libvirt::new(&config.libvirt.uri));
         let c = &config.ceph;
         let rbd = Arc::new(RbdCli { conf: c.conf.clone(), id: c.id.clone(), keyring: c.keyring.clone() });
-        App::with_backends(config, libvirt, rbd)
+        App::with_backends(config, libvirt, rbd, Arc::new(QemuImgCli))
     }
 
-    /// Like [`new`](Self::new), on the given hypervisor and RBD (fakes in unit tests).
+    /// Like [`new`](Self::new), on the given hypervisor, RBD and qemu-img (fakes in unit tests).
     pub fn with_backends(
         config: Config,
         libvirt: Arc<dyn Hypervisor>,
         rbd: Arc<dyn Rbd>,
+        qemu_img: Arc<dyn QemuImg>,
     ) -> Result<(Arc<App>, Inherited), StartupError> {
         let state_err = |source| StartupError::StateDir { dir: config.state_dir.display().to_string(), source };
         std::fs::create_dir_all(&config.state_dir).map_err(state_err)?;
@@ -98,9 +103,10 @@ impl App {
             sources,
             poster,
             libvirt,
-            storage: LocalStorage::new(roots),
+            storage: LocalStorage::new(roots, qemu_img.clone()),
             backup_roots,
             rbd,
+            qemu_img,
             vms,
             volume_locks,
             shutting_down: AtomicBool::new(false),

@@ -10,6 +10,7 @@ pub mod compat;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod faults;
 pub mod host_identity;
 pub mod host_info;
 pub mod http;

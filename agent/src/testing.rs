@@ -1,11 +1,10 @@
-//! A host for unit tests of the orchestration: an [`App`] on a temporary directory and a
-//! [`FakeHypervisor`], with real qcow2 files made by `qemu-img` (no daemon). It can be
+//! A host for unit tests of the orchestration: an [`App`] on a temporary directory with fakes of
+//! every external system (hypervisor, qemu-img, RBD) sharing one [`Faults`] plan. It can be
 //! "restarted" (a new `App` on the same directories and the same hypervisor, as after a kill)
 //! to test crash recovery.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -13,7 +12,10 @@ use serde_json::{json, Value};
 use crate::app::App;
 use crate::ceph::fake::FakeRbd;
 use crate::config::Config;
+use crate::faults::Faults;
 use crate::hypervisor::fake::FakeHypervisor;
+use crate::qemu_img::fake::{self, FakeQemuImg, BLOCK};
+use crate::qemu_img::{CreateOptions, QemuImg};
 use crate::recovery::{Inherited, Runner};
 use crate::tasks::journal::TaskRecord;
 use crate::tasks::registry::{Admission, Intake};
@@ -24,6 +26,8 @@ pub struct TestHost {
     pub root: PathBuf,
     pub hv: Arc<FakeHypervisor>,
     pub rbd: Arc<FakeRbd>,
+    /// Failures and kills of hypervisor and qemu-img calls.
+    pub faults: Arc<Faults>,
     pub app: Arc<App>,
     checked: Checked,
 }
@@ -43,17 +47,6 @@ pub fn uuid() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `qemu-img check` of `path` passes.
-fn check(path: &str) {
-    run("qemu-img", &["check", "-q", path]);
-}
-
 /// Files already checked, by path, size and modification time: unchanged ones are not
 /// checked again (kill tests check the whole host after every kill).
 type Checked = std::sync::Mutex<std::collections::HashMap<PathBuf, (u64, std::time::SystemTime)>>;
@@ -64,14 +57,14 @@ pub fn backing(path: &str) -> Option<PathBuf> {
     h.backing_file.map(|b| Path::new(path).parent().unwrap().join(b))
 }
 
-/// Whether the two images read the same (`qemu-img compare`).
+/// Whether the two images read the same.
 pub fn same_content(a: &str, b: &str) -> bool {
-    Command::new("qemu-img").args(["compare", "-q", a, b]).status().unwrap().success()
+    fake::same_content(Path::new(a), Path::new(b))
 }
 
-/// Writes `byte` repeated over 64 KiB at `offset` into the image (format-aware).
+/// Writes `byte` over the 64 KiB block at `offset` of the image (as a guest would).
 pub fn write(path: &str, offset: u64, byte: u8) {
-    run("qemu-io", &["-f", "qcow2", "-c", &format!("write -P {byte} {offset} 64k"), path]);
+    fake::write_block(Path::new(path), offset, byte)
 }
 
 impl TestHost {
@@ -79,17 +72,18 @@ impl TestHost {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         std::fs::create_dir_all(&root).unwrap();
-        let hv = Arc::new(FakeHypervisor::new());
+        let faults = Arc::new(Faults::default());
+        let hv = Arc::new(FakeHypervisor::new(faults.clone()));
         let rbd = Arc::new(FakeRbd::default());
-        let app = start(dir.path(), &root, &hv, &rbd).0;
-        TestHost { dir, root, hv, rbd, app, checked: Default::default() }
+        let app = start(dir.path(), &root, &hv, &rbd, &faults).0;
+        TestHost { dir, root, hv, rbd, faults, app, checked: Default::default() }
     }
 
     /// A new agent on the same directories and hypervisor, after recovery: what a restart
     /// after a kill does.
     pub async fn restart_and_recover(&mut self) -> crate::recovery::Report {
-        self.hv.revive();
-        let (app, inherited) = start(self.dir.path(), &self.root, &self.hv, &self.rbd);
+        self.faults.revive();
+        let (app, inherited) = start(self.dir.path(), &self.root, &self.hv, &self.rbd, &self.faults);
         self.app = app;
         self.recover(inherited).await
     }
@@ -98,12 +92,12 @@ impl TestHost {
         crate::recovery::recover(&self.app, inherited, &NoRunner).await
     }
 
-    /// `qemu-img check` of `path` passes (once per version of the file).
+    /// The image and its chain can be read (once per version of the file).
     pub fn check(&self, path: &Path) {
         let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let version = (m.len(), m.modified().unwrap());
         if self.checked.lock().unwrap().get(path) != Some(&version) {
-            check(&path.display().to_string());
+            fake::check(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             self.checked.lock().unwrap().insert(path.to_path_buf(), version);
         }
     }
@@ -114,10 +108,13 @@ impl TestHost {
     }
 
     /// A cached image of `size` bytes with a pattern written at its start.
-    pub fn image(&self, name: &str, size: u64) -> String {
+    pub async fn image(&self, name: &str, size: u64) -> String {
         let p = self.path(&format!("imagecache/{name}.qcow2"));
         std::fs::create_dir_all(Path::new(&p).parent().unwrap()).unwrap();
-        run("qemu-img", &["create", "-q", "-f", "qcow2", &p, &size.to_string()]);
+        let q = FakeQemuImg::new(Arc::default());
+        q.create(Path::new(&p), size.next_multiple_of(BLOCK), &CreateOptions::default(), &Default::default())
+            .await
+            .unwrap();
         write(&p, 0, 0x5a);
         p
     }
@@ -170,7 +167,7 @@ impl TestHost {
     /// Creates a running VM (root on a new image, one data volume); returns its uuid.
     pub async fn running_vm(&self) -> String {
         let vm = uuid();
-        let image = self.image(&uuid(), 4 << 20);
+        let image = self.image(&uuid(), 4 << 20).await;
         let cmd = crate::wire::decode_native(&self.create_cmd(&vm, &image)).unwrap();
         crate::ops::create::create(&self.app, &TaskCtx::detached("/vm/create"), cmd).await.unwrap();
         vm
@@ -189,11 +186,17 @@ impl TestHost {
     }
 }
 
-fn start(dir: &Path, root: &Path, hv: &Arc<FakeHypervisor>, rbd: &Arc<FakeRbd>) -> (Arc<App>, Inherited) {
+fn start(
+    dir: &Path,
+    root: &Path,
+    hv: &Arc<FakeHypervisor>,
+    rbd: &Arc<FakeRbd>,
+    faults: &Arc<Faults>,
+) -> (Arc<App>, Inherited) {
     let mut config = Config { state_dir: dir.join("state"), ..Config::default() };
     config.storage.roots = vec![root.to_path_buf()];
     config.backup.roots = vec![dir.join("backup")];
     config.libvirt.domain_type = "qemu".into();
     config.libvirt.swtpm_dir = dir.join("swtpm");
-    App::with_backends(config, hv.clone(), rbd.clone()).unwrap()
+    App::with_backends(config, hv.clone(), rbd.clone(), Arc::new(FakeQemuImg::new(faults.clone()))).unwrap()
 }

@@ -131,7 +131,7 @@ pub async fn create_template(
     let _target = app.volume_locks.write(&cmd.install_path).await?;
     let path = app
         .storage
-        .create_flat_copy(&cmd.volume_path, &cmd.install_path, &ctx.stop, |p| ctx.progress(p, "copying"))
+        .create_flat_copy(&cmd.volume_path, &cmd.install_path, &ctx.stop, &mut |p| ctx.progress(p, "copying"))
         .await?;
     size_of(app, ctx, &path).await
 }
@@ -161,7 +161,7 @@ pub async fn offline_merge(
     let _lock = app.volume_locks.write(&cmd.dest_path).await?;
     match (cmd.full_rebase, cmd.src_path.as_deref().filter(|p| !p.is_empty())) {
         (true, _) => {
-            app.storage.flatten_offline(&cmd.dest_path, &ctx.stop, |p| ctx.progress(p, "flattening")).await?;
+            app.storage.flatten_offline(&cmd.dest_path, &ctx.stop, &mut |p| ctx.progress(p, "flattening")).await?;
         }
         (false, Some(src)) => app.storage.rebase_offline(&cmd.dest_path, src, &ctx.stop).await?,
         (false, None) => return Err(AgentError::invalid("srcPath is required unless fullRebase is true")),

@@ -45,7 +45,7 @@ async fn an_empty_ceph_key_is_refused_before_any_secret_is_defined() {
 #[tokio::test]
 async fn reinit_needs_the_volume_itself() {
     let h = TestHost::start();
-    let image = h.image("i", 1 << 20);
+    let image = h.image("i", 1 << 20).await;
     std::fs::create_dir_all(h.root.join("rootVolumes/a/vol")).unwrap();
     let before = h.files();
     for volume in [h.path("rootVolumes/a/vol"), h.path("rootVolumes/a/vol/missing.qcow2"), h.path("rootVolumes")] {

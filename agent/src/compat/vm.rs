@@ -68,7 +68,7 @@ pub async fn take_snapshot(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotCmd) -> Ag
         ops::freeze::record(app, &owner, &mut spec, &frozen).await?;
     }
     let z = &frozen[0];
-    let size = crate::qemu_img::info(&z.snapshot_path, &ctx.stop).await?.actual_size;
+    let size = app.qemu_img.info(&z.snapshot_path, &ctx.stop).await?.actual_size;
     Ok(TakeSnapshotRsp {
         new_volume_install_path: z.install_path.display().to_string(),
         snapshot_install_path: z.snapshot_path.display().to_string(),

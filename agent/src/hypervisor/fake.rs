@@ -1,26 +1,26 @@
 //! A hypervisor in memory, for unit tests of the orchestration. Domains are kept as their XML
 //! and a state; the calls that change disks do to the files what libvirt would (a block pull
-//! rebases the top with `qemu-img`, a pivoted commit commits it), so a test checks real files.
+//! rebases the top, a pivoted commit commits it, on the fake qemu-img's images), so a test
+//! checks files.
 //!
 //! A running domain keeps every file of its disks' chains open, as QEMU does, so the agent's
 //! "is this file in use" checks see what they would see on a real host.
 //!
-//! Two kinds of fault: a named call can be made to fail, and the agent can be "killed" at the
-//! n-th call: that call never returns, and [`FakeHypervisor::killed`] fires, so the test drops
-//! the operation mid-way, as SIGKILL would leave it. Domains outlive the agent, as with libvirtd.
+//! Calls count in the shared [`Faults`] (a named call can be made to fail, the agent killed at
+//! the n-th call). Domains outlive the agent, as with libvirtd.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use tokio::sync::Notify;
 
 use super::Hypervisor;
+use crate::faults::Faults;
 use crate::libvirt::blockjob::JobProgress;
 use crate::libvirt::domains::VmState;
 use crate::libvirt::LibvirtError;
+use crate::qemu_img::fake;
 
 #[derive(Debug, Clone)]
 pub struct FakeDomain {
@@ -49,14 +49,10 @@ impl FakeDomain {
     }
 }
 
-#[derive(Default)]
 pub struct FakeHypervisor {
     domains: Mutex<HashMap<String, FakeDomain>>,
     secrets: Mutex<HashMap<String, Vec<u8>>>,
-    calls: AtomicUsize,
-    kill_at: AtomicUsize,
-    killed: Notify,
-    failing: Mutex<HashSet<&'static str>>,
+    faults: Arc<Faults>,
 }
 
 fn injected(call: &'static str) -> LibvirtError {
@@ -64,28 +60,8 @@ fn injected(call: &'static str) -> LibvirtError {
 }
 
 impl FakeHypervisor {
-    pub fn new() -> FakeHypervisor {
-        FakeHypervisor { kill_at: AtomicUsize::new(usize::MAX), ..Default::default() }
-    }
-
-    /// Makes every later `call` fail.
-    pub fn fail(&self, call: &'static str) {
-        self.failing.lock().unwrap().insert(call);
-    }
-
-    /// The agent dies at the `n`-th call from now (1 = the next one).
-    pub fn kill_at(&self, n: usize) {
-        self.kill_at.store(self.calls.load(Ordering::SeqCst) + n, Ordering::SeqCst);
-    }
-
-    /// Never kills again (a restarted agent).
-    pub fn revive(&self) {
-        self.kill_at.store(usize::MAX, Ordering::SeqCst);
-    }
-
-    /// Resolves once the agent was killed.
-    pub async fn killed(&self) {
-        self.killed.notified().await
+    pub fn new(faults: Arc<Faults>) -> FakeHypervisor {
+        FakeHypervisor { domains: Mutex::default(), secrets: Mutex::default(), faults }
     }
 
     pub fn domain(&self, vm: &str) -> Option<FakeDomain> {
@@ -101,12 +77,7 @@ impl FakeHypervisor {
     }
 
     async fn enter(&self, call: &'static str) -> Result<(), LibvirtError> {
-        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        if n == self.kill_at.load(Ordering::SeqCst) {
-            self.killed.notify_one();
-            std::future::pending::<()>().await;
-        }
-        if self.failing.lock().unwrap().contains(call) {
+        if self.faults.enter(call).await {
             return Err(injected(call));
         }
         Ok(())
@@ -140,21 +111,9 @@ impl FakeHypervisor {
     }
 }
 
-async fn qemu_img(args: &[&str]) -> Result<(), LibvirtError> {
-    let out = tokio::process::Command::new("qemu-img").args(args).output().await.map_err(|e| LibvirtError::Call {
-        call: "blockJob",
-        message: e.to_string(),
-        code: 1,
-    })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(LibvirtError::Call {
-            call: "blockJob",
-            message: String::from_utf8_lossy(&out.stderr).into_owned(),
-            code: 1,
-        })
-    }
+/// A block job's change to the files, failed as libvirt reports it.
+fn block_job(call: &'static str, r: Result<(), String>) -> Result<(), LibvirtError> {
+    r.map_err(|message| LibvirtError::Call { call, message, code: 1 })
 }
 
 fn domain_name(xml: &str) -> Option<String> {
@@ -250,12 +209,9 @@ impl Hypervisor for FakeHypervisor {
 
     async fn block_pull(&self, vm: &str, disk: &str, base: Option<&str>) -> Result<(), LibvirtError> {
         self.enter("blockRebase").await?;
-        let top = self.disk_file(vm, disk)?.display().to_string();
+        let top = self.disk_file(vm, disk)?;
         // The job finishes at once: a safe rebase copies what the top lacks, as the pull does.
-        match base {
-            None => qemu_img(&["rebase", "-q", "-f", "qcow2", "-b", "", &top]).await,
-            Some(b) => qemu_img(&["rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", b, &top]).await,
-        }
+        block_job("blockRebase", fake::pull(&top, base.map(Path::new)))
     }
 
     async fn block_job(&self, vm: &str, disk: &str) -> Result<Option<JobProgress>, LibvirtError> {
@@ -281,7 +237,7 @@ impl Hypervisor for FakeHypervisor {
             })?;
             let base = header.backing_file.map(|b| top.parent().unwrap_or(Path::new("/")).join(b));
             let base = base.ok_or_else(|| injected("blockJobAbort"))?;
-            qemu_img(&["commit", "-q", "-f", "qcow2", &top.display().to_string()]).await?;
+            block_job("blockJobAbort", fake::commit_top(&top))?;
             self.switch_disk(vm, &top, &base)?;
         }
         Ok(())

@@ -183,7 +183,7 @@ async fn write_point(
         write_file(app, &from, previous.as_deref(), &dst, &ctx.stop)
             .await
             .map_err(|e| e.context(format!("step 'back up volume {}' failed", v.uuid)))?;
-        let virtual_size = qemu_img::info(&dst, &ctx.stop).await?.virtual_size;
+        let virtual_size = app.qemu_img.info(&dst, &ctx.stop).await?.virtual_size;
         let path = dst.clone();
         let sha256 = blocking(move || backup_group::sha256_file(&path)).await?;
         let bytes = std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0);
@@ -215,15 +215,16 @@ async fn write_file(app: &App, from: &str, previous: Option<&str>, dst: &Path, s
                 opts: &CreateOptions::default(),
                 into_zeroed: false,
             };
-            qemu_img::convert_image(c, stop, |_| {}).await.map_err(stopped)?;
+            app.qemu_img.convert(c, stop, &mut |_| {}).await.map_err(stopped)?;
         }
         Some(prev) => {
             // An empty overlay on the instant reads as the instant; a safe rebase onto the
             // previous point writes into it exactly the clusters where the two differ.
-            qemu_img::create_overlay(Path::new(&src), src_fmt, tmp, None, &CreateOptions::default(), stop)
+            app.qemu_img
+                .create_overlay(Path::new(&src), src_fmt, tmp, None, &CreateOptions::default(), stop)
                 .await
                 .map_err(stopped)?;
-            qemu_img::rebase(tmp, Path::new(prev), "qcow2", stop).await.map_err(stopped)?;
+            app.qemu_img.rebase(tmp, Path::new(prev), "qcow2", stop).await.map_err(stopped)?;
         }
     }
     stop.check("backing up the volume")?;

@@ -217,13 +217,16 @@ pub async fn thaw(app: &App, owner: &VmGuard, spec: &mut VmSpec, frozen: &[Froze
 
 async fn commit_back(app: &App, vm: &str, z: &Frozen) -> AgentResult<()> {
     if !app.libvirt.domain_state(vm).await?.is_some_and(|s| s.is_active()) {
-        return crate::qemu_img::commit(&z.install_path, &Stop::new()).await.map_err(Into::into);
+        return app.qemu_img.commit(&z.install_path, &Stop::new()).await.map_err(Into::into);
     }
     let disk = super::flatten::disk_of(app, vm, &z.install_path).await?;
     app.libvirt.block_commit_active(vm, &disk).await?;
     let deadline = Instant::now() + COMMIT_TIMEOUT;
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // Polled at once first: a small top is often copied by then.
+    for attempt in 0.. {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let job = app.libvirt.block_job(vm, &disk).await?;
         let Some(p) = job else {
             return Err(AgentError::failed("the commit job ended before the pivot", format!("VM {vm} disk {disk}")));

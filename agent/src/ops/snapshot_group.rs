@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use super::assemble::{self, Source};
 use super::capture::{self, capture, Freeze};
 use super::derived;
+use super::undo::{UndoLog, UndoStep};
 use super::volumes;
 use crate::app::App;
 use crate::atomic_file;
@@ -128,31 +129,55 @@ pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentR
         task_id: &ctx.task_id,
     };
     let captured = capture(app, &owner, &mut spec, opts, &ctx.stop).await?;
-    let mut snapshots = Vec::new();
-    for v in before.volumes.iter() {
-        let snapshot_path = captured.point(&v.uuid, &v.install_path());
-        let (size, _) = volumes::store(app, &snapshot_path)?.sizes(&snapshot_path, &ctx.stop).await?;
-        let now = spec.volumes.iter().find(|n| n.uuid == v.uuid).map(|n| n.install_path());
-        snapshots.push(GroupSnapshot {
-            volume_uuid: v.uuid.clone(),
-            volume_type: v.volume_type().into(),
-            device_id: v.device_id,
-            snapshot_path,
-            size,
-            new_install_path: now,
-        });
+    // Until the group is recorded and the task's result with it, a failure or a kill gives the
+    // instant back: the group's record goes, the frozen tops are committed back, the RBD
+    // snapshots removed (undone newest first, so no group ever names a thawed file).
+    let mut undo = UndoLog::journaled(app, &ctx.task_id);
+    if !captured.frozen.is_empty() {
+        undo.push(UndoStep::Thaw { vm: before.uuid.clone(), frozen: captured.frozen.clone() });
     }
-    let group = StoredGroup {
-        format_version: crate::model::FORMAT_VERSION,
-        group_uuid,
-        vm_uuid: before.uuid.clone(),
-        name: cmd.name,
-        created_at: crate::tasks::journal::now_ms() / 1000,
-        vm: before,
-        snapshots,
-    };
-    groups.save(&group)?;
-    Ok(group.to_wire())
+    for (_, snap) in &captured.rbd_snapshots {
+        undo.push(UndoStep::RemoveRbdSnapshot { path: snap.clone() });
+    }
+    undo.push(UndoStep::RemoveFile { path: groups.file(&group_uuid) });
+    let recorded = async {
+        let mut snapshots = Vec::new();
+        for v in before.volumes.iter() {
+            let snapshot_path = captured.point(&v.uuid, &v.install_path());
+            let (size, _) = volumes::store(app, &snapshot_path)?.sizes(&snapshot_path, &ctx.stop).await?;
+            let now = spec.volumes.iter().find(|n| n.uuid == v.uuid).map(|n| n.install_path());
+            snapshots.push(GroupSnapshot {
+                volume_uuid: v.uuid.clone(),
+                volume_type: v.volume_type().into(),
+                device_id: v.device_id,
+                snapshot_path,
+                size,
+                new_install_path: now,
+            });
+        }
+        let group = StoredGroup {
+            format_version: crate::model::FORMAT_VERSION,
+            group_uuid: group_uuid.clone(),
+            vm_uuid: before.uuid.clone(),
+            name: cmd.name,
+            created_at: crate::tasks::journal::now_ms() / 1000,
+            vm: before,
+            snapshots,
+        };
+        groups.save(&group)?;
+        Ok::<_, AgentError>(group)
+    }
+    .await;
+    match recorded {
+        Ok(group) => {
+            undo.commit();
+            Ok(group.to_wire())
+        }
+        Err(e) => {
+            undo.rollback(app, &owner).await;
+            Err(e)
+        }
+    }
 }
 
 /// `/vm/volumes/getsnapshotgroup`.

@@ -1,6 +1,7 @@
-//! Unit tests of the VM operations on a fake hypervisor and real qcow2 files: each operation's
-//! effect, its rollback when a step fails, a kill at every hypervisor call followed by crash
-//! recovery, and operations racing on one VM. No daemon is needed.
+//! Unit tests of the VM operations on fakes of the hypervisor, qemu-img and RBD: each
+//! operation's effect, its rollback when a hypervisor or qemu-img call fails, a kill at every such
+//! call and after every journaled step followed by crash recovery, and operations racing on one
+//! VM. No daemon and no external program is needed.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -70,8 +71,8 @@ async fn create_makes_the_vm_and_a_failed_start_leaves_nothing() {
     assert_consistent(&h).await;
 
     let before = h.files();
-    h.hv.fail("create");
-    let (other, image) = (uuid(), h.image("i2", 1 << 20));
+    h.faults.fail("create");
+    let (other, image) = (uuid(), h.image("i2", 1 << 20).await);
     let before = before.into_iter().chain([PathBuf::from(&image)]).collect::<BTreeSet<_>>();
     let e = crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(h.create_cmd(&other, &image)))
         .await
@@ -106,7 +107,7 @@ async fn a_linked_clone_freezes_the_source_and_its_record_follows() {
 async fn a_failing_clone_leaves_nothing_of_itself() {
     let h = TestHost::start();
     let vm = h.running_vm().await;
-    h.hv.fail("defineXML");
+    h.faults.fail("defineXML");
     let rsp =
         crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(json!({"vmUuid": vm, "names": ["a"]})))
             .await
@@ -121,9 +122,9 @@ async fn change_image_switches_a_stopped_vm_or_changes_nothing() {
     let h = TestHost::start();
     let vm = h.running_vm().await;
     h.app.libvirt.destroy(&vm).await.unwrap();
-    let (old, image) = (h.recorded(&vm).await, h.image("other", 8 << 20));
+    let (old, image) = (h.recorded(&vm).await, h.image("other", 8 << 20).await);
     let c = || cmd(json!({"vmUuid": vm, "imagePath": image}));
-    h.hv.fail("defineXML");
+    h.faults.fail("defineXML");
     crate::ops::change_image::change_image(&h.app, &TaskCtx::detached("/vm/changeimage"), c()).await.unwrap_err();
     assert_eq!(h.recorded(&vm).await, old, "a failed change keeps the old root");
     assert_consistent(&h).await;
@@ -132,7 +133,7 @@ async fn change_image_switches_a_stopped_vm_or_changes_nothing() {
     let vm = h2.running_vm().await;
     h2.app.libvirt.destroy(&vm).await.unwrap();
     let old = h2.recorded(&vm).await;
-    let image = h2.image("other", 8 << 20);
+    let image = h2.image("other", 8 << 20).await;
     let c = cmd(json!({"vmUuid": vm, "imagePath": image}));
     crate::ops::change_image::change_image(&h2.app, &TaskCtx::detached("/vm/changeimage"), c).await.unwrap();
     let now = h2.recorded(&vm).await;
@@ -203,7 +204,7 @@ async fn a_failed_snapshot_group_or_backup_changes_nothing() {
     let h = TestHost::start();
     let vm = h.running_vm().await;
     let (files, before) = (h.recorded(&vm).await, h.files());
-    h.hv.fail("snapshotCreateXML");
+    h.faults.fail("snapshotCreateXML");
     let ctx = TaskCtx::detached("/vm/volumes/takesnapshot");
     crate::ops::snapshot_group::take(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap_err();
     let ctx = TaskCtx::detached("/vm/backup");
@@ -216,7 +217,67 @@ async fn a_failed_snapshot_group_or_backup_changes_nothing() {
     assert_eq!(backups, 0, "no backup group left");
 }
 
-/// Where a test kills the agent: at its n-th hypervisor call (which then never returns), or
+/// One of the operations, run on the host's VM `vm` (running, or stopped first when `stopped`);
+/// whether it made what it was asked for.
+async fn run_op(h: &TestHost, op: &str, vm: &str, image: &str) -> bool {
+    let ctx = TaskCtx::detached(op);
+    let app = &h.app;
+    match op {
+        "/vm/create" => {
+            let c = cmd(h.create_cmd(&uuid(), image));
+            crate::ops::create::create(app, &ctx, c).await.is_ok()
+        }
+        "/vm/clone" => {
+            let c = cmd(json!({"vmUuid": vm, "names": ["a", "b"], "full": true}));
+            crate::ops::clone::clone(app, &ctx, c).await.is_ok_and(|r| r.number_of_cloned_vm == 2)
+        }
+        "/vm/volumes/takesnapshot" => {
+            crate::ops::snapshot_group::take(app, &ctx, cmd(json!({"vmUuid": vm}))).await.is_ok()
+        }
+        "/vm/backup" => crate::ops::backup::backup(app, &ctx, cmd(json!({"vmUuid": vm}))).await.is_ok(),
+        "/vm/flatten" => crate::ops::flatten::flatten(app, &ctx, cmd(json!({"vmUuid": vm}))).await.is_ok(),
+        "/vm/changeimage" => {
+            let c = cmd(json!({"vmUuid": vm, "imagePath": image}));
+            crate::ops::change_image::change_image(app, &ctx, c).await.is_ok()
+        }
+        _ => unreachable!("{op}"),
+    }
+}
+
+#[tokio::test]
+async fn an_operation_whose_qemu_img_call_fails_changes_nothing() {
+    let calls = ["qemu-img create", "qemu-img convert", "qemu-img rebase", "qemu-img commit", "qemu-img info"];
+    let ops = ["/vm/create", "/vm/clone", "/vm/volumes/takesnapshot", "/vm/backup", "/vm/flatten", "/vm/changeimage"];
+    let mut failed = BTreeSet::new();
+    for call in calls {
+        for op in ops {
+            for stopped in [false, true] {
+                let h = TestHost::start();
+                let vm = h.running_vm().await;
+                if stopped {
+                    h.app.libvirt.destroy(&vm).await.unwrap();
+                }
+                let image = h.image("other", 8 << 20).await;
+                let (record, files) = (h.recorded(&vm).await, h.files());
+                h.faults.fail(call);
+                // A clone reports each clone's failure; the source stays frozen on its new top
+                // (recorded, and named in the answer), which is checked for consistency below.
+                if !run_op(&h, op, &vm, &image).await && op != "/vm/clone" {
+                    failed.insert(call);
+                    let what = format!("{op} (VM stopped: {stopped}) failing at {call}");
+                    assert_eq!(h.recorded(&vm).await, record, "{what} keeps the VM's record");
+                    assert_eq!(h.files(), files, "{what} leaves the files as they were");
+                    assert_eq!(h.domain_files(&vm), record, "{what} leaves the domain on its files");
+                }
+                assert_consistent(&h).await;
+            }
+        }
+    }
+    assert_eq!(failed.len(), calls.len(), "each call is used by some operation: {failed:?}");
+}
+
+/// Where a test kills the agent: at its n-th hypervisor or qemu-img call (which then never
+/// returns), or
 /// right after its n-th journaled undo step.
 #[derive(Debug, Clone, Copy)]
 enum Kill {
@@ -229,10 +290,10 @@ async fn run_killed<Fut: Future<Output = AgentResult<Value>>>(h: &TestHost, path
     use futures::FutureExt;
     let killed = match kill {
         Kill::Call(n) => {
-            h.hv.kill_at(n);
+            h.faults.kill_at(n);
             tokio::select! {
                 r = op => { r.unwrap_or_else(|e| panic!("{path}: {e}")); false }
-                _ = h.hv.killed() => true,
+                _ = h.faults.killed() => true,
             }
         }
         Kill::Step(n) => match std::panic::AssertUnwindSafe(kill_point::after(n, op)).catch_unwind().await {
@@ -244,11 +305,11 @@ async fn run_killed<Fut: Future<Output = AgentResult<Value>>>(h: &TestHost, path
             Err(p) => std::panic::resume_unwind(p),
         },
     };
-    h.hv.revive();
+    h.faults.revive();
     killed
 }
 
-/// Runs `op` killed at each of its hypervisor calls and after each of its journaled steps in
+/// Runs `op` killed at each of its hypervisor and qemu-img calls and after each of its journaled steps in
 /// turn, restarting the agent and recovering after each kill; each time the host must be
 /// consistent again. Returns how many kills ran.
 async fn kill_at_every_point<F, Fut>(h: &mut TestHost, path: &str, op: F) -> usize
@@ -283,7 +344,7 @@ fn value<T: serde::Serialize>(r: AgentResult<T>) -> AgentResult<Value> {
 async fn kill_host() -> (TestHost, String, String) {
     let h = TestHost::start();
     let vm = h.running_vm().await;
-    let image = h.image("other", 8 << 20);
+    let image = h.image("other", 8 << 20).await;
     (h, vm, image)
 }
 

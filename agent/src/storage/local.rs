@@ -4,9 +4,10 @@
 //! existing volume is never overwritten.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{AgentError, AgentResult, ErrorKind};
-use crate::qemu_img::{self, CreateOptions};
+use crate::qemu_img::{self, Convert, CreateOptions, QemuImg};
 use crate::stop::Stop;
 use crate::storage::roots::StorageRoots;
 
@@ -33,9 +34,10 @@ pub struct FlattenEstimate {
     pub bytes_to_add: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LocalStorage {
     roots: StorageRoots,
+    qemu_img: Arc<dyn QemuImg>,
 }
 
 /// A volume file being built beside its final name; removed on drop unless published.
@@ -139,8 +141,8 @@ pub fn check_size(size: u64, opts: &CreateOptions) -> AgentResult<()> {
 }
 
 impl LocalStorage {
-    pub fn new(roots: StorageRoots) -> Self {
-        LocalStorage { roots }
+    pub fn new(roots: StorageRoots, qemu_img: Arc<dyn QemuImg>) -> Self {
+        LocalStorage { roots, qemu_img }
     }
 
     pub fn roots(&self) -> &StorageRoots {
@@ -190,7 +192,7 @@ impl LocalStorage {
         })?;
         let header = qemu_img::read_header(&image).map_err(|e| AgentError::invalid(e.to_string()))?;
         let image_size =
-            qemu_img::info(&image, stop).await.map_err(|e| stopped_or(e, stop, "reading the image"))?.virtual_size;
+            self.qemu_img.info(&image, stop).await.map_err(|e| stopped_or(e, stop, "reading the image"))?.virtual_size;
         let grow = match size {
             Some(s) if s > image_size => {
                 check_size(s, &CreateOptions::default())?;
@@ -206,15 +208,24 @@ impl LocalStorage {
         let dst = self.prepare_target(dst)?;
         let building = Building::beside(&dst);
         match provisioning {
-            Provisioning::Thin => {
-                qemu_img::create_overlay(&image, header.format, &building.tmp, grow, &CreateOptions::default(), stop)
-                    .await
-                    .map_err(|e| stopped_or(e, stop, "creating the overlay"))?
-            }
+            Provisioning::Thin => self
+                .qemu_img
+                .create_overlay(&image, header.format, &building.tmp, grow, &CreateOptions::default(), stop)
+                .await
+                .map_err(|e| stopped_or(e, stop, "creating the overlay"))?,
             Provisioning::Thick => {
-                copy_into(&image, header.format, &building, &CreateOptions::preallocation(THICK), stop, |_| {}).await?;
+                self.copy_into(
+                    &image,
+                    header.format,
+                    &building,
+                    &CreateOptions::preallocation(THICK),
+                    stop,
+                    &mut |_| {},
+                )
+                .await?;
                 if let Some(s) = grow {
-                    qemu_img::resize(&building.tmp, s, stop)
+                    self.qemu_img
+                        .resize(&building.tmp, s, stop)
                         .await
                         .map_err(|e| stopped_or(e, stop, "resizing the copy"))?;
                 }
@@ -252,14 +263,14 @@ impl LocalStorage {
         let building = Building::beside(&dst);
         let result = match &backing {
             Some((b, fmt)) => {
-                qemu_img::create_overlay(b, fmt, &building.tmp, (size > 0).then_some(size), &opts, stop).await
+                self.qemu_img.create_overlay(b, fmt, &building.tmp, (size > 0).then_some(size), &opts, stop).await
             }
             None => {
                 let mut opts = opts;
                 if provisioning == Provisioning::Thick && !opts.pairs.iter().any(|(k, _)| k == "preallocation") {
                     opts.pairs.push(("preallocation".into(), THICK.into()));
                 }
-                qemu_img::create(&building.tmp, size, &opts, stop).await
+                self.qemu_img.create(&building.tmp, size, &opts, stop).await
             }
         };
         result.map_err(|e| stopped_or(e, stop, "creating the volume"))?;
@@ -275,7 +286,7 @@ impl LocalStorage {
         src: &str,
         dst: &str,
         stop: &Stop,
-        on_progress: impl FnMut(u8),
+        on_progress: &mut (dyn FnMut(u8) + Send),
     ) -> AgentResult<PathBuf> {
         let src = self.roots.confine_chain(src)?;
         self.copy_flat(&src, dst, stop, on_progress).await
@@ -288,12 +299,12 @@ impl LocalStorage {
         src: &Path,
         dst: &str,
         stop: &Stop,
-        on_progress: impl FnMut(u8),
+        on_progress: &mut (dyn FnMut(u8) + Send),
     ) -> AgentResult<PathBuf> {
         let format = qemu_img::read_header(src).map_err(|e| AgentError::invalid(e.to_string()))?.format;
         let dst = self.prepare_target(dst)?;
         let building = Building::beside(&dst);
-        copy_into(src, format, &building, &CreateOptions::default(), stop, on_progress).await?;
+        self.copy_into(src, format, &building, &CreateOptions::default(), stop, on_progress).await?;
         stop.check("copying the volume")?;
         building.publish(&dst)?;
         Ok(dst)
@@ -314,14 +325,19 @@ impl LocalStorage {
     /// Flattens a volume offline: a flat copy of its chain is built beside it and renamed over
     /// it, so it never is half-flattened. Returns false (and does nothing) when it has no backing
     /// file.
-    pub async fn flatten_offline(&self, path: &str, stop: &Stop, on_progress: impl FnMut(u8)) -> AgentResult<bool> {
+    pub async fn flatten_offline(
+        &self,
+        path: &str,
+        stop: &Stop,
+        on_progress: &mut (dyn FnMut(u8) + Send),
+    ) -> AgentResult<bool> {
         let path = self.offline_volume(path)?;
         let header = qemu_img::read_header(&path).map_err(|e| AgentError::invalid(e.to_string()))?;
         if header.backing_file.is_none() {
             return Ok(false);
         }
         let building = Building::beside(&path);
-        copy_into(&path, header.format, &building, &CreateOptions::default(), stop, on_progress).await?;
+        self.copy_into(&path, header.format, &building, &CreateOptions::default(), stop, on_progress).await?;
         stop.check("flattening the volume")?;
         building.replace(&path)?;
         Ok(true)
@@ -337,7 +353,8 @@ impl LocalStorage {
         std::fs::copy(&path, &building.tmp).map_err(|e| {
             AgentError::failed("cannot copy the volume to rebase it", format!("{}: {e}", path.display()))
         })?;
-        qemu_img::rebase(&building.tmp, &backing, fmt, stop)
+        self.qemu_img
+            .rebase(&building.tmp, &backing, fmt, stop)
             .await
             .map_err(|e| stopped_or(e, stop, "rebasing the volume"))?;
         stop.check("rebasing the volume")?;
@@ -349,7 +366,7 @@ impl LocalStorage {
     /// maps; no data is read): `(virtual size, bytes of the flat result, bytes it adds)`.
     pub async fn estimate_flatten(&self, path: &str, stop: &Stop) -> AgentResult<FlattenEstimate> {
         let path = self.roots.confine_chain(path)?;
-        let info = qemu_img::info(&path, stop).await?;
+        let info = self.qemu_img.info(&path, stop).await?;
         if info.backing_filename.is_none() {
             return Ok(FlattenEstimate {
                 virtual_size: info.virtual_size,
@@ -357,7 +374,7 @@ impl LocalStorage {
                 bytes_to_add: 0,
             });
         }
-        let m = qemu_img::measure(&path, &info.format, stop).await?;
+        let m = self.qemu_img.measure(&path, &info.format, stop).await?;
         Ok(FlattenEstimate {
             virtual_size: info.virtual_size,
             flat_size: m.required,
@@ -368,7 +385,7 @@ impl LocalStorage {
     /// `(virtual size, bytes allocated on disk)` of an existing volume.
     pub async fn sizes(&self, path: &str, stop: &Stop) -> AgentResult<(u64, u64)> {
         let path = self.roots.confine_existing(path)?;
-        let info = qemu_img::info(&path, stop).await?;
+        let info = self.qemu_img.info(&path, stop).await?;
         Ok((info.virtual_size, info.actual_size))
     }
 
@@ -395,20 +412,22 @@ impl LocalStorage {
         }
         Ok(true)
     }
-}
 
-/// Converts `src` (with its chain) into the file being built.
-async fn copy_into(
-    src: &Path,
-    format: &str,
-    into: &Building,
-    opts: &CreateOptions,
-    stop: &Stop,
-    on_progress: impl FnMut(u8),
-) -> AgentResult<()> {
-    qemu_img::convert(src, format, &into.tmp, opts, stop, on_progress)
-        .await
-        .map_err(|e| stopped_or(e, stop, "copying the volume"))
+    /// Converts `src` (with its chain) into the file being built.
+    async fn copy_into(
+        &self,
+        src: &Path,
+        format: &str,
+        into: &Building,
+        opts: &CreateOptions,
+        stop: &Stop,
+        on_progress: &mut (dyn FnMut(u8) + Send),
+    ) -> AgentResult<()> {
+        self.qemu_img
+            .convert(Convert::to_qcow2(src, format, &into.tmp, opts), stop, on_progress)
+            .await
+            .map_err(|e| stopped_or(e, stop, "copying the volume"))
+    }
 }
 
 /// Whether any process holds `path` open (scans `/proc/*/fd`).
@@ -462,13 +481,14 @@ pub fn parse_qcow2_options(s: &str) -> AgentResult<CreateOptions> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qemu_img::cli::QemuImgCli;
 
     fn setup() -> (tempfile::TempDir, LocalStorage, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         std::fs::create_dir_all(&root).unwrap();
         let root = std::fs::canonicalize(root).unwrap();
-        (dir, LocalStorage::new(StorageRoots::new(std::slice::from_ref(&root)).unwrap()), root)
+        (dir, LocalStorage::new(StorageRoots::new(std::slice::from_ref(&root)).unwrap(), Arc::new(QemuImgCli)), root)
     }
 
     async fn empty(s: &LocalStorage, path: &str, size: u64, p: Provisioning) -> PathBuf {
@@ -527,7 +547,7 @@ mod tests {
     async fn image(root: &Path) -> PathBuf {
         let img = root.join("imagecache/img.qcow2");
         std::fs::create_dir_all(img.parent().unwrap()).unwrap();
-        qemu_img::create(&img, 8 << 20, &CreateOptions::default(), &Stop::new()).await.unwrap();
+        QemuImgCli.create(&img, 8 << 20, &CreateOptions::default(), &Stop::new()).await.unwrap();
         img
     }
 
@@ -546,7 +566,7 @@ mod tests {
             )
             .await
             .unwrap();
-        let i = qemu_img::info(&thin, &Stop::new()).await.unwrap();
+        let i = QemuImgCli.info(&thin, &Stop::new()).await.unwrap();
         assert_eq!(i.backing_filename.as_deref(), img.to_str());
         assert_eq!(i.backing_filename_format.as_deref(), Some("qcow2"));
         assert_eq!(i.virtual_size, 16 << 20);
@@ -560,7 +580,7 @@ mod tests {
             )
             .await
             .unwrap();
-        let i = qemu_img::info(&thick, &Stop::new()).await.unwrap();
+        let i = QemuImgCli.info(&thick, &Stop::new()).await.unwrap();
         assert!(i.backing_filename.is_none());
         assert!(i.actual_size >= 8 << 20, "thick copy is allocated: {}", i.actual_size);
         assert_eq!(std::fs::read(&img).unwrap(), before, "the image is never written");
@@ -651,7 +671,7 @@ mod tests {
             )
             .await
             .unwrap();
-        let i = qemu_img::info(&over, &Stop::new()).await.unwrap();
+        let i = QemuImgCli.info(&over, &Stop::new()).await.unwrap();
         assert_eq!(i.backing_filename.as_deref(), thin.to_str());
         assert_eq!(i.cluster_size, Some(2 << 20));
     }

@@ -178,7 +178,8 @@ impl StorageRoots {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qemu_img::{create, create_overlay, CreateOptions};
+    use crate::qemu_img::cli::QemuImgCli;
+    use crate::qemu_img::{CreateOptions, QemuImg};
     use crate::stop::Stop;
 
     fn setup() -> (tempfile::TempDir, StorageRoots) {
@@ -216,14 +217,15 @@ mod tests {
         let root = dir.path().join("root");
         let stop = Stop::new();
         let outside = dir.path().join("outside.qcow2");
-        create(&outside, 1 << 20, &CreateOptions::default(), &stop).await.unwrap();
+        QemuImgCli.create(&outside, 1 << 20, &CreateOptions::default(), &stop).await.unwrap();
         let evil = root.join("evil.qcow2");
-        create_overlay(&outside, "qcow2", &evil, None, &CreateOptions::default(), &stop).await.unwrap();
+        QemuImgCli.create_overlay(&outside, "qcow2", &evil, None, &CreateOptions::default(), &stop).await.unwrap();
         let e = roots.confine_chain(&evil.to_string_lossy()).unwrap_err();
         assert!(e.to_string().contains("outside the storage roots"), "{e}");
 
         let dev = root.join("dev.qcow2");
-        create_overlay(Path::new("/dev/null"), "raw", &dev, Some(1 << 20), &CreateOptions::default(), &stop)
+        QemuImgCli
+            .create_overlay(Path::new("/dev/null"), "raw", &dev, Some(1 << 20), &CreateOptions::default(), &stop)
             .await
             .unwrap();
         assert!(roots.confine_chain(&dev.to_string_lossy()).is_err());
@@ -243,8 +245,8 @@ mod tests {
 
         let base = root.join("base.qcow2");
         let good = root.join("good.qcow2");
-        create(&base, 1 << 20, &CreateOptions::default(), &stop).await.unwrap();
-        create_overlay(&base, "qcow2", &good, None, &CreateOptions::default(), &stop).await.unwrap();
+        QemuImgCli.create(&base, 1 << 20, &CreateOptions::default(), &stop).await.unwrap();
+        QemuImgCli.create_overlay(&base, "qcow2", &good, None, &CreateOptions::default(), &stop).await.unwrap();
         assert!(roots.confine_chain(&good.to_string_lossy()).is_ok());
         assert_eq!(roots.backing_chain(&good).unwrap(), vec![std::fs::canonicalize(&base).unwrap()]);
     }

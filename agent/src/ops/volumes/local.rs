@@ -59,14 +59,14 @@ impl VolumeStore for LocalStore<'_> {
             if linked {
                 self.0.create_empty(dst, 0, Some(src), Provisioning::Thin, CreateOptions::default(), stop).await?;
             } else {
-                self.0.create_flat_copy(src, dst, stop, |_| {}).await?;
+                self.0.create_flat_copy(src, dst, stop, &mut |_| {}).await?;
             }
             Ok(())
         })
     }
 
     fn restore<'a>(&'a self, chain_top: &'a std::path::Path, dst: &'a str, stop: &'a Stop) -> Fut<'a, ()> {
-        Box::pin(async move { self.0.copy_flat(chain_top, dst, stop, |_| {}).await.map(drop) })
+        Box::pin(async move { self.0.copy_flat(chain_top, dst, stop, &mut |_| {}).await.map(drop) })
     }
 
     fn sizes<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, (u64, u64)> {
@@ -90,7 +90,7 @@ impl VolumeStore for LocalStore<'_> {
     }
 
     fn flatten<'a>(&'a self, path: &'a str, stop: &'a Stop, progress: &'a (dyn Fn(u8) + Sync)) -> Fut<'a, ()> {
-        Box::pin(async move { self.0.flatten_offline(path, stop, progress).await.map(drop) })
+        Box::pin(async move { self.0.flatten_offline(path, stop, &mut |p| progress(p)).await.map(drop) })
     }
 
     fn remove_unless_in_use<'a>(&'a self, path: &'a str, _stop: &'a Stop) -> Fut<'a, bool> {

@@ -66,7 +66,7 @@ pub trait VolumeStore: Send + Sync {
 pub fn store<'a>(app: &'a App, path: &str) -> AgentResult<Box<dyn VolumeStore + 'a>> {
     Ok(match Location::parse(path)? {
         Location::File(_) => Box::new(local::LocalStore(&app.storage)),
-        Location::Rbd(_) => Box::new(rbd::RbdStore(app.rbd.as_ref())),
+        Location::Rbd(_) => Box::new(rbd::RbdStore { rbd: app.rbd.as_ref(), qemu_img: app.qemu_img.as_ref() }),
     })
 }
 

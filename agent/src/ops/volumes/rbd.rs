@@ -6,13 +6,17 @@ use crate::ceph::path::CephPath;
 use crate::ceph::rbd::Rbd;
 use crate::error::{AgentError, AgentResult};
 use crate::ops::undo::UndoStep;
+use crate::qemu_img::{Convert, QemuImg};
 use crate::stop::Stop;
 use crate::storage::local::Provisioning;
 
 /// Names of the snapshots this agent takes for clones; they are removed once unused.
 pub const CLONE_SNAPSHOT_PREFIX: &str = "kvmagent-clone-";
 
-pub struct RbdStore<'a>(pub &'a dyn Rbd);
+pub struct RbdStore<'a> {
+    pub rbd: &'a dyn Rbd,
+    pub qemu_img: &'a dyn QemuImg,
+}
 
 fn stopped_or(e: crate::ceph::rbd::RbdError, stop: &Stop, what: &str) -> AgentError {
     if e.was_stopped() {
@@ -27,10 +31,10 @@ impl RbdStore<'_> {
     /// (`rbd cp` would skip a clone's parent data, `rbd deep cp` would carry the source's
     /// snapshot history). A failed flatten leaves no image.
     async fn clone_from(&self, src: &CephPath, to: &CephPath, thick: bool, stop: &Stop) -> AgentResult<()> {
-        self.0.clone_snapshot(src, to, stop).await?;
+        self.rbd.clone_snapshot(src, to, stop).await?;
         if thick {
-            if let Err(e) = flatten_rbd(self.0, to, stop, |_| {}).await {
-                let _ = self.0.remove(to, &Stop::new()).await;
+            if let Err(e) = flatten_rbd(self.rbd, to, stop, |_| {}).await {
+                let _ = self.rbd.remove(to, &Stop::new()).await;
                 return Err(e);
             }
         }
@@ -38,14 +42,14 @@ impl RbdStore<'_> {
     }
 
     async fn grow(&self, p: &CephPath, size: u64, stop: &Stop) -> AgentResult<()> {
-        let current = self.0.info(p, stop).await?.size;
+        let current = self.rbd.info(p, stop).await?.size;
         if size < current {
             return Err(AgentError::invalid(format!(
                 "size {size} is smaller than the image's {current} bytes; volumes cannot shrink"
             )));
         }
         if size > current {
-            self.0.resize(p, size, stop).await?;
+            self.rbd.resize(p, size, stop).await?;
         }
         Ok(())
     }
@@ -62,7 +66,7 @@ impl VolumeStore for RbdStore<'_> {
         Box::pin(async move {
             let p = CephPath::parse(path)?;
             p.require_image()?;
-            if self.0.exists(&p, stop).await? {
+            if self.rbd.exists(&p, stop).await? {
                 return Err(taken(path));
             }
             Ok(())
@@ -73,7 +77,7 @@ impl VolumeStore for RbdStore<'_> {
         Box::pin(async move {
             let p = CephPath::parse(image)?;
             let snap = p.require_snap()?;
-            if self.0.snapshots(&p, stop).await?.iter().any(|s| s.name == snap) {
+            if self.rbd.snapshots(&p, stop).await?.iter().any(|s| s.name == snap) {
                 Ok(())
             } else {
                 Err(AgentError::not_found(format!("image snapshot {p} does not exist")))
@@ -96,18 +100,18 @@ impl VolumeStore for RbdStore<'_> {
             let (src, to) = (CephPath::parse(image)?, CephPath::parse(dst)?);
             let snap = src.require_snap()?;
             let protected = self
-                .0
+                .rbd
                 .snapshots(&src, stop)
                 .await?
                 .iter()
                 .any(|s| s.name == snap && s.protected.as_deref() == Some("true"));
             if !protected {
-                self.0.snap_protect(&src, stop).await?;
+                self.rbd.snap_protect(&src, stop).await?;
             }
             self.clone_from(&src, &to, prov == Provisioning::Thick, stop).await?;
             if let Some(s) = size.filter(|s| *s > 0) {
                 if let Err(e) = self.grow(&to, s, stop).await {
-                    let _ = self.0.remove(&to, &Stop::new()).await;
+                    let _ = self.rbd.remove(&to, &Stop::new()).await;
                     return Err(e);
                 }
             }
@@ -121,7 +125,7 @@ impl VolumeStore for RbdStore<'_> {
             if size == 0 {
                 return Err(AgentError::invalid("size must be greater than 0"));
             }
-            self.0.create(&p, size, stop).await.map_err(Into::into)
+            self.rbd.create(&p, size, stop).await.map_err(Into::into)
         })
     }
 
@@ -136,10 +140,10 @@ impl VolumeStore for RbdStore<'_> {
         Box::pin(async move {
             let to = CephPath::parse(dst)?;
             to.require_image()?;
-            let size = crate::qemu_img::info(chain_top, stop).await?.virtual_size;
-            self.0.create(&to, size, stop).await?;
-            let name = self.0.qemu_name(&to);
-            let c = crate::qemu_img::Convert {
+            let size = self.qemu_img.info(chain_top, stop).await?.virtual_size;
+            self.rbd.create(&to, size, stop).await?;
+            let name = self.rbd.qemu_name(&to);
+            let c = Convert {
                 src: chain_top.as_os_str(),
                 src_fmt: "qcow2",
                 dst: std::ffi::OsStr::new(&name),
@@ -147,8 +151,8 @@ impl VolumeStore for RbdStore<'_> {
                 opts: &Default::default(),
                 into_zeroed: true,
             };
-            if let Err(e) = crate::qemu_img::convert_image(c, stop, |_| {}).await {
-                let _ = self.0.remove(&to, &Stop::new()).await;
+            if let Err(e) = self.qemu_img.convert(c, stop, &mut |_| {}).await {
+                let _ = self.rbd.remove(&to, &Stop::new()).await;
                 return Err(if e.was_stopped() { stop.error("restoring the volume") } else { e.into() });
             }
             Ok(())
@@ -158,7 +162,7 @@ impl VolumeStore for RbdStore<'_> {
     fn sizes<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, (u64, u64)> {
         Box::pin(async move {
             let p = CephPath::parse(path)?;
-            Ok((self.0.info(&p, stop).await?.size, self.0.used(&p, stop).await?))
+            Ok((self.rbd.info(&p, stop).await?.size, self.rbd.used(&p, stop).await?))
         })
     }
 
@@ -167,12 +171,12 @@ impl VolumeStore for RbdStore<'_> {
     fn flatten_estimate<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, u64> {
         Box::pin(async move {
             let p = CephPath::parse(path)?;
-            let info = self.0.info(&p, stop).await?;
+            let info = self.rbd.info(&p, stop).await?;
             if info.parent.is_none() {
                 return Ok(0);
             }
-            let after = self.0.data_objects(&p, info.object_size, stop).await? * info.object_size;
-            Ok(after.saturating_sub(self.0.used(&p, stop).await?))
+            let after = self.rbd.data_objects(&p, info.object_size, stop).await? * info.object_size;
+            Ok(after.saturating_sub(self.rbd.used(&p, stop).await?))
         })
     }
 
@@ -181,26 +185,26 @@ impl VolumeStore for RbdStore<'_> {
     }
 
     fn has_parent<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, bool> {
-        Box::pin(async move { Ok(self.0.info(&CephPath::parse(path)?, stop).await?.parent.is_some()) })
+        Box::pin(async move { Ok(self.rbd.info(&CephPath::parse(path)?, stop).await?.parent.is_some()) })
     }
 
     fn flatten<'a>(&'a self, path: &'a str, stop: &'a Stop, progress: &'a (dyn Fn(u8) + Sync)) -> Fut<'a, ()> {
-        Box::pin(async move { flatten_rbd(self.0, &CephPath::parse(path)?, stop, progress).await.map(drop) })
+        Box::pin(async move { flatten_rbd(self.rbd, &CephPath::parse(path)?, stop, progress).await.map(drop) })
     }
 
     fn remove_unless_in_use<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, bool> {
         Box::pin(async move {
             let p = CephPath::parse(path)?;
-            if !self.0.snapshots(&p, stop).await?.is_empty() {
+            if !self.rbd.snapshots(&p, stop).await?.is_empty() {
                 return Ok(false);
             }
-            self.0.remove(&p, stop).await?;
+            self.rbd.remove(&p, stop).await?;
             Ok(true)
         })
     }
 
     fn qemu_source(&self, path: &str) -> AgentResult<(String, &'static str)> {
-        Ok((self.0.qemu_name(&CephPath::parse(path)?), "raw"))
+        Ok((self.rbd.qemu_name(&CephPath::parse(path)?), "raw"))
     }
 }
 

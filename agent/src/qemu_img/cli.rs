@@ -1,0 +1,189 @@
+//! The real [`QemuImg`]: the `qemu-img` command, run directly with its arguments (never through
+//! a shell), timed into the metrics, killed when the task is stopped.
+
+use std::ffi::{OsStr, OsString};
+use std::path::Path;
+use std::time::Instant;
+
+use async_trait::async_trait;
+
+use super::{Convert, CreateOptions, ImageInfo, Measure, QemuImg, QemuImgError};
+use crate::metrics;
+use crate::process;
+use crate::stop::Stop;
+
+pub struct QemuImgCli;
+
+async fn run(subcommand: &'static str, path: &Path, args: &[OsString], stop: &Stop) -> Result<String, QemuImgError> {
+    let start = Instant::now();
+    let out = process::run("qemu-img", args, stop).await;
+    metrics::observe_qemu_img(subcommand, start);
+    out.map(|o| o.stdout).map_err(|source| QemuImgError::Run { subcommand, path: path.display().to_string(), source })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(subcommand: &'static str, path: &Path, out: &str) -> Result<T, QemuImgError> {
+    serde_json::from_str(out).map_err(|e| QemuImgError::Parse {
+        subcommand,
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn args<const N: usize>(a: [&OsStr; N]) -> Vec<OsString> {
+    a.iter().map(|s| s.to_os_string()).collect()
+}
+
+/// `-o k=v,...` when there are options.
+fn push_options(args: &mut Vec<OsString>, opts: &CreateOptions) {
+    if !opts.pairs.is_empty() {
+        let joined = opts.pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        args.extend(["-o".into(), joined.into()]);
+    }
+}
+
+/// `qemu-img convert -p` prints `    (12.34/100%)`.
+fn parse_progress(line: &str) -> Option<u8> {
+    let inner = line.trim().strip_prefix('(')?.split('/').next()?;
+    inner.trim().parse::<f64>().ok().map(|p| p.clamp(0.0, 100.0) as u8)
+}
+
+#[async_trait]
+impl QemuImg for QemuImgCli {
+    /// `--force-share` so that images in use by a running VM can be read too.
+    async fn info(&self, path: &Path, stop: &Stop) -> Result<ImageInfo, QemuImgError> {
+        let a = args(["info".as_ref(), "--force-share".as_ref(), "--output=json".as_ref(), path.as_os_str()]);
+        parse("info", path, &run("info", path, &a, stop).await?)
+    }
+
+    async fn create(&self, dst: &Path, size: u64, opts: &CreateOptions, stop: &Stop) -> Result<(), QemuImgError> {
+        let mut a = args(["create".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref()]);
+        push_options(&mut a, opts);
+        a.extend([dst.into(), size.to_string().into()]);
+        run("create", dst, &a, stop).await.map(drop)
+    }
+
+    /// `-F` is always given: qemu-img ≥ 6 requires it.
+    async fn create_overlay(
+        &self,
+        backing: &Path,
+        backing_fmt: &str,
+        dst: &Path,
+        size: Option<u64>,
+        opts: &CreateOptions,
+        stop: &Stop,
+    ) -> Result<(), QemuImgError> {
+        let mut a = args(["create".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), "-F".as_ref()]);
+        a.extend([backing_fmt.into(), "-b".into(), backing.into()]);
+        push_options(&mut a, &opts.without_preallocation());
+        a.push(dst.into());
+        a.extend(size.map(|s| s.to_string().into()));
+        run("create", dst, &a, stop).await.map(drop)
+    }
+
+    async fn convert(
+        &self,
+        c: Convert<'_>,
+        stop: &Stop,
+        on_progress: &mut (dyn FnMut(u8) + Send),
+    ) -> Result<(), QemuImgError> {
+        let mut a = args(["convert".as_ref(), "-p".as_ref(), "-f".as_ref(), c.src_fmt.as_ref(), "-O".as_ref()]);
+        a.push(c.dst_fmt.into());
+        if c.into_zeroed {
+            a.extend(["-n".into(), "--target-is-zero".into()]);
+        }
+        push_options(&mut a, c.opts);
+        a.extend([c.src.into(), c.dst.into()]);
+        let start = Instant::now();
+        let out = process::run_with_lines("qemu-img", &a, stop, |line| {
+            if let Some(p) = parse_progress(line) {
+                on_progress(p);
+            }
+        })
+        .await;
+        metrics::observe_qemu_img("convert", start);
+        out.map(drop).map_err(|source| QemuImgError::Run {
+            subcommand: "convert",
+            path: c.src.to_string_lossy().into_owned(),
+            source,
+        })
+    }
+
+    async fn resize(&self, path: &Path, size: u64, stop: &Stop) -> Result<(), QemuImgError> {
+        let mut a = args(["resize".as_ref(), "-q".as_ref(), path.as_os_str()]);
+        a.push(size.to_string().into());
+        run("resize", path, &a, stop).await.map(drop)
+    }
+
+    async fn rebase(&self, path: &Path, backing: &Path, backing_fmt: &str, stop: &Stop) -> Result<(), QemuImgError> {
+        let a = args([
+            "rebase".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            backing_fmt.as_ref(),
+            "-b".as_ref(),
+            backing.as_os_str(),
+            path.as_os_str(),
+        ]);
+        run("rebase", path, &a, stop).await.map(drop)
+    }
+
+    async fn commit(&self, path: &Path, stop: &Stop) -> Result<(), QemuImgError> {
+        let a = args(["commit".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), path.as_os_str()]);
+        run("commit", path, &a, stop).await.map(drop)
+    }
+
+    async fn measure(&self, path: &Path, fmt: &str, stop: &Stop) -> Result<Measure, QemuImgError> {
+        let a = args([
+            "measure".as_ref(),
+            "--force-share".as_ref(),
+            "--output=json".as_ref(),
+            "-f".as_ref(),
+            fmt.as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            path.as_os_str(),
+        ]);
+        parse("measure", path, &run("measure", path, &a, stop).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{read_header, sniff_format, Header};
+    use super::*;
+
+    #[test]
+    fn progress_lines() {
+        assert_eq!(parse_progress("    (12.34/100%)"), Some(12));
+        assert_eq!(parse_progress("(100.00/100%)"), Some(100));
+        assert_eq!(parse_progress("something else"), None);
+    }
+
+    #[tokio::test]
+    async fn header_reading_matches_qemu_img() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        let stop = Stop::new();
+        let q = QemuImgCli;
+        q.create(&base, 1 << 20, &CreateOptions::default(), &stop).await.unwrap();
+        q.create_overlay(&base, "qcow2", &top, None, &CreateOptions::preallocation("full"), &stop).await.unwrap();
+        assert_eq!(read_header(&base).unwrap(), Header { format: "qcow2", backing_file: None, external_data: false });
+        assert_eq!(read_header(&top).unwrap().backing_file.as_deref(), base.to_str());
+        let i = q.info(&top, &stop).await.unwrap();
+        assert_eq!(i.backing_filename_format.as_deref(), Some("qcow2"));
+        assert_eq!(i.virtual_size, 1 << 20);
+        let raw = dir.path().join("raw.img");
+        std::fs::write(&raw, b"QFI").unwrap();
+        assert_eq!(sniff_format(&raw).unwrap(), "raw");
+    }
+
+    #[tokio::test]
+    async fn failure_keeps_qemu_img_stderr() {
+        let e = QemuImgCli.info(Path::new("/nonexistent/x.qcow2"), &Stop::new()).await.unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/x.qcow2"), "{e}");
+        assert!(e.to_string().contains("No such file"), "{e}");
+    }
+}
