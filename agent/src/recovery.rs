@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -81,6 +81,7 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) 
     let started = SystemTime::now();
     let mut report = Report::default();
     let leftovers = undo::leftovers(&app.config.state_dir);
+    let mut late_defines = Vec::new();
     for l in leftovers {
         if !inherited.interrupted.iter().any(|r| r.task_id == l.task_id) {
             // Its task finished and recorded its result: what it committed stays.
@@ -88,6 +89,10 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) 
             continue;
         }
         let n = l.steps.len();
+        late_defines.extend(l.steps.iter().filter_map(|s| match s {
+            undo::UndoStep::RemoveDomain { vm } => Some(vm.clone()),
+            _ => None,
+        }));
         // The VMs the steps name are taken first: recovery runs while the agent serves.
         let vms = l.steps.iter().filter_map(undo::UndoStep::vm).map(str::to_owned);
         let held = app.vms.lock_all(vms.filter(|vm| crate::domain::check_uuid(vm).is_ok())).await.unwrap_or_default();
@@ -124,7 +129,44 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) 
         }
     }
     (report.unknown_domains, report.records_updated) = reconcile_domains(app).await;
+    if !late_defines.is_empty() {
+        tokio::spawn(remove_late_defines(app.clone(), late_defines));
+    }
     report
+}
+
+/// When the undo of a killed task's domains should be checked again (after recovery).
+const LATE_DEFINE_CHECKS: [Duration; 7] = [
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+    Duration::from_secs(16),
+    Duration::from_secs(32),
+];
+
+/// A `define` the killed agent had sent may still be queued in libvirtd and run after its
+/// domain was undone: for a while, a domain of these VMs that appears while the VM still has
+/// no record (no later command made it) is removed again.
+async fn remove_late_defines(app: Arc<App>, mut vms: Vec<String>) {
+    for delay in LATE_DEFINE_CHECKS {
+        tokio::time::sleep(delay).await;
+        let mut pending = Vec::new();
+        for vm in vms {
+            let Ok(owner) = app.vms.lock(&vm).await else { continue };
+            if !matches!(owner.record(), Ok(None)) {
+                continue; // a later command made the VM: its domain is that command's
+            }
+            if !app.libvirt.domain_state(&vm).await.is_ok_and(|s| s.is_some()) {
+                pending.push(vm);
+                continue;
+            }
+            tracing::warn!(vm = %vm, "removing a domain the killed agent's define left in libvirtd after its undo");
+            undo::replay(&app, vec![undo::UndoStep::RemoveDomain { vm: vm.clone() }], &[&owner]).await;
+        }
+        vms = pending;
+    }
 }
 
 /// One pass over libvirt's domains. A domain named as a VM uuid without a record here is

@@ -25,7 +25,7 @@ const FREEZES: usize = 2;
 fn round(h: &Host, vm: &str, r: usize, backup_group: &Option<String>) -> Vec<(&'static str, Value)> {
     let mut cmds = Vec::new();
     for i in 0..FREEZES {
-        cmds.push(("/vm/volumes/takesnapshot", json!({"vmUuid": vm})));
+        cmds.push(("/vm/snapshotgroup/take", json!({"vmUuid": vm})));
         let clone = uuid();
         h.track_vm(&clone);
         // Root only, or with the data volume: a clone may freeze some of the VM's disks.
@@ -94,7 +94,7 @@ async fn snapshot_groups_clones_backups_and_flattens_at_once_leave_the_vm_consis
         tally.conflicts,
         problems.join("\n  ")
     );
-    for path in ["/vm/volumes/takesnapshot", "/vm/clone", "/vm/backup", "/vm/flatten"] {
+    for path in ["/vm/snapshotgroup/take", "/vm/clone", "/vm/backup", "/vm/flatten"] {
         assert!(tally.succeeded(path) > 0, "no {path} succeeded: {:?}", tally.successes);
     }
 }

@@ -26,7 +26,7 @@ async fn a_vm_from_a_snapshot_group_sees_the_instant_on_both_disks() {
     let vm = &src.vm;
 
     src.write_both(0x11).unwrap();
-    let g = h.call_ok("/vm/volumes/takesnapshot", &json!({"vmUuid": vm, "name": "before-upgrade"})).await.unwrap();
+    let g = h.call_ok("/vm/snapshotgroup/take", &json!({"vmUuid": vm, "name": "before-upgrade"})).await.unwrap();
     let group = g["groupUuid"].as_str().unwrap().to_owned();
     assert_eq!(domstate(vm).as_deref(), Some("running"), "the source keeps running");
     let snaps = g["snapshots"].as_array().unwrap();
@@ -36,7 +36,7 @@ async fn a_vm_from_a_snapshot_group_sees_the_instant_on_both_disks() {
     src.write_both(0x22).unwrap();
     let shas: Vec<String> =
         snaps.iter().map(|s| file_sha256(Path::new(s["snapshotPath"].as_str().unwrap())).unwrap()).collect();
-    let named = h.call_ok("/vm/volumes/getsnapshotgroup", &json!({"groupUuid": group})).await.unwrap();
+    let named = h.call_ok("/vm/snapshotgroup/get", &json!({"groupUuid": group})).await.unwrap();
     assert_eq!(named["snapshots"], g["snapshots"]);
 
     // Thin: overlays on the snapshots, with a name, offering and NIC of its own.
@@ -78,7 +78,7 @@ async fn bad_createfromsnapshot_commands_make_nothing() {
     let mut groups = Vec::new();
     for _ in 0..2 {
         let src = SourceVm::local(&h, &base, false).await.unwrap();
-        groups.push(h.call_ok("/vm/volumes/takesnapshot", &json!({"vmUuid": src.vm})).await.unwrap());
+        groups.push(h.call_ok("/vm/snapshotgroup/take", &json!({"vmUuid": src.vm})).await.unwrap());
     }
     let (a, b) = (&groups[0], &groups[1]);
     let new_vm = uuid();
@@ -125,10 +125,10 @@ async fn bad_createfromsnapshot_commands_make_nothing() {
         }
         assert!(domstate(&new_vm).is_none(), "no domain: {cmd}");
     }
-    let e = h.call_err("/vm/volumes/takesnapshot", &json!({"vmUuid": uuid()})).await.unwrap();
+    let e = h.call_err("/vm/snapshotgroup/take", &json!({"vmUuid": uuid()})).await.unwrap();
     assert!(e.contains("not known"), "{e}");
     let again = json!({"vmUuid": a["vmUuid"], "groupUuid": a["groupUuid"]});
-    let e = h.call_err("/vm/volumes/takesnapshot", &again).await.unwrap();
+    let e = h.call_err("/vm/snapshotgroup/take", &again).await.unwrap();
     assert!(e.contains("already exists"), "{e}");
 }
 
@@ -137,7 +137,7 @@ async fn a_vm_from_an_rbd_snapshot_group_sees_the_instant() {
     let h = Host::start_with(&agent_config()).await.unwrap();
     let src = SourceVm::rbd(&h).await.unwrap();
     src.write_both(0x44).unwrap();
-    let g = h.call_ok("/vm/volumes/takesnapshot", &json!({"vmUuid": src.vm})).await.unwrap();
+    let g = h.call_ok("/vm/snapshotgroup/take", &json!({"vmUuid": src.vm})).await.unwrap();
     let group = g["groupUuid"].as_str().unwrap().to_owned();
     for (s, image) in g["snapshots"].as_array().unwrap().iter().zip([&src.root, &src.data]) {
         assert_eq!(s["snapshotPath"], json!(format!("{image}@kvmagent-group-{group}")), "{g}");

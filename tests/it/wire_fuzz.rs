@@ -109,7 +109,7 @@ fn template(path: &str, root: &str, image: &str, vm: &str, other_vm: &str) -> Va
             "rootVolume": {"volumeUuid": u, "installPath": format!("{root}/fz/{u}/root.qcow2"), "imagePath": image},
             "strategy": "JustCreate"}),
         "/vm/flatten" => json!({"vmUuid": vm, "dryRun": true}),
-        "/vm/volumes/takesnapshot" => json!({"vmUuid": vm}),
+        "/vm/snapshotgroup/take" => json!({"vmUuid": vm}),
         "/vm/clone" => json!({"vmUuid": vm, "clones": [{"uuid": other_vm, "name": "fz"}], "strategy": "JustCreate"}),
         "/vm/stop" | "/vm/destroy" => json!({"uuid": other_vm, "type": "cold"}),
         "/host/connect" => json!({"hostUuid": uuid(), "sendCommandUrl": "http://127.0.0.1:1/x"}),

@@ -55,7 +55,7 @@ fn command(i: usize, vms: &[Vm]) -> (&'static str, Value) {
         3 => ("/localstorage/volume/getsize", json!({"installPath": vm.root})),
         // A few snapshot groups and linked clones per VM (each freezes the VM's files: a layer
         // the flattens then remove). Clones are volumes only: no domain to clean up.
-        4 if round < 24 => ("/vm/volumes/takesnapshot", json!({"vmUuid": vm.uuid})),
+        4 if round < 24 => ("/vm/snapshotgroup/take", json!({"vmUuid": vm.uuid})),
         6 if round < 24 => {
             ("/vm/clone", json!({"vmUuid": vm.uuid, "mode": "linked", "strategy": "JustCreate", "names": ["load"]}))
         }

@@ -5,10 +5,7 @@ use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::ops;
 use crate::tasks::TaskCtx;
-use crate::wire::vm::{
-    CreateCephSecretCmd, DestroyVmCmd, MergeSnapshotCmd, StartVmCmd, StartVmRsp, StopMode, StopVmCmd, TakeSnapshotCmd,
-    TakeSnapshotRsp,
-};
+use crate::wire::vm::{CreateCephSecretCmd, DestroyVmCmd, StartVmCmd, StartVmRsp, StopMode, StopVmCmd};
 use crate::wire::Empty;
 
 pub async fn start(app: &App, ctx: &TaskCtx, cmd: StartVmCmd) -> AgentResult<StartVmRsp> {
@@ -49,54 +46,6 @@ fn missing_is_stopped(e: crate::libvirt::LibvirtError) -> AgentResult<bool> {
     } else {
         Err(AgentError::from(e))
     }
-}
-
-/// `/vm/volume/takesnapshot` (ZStack): the volume's current file becomes the snapshot; the VM
-/// (running or not) continues on a new overlay, which is reused when already created.
-pub async fn take_snapshot(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotCmd) -> AgentResult<TakeSnapshotRsp> {
-    ops::check_uuid(&cmd.vm_uuid)?;
-    if cmd.full_snapshot {
-        return Err(AgentError::invalid("full snapshots are not supported by this agent; take an incremental one"));
-    }
-    let owner = app.vms.lock(&cmd.vm_uuid).await?;
-    let new_top =
-        cmd.new_volume_install_path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| cmd.install_path.clone());
-    let target =
-        ops::freeze::Target { volume_uuid: cmd.volume_uuid.clone(), current: cmd.volume_install_path.clone(), new_top };
-    let frozen = ops::freeze::freeze_to(app, &owner, std::slice::from_ref(&target), &ctx.task_id, &ctx.stop).await?;
-    if let Some(mut spec) = owner.record()? {
-        ops::freeze::record(app, &owner, &mut spec, &frozen).await?;
-    }
-    let z = &frozen[0];
-    let size = app.qemu_img.info(&z.snapshot_path, &ctx.stop).await?.actual_size;
-    Ok(TakeSnapshotRsp {
-        new_volume_install_path: z.install_path.display().to_string(),
-        snapshot_install_path: z.snapshot_path.display().to_string(),
-        size,
-    })
-}
-
-/// `/vm/volume/mergesnapshot` (ZStack): a live block pull on the running VM, verified from the
-/// qcow2 header before success is reported.
-pub async fn merge_snapshot(app: &App, ctx: &TaskCtx, cmd: MergeSnapshotCmd) -> AgentResult<Empty> {
-    let _owner = app.vms.lock(&cmd.vm_uuid).await?;
-    let _volume = app.volume_locks.write(&cmd.dest_path).await?;
-    let dest = app.storage.roots().confine_chain(&cmd.dest_path)?;
-    let base = match (cmd.full_rebase, cmd.src_path.as_deref().filter(|p| !p.is_empty())) {
-        (true, _) => None,
-        (false, Some(src)) => Some(app.storage.roots().confine_existing(src)?),
-        (false, None) => return Err(AgentError::invalid("srcPath is required unless fullRebase is true")),
-    };
-    if base.is_none()
-        && crate::qemu_img::read_header(&dest).map_err(|e| AgentError::invalid(e.to_string()))?.backing_file.is_none()
-    {
-        return Ok(Empty {});
-    }
-    if !app.libvirt.domain_state(&cmd.vm_uuid).await?.is_some_and(|s| s.is_active()) {
-        return Err(AgentError::conflict(format!("VM {} is not running; merge offline instead", cmd.vm_uuid)));
-    }
-    ops::flatten::pull_live(app, ctx, &cmd.vm_uuid, &dest, base.as_deref(), |p| ctx.progress(p, "pulling")).await?;
-    Ok(Empty {})
 }
 
 pub async fn create_ceph_secret(app: &App, _ctx: &TaskCtx, cmd: CreateCephSecretCmd) -> AgentResult<Empty> {

@@ -63,7 +63,8 @@ fn echo(_: Arc<App>, _: TaskCtx, _: Value) -> HandlerFuture {
     Box::pin(async { Ok(Value::Null) })
 }
 
-static ROUTES: &[Route] = &[
+/// ZStack's paths, with the semantics of its Python agent.
+static ZSTACK_ROUTES: &[Route] = &[
     Route { path: "/host/echo", style: Style::Sync, handler: echo },
     Route { path: "/host/connect", style: Style::Sync, handler: typed!(compat::host::connect) },
     Route { path: "/host/ping", style: Style::Async, handler: typed!(compat::host::ping) },
@@ -74,17 +75,8 @@ static ROUTES: &[Route] = &[
     Route { path: "/vm/start", style: Style::Async, handler: typed!(compat::vm::start) },
     Route { path: "/vm/stop", style: Style::Async, handler: typed!(compat::vm::stop) },
     Route { path: "/vm/destroy", style: Style::Async, handler: typed!(compat::vm::destroy) },
-    Route { path: "/vm/create", style: Style::Async, handler: native!(ops::create::create) },
-    Route { path: "/vm/changeimage", style: Style::Async, handler: native!(ops::change_image::change_image) },
-    Route { path: "/vm/clone", style: Style::Async, handler: native!(ops::clone::clone) },
-    Route { path: "/vm/flatten", style: Style::Async, handler: native!(ops::flatten::flatten) },
-    Route { path: "/vm/volumes/takesnapshot", style: Style::Async, handler: native!(ops::snapshot_group::take) },
-    Route { path: "/vm/volumes/getsnapshotgroup", style: Style::Async, handler: native!(ops::snapshot_group::get) },
-    Route { path: "/vm/createfromsnapshot", style: Style::Async, handler: native!(ops::snapshot_group::create_from) },
-    Route { path: "/vm/backup", style: Style::Async, handler: native!(ops::backup::backup) },
-    Route { path: "/vm/createfrombackup", style: Style::Async, handler: native!(ops::backup::create_from) },
-    Route { path: "/vm/volume/takesnapshot", style: Style::Async, handler: typed!(compat::vm::take_snapshot) },
-    Route { path: "/vm/volume/mergesnapshot", style: Style::Async, handler: typed!(compat::vm::merge_snapshot) },
+    Route { path: "/vm/volume/takesnapshot", style: Style::Async, handler: typed!(compat::snapshot::take) },
+    Route { path: "/vm/volume/mergesnapshot", style: Style::Async, handler: typed!(compat::snapshot::merge) },
     Route { path: "/vm/createcephsecret", style: Style::Async, handler: typed!(compat::vm::create_ceph_secret) },
     Route {
         path: "/localstorage/snapshot/offlinemerge",
@@ -172,15 +164,28 @@ static ROUTES: &[Route] = &[
     },
 ];
 
+/// The native one-call operations, on paths no ZStack plugin registers.
+static NATIVE_ROUTES: &[Route] = &[
+    Route { path: "/vm/create", style: Style::Async, handler: native!(ops::create::create) },
+    Route { path: "/vm/changeimage", style: Style::Async, handler: native!(ops::change_image::change_image) },
+    Route { path: "/vm/clone", style: Style::Async, handler: native!(ops::clone::clone) },
+    Route { path: "/vm/flatten", style: Style::Async, handler: native!(ops::flatten::flatten) },
+    Route { path: "/vm/snapshotgroup/take", style: Style::Async, handler: native!(ops::snapshot_group::take) },
+    Route { path: "/vm/snapshotgroup/get", style: Style::Async, handler: native!(ops::snapshot_group::get) },
+    Route { path: "/vm/createfromsnapshot", style: Style::Async, handler: native!(ops::snapshot_group::create_from) },
+    Route { path: "/vm/backup", style: Style::Async, handler: native!(ops::backup::backup) },
+    Route { path: "/vm/createfrombackup", style: Style::Async, handler: native!(ops::backup::create_from) },
+];
+
 /// The route for `path` (a trailing `/` is ignored).
 pub fn find(path: &str) -> Option<&'static Route> {
     let path = if path.len() > 1 { path.strip_suffix('/').unwrap_or(path) } else { path };
-    ROUTES.iter().find(|r| r.path == path)
+    ZSTACK_ROUTES.iter().chain(NATIVE_ROUTES).find(|r| r.path == path)
 }
 
 /// Every served path, for `--help`-style listings and tests.
 pub fn paths() -> impl Iterator<Item = (&'static str, Style)> {
-    ROUTES.iter().map(|r| (r.path, r.style))
+    ZSTACK_ROUTES.iter().chain(NATIVE_ROUTES).map(|r| (r.path, r.style))
 }
 
 #[cfg(test)]
@@ -199,6 +204,19 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for (p, _) in paths() {
             assert!(seen.insert(p), "duplicate route {p}");
+        }
+    }
+
+    #[test]
+    fn native_paths_are_not_zstack_paths_and_compat_paths_are() {
+        let zstack: std::collections::HashSet<&str> =
+            include_str!("zstack_paths.txt").lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(zstack.contains("/vm/volumes/takesnapshot") && zstack.len() > 500, "the list is read");
+        for r in NATIVE_ROUTES {
+            assert!(!zstack.contains(r.path), "native path {} is a ZStack path", r.path);
+        }
+        for r in ZSTACK_ROUTES {
+            assert!(zstack.contains(r.path), "{} is served as ZStack's but no ZStack plugin registers it", r.path);
         }
     }
 }

@@ -95,17 +95,7 @@ pub async fn freeze_to(
         for t in targets {
             let current = app.storage.roots().confine_chain(&t.current)?;
             let top = app.storage.roots().confine(&t.new_top)?;
-            if top.exists() {
-                let backing =
-                    crate::qemu_img::read_header(&top).map_err(|e| AgentError::invalid(e.to_string()))?.backing_file;
-                if backing.as_deref().map(std::path::Path::new) != Some(current.as_path()) {
-                    return Err(AgentError::conflict(format!(
-                        "{} exists and is not an overlay on {}",
-                        top.display(),
-                        current.display()
-                    )));
-                }
-            } else {
+            if !is_precreated_overlay(&top, &current)? {
                 undo.push(UndoStep::RemoveTop { vm: vm.to_owned(), top: top.clone(), base: current.clone() });
                 app.storage
                     .create_empty(&t.new_top, 0, Some(&t.current), Provisioning::Thin, CreateOptions::default(), stop)
@@ -142,6 +132,23 @@ pub async fn freeze_to(
             Err(e)
         }
     }
+}
+
+/// Whether `top` exists already as an overlay on `current` (pre-created by the management node,
+/// to be reused as libvirt's REUSE_EXT does). Any other file there is a conflict.
+pub fn is_precreated_overlay(top: &Path, current: &Path) -> AgentResult<bool> {
+    if !top.exists() {
+        return Ok(false);
+    }
+    let backing = crate::qemu_img::read_header(top).map_err(|e| AgentError::invalid(e.to_string()))?.backing_file;
+    if backing.as_deref().map(Path::new) != Some(current) {
+        return Err(AgentError::conflict(format!(
+            "{} exists and is not an overlay on {}",
+            top.display(),
+            current.display()
+        )));
+    }
+    Ok(true)
 }
 
 /// Points the VM's record (and its definition, when defined but stopped) at the new tops.

@@ -107,7 +107,7 @@ impl Groups {
     }
 }
 
-/// `/vm/volumes/takesnapshot`.
+/// `/vm/snapshotgroup/take`.
 pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentResult<SnapshotGroup> {
     let groups = Groups::of(app);
     let group_uuid = cmd.group_uuid.clone().unwrap_or_else(derived::random_uuid);
@@ -180,7 +180,7 @@ pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentR
     }
 }
 
-/// `/vm/volumes/getsnapshotgroup`.
+/// `/vm/snapshotgroup/get`.
 pub async fn get(app: &App, _ctx: &TaskCtx, cmd: SnapshotGroupRef) -> AgentResult<SnapshotGroup> {
     Groups::of(app).load(&cmd.group_uuid).map(|g| g.to_wire())
 }

@@ -205,7 +205,7 @@ async fn a_failed_snapshot_group_or_backup_changes_nothing() {
     let vm = h.running_vm().await;
     let (files, before) = (h.recorded(&vm).await, h.files());
     h.faults.fail("snapshotCreateXML");
-    let ctx = TaskCtx::detached("/vm/volumes/takesnapshot");
+    let ctx = TaskCtx::detached("/vm/snapshotgroup/take");
     crate::ops::snapshot_group::take(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap_err();
     let ctx = TaskCtx::detached("/vm/backup");
     crate::ops::backup::backup(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap_err();
@@ -231,7 +231,7 @@ async fn run_op(h: &TestHost, op: &str, vm: &str, image: &str) -> bool {
             let c = cmd(json!({"vmUuid": vm, "names": ["a", "b"], "full": true}));
             crate::ops::clone::clone(app, &ctx, c).await.is_ok_and(|r| r.number_of_cloned_vm == 2)
         }
-        "/vm/volumes/takesnapshot" => {
+        "/vm/snapshotgroup/take" => {
             crate::ops::snapshot_group::take(app, &ctx, cmd(json!({"vmUuid": vm}))).await.is_ok()
         }
         "/vm/backup" => crate::ops::backup::backup(app, &ctx, cmd(json!({"vmUuid": vm}))).await.is_ok(),
@@ -247,7 +247,7 @@ async fn run_op(h: &TestHost, op: &str, vm: &str, image: &str) -> bool {
 #[tokio::test]
 async fn an_operation_whose_qemu_img_call_fails_changes_nothing() {
     let calls = ["qemu-img create", "qemu-img convert", "qemu-img rebase", "qemu-img commit", "qemu-img info"];
-    let ops = ["/vm/create", "/vm/clone", "/vm/volumes/takesnapshot", "/vm/backup", "/vm/flatten", "/vm/changeimage"];
+    let ops = ["/vm/create", "/vm/clone", "/vm/snapshotgroup/take", "/vm/backup", "/vm/flatten", "/vm/changeimage"];
     let mut failed = BTreeSet::new();
     for call in calls {
         for op in ops {
@@ -377,7 +377,7 @@ async fn a_clone_killed_at_any_point_is_recovered() {
 #[tokio::test]
 async fn a_snapshot_group_killed_at_any_point_is_recovered() {
     let (mut h, vm, _) = kill_host().await;
-    let kills = kill_at_every_point(&mut h, "/vm/volumes/takesnapshot", |app, ctx| {
+    let kills = kill_at_every_point(&mut h, "/vm/snapshotgroup/take", |app, ctx| {
         let body = json!({"vmUuid": vm});
         async move { value(crate::ops::snapshot_group::take(&app, &ctx, cmd(body)).await) }
     })
@@ -548,4 +548,27 @@ async fn a_state_file_torn_by_a_kill_is_removed_at_start_and_never_read_as_a_rec
     assert!(!torn.exists() && report.removed.contains(&torn), "{report:?}");
     assert_eq!(std::fs::read_dir(&vms).unwrap().count(), 1, "only the record stays");
     assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn a_define_that_libvirtd_runs_after_its_undo_is_removed_again() {
+    let mut h = TestHost::start();
+    let recorded = h.running_vm().await;
+    let (late, task) = (uuid(), h.task("/vm/create").await);
+    let mut log = crate::ops::undo::UndoLog::journaled(&h.app, &task.task_id);
+    for vm in [&late, &recorded] {
+        log.push(crate::ops::undo::UndoStep::RemoveDomain { vm: vm.clone() });
+    }
+    std::mem::forget(log); // killed: the define was sent, its answer never came
+    h.app.libvirt.destroy(&recorded).await.unwrap();
+    h.restart_and_recover().await;
+    assert!(h.hv.domain(&recorded).is_none(), "the undo removed the recorded VM's domain too");
+    // libvirtd gets to the killed agent's define only now; the recorded VM is defined again by a
+    // later command of its owner.
+    let xml = |vm: &str| format!("<domain type='qemu'><name>{vm}</name></domain>");
+    h.app.libvirt.define(xml(&late)).await.unwrap();
+    h.app.libvirt.define(xml(&recorded)).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    assert!(h.hv.domain(&late).is_none(), "the late domain of a VM without a record is removed");
+    assert!(h.hv.domain(&recorded).is_some(), "a VM with a record keeps its domain");
 }

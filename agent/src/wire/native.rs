@@ -228,7 +228,7 @@ pub struct NewVolume {
     pub install_path: Option<String>,
 }
 
-/// `/vm/volumes/takesnapshot`: one snapshot of every volume of a VM, at one instant.
+/// `/vm/snapshotgroup/take`: one snapshot of every volume of a VM, at one instant.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TakeSnapshotGroupCmd {
@@ -240,7 +240,7 @@ pub struct TakeSnapshotGroupCmd {
     pub name: String,
 }
 
-/// `/vm/volumes/getsnapshotgroup`.
+/// `/vm/snapshotgroup/get`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SnapshotGroupRef {

@@ -286,7 +286,9 @@ pub struct DeviceAddress {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TakeSnapshotCmd {
-    pub vm_uuid: String,
+    /// Absent for a detached volume.
+    #[serde(default, deserialize_with = "nullable")]
+    pub vm_uuid: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
     pub volume_uuid: String,
     /// The new top file (may have been pre-created by the management node).
