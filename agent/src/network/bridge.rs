@@ -98,9 +98,7 @@ pub async fn realize(net: &dyn Netlink, spec: &BridgeSpec<'_>) -> AgentResult<()
     let links = net.links().await?;
     plan(&links, spec)?;
     let iface = find(&links, spec.physical_interface).ok_or_else(|| missing_interface(spec.physical_interface))?;
-    if !iface.up {
-        net.change(iface, LinkChange::Up).await?;
-    }
+    // The VLAN device first: a kernel without 802.1Q refuses it before anything changed.
     let port = match spec.vlan {
         None => iface.clone(),
         Some(id) => {
@@ -114,7 +112,10 @@ pub async fn realize(net: &dyn Netlink, spec: &BridgeSpec<'_>) -> AgentResult<()
             }
         }
     };
-    if !port.up {
+    if !iface.up {
+        net.change(iface, LinkChange::Up).await?;
+    }
+    if port.index != iface.index && !port.up {
         net.change(&port, LinkChange::Up).await?;
     }
     if let Some(mtu) = spec.mtu.filter(|m| *m > port.mtu) {
@@ -348,6 +349,16 @@ mod tests {
         assert_eq!(eth1.master, None, "the NIC itself stays free for other VLANs");
         assert_eq!(vlan.mtu, 9000);
         assert!(vlan.up && br.up);
+    }
+
+    #[tokio::test]
+    async fn a_kernel_that_refuses_the_vlan_device_is_left_as_it_was() {
+        let net = host();
+        net.set_down("eth1");
+        let before = net.snapshot();
+        net.fail_next("add_vlan");
+        realize(&net, &spec("br_eth1_9", "eth1", Some(9))).await.unwrap_err();
+        assert_eq!(net.snapshot(), before);
     }
 
     #[tokio::test]

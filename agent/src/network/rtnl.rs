@@ -10,7 +10,9 @@ use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
     BridgeStpState, InfoData, InfoKind, InfoVlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
 use rtnetlink::{AddressMessageBuilder, Handle, LinkBridge, LinkUnspec, LinkVlan, RouteMessageBuilder};
 
 use super::{GatewayRoute, IfAddr, Link, LinkChange, LinkKind, NetError, Netlink};
@@ -244,7 +246,14 @@ impl Netlink for RtNetlink {
 
     async fn del_route(&self, link: &Link, route: GatewayRoute) -> Result<(), NetError> {
         let h = connect()?;
-        let msg = route_message(link.index, &route)?;
-        h.route().del(msg).execute().await.map_err(refused(format!("deleting route {route} from {}", link.name)))
+        let mut msg = route_message(link.index, &route)?;
+        // Match the route whoever added it (`ip route` adds with protocol "boot").
+        msg.header.protocol = RouteProtocol::Unspec;
+        msg.header.scope = RouteScope::NoWhere;
+        match h.route().del(msg).execute().await {
+            // Gone already: the kernel drops routes with the addresses they depend on.
+            Err(rtnetlink::Error::NetlinkError(m)) if m.to_io().raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            other => other.map_err(refused(format!("deleting route {route} from {}", link.name))),
+        }
     }
 }
