@@ -12,6 +12,8 @@ use crate::config::Config;
 use crate::host_identity::HostIdentity;
 use crate::hypervisor::Hypervisor;
 use crate::libvirt::Libvirt;
+use crate::network::rtnl::RtNetlink;
+use crate::network::Netlink;
 use crate::ops::owner::Vms;
 use crate::qemu_img::cli::QemuImgCli;
 use crate::qemu_img::QemuImg;
@@ -37,6 +39,10 @@ pub struct App {
     pub rbd: Arc<dyn Rbd>,
     /// qcow2 work (the `qemu-img` command; a fake in unit tests).
     pub qemu_img: Arc<dyn QemuImg>,
+    /// Links, addresses and routes of the host (rtnetlink; a fake in unit tests).
+    pub net: Arc<dyn Netlink>,
+    /// One bridge command at a time (each reads the links, then changes them).
+    pub bridges: tokio::sync::Mutex<()>,
     /// Every VM's lock and record: one owner per VM at a time.
     pub vms: Vms,
     /// Where backup groups may be written and read.
@@ -65,15 +71,17 @@ impl App {
         let libvirt = Arc::new(Libvirt::new(&config.libvirt.uri));
         let c = &config.ceph;
         let rbd = Arc::new(RbdCli { conf: c.conf.clone(), id: c.id.clone(), keyring: c.keyring.clone() });
-        App::with_backends(config, libvirt, rbd, Arc::new(QemuImgCli))
+        App::with_backends(config, libvirt, rbd, Arc::new(QemuImgCli), Arc::new(RtNetlink))
     }
 
-    /// Like [`new`](Self::new), on the given hypervisor, RBD and qemu-img (fakes in unit tests).
+    /// Like [`new`](Self::new), on the given hypervisor, RBD, qemu-img and netlink (fakes in unit
+    /// tests).
     pub fn with_backends(
         config: Config,
         libvirt: Arc<dyn Hypervisor>,
         rbd: Arc<dyn Rbd>,
         qemu_img: Arc<dyn QemuImg>,
+        net: Arc<dyn Netlink>,
     ) -> Result<(Arc<App>, Inherited), StartupError> {
         let state_err = |source| StartupError::StateDir { dir: config.state_dir.display().to_string(), source };
         std::fs::create_dir_all(&config.state_dir).map_err(state_err)?;
@@ -107,6 +115,8 @@ impl App {
             backup_roots,
             rbd,
             qemu_img,
+            net,
+            bridges: tokio::sync::Mutex::new(()),
             vms,
             volume_locks,
             shutting_down: AtomicBool::new(false),

@@ -19,6 +19,7 @@ pub mod libvirt;
 pub mod locks;
 pub mod metrics;
 pub mod model;
+pub mod network;
 pub mod notify;
 pub mod ops;
 pub mod process;

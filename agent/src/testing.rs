@@ -14,6 +14,7 @@ use crate::ceph::fake::FakeRbd;
 use crate::config::Config;
 use crate::faults::Faults;
 use crate::hypervisor::fake::FakeHypervisor;
+use crate::network::fake::FakeNet;
 use crate::qemu_img::fake::{self, FakeQemuImg, BLOCK};
 use crate::qemu_img::{CreateOptions, QemuImg};
 use crate::recovery::{Inherited, Runner};
@@ -28,6 +29,7 @@ pub struct TestHost {
     pub rbd: Arc<FakeRbd>,
     /// Failures and kills of hypervisor and qemu-img calls.
     pub faults: Arc<Faults>,
+    pub net: Arc<FakeNet>,
     pub app: Arc<App>,
     checked: Checked,
 }
@@ -75,15 +77,16 @@ impl TestHost {
         let faults = Arc::new(Faults::default());
         let hv = Arc::new(FakeHypervisor::new(faults.clone()));
         let rbd = Arc::new(FakeRbd::default());
-        let app = start(dir.path(), &root, &hv, &rbd, &faults).0;
-        TestHost { dir, root, hv, rbd, faults, app, checked: Default::default() }
+        let net = Arc::new(FakeNet::default());
+        let app = start(dir.path(), &root, &hv, &rbd, &faults, &net).0;
+        TestHost { dir, root, hv, rbd, faults, net, app, checked: Default::default() }
     }
 
     /// A new agent on the same directories and hypervisor, after recovery: what a restart
     /// after a kill does.
     pub async fn restart_and_recover(&mut self) -> crate::recovery::Report {
         self.faults.revive();
-        let (app, inherited) = start(self.dir.path(), &self.root, &self.hv, &self.rbd, &self.faults);
+        let (app, inherited) = start(self.dir.path(), &self.root, &self.hv, &self.rbd, &self.faults, &self.net);
         self.app = app;
         self.recover(inherited).await
     }
@@ -192,11 +195,13 @@ fn start(
     hv: &Arc<FakeHypervisor>,
     rbd: &Arc<FakeRbd>,
     faults: &Arc<Faults>,
+    net: &Arc<FakeNet>,
 ) -> (Arc<App>, Inherited) {
     let mut config = Config { state_dir: dir.join("state"), ..Config::default() };
     config.storage.roots = vec![root.to_path_buf()];
     config.backup.roots = vec![dir.join("backup")];
     config.libvirt.domain_type = "qemu".into();
     config.libvirt.swtpm_dir = dir.join("swtpm");
-    App::with_backends(config, hv.clone(), rbd.clone(), Arc::new(FakeQemuImg::new(faults.clone()))).unwrap()
+    App::with_backends(config, hv.clone(), rbd.clone(), Arc::new(FakeQemuImg::new(faults.clone())), net.clone())
+        .unwrap()
 }

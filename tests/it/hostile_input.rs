@@ -20,7 +20,8 @@ use kvmagent_host_tests::images::BaseImage;
 use kvmagent_host_tests::{uuid, Host};
 use serde_json::{Map, Value};
 
-const SYNC: &[&str] = &["/host/echo", "/host/connect", "/ceph/primarystorage/echo"];
+const SYNC: &[&str] =
+    &["/host/echo", "/host/connect", "/ceph/primarystorage/echo", "/network/checkphysicalnetworkinterface"];
 
 /// Every file and directory under `dir`: size and modification time (symlinks not followed).
 fn tree(dir: &Path, out: &mut BTreeMap<String, (u64, Option<SystemTime>)>) {

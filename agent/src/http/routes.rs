@@ -59,6 +59,16 @@ macro_rules! native {
     };
 }
 
+/// A path of a network service this agent does not provide: answered in-band with an error
+/// naming the service ([`compat::network::unsupported`]), never a 404.
+macro_rules! unsupported {
+    ($service:literal) => {
+        |_: Arc<App>, ctx: TaskCtx, _: Value| -> HandlerFuture {
+            Box::pin(async move { Err(compat::network::unsupported($service, &ctx.path)) })
+        }
+    };
+}
+
 fn echo(_: Arc<App>, _: TaskCtx, _: Value) -> HandlerFuture {
     Box::pin(async { Ok(Value::Null) })
 }
@@ -126,6 +136,76 @@ static ZSTACK_ROUTES: &[Route] = &[
         style: Style::Async,
         handler: typed!(compat::localstorage::reinit_image),
     },
+    Route {
+        path: "/network/checkphysicalnetworkinterface",
+        style: Style::Sync,
+        handler: typed!(compat::network::check_interfaces),
+    },
+    Route {
+        path: "/network/l2novlan/createbridge",
+        style: Style::Async,
+        handler: typed!(compat::network::create_novlan),
+    },
+    Route { path: "/network/l2vlan/createbridge", style: Style::Async, handler: typed!(compat::network::create_vlan) },
+    Route {
+        path: "/network/l2novlan/checkbridge",
+        style: Style::Async,
+        handler: typed!(compat::network::check_novlan),
+    },
+    Route { path: "/network/l2vlan/checkbridge", style: Style::Async, handler: typed!(compat::network::check_vlan) },
+    Route {
+        path: "/network/l2novlan/deletebridge",
+        style: Style::Async,
+        handler: typed!(compat::network::delete_novlan),
+    },
+    Route { path: "/network/l2vlan/deletebridge", style: Style::Async, handler: typed!(compat::network::delete_vlan) },
+    Route { path: "/flatnetworkprovider/dhcp/connect", style: Style::Async, handler: unsupported!("flat DHCP") },
+    Route { path: "/flatnetworkprovider/dhcp/apply", style: Style::Async, handler: unsupported!("flat DHCP") },
+    Route { path: "/flatnetworkprovider/dhcp/batchApply", style: Style::Async, handler: unsupported!("flat DHCP") },
+    Route { path: "/flatnetworkprovider/dhcp/prepare", style: Style::Async, handler: unsupported!("flat DHCP") },
+    Route { path: "/flatnetworkprovider/dhcp/batchPrepare", style: Style::Async, handler: unsupported!("flat DHCP") },
+    Route { path: "/flatnetworkprovider/dhcp/release", style: Style::Async, handler: unsupported!("flat DHCP") },
+    Route {
+        path: "/flatnetworkprovider/dhcp/resetDefaultGateway",
+        style: Style::Async,
+        handler: unsupported!("flat DHCP"),
+    },
+    Route {
+        path: "/flatnetworkprovider/dhcp/deletenamespace",
+        style: Style::Async,
+        handler: unsupported!("flat DHCP"),
+    },
+    Route { path: "/flatnetworkprovider/dhcp/flush", style: Style::Async, handler: unsupported!("flat DHCP") },
+    Route { path: "/flatnetworkprovider/arping", style: Style::Async, handler: unsupported!("flat DHCP") },
+    Route { path: "/flatnetworkprovider/userdata/apply", style: Style::Async, handler: unsupported!("flat user data") },
+    Route {
+        path: "/flatnetworkprovider/userdata/batchapply",
+        style: Style::Async,
+        handler: unsupported!("flat user data"),
+    },
+    Route {
+        path: "/flatnetworkprovider/userdata/release",
+        style: Style::Async,
+        handler: unsupported!("flat user data"),
+    },
+    Route {
+        path: "/flatnetworkprovider/userdata/cleanup",
+        style: Style::Async,
+        handler: unsupported!("flat user data"),
+    },
+    Route { path: "/flatnetworkprovider/eip/apply", style: Style::Async, handler: unsupported!("flat EIP") },
+    Route { path: "/flatnetworkprovider/eip/delete", style: Style::Async, handler: unsupported!("flat EIP") },
+    Route { path: "/flatnetworkprovider/eip/batchapply", style: Style::Async, handler: unsupported!("flat EIP") },
+    Route { path: "/flatnetworkprovider/eip/batchdelete", style: Style::Async, handler: unsupported!("flat EIP") },
+    Route { path: "/securitygroup/applyrules", style: Style::Async, handler: unsupported!("security groups") },
+    Route { path: "/securitygroup/refreshrulesonhost", style: Style::Async, handler: unsupported!("security groups") },
+    Route {
+        path: "/securitygroup/checkdefaultrulesonhost",
+        style: Style::Async,
+        handler: unsupported!("security groups"),
+    },
+    Route { path: "/securitygroup/cleanupunusedrules", style: Style::Async, handler: unsupported!("security groups") },
+    Route { path: "/securitygroup/updategroupmember", style: Style::Async, handler: unsupported!("security groups") },
     Route { path: "/ceph/primarystorage/echo", style: Style::Sync, handler: echo },
     Route {
         path: "/ceph/primarystorage/volume/createempty",

@@ -7,6 +7,7 @@ pub mod host;
 pub mod inventory;
 pub mod localstorage;
 pub mod native;
+pub mod network;
 pub mod vm;
 pub mod vm_model;
 
