@@ -5,6 +5,7 @@ pub mod ceph;
 pub mod host;
 pub mod localstorage;
 pub mod vm;
+pub mod vm_devices;
 
 #[cfg(test)]
 mod tests;

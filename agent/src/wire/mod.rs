@@ -8,6 +8,7 @@ pub mod inventory;
 pub mod localstorage;
 pub mod native;
 pub mod vm;
+pub mod vm_devices;
 pub mod vm_model;
 
 use serde::de::DeserializeOwned;
