@@ -49,6 +49,9 @@ pub struct App {
     pub backup_roots: StorageRoots,
     /// Per volume (resolved file or RBD image): writers exclusive, readers shared.
     pub volume_locks: VolumeLocks,
+    /// What the last `/vm/volumesync` found unused, by storage path (ZStack reports a volume
+    /// only once it was unused at two syncs in a row).
+    pub inactive_volumes: std::sync::Mutex<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>>,
     shutting_down: AtomicBool,
     /// What the start-up recovery found.
     pub recovery: OnceLock<Report>,
@@ -119,6 +122,7 @@ impl App {
             bridges: tokio::sync::Mutex::new(()),
             vms,
             volume_locks,
+            inactive_volumes: Default::default(),
             shutting_down: AtomicBool::new(false),
             recovery: OnceLock::new(),
         };

@@ -7,6 +7,7 @@ pub mod localstorage;
 pub mod network;
 pub mod snapshot;
 pub mod vm;
+pub mod vm_devices;
 
 #[cfg(test)]
 mod tests;

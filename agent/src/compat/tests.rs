@@ -86,3 +86,179 @@ async fn a_ceph_create_or_clone_that_fails_after_making_its_image_removes_it() {
     super::ceph::clone(&h.app, &ctx(), decode(&clone).unwrap()).await.unwrap_err();
     assert_eq!(h.rbd.images(), ["rbd/base"], "nothing the failed commands made is left");
 }
+
+/// A running VM started by `/vm/start` as the management node starts one: a root volume, an
+/// empty CD-ROM drive and a user-mode NIC. Returns its uuid.
+async fn started_vm(h: &TestHost) -> String {
+    let vm = crate::testing::uuid();
+    let root = h.path(&format!("rootVolumes/{vm}/root.qcow2"));
+    std::fs::create_dir_all(std::path::Path::new(&root).parent().unwrap()).unwrap();
+    std::fs::copy(h.image(&vm, 1 << 20).await, &root).unwrap();
+    let cmd = json!({
+        "vmInstanceUuid": vm, "vmName": "t", "memory": 67108864, "cpuNum": 1,
+        "rootVolume": {"installPath": root, "volumeUuid": crate::testing::uuid(), "deviceId": 0},
+        "cdRoms": [{"deviceId": 0, "isEmpty": true, "resourceUuid": "cd0"}],
+        "nics": [{"mac": "52:54:00:00:00:01", "type": "user", "uuid": "nic0"}],
+    });
+    super::vm::start(&h.app, &ctx(), decode(&cmd).unwrap()).await.unwrap();
+    vm
+}
+
+fn data_volume(h: &TestHost, name: &str) -> String {
+    let p = h.path(&format!("dataVolumes/{name}/{name}.qcow2"));
+    std::fs::create_dir_all(std::path::Path::new(&p).parent().unwrap()).unwrap();
+    let out = std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", &p, "1M"]).output().unwrap();
+    assert!(out.status.success());
+    p
+}
+
+/// What the VM's record and its domain say, to compare around a refused command.
+async fn vm_state(h: &TestHost, vm: &str) -> (crate::model::VmSpec, String) {
+    (h.app.vms.lock(vm).await.unwrap().load().unwrap(), h.hv.domain(vm).unwrap().xml)
+}
+
+#[tokio::test]
+async fn a_data_volume_is_attached_and_detached_live_and_in_the_record() {
+    use super::vm_devices::{attach_volume, detach_volume, reboot};
+    let h = TestHost::start();
+    let vm = started_vm(&h).await;
+    let path = data_volume(&h, "d1");
+    let body = json!({"vmInstanceUuid": vm, "volume": {"installPath": path, "volumeUuid": "d1", "deviceId": 1,
+                      "deviceType": "file", "useVirtio": true}, "addons": {"attachedDataVolumes": []}});
+    let rsp = attach_volume(&h.app, &ctx(), decode(&body).unwrap()).await.unwrap();
+    assert_eq!(rsp.virtual_device_info_list.len(), 1);
+    assert_eq!(rsp.virtual_device_info_list[0].resource_uuid, "d1");
+    assert_eq!(h.recorded(&vm).await[1], path, "the record has the volume");
+    assert!(h.domain_files(&vm).contains(&path), "the domain has the disk");
+    // Again: the same answer, nothing added.
+    attach_volume(&h.app, &ctx(), decode(&body).unwrap()).await.unwrap();
+    assert_eq!(h.recorded(&vm).await.len(), 2);
+
+    // A reboot defines the domain again from the record: the volume stays.
+    reboot(&h.app, &ctx(), decode(&json!({"uuid": vm, "timeout": 1, "bootDev": ["hd"]})).unwrap()).await.unwrap();
+    assert!(h.domain_files(&vm).contains(&path), "rebooted with the attached volume");
+    assert_eq!(h.hv.domain(&vm).unwrap().state, VmState::Running);
+
+    detach_volume(&h.app, &ctx(), decode(&body).unwrap()).await.unwrap();
+    assert_eq!(h.recorded(&vm).await.len(), 1, "the record lost the volume");
+    assert!(!h.domain_files(&vm).contains(&path), "the domain lost the disk");
+    detach_volume(&h.app, &ctx(), decode(&body).unwrap()).await.expect("a detached volume is detached");
+}
+
+#[tokio::test]
+async fn bad_attach_commands_are_refused_and_change_nothing() {
+    use super::vm_devices::{attach_iso, attach_nic, attach_volume, detach_volume, reboot};
+    let h = TestHost::start();
+    let vm = started_vm(&h).await;
+    let good = data_volume(&h, "d1");
+    let outside = tempfile::NamedTempFile::new().unwrap();
+    let root = h.recorded(&vm).await[0].clone();
+    let root_uuid = h.app.vms.lock(&vm).await.unwrap().load().unwrap().root().uuid.clone();
+    let before = vm_state(&h, &vm).await;
+    let vol = |path: &str, id: u32| json!({"vmInstanceUuid": vm, "volume": {"installPath": path, "volumeUuid": "d1", "deviceId": id}});
+    let cases: Vec<(&str, Value, ErrorKind)> = vec![
+        ("outside", vol(outside.path().to_str().unwrap(), 1), ErrorKind::InvalidArgument),
+        ("deviceId 0", vol(&good, 0), ErrorKind::InvalidArgument),
+        ("missing", vol(&h.path("dataVolumes/none.qcow2"), 1), ErrorKind::NotFound),
+        (
+            "in use",
+            json!({"vmInstanceUuid": vm, "volume": {"installPath": root, "volumeUuid": "x", "deviceId": 2}}),
+            ErrorKind::Conflict,
+        ),
+        (
+            "unknown VM",
+            json!({"vmInstanceUuid": crate::testing::uuid(), "volume": {"installPath": good, "volumeUuid": "d1", "deviceId": 1}}),
+            ErrorKind::NotFound,
+        ),
+    ];
+    for (what, body, kind) in cases {
+        let e = attach_volume(&h.app, &ctx(), decode(&body).unwrap()).await.unwrap_err();
+        assert_eq!(e.kind, kind, "{what}: {e}");
+        assert_eq!(vm_state(&h, &vm).await, before, "{what} changed nothing");
+    }
+    let e = detach_volume(
+        &h.app,
+        &ctx(),
+        decode(&json!({"vmInstanceUuid": vm, "volume": {"installPath": root, "volumeUuid": root_uuid}})).unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("root"), "{e}");
+    let e = attach_iso(
+        &h.app,
+        &ctx(),
+        decode(&json!({"vmUuid": vm, "iso": {"path": outside.path(), "deviceId": 0}})).unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e}");
+    let e = attach_iso(&h.app, &ctx(), decode(&json!({"vmUuid": vm, "iso": {"path": good, "deviceId": 2}})).unwrap())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("deviceId 2"), "{e}");
+    let e = attach_nic(&h.app, &ctx(), decode(&json!({"vmUuid": vm, "nic": {"mac": "zz", "type": "user"}})).unwrap())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("nic.mac"), "{e}");
+    let e = reboot(&h.app, &ctx(), decode(&json!({"uuid": vm, "bootDev": ["floppy"]})).unwrap()).await.unwrap_err();
+    assert!(e.to_string().contains("floppy"), "{e}");
+    assert_eq!(vm_state(&h, &vm).await, before, "nothing changed");
+}
+
+#[tokio::test]
+async fn isos_nics_pause_and_states_of_a_running_vm() {
+    use super::vm_devices::*;
+    let h = TestHost::start();
+    let vm = started_vm(&h).await;
+    let iso = h.path("iso/x.iso");
+    std::fs::create_dir_all(h.path("iso")).unwrap();
+    std::fs::write(&iso, b"iso").unwrap();
+    attach_iso(&h.app, &ctx(), decode(&json!({"vmUuid": vm, "iso": {"path": iso, "deviceId": 0}})).unwrap())
+        .await
+        .unwrap();
+    let cdrom = |spec: &crate::model::VmSpec| spec.cd_roms[0].iso.clone();
+    assert_eq!(cdrom(&vm_state(&h, &vm).await.0), Some(iso.clone()));
+    assert!(h.hv.domain(&vm).unwrap().xml.contains(&format!("<source file='{iso}'/>")));
+    detach_iso(&h.app, &ctx(), decode(&json!({"vmUuid": vm, "isoUuid": "i", "deviceId": 0})).unwrap()).await.unwrap();
+    assert_eq!(cdrom(&vm_state(&h, &vm).await.0), None);
+    assert!(!h.hv.domain(&vm).unwrap().xml.contains(&iso), "ejected");
+
+    let nic = json!({"vmUuid": vm, "nic": {"mac": "52:54:00:00:00:02", "type": "user", "uuid": "nic1", "deviceId": 1}});
+    let rsp = attach_nic(&h.app, &ctx(), decode(&nic).unwrap()).await.unwrap();
+    assert_eq!(rsp.virtual_device_info_list[0].resource_uuid, "nic1");
+    assert_eq!(vm_state(&h, &vm).await.0.nics.len(), 2);
+    assert!(h.hv.domain(&vm).unwrap().xml.contains("52:54:00:00:00:02"));
+    detach_nic(&h.app, &ctx(), decode(&nic).unwrap()).await.unwrap();
+    assert_eq!(vm_state(&h, &vm).await.0.nics.len(), 1);
+    assert!(!h.hv.domain(&vm).unwrap().xml.contains("52:54:00:00:00:02"));
+
+    pause(&h.app, &ctx(), decode(&json!({"uuid": vm, "timeout": 120})).unwrap()).await.unwrap();
+    pause(&h.app, &ctx(), decode(&json!({"uuid": vm})).unwrap()).await.expect("a paused VM stays paused");
+    assert_eq!(h.hv.domain(&vm).unwrap().state, VmState::Paused);
+    let gone = crate::testing::uuid();
+    let states =
+        check_state(&h.app, &ctx(), decode(&json!({"vmUuids": [vm, gone], "hostUuid": "h"})).unwrap()).await.unwrap();
+    assert_eq!(serde_json::to_value(&states).unwrap(), json!({"states": {vm.clone(): "Paused", gone: "Shutdown"}}));
+    resume(&h.app, &ctx(), decode(&json!({"uuid": vm})).unwrap()).await.unwrap();
+    assert_eq!(h.hv.domain(&vm).unwrap().state, VmState::Running);
+    let e = check_state(&h.app, &ctx(), decode(&json!({"vmUuids": ["../x"]})).unwrap()).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument);
+}
+
+#[tokio::test]
+async fn volume_sync_reports_files_unused_at_two_syncs_in_a_row() {
+    use super::vm_devices::volume_sync;
+    let h = TestHost::start();
+    let vm = started_vm(&h).await;
+    let dir = std::path::Path::new(&h.recorded(&vm).await[0]).parent().unwrap().to_owned();
+    let stray = dir.join("stray.qcow2");
+    std::fs::write(&stray, b"x").unwrap();
+    let body = json!({"storagePaths": [format!("file://{}", dir.display()), "ceph://pool/x"]});
+    let first = volume_sync(&h.app, &ctx(), decode(&body).unwrap()).await.unwrap();
+    assert!(first.inactive_volume_paths.is_empty(), "once unused is not reported yet");
+    let second = volume_sync(&h.app, &ctx(), decode(&body).unwrap()).await.unwrap();
+    let key = format!("file://{}", dir.display());
+    assert_eq!(second.inactive_volume_paths.get(&key), Some(&vec![stray.display().to_string()]), "{second:?}");
+    let outside = json!({"storagePaths": ["file:///etc"]});
+    assert!(volume_sync(&h.app, &ctx(), decode(&outside).unwrap()).await.is_err());
+}

@@ -81,3 +81,49 @@ pub fn live_disks(live_xml: &str) -> AgentResult<Vec<LiveDisk>> {
         })
         .collect())
 }
+
+/// How libvirt tells one device of a domain from the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LiveKey {
+    /// A disk or CD-ROM drive, by its target device (`vdb`, `hdc`).
+    Target(String),
+    /// A network interface, by its MAC address.
+    Mac(String),
+}
+
+fn child_attr<'a>(node: roxmltree::Node<'a, 'a>, tag: &str, attr: &str) -> Option<&'a str> {
+    node.children().find(|c| c.has_tag_name(tag)).and_then(|c| c.attribute(attr))
+}
+
+impl LiveKey {
+    fn matches(&self, node: roxmltree::Node) -> bool {
+        match self {
+            LiveKey::Target(dev) => node.has_tag_name("disk") && child_attr(node, "target", "dev") == Some(dev),
+            LiveKey::Mac(mac) => {
+                node.has_tag_name("interface")
+                    && child_attr(node, "mac", "address").is_some_and(|m| m.eq_ignore_ascii_case(mac))
+            }
+        }
+    }
+
+    /// The key of the one device `xml` describes (a `<disk>` or an `<interface>`).
+    pub fn of_device(xml: &str) -> AgentResult<LiveKey> {
+        let doc =
+            roxmltree::Document::parse(xml).map_err(|e| AgentError::internal(format!("unparsable device XML: {e}")))?;
+        let root = doc.root_element();
+        match root.tag_name().name() {
+            "disk" => child_attr(root, "target", "dev").map(|d| LiveKey::Target(d.to_owned())),
+            "interface" => child_attr(root, "mac", "address").map(|m| LiveKey::Mac(m.to_owned())),
+            _ => None,
+        }
+        .ok_or_else(|| AgentError::internal(format!("device XML names no disk target or interface MAC: {xml}")))
+    }
+}
+
+/// Where in `xml` (a domain) the device `key` names is written: the byte range of its element,
+/// as libvirt wrote it. `None` when the domain has no such device.
+pub fn device_range(xml: &str, key: &LiveKey) -> AgentResult<Option<std::ops::Range<usize>>> {
+    let doc = roxmltree::Document::parse(xml)
+        .map_err(|e| AgentError::internal(format!("libvirt returned unparsable domain XML: {e}")))?;
+    Ok(doc.descendants().find(|n| key.matches(*n)).map(|n| n.range()))
+}

@@ -114,6 +114,8 @@ struct HostView<'a> {
 
 #[derive(Serialize)]
 struct CdromView<'a> {
+    /// Which drive this is (not rendered: libvirt knows a drive by its target).
+    device_id: u32,
     file: Option<&'a str>,
     dev: &'static str,
     bus: &'static str,
@@ -141,8 +143,14 @@ static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         out.write_str(&xml_escape(&value.to_string()))
             .map_err(|_| minijinja::Error::new(minijinja::ErrorKind::WriteFailure, "cannot write template output"))
     });
-    env.add_template("domain.xml", include_str!("../../../libvirt-templates/domain.xml.j2"))
-        .expect("the domain template parses");
+    for (name, text) in [
+        ("domain.xml", include_str!("../../../libvirt-templates/domain.xml.j2")),
+        ("disk.xml", include_str!("../../../libvirt-templates/disk.xml.j2")),
+        ("cdrom.xml", include_str!("../../../libvirt-templates/cdrom.xml.j2")),
+        ("interface.xml", include_str!("../../../libvirt-templates/interface.xml.j2")),
+    ] {
+        env.add_template(name, text).expect("the domain templates parse");
+    }
     env
 });
 
@@ -209,8 +217,55 @@ fn disk_view<'a>(v: &'a Volume, settings: &'a DomainSettings, per_device_boot: b
     })
 }
 
+/// One device of a VM's spec, to render alone (hot-plugging).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device<'a> {
+    /// The disk of the volume with this uuid.
+    Disk(&'a str),
+    /// The CD-ROM drive with this deviceId.
+    Cdrom(u32),
+    /// The network interface with this MAC address.
+    Interface(&'a str),
+}
+
 /// Renders the domain XML of `spec`.
 pub fn render(spec: &VmSpec, settings: &DomainSettings) -> AgentResult<String> {
+    let view = view(spec, settings)?;
+    let xml = TEMPLATES
+        .get_template("domain.xml")
+        .and_then(|t| t.render(&view))
+        .map_err(|e| AgentError::internal(format!("rendering the domain XML of {}: {e}", spec.uuid)))?;
+    no_control_characters(spec, xml)
+}
+
+/// Renders one device of `spec` exactly as [`render`] lays it out in the whole domain, for
+/// attaching it to (or changing it in) the running domain.
+pub fn render_device(spec: &VmSpec, settings: &DomainSettings, device: Device) -> AgentResult<String> {
+    let view = view(spec, settings)?;
+    let missing = || AgentError::invalid(format!("VM {} has no {device:?}", spec.uuid));
+    let (template, ctx) = match device {
+        Device::Disk(uuid) => {
+            let d = view.disks.iter().find(|d| d.serial == uuid).ok_or_else(missing)?;
+            ("disk.xml", minijinja::context! { d })
+        }
+        Device::Cdrom(id) => {
+            let c = view.cdroms.iter().find(|c| c.device_id == id).ok_or_else(missing)?;
+            ("cdrom.xml", minijinja::context! { c })
+        }
+        Device::Interface(mac) => {
+            let n = view.nics.iter().find(|n| n.mac.eq_ignore_ascii_case(mac)).ok_or_else(missing)?;
+            ("interface.xml", minijinja::context! { n })
+        }
+    };
+    let xml = TEMPLATES
+        .get_template(template)
+        .and_then(|t| t.render(ctx))
+        .map_err(|e| AgentError::internal(format!("rendering {device:?} of VM {}: {e}", spec.uuid)))?;
+    no_control_characters(spec, xml.trim().to_owned())
+}
+
+/// What the templates lay out: every decision about `spec`'s domain, made here.
+fn view<'a>(spec: &'a VmSpec, settings: &'a DomainSettings) -> AgentResult<View<'a>> {
     let q35 = spec.machine == Machine::Q35;
     // libvirt refuses <os><boot dev> together with per-device <boot order>: per-device wins
     // when any device asks for a position.
@@ -243,6 +298,7 @@ pub fn render(spec: &VmSpec, settings: &DomainSettings) -> AgentResult<String> {
         .iter()
         .zip(slots.iter())
         .map(|(c, dev)| CdromView {
+            device_id: c.device_id,
             file: c.iso.as_deref(),
             dev,
             bus: if q35 { "sata" } else { "ide" },
@@ -274,7 +330,7 @@ pub fn render(spec: &VmSpec, settings: &DomainSettings) -> AgentResult<String> {
         })
         .collect();
 
-    let view = View {
+    Ok(View {
         domain_type: &settings.domain_type,
         name: &spec.uuid,
         uuid: dashed_uuid(&spec.uuid),
@@ -318,11 +374,10 @@ pub fn render(spec: &VmSpec, settings: &DomainSettings) -> AgentResult<String> {
             TpmModel::Crb => "tpm-crb",
             TpmModel::Tis => "tpm-tis",
         }),
-    };
-    let xml = TEMPLATES
-        .get_template("domain.xml")
-        .and_then(|t| t.render(&view))
-        .map_err(|e| AgentError::internal(format!("rendering the domain XML of {}: {e}", spec.uuid)))?;
+    })
+}
+
+fn no_control_characters(spec: &VmSpec, xml: String) -> AgentResult<String> {
     // Whatever validation missed, XML cannot carry control characters: never hand libvirt one.
     if let Some(c) = xml.chars().find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
         return Err(AgentError::invalid(format!(

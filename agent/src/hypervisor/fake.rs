@@ -105,6 +105,27 @@ impl FakeHypervisor {
         })
     }
 
+    /// Rewrites running domain `vm`'s XML by `edit`, given where the device `xml` names is in it
+    /// (as libvirt finds it: a disk by its target, an interface by its MAC).
+    fn change_device(
+        &self,
+        vm: &str,
+        call: &'static str,
+        xml: &str,
+        edit: impl FnOnce(&str, Option<std::ops::Range<usize>>) -> Result<String, String>,
+    ) -> Result<(), LibvirtError> {
+        let fail = |message: String| LibvirtError::Call { call, message, code: 1 };
+        let key = crate::domain::LiveKey::of_device(xml).map_err(|e| fail(e.to_string()))?;
+        self.with(vm, |d| {
+            if !d.state.is_active() {
+                return Err(fail("domain is not running".into()));
+            }
+            let found = crate::domain::device_range(&d.xml, &key).map_err(|e| fail(e.to_string()))?;
+            d.xml = edit(&d.xml, found).map_err(fail)?;
+            Ok(())
+        })?
+    }
+
     fn switch_disk(&self, vm: &str, from: &Path, to: &Path) -> Result<(), LibvirtError> {
         let (from, to) = (format!("file='{}'", from.display()), format!("file='{}'", to.display()));
         self.with(vm, |d| d.xml = d.xml.replacen(&from, &to, 1))
@@ -241,6 +262,33 @@ impl Hypervisor for FakeHypervisor {
             self.switch_disk(vm, &top, &base)?;
         }
         Ok(())
+    }
+
+    async fn attach_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError> {
+        self.enter("attachDeviceFlags").await?;
+        self.change_device(vm, "attachDeviceFlags", &xml, |domain, found| match found {
+            Some(_) => Err("a device with this target or MAC is already attached".into()),
+            None => {
+                let at = domain.find("</devices>").ok_or("no <devices>")?;
+                Ok(format!("{}{xml}\n  {}", &domain[..at], &domain[at..]))
+            }
+        })
+    }
+
+    async fn detach_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError> {
+        self.enter("detachDeviceFlags").await?;
+        self.change_device(vm, "detachDeviceFlags", &xml, |domain, found| {
+            let r = found.ok_or("no such device")?;
+            Ok(format!("{}{}", &domain[..r.start], &domain[r.end..]))
+        })
+    }
+
+    async fn update_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError> {
+        self.enter("updateDeviceFlags").await?;
+        self.change_device(vm, "updateDeviceFlags", &xml, |domain, found| {
+            let r = found.ok_or("no such device")?;
+            Ok(format!("{}{xml}{}", &domain[..r.start], &domain[r.end..]))
+        })
     }
 
     async fn set_ceph_secret(&self, uuid: &str, key: Vec<u8>) -> Result<(), LibvirtError> {

@@ -47,6 +47,14 @@ pub trait Hypervisor: Send + Sync {
     async fn block_commit_active(&self, vm: &str, disk: &str) -> Result<(), LibvirtError>;
     /// Ends the block job on `disk`: with `pivot`, a ready commit switches to its base.
     async fn block_job_abort(&self, vm: &str, disk: &str, pivot: bool) -> Result<(), LibvirtError>;
+    /// Plugs the device `xml` describes into running domain `vm`, and into its definition when
+    /// the domain is persistent.
+    async fn attach_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError>;
+    /// Asks running domain `vm` to unplug the device `xml` describes (and removes it from the
+    /// definition). The guest may release it later: callers watch the live XML.
+    async fn detach_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError>;
+    /// Changes a device of running domain `vm` in place: a CD-ROM drive's medium.
+    async fn update_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError>;
     /// Defines the ceph-usage secret `uuid` with value `key`.
     async fn set_ceph_secret(&self, uuid: &str, key: Vec<u8>) -> Result<(), LibvirtError>;
 

@@ -164,7 +164,44 @@ impl Libvirt {
     }
 }
 
+/// A change to one device of a running domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChange {
+    Attach,
+    Detach,
+    Update,
+}
+
+impl DeviceChange {
+    fn call(self) -> &'static str {
+        match self {
+            DeviceChange::Attach => "attachDeviceFlags",
+            DeviceChange::Detach => "detachDeviceFlags",
+            DeviceChange::Update => "updateDeviceFlags",
+        }
+    }
+}
+
 impl Libvirt {
+    /// Makes `change` with the device `xml` describes on the running domain `name`, and on its
+    /// persistent definition too when it has one (so that both keep describing the same VM).
+    pub async fn change_device(&self, name: &str, change: DeviceChange, xml: String) -> Result<(), LibvirtError> {
+        let name = name.to_owned();
+        let call = change.call();
+        self.call(call, move |c| {
+            let d = lookup(c, &name)?;
+            let persistent = d.is_persistent().map_err(|e| LibvirtError::from_virt("isPersistent", e))?;
+            let flags = sys::VIR_DOMAIN_AFFECT_LIVE | if persistent { sys::VIR_DOMAIN_AFFECT_CONFIG } else { 0 };
+            match change {
+                DeviceChange::Attach => d.attach_device_flags(&xml, flags),
+                DeviceChange::Detach => d.detach_device_flags(&xml, flags),
+                DeviceChange::Update => d.update_device_flags(&xml, flags),
+            }
+            .map_err(|e| LibvirtError::from_virt(call, e))
+        })
+        .await
+    }
+
     pub async fn suspend(&self, name: &str) -> Result<(), LibvirtError> {
         let name = name.to_owned();
         self.call("suspend", move |c| lookup(c, &name)?.suspend().map_err(|e| LibvirtError::from_virt("suspend", e)))

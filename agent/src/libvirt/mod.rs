@@ -177,6 +177,15 @@ impl crate::hypervisor::Hypervisor for Libvirt {
     async fn block_job_abort(&self, vm: &str, disk: &str, pivot: bool) -> Result<(), LibvirtError> {
         Libvirt::block_job_abort(self, vm, disk, pivot).await
     }
+    async fn attach_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError> {
+        Libvirt::change_device(self, vm, domains::DeviceChange::Attach, xml).await
+    }
+    async fn detach_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError> {
+        Libvirt::change_device(self, vm, domains::DeviceChange::Detach, xml).await
+    }
+    async fn update_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError> {
+        Libvirt::change_device(self, vm, domains::DeviceChange::Update, xml).await
+    }
     async fn set_ceph_secret(&self, uuid: &str, key: Vec<u8>) -> Result<(), LibvirtError> {
         Libvirt::set_ceph_secret(self, uuid, key).await
     }

@@ -20,7 +20,7 @@ pub mod volumes;
 use crate::app::App;
 use crate::domain::{self, DomainSettings};
 use crate::error::{AgentError, AgentResult};
-use crate::model::{DiskFormat, VmSpec};
+use crate::model::{DiskFormat, VmSpec, Volume};
 use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
 use crate::wire::vm::{StartVmCmd, StartVmRsp};
@@ -48,12 +48,16 @@ pub async fn check_against_host(app: &App, spec: &mut VmSpec) -> AgentResult<()>
     for path in domain::file_paths(spec) {
         app.storage.roots().confine_existing(&path.display().to_string())?;
     }
-    for vol in spec.volumes.iter_mut() {
-        if let Location::File(p) = &vol.location {
-            let path = app.storage.roots().confine_chain(&p.display().to_string())?;
-            vol.format =
-                DiskFormat::of_file(&path).map_err(|e| AgentError::invalid(format!("volume {}: {e}", p.display())))?;
-        }
+    spec.volumes.iter_mut().try_for_each(|vol| check_volume(app, vol))
+}
+
+/// Checks one volume against this host: a file, and every backing file of it, lies inside the
+/// storage roots and exists; its format is read from the file itself.
+pub fn check_volume(app: &App, vol: &mut Volume) -> AgentResult<()> {
+    if let Location::File(p) = &vol.location {
+        let path = app.storage.roots().confine_chain(&p.display().to_string())?;
+        vol.format =
+            DiskFormat::of_file(&path).map_err(|e| AgentError::invalid(format!("volume {}: {e}", p.display())))?;
     }
     Ok(())
 }
@@ -90,9 +94,16 @@ pub async fn start(app: &App, _ctx: &TaskCtx, owner: &owner::VmGuard, cmd: Start
     if app.libvirt.domain_state(&vm).await?.is_some_and(|s| s.is_active()) {
         return domain::device_info(&app.libvirt.xml(&vm).await?);
     }
+    define_and_start(app, owner, &spec).await
+}
+
+/// (Re)defines the domain of `spec` and starts it, and records `spec` as the VM's. A start that
+/// fails leaves no domain behind.
+pub async fn define_and_start(app: &App, owner: &owner::VmGuard, spec: &VmSpec) -> AgentResult<StartVmRsp> {
+    let vm = spec.uuid.clone();
     let mut undo = UndoLog::default();
     // A VM that runs without its record could not be cloned or changed: both, or neither.
-    let started = async { define(app, &spec, true, &mut undo).await.and_then(|rsp| owner.save(&spec).map(|_| rsp)) };
+    let started = async { define(app, spec, true, &mut undo).await.and_then(|rsp| owner.save(spec).map(|_| rsp)) };
     match started.await {
         Ok(rsp) => {
             undo.commit();

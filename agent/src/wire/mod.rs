@@ -9,6 +9,7 @@ pub mod localstorage;
 pub mod native;
 pub mod network;
 pub mod vm;
+pub mod vm_devices;
 pub mod vm_model;
 
 use serde::de::DeserializeOwned;

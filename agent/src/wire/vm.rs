@@ -7,7 +7,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 /// Deserializes `null` as the type's default.
-fn nullable<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+pub(super) fn nullable<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
@@ -215,17 +215,25 @@ pub enum StopMode {
 impl StopVmCmd {
     /// The stop asked for; an unknown `type` or a timeout past the bound is refused, named.
     pub fn mode(&self) -> Result<StopMode, crate::error::AgentError> {
-        let invalid = crate::error::AgentError::invalid;
         match self.stop_type.as_str() {
-            "" | "grace" if self.timeout > MAX_STOP_TIMEOUT_SECS => Err(invalid(format!(
-                "timeout {} s is longer than the {MAX_STOP_TIMEOUT_SECS} s a graceful stop may take",
-                self.timeout
-            ))),
-            "" | "grace" => Ok(StopMode::Grace(std::time::Duration::from_secs(self.timeout.max(1)))),
+            "" | "grace" => grace_period(self.timeout).map(StopMode::Grace),
             "cold" | "force" => Ok(StopMode::PowerOff),
-            other => Err(invalid(format!("type {other:?} is not a stop type (grace, cold or force)"))),
+            other => Err(crate::error::AgentError::invalid(format!(
+                "type {other:?} is not a stop type (grace, cold or force)"
+            ))),
         }
     }
+}
+
+/// How long a guest is given to shut down (`timeout` seconds, at least one); a timeout past the
+/// bound is refused, named.
+pub fn grace_period(timeout: u64) -> Result<std::time::Duration, crate::error::AgentError> {
+    if timeout > MAX_STOP_TIMEOUT_SECS {
+        return Err(crate::error::AgentError::invalid(format!(
+            "timeout {timeout} s is longer than the {MAX_STOP_TIMEOUT_SECS} s a graceful stop may take"
+        )));
+    }
+    Ok(std::time::Duration::from_secs(timeout.max(1)))
 }
 fn nullable_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     Ok(Option::<u64>::deserialize(d)?.unwrap_or_else(default_stop_timeout))

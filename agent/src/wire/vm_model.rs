@@ -73,10 +73,10 @@ impl StartVmCmd {
         if self.root_volume.device_id != 0 {
             return Err(invalid(format!("rootVolume.deviceId must be 0, not {}", self.root_volume.device_id)));
         }
-        let mut volumes = vec![volume("rootVolume", &self.root_volume)?];
+        let mut volumes = vec![self.root_volume.to_model("rootVolume")?];
         let mut ids = HashSet::from([0]);
         for (i, v) in self.data_volumes.iter().enumerate() {
-            volumes.push(volume(&format!("dataVolumes[{i}]"), v)?);
+            volumes.push(v.to_model(&format!("dataVolumes[{i}]"))?);
             if !ids.insert(v.device_id) {
                 return Err(invalid(format!("dataVolumes[{i}].deviceId {} is used by another disk", v.device_id)));
             }
@@ -85,7 +85,8 @@ impl StartVmCmd {
             return Err(invalid(format!("at most 3 cdRoms are supported, not {}", self.cd_roms.len())));
         }
         let cd_roms = self.cd_roms.iter().enumerate().map(|(i, c)| cd_rom(i, c)).collect::<AgentResult<_>>()?;
-        let nics = self.nics.iter().enumerate().map(|(i, n)| nic(i, n)).collect::<AgentResult<_>>()?;
+        let nics =
+            self.nics.iter().enumerate().map(|(i, n)| n.to_model(&format!("nics[{i}]"))).collect::<AgentResult<_>>()?;
         if let Some(k) = &self.kernel_boot {
             for (f, v) in
                 [("kernelBoot.kernel", &k.kernel), ("kernelBoot.initrd", &k.initrd), ("kernelBoot.cmdline", &k.cmdline)]
@@ -100,14 +101,7 @@ impl StartVmCmd {
             Some(t) if t.enable => Some(if t.model == "tpm-tis" { TpmModel::Tis } else { TpmModel::Crb }),
             _ => None,
         };
-        let mut boot_devices: Vec<BootDevice> = (self.boot_dev.iter())
-            .filter_map(|d| match d.as_str() {
-                "hd" => Some(BootDevice::Hd),
-                "cdrom" => Some(BootDevice::Cdrom),
-                "network" => Some(BootDevice::Network),
-                _ => None,
-            })
-            .collect();
+        let mut boot_devices: Vec<BootDevice> = self.boot_dev.iter().filter_map(|d| boot_device(d)).collect();
         if boot_devices.is_empty() {
             boot_devices.push(BootDevice::Hd);
         }
@@ -240,6 +234,30 @@ fn is_serial(s: &str) -> bool {
     (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// A boot device as ZStack names it (`hd`, `cdrom`, `network`).
+pub fn boot_device(name: &str) -> Option<BootDevice> {
+    match name {
+        "hd" => Some(BootDevice::Hd),
+        "cdrom" => Some(BootDevice::Cdrom),
+        "network" => Some(BootDevice::Network),
+        _ => None,
+    }
+}
+
+impl VolumeTo {
+    /// The volume in the model; errors name `field`.
+    pub fn to_model(&self, field: &str) -> AgentResult<Volume> {
+        volume(field, self)
+    }
+}
+
+impl NicTo {
+    /// The NIC in the model; errors name `field`.
+    pub fn to_model(&self, field: &str) -> AgentResult<Nic> {
+        nic(field, self)
+    }
+}
+
 fn volume(field: &str, v: &VolumeTo) -> AgentResult<Volume> {
     xml_safe(&format!("{field}.installPath"), &v.install_path)?;
     if !is_serial(&v.volume_uuid) {
@@ -342,20 +360,17 @@ fn is_mac(s: &str) -> bool {
     parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-fn nic(i: usize, n: &NicTo) -> AgentResult<Nic> {
+fn nic(field: &str, n: &NicTo) -> AgentResult<Nic> {
     if !is_mac(&n.mac) {
-        return Err(invalid(format!("nics[{i}].mac {:?} is not a MAC address (xx:xx:xx:xx:xx:xx)", n.mac)));
+        return Err(invalid(format!("{field}.mac {:?} is not a MAC address (xx:xx:xx:xx:xx:xx)", n.mac)));
     }
     let network = match n.nic_type.as_str() {
         "user" => NicNetwork::User,
         "" | "VNIC" if is_ifname(&n.bridge_name) => NicNetwork::Bridge(n.bridge_name.clone()),
         "" | "VNIC" => {
-            return Err(invalid(format!(
-                "nics[{i}].bridgeName {:?} is not a valid Linux interface name",
-                n.bridge_name
-            )))
+            return Err(invalid(format!("{field}.bridgeName {:?} is not a valid Linux interface name", n.bridge_name)))
         }
-        other => return Err(invalid(format!("nics[{i}].type {other:?} is not supported (VNIC or user)"))),
+        other => return Err(invalid(format!("{field}.type {other:?} is not supported (VNIC or user)"))),
     };
     let model = match n.driver_type.as_str() {
         "" if n.use_virtio => NicModel::Virtio,
@@ -364,10 +379,10 @@ fn nic(i: usize, n: &NicTo) -> AgentResult<Nic> {
         "e1000" => NicModel::E1000,
         "rtl8139" => NicModel::Rtl8139,
         other => {
-            return Err(invalid(format!("nics[{i}].driverType {other:?} is not supported (virtio, e1000, rtl8139)")))
+            return Err(invalid(format!("{field}.driverType {other:?} is not supported (virtio, e1000, rtl8139)")))
         }
     };
-    xml_safe(&format!("nics[{i}].uuid"), &n.uuid)?;
+    xml_safe(&format!("{field}.uuid"), &n.uuid)?;
     Ok(Nic {
         mac: n.mac.clone(),
         uuid: n.uuid.clone(),
@@ -407,5 +422,5 @@ fn nic_to(n: &Nic) -> NicTo {
 /// NicTOs (as a management plane sends them for a new VM) in the model.
 pub fn nics(given: &[Value]) -> AgentResult<Vec<Nic>> {
     let wire: Vec<NicTo> = super::decode(&Value::Array(given.to_vec()))?;
-    wire.iter().enumerate().map(|(i, n)| nic(i, n)).collect()
+    wire.iter().enumerate().map(|(i, n)| n.to_model(&format!("nics[{i}]"))).collect()
 }
