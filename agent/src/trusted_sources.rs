@@ -110,35 +110,32 @@ impl TrustedSources {
     }
 
     /// After a successful `/host/connect` (or a `/host/update/configuration` naming this host)
-    /// from `peer`: the node and the host of its `sendCommandUrl` are remembered.
-    pub fn learn(&self, peer: IpAddr, send_command_url: Option<&str>) -> std::io::Result<()> {
+    /// from `peer`: commands are taken from it from now on.
+    pub fn learn(&self, peer: IpAddr) -> std::io::Result<()> {
         let peer = canonical(peer);
-        let mut learned = self.learned.write().unwrap_or_else(|p| p.into_inner());
-        let mut next = learned.clone();
-        let new_node = remember(&mut next.management_nodes, peer);
-        let new_host = send_command_url.and_then(url_host).is_some_and(|h| remember(&mut next.callback_hosts, h));
-        if !new_node && !new_host {
-            return Ok(());
-        }
-        atomic_file::write_json(&self.file, &next)?;
-        *learned = next;
-        if new_node {
+        if self.update(|l| remember(&mut l.management_nodes, peer))? {
             tracing::info!(node = %peer, "commands are now taken from this management node too");
         }
         Ok(())
     }
 
-    /// Remembers the host of `url` as a place results may go (a `/host/update/configuration`).
-    pub fn learn_callback_host(&self, url: &str) -> std::io::Result<()> {
-        let Some(host) = url_host(url) else { return Ok(()) };
+    /// After `/host/connect` or `/host/update/configuration` named `send_command_url`: results
+    /// and progress may go to its host from now on.
+    pub fn learn_callback_host(&self, send_command_url: &str) -> std::io::Result<()> {
+        let Some(host) = url_host(send_command_url) else { return Ok(()) };
+        self.update(|l| remember(&mut l.callback_hosts, host)).map(|_| ())
+    }
+
+    /// Applies `change`, persisting first when it changed anything; returns whether it did.
+    fn update(&self, change: impl FnOnce(&mut Learned) -> bool) -> std::io::Result<bool> {
         let mut learned = self.learned.write().unwrap_or_else(|p| p.into_inner());
         let mut next = learned.clone();
-        if !remember(&mut next.callback_hosts, host) {
-            return Ok(());
+        if !change(&mut next) {
+            return Ok(false);
         }
         atomic_file::write_json(&self.file, &next)?;
         *learned = next;
-        Ok(())
+        Ok(true)
     }
 
     /// The operator's reset: the next `/host/connect` is trusted again. Returns whether a
@@ -175,7 +172,8 @@ mod tests {
         let (mn, other): (IpAddr, IpAddr) = ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
         let s = TrustedSources::load(dir.path()).unwrap();
         assert!(s.check(other, &[]).await.is_ok(), "a fresh host takes commands from anyone");
-        s.learn(mn, Some("http://mn1:8080/zstack/asyncrest/sendcommand")).unwrap();
+        s.learn(mn).unwrap();
+        s.learn_callback_host("http://mn1:8080/zstack/asyncrest/sendcommand").unwrap();
         assert!(s.check(mn, &[]).await.is_ok());
         assert!(s.check(other, &[]).await.unwrap_err().contains("forget-management-node"));
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
@@ -191,7 +189,7 @@ mod tests {
     async fn configured_hosts_win_over_what_was_learned() {
         let dir = tempfile::tempdir().unwrap();
         let s = TrustedSources::load(dir.path()).unwrap();
-        s.learn("127.0.0.1".parse().unwrap(), None).unwrap();
+        s.learn("127.0.0.1".parse().unwrap()).unwrap();
         let configured = ["127.0.0.2".to_owned(), "localhost".to_owned()];
         assert!(s.check("127.0.0.2".parse().unwrap(), &configured).await.is_ok());
         assert!(s.check("127.0.0.1".parse().unwrap(), &configured).await.is_ok(), "localhost resolves");
@@ -203,12 +201,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = TrustedSources::load(dir.path()).unwrap();
         let (mn1, mn2): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        s.learn(mn1, Some("http://10.0.0.1:8080/zstack/asyncrest/sendcommand")).unwrap();
-        s.learn(mn2, Some("http://MN2.example:8080/zstack/asyncrest/sendcommand")).unwrap();
+        s.learn(mn1).unwrap();
+        s.learn(mn2).unwrap();
+        s.learn_callback_host("http://10.0.0.1:8080/zstack/asyncrest/sendcommand").unwrap();
+        s.learn_callback_host("http://MN2.example:8080/zstack/asyncrest/sendcommand").unwrap();
         assert!(s.check(mn1, &[]).await.is_ok() && s.check(mn2, &[]).await.is_ok(), "a second node does not evict the first");
         assert_eq!(s.callback_hosts(), ["10.0.0.1", "mn2.example"]);
         for i in 0..40u8 {
-            s.learn(IpAddr::from([10, 1, 0, i]), None).unwrap();
+            s.learn(IpAddr::from([10, 1, 0, i])).unwrap();
         }
         let nodes = TrustedSources::load(dir.path()).unwrap().learned();
         assert_eq!(nodes.len(), MAX_LEARNED);

@@ -11,6 +11,11 @@ use crate::tasks::TaskCtx;
 use crate::wire::host::*;
 
 pub async fn connect(app: &App, _ctx: &TaskCtx, cmd: ConnectCmd) -> AgentResult<ConnectRsp> {
+    connect_with(app, cmd, Path::new(kvm_params::SYS_MODULE)).await
+}
+
+/// `/host/connect` with the module parameters under `modules` (`/sys/module` but in tests).
+pub(super) async fn connect_with(app: &App, cmd: ConnectCmd, modules: &Path) -> AgentResult<ConnectRsp> {
     if uuid::Uuid::try_parse(&cmd.host_uuid).is_err() {
         return Err(AgentError::invalid(format!("hostUuid {:?} is not a uuid", cmd.host_uuid)));
     }
@@ -19,6 +24,11 @@ pub async fn connect(app: &App, _ctx: &TaskCtx, cmd: ConnectCmd) -> AgentResult<
     }
     // Ask libvirt first: a connect that fails must leave the stored identity as it was.
     let (libvirt_version, qemu_version) = app.libvirt.versions().await?;
+    if let Some(url) = &cmd.send_command_url {
+        if let Err(e) = app.sources.learn_callback_host(url) {
+            tracing::error!(error = %e, "cannot remember the management node's callback host");
+        }
+    }
     let identity =
         Identity { host_uuid: Some(cmd.host_uuid), send_command_url: cmd.send_command_url, version: cmd.version };
     app.identity.set(identity).map_err(|e| {
@@ -27,7 +37,7 @@ pub async fn connect(app: &App, _ctx: &TaskCtx, cmd: ConnectCmd) -> AgentResult<
             format!("{e}; check that the state directory is writable"),
         )
     })?;
-    apply_host_settings(Path::new(kvm_params::SYS_MODULE), &cmd.iptables_rules, cmd.ignore_msrs, cmd.page_table_extension_disabled, cmd.tcp_server_port);
+    apply_host_settings(modules, &cmd.iptables_rules, cmd.ignore_msrs, cmd.page_table_extension_disabled, cmd.tcp_server_port);
     Ok(ConnectRsp { libvirt_version, qemu_version })
 }
 

@@ -237,20 +237,19 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str, peer: IpAddr
         }
         tracing::info!(%peer, path, "a management node not known before names this host's uuid: taken");
         if route.path == "/host/update/configuration" {
-            if let Err(e) = app.sources.learn(peer, body_str(&body, "sendCommandUrl")) {
+            if let Err(e) = app.sources.learn(peer) {
                 tracing::error!(error = %e, "cannot remember the management node");
             }
         }
     }
 
     if route.style == Style::Sync {
-        let send_command_url = body_str(&body, "sendCommandUrl").map(str::to_owned);
         let result = match body {
             Ok(b) => (route.handler)(app.clone(), TaskCtx::detached(route.path), b).await,
             Err(e) => Err(e),
         };
         if route.path == "/host/connect" && result.is_ok() {
-            if let Err(e) = app.sources.learn(peer, send_command_url.as_deref()) {
+            if let Err(e) = app.sources.learn(peer) {
                 tracing::error!(error = %e, "cannot remember the management node; commands stay open to any address");
             }
         }
