@@ -102,12 +102,15 @@ pub async fn update_configuration(
     })?;
     crate::callbacks::client::parse_url(&url).map_err(|e| AgentError::invalid(format!("sendCommandUrl: {e}")))?;
     let current = app.identity.get();
-    if let (Some(given), Some(known)) = (&cmd.host_uuid, &current.host_uuid) {
-        if given != known {
-            return Err(AgentError::invalid(format!(
-                "hostUuid {given} is not this host ({known}); connect the host again to change its uuid"
-            )));
-        }
+    let Some(known) = &current.host_uuid else {
+        return Err(AgentError::invalid(
+            "this host was never connected: a management node sends /host/connect before it updates the configuration",
+        ));
+    };
+    if let Some(given) = cmd.host_uuid.as_ref().filter(|g| *g != known) {
+        return Err(AgentError::invalid(format!(
+            "hostUuid {given} is not this host ({known}); connect the host again to change its uuid"
+        )));
     }
     if let Err(e) = app.sources.learn_callback_host(&url) {
         tracing::error!(error = %e, "cannot remember the management node's callback host");

@@ -175,6 +175,10 @@ async fn update_configuration_for_another_host_or_without_a_url_changes_nothing(
     let h = TestHost::start();
     let host = "5b9a2f4c1d3e4f5a8b7c6d5e4f3a2b1c";
     let url = "http://10.0.0.1:8080/zstack/asyncrest/sendcommand";
+    let early = json!({"hostUuid": host, "sendCommandUrl": url});
+    let e = super::host::update_configuration(&h.app, &ctx(), decode(&early).unwrap()).await.unwrap_err();
+    assert!(e.to_string().contains("never connected"), "{e}");
+    assert_eq!(h.app.identity.get().send_command_url, None, "a host never connected takes no URL");
     let modules = tempfile::tempdir().unwrap();
     super::host::connect_with(&h.app, decode(&connect_body(host, url)).unwrap(), modules.path()).await.unwrap();
     let before = h.app.identity.get();
