@@ -85,9 +85,8 @@ pub fn dmi() -> Dmi {
 
 fn dmi_from(sys: &std::path::Path) -> Dmi {
     let id = sys.join("class/dmi/id");
-    let read = |name: &str| {
-        std::fs::read_to_string(id.join(name)).map(|v| v.trim().to_owned()).ok().filter(|v| !v.is_empty())
-    };
+    let read =
+        |name: &str| std::fs::read_to_string(id.join(name)).map(|v| v.trim().to_owned()).ok().filter(|v| !v.is_empty());
     let or_unknown = |v: Option<String>| v.unwrap_or_else(|| "unknown".to_owned());
     let memory_slots = std::fs::read_dir(sys.join("firmware/dmi/entries")).ok().map(|entries| {
         entries.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with("17-")).count() as u32

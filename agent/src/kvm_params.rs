@@ -49,7 +49,9 @@ pub enum Ept {
     NotApplicable,
     AsWanted,
     /// EPT is `enabled` now, the other way from what was asked.
-    Differs { enabled: bool },
+    Differs {
+        enabled: bool,
+    },
 }
 
 pub fn check_ept(modules: &Path, want_enabled: bool) -> Result<Ept, ParamError> {

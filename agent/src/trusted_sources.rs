@@ -205,7 +205,10 @@ mod tests {
         s.learn(mn2).unwrap();
         s.learn_callback_host("http://10.0.0.1:8080/zstack/asyncrest/sendcommand").unwrap();
         s.learn_callback_host("http://MN2.example:8080/zstack/asyncrest/sendcommand").unwrap();
-        assert!(s.check(mn1, &[]).await.is_ok() && s.check(mn2, &[]).await.is_ok(), "a second node does not evict the first");
+        assert!(
+            s.check(mn1, &[]).await.is_ok() && s.check(mn2, &[]).await.is_ok(),
+            "a second node does not evict the first"
+        );
         assert_eq!(s.callback_hosts(), ["10.0.0.1", "mn2.example"]);
         for i in 0..40u8 {
             s.learn(IpAddr::from([10, 1, 0, i])).unwrap();

@@ -102,7 +102,8 @@ async fn a_management_node_admits_the_host_and_every_reply_has_its_types() {
     }
     assert!(f.ip_addresses.is_some() && f.libvirt_capabilities.is_some());
 
-    let (status, text) = h.post("/host/connect", &[], connect_cmd(&host, &h.callbacks.send_command_url()).to_string()).await.unwrap();
+    let (status, text) =
+        h.post("/host/connect", &[], connect_cmd(&host, &h.callbacks.send_command_url()).to_string()).await.unwrap();
     assert_eq!(status, 200, "{text}");
     let c: ConnectResponse = mn_types::decode(&serde_json::from_str(&text).unwrap()).unwrap();
     assert!(c.base.success, "{text}");

@@ -37,7 +37,13 @@ pub(super) async fn connect_with(app: &App, cmd: ConnectCmd, modules: &Path) -> 
             format!("{e}; check that the state directory is writable"),
         )
     })?;
-    apply_host_settings(modules, &cmd.iptables_rules, cmd.ignore_msrs, cmd.page_table_extension_disabled, cmd.tcp_server_port);
+    apply_host_settings(
+        modules,
+        &cmd.iptables_rules,
+        cmd.ignore_msrs,
+        cmd.page_table_extension_disabled,
+        cmd.tcp_server_port,
+    );
     Ok(ConnectRsp { libvirt_version, qemu_version })
 }
 
@@ -97,9 +103,9 @@ pub async fn update_configuration(
     _ctx: &TaskCtx,
     cmd: UpdateConfigurationCmd,
 ) -> AgentResult<UpdateConfigurationRsp> {
-    let url = cmd.send_command_url.ok_or_else(|| {
-        AgentError::invalid("sendCommandUrl is missing: it names where this host's reports go")
-    })?;
+    let url = cmd
+        .send_command_url
+        .ok_or_else(|| AgentError::invalid("sendCommandUrl is missing: it names where this host's reports go"))?;
     crate::callbacks::client::parse_url(&url).map_err(|e| AgentError::invalid(format!("sendCommandUrl: {e}")))?;
     let current = app.identity.get();
     let Some(known) = &current.host_uuid else {
@@ -116,7 +122,10 @@ pub async fn update_configuration(
         tracing::error!(error = %e, "cannot remember the management node's callback host");
     }
     app.identity.set(crate::host_identity::Identity { send_command_url: Some(url), ..current }).map_err(|e| {
-        AgentError::failed("cannot persist the host identity", format!("{e}; check that the state directory is writable"))
+        AgentError::failed(
+            "cannot persist the host identity",
+            format!("{e}; check that the state directory is writable"),
+        )
     })?;
     Ok(UpdateConfigurationRsp {})
 }

@@ -117,9 +117,8 @@ async fn admission_replies_decode_into_the_management_nodes_types() {
     let host = "5b9a2f4c1d3e4f5a8b7c6d5e4f3a2b1c";
     let url = "http://10.0.0.1:8080/zstack/asyncrest/sendcommand";
 
-    let rsp = super::host::connect_with(&h.app, decode(&connect_body(host, url)).unwrap(), modules.path())
-        .await
-        .unwrap();
+    let rsp =
+        super::host::connect_with(&h.app, decode(&connect_body(host, url)).unwrap(), modules.path()).await.unwrap();
     let c: ConnectResponse = mn_types::decode(&answer(rsp)).unwrap();
     assert!(c.base.success);
     assert_eq!((c.libvirt_version.as_deref(), c.qemu_version.as_deref()), (Some("9.0.0"), Some("7.2.0")));
@@ -128,7 +127,10 @@ async fn admission_replies_decode_into_the_management_nodes_types() {
     let fact = super::host::fact(&h.app, &ctx(), crate::wire::Empty {}).await.unwrap();
     let f: HostFactResponse = mn_types::decode(&answer(fact)).unwrap();
     let v = f.virtualizer_info.expect("the MN dereferences virtualizerInfo (KVMHost.java:5727)");
-    assert_eq!((v.uuid.as_deref(), v.virtualizer.as_deref(), v.version.as_deref()), (Some(host), Some("qemu-kvm"), Some("7.2.0")));
+    assert_eq!(
+        (v.uuid.as_deref(), v.virtualizer.as_deref(), v.version.as_deref()),
+        (Some(host), Some("qemu-kvm"), Some("7.2.0"))
+    );
     assert_eq!(f.cpu_model_name.as_deref(), Some("EPYC-Rome"), "libvirt's model name");
     assert!(f.libvirt_version.is_some(), "the MN compares it unconditionally (KVMHost.java:5840)");
     assert_ne!(f.hvm_cpu_flag.as_deref(), Some(""), "vmx, svm or absent");
@@ -141,7 +143,10 @@ async fn admission_replies_decode_into_the_management_nodes_types() {
         .await
         .unwrap();
     let p: PingResponse = mn_types::decode(&answer(ping)).unwrap();
-    assert_eq!((p.host_uuid.as_deref(), p.send_command_url.as_deref(), p.version.as_deref()), (Some(host), Some(url), Some("5.1.0")));
+    assert_eq!(
+        (p.host_uuid.as_deref(), p.send_command_url.as_deref(), p.version.as_deref()),
+        (Some(host), Some(url), Some("5.1.0"))
+    );
 
     let mn2 = "http://10.0.0.2:8080/zstack/asyncrest/sendcommand";
     let body = json!({"hostUuid": host, "sendCommandUrl": mn2, "kvmHostAddons": {}, "threadContext": {"api": "x"}});
@@ -149,8 +154,15 @@ async fn admission_replies_decode_into_the_management_nodes_types() {
     let u: UpdateHostConfigurationResponse = mn_types::decode(&answer(upd)).unwrap();
     assert!(u.success);
     let id = h.app.identity.get();
-    assert_eq!((id.send_command_url.as_deref(), id.host_uuid.as_deref()), (Some(mn2), Some(host)), "only the URL changes");
-    assert!(h.app.callback_allowed("http://10.0.0.1:8080/zstack/asyncrest/callback").is_ok(), "the first MN still gets results");
+    assert_eq!(
+        (id.send_command_url.as_deref(), id.host_uuid.as_deref()),
+        (Some(mn2), Some(host)),
+        "only the URL changes"
+    );
+    assert!(
+        h.app.callback_allowed("http://10.0.0.1:8080/zstack/asyncrest/callback").is_ok(),
+        "the first MN still gets results"
+    );
     assert!(h.app.callback_allowed("http://10.0.0.2:8080/zstack/asyncrest/callback").is_ok());
     assert!(h.app.callback_allowed("http://10.0.0.3:8080/zstack/asyncrest/callback").is_err());
 
