@@ -8,7 +8,9 @@ pub struct CpuInfo {
     /// `vmx` or `svm`; `None` when the CPU offers neither (the management node then refuses
     /// the host, asking to enable virtualization in the BIOS).
     pub hvm_flag: Option<&'static str>,
-    /// `ept` or `npt`, when the CPU has second-level address translation.
+    /// `ept` when the CPU has Intel's EPT. Not `npt` on AMD: ZStack's agent reports only `ept`,
+    /// and the management node compares this flag between hosts and, without it, asks
+    /// `/host/connect` for EPT off (which only `kvm_intel` has).
     pub ept_flag: Option<&'static str>,
     /// The first `model name` of `/proc/cpuinfo`, e.g. `AMD EPYC 7B13 64-Core Processor`.
     pub model_name: String,
@@ -54,7 +56,7 @@ fn parse_cpuinfo(text: &str) -> CpuInfo {
                 flags_seen = true;
                 let flags: Vec<&str> = value.split_whitespace().collect();
                 info.hvm_flag = ["vmx", "svm"].into_iter().find(|f| flags.contains(f));
-                info.ept_flag = ["ept", "npt"].into_iter().find(|f| flags.contains(f));
+                info.ept_flag = flags.contains(&"ept").then_some("ept");
             }
             _ => {}
         }
@@ -276,7 +278,7 @@ mod tests {
         let c = parse_cpuinfo("processor\t: 0\nflags\t\t: fpu sse\n");
         assert_eq!((c.hvm_flag, c.ept_flag), (None, None));
         let amd = parse_cpuinfo("processor\t: 0\nflags\t\t: fpu svm npt\n");
-        assert_eq!((amd.hvm_flag, amd.ept_flag), (Some("svm"), Some("npt")));
+        assert_eq!((amd.hvm_flag, amd.ept_flag), (Some("svm"), None), "as ZStack's agent: ept only");
     }
 
     #[test]
