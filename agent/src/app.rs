@@ -133,10 +133,12 @@ impl App {
     /// `server.management_hosts` or the management node learned at `/host/connect`. When
     /// neither names one (a fresh agent, no config), any host is, as with ZStack's agent.
     pub fn callback_allowed(&self, url: &str) -> Result<(), String> {
-        let host_of = |u: &str| u.parse::<http::Uri>().ok()?.host().map(str::to_ascii_lowercase);
-        let learned = self.identity.get().send_command_url.as_deref().and_then(host_of);
-        let allowed: Vec<String> =
-            self.config.server.management_hosts.iter().map(|h| h.to_ascii_lowercase()).chain(learned).collect();
+        let host_of = crate::trusted_sources::url_host;
+        let current = self.identity.get().send_command_url.as_deref().and_then(host_of);
+        let allowed: Vec<String> = (self.config.server.management_hosts.iter().map(|h| h.to_ascii_lowercase()))
+            .chain(self.sources.callback_hosts())
+            .chain(current)
+            .collect();
         if allowed.is_empty() {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
@@ -149,7 +151,7 @@ impl App {
             Ok(())
         } else {
             Err(format!(
-                "{host} is not a management node of this agent; results go only to server.management_hosts {:?} or the node /host/connect named",
+                "{host} is not a management node of this agent; results go only to server.management_hosts {:?} or the nodes /host/connect named",
                 self.config.server.management_hosts
             ))
         }

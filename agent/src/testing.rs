@@ -3,6 +3,10 @@
 //! "restarted" (a new `App` on the same directories and the same hypervisor, as after a kill)
 //! to test crash recovery.
 
+/// The management node's Java reply and report types (shared with the host tests).
+#[path = "../../tests/src/mn_types.rs"]
+pub mod mn_types;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

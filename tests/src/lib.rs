@@ -12,6 +12,7 @@ pub mod consistency;
 pub mod guest;
 pub mod images;
 pub mod load;
+pub mod mn_types;
 pub mod sources;
 
 use std::path::{Path, PathBuf};

@@ -6,6 +6,10 @@ use serde_json::{json, Value};
 use crate::error::ErrorKind;
 use crate::libvirt::domains::VmState;
 use crate::tasks::TaskCtx;
+use crate::testing::mn_types::{
+    self, ConnectResponse, HostCapacityResponse, HostFactResponse, PingResponse, ProgressReportCmd,
+    UpdateHostConfigurationResponse, VmSyncResponse,
+};
 use crate::testing::TestHost;
 use crate::wire::decode;
 
@@ -261,4 +265,119 @@ async fn volume_sync_reports_files_unused_at_two_syncs_in_a_row() {
     assert_eq!(second.inactive_volume_paths.get(&key), Some(&vec![stray.display().to_string()]), "{second:?}");
     let outside = json!({"storagePaths": ["file:///etc"]});
     assert!(volume_sync(&h.app, &ctx(), decode(&outside).unwrap()).await.is_err());
+}
+
+/// What a handler answers, as the HTTP layer sends it (the response envelope).
+fn answer<T: serde::Serialize>(rsp: T) -> Value {
+    crate::wire::envelope(&Ok(serde_json::to_value(rsp).unwrap()))
+}
+
+fn connect_body(host_uuid: &str, send_command_url: &str) -> Value {
+    // As the MN's Gson sends a ConnectCmd (KVMAgentCommands.java:265-272): primitives present,
+    // nulls absent, kvmHostAddons appended.
+    json!({
+        "hostUuid": host_uuid, "sendCommandUrl": send_command_url,
+        "iptablesRules": ["-A INPUT -p tcp --dport 7070 -j ACCEPT"],
+        "ignoreMsrs": true, "pageTableExtensionDisabled": true, "tcpServerPort": 7123,
+        "version": "5.1.0", "kvmHostAddons": {}
+    })
+}
+
+#[tokio::test]
+async fn admission_replies_decode_into_the_management_nodes_types() {
+    let h = TestHost::start();
+    let modules = tempfile::tempdir().unwrap();
+    let params = modules.path().join("kvm/parameters");
+    std::fs::create_dir_all(&params).unwrap();
+    std::fs::write(params.join("ignore_msrs"), "N\n").unwrap();
+    let host = "5b9a2f4c1d3e4f5a8b7c6d5e4f3a2b1c";
+    let url = "http://10.0.0.1:8080/zstack/asyncrest/sendcommand";
+
+    let rsp =
+        super::host::connect_with(&h.app, decode(&connect_body(host, url)).unwrap(), modules.path()).await.unwrap();
+    let c: ConnectResponse = mn_types::decode(&answer(rsp)).unwrap();
+    assert!(c.base.success);
+    assert_eq!((c.libvirt_version.as_deref(), c.qemu_version.as_deref()), (Some("9.0.0"), Some("7.2.0")));
+    assert_eq!(std::fs::read_to_string(params.join("ignore_msrs")).unwrap(), "Y", "ignoreMsrs applied");
+
+    let fact = super::host::fact(&h.app, &ctx(), crate::wire::Empty {}).await.unwrap();
+    let f: HostFactResponse = mn_types::decode(&answer(fact)).unwrap();
+    let v = f.virtualizer_info.expect("the MN dereferences virtualizerInfo (KVMHost.java:5727)");
+    assert_eq!(
+        (v.uuid.as_deref(), v.virtualizer.as_deref(), v.version.as_deref()),
+        (Some(host), Some("qemu-kvm"), Some("7.2.0"))
+    );
+    assert_eq!(f.cpu_model_name.as_deref(), Some("EPYC-Rome"), "libvirt's model name");
+    assert!(f.libvirt_version.is_some(), "the MN compares it unconditionally (KVMHost.java:5840)");
+    assert_ne!(f.hvm_cpu_flag.as_deref(), Some(""), "vmx, svm or absent");
+    let ghz = f.cpu_ghz.unwrap();
+    assert!(ghz.parse::<f64>().is_ok(), "{ghz}");
+    assert!(f.cpu_processor_num.unwrap().parse::<u32>().unwrap() >= 1);
+    assert!(f.ip_addresses.is_some() && f.libvirt_capabilities.is_some() && f.system_serial_number.is_some());
+
+    let ping = super::host::ping(&h.app, &ctx(), decode(&json!({"hostUuid": host, "kvmHostAddons": {}})).unwrap())
+        .await
+        .unwrap();
+    let p: PingResponse = mn_types::decode(&answer(ping)).unwrap();
+    assert_eq!(
+        (p.host_uuid.as_deref(), p.send_command_url.as_deref(), p.version.as_deref()),
+        (Some(host), Some(url), Some("5.1.0"))
+    );
+
+    let mn2 = "http://10.0.0.2:8080/zstack/asyncrest/sendcommand";
+    let body = json!({"hostUuid": host, "sendCommandUrl": mn2, "kvmHostAddons": {}, "threadContext": {"api": "x"}});
+    let upd = super::host::update_configuration(&h.app, &ctx(), decode(&body).unwrap()).await.unwrap();
+    let u: UpdateHostConfigurationResponse = mn_types::decode(&answer(upd)).unwrap();
+    assert!(u.success);
+    let id = h.app.identity.get();
+    assert_eq!(
+        (id.send_command_url.as_deref(), id.host_uuid.as_deref()),
+        (Some(mn2), Some(host)),
+        "only the URL changes"
+    );
+    assert!(
+        h.app.callback_allowed("http://10.0.0.1:8080/zstack/asyncrest/callback").is_ok(),
+        "the first MN still gets results"
+    );
+    assert!(h.app.callback_allowed("http://10.0.0.2:8080/zstack/asyncrest/callback").is_ok());
+    assert!(h.app.callback_allowed("http://10.0.0.3:8080/zstack/asyncrest/callback").is_err());
+
+    let cap = super::host::capacity(&h.app, &ctx(), crate::wire::Empty {}).await.unwrap();
+    let c: HostCapacityResponse = mn_types::decode(&answer(cap)).unwrap();
+    assert!(c.cpu_num >= 1 && c.total_memory > 0 && c.cpu_sockets >= 1);
+    let sync = super::host::vm_sync(&h.app, &ctx(), crate::wire::Empty {}).await.unwrap();
+    let _: VmSyncResponse = mn_types::decode(&answer(sync)).unwrap();
+}
+
+#[test]
+fn the_mirror_types_fail_on_a_wrong_json_type_as_gson_does() {
+    assert!(mn_types::decode::<HostFactResponse>(&json!({"cpuProcessorNum": 8})).is_err(), "a number for a String");
+    assert!(mn_types::decode::<HostFactResponse>(&json!({"virtualizerInfo": "qemu"})).is_err());
+    assert!(mn_types::decode::<HostCapacityResponse>(&json!({"cpuNum": "8"})).is_err());
+    assert!(mn_types::decode::<ProgressReportCmd>(&json!({"detail": "copying"})).is_err(), "the bug this fixed");
+    assert!(mn_types::decode::<ProgressReportCmd>(&json!({"detail": {"step": "copying"}, "progress": "5"})).is_ok());
+}
+
+#[tokio::test]
+async fn update_configuration_for_another_host_or_without_a_url_changes_nothing() {
+    let h = TestHost::start();
+    let host = "5b9a2f4c1d3e4f5a8b7c6d5e4f3a2b1c";
+    let url = "http://10.0.0.1:8080/zstack/asyncrest/sendcommand";
+    let early = json!({"hostUuid": host, "sendCommandUrl": url});
+    let e = super::host::update_configuration(&h.app, &ctx(), decode(&early).unwrap()).await.unwrap_err();
+    assert!(e.to_string().contains("never connected"), "{e}");
+    assert_eq!(h.app.identity.get().send_command_url, None, "a host never connected takes no URL");
+    let modules = tempfile::tempdir().unwrap();
+    super::host::connect_with(&h.app, decode(&connect_body(host, url)).unwrap(), modules.path()).await.unwrap();
+    let before = h.app.identity.get();
+    for body in [
+        json!({"hostUuid": "0000000000000000000000000000000a", "sendCommandUrl": "http://10.9.9.9:8080/x"}),
+        json!({"hostUuid": host}),
+        json!({"hostUuid": host, "sendCommandUrl": "not a url"}),
+    ] {
+        let e = super::host::update_configuration(&h.app, &ctx(), decode(&body).unwrap()).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument, "{body}: {e}");
+        assert_eq!(h.app.identity.get(), before, "{body} changed nothing");
+    }
+    assert!(h.app.callback_allowed("http://10.9.9.9:8080/x").is_err());
 }

@@ -23,7 +23,7 @@ use crate::tasks::TaskCtx;
 use crate::wire::vm::VirtualDeviceInfo;
 use crate::wire::vm_devices::{
     AttachDeviceRsp, AttachIsoCmd, CheckVmStateCmd, CheckVmStateRsp, DataVolumeCmd, DetachIsoCmd, GetVncPortCmd,
-    GetVncPortRsp, NicCmd, PauseVmCmd, RebootVmCmd, RebootVmRsp, VirtualizerInfoTo, VolumeSyncCmd, VolumeSyncRsp,
+    GetVncPortRsp, NicCmd, PauseVmCmd, RebootVmCmd, RebootVmRsp, VolumeSyncCmd, VolumeSyncRsp,
 };
 use crate::wire::Empty;
 
@@ -71,7 +71,9 @@ pub async fn reboot(app: &App, _ctx: &TaskCtx, cmd: RebootVmCmd) -> AgentResult<
     app.libvirt.destroy(&cmd.uuid).await?;
     ops::define_and_start(app, &owner, &spec).await?;
     let (_, version) = app.libvirt.versions().await?;
-    Ok(RebootVmRsp { virtualizer_info: VirtualizerInfoTo { uuid: cmd.uuid, virtualizer: "qemu-kvm".into(), version } })
+    Ok(RebootVmRsp {
+        virtualizer_info: crate::wire::host::VirtualizerInfo { uuid: Some(cmd.uuid), virtualizer: "qemu-kvm", version },
+    })
 }
 
 /// `/vm/pause`: a paused VM stays paused.

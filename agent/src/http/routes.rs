@@ -79,6 +79,11 @@ static ZSTACK_ROUTES: &[Route] = &[
     Route { path: "/host/connect", style: Style::Sync, handler: typed!(compat::host::connect) },
     Route { path: "/host/ping", style: Style::Async, handler: typed!(compat::host::ping) },
     Route { path: "/host/fact", style: Style::Async, handler: typed!(compat::host::fact) },
+    Route {
+        path: "/host/update/configuration",
+        style: Style::Async,
+        handler: typed!(compat::host::update_configuration),
+    },
     Route { path: "/host/capacity", style: Style::Async, handler: typed!(compat::host::capacity) },
     Route { path: "/vm/vmsync", style: Style::Async, handler: typed!(compat::host::vm_sync) },
     Route { path: "/job/cancel", style: Style::Async, handler: typed!(compat::host::cancel) },

@@ -167,15 +167,33 @@ fn task_status(app: &App, task_id: &str) -> Resp {
 /// Paths anyone may call: they only say the agent is there.
 const OPEN: &[&str] = &["/host/echo", "/ceph/primarystorage/echo"];
 
+/// Paths a management node this host does not know yet may send when their `hostUuid` is this
+/// host's: another management node of the same deployment pings the host, points it at itself
+/// (`/host/update/configuration`) or reconnects it. The node is learned by the last two.
+const ADMISSION: &[&str] = &["/host/connect", "/host/ping", "/host/update/configuration"];
+
+fn forbidden(why: String) -> Resp {
+    let e = AgentError::new(crate::error::ErrorKind::InvalidArgument, "not a management node", why);
+    json_resp(StatusCode::FORBIDDEN, &wire::envelope(&Err(e)))
+}
+
+fn body_str<'a>(body: &'a Result<Value, AgentError>, field: &str) -> Option<&'a str> {
+    body.as_ref().ok()?.get(field)?.as_str()
+}
+
 async fn command(app: Arc<App>, req: Request<Incoming>, path: &str, peer: IpAddr) -> Resp {
     let Some(route) = routes::find(path) else {
         return refuse(StatusCode::NOT_FOUND, format!("no command is served at {path}"));
     };
+    let mut refused = None;
     if !OPEN.contains(&route.path) {
         if let Err(why) = app.sources.check(peer, &app.config.server.management_hosts).await {
-            tracing::warn!(%peer, path, "command refused: {why}");
-            let e = AgentError::new(crate::error::ErrorKind::InvalidArgument, "not a management node", why);
-            return json_resp(StatusCode::FORBIDDEN, &wire::envelope(&Err(e)));
+            // Without configured hosts, an admission path may still vouch for itself (below).
+            if !(ADMISSION.contains(&route.path) && app.config.server.management_hosts.is_empty()) {
+                tracing::warn!(%peer, path, "command refused: {why}");
+                return forbidden(why);
+            }
+            refused = Some(why);
         }
     }
     let headers = req.headers().clone();
@@ -199,8 +217,12 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str, peer: IpAddr
         if let Err(e) = client::parse_url(url) {
             return refuse(StatusCode::BAD_REQUEST, format!("callbackurl: {e}"));
         }
-        if let Err(e) = app.callback_allowed(url) {
-            return refuse(StatusCode::BAD_REQUEST, format!("callbackurl: {e}"));
+        // A node about to vouch for itself (below) names its own callback; otherwise results go
+        // only to known nodes.
+        if refused.is_none() {
+            if let Err(e) = app.callback_allowed(url) {
+                return refuse(StatusCode::BAD_REQUEST, format!("callbackurl: {e}"));
+            }
         }
     }
     if route.style == Style::Async && app.is_shutting_down() {
@@ -211,6 +233,19 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str, peer: IpAddr
         Err(e) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read the request body: {e}")),
     };
     let body = wire::parse_body(&raw);
+    if let Some(why) = refused {
+        let known = app.identity.get().host_uuid;
+        if known.is_none() || body_str(&body, "hostUuid") != known.as_deref() {
+            tracing::warn!(%peer, path, "command refused: {why}");
+            return forbidden(why);
+        }
+        tracing::info!(%peer, path, "a management node not known before names this host's uuid: taken");
+        if route.path == "/host/update/configuration" {
+            if let Err(e) = app.sources.learn(peer) {
+                tracing::error!(error = %e, "cannot remember the management node");
+            }
+        }
+    }
 
     if route.style == Style::Sync {
         let result = match body {

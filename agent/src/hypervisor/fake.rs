@@ -149,6 +149,13 @@ impl Hypervisor for FakeHypervisor {
         Ok(("9.0.0".into(), "7.2.0".into()))
     }
 
+    async fn capabilities(&self) -> Result<String, LibvirtError> {
+        self.enter("getCapabilities").await?;
+        Ok("<capabilities><host><cpu><arch>x86_64</arch><model>EPYC-Rome</model></cpu></host>\
+            <guest><os_type>hvm</os_type><features><acpi/></features></guest></capabilities>"
+            .into())
+    }
+
     async fn domain_state(&self, vm: &str) -> Result<Option<VmState>, LibvirtError> {
         self.enter("getState").await?;
         Ok(self.domain(vm).map(|d| d.state))

@@ -17,6 +17,8 @@ use crate::libvirt::LibvirtError;
 pub trait Hypervisor: Send + Sync {
     /// `(libvirt version, hypervisor version)` as dotted strings.
     async fn versions(&self) -> Result<(String, String), LibvirtError>;
+    /// The host capabilities XML (`virsh capabilities`).
+    async fn capabilities(&self) -> Result<String, LibvirtError>;
     /// The state of domain `vm`, or `None` when no such domain is defined.
     async fn domain_state(&self, vm: &str) -> Result<Option<VmState>, LibvirtError>;
     /// Every managed domain (named as a VM uuid) with its state, plus those shutting down.

@@ -124,6 +124,11 @@ impl Libvirt {
         })
         .await
     }
+
+    pub async fn capabilities(&self) -> Result<String, LibvirtError> {
+        self.call("getCapabilities", |c| c.capabilities().map_err(|e| LibvirtError::from_virt("getCapabilities", e)))
+            .await
+    }
 }
 
 /// The real hypervisor: each call forwards to the libvirt call of the same name.
@@ -131,6 +136,9 @@ impl Libvirt {
 impl crate::hypervisor::Hypervisor for Libvirt {
     async fn versions(&self) -> Result<(String, String), LibvirtError> {
         Libvirt::versions(self).await
+    }
+    async fn capabilities(&self) -> Result<String, LibvirtError> {
+        Libvirt::capabilities(self).await
     }
     async fn domain_state(&self, vm: &str) -> Result<Option<domains::VmState>, LibvirtError> {
         Libvirt::domain_state(self, vm).await

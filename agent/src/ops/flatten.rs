@@ -124,7 +124,8 @@ pub async fn flatten(app: &App, ctx: &TaskCtx, cmd: FlattenVmCmd) -> AgentResult
     let running = state.is_some_and(|s| s.is_active());
     let n = volumes.len();
     for (i, v) in volumes.iter().enumerate() {
-        let report = |p: u8| ctx.progress(((i * 100 + p as usize) / n) as u8, &v.uuid);
+        let step = format!("flattening volume {}", v.uuid);
+        let report = |p: u8| ctx.progress(((i * 100 + p as usize) / n) as u8, &step);
         flatten_volume(app, ctx, &vm, running, &v.install_path(), report)
             .await
             .map_err(|e| e.context(format!("flattening volume {}", v.uuid)))?;

@@ -14,6 +14,18 @@ pub struct ConnectCmd {
     pub send_command_url: Option<String>,
     #[serde(default)]
     pub version: Option<String>,
+    /// Rules the management node wants in the host's firewall: left to the operator.
+    #[serde(default)]
+    pub iptables_rules: Option<Vec<String>>,
+    /// The `kvm` module's `ignore_msrs`.
+    #[serde(default)]
+    pub ignore_msrs: bool,
+    /// EPT off in `kvm_intel` (only checked: changing it means reloading the module).
+    #[serde(default)]
+    pub page_table_extension_disabled: bool,
+    /// Where the management node listens for the TCP liveness counter: not opened.
+    #[serde(default)]
+    pub tcp_server_port: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -38,14 +50,39 @@ pub struct PingRsp {
     pub version: Option<String>,
 }
 
+/// `/host/update/configuration` (ZStack's `UpdateHostConfigurationCmd`): a management node that
+/// took the host over names where agent-initiated commands go now.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateConfigurationCmd {
+    #[serde(default)]
+    pub host_uuid: Option<String>,
+    #[serde(default)]
+    pub send_command_url: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UpdateConfigurationRsp {}
+
+/// ZStack's `HostFactResponse`: every field a `String` (or list of them) on the management
+/// node's side, so numbers go as strings; an unknown value is absent, never empty.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FactRsp {
-    /// `vmx`, `svm`, or empty when the CPU offers neither (never null: the management node
-    /// refuses a host without it).
-    pub hvm_cpu_flag: String,
-    pub ept_flag: String,
-    pub cpu_model_name: String,
+    /// `vmx` or `svm`; absent when the CPU offers neither (the management node then refuses
+    /// the host and says to enable virtualization in the BIOS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hvm_cpu_flag: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ept_flag: Option<&'static str>,
+    /// libvirt's name for the host CPU model (`<host><cpu><model>`), e.g. `EPYC-Rome`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_model_name: Option<String>,
+    /// The processor's own name, from `/proc/cpuinfo`.
+    pub host_cpu_model_name: String,
+    #[serde(rename = "cpuGHz")]
+    pub cpu_ghz: String,
+    pub cpu_processor_num: String,
     pub cpu_architecture: String,
     pub os_distribution: String,
     pub os_version: String,
@@ -54,6 +91,31 @@ pub struct FactRsp {
     pub qemu_img_version: String,
     pub hostname: String,
     pub libvirt_capabilities: Vec<String>,
+    pub virtualizer_info: VirtualizerInfo,
+    pub system_product_name: String,
+    pub system_serial_number: String,
+    pub system_manufacturer: String,
+    #[serde(rename = "systemUUID")]
+    pub system_uuid: String,
+    pub bios_vendor: String,
+    pub bios_version: String,
+    pub bios_release_date: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_slots_maximum: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uptime: Option<String>,
+    pub ip_addresses: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iscsi_initiator_name: Option<String>,
+}
+
+/// ZStack's `VirtualizerInfoTO`, which the management node dereferences unconditionally.
+#[derive(Debug, Serialize)]
+pub struct VirtualizerInfo {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    pub virtualizer: &'static str,
+    pub version: String,
 }
 
 #[derive(Debug, Serialize)]

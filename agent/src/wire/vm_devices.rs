@@ -22,16 +22,7 @@ pub struct RebootVmCmd {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RebootVmRsp {
-    pub virtualizer_info: VirtualizerInfoTo,
-}
-
-/// What runs a VM (`VirtualizerInfoTO`).
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct VirtualizerInfoTo {
-    pub uuid: String,
-    pub virtualizer: String,
-    pub version: String,
+    pub virtualizer_info: super::host::VirtualizerInfo,
 }
 
 /// `/vm/pause` and `/vm/resume` (`timeout` is sent, and not needed: both return at once).

@@ -1,0 +1,164 @@
+//! The management node's Java classes for what it reads from the agent, as Rust types with the
+//! Java field types, to decode the agent's answers and reports as the node's Gson would. Gson
+//! ignores unknown fields (so these do too) and fails the whole parse on a field of the wrong
+//! JSON type (so do these: a `String` field never takes a number, a `long` never a string).
+//! Java `String`, boxed numbers and objects are nullable (`Option`); primitives keep their Java
+//! default when absent. Sources: zstackio/zstack at 5a29293b; `KAC` is
+//! `plugin/kvm/src/main/java/org/zstack/kvm/KVMAgentCommands.java`.
+//!
+//! Shared by the agent's unit tests (`#[path]`) and the host tests.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+fn yes() -> bool {
+    true
+}
+
+/// `KAC:43-68` `AgentResponse`: `boolean success = true; String error`.
+#[derive(Debug, Deserialize)]
+pub struct AgentResponse {
+    #[serde(default = "yes")]
+    pub success: bool,
+    pub error: Option<String>,
+}
+
+/// `KAC:3403-3406` `VirtualizerInfoTO`.
+#[derive(Debug, Deserialize)]
+pub struct VirtualizerInfoTO {
+    pub uuid: Option<String>,
+    pub virtualizer: Option<String>,
+    pub version: Option<String>,
+}
+
+/// `KAC:448-509` `HostFactResponse`: every field a `String` but `ipAddresses` and
+/// `libvirtCapabilities` (`List<String>`) and `virtualizerInfo`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostFactResponse {
+    #[serde(flatten)]
+    pub base: AgentResponse,
+    pub os_distribution: Option<String>,
+    pub os_version: Option<String>,
+    pub os_release: Option<String>,
+    pub qemu_img_version: Option<String>,
+    pub libvirt_version: Option<String>,
+    pub hvm_cpu_flag: Option<String>,
+    pub ept_flag: Option<String>,
+    pub cpu_architecture: Option<String>,
+    pub cpu_model_name: Option<String>,
+    #[serde(rename = "cpuGHz")]
+    pub cpu_ghz: Option<String>,
+    pub cpu_processor_num: Option<String>,
+    pub power_supply_model_name: Option<String>,
+    pub power_supply_manufacturer: Option<String>,
+    pub ipmi_address: Option<String>,
+    pub power_supply_max_power_capacity: Option<String>,
+    pub host_cpu_model_name: Option<String>,
+    pub system_product_name: Option<String>,
+    pub system_serial_number: Option<String>,
+    pub system_manufacturer: Option<String>,
+    #[serde(rename = "systemUUID")]
+    pub system_uuid: Option<String>,
+    pub bios_vendor: Option<String>,
+    pub bios_version: Option<String>,
+    pub bios_release_date: Option<String>,
+    pub bmc_version: Option<String>,
+    pub uptime: Option<String>,
+    pub memory_slots_maximum: Option<String>,
+    pub cpu_cache: Option<String>,
+    pub ip_addresses: Option<Vec<String>>,
+    pub libvirt_capabilities: Option<Vec<String>>,
+    pub virtualizer_info: Option<VirtualizerInfoTO>,
+    pub iscsi_initiator_name: Option<String>,
+}
+
+/// `KAC:331-333` `ConnectResponse`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectResponse {
+    #[serde(flatten)]
+    pub base: AgentResponse,
+    pub libvirt_version: Option<String>,
+    pub qemu_version: Option<String>,
+}
+
+/// `KAC:356-359` `PingResponse`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PingResponse {
+    #[serde(flatten)]
+    pub base: AgentResponse,
+    pub host_uuid: Option<String>,
+    pub send_command_url: Option<String>,
+    pub version: Option<String>,
+}
+
+/// `KAC:407` `UpdateHostConfigurationResponse`: the base response only.
+pub type UpdateHostConfigurationResponse = AgentResponse;
+
+/// `KAC:760-766` `HostCapacityResponse`: `long` × 5 and `int cpuSockets`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostCapacityResponse {
+    #[serde(flatten)]
+    pub base: AgentResponse,
+    #[serde(default)]
+    pub cpu_num: i64,
+    #[serde(default)]
+    pub cpu_speed: i64,
+    #[serde(default)]
+    pub used_cpu: i64,
+    #[serde(default)]
+    pub total_memory: i64,
+    #[serde(default)]
+    pub used_memory: i64,
+    #[serde(default)]
+    pub cpu_sockets: i32,
+}
+
+/// `KAC:3475-3478` `VmSyncResponse`: `HashMap<String,String> states`, `List<String>`
+/// `vmInShutdowns` and `storagePaths`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmSyncResponse {
+    #[serde(flatten)]
+    pub base: AgentResponse,
+    pub states: Option<HashMap<String, String>>,
+    pub vm_in_shutdowns: Option<Vec<String>>,
+    pub storage_paths: Option<Vec<String>>,
+}
+
+/// `plugin/localstorage/.../LocalStorageKvmBackend.java:102-107,183-184` `InitRsp`: the local
+/// storage `AgentResponse` (`Long totalCapacity, availableCapacity`) plus
+/// `Long localStorageUsedCapacity`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalStorageInitRsp {
+    #[serde(flatten)]
+    pub base: AgentResponse,
+    pub total_capacity: Option<i64>,
+    pub available_capacity: Option<i64>,
+    pub local_storage_used_capacity: Option<i64>,
+}
+
+/// `core/src/main/java/org/zstack/core/progress/ProgressCommands.java:27-35`
+/// `ProgressReportCmd`: `detail` is a `Map<String,String>`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProgressReportCmd {
+    pub thread_context_map: Option<HashMap<String, String>>,
+    pub thread_context_stack: Option<Vec<String>>,
+    pub server_uuid: Option<String>,
+    pub server_type: Option<String>,
+    pub resource_uuid: Option<String>,
+    pub progress: Option<String>,
+    pub process_type: Option<String>,
+    pub detail: Option<HashMap<String, String>>,
+}
+
+/// Decodes `json` as the management node would, naming the field that fails.
+pub fn decode<T: serde::de::DeserializeOwned>(json: &serde_json::Value) -> Result<T, String> {
+    T::deserialize(json).map_err(|e| format!("{e} in {json}"))
+}
