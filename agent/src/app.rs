@@ -7,7 +7,8 @@ use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
 
 use crate::callbacks::client::Poster;
-use crate::ceph::rbd::{Rbd, RbdCli};
+use crate::ceph::cluster::{CephCli, Cluster};
+use crate::ceph::rbd::{Connection, Rbd, RbdCli};
 use crate::config::Config;
 use crate::host_identity::HostIdentity;
 use crate::hypervisor::Hypervisor;
@@ -25,6 +26,15 @@ use crate::tasks::journal::Journal;
 use crate::tasks::registry::{Limits, TaskRegistry};
 use crate::trusted_sources::TrustedSources;
 
+/// The external systems the agent drives, each behind its trait.
+pub struct Backends {
+    pub libvirt: Arc<dyn Hypervisor>,
+    pub rbd: Arc<dyn Rbd>,
+    pub ceph: Arc<dyn Cluster>,
+    pub qemu_img: Arc<dyn QemuImg>,
+    pub net: Arc<dyn Netlink>,
+}
+
 pub struct App {
     pub config: Config,
     pub tasks: Arc<TaskRegistry>,
@@ -37,6 +47,8 @@ pub struct App {
     pub storage: LocalStorage,
     /// RBD (the `rbd` command line; a fake in unit tests).
     pub rbd: Arc<dyn Rbd>,
+    /// The Ceph cluster itself: capacity, pools, monitors (`ceph`/`rados`; a fake in unit tests).
+    pub ceph: Arc<dyn Cluster>,
     /// qcow2 work (the `qemu-img` command; a fake in unit tests).
     pub qemu_img: Arc<dyn QemuImg>,
     /// Links, addresses and routes of the host (rtnetlink; a fake in unit tests).
@@ -71,21 +83,21 @@ impl App {
     /// Builds the application state. Returns the tasks a previous run left unfinished or
     /// undelivered, for [`crate::recovery`].
     pub fn new(config: Config) -> Result<(Arc<App>, Inherited), StartupError> {
-        let libvirt = Arc::new(Libvirt::new(&config.libvirt.uri));
         let c = &config.ceph;
-        let rbd = Arc::new(RbdCli { conf: c.conf.clone(), id: c.id.clone(), keyring: c.keyring.clone() });
-        App::with_backends(config, libvirt, rbd, Arc::new(QemuImgCli), Arc::new(RtNetlink))
+        let connection = Connection { conf: c.conf.clone(), id: c.id.clone(), keyring: c.keyring.clone() };
+        let backends = Backends {
+            libvirt: Arc::new(Libvirt::new(&config.libvirt.uri)),
+            rbd: Arc::new(RbdCli(connection.clone())),
+            ceph: Arc::new(CephCli(connection)),
+            qemu_img: Arc::new(QemuImgCli),
+            net: Arc::new(RtNetlink),
+        };
+        App::with_backends(config, backends)
     }
 
-    /// Like [`new`](Self::new), on the given hypervisor, RBD, qemu-img and netlink (fakes in unit
-    /// tests).
-    pub fn with_backends(
-        config: Config,
-        libvirt: Arc<dyn Hypervisor>,
-        rbd: Arc<dyn Rbd>,
-        qemu_img: Arc<dyn QemuImg>,
-        net: Arc<dyn Netlink>,
-    ) -> Result<(Arc<App>, Inherited), StartupError> {
+    /// Like [`new`](Self::new), on the given external systems (fakes in unit tests).
+    pub fn with_backends(config: Config, backends: Backends) -> Result<(Arc<App>, Inherited), StartupError> {
+        let Backends { libvirt, rbd, ceph, qemu_img, net } = backends;
         let state_err = |source| StartupError::StateDir { dir: config.state_dir.display().to_string(), source };
         std::fs::create_dir_all(&config.state_dir).map_err(state_err)?;
         let identity = Arc::new(HostIdentity::load(&config.state_dir).map_err(state_err)?);
@@ -117,6 +129,7 @@ impl App {
             storage: LocalStorage::new(roots, qemu_img.clone()),
             backup_roots,
             rbd,
+            ceph,
             qemu_img,
             net,
             bridges: tokio::sync::Mutex::new(()),

@@ -104,11 +104,31 @@ pub struct CephConfig {
     pub id: String,
     /// Its keyring; by default the one ceph.conf names.
     pub keyring: Option<PathBuf>,
+    /// Where the `/ceph/primarystorage/*` paths are also served, as ZStack's Ceph agent serves
+    /// them to the management node (port 7762 of the monitor hosts). On port 7762 of all
+    /// addresses once a `[ceph]` table is written; `"off"` (or no `[ceph]` table) turns it off.
+    #[serde(default = "default_ceph_agent_listen", deserialize_with = "address_or_off")]
+    pub agent_listen: Option<SocketAddr>,
+}
+
+fn default_ceph_agent_listen() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([0, 0, 0, 0], 7762)))
+}
+
+fn address_or_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("agent_listen {s:?}: {e}; give ip:port or \"off\"")))
 }
 
 impl Default for CephConfig {
+    /// No `[ceph]` table: the Ceph agent port stays closed.
     fn default() -> Self {
-        CephConfig { conf: PathBuf::from("/etc/ceph/ceph.conf"), id: "admin".into(), keyring: None }
+        CephConfig { conf: PathBuf::from("/etc/ceph/ceph.conf"), id: "admin".into(), keyring: None, agent_listen: None }
     }
 }
 
@@ -252,6 +272,16 @@ mod tests {
         assert_eq!(c.server.listen.port(), 7070);
         assert_eq!(c.libvirt.domain_type, "kvm");
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn the_ceph_agent_port_opens_with_a_ceph_table_and_can_be_moved_or_closed() {
+        let listen = |toml: &str| toml::from_str::<Config>(toml).map(|c| c.ceph.agent_listen);
+        assert_eq!(listen("").unwrap(), None, "no [ceph]: closed");
+        assert_eq!(listen("[ceph]\nid = \"admin\"\n").unwrap(), Some("0.0.0.0:7762".parse().unwrap()));
+        assert_eq!(listen("[ceph]\nagent_listen = \"127.0.0.1:9\"\n").unwrap(), Some("127.0.0.1:9".parse().unwrap()));
+        assert_eq!(listen("[ceph]\nagent_listen = \"off\"\n").unwrap(), None);
+        assert!(listen("[ceph]\nagent_listen = \"7762\"\n").unwrap_err().to_string().contains("off"));
     }
 
     #[test]

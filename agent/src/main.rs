@@ -119,12 +119,21 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         std::fs::create_dir_all(root).map_err(|e| format!("cannot create storage root {}: {e}", root.display()))?;
     }
     let listen = config.server.listen;
+    let ceph_listen = config.ceph.agent_listen;
     let retention = Duration::from_secs(config.tasks.retention_secs);
     let tls = config.server.tls.as_ref().map(kvmagent::http::tls::acceptor).transpose()?;
     let (app, inherited) = App::new(config)?;
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     tracing::info!(%listen, "kvmagent listening");
+    let mut listeners = vec![server::Listener { tcp: listener, tls: tls.clone(), scope: server::Scope::All }];
+    if let Some(addr) = ceph_listen {
+        let tcp = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            format!("cannot listen on {addr} for the Ceph agent paths: {e}; set ceph.agent_listen or \"off\"")
+        })?;
+        tracing::info!(listen = %addr, "serving the Ceph agent paths");
+        listeners.push(server::Listener { tcp, tls, scope: server::Scope::CephAgent });
+    }
 
     // What a previous run left is rolled back or resumed, and its results are delivered, while
     // the agent already answers: undoing can wait on Ceph to time out a killed client's lock.
@@ -168,7 +177,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         }
         stopping.notify("STOPPING=1\nSTATUS=stopping: running tasks wind down");
     };
-    server::serve(app, listener, tls, shutdown).await;
+    server::serve(app, listeners, shutdown).await;
     pruner.abort();
     if let Some(w) = watchdog {
         w.abort();

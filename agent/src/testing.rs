@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::app::App;
-use crate::ceph::fake::FakeRbd;
+use crate::app::{App, Backends};
+use crate::ceph::fake::{FakeCluster, FakeRbd};
 use crate::config::Config;
 use crate::faults::Faults;
 use crate::hypervisor::fake::FakeHypervisor;
@@ -34,6 +34,7 @@ pub struct TestHost {
     /// Failures and kills of hypervisor and qemu-img calls.
     pub faults: Arc<Faults>,
     pub net: Arc<FakeNet>,
+    pub ceph: Arc<FakeCluster>,
     pub app: Arc<App>,
     checked: Checked,
 }
@@ -82,15 +83,17 @@ impl TestHost {
         let hv = Arc::new(FakeHypervisor::new(faults.clone()));
         let rbd = Arc::new(FakeRbd::default());
         let net = Arc::new(FakeNet::default());
-        let app = start(dir.path(), &root, &hv, &rbd, &faults, &net).0;
-        TestHost { dir, root, hv, rbd, faults, net, app, checked: Default::default() }
+        let ceph = Arc::new(FakeCluster::default());
+        let app = start(dir.path(), &root, backends(&hv, &rbd, &ceph, &faults, &net)).0;
+        TestHost { dir, root, hv, rbd, faults, net, ceph, app, checked: Default::default() }
     }
 
     /// A new agent on the same directories and hypervisor, after recovery: what a restart
     /// after a kill does.
     pub async fn restart_and_recover(&mut self) -> crate::recovery::Report {
         self.faults.revive();
-        let (app, inherited) = start(self.dir.path(), &self.root, &self.hv, &self.rbd, &self.faults, &self.net);
+        let fakes = backends(&self.hv, &self.rbd, &self.ceph, &self.faults, &self.net);
+        let (app, inherited) = start(self.dir.path(), &self.root, fakes);
         self.app = app;
         self.recover(inherited).await
     }
@@ -193,19 +196,28 @@ impl TestHost {
     }
 }
 
-fn start(
-    dir: &Path,
-    root: &Path,
+/// The fakes, as the external systems of an [`App`].
+fn backends(
     hv: &Arc<FakeHypervisor>,
     rbd: &Arc<FakeRbd>,
+    ceph: &Arc<FakeCluster>,
     faults: &Arc<Faults>,
     net: &Arc<FakeNet>,
-) -> (Arc<App>, Inherited) {
+) -> Backends {
+    Backends {
+        libvirt: hv.clone(),
+        rbd: rbd.clone(),
+        ceph: ceph.clone(),
+        qemu_img: Arc::new(FakeQemuImg::new(faults.clone())),
+        net: net.clone(),
+    }
+}
+
+fn start(dir: &Path, root: &Path, backends: Backends) -> (Arc<App>, Inherited) {
     let mut config = Config { state_dir: dir.join("state"), ..Config::default() };
     config.storage.roots = vec![root.to_path_buf()];
     config.backup.roots = vec![dir.join("backup")];
     config.libvirt.domain_type = "qemu".into();
     config.libvirt.swtpm_dir = dir.join("swtpm");
-    App::with_backends(config, hv.clone(), rbd.clone(), Arc::new(FakeQemuImg::new(faults.clone())), net.clone())
-        .unwrap()
+    App::with_backends(config, backends).unwrap()
 }

@@ -15,9 +15,15 @@ pub fn conf() -> PathBuf {
     conf
 }
 
-/// The agent config section pointing at the test cluster.
+/// The agent config section pointing at the test cluster (the Ceph agent port closed: tests run
+/// side by side).
 pub fn agent_config() -> String {
-    format!("[ceph]\nconf = \"{}\"\n", conf().display())
+    format!("[ceph]\nconf = \"{}\"\nagent_listen = \"off\"\n", conf().display())
+}
+
+/// Like [`agent_config`], also serving the Ceph agent paths on `listen`.
+pub fn agent_config_serving(listen: &str) -> String {
+    format!("[ceph]\nconf = \"{}\"\nagent_listen = \"{listen}\"\n", conf().display())
 }
 
 pub fn rbd(args: &[&str]) -> Result<String> {

@@ -230,7 +230,18 @@ impl Host {
 
     /// A raw POST: returns status and body.
     pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Result<(u16, String)> {
-        let mut req = hyper::Request::post(self.url(path));
+        self.post_to(self.port, path, headers, body).await
+    }
+
+    /// A raw POST to another port of the agent's (the Ceph agent port).
+    pub async fn post_to(
+        &self,
+        port: u16,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<(u16, String)> {
+        let mut req = hyper::Request::post(format!("http://127.0.0.1:{port}{path}"));
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -255,8 +266,13 @@ impl Host {
     }
 
     pub async fn send_as(&self, task: &str, path: &str, body: &Value) -> Result<()> {
+        self.send_to(self.port, task, path, body).await
+    }
+
+    async fn send_to(&self, port: u16, task: &str, path: &str, body: &Value) -> Result<()> {
         let cb = self.callbacks.url();
-        let (status, text) = self.post(path, &[("taskuuid", task), ("callbackurl", &cb)], body.to_string()).await?;
+        let headers = [("taskuuid", task), ("callbackurl", cb.as_str())];
+        let (status, text) = self.post_to(port, path, &headers, body.to_string()).await?;
         if status != 200 || !text.is_empty() {
             bail!("{path}: expected an empty 200 ack, got {status} {text}");
         }
@@ -270,6 +286,16 @@ impl Host {
             .wait(&task, timeout)
             .await
             .with_context(|| format!("waiting for the result of {path}; agent log:\n{}", self.log()))
+    }
+
+    /// Sends an async command to another port of the agent's and waits (120 s) for its result.
+    pub async fn call_at(&self, port: u16, path: &str, body: &Value) -> Result<Value> {
+        let task = uuid();
+        self.send_to(port, &task, path, body).await?;
+        self.callbacks
+            .wait(&task, Duration::from_secs(120))
+            .await
+            .with_context(|| format!("waiting for the result of {path} on port {port}; agent log:\n{}", self.log()))
     }
 
     /// [`call_within`](Self::call_within) with a 120 s limit (TCG guests are slow).

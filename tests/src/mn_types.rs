@@ -162,3 +162,80 @@ pub struct ProgressReportCmd {
 pub fn decode<T: serde::de::DeserializeOwned>(json: &serde_json::Value) -> Result<T, String> {
     T::deserialize(json).map_err(|e| format!("{e} in {json}"))
 }
+
+/// `plugin/ceph/.../primary/CephPrimaryStorageBase.java:212-216` `AgentResponse` (over
+/// `CephMonBase.AgentResponse`: `String error; boolean success = true`): `Long totalCapacity,
+/// availableCapacity; String type`. Every Ceph primary-storage reply extends it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CephAgentResponse {
+    #[serde(flatten)]
+    pub base: AgentResponse,
+    pub total_capacity: Option<i64>,
+    pub available_capacity: Option<i64>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+}
+
+/// `CephPrimaryStorageMonBase.java:62-84` `PingRsp`: `boolean operationFailure;
+/// PingOperationFailure failure` (an enum: Gson takes its constant's name).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CephPingRsp {
+    #[serde(flatten)]
+    pub base: CephAgentResponse,
+    #[serde(default)]
+    pub operation_failure: bool,
+    pub failure: Option<CephPingFailure>,
+}
+
+/// `CephPrimaryStorageMonBase.java:62-65`.
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+pub enum CephPingFailure {
+    UnableToCreateFile,
+    MonAddrChanged,
+}
+
+/// `CephPrimaryStorageBase.java:322-325` `InitRsp`: `String fsid, userKey, manufacturer`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CephInitRsp {
+    #[serde(flatten)]
+    pub base: CephAgentResponse,
+    pub fsid: Option<String>,
+    pub user_key: Option<String>,
+    pub manufacturer: Option<String>,
+}
+
+/// `CephPrimaryStorageBase.java:472-475` `CloneRsp`: `Long size, actualSize; String installPath`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CephCloneRsp {
+    #[serde(flatten)]
+    pub base: CephAgentResponse,
+    pub size: Option<i64>,
+    pub actual_size: Option<i64>,
+    pub install_path: Option<String>,
+}
+
+/// `CephPrimaryStorageBase.java:441-442` `DeleteRsp`: `boolean inUse`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CephDeleteRsp {
+    #[serde(flatten)]
+    pub base: CephAgentResponse,
+    #[serde(default)]
+    pub in_use: bool,
+}
+
+/// `CephPrimaryStorageBase.java:1009-1012` `GetBackingChainRsp`: `List<String> backingChain;
+/// long totalSize`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CephBackingChainRsp {
+    #[serde(flatten)]
+    pub base: CephAgentResponse,
+    pub backing_chain: Option<Vec<String>>,
+    #[serde(default)]
+    pub total_size: i64,
+}

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
+use super::cluster::{Capacity, Cluster, ClusterError};
 use super::path::CephPath;
 use super::rbd::{ImageInfo, Parent, Rbd, RbdError, Snapshot};
 use crate::stop::Stop;
@@ -31,6 +32,10 @@ pub struct FakeRbd {
     watched: std::sync::atomic::AtomicUsize,
     /// Reading usage fails (a cluster that stops answering half-way through a command).
     usage_fails: std::sync::atomic::AtomicBool,
+    /// Images a client has open.
+    open: Mutex<std::collections::BTreeSet<String>>,
+    /// Images moved to the trash, with their delay.
+    trash: Mutex<BTreeMap<String, u64>>,
 }
 
 fn not_found(p: &CephPath) -> RbdError {
@@ -50,6 +55,16 @@ impl FakeRbd {
     /// The next `n` removals find the image watched, as after a client was killed with it open.
     pub fn watch_for(&self, n: usize) {
         self.watched.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A client opens `image` (`pool/image`), as a running VM does.
+    pub fn open(&self, image: &str) {
+        self.open.lock().unwrap().insert(image.to_owned());
+    }
+
+    /// The images in the trash (`pool/image`) and their delays.
+    pub fn trash(&self) -> BTreeMap<String, u64> {
+        self.trash.lock().unwrap().clone()
     }
 
     /// From now on, reading an image's usage fails.
@@ -233,5 +248,85 @@ impl Rbd for FakeRbd {
                 Ok(())
             }
         }
+    }
+
+    async fn watchers(&self, p: &CephPath, _stop: &Stop) -> Result<usize, RbdError> {
+        self.with(&CephPath { snap: None, ..p.clone() }, |_| Ok(()))?;
+        Ok(usize::from(self.open.lock().unwrap().contains(&p.image_spec())))
+    }
+
+    async fn trash_move(&self, p: &CephPath, delay_secs: u64, _stop: &Stop) -> Result<(), RbdError> {
+        let mut map = self.images.lock().unwrap();
+        match map.get(&p.image_spec()) {
+            None => Err(not_found(p)),
+            Some(i) if !i.snaps.is_empty() => Err(refused(p, "the image has snapshots")),
+            Some(_) => {
+                map.remove(&p.image_spec());
+                self.trash.lock().unwrap().insert(p.image_spec(), delay_secs);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A cluster in memory: one monitor at 127.0.0.1:6789, the pool `rbd`, 100 GiB of which 60 free.
+pub struct FakeCluster {
+    pools: Mutex<Vec<String>>,
+    objects: Mutex<Vec<String>>,
+}
+
+impl Default for FakeCluster {
+    fn default() -> Self {
+        FakeCluster { pools: Mutex::new(vec!["rbd".into()]), objects: Mutex::default() }
+    }
+}
+
+impl FakeCluster {
+    pub fn pools_now(&self) -> Vec<String> {
+        self.pools.lock().unwrap().clone()
+    }
+
+    /// The objects written, as `pool/name`.
+    pub fn objects(&self) -> Vec<String> {
+        self.objects.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Cluster for FakeCluster {
+    async fn capacity(&self) -> Result<Capacity, ClusterError> {
+        Ok(Capacity { total: 100 << 30, available: 60 << 30 })
+    }
+
+    async fn fsid(&self) -> Result<String, ClusterError> {
+        Ok("5e2fb1c8-0c37-4c2b-9d6e-6f0e8b7b1a11".into())
+    }
+
+    async fn pools(&self) -> Result<Vec<String>, ClusterError> {
+        Ok(self.pools_now())
+    }
+
+    async fn create_pool(&self, name: &str) -> Result<(), ClusterError> {
+        self.pools.lock().unwrap().push(name.to_owned());
+        Ok(())
+    }
+
+    async fn mon_addrs(&self) -> Result<Vec<String>, ClusterError> {
+        Ok(vec!["v2:127.0.0.1:3300/0".into(), "v1:127.0.0.1:6789/0".into()])
+    }
+
+    async fn put_object(&self, pool: &str, name: &str) -> Result<(), ClusterError> {
+        if !self.pools_now().iter().any(|p| p == pool) {
+            return Err(ClusterError::Refused {
+                what: format!("rados -p {pool} put {name}"),
+                reason: "no such pool".into(),
+            });
+        }
+        self.objects.lock().unwrap().push(format!("{pool}/{name}"));
+        Ok(())
+    }
+
+    async fn user_key(&self, user: &str) -> Result<String, ClusterError> {
+        Ok(format!("AQ{user}fakekey=="))
     }
 }

@@ -127,6 +127,12 @@ struct Child {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+struct Status {
+    #[serde(default)]
+    watchers: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 struct Du {
     images: Vec<DuImage>,
 }
@@ -172,6 +178,11 @@ pub trait Rbd: Send + Sync {
     /// Images cloned from the snapshot `p`.
     async fn children(&self, p: &CephPath, stop: &Stop) -> Result<Vec<CephPath>, RbdError>;
     async fn remove(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError>;
+    /// How many clients have the image open (watch it).
+    async fn watchers(&self, p: &CephPath, stop: &Stop) -> Result<usize, RbdError>;
+    /// Moves the image to the pool's trash, from which the cluster may purge it once
+    /// `delay_secs` have passed (and from which it can be restored until then).
+    async fn trash_move(&self, p: &CephPath, delay_secs: u64, stop: &Stop) -> Result<(), RbdError>;
 
     /// Whether the image (or snapshot) exists.
     async fn exists(&self, p: &CephPath, stop: &Stop) -> Result<bool, RbdError> {
@@ -183,26 +194,33 @@ pub trait Rbd: Send + Sync {
     }
 }
 
-/// The `rbd` command line, and how it reaches the cluster.
+/// How the Ceph command lines reach the cluster.
 #[derive(Debug, Clone)]
-pub struct RbdCli {
+pub struct Connection {
     pub conf: PathBuf,
     pub id: String,
     pub keyring: Option<PathBuf>,
 }
 
-impl RbdCli {
-    fn base_args(&self) -> Vec<OsString> {
+impl Connection {
+    /// `-c <conf> --id <id> [--keyring <keyring>]`, which `rbd`, `ceph` and `rados` all take.
+    pub fn args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec!["-c".into(), self.conf.clone().into(), "--id".into(), self.id.clone().into()];
         if let Some(k) = &self.keyring {
             a.extend(["--keyring".into(), k.clone().into()]);
         }
         a
     }
+}
 
+/// The `rbd` command line.
+#[derive(Debug, Clone)]
+pub struct RbdCli(pub Connection);
+
+impl RbdCli {
     async fn run(&self, args: &[&str], stop: &Stop, bounded: bool) -> Result<String, RbdError> {
         let what = args.join(" ");
-        let mut all = self.base_args();
+        let mut all = self.0.args();
         all.extend(args.iter().map(OsString::from));
         let fut = process::run("rbd", &all, stop);
         let out = if bounded {
@@ -227,8 +245,9 @@ impl Rbd for RbdCli {
     /// with `:` and `\\` in the paths escaped as QEMU's option syntax wants.
     fn qemu_name(&self, p: &CephPath) -> String {
         let esc = |s: &std::path::Path| s.display().to_string().replace('\\', "\\\\").replace(':', "\\:");
-        let mut n = format!("rbd:{}:id={}:conf={}", p.spec(), self.id, esc(&self.conf));
-        if let Some(k) = &self.keyring {
+        let c = &self.0;
+        let mut n = format!("rbd:{}:id={}:conf={}", p.spec(), c.id, esc(&c.conf));
+        if let Some(k) = &c.keyring {
             n.push_str(&format!(":keyring={}", esc(k)));
         }
         n
@@ -286,7 +305,7 @@ impl Rbd for RbdCli {
         on_progress: &mut (dyn FnMut(u8) + Send),
     ) -> Result<(), RbdError> {
         let what = format!("flatten {}", p.image_spec());
-        let mut args = self.base_args();
+        let mut args = self.0.args();
         args.extend(["flatten".into(), p.image_spec().into()]);
         process::run_with_lines("rbd", &args, stop, |line| {
             if let Some(pct) = flatten_progress(line) {
@@ -326,6 +345,16 @@ impl Rbd for RbdCli {
 
     async fn remove(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
         self.run(&["rm", "--no-progress", &p.image_spec()], stop, true).await.map(|_| ())
+    }
+
+    async fn watchers(&self, p: &CephPath, stop: &Stop) -> Result<usize, RbdError> {
+        let status: Status = self.json(&["status", &p.image_spec()], stop).await?;
+        Ok(status.watchers.len())
+    }
+
+    async fn trash_move(&self, p: &CephPath, delay_secs: u64, stop: &Stop) -> Result<(), RbdError> {
+        let expires = format!("{delay_secs} seconds");
+        self.run(&["trash", "mv", "--expires-at", &expires, &p.image_spec()], stop, true).await.map(drop)
     }
 }
 

@@ -45,6 +45,31 @@ macro_rules! typed {
     };
 }
 
+/// Like `typed!`, for the Ceph primary-storage paths: a successful answer also carries the
+/// cluster's `totalCapacity`/`availableCapacity`, from which the management node keeps the
+/// storage's capacity (as from ZStack's Ceph agent).
+macro_rules! ceph {
+    ($f:path) => {
+        |app: Arc<App>, ctx: TaskCtx, body: Value| -> HandlerFuture {
+            Box::pin(async move {
+                let cmd = crate::wire::decode(&body)?;
+                let rsp = $f(&app, &ctx, cmd).await?;
+                let mut v = serde_json::to_value(rsp)
+                    .map_err(|e| crate::error::AgentError::internal(format!("cannot encode the response: {e}")))?;
+                match (app.ceph.capacity().await, v.as_object_mut()) {
+                    (Ok(c), Some(m)) => {
+                        m.insert("totalCapacity".into(), c.total.into());
+                        m.insert("availableCapacity".into(), c.available.into());
+                    }
+                    (Err(e), _) => tracing::warn!(error = %e, "cannot read the Ceph cluster's capacity for the answer"),
+                    _ => {}
+                }
+                Ok(v)
+            })
+        }
+    };
+}
+
 /// Like `typed!`, for native commands: unknown fields are refused ([`crate::wire::decode_native`]).
 macro_rules! native {
     ($f:path) => {
@@ -224,40 +249,43 @@ static ZSTACK_ROUTES: &[Route] = &[
     Route { path: "/securitygroup/cleanupunusedrules", style: Style::Async, handler: unsupported!("security groups") },
     Route { path: "/securitygroup/updategroupmember", style: Style::Async, handler: unsupported!("security groups") },
     Route { path: "/ceph/primarystorage/echo", style: Style::Sync, handler: echo },
+    Route { path: "/ceph/primarystorage/connect", style: Style::Async, handler: ceph!(compat::ceph::connect) },
+    Route { path: "/ceph/primarystorage/ping", style: Style::Async, handler: ceph!(compat::ceph::ping) },
+    Route { path: "/ceph/primarystorage/init", style: Style::Async, handler: ceph!(compat::ceph::init) },
     Route {
         path: "/ceph/primarystorage/volume/createempty",
         style: Style::Async,
-        handler: typed!(compat::ceph::create_empty),
+        handler: ceph!(compat::ceph::create_empty),
     },
-    Route { path: "/ceph/primarystorage/volume/clone", style: Style::Async, handler: typed!(compat::ceph::clone) },
-    Route { path: "/ceph/primarystorage/volume/flatten", style: Style::Async, handler: typed!(compat::ceph::flatten) },
+    Route { path: "/ceph/primarystorage/volume/clone", style: Style::Async, handler: ceph!(compat::ceph::clone) },
+    Route { path: "/ceph/primarystorage/volume/flatten", style: Style::Async, handler: ceph!(compat::ceph::flatten) },
     Route {
         path: "/ceph/primarystorage/snapshot/create",
         style: Style::Async,
-        handler: typed!(compat::ceph::snapshot_create),
+        handler: ceph!(compat::ceph::snapshot_create),
     },
     Route {
         path: "/ceph/primarystorage/snapshot/protect",
         style: Style::Async,
-        handler: typed!(compat::ceph::snapshot_protect),
+        handler: ceph!(compat::ceph::snapshot_protect),
     },
     Route {
         path: "/ceph/primarystorage/snapshot/unprotect",
         style: Style::Async,
-        handler: typed!(compat::ceph::snapshot_unprotect),
+        handler: ceph!(compat::ceph::snapshot_unprotect),
     },
     Route {
         path: "/ceph/primarystorage/snapshot/delete",
         style: Style::Async,
-        handler: typed!(compat::ceph::snapshot_delete),
+        handler: ceph!(compat::ceph::snapshot_delete),
     },
-    Route { path: "/ceph/primarystorage/volume/cp", style: Style::Async, handler: typed!(compat::ceph::copy) },
-    Route { path: "/ceph/primarystorage/getvolumesize", style: Style::Async, handler: typed!(compat::ceph::get_size) },
-    Route { path: "/ceph/primarystorage/delete", style: Style::Async, handler: typed!(compat::ceph::delete) },
+    Route { path: "/ceph/primarystorage/volume/cp", style: Style::Async, handler: ceph!(compat::ceph::copy) },
+    Route { path: "/ceph/primarystorage/getvolumesize", style: Style::Async, handler: ceph!(compat::ceph::get_size) },
+    Route { path: "/ceph/primarystorage/delete", style: Style::Async, handler: ceph!(compat::ceph::delete) },
     Route {
         path: "/ceph/primarystorage/volume/getbackingchain",
         style: Style::Async,
-        handler: typed!(compat::ceph::get_backing_chain),
+        handler: ceph!(compat::ceph::get_backing_chain),
     },
 ];
 

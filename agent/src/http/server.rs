@@ -62,29 +62,65 @@ fn is_task_id(s: &str) -> bool {
     s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Serves until `shutdown` resolves, then refuses new async work (503), stops running tasks
-/// and gives them the configured grace period, and closes connections. With `tls`, every
-/// connection is a TLS one (a failed handshake just ends it).
-pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsAcceptor>, shutdown: impl Future<Output = ()>) {
+/// Which paths a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every path (the agent's own port).
+    All,
+    /// What ZStack's Ceph agent serves on its own port: `/ceph/primarystorage/*`, and cancel.
+    CephAgent,
+}
+
+impl Scope {
+    fn serves(self, path: &str) -> bool {
+        self == Scope::All || path.starts_with("/ceph/primarystorage/") || path == "/job/cancel"
+    }
+}
+
+/// One port the agent serves: plain TCP or, with `tls`, TLS (a failed handshake just ends the
+/// connection).
+pub struct Listener {
+    pub tcp: TcpListener,
+    pub tls: Option<TlsAcceptor>,
+    pub scope: Scope,
+}
+
+/// Serves every listener until `shutdown` resolves, then refuses new async work (503), stops
+/// running tasks and gives them the configured grace period, and closes connections.
+pub async fn serve(app: Arc<App>, listeners: Vec<Listener>, shutdown: impl Future<Output = ()>) {
     let graceful = GracefulShutdown::new();
+    let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::channel(64);
+    let acceptors: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            let tx = accepted_tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    match l.tcp.accept().await {
+                        Ok(accepted) => {
+                            if tx.send((accepted, l.tls.clone(), l.scope)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let (app, watcher, tls) = (app.clone(), graceful.watcher(), tls.clone());
+            Some(((stream, peer), tls, scope)) = accepted_rx.recv() => {
+                let (app, watcher) = (app.clone(), graceful.watcher());
                 tokio::spawn(async move {
                     let served = match tls {
-                        None => connection(app, stream, watcher, peer.ip()).await,
+                        None => connection(app, stream, watcher, peer.ip(), scope).await,
                         Some(tls) => match tls.accept(stream).await {
-                            Ok(stream) => connection(app, stream, watcher, peer.ip()).await,
+                            Ok(stream) => connection(app, stream, watcher, peer.ip(), scope).await,
                             Err(e) => {
                                 tracing::info!(%peer, error = %e, "TLS handshake failed");
                                 return;
@@ -99,6 +135,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsAcceptor
             _ = &mut shutdown => break,
         }
     }
+    for a in acceptors {
+        a.abort();
+    }
     tracing::info!("shutting down: refusing new tasks, stopping running ones");
     app.begin_shutdown();
     let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
@@ -107,13 +146,28 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsAcceptor
 }
 
 /// Serves one HTTP/1 connection over `stream` (plain TCP or TLS).
-async fn connection<S>(app: Arc<App>, stream: S, watcher: Watcher, peer: IpAddr) -> Result<(), hyper::Error>
+async fn connection<S>(
+    app: Arc<App>,
+    stream: S,
+    watcher: Watcher,
+    peer: IpAddr,
+    scope: Scope,
+) -> Result<(), hyper::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: Request<Incoming>| {
         let app = app.clone();
-        async move { Ok::<_, Infallible>(handle(app, req, peer).await) }
+        async move {
+            if !scope.serves(req.uri().path()) {
+                let path = req.uri().path();
+                return Ok::<_, Infallible>(refuse(
+                    StatusCode::NOT_FOUND,
+                    format!("{path} is not served on the Ceph agent port"),
+                ));
+            }
+            Ok::<_, Infallible>(handle(app, req, peer).await)
+        }
     });
     watcher.watch(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service)).await
 }

@@ -56,3 +56,78 @@ pub struct BackingChainRsp {
     pub backing_chain: Vec<String>,
     pub total_size: u64,
 }
+
+/// `/ceph/primarystorage/connect` (`CephPrimaryStorageMonBase.ConnectCmd`): nothing to read.
+#[derive(Debug, Deserialize)]
+pub struct ConnectCmd {}
+
+/// `/ceph/primarystorage/ping`: the monitor the MN knows (`ip:port`) and the pool object to write
+/// as a heartbeat (`pool/name`).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PingCmd {
+    pub mon_addr: String,
+    pub test_image_path: String,
+    #[serde(default)]
+    pub mon_uuid: Option<String>,
+}
+
+/// Why a ping failed, in the MN's `PingOperationFailure` names.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub enum PingFailure {
+    UnableToCreateFile,
+    MonAddrChanged,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PingRsp {
+    pub operation_failure: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<PingFailure>,
+}
+
+/// One pool of `/ceph/primarystorage/init`: created unless `predefined` (then it must exist).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitPool {
+    pub name: String,
+    #[serde(default)]
+    pub predefined: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitCmd {
+    #[serde(default)]
+    pub pools: Vec<InitPool>,
+    #[serde(default)]
+    pub nocephx: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitRsp {
+    pub fsid: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_key: Option<String>,
+    pub manufacturer: &'static str,
+}
+
+/// `/ceph/primarystorage/delete`: `expirationTime` seconds in the trash before the cluster may
+/// purge the image (0: removed at once).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteCmd {
+    pub install_path: String,
+    #[serde(default)]
+    pub expiration_time: u64,
+}
+
+/// `/ceph/primarystorage/volume/getbackingchain`: the MN sends `volumePath`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackingChainCmd {
+    #[serde(alias = "installPath")]
+    pub volume_path: String,
+}
