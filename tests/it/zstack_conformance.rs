@@ -258,12 +258,13 @@ async fn create_stop_start_reboot_attach_snapshot_merge_flatten_and_delete_on_lo
     let seen = mn.reboot(&vm).await;
     assert_eq!(seen["vda"][&0], base.pattern, "{seen:?}");
 
-    // Attach and detach a second data volume.
+    // Attach and detach a second data volume: deviceId 2 is vdd (ZStack's x86 letters leave `c`
+    // to the CD-ROM).
     let (extra_uuid, extra) = mn.create_data_volume(4 * MIB, &pattern("conf-extra")).await;
     let extra_to = volume_to(&extra_uuid, &extra, 2, "Data");
     mn.attach(&vm, &extra_to).await;
-    assert_eq!(disk_source(&vm, "vdc").as_deref(), extra.to_str(), "{:?}", disks(&vm));
-    mn.detach(&vm, &extra_to, "vdc").await;
+    assert_eq!(disk_source(&vm, "vdd").as_deref(), extra.to_str(), "{:?}", disks(&vm));
+    mn.detach(&vm, &extra_to, "vdd").await;
 
     // Two live snapshots of the root: image ← root ← s1 ← s2 (the VM's top).
     let s1 = mn.take_live_snapshot(&vm, &root_to).await;
