@@ -141,7 +141,7 @@ impl<'a> Mn<'a> {
         let body = json!({"vmInstanceUuid": vm, "volume": volume, "addons": {"attachedDataVolumes": []}});
         let r: AttachDataVolumeResponse = self.call("/vm/attachdatavolume", body).await;
         let infos = r.virtual_device_info_list.unwrap_or_default();
-        let info = infos.iter().find(|i| i.resource_uuid.as_ref() == volume["volumeUuid"].as_str().map(str::to_owned).as_ref());
+        let info = infos.iter().find(|i| i.resource_uuid.as_deref() == volume["volumeUuid"].as_str());
         let address = info.and_then(|i| i.device_address.as_ref()).expect("the volume's device address");
         assert_eq!(address.addr_type.as_deref(), Some("pci"), "{address:?}");
     }
@@ -157,8 +157,7 @@ impl<'a> Mn<'a> {
     /// to report again.
     async fn reboot(&self, vm: &str) -> DiskDump {
         let _ = std::fs::remove_file(console_log(self.h, vm));
-        let r: RebootVmResponse =
-            self.call("/vm/reboot", json!({"uuid": vm, "timeout": 2, "bootDev": ["hd"]})).await;
+        let r: RebootVmResponse = self.call("/vm/reboot", json!({"uuid": vm, "timeout": 2, "bootDev": ["hd"]})).await;
         let info = r.virtualizer_info.expect("saved by KvmHypervisorInfoExtensions.rebootVmOnKvmSuccess");
         assert_eq!(info.uuid.as_deref(), Some(vm));
         assert_eq!(domstate(vm).as_deref(), Some("running"));
@@ -212,10 +211,15 @@ fn volume_to(vol: &str, path: &Path, device_id: u32, kind: &str) -> Value {
     })
 }
 
+/// A StartVmCmd the MN sent in ZStack's own tests.
+fn fixture() -> Value {
+    serde_json::from_str(include_str!("../fixtures/zstack-startvm-cmd.json")).unwrap()
+}
+
 /// ZStack's StartVmCmd fixture for VM `vm` with the given volumes and NICs, small enough for
 /// TCG, booting the test guest (which stays up).
 fn start_cmd(h: &Host, vm: &str, root: &Value, data: &[&Value], nics: Value, disks: usize) -> Value {
-    let mut cmd: Value = serde_json::from_str(include_str!("../fixtures/zstack-startvm-cmd.json")).unwrap();
+    let mut cmd = fixture();
     cmd["vmInstanceUuid"] = json!(vm);
     cmd["priorityConfigStruct"]["vmUuid"] = json!(vm);
     cmd["addons"]["channel"]["socketPath"] = json!(format!("/var/lib/libvirt/qemu/{vm}"));
@@ -249,8 +253,7 @@ async fn create_stop_start_reboot_attach_snapshot_merge_flatten_and_delete_on_lo
 
     // Stop (KH:3528-3532: `type` as the API asked, "grace" or "cold", `timeout` 120, the VM's
     // NICs): the domain is gone.
-    let r: EmptyResponse =
-        mn.call("/vm/stop", json!({"uuid": vm, "type": "cold", "timeout": 120, "vmNics": []})).await;
+    let r: EmptyResponse = mn.call("/vm/stop", json!({"uuid": vm, "type": "cold", "timeout": 120, "vmNics": []})).await;
     assert!(r.success && domstate(&vm).is_none(), "stopped and undefined, as ZStack's agent leaves it");
     // Start again: the same command, the same disks.
     let seen = mn.start(&cmd).await;
@@ -342,7 +345,7 @@ async fn the_startvm_fixture_on_a_made_bridge_boots_and_reboots_pauses_and_takes
     let (root_uuid, root) = mn.create_root_volume(&base).await;
     let vm = uuid();
     h.track_vm(&vm);
-    let mut nics: Value = serde_json::from_str::<Value>(include_str!("../fixtures/zstack-startvm-cmd.json")).unwrap()["nics"].clone();
+    let mut nics = fixture()["nics"].clone();
     nics[0]["bridgeName"] = json!(nic.bridge);
     nics[0]["physicalInterface"] = json!(nic.name);
     nics[0]["uuid"] = json!(uuid());
@@ -380,8 +383,7 @@ async fn the_startvm_fixture_on_a_made_bridge_boots_and_reboots_pauses_and_takes
     let r: EmptyResponse = mn.call("/vm/iso/attach", json!({"vmUuid": vm, "iso": iso_to})).await;
     assert!(r.success);
     assert_eq!(disk_source(&vm, "hdc").as_deref(), iso.to_str(), "{:?}", disks(&vm));
-    let r: EmptyResponse =
-        mn.call("/vm/iso/detach", json!({"vmUuid": vm, "isoUuid": iso_uuid, "deviceId": 0})).await;
+    let r: EmptyResponse = mn.call("/vm/iso/detach", json!({"vmUuid": vm, "isoUuid": iso_uuid, "deviceId": 0})).await;
     assert!(r.success);
     assert_eq!(disk_source(&vm, "hdc").as_deref(), Some("-"), "ejected: {:?}", disks(&vm));
 

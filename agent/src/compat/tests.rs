@@ -7,8 +7,8 @@ use crate::error::ErrorKind;
 use crate::libvirt::domains::VmState;
 use crate::tasks::TaskCtx;
 use crate::testing::mn_types::{
-    self, ConnectResponse, HostCapacityResponse, HostFactResponse, PingResponse, ProgressReportCmd,
-    StartVmResponse, UpdateHostConfigurationResponse, VmSyncResponse,
+    self, ConnectResponse, HostCapacityResponse, HostFactResponse, PingResponse, ProgressReportCmd, StartVmResponse,
+    UpdateHostConfigurationResponse, VmSyncResponse,
 };
 use crate::testing::TestHost;
 use crate::wire::decode;

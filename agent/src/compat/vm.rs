@@ -5,8 +5,8 @@ use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::ops;
 use crate::tasks::TaskCtx;
-use crate::wire::vm::{CreateCephSecretCmd, DestroyVmCmd, StartVmCmd, StartVmRsp, StopMode, StopVmCmd};
 use crate::wire::host::VirtualizerInfo;
+use crate::wire::vm::{CreateCephSecretCmd, DestroyVmCmd, StartVmCmd, StartVmRsp, StopMode, StopVmCmd};
 use crate::wire::Empty;
 
 pub async fn start(app: &App, ctx: &TaskCtx, cmd: StartVmCmd) -> AgentResult<StartVmRsp> {
