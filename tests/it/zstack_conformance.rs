@@ -339,7 +339,7 @@ async fn the_startvm_fixture_on_a_made_bridge_boots_and_reboots_pauses_and_takes
                         "disableIptables": false, "mtu": 1500, "isolated": false});
     let r: EmptyResponse = mn.call("/network/l2novlan/createbridge", bridge.clone()).await;
     assert!(r.success);
-    assert_eq!(nic.ports(), [nic.name.clone()], "the NIC is the bridge's port");
+    assert_eq!(nic.ports(), std::slice::from_ref(&nic.name), "the NIC is the bridge's port");
 
     let base = BaseImage::create(&h, 64 * MIB).unwrap();
     let (root_uuid, root) = mn.create_root_volume(&base).await;
