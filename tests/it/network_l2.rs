@@ -5,9 +5,9 @@
 //! before it starts them), and the namespace is deleted when the test ends, also on failure.
 
 use std::os::fd::AsRawFd;
-use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
+use kvmagent_host_tests::checks::ip;
 use kvmagent_host_tests::{uuid, Host};
 use serde_json::{json, Value};
 
@@ -20,7 +20,7 @@ struct Netns {
 impl Netns {
     fn new() -> Result<Netns> {
         let name = format!("kvl2-{}", &uuid()[..10]);
-        run(&["netns", "add", &name])?;
+        ip(&["netns", "add", &name])?;
         let ns = Netns { name, owner: true };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
@@ -35,7 +35,7 @@ impl Netns {
     fn ip(&self, args: &[&str]) -> Result<String> {
         let mut all = vec!["-n", self.name.as_str()];
         all.extend_from_slice(args);
-        run(&all)
+        ip(&all)
     }
 
     /// `ip -n <ns> -j <args>`, parsed.
@@ -98,18 +98,10 @@ impl Drop for Netns {
         if !self.owner {
             return;
         }
-        if let Err(e) = run(&["netns", "del", &self.name]) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
             eprintln!("cannot delete network namespace {}: {e}", self.name);
         }
     }
-}
-
-fn run(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip").args(args).output().context("running ip")?;
-    if !out.status.success() {
-        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs [`scenario`] on a thread that has entered namespace `ns`, with a tokio runtime of its

@@ -13,22 +13,11 @@ use kvmagent_host_tests::mn_types::{
     self, ConnectResponse, HostCapacityResponse, HostFactResponse, LocalStorageInitRsp, PingResponse,
     ProgressReportCmd, UpdateHostConfigurationResponse, VmSyncResponse,
 };
-use kvmagent_host_tests::{uuid, Host};
+use kvmagent_host_tests::{uuid, with_mn_context, Host};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: u64 = 1 << 20;
-
-/// The fields every command the MN sends through `KVMHost.Http` carries besides its own
-/// (`KVMHost.java:553-560`; `HasThreadContextAspect.aj`).
-fn with_context(mut body: Value, api: &str) -> Value {
-    let m = body.as_object_mut().unwrap();
-    m.insert("kvmHostAddons".into(), json!({}));
-    m.insert("threadContext".into(), json!({"api": api, "task-name": "test"}));
-    m.insert("threadContextStack".into(), json!([]));
-    m.insert("taskContext".into(), json!({}));
-    body
-}
 
 /// POSTs from source address `from` (another "management node" on this machine) with a
 /// hand-written HTTP/1.1 request; returns the status and body.
@@ -82,7 +71,7 @@ async fn a_management_node_admits_the_host_and_every_reply_has_its_types() {
     // Echo: the MN posts an empty body and wants any 2xx (RESTFacadeImpl.echo).
     assert_eq!(h.post("/host/echo", &[], "").await.unwrap().0, 200);
 
-    let fact = h.call_ok("/host/fact", &with_context(json!({}), &api)).await.unwrap();
+    let fact = h.call_ok("/host/fact", &with_mn_context(json!({}), &api)).await.unwrap();
     let f: HostFactResponse = mn_types::decode(&fact).unwrap();
     let v = f.virtualizer_info.expect("virtualizerInfo: the MN dereferences it (KVMHost.java:5727)");
     assert_eq!(v.virtualizer.as_deref(), Some("qemu-kvm"));
@@ -110,7 +99,7 @@ async fn a_management_node_admits_the_host_and_every_reply_has_its_types() {
     assert!(c.libvirt_version.is_some() && c.qemu_version.is_some(), "the MN's LIVE_SNAPSHOT check reads both: {text}");
 
     // Facts after connect name the host (VirtualizerInfoTO.uuid, as the Python agent fills it).
-    let fact = h.call_ok("/host/fact", &with_context(json!({}), &api)).await.unwrap();
+    let fact = h.call_ok("/host/fact", &with_mn_context(json!({}), &api)).await.unwrap();
     assert_eq!(mn_types::decode::<HostFactResponse>(&fact).unwrap().virtualizer_info.unwrap().uuid, Some(host.clone()));
 
     // LocalStorageKvmFactory's connect extension: InitCmd {path, hostUuid, initFilePath} plus the
@@ -118,19 +107,19 @@ async fn a_management_node_admits_the_host_and_every_reply_has_its_types() {
     let root = h.root.to_str().unwrap();
     let init = json!({"path": root, "hostUuid": host, "initFilePath": format!("{root}/zstack_smp_init_file"),
                       "uuid": uuid(), "storagePath": root, "primaryStorageUuid": uuid()});
-    let r = h.call_ok("/localstorage/init", &with_context(init, &api)).await.unwrap();
+    let r = h.call_ok("/localstorage/init", &with_mn_context(init, &api)).await.unwrap();
     let i: LocalStorageInitRsp = mn_types::decode(&r).unwrap();
     assert!(i.total_capacity.is_some_and(|t| t > 0) && i.available_capacity.is_some(), "{r}");
 
-    let r = h.call_ok("/host/capacity", &with_context(json!({}), &api)).await.unwrap();
+    let r = h.call_ok("/host/capacity", &with_mn_context(json!({}), &api)).await.unwrap();
     let cap: HostCapacityResponse = mn_types::decode(&r).unwrap();
     assert!(cap.cpu_num >= 1 && cap.cpu_speed > 0 && cap.total_memory > 0 && cap.cpu_sockets >= 1, "{r}");
 
-    let r = h.call_ok("/vm/vmsync", &with_context(json!({}), &api)).await.unwrap();
+    let r = h.call_ok("/vm/vmsync", &with_mn_context(json!({}), &api)).await.unwrap();
     let sync: VmSyncResponse = mn_types::decode(&r).unwrap();
     assert!(sync.states.is_some(), "{r}");
 
-    let r = h.call_ok("/host/ping", &with_context(json!({"hostUuid": host}), &api)).await.unwrap();
+    let r = h.call_ok("/host/ping", &with_mn_context(json!({"hostUuid": host}), &api)).await.unwrap();
     let p: PingResponse = mn_types::decode(&r).unwrap();
     assert_eq!((p.host_uuid.as_deref(), p.version.as_deref()), (Some(host.as_str()), Some("5.1.0")));
     assert_eq!(p.send_command_url, Some(h.callbacks.send_command_url()));
@@ -168,14 +157,14 @@ async fn a_second_management_node_of_the_deployment_takes_the_host_over_and_the_
 
     // MN2 pings (its hash ring took the host over): answered, to MN2's callback.
     let (status, text, task) =
-        async_from(mn2, "/host/ping", with_context(json!({"hostUuid": host}), &uuid()), mn2_callback.clone()).await;
+        async_from(mn2, "/host/ping", with_mn_context(json!({"hostUuid": host}), &uuid()), mn2_callback.clone()).await;
     assert_eq!(status, 200, "{text}");
     let r = h.callbacks.wait(&task, Duration::from_secs(30)).await.unwrap();
     let p: PingResponse = mn_types::decode(&r).unwrap();
     assert_eq!(p.send_command_url.as_deref(), Some(mn1.as_str()), "the MN sees another sendCommandUrl");
 
     // ... so it sends /host/update/configuration (UpdateHostConfigurationCmd {hostUuid, sendCommandUrl}).
-    let body = with_context(json!({"hostUuid": host, "sendCommandUrl": mn2_send}), &uuid());
+    let body = with_mn_context(json!({"hostUuid": host, "sendCommandUrl": mn2_send}), &uuid());
     let (status, text, task) = async_from(mn2, "/host/update/configuration", body, mn2_callback.clone()).await;
     assert_eq!(status, 200, "{text}");
     let r = h.callbacks.wait(&task, Duration::from_secs(30)).await.unwrap();
@@ -203,7 +192,7 @@ async fn progress_of_a_long_task_decodes_as_the_management_nodes_progress_report
     h.call_ok("/localstorage/volume/createempty", &json!({"installUrl": volume, "size": 64 * MIB})).await.unwrap();
     let template = h.path(&format!("imagecache/template/{0}/{0}.qcow2", uuid()));
     let api = uuid();
-    let mut body = with_context(json!({"volumePath": volume, "installPath": template}), &api);
+    let mut body = with_mn_context(json!({"volumePath": volume, "installPath": template}), &api);
     body["threadContext"]["task-stage"] = json!("10-90");
     h.call_ok("/localstorage/volume/createtemplate", &body).await.unwrap();
 

@@ -5,37 +5,13 @@
 
 use std::time::Duration;
 
-use kvmagent_host_tests::checks::{domstate, qemu_io_write, virsh};
+use kvmagent_host_tests::checks::{disk_source as source_of, disks, domstate, eventually, qemu_io_write, virsh};
 use kvmagent_host_tests::guest::{console_log, pattern, staying_kernel_boot, wait_report};
 use kvmagent_host_tests::images::{data_volume_path, root_volume_path, BaseImage};
 use kvmagent_host_tests::{uuid, Host};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
-
-/// `target → source` of each of the VM's disks, as `virsh domblklist` lists them.
-fn disks(vm: &str) -> Vec<(String, String)> {
-    let out = virsh(&["domblklist", vm]).unwrap();
-    (out.lines().skip(2))
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            Some((w.next()?.to_owned(), w.next()?.to_owned()))
-        })
-        .collect()
-}
-
-fn source_of(vm: &str, target: &str) -> Option<String> {
-    disks(vm).into_iter().find(|(t, _)| t == target).map(|(_, s)| s)
-}
-
-/// Waits until `cond` holds (a guest under TCG is slow to release or reset devices).
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(std::time::Instant::now() < deadline, "{what}: not within 60 s");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 #[tokio::test]
 async fn a_running_vm_through_the_management_nodes_paths() {
@@ -83,7 +59,7 @@ async fn a_running_vm_through_the_management_nodes_paths() {
         (Some(data_uuid.as_str()), Some("pci")),
         "{r}"
     );
-    assert_eq!(source_of(&vm, "vdb").as_deref(), data.to_str(), "{:?}", disks(&vm));
+    assert_eq!(source_of(&vm, "vdb").as_deref(), data.to_str(), "{:?}", disks(&vm).unwrap());
     assert!(h.recorded_paths(&vm).unwrap().contains(&data.display().to_string()), "the record has the volume");
 
     // An ISO into the empty drive, then out again.
@@ -94,9 +70,9 @@ async fn a_running_vm_through_the_management_nodes_paths() {
     h.call_ok("/vm/iso/attach", &json!({"vmUuid": vm, "iso": {"path": iso, "imageUuid": iso_uuid, "deviceId": 0}}))
         .await
         .unwrap();
-    assert_eq!(source_of(&vm, "hdc").as_deref(), iso.to_str(), "{:?}", disks(&vm));
+    assert_eq!(source_of(&vm, "hdc").as_deref(), iso.to_str(), "{:?}", disks(&vm).unwrap());
     h.call_ok("/vm/iso/detach", &json!({"vmUuid": vm, "isoUuid": iso_uuid, "deviceId": 0})).await.unwrap();
-    assert_eq!(source_of(&vm, "hdc").as_deref(), Some("-"), "ejected: {:?}", disks(&vm));
+    assert_eq!(source_of(&vm, "hdc").as_deref(), Some("-"), "ejected: {:?}", disks(&vm).unwrap());
 
     // A NIC in and out.
     let mac = "52:54:00:6b:76:01";
@@ -133,7 +109,7 @@ async fn a_running_vm_through_the_management_nodes_paths() {
     assert_eq!(second["vdb"][&0], bytes, "after the reboot the guest reads the attached volume: {second:?}");
 
     h.call_ok("/vm/detachdatavolume", &json!({"vmInstanceUuid": vm, "volume": volume})).await.unwrap();
-    eventually("the disk is unplugged", || source_of(&vm, "vdb").is_none()).await;
+    eventually("the disk is unplugged", || source_of(&vm, "vdb").is_none()).await.unwrap();
     assert!(!h.recorded_paths(&vm).unwrap().contains(&data.display().to_string()), "the record lost the volume");
 
     // The detached volume is unused at two syncs in a row; the running root never is.

@@ -23,6 +23,40 @@ pub fn virsh(args: &[&str]) -> Result<String> {
     run("virsh", &all)
 }
 
+/// `ip <args>`: its output.
+pub fn ip(args: &[&str]) -> Result<String> {
+    run("ip", args)
+}
+
+/// `target → source` of each of the VM's disks, as `virsh domblklist` lists them (`-` for an
+/// empty drive).
+pub fn disks(vm: &str) -> Result<Vec<(String, String)>> {
+    let out = virsh(&["domblklist", vm])?;
+    Ok((out.lines().skip(2))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?.to_owned(), w.next()?.to_owned()))
+        })
+        .collect())
+}
+
+/// The source of the VM's disk `target` (`vdb`, `hdc`...), or `None` when it has no such disk.
+pub fn disk_source(vm: &str, target: &str) -> Option<String> {
+    disks(vm).ok()?.into_iter().find(|(t, _)| t == target).map(|(_, s)| s)
+}
+
+/// Waits until `cond` holds, up to 60 s (a guest under TCG is slow to release or reset devices).
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !cond() {
+        if std::time::Instant::now() >= deadline {
+            bail!("{what}: not within 60 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
+
 /// Fails with instructions when libvirtd does not answer.
 pub fn require_libvirtd() -> Result<()> {
     virsh(&["version"])

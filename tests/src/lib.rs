@@ -54,6 +54,19 @@ pub fn uuid() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
+/// A command body as the management node's `KVMHost.Http` sends it: the command's own fields
+/// plus `kvmHostAddons` (`KVMHost.java:553-560`) and the thread context every `AgentCommand`
+/// carries (`HasThreadContextAspect.aj`), `api` naming the API call it serves.
+pub fn with_mn_context(mut body: Value, api: &str) -> Value {
+    if let Some(m) = body.as_object_mut() {
+        m.entry("kvmHostAddons").or_insert_with(|| serde_json::json!({}));
+        m.insert("threadContext".into(), serde_json::json!({"api": api, "task-name": "test"}));
+        m.insert("threadContextStack".into(), serde_json::json!([]));
+        m.insert("taskContext".into(), serde_json::json!({}));
+    }
+    body
+}
+
 /// The agent binary built next to this test binary (`cargo build` builds it; `.ci/run` does).
 pub fn agent_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("KVMAGENT_BIN") {

@@ -239,3 +239,124 @@ pub struct CephBackingChainRsp {
     #[serde(default)]
     pub total_size: i64,
 }
+
+/// `header/.../vm/devices/DeviceAddress.java:9-21`: every field a `String`.
+#[derive(Debug, Deserialize)]
+pub struct DeviceAddress {
+    #[serde(rename = "type")]
+    pub addr_type: Option<String>,
+    pub bus: Option<String>,
+    pub domain: Option<String>,
+    pub slot: Option<String>,
+    pub function: Option<String>,
+    pub controller: Option<String>,
+    pub target: Option<String>,
+    pub unit: Option<String>,
+}
+
+/// `header/.../vm/devices/VirtualDeviceInfo.java:4-5`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualDeviceInfo {
+    pub resource_uuid: Option<String>,
+    pub device_address: Option<DeviceAddress>,
+}
+
+/// `KAC:2864-2866` `VmNicInfo`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmNicInfo {
+    pub mac_address: Option<String>,
+    pub device_address: Option<DeviceAddress>,
+}
+
+/// `KAC:2802` `StartVmResponse` is `KAC:2805-2813` `VmDevicesInfoResponse`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StartVmResponse {
+    #[serde(flatten)]
+    pub base: AgentResponse,
+    pub nic_infos: Option<Vec<VmNicInfo>>,
+    pub virtual_device_info_list: Option<Vec<VirtualDeviceInfo>>,
+    pub mem_balloon_info: Option<VirtualDeviceInfo>,
+    pub virtualizer_info: Option<VirtualizerInfoTO>,
+}
+
+/// `KAC:3257-3259` `RebootVmResponse`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RebootVmResponse {
+    #[serde(flatten)]
+    pub base: AgentResponse,
+    pub virtualizer_info: Option<VirtualizerInfoTO>,
+}
+
+/// `KAC:1481-1483` `AttachDataVolumeResponse`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachDataVolumeResponse {
+    #[serde(flatten)]
+    pub base: AgentResponse,
+    pub virtual_device_info_list: Option<Vec<VirtualDeviceInfo>>,
+}
+
+/// `KAC:4143-4153` `TakeSnapshotResponse`: two `String`s and `long size` (validated non-zero).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TakeSnapshotResponse {
+    #[serde(flatten)]
+    pub base: AgentResponse,
+    pub new_volume_install_path: Option<String>,
+    pub snapshot_install_path: Option<String>,
+    #[serde(default)]
+    pub size: i64,
+}
+
+/// The replies with nothing but the base fields: `KAC:3167` `StopVmResponse`, `KAC:3193`
+/// `PauseVmResponse`, `KAC:3220` `ResumeVmResponse`, `KAC:1442` `DetachDataVolumeResponse`,
+/// `KAC:3838` `MergeSnapshotRsp`, `KAC:4289,4301` `AttachIsoRsp`/`DetachIsoRsp`, `KAC:933,996`
+/// `CreateBridgeResponse`/`DeleteBridgeResponse`.
+pub type EmptyResponse = AgentResponse;
+
+/// `plugin/localstorage/.../LocalStorageKvmBackend.java:102-107` (`LSKB`) the local storage
+/// `AgentResponse`: `Long totalCapacity, availableCapacity`, its own `success`/`error`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalStorageResponse {
+    #[serde(flatten)]
+    pub base: AgentResponse,
+    pub total_capacity: Option<i64>,
+    pub available_capacity: Option<i64>,
+}
+
+/// `LSKB:271-273` `CreateEmptyVolumeRsp` and `LSKB:332-334` `CreateVolumeFromCacheRsp`:
+/// `Long actualSize, size`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalStorageVolumeRsp {
+    #[serde(flatten)]
+    pub base: LocalStorageResponse,
+    pub actual_size: Option<i64>,
+    pub size: Option<i64>,
+}
+
+/// `LSKB:824-826` `GetBackingChainRsp`: `List<String> backingChain; long totalSize`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GetBackingChainRsp {
+    #[serde(flatten)]
+    pub base: LocalStorageResponse,
+    pub backing_chain: Option<Vec<String>>,
+    #[serde(default)]
+    pub total_size: i64,
+}
+
+/// `LSKB:384-385` `DeleteBitsRsp`: `boolean inUse`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteBitsRsp {
+    #[serde(flatten)]
+    pub base: LocalStorageResponse,
+    #[serde(default)]
+    pub in_use: bool,
+}

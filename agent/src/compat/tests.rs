@@ -7,7 +7,7 @@ use crate::error::ErrorKind;
 use crate::libvirt::domains::VmState;
 use crate::tasks::TaskCtx;
 use crate::testing::mn_types::{
-    self, ConnectResponse, HostCapacityResponse, HostFactResponse, PingResponse, ProgressReportCmd,
+    self, ConnectResponse, HostCapacityResponse, HostFactResponse, PingResponse, ProgressReportCmd, StartVmResponse,
     UpdateHostConfigurationResponse, VmSyncResponse,
 };
 use crate::testing::TestHost;
@@ -106,6 +106,23 @@ async fn started_vm(h: &TestHost) -> String {
     });
     super::vm::start(&h.app, &ctx(), decode(&cmd).unwrap()).await.unwrap();
     vm
+}
+
+#[tokio::test]
+async fn a_start_answers_what_the_management_node_saves_of_the_vms_qemu() {
+    let h = TestHost::start();
+    let vm = started_vm(&h).await;
+    let body = json!({"vmInstanceUuid": vm, "vmName": "t", "memory": 67108864, "cpuNum": 1,
+                      "rootVolume": {"installPath": h.recorded(&vm).await[0], "volumeUuid": "r", "deviceId": 0}});
+    // Started again while it runs: the same answer as a fresh start.
+    let rsp = super::vm::start(&h.app, &ctx(), decode(&body).unwrap()).await.unwrap();
+    let r: StartVmResponse = mn_types::decode(&answer(rsp)).unwrap();
+    let v = r.virtualizer_info.expect("KvmHypervisorInfoExtensions.afterReceiveVmDeviceInfoResponse saves it");
+    assert_eq!(
+        (v.uuid.as_deref(), v.virtualizer.as_deref(), v.version.as_deref()),
+        (Some(vm.as_str()), Some("qemu-kvm"), Some("7.2.0"))
+    );
+    assert!(r.virtual_device_info_list.is_some_and(|l| !l.is_empty()));
 }
 
 fn data_volume(h: &TestHost, name: &str) -> String {

@@ -5,12 +5,23 @@ use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::ops;
 use crate::tasks::TaskCtx;
+use crate::wire::host::VirtualizerInfo;
 use crate::wire::vm::{CreateCephSecretCmd, DestroyVmCmd, StartVmCmd, StartVmRsp, StopMode, StopVmCmd};
 use crate::wire::Empty;
 
 pub async fn start(app: &App, ctx: &TaskCtx, cmd: StartVmCmd) -> AgentResult<StartVmRsp> {
     let owner = app.vms.lock(&cmd.vm_instance_uuid).await?;
-    ops::start(app, ctx, &owner, cmd).await
+    let vm = cmd.vm_instance_uuid.clone();
+    let mut rsp = ops::start(app, ctx, &owner, cmd).await?;
+    rsp.virtualizer_info = Some(virtualizer_info(app, vm).await?);
+    Ok(rsp)
+}
+
+/// What the management node records of the QEMU VM `vm` runs on (the answers of `/vm/start` and
+/// `/vm/reboot`): libvirt's hypervisor version.
+pub async fn virtualizer_info(app: &App, vm: String) -> AgentResult<VirtualizerInfo> {
+    let (_, version) = app.libvirt.versions().await?;
+    Ok(VirtualizerInfo { uuid: Some(vm), virtualizer: "qemu-kvm", version })
 }
 
 pub async fn stop(app: &App, _ctx: &TaskCtx, cmd: StopVmCmd) -> AgentResult<Empty> {

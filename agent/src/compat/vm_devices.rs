@@ -70,10 +70,7 @@ pub async fn reboot(app: &App, _ctx: &TaskCtx, cmd: RebootVmCmd) -> AgentResult<
     }
     app.libvirt.destroy(&cmd.uuid).await?;
     ops::define_and_start(app, &owner, &spec).await?;
-    let (_, version) = app.libvirt.versions().await?;
-    Ok(RebootVmRsp {
-        virtualizer_info: crate::wire::host::VirtualizerInfo { uuid: Some(cmd.uuid), virtualizer: "qemu-kvm", version },
-    })
+    Ok(RebootVmRsp { virtualizer_info: super::vm::virtualizer_info(app, cmd.uuid).await? })
 }
 
 /// `/vm/pause`: a paused VM stays paused.

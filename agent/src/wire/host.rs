@@ -110,7 +110,7 @@ pub struct FactRsp {
 }
 
 /// ZStack's `VirtualizerInfoTO`, which the management node dereferences unconditionally.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct VirtualizerInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,

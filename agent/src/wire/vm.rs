@@ -252,6 +252,11 @@ pub struct StartVmRsp {
     pub virtual_device_info_list: Vec<VirtualDeviceInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mem_balloon_info: Option<VirtualDeviceInfo>,
+    /// The QEMU the VM runs on, as the Python agent's `collect_vm_virtualizer_info` fills it
+    /// (`VmDevicesInfoResponse.virtualizerInfo`, KVMAgentCommands.java:2812; the MN saves it in
+    /// `KvmHypervisorInfoExtensions.afterReceiveVmDeviceInfoResponse`). Only `/vm/start` sets it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub virtualizer_info: Option<super::host::VirtualizerInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
