@@ -4,6 +4,7 @@
 pub mod ceph;
 pub mod host;
 pub mod localstorage;
+pub mod localstorage_files;
 pub mod network;
 pub mod snapshot;
 pub mod vm;
