@@ -12,3 +12,5 @@ pub mod vm_devices;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod localstorage_tests;
