@@ -36,7 +36,8 @@ async fn merge_and_revert_make_new_volumes_that_read_as_the_snapshot() {
     let (snap, top) = volume_with_snapshot(&h, &image, "a").await;
     let snap_bytes = std::fs::read(&snap).unwrap();
     let ws = h.path("snapshotWorkspace/img/x.qcow2");
-    let body = json!({"snapshotInstallPath": snap, "workspaceInstallPath": ws, "volumeUuid": "a", "storagePath": h.path("")});
+    let body =
+        json!({"snapshotInstallPath": snap, "workspaceInstallPath": ws, "volumeUuid": "a", "storagePath": h.path("")});
     let r = serde_json::to_value(ls::merge_snapshot(&h.app, &ctx(), decode(&body).unwrap()).await.unwrap()).unwrap();
     assert!(r["size"].is_u64() && r["actualSize"].is_u64() && r["totalCapacity"].is_u64(), "{r}");
     assert!(same_content(&ws, &snap) && backing(&ws).is_none(), "a flat copy of the snapshot");

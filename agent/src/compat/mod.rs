@@ -11,6 +11,6 @@ pub mod vm;
 pub mod vm_devices;
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod localstorage_tests;
+#[cfg(test)]
+mod tests;
