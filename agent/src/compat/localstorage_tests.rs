@@ -167,7 +167,7 @@ async fn folders_references_sizes_and_base_images() {
 
     let body = json!({"path": image, "searchingDir": h.root});
     let r = lf::qcow2_reference(&h.app, &ctx(), decode(&body).unwrap()).await.unwrap();
-    assert_eq!(r.rsp.reference_paths, [snap.clone()]);
+    assert_eq!(r.rsp.reference_paths, std::slice::from_ref(&snap));
 
     let body = json!({"volumeUuidInstallPaths": {"b": top, "gone": h.path("nope.qcow2"), "out": "/etc/passwd"}});
     let r = lf::batch_get_size(&h.app, &ctx(), decode(&body).unwrap()).await.unwrap();
