@@ -230,3 +230,59 @@ async fn the_deadline_from_task_context_stops_the_task() {
     assert!(t.elapsed() < Duration::from_secs(10), "stopped promptly: {:?}", t.elapsed());
     assert!(!path.exists() && dir_is_empty_or_gone(path.parent().unwrap()));
 }
+
+/// Volume from a snapshot (`snapshot/merge`) and revert (`snapshot/revert`) on real qcow2 files,
+/// as the management node calls them: byte-checked with `qemu-img compare`; the snapshot is
+/// never written. Then the image-cache clean-up sequence: references, deletedir.
+#[tokio::test]
+async fn snapshot_merge_and_revert_read_as_the_snapshot() {
+    use kvmagent_host_tests::checks::qemu_io_write;
+    let h = Host::start().await.unwrap();
+    let flag = h.path("ps-initialized-file");
+    let init = h.call_ok("/localstorage/init", &json!({"path": h.root, "initFilePath": flag})).await.unwrap();
+    assert!(init["localStorageUsedCapacity"].as_u64().is_some(), "{init}");
+    let r = h.call_ok("/localstorage/check/initializedfile", &json!({"filePath": flag, "storagePath": h.root})).await;
+    assert_eq!(r.unwrap()["existed"], true);
+
+    let base = BaseImage::create(&h, 8 * MIB).unwrap();
+    let (_, vol) = root_volume_path(&h);
+    let addons = json!({"qcow2Options": " -o cluster_size=2097152 "});
+    let body = json!({"templatePathInCache": base.path, "installUrl": vol, "kvmHostAddons": addons});
+    h.call_ok("/localstorage/volume/createvolumefromcache", &body).await.unwrap();
+    assert_eq!(qemu_img_info(&vol).unwrap()["cluster-size"].as_u64(), Some(2 * MIB), "qcow2Options honoured");
+    // A retry of the same create finds the untouched overlay and replaces it.
+    h.call_ok("/localstorage/volume/createvolumefromcache", &body).await.unwrap();
+    qemu_io_write(&vol, 0, &[0x5a; 65536]).unwrap();
+    let snap = vol.parent().unwrap().join("snapshots/s1.qcow2");
+    std::fs::create_dir_all(snap.parent().unwrap()).unwrap();
+    std::fs::rename(&vol, &snap).unwrap();
+    let body = json!({"installUrl": vol, "size": 0, "backingFile": snap});
+    h.call_ok("/localstorage/volume/createempty", &body).await.unwrap();
+    qemu_io_write(&vol, 0, &[0xa5; 65536]).unwrap();
+    let snap_sha = file_sha256(&snap).unwrap();
+
+    let ws = h.path(&format!("snapshotWorkspace/{}/x.qcow2", uuid()));
+    let body = json!({"snapshotInstallPath": snap, "workspaceInstallPath": ws, "volumeUuid": "v"});
+    let r = h.call_ok("/localstorage/snapshot/merge", &body).await.unwrap();
+    assert!(r["size"].as_u64() == Some(8 * MIB) && r["actualSize"].as_u64().unwrap() > 0, "{r}");
+    assert!(qemu_img_info(&ws).unwrap()["backing-filename"].is_null(), "a flat copy");
+    qemu_img(&["compare", "-q", ws.to_str().unwrap(), snap.to_str().unwrap()]).unwrap();
+    assert!(qemu_img(&["compare", "-q", ws.to_str().unwrap(), vol.to_str().unwrap()]).is_err());
+
+    let r = h.call_ok("/localstorage/snapshot/revert", &json!({"snapshotInstallPath": snap})).await.unwrap();
+    let new = std::path::PathBuf::from(r["newVolumeInstallPath"].as_str().unwrap());
+    assert_eq!(r["size"].as_u64(), Some(8 * MIB));
+    assert_eq!(new.parent(), snap.parent());
+    qemu_img(&["compare", "-q", new.to_str().unwrap(), snap.to_str().unwrap()]).unwrap();
+    assert_eq!(file_sha256(&snap).unwrap(), snap_sha, "the snapshot is never written");
+
+    // The image is referenced: its directory is not deleted.
+    let r = h.call_ok("/localstorage/getqcow2reference", &json!({"path": base.path, "searchingDir": h.root})).await;
+    assert_eq!(r.unwrap()["referencePaths"], json!([snap]));
+    let cache = base.path.parent().unwrap();
+    assert!(h.call_err("/localstorage/deletedir", &json!({"path": cache})).await.is_ok());
+    assert!(base.path.exists());
+    let vol_dir = vol.parent().unwrap();
+    h.call_ok("/localstorage/deletedir", &json!({"path": vol_dir})).await.unwrap();
+    assert!(!vol_dir.exists());
+}

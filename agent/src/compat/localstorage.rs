@@ -7,30 +7,46 @@ use serde::Serialize;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::qemu_img::CreateOptions;
-use crate::storage::local::{parse_qcow2_options, Provisioning};
+use crate::storage::local::{parse_qcow2_options, Existing, FromImage, Provisioning};
+use crate::storage::local_files::disk_usage;
 use crate::tasks::TaskCtx;
 use crate::wire::localstorage::*;
 
-fn with_capacity<T: Serialize>(app: &App, path: Option<&Path>, rsp: T) -> WithCapacity<T> {
+pub(super) fn with_capacity<T: Serialize>(app: &App, path: Option<&Path>, rsp: T) -> WithCapacity<T> {
     let c = app.storage.capacity(path);
     WithCapacity { rsp, total_capacity: c.total, available_capacity: c.available }
 }
 
-pub async fn init(app: &App, _ctx: &TaskCtx, cmd: InitCmd) -> AgentResult<WithCapacity<InitRsp>> {
-    let dir = app.storage.roots().confine(&cmd.path).or_else(|e| {
-        // The storage root itself is a valid answer to init.
-        let p = std::path::PathBuf::from(&cmd.path);
-        app.storage.roots().roots().iter().find(|r| std::fs::canonicalize(&p).is_ok_and(|c| &c == *r)).cloned().ok_or(e)
-    })?;
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| AgentError::failed("cannot create the storage directory", format!("{}: {e}", dir.display())))?;
-    let cap = app.storage.capacity(Some(&dir));
-    Ok(with_capacity(app, Some(&dir), InitRsp { local_storage_used_capacity: cap.total.saturating_sub(cap.available) }))
+/// `kvmHostAddons.qcow2Options`, which applies to every qcow2 the agent makes.
+fn qcow2_options(addons: Option<&KvmHostAddons>) -> AgentResult<CreateOptions> {
+    match addons.and_then(|a| a.qcow2_options.as_deref()) {
+        Some(o) => parse_qcow2_options(o),
+        None => Ok(CreateOptions::default()),
+    }
 }
 
+/// Makes the storage directory (a configured root, or a directory inside one) and the flag
+/// file; answers the directory's own usage, as `du` counts it.
+pub async fn init(app: &App, _ctx: &TaskCtx, cmd: InitCmd) -> AgentResult<WithCapacity<InitRsp>> {
+    let roots = app.storage.roots();
+    let dir = roots.confine_dir(&cmd.path).map_err(|e| AgentError::from(e).context("path"))?;
+    let flag = match cmd.init_file_path.as_deref().filter(|p| !p.is_empty()) {
+        Some(f) => Some(roots.confine(f).map_err(|e| AgentError::from(e).context("initFilePath"))?),
+        None => None,
+    };
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| AgentError::failed("cannot create the storage directory", format!("{}: {e}", dir.display())))?;
+    if let Some(f) = flag {
+        super::localstorage_files::create_flag_file(&f)?;
+    }
+    Ok(with_capacity(app, Some(&dir), InitRsp { local_storage_used_capacity: disk_usage(&dir) }))
+}
+
+/// A path outside the storage roots is not there for this agent: `existing: false`.
 pub async fn check_bits(app: &App, _ctx: &TaskCtx, cmd: CheckBitsCmd) -> AgentResult<WithCapacity<CheckBitsRsp>> {
-    let p = app.storage.roots().confine(&cmd.path)?;
-    Ok(with_capacity(app, Some(&p), CheckBitsRsp { existing: p.exists() }))
+    let p = app.storage.roots().confine(&cmd.path).ok();
+    let existing = p.as_deref().is_some_and(|p| p.symlink_metadata().is_ok());
+    Ok(with_capacity(app, p.as_deref(), CheckBitsRsp { existing }))
 }
 
 async fn size_of(app: &App, ctx: &TaskCtx, path: &Path) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
@@ -43,17 +59,17 @@ pub async fn create_volume_from_cache(
     ctx: &TaskCtx,
     cmd: CreateVolumeFromCacheCmd,
 ) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
+    let opts = qcow2_options(cmd.kvm_host_addons.as_ref())?;
     let _lock = app.volume_locks.write(&cmd.install_url).await?;
-    let path = app
-        .storage
-        .create_from_image(
-            &cmd.template_path_in_cache,
-            &cmd.install_url,
-            cmd.virtual_size.filter(|s| *s > 0),
-            Provisioning::Thin,
-            &ctx.stop,
-        )
-        .await?;
+    // A retry after a failure may find what the first attempt made: replaced when it is an
+    // untouched overlay on the same image, refused otherwise.
+    let spec = FromImage {
+        size: cmd.virtual_size.filter(|s| *s > 0),
+        provisioning: Provisioning::Thin,
+        opts: &opts,
+        existing: Existing::ReplaceLeftover,
+    };
+    let path = app.storage.create_from_image(&cmd.template_path_in_cache, &cmd.install_url, &spec, &ctx.stop).await?;
     size_of(app, ctx, &path).await
 }
 
@@ -62,10 +78,7 @@ pub async fn create_empty(
     ctx: &TaskCtx,
     cmd: CreateEmptyVolumeCmd,
 ) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
-    let opts = match cmd.kvm_host_addons.as_ref().and_then(|a| a.qcow2_options.as_deref()) {
-        Some(o) => parse_qcow2_options(o)?,
-        None => CreateOptions::default(),
-    };
+    let opts = qcow2_options(cmd.kvm_host_addons.as_ref())?;
     let _lock = app.volume_locks.write(&cmd.install_url).await?;
     let path = app
         .storage
@@ -113,11 +126,10 @@ pub async fn create_with_backing(
     ctx: &TaskCtx,
     cmd: CreateWithBackingCmd,
 ) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
+    let opts = qcow2_options(cmd.kvm_host_addons.as_ref())?;
     let _lock = app.volume_locks.write(&cmd.install_path).await?;
-    let path = app
-        .storage
-        .create_from_image(&cmd.template_path_in_cache, &cmd.install_path, None, Provisioning::Thin, &ctx.stop)
-        .await?;
+    let spec = FromImage { opts: &opts, ..FromImage::THIN };
+    let path = app.storage.create_from_image(&cmd.template_path_in_cache, &cmd.install_path, &spec, &ctx.stop).await?;
     size_of(app, ctx, &path).await
 }
 
@@ -127,29 +139,80 @@ pub async fn create_template(
     ctx: &TaskCtx,
     cmd: CreateTemplateCmd,
 ) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
-    let _source = app.volume_locks.read(&cmd.volume_path).await?;
-    let _target = app.volume_locks.write(&cmd.install_path).await?;
-    let path = app
-        .storage
-        .create_flat_copy(&cmd.volume_path, &cmd.install_path, &ctx.stop, &mut |p| ctx.progress(p, "copying"))
-        .await?;
+    let opts = qcow2_options(cmd.kvm_host_addons.as_ref())?;
+    flat_copy(app, ctx, &cmd.volume_path, &cmd.install_path, &opts).await
+}
+
+/// A flat copy of `src`'s chain at `dst`, with progress; answers its sizes.
+async fn flat_copy(
+    app: &App,
+    ctx: &TaskCtx,
+    src: &str,
+    dst: &str,
+    opts: &CreateOptions,
+) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
+    let _source = app.volume_locks.read(src).await?;
+    let _target = app.volume_locks.write(dst).await?;
+    let path = app.storage.create_flat_copy(src, dst, opts, &ctx.stop, &mut |p| ctx.progress(p, "copying")).await?;
     size_of(app, ctx, &path).await
+}
+
+/// A volume or template from a snapshot: a flat copy of its chain at the workspace path.
+pub async fn merge_snapshot(
+    app: &App,
+    ctx: &TaskCtx,
+    cmd: MergeSnapshotCmd,
+) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
+    let opts = qcow2_options(cmd.kvm_host_addons.as_ref())?;
+    flat_copy(app, ctx, &cmd.snapshot_install_path, &cmd.workspace_install_path, &opts).await
+}
+
+/// Revert to a snapshot: a new volume on it, in its directory; the old volume is left for the
+/// management node to delete.
+pub async fn revert_snapshot(
+    app: &App,
+    ctx: &TaskCtx,
+    cmd: RevertSnapshotCmd,
+) -> AgentResult<WithCapacity<RevertSnapshotRsp>> {
+    let opts = qcow2_options(cmd.kvm_host_addons.as_ref())?;
+    let snapshot = app
+        .storage
+        .roots()
+        .confine_existing(&cmd.snapshot_install_path)
+        .map_err(|e| AgentError::from(e).context("snapshotInstallPath"))?;
+    let dir = snapshot.parent().ok_or_else(|| {
+        AgentError::invalid(format!("snapshotInstallPath {} has no directory", cmd.snapshot_install_path))
+    })?;
+    let new = dir.join(format!("{}.qcow2", uuid::Uuid::new_v4().simple())).display().to_string();
+    let _source = app.volume_locks.read(&cmd.snapshot_install_path).await?;
+    let _lock = app.volume_locks.write(&new).await?;
+    let spec = FromImage { opts: &opts, ..FromImage::THIN };
+    let path = app.storage.create_from_image(&cmd.snapshot_install_path, &new, &spec, &ctx.stop).await?;
+    let (size, _) = app.storage.sizes(&new, &ctx.stop).await?;
+    Ok(with_capacity(app, Some(&path), RevertSnapshotRsp { new_volume_install_path: path.display().to_string(), size }))
 }
 
 /// A fresh root from the image beside the old one, which is left for the management node to
 /// delete once it has switched the volume over.
+/// `volumePath` is the volume (which must exist) or, ending in `/`, its directory (made if
+/// missing, as the Python agent's `os.path.dirname` makes it).
 pub async fn reinit_image(app: &App, ctx: &TaskCtx, cmd: ReinitImageCmd) -> AgentResult<WithCapacity<ReinitImageRsp>> {
-    // The volume must be there: its directory is where the new root goes.
-    let old = app
-        .storage
-        .roots()
-        .confine_existing(&cmd.volume_path)
-        .map_err(|e| AgentError::from(e).context("volumePath"))?;
-    let dir =
-        old.parent().ok_or_else(|| AgentError::invalid(format!("volumePath {} has no directory", cmd.volume_path)))?;
+    let opts = qcow2_options(cmd.kvm_host_addons.as_ref())?;
+    let roots = app.storage.roots();
+    let dir = match cmd.volume_path.strip_suffix('/') {
+        Some(dir) => roots.confine(dir),
+        None => roots.confine_existing(&cmd.volume_path).map(|old| old.parent().map(Path::to_path_buf).unwrap_or(old)),
+    }
+    .map_err(|e| AgentError::from(e).context("volumePath"))?;
+    if dir.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+        return Err(
+            AgentError::invalid(format!("volumePath {} is not a directory", cmd.volume_path)).context("volumePath")
+        );
+    }
     let new = dir.join(format!("{}.qcow2", uuid::Uuid::new_v4().simple())).display().to_string();
     let _lock = app.volume_locks.write(&new).await?;
-    let path = app.storage.create_from_image(&cmd.image_path, &new, None, Provisioning::Thin, &ctx.stop).await?;
+    let spec = FromImage { opts: &opts, ..FromImage::THIN };
+    let path = app.storage.create_from_image(&cmd.image_path, &new, &spec, &ctx.stop).await?;
     Ok(with_capacity(app, Some(&path), ReinitImageRsp { new_volume_install_path: path.display().to_string() }))
 }
 

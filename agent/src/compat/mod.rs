@@ -4,10 +4,13 @@
 pub mod ceph;
 pub mod host;
 pub mod localstorage;
+pub mod localstorage_files;
 pub mod network;
 pub mod snapshot;
 pub mod vm;
 pub mod vm_devices;
 
+#[cfg(test)]
+mod localstorage_tests;
 #[cfg(test)]
 mod tests;

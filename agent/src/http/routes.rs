@@ -140,6 +140,72 @@ static ZSTACK_ROUTES: &[Route] = &[
         style: Style::Async,
         handler: typed!(compat::localstorage::estimate_template_size),
     },
+    Route {
+        path: "/localstorage/getphysicalcapacity",
+        style: Style::Async,
+        handler: typed!(compat::localstorage_files::physical_capacity),
+    },
+    Route {
+        path: "/localstorage/volume/createfolder",
+        style: Style::Async,
+        handler: typed!(compat::localstorage_files::create_folder),
+    },
+    Route {
+        path: "/localstorage/deletedir",
+        style: Style::Async,
+        handler: typed!(compat::localstorage_files::delete_dir),
+    },
+    Route { path: "/localstorage/unlink", style: Style::Async, handler: typed!(compat::localstorage_files::unlink) },
+    Route {
+        path: "/localstorage/check/initializedfile",
+        style: Style::Async,
+        handler: typed!(compat::localstorage_files::check_initialized_file),
+    },
+    Route {
+        path: "/localstorage/create/initializedfile",
+        style: Style::Async,
+        handler: typed!(compat::localstorage_files::create_initialized_file),
+    },
+    Route {
+        path: "/localstorage/getqcow2reference",
+        style: Style::Async,
+        handler: typed!(compat::localstorage_files::qcow2_reference),
+    },
+    Route {
+        path: "/localstorage/volume/batchgetsize",
+        style: Style::Async,
+        handler: typed!(compat::localstorage_files::batch_get_size),
+    },
+    Route {
+        path: "/localstorage/volume/getbaseimagepath",
+        style: Style::Async,
+        handler: typed!(compat::localstorage_files::base_image_path),
+    },
+    Route {
+        path: "/localstorage/snapshot/verifychain",
+        style: Style::Async,
+        handler: typed!(compat::localstorage_files::verify_chain),
+    },
+    Route {
+        path: "/localstorage/snapshot/rebasebackingfiles",
+        style: Style::Async,
+        handler: typed!(compat::localstorage_files::rebase_backing_files),
+    },
+    Route {
+        path: "/localstorage/volume/hardlink",
+        style: Style::Async,
+        handler: typed!(compat::localstorage_files::hardlink),
+    },
+    Route {
+        path: "/localstorage/snapshot/revert",
+        style: Style::Async,
+        handler: typed!(compat::localstorage::revert_snapshot),
+    },
+    Route {
+        path: "/localstorage/snapshot/merge",
+        style: Style::Async,
+        handler: typed!(compat::localstorage::merge_snapshot),
+    },
     Route { path: "/localstorage/init", style: Style::Async, handler: typed!(compat::localstorage::init) },
     Route { path: "/localstorage/checkbits", style: Style::Async, handler: typed!(compat::localstorage::check_bits) },
     Route {

@@ -129,6 +129,28 @@ impl QemuImg for QemuImgCli {
         run("rebase", path, &a, stop).await.map(drop)
     }
 
+    async fn rename_backing(
+        &self,
+        path: &Path,
+        backing: &Path,
+        backing_fmt: &str,
+        stop: &Stop,
+    ) -> Result<(), QemuImgError> {
+        let a = args([
+            "rebase".as_ref(),
+            "-q".as_ref(),
+            "-u".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            backing_fmt.as_ref(),
+            "-b".as_ref(),
+            backing.as_os_str(),
+            path.as_os_str(),
+        ]);
+        run("rebase", path, &a, stop).await.map(drop)
+    }
+
     async fn commit(&self, path: &Path, stop: &Stop) -> Result<(), QemuImgError> {
         let a = args(["commit".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), path.as_os_str()]);
         run("commit", path, &a, stop).await.map(drop)

@@ -291,6 +291,22 @@ impl QemuImg for FakeQemuImg {
         or_failed("rebase", path, rebase_onto(path, Some((backing, backing_fmt))))
     }
 
+    async fn rename_backing(
+        &self,
+        path: &Path,
+        backing: &Path,
+        backing_fmt: &str,
+        stop: &Stop,
+    ) -> Result<(), QemuImgError> {
+        self.enter("rebase", path, stop).await?;
+        let renamed = read(path).and_then(|mut img| {
+            img.backing = Some(backing.display().to_string());
+            img.data.backing_format = Some(backing_fmt.to_owned());
+            write(path, &img)
+        });
+        or_failed("rebase", path, renamed)
+    }
+
     async fn commit(&self, path: &Path, stop: &Stop) -> Result<(), QemuImgError> {
         self.enter("commit", path, stop).await?;
         or_failed("commit", path, commit_top(path))

@@ -139,6 +139,15 @@ pub trait QemuImg: Send + Sync {
     /// Safe rebase onto `backing`: rewrites `path` in place so that it reads the same on
     /// `backing` as on its old chain. Callers run it on a copy.
     async fn rebase(&self, path: &Path, backing: &Path, backing_fmt: &str, stop: &Stop) -> Result<(), QemuImgError>;
+    /// Unsafe rebase (`rebase -u`): only the backing-file name in `path`'s header changes. For
+    /// when `backing` reads as the old backing file did (a hard link or copy of it).
+    async fn rename_backing(
+        &self,
+        path: &Path,
+        backing: &Path,
+        backing_fmt: &str,
+        stop: &Stop,
+    ) -> Result<(), QemuImgError>;
     /// Writes `path`'s data into its backing file, which then reads as `path` did. Only for a
     /// top nothing has open.
     async fn commit(&self, path: &Path, stop: &Stop) -> Result<(), QemuImgError>;

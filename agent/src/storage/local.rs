@@ -21,6 +21,37 @@ pub enum Provisioning {
 /// is guaranteed).
 const THICK: &str = "falloc";
 
+/// What to do when a new volume's target exists already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Refuse: a volume is never overwritten.
+    Refuse,
+    /// Replace it when it is an overlay on the same image that holds no data of its own and no
+    /// process has open (what a failed earlier attempt left); refuse anything else.
+    ReplaceLeftover,
+}
+
+/// How a volume is made from an image.
+#[derive(Debug, Clone, Copy)]
+pub struct FromImage<'a> {
+    /// Grows the volume beyond the image's virtual size.
+    pub size: Option<u64>,
+    pub provisioning: Provisioning,
+    /// `kvmHostAddons.qcow2Options` (preallocation is dropped for overlays).
+    pub opts: &'a CreateOptions,
+    pub existing: Existing,
+}
+
+impl FromImage<'_> {
+    /// A thin overlay of the image's size with default options; an existing target is refused.
+    pub const THIN: FromImage<'static> = FromImage {
+        size: None,
+        provisioning: Provisioning::Thin,
+        opts: &CreateOptions { pairs: Vec::new() },
+        existing: Existing::Refuse,
+    };
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Capacity {
     pub total: u64,
@@ -175,13 +206,12 @@ impl LocalStorage {
     }
 
     /// A new volume at `dst` from the cached image `image`: a thin overlay on it, or a thick
-    /// (flat, preallocated) copy. `size` grows the volume beyond the image's virtual size.
+    /// (flat, preallocated) copy. `spec.size` grows the volume beyond the image's virtual size.
     pub async fn create_from_image(
         &self,
         image: &str,
         dst: &str,
-        size: Option<u64>,
-        provisioning: Provisioning,
+        spec: &FromImage<'_>,
         stop: &Stop,
     ) -> AgentResult<PathBuf> {
         let image = self.roots.confine_chain(image).map_err(|e| match e {
@@ -193,9 +223,9 @@ impl LocalStorage {
         let header = qemu_img::read_header(&image).map_err(|e| AgentError::invalid(e.to_string()))?;
         let image_size =
             self.qemu_img.info(&image, stop).await.map_err(|e| stopped_or(e, stop, "reading the image"))?.virtual_size;
-        let grow = match size {
+        let grow = match spec.size {
             Some(s) if s > image_size => {
-                check_size(s, &CreateOptions::default())?;
+                check_size(s, spec.opts)?;
                 Some(s)
             }
             Some(s) if s != 0 && s < image_size => {
@@ -205,24 +235,24 @@ impl LocalStorage {
             }
             _ => None,
         };
-        let dst = self.prepare_target(dst)?;
+        let (dst, leftover) = match (self.prepare_target(dst), spec.existing) {
+            (Ok(dst), _) => (dst, false),
+            (Err(e), Existing::ReplaceLeftover) if e.kind == ErrorKind::Conflict => {
+                (self.leftover_overlay(dst, &image).ok_or(e)?, true)
+            }
+            (Err(e), _) => return Err(e),
+        };
         let building = Building::beside(&dst);
-        match provisioning {
+        match spec.provisioning {
             Provisioning::Thin => self
                 .qemu_img
-                .create_overlay(&image, header.format, &building.tmp, grow, &CreateOptions::default(), stop)
+                .create_overlay(&image, header.format, &building.tmp, grow, spec.opts, stop)
                 .await
                 .map_err(|e| stopped_or(e, stop, "creating the overlay"))?,
             Provisioning::Thick => {
-                self.copy_into(
-                    &image,
-                    header.format,
-                    &building,
-                    &CreateOptions::preallocation(THICK),
-                    stop,
-                    &mut |_| {},
-                )
-                .await?;
+                let mut opts = spec.opts.without_preallocation();
+                opts.pairs.push(("preallocation".into(), THICK.into()));
+                self.copy_into(&image, header.format, &building, &opts, stop, &mut |_| {}).await?;
                 if let Some(s) = grow {
                     self.qemu_img
                         .resize(&building.tmp, s, stop)
@@ -232,8 +262,30 @@ impl LocalStorage {
             }
         }
         stop.check("creating the volume")?;
-        building.publish(&dst)?;
+        if !leftover {
+            building.publish(&dst)?;
+            return Ok(dst);
+        }
+        // A leftover holds nothing of its own when it is no larger than the fresh overlay (every
+        // guest write allocates clusters at the file's end).
+        let len = |p: &Path| std::fs::symlink_metadata(p).map(|m| m.len()).unwrap_or(u64::MAX);
+        if len(&dst) > len(&building.tmp) || is_open_by_any_process(&dst) {
+            return Err(exists(&dst));
+        }
+        building.replace(&dst)?;
         Ok(dst)
+    }
+
+    /// `dst` when it is a thin overlay on `image` that no process has open: what an earlier
+    /// attempt of the same create left (the caller checks it holds no data).
+    fn leftover_overlay(&self, dst: &str, image: &Path) -> Option<PathBuf> {
+        let dst = self.roots.confine(dst).ok()?;
+        if !std::fs::symlink_metadata(&dst).ok()?.is_file() || is_open_by_any_process(&dst) {
+            return None;
+        }
+        let backing = qemu_img::read_header(&dst).ok()?.backing_file?;
+        let backing = std::fs::canonicalize(dst.parent()?.join(backing)).ok()?;
+        (backing == image).then_some(dst)
     }
 
     /// A new empty qcow2 at `dst`, optionally on a backing file. Without one, thick volumes are
@@ -285,11 +337,12 @@ impl LocalStorage {
         &self,
         src: &str,
         dst: &str,
+        opts: &CreateOptions,
         stop: &Stop,
         on_progress: &mut (dyn FnMut(u8) + Send),
     ) -> AgentResult<PathBuf> {
         let src = self.roots.confine_chain(src)?;
-        self.copy_flat(&src, dst, stop, on_progress).await
+        self.copy_flat(&src, dst, opts, stop, on_progress).await
     }
 
     /// Like [`create_flat_copy`](Self::create_flat_copy) from a chain the caller has already
@@ -298,13 +351,14 @@ impl LocalStorage {
         &self,
         src: &Path,
         dst: &str,
+        opts: &CreateOptions,
         stop: &Stop,
         on_progress: &mut (dyn FnMut(u8) + Send),
     ) -> AgentResult<PathBuf> {
         let format = qemu_img::read_header(src).map_err(|e| AgentError::invalid(e.to_string()))?.format;
         let dst = self.prepare_target(dst)?;
         let building = Building::beside(&dst);
-        self.copy_into(src, format, &building, &CreateOptions::default(), stop, on_progress).await?;
+        self.copy_into(src, format, &building, opts, stop, on_progress).await?;
         stop.check("copying the volume")?;
         building.publish(&dst)?;
         Ok(dst)
@@ -534,8 +588,7 @@ mod tests {
             .create_from_image(
                 img.to_str().unwrap(),
                 target.to_str().unwrap(),
-                Some(u64::MAX),
-                Provisioning::Thin,
+                &FromImage { size: Some(u64::MAX), provisioning: Provisioning::Thin, ..FromImage::THIN },
                 &Stop::new(),
             )
             .await
@@ -560,8 +613,7 @@ mod tests {
             .create_from_image(
                 img.to_str().unwrap(),
                 root.join("v/thin.qcow2").to_str().unwrap(),
-                Some(16 << 20),
-                Provisioning::Thin,
+                &FromImage { size: Some(16 << 20), provisioning: Provisioning::Thin, ..FromImage::THIN },
                 &Stop::new(),
             )
             .await
@@ -574,8 +626,7 @@ mod tests {
             .create_from_image(
                 img.to_str().unwrap(),
                 root.join("v/thick.qcow2").to_str().unwrap(),
-                None,
-                Provisioning::Thick,
+                &FromImage { size: None, provisioning: Provisioning::Thick, ..FromImage::THIN },
                 &Stop::new(),
             )
             .await
@@ -595,7 +646,12 @@ mod tests {
         std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
         std::fs::write(&dst, b"precious").unwrap();
         let e = s
-            .create_from_image(img.to_str().unwrap(), dst.to_str().unwrap(), None, Provisioning::Thin, &Stop::new())
+            .create_from_image(
+                img.to_str().unwrap(),
+                dst.to_str().unwrap(),
+                &FromImage { size: None, provisioning: Provisioning::Thin, ..FromImage::THIN },
+                &Stop::new(),
+            )
             .await
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Conflict, "{e}");
@@ -622,8 +678,7 @@ mod tests {
             .create_from_image(
                 root.join("nope.qcow2").to_str().unwrap(),
                 root.join("v/a.qcow2").to_str().unwrap(),
-                None,
-                Provisioning::Thin,
+                &FromImage { size: None, provisioning: Provisioning::Thin, ..FromImage::THIN },
                 &Stop::new(),
             )
             .await
@@ -639,8 +694,7 @@ mod tests {
             .create_from_image(
                 img.to_str().unwrap(),
                 root.join("v/b.qcow2").to_str().unwrap(),
-                None,
-                Provisioning::Thick,
+                &FromImage { size: None, provisioning: Provisioning::Thick, ..FromImage::THIN },
                 &stop,
             )
             .await

@@ -2,6 +2,7 @@
 //! and the locks that keep two commands off one volume.
 
 pub mod local;
+pub mod local_files;
 pub mod location;
 pub mod roots;
 pub mod volume_locks;

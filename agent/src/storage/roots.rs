@@ -57,15 +57,38 @@ impl From<PathError> for AgentError {
     }
 }
 
+/// `p` with its deepest existing ancestor canonicalised (following symlinks) and the rest
+/// appended.
+fn resolve(p: &Path) -> std::io::Result<PathBuf> {
+    let mut existing = p.to_path_buf();
+    let mut tail = Vec::new();
+    let resolved = loop {
+        match std::fs::canonicalize(&existing) {
+            Ok(c) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let Some(name) = existing.file_name() else {
+                    return Err(e);
+                };
+                tail.push(name.to_owned());
+                existing.pop();
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    Ok(tail.iter().rev().fold(resolved, |acc, n| acc.join(n)))
+}
+
 #[derive(Debug, Clone)]
 pub struct StorageRoots {
     roots: Vec<PathBuf>,
 }
 
 impl StorageRoots {
-    /// The roots must exist; they are canonicalised so that symlinked roots compare correctly.
+    /// The roots are canonicalised so that symlinked roots compare correctly. A root that does
+    /// not exist yet is resolved from its deepest existing ancestor (`/localstorage/init` creates
+    /// it).
     pub fn new(roots: &[PathBuf]) -> std::io::Result<StorageRoots> {
-        let roots = roots.iter().map(std::fs::canonicalize).collect::<std::io::Result<Vec<_>>>()?;
+        let roots = roots.iter().map(|r| resolve(r)).collect::<std::io::Result<Vec<_>>>()?;
         Ok(StorageRoots { roots })
     }
 
@@ -80,6 +103,32 @@ impl StorageRoots {
     /// Resolves `path` (which need not exist yet) and checks it lies inside a root: the deepest
     /// existing ancestor is canonicalised (following symlinks), the rest appended.
     pub fn confine(&self, path: &str) -> Result<PathBuf, PathError> {
+        let full = self.checked(path)?;
+        if self.roots.iter().any(|r| full.starts_with(r) && full != *r) {
+            Ok(full)
+        } else {
+            Err(PathError::Outside { path: path.to_owned(), roots: self.describe() })
+        }
+    }
+
+    /// Like [`confine`](Self::confine), and a storage root itself is accepted too (a directory
+    /// the management node names: the storage path, a search directory).
+    pub fn confine_dir(&self, path: &str) -> Result<PathBuf, PathError> {
+        let full = self.checked(path)?;
+        if self.roots.iter().any(|r| full.starts_with(r)) {
+            Ok(full)
+        } else {
+            Err(PathError::Outside { path: path.to_owned(), roots: self.describe() })
+        }
+    }
+
+    /// Whether `path` is one of the roots (after resolving it).
+    pub fn is_root(&self, path: &Path) -> bool {
+        self.roots.iter().any(|r| r == path)
+    }
+
+    /// `path` checked for shape and resolved (symlinks followed as far as it exists).
+    fn checked(&self, path: &str) -> Result<PathBuf, PathError> {
         if path.len() > PATH_MAX {
             return Err(PathError::TooLong(path.len()));
         }
@@ -93,27 +142,7 @@ impl StorageRoots {
         if p.components().any(|c| c == Component::ParentDir) {
             return Err(PathError::DotDot(path.to_owned()));
         }
-        let mut existing = p.to_path_buf();
-        let mut tail = Vec::new();
-        let resolved = loop {
-            match std::fs::canonicalize(&existing) {
-                Ok(c) => break c,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    let Some(name) = existing.file_name() else {
-                        return Err(PathError::Io { path: path.to_owned(), source: e });
-                    };
-                    tail.push(name.to_owned());
-                    existing.pop();
-                }
-                Err(source) => return Err(PathError::Io { path: path.to_owned(), source }),
-            }
-        };
-        let full = tail.iter().rev().fold(resolved, |acc, n| acc.join(n));
-        if self.roots.iter().any(|r| full.starts_with(r) && full != *r) {
-            Ok(full)
-        } else {
-            Err(PathError::Outside { path: path.to_owned(), roots: self.describe() })
-        }
+        resolve(p).map_err(|source| PathError::Io { path: path.to_owned(), source })
     }
 
     /// Like [`confine`](Self::confine), and the file must exist and be a regular file.

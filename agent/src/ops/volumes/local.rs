@@ -7,7 +7,7 @@ use crate::error::{AgentError, AgentResult};
 use crate::ops::undo::UndoStep;
 use crate::qemu_img::CreateOptions;
 use crate::stop::Stop;
-use crate::storage::local::{LocalStorage, Provisioning};
+use crate::storage::local::{FromImage, LocalStorage, Provisioning};
 
 pub struct LocalStore<'a>(pub &'a LocalStorage);
 
@@ -44,7 +44,8 @@ impl VolumeStore for LocalStore<'_> {
             if crate::storage::location::Location::is_rbd(image) {
                 return Err(mixed(image, dst));
             }
-            self.0.create_from_image(image, dst, size, prov, stop).await.map(drop)
+            let spec = FromImage { size, provisioning: prov, ..FromImage::THIN };
+            self.0.create_from_image(image, dst, &spec, stop).await.map(drop)
         })
     }
 
@@ -59,14 +60,16 @@ impl VolumeStore for LocalStore<'_> {
             if linked {
                 self.0.create_empty(dst, 0, Some(src), Provisioning::Thin, CreateOptions::default(), stop).await?;
             } else {
-                self.0.create_flat_copy(src, dst, stop, &mut |_| {}).await?;
+                self.0.create_flat_copy(src, dst, &CreateOptions::default(), stop, &mut |_| {}).await?;
             }
             Ok(())
         })
     }
 
     fn restore<'a>(&'a self, chain_top: &'a std::path::Path, dst: &'a str, stop: &'a Stop) -> Fut<'a, ()> {
-        Box::pin(async move { self.0.copy_flat(chain_top, dst, stop, &mut |_| {}).await.map(drop) })
+        Box::pin(async move {
+            self.0.copy_flat(chain_top, dst, &CreateOptions::default(), stop, &mut |_| {}).await.map(drop)
+        })
     }
 
     fn sizes<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, (u64, u64)> {
