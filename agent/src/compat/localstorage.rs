@@ -194,9 +194,8 @@ pub async fn sftp_download(
     ctx: &TaskCtx,
     cmd: SftpDownloadCmd,
 ) -> AgentResult<WithCapacity<crate::wire::Empty>> {
-    let fail = |e: AgentError| {
-        e.context(format!("unable to download {}/{}", cmd.hostname, cmd.backup_storage_install_path))
-    };
+    let fail =
+        |e: AgentError| e.context(format!("unable to download {}/{}", cmd.hostname, cmd.backup_storage_install_path));
     let source = SshSource::new(
         &cmd.hostname,
         cmd.ssh_port,

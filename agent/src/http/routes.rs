@@ -159,7 +159,11 @@ static ZSTACK_ROUTES: &[Route] = &[
         style: Style::Async,
         handler: typed!(compat::localstorage::sftp_download),
     },
-    Route { path: "/localstorage/sftp/upload", style: Style::Async, handler: typed!(compat::localstorage::sftp_upload) },
+    Route {
+        path: "/localstorage/sftp/upload",
+        style: Style::Async,
+        handler: typed!(compat::localstorage::sftp_upload),
+    },
     Route {
         path: "/network/checkphysicalnetworkinterface",
         style: Style::Sync,

@@ -197,9 +197,10 @@ pub async fn download(src: &HttpSource, rx: &mut Receiver<'_>, stop: &Stop) -> A
             let frame = match frame {
                 Err(_) => return Err(HttpError::Stalled { url: uri.to_string() }.into()),
                 Ok(None) => return Ok(()),
-                Ok(Some(f)) => {
-                    f.map_err(|e| HttpError::Request { url: uri.to_string(), reason: format!("reading the body: {e}") })?
-                }
+                Ok(Some(f)) => f.map_err(|e| HttpError::Request {
+                    url: uri.to_string(),
+                    reason: format!("reading the body: {e}"),
+                })?,
             };
             if let Ok(data) = frame.into_data() {
                 rx.write(&data).await?;

@@ -109,10 +109,7 @@ fn check_user(user: &str) -> Result<String, SshError> {
 }
 
 fn check_path(path: &str) -> Result<String, SshError> {
-    let ok = path.starts_with('/')
-        && path.len() <= 4096
-        && !path.ends_with('/')
-        && !path.chars().any(char::is_control);
+    let ok = path.starts_with('/') && path.len() <= 4096 && !path.ends_with('/') && !path.chars().any(char::is_control);
     if ok {
         Ok(path.to_owned())
     } else {
@@ -280,7 +277,10 @@ impl SshSource {
                 }
                 self.stalling(stdin.write_all(&buf[..n])).await?;
                 sent += n as u64;
-                ctx.progress((sent.saturating_mul(100) / size.max(1)).min(99) as u8, &format!("uploading to {}", self.describe()));
+                ctx.progress(
+                    (sent.saturating_mul(100) / size.max(1)).min(99) as u8,
+                    &format!("uploading to {}", self.describe()),
+                );
             }
             self.stalling(stdin.shutdown()).await?;
             drop(stdin);
@@ -360,9 +360,7 @@ impl SshSource {
     }
 }
 
-fn pipes(
-    child: &mut tokio::process::Child,
-) -> AgentResult<(tokio::process::ChildStdout, tokio::process::ChildStderr)> {
+fn pipes(child: &mut tokio::process::Child) -> AgentResult<(tokio::process::ChildStdout, tokio::process::ChildStderr)> {
     match (child.stdout.take(), child.stderr.take()) {
         (Some(o), Some(e)) => Ok((o, e)),
         _ => Err(AgentError::internal("ssh has no output pipes")),
@@ -456,7 +454,10 @@ mod tests {
     #[test]
     fn urls_are_parsed() {
         let s = SshSource::from_url("sftp://bs@[::1]:2222/images/a%20b.qcow2", KEY, None).unwrap();
-        assert_eq!((s.user.as_str(), s.host.as_str(), s.port, s.path.as_str()), ("bs", "::1", 2222, "/images/a b.qcow2"));
+        assert_eq!(
+            (s.user.as_str(), s.host.as_str(), s.port, s.path.as_str()),
+            ("bs", "::1", 2222, "/images/a b.qcow2")
+        );
         let s = SshSource::from_url("sftp://host.example/i", KEY, None).unwrap();
         assert_eq!((s.user.as_str(), s.port), ("root", 22));
         for bad in ["sftp://h", "sftp://u:pw@h/i", "sftp://h:0/i", "sftp://h:x/i", "sftp://h/%zz", "http://h/i"] {
@@ -467,7 +468,10 @@ mod tests {
     #[test]
     fn quoting_keeps_one_word() {
         assert_eq!(quote("/a b/it's"), r"'/a b/it'\''s'");
-        let out = std::process::Command::new("sh").args(["-c", &format!("printf %s {}", quote("$(id) `x` 'q' \\"))]).output().unwrap();
+        let out = std::process::Command::new("sh")
+            .args(["-c", &format!("printf %s {}", quote("$(id) `x` 'q' \\"))])
+            .output()
+            .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "$(id) `x` 'q' \\");
     }
 
