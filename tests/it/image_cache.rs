@@ -19,12 +19,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: usize = 1 << 20;
 
-/// Every file under `dir` (recursively), sorted.
+/// Every file under `dir` (recursively, symlinks not followed), sorted.
 fn files(dir: &Path) -> Vec<String> {
     fn walk(dir: &Path, out: &mut Vec<String>) {
         for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let p = e.path();
-            if p.is_dir() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
                 walk(&p, out);
             } else {
                 out.push(p.display().to_string());
@@ -486,8 +486,52 @@ async fn bad_input_is_refused_in_band_and_changes_nothing() {
     for (path, body) in &cases {
         let e = h.call_err(path, body).await.unwrap_or_else(|e| panic!("{path} {body}: {e}"));
         assert!(!e.is_empty());
-        assert_eq!(files(&h.root), before, "{path} {body} changed the storage: {e}");
+        let now = files(&h.root);
+        assert_eq!(now, before, "{path} {body} changed the storage: {e}");
     }
     assert_eq!(sshd.logins(), 0, "bad input never reaches the server");
     assert!(!Path::new("/tmp/x").exists());
+}
+
+/// The hostile corpus's entries for the image paths (all of it runs in `hostile_input`, with
+/// domain checks that take long on a busy host): each refused in-band, the storage unchanged.
+#[tokio::test]
+async fn the_hostile_corpus_entries_of_the_image_paths_are_refused() {
+    use base64::Engine;
+    let h = Host::start().await.unwrap();
+    let image = h.path("imagecache/base.qcow2");
+    std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", &image.to_string_lossy(), "16M"]).unwrap();
+    std::fs::create_dir_all(h.path("evil")).unwrap();
+    std::os::unix::fs::symlink("/etc", h.path("evil/link-out")).unwrap();
+    let (root, image) = (h.root.display().to_string(), image.display().to_string());
+    let corpus = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/corpus/hostile.jsonl")).unwrap();
+    let before = files(&h.root);
+    let mut n = 0;
+    for line in corpus.lines() {
+        let entry: Value = serde_json::from_str(line).unwrap();
+        let path = entry["path"].as_str().unwrap();
+        if !["/image/cache", "/localstorage/sftp/download", "/localstorage/sftp/upload"].contains(&path) {
+            continue;
+        }
+        let body = match entry["raw"].as_str() {
+            Some(b64) => base64::engine::general_purpose::STANDARD.decode(b64).unwrap(),
+            None => entry["body"].to_string().replace("{root}", &root).replace("{image}", &image).into_bytes(),
+        };
+        let task = uuid();
+        let headers = [("taskuuid", task.as_str()), ("callbackurl", &h.callbacks.url())];
+        let (status, text) = h.post(path, &headers, body).await.unwrap();
+        assert!(status < 500, "{entry}: HTTP {status}: {text}");
+        let r: Value = if status == 200 && text.is_empty() {
+            h.callbacks.wait(&task, Duration::from_secs(60)).await.unwrap()
+        } else {
+            serde_json::from_str(&text).unwrap()
+        };
+        assert_eq!(r["success"], false, "{entry}: {r}");
+        assert!(r["error"].as_str().is_some_and(|e| !e.is_empty()), "{entry}: {r}");
+        assert_eq!(files(&h.root), before, "{entry} changed the storage: {r}");
+        n += 1;
+    }
+    assert!(n >= 40, "{n} entries");
+    assert!(!Path::new("/tmp/pwned").exists());
 }

@@ -304,3 +304,74 @@ pub async fn cache(app: &App, ctx: &TaskCtx, cmd: CacheImageCmd) -> AgentResult<
         downloaded: cached.downloaded,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+    use crate::testing::TestHost;
+
+    #[tokio::test]
+    async fn the_receiver_refuses_more_than_announced_or_than_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("i.raw");
+        let ctx = TaskCtx::detached("/image/cache");
+        let mut rx = Receiver::new(&target, "src".into(), &ctx, 10).await.unwrap();
+        assert!(matches!(rx.expect(11), Err(CacheError::TooLarge { .. })));
+        rx.expect(4).unwrap();
+        rx.write(b"abc").await.unwrap();
+        assert!(matches!(rx.write(b"de").await, Err(CacheError::Truncated { expected: 4, received: 5, .. })));
+        assert!(matches!(rx.finish().await, Err(CacheError::Truncated { expected: 4, received: 3, .. })));
+        let mut rx = Receiver::new(&target, "src".into(), &ctx, 10).await.unwrap();
+        rx.write(&[0; 10]).await.unwrap();
+        assert!(matches!(rx.write(b"x").await, Err(CacheError::TooLarge { .. })), "no size announced: the free space");
+        drop(rx);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the temporary file went with it");
+        assert!(parse_sha256(&"A".repeat(64)).is_ok_and(|s| s == "a".repeat(64)));
+        assert!(parse_sha256("abc").is_err() && parse_sha256(&"g".repeat(64)).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_download_leaves_nothing() {
+        let h = TestHost::start();
+        // A server that takes the request and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/i.raw", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((c, _)) = listener.accept().await {
+                held.push(c);
+            }
+        });
+        let ctx = h.task("/image/cache").await;
+        let stop = ctx.stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            stop.fire(crate::stop::StopReason::Cancelled);
+        });
+        let source = Source::from_url(&url, None, None).unwrap();
+        let e = fetch(&h.app, &ctx, &source, &h.path("cache/i.raw"), Some(&"0".repeat(64))).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Cancelled, "{e}");
+        assert!(h.files().is_empty(), "{:?}", h.files());
+    }
+
+    #[tokio::test]
+    async fn a_published_image_is_the_answer_and_another_checksum_a_conflict() {
+        let h = TestHost::start();
+        let path = h.path("cache/i.raw");
+        std::fs::create_dir_all(Path::new(&path).parent().unwrap()).unwrap();
+        std::fs::write(&path, b"image").unwrap();
+        let sha = sha256_of(path.clone().into()).await.unwrap();
+        // Nobody listens on port 9: the image is not fetched again.
+        let source = Source::from_url("http://127.0.0.1:9/i", None, None).unwrap();
+        let ctx = TaskCtx::detached("/image/cache");
+        let c = fetch(&h.app, &ctx, &source, &path, Some(&sha)).await.unwrap();
+        assert_eq!((c.size, c.downloaded, c.sha256.as_deref()), (5, false, Some(sha.as_str())));
+        assert!(fetch(&h.app, &ctx, &source, &path, None).await.is_ok_and(|c| !c.downloaded));
+        let e = fetch(&h.app, &ctx, &source, &path, Some(&"0".repeat(64))).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Conflict, "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"image");
+        let e = Source::from_url("http://127.0.0.1:9/i", Some("k"), None).err().unwrap();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+    }
+}

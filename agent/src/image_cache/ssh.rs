@@ -221,7 +221,12 @@ impl SshSource {
             r = self.receive(stdout, rx) => r,
             _ = stop.stopped() => Err(stop.error(&format!("downloading {}", self.describe()))),
         };
-        self.finish(child, errors, streamed, "reading").await
+        self.finish(child, errors, streamed, "reading").await?;
+        if rx.expected.is_none() {
+            // The size comes first; without it nothing says the bytes are all there.
+            return Err(SshError::BadSize { remote: self.describe(), line: String::new() }.into());
+        }
+        Ok(())
     }
 
     async fn receive(&self, stdout: impl AsyncRead + Unpin, rx: &mut Receiver<'_>) -> AgentResult<()> {
@@ -267,7 +272,7 @@ impl SshSource {
         let errors = tokio::spawn(read_bounded(stderr));
         let send = async {
             let mut buf = vec![0u8; CHUNK];
-            let mut sent = 0u64;
+            let (mut sent, mut reported) = (0u64, None);
             loop {
                 let n = local.read(&mut buf).await.map_err(|e| {
                     AgentError::failed("cannot read the file to upload", format!("{}: {e}", file.display()))
@@ -277,10 +282,11 @@ impl SshSource {
                 }
                 self.stalling(stdin.write_all(&buf[..n])).await?;
                 sent += n as u64;
-                ctx.progress(
-                    (sent.saturating_mul(100) / size.max(1)).min(99) as u8,
-                    &format!("uploading to {}", self.describe()),
-                );
+                let percent = (sent.saturating_mul(100) / size.max(1)).min(99) as u8;
+                if reported != Some(percent) {
+                    reported = Some(percent);
+                    ctx.progress(percent, &format!("uploading to {}", self.describe()));
+                }
             }
             self.stalling(stdin.shutdown()).await?;
             drop(stdin);
