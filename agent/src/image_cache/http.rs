@@ -70,7 +70,7 @@ impl HttpSource {
             return Err(bad());
         }
         let authority = uri.authority().ok_or_else(bad)?;
-        if authority.as_str().contains('@') || uri.host().is_none_or(str::is_empty) {
+        if authority.as_str().contains('@') || !uri.host().is_some_and(|h| !h.is_empty()) {
             return Err(bad());
         }
         if !crate::callbacks::client::port_is_valid(&uri) {
