@@ -125,7 +125,8 @@ pub struct Cached {
 /// [`write`]: Receiver::write
 pub struct Receiver<'a> {
     building: Building,
-    file: tokio::fs::File,
+    /// Batched: HTTP frames are small, and every write of a `tokio::fs::File` is a blocking task.
+    file: tokio::io::BufWriter<tokio::fs::File>,
     hasher: Sha256,
     received: u64,
     expected: Option<u64>,
@@ -147,7 +148,7 @@ impl<'a> Receiver<'a> {
             .map_err(io("creating", building.path()))?;
         Ok(Receiver {
             building,
-            file,
+            file: tokio::io::BufWriter::with_capacity(1 << 20, file),
             hasher: Sha256::new(),
             received: 0,
             expected: None,
