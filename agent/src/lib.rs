@@ -15,6 +15,7 @@ pub mod host_identity;
 pub mod host_info;
 pub mod http;
 pub mod hypervisor;
+pub mod image_cache;
 pub mod kvm_params;
 pub mod libvirt;
 pub mod locks;

@@ -47,6 +47,27 @@ pub fn display<S: AsRef<OsStr>>(program: &str, args: &[S]) -> String {
     s
 }
 
+/// `program args...` with stdout and stderr piped, killed when dropped and when the agent dies;
+/// stdin is the caller's to set. For callers that stream a child's input or output themselves
+/// (an image arriving over SSH); others use [`run`].
+pub fn child_command<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    // A child outliving a killed agent would go on writing what the next start rolls back (a
+    // copy, an RBD clone): it gets SIGKILL when the agent dies. (Children are spawned from the
+    // runtime's worker threads, which live as long as the agent.)
+    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// Runs `program args...` to completion. When `stop` fires first, the child is killed and
 /// `Stopped` returned; the caller removes whatever the child was building.
 pub async fn run<S: AsRef<OsStr>>(program: &str, args: &[S], stop: &Stop) -> Result<Output, ProcessError> {
@@ -62,20 +83,8 @@ pub async fn run_with_lines<S: AsRef<OsStr>>(
     mut on_line: impl FnMut(&str),
 ) -> Result<Output, ProcessError> {
     let command = display(program, args);
-    let mut cmd = Command::new(program);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    // A child outliving a killed agent would go on writing what the next start rolls back (a
-    // copy, an RBD clone): it gets SIGKILL when the agent dies. (Children are spawned from the
-    // runtime's worker threads, which live as long as the agent.)
-    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let mut cmd = child_command(program, args);
+    cmd.stdin(Stdio::null());
     let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn { program: program.to_owned(), source })?;
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");

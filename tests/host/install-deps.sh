@@ -2,13 +2,13 @@
 # Installs what kvmagent drives on a Debian 12 host: libvirt 9 (bookworm), QEMU + qemu-img from
 # bookworm-backports (qemu-utils 10 breaks bookworm's QEMU 7.2, so both come from backports),
 # swtpm, the build dependencies of the `virt` crate, and what the tests use besides (openssl and
-# curl for TLS, systemd-analyze for the unit file). Idempotent; safe to run again.
+# curl for TLS, systemd-analyze for the unit file, sshd for the image-cache tests' SFTP source). Idempotent; safe to run again.
 set -euo pipefail
 
 [ "$(id -u)" = 0 ] || { echo "install-deps.sh: run as root" >&2; exit 1; }
 
 need=()
-for bin in libvirtd virsh qemu-system-x86_64 qemu-img swtpm pkg-config systemd-analyze openssl curl busybox; do
+for bin in libvirtd virsh qemu-system-x86_64 qemu-img swtpm pkg-config systemd-analyze openssl curl busybox /usr/sbin/sshd ssh; do
     command -v "$bin" >/dev/null 2>&1 || need+=("$bin")
 done
 pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev)
@@ -41,5 +41,5 @@ apt-get install "${apt_opts[@]}" \
     qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports \
     qemu-system-data/bookworm-backports seabios/bookworm-backports \
     qemu-utils/bookworm-backports \
-    busybox-static systemd openssl curl
+    busybox-static systemd openssl curl openssh-server openssh-client
 echo "install-deps: done"

@@ -56,7 +56,7 @@ pub fn parse_url(url: &str) -> Result<Uri, PostError> {
 
 /// `Uri` keeps a port it cannot read as a number (`:99999`) and reports none: such a URL would
 /// be accepted here and fail at every delivery.
-fn port_is_valid(uri: &Uri) -> bool {
+pub(crate) fn port_is_valid(uri: &Uri) -> bool {
     let Some(authority) = uri.authority() else { return false };
     let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
     let after_host = host_port.rsplit(']').next().unwrap_or_default();

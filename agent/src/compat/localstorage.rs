@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
+use crate::image_cache::{self, ssh::SshSource, Source};
 use crate::qemu_img::CreateOptions;
 use crate::storage::local::{parse_qcow2_options, Existing, FromImage, Provisioning};
 use crate::storage::local_files::disk_usage;
@@ -246,4 +247,56 @@ pub async fn estimate_template_size(
         Some(Path::new(&cmd.volume_path)),
         VolumeSizeRsp { size: e.virtual_size, actual_size: e.flat_size },
     ))
+}
+
+/// An image from the SFTP backup storage into the cache (or any file the management node names
+/// under the roots): fetched once, complete or not at all ([`crate::image_cache`]). A target
+/// already in place is the image: it is kept, not fetched again.
+pub async fn sftp_download(
+    app: &App,
+    ctx: &TaskCtx,
+    cmd: SftpDownloadCmd,
+) -> AgentResult<WithCapacity<crate::wire::Empty>> {
+    let fail =
+        |e: AgentError| e.context(format!("unable to download {}/{}", cmd.hostname, cmd.backup_storage_install_path));
+    let source = SshSource::new(
+        &cmd.hostname,
+        cmd.ssh_port,
+        cmd.username.as_deref(),
+        &cmd.backup_storage_install_path,
+        &cmd.ssh_key,
+        None,
+    )
+    .map_err(|e| fail(e.into()))?;
+    let cached = image_cache::fetch(app, ctx, &Source::Ssh(source), &cmd.primary_storage_install_path, None)
+        .await
+        .map_err(fail)?;
+    Ok(with_capacity(app, Some(&cached.path), crate::wire::Empty {}))
+}
+
+/// A file of the local storage (a template made from a volume) to the SFTP backup storage.
+pub async fn sftp_upload(
+    app: &App,
+    ctx: &TaskCtx,
+    cmd: SftpUploadCmd,
+) -> AgentResult<WithCapacity<crate::wire::Empty>> {
+    let fail = |e: AgentError| {
+        e.context(format!(
+            "unable to upload {} to {}/{}",
+            cmd.primary_storage_install_path, cmd.hostname, cmd.backup_storage_install_path
+        ))
+    };
+    let dest = SshSource::new(
+        &cmd.hostname,
+        cmd.ssh_port,
+        cmd.username.as_deref(),
+        &cmd.backup_storage_install_path,
+        &cmd.ssh_key,
+        None,
+    )
+    .map_err(|e| fail(e.into()))?;
+    let file = app.storage.roots().confine_existing(&cmd.primary_storage_install_path).map_err(|e| fail(e.into()))?;
+    let _lock = app.volume_locks.read(&cmd.primary_storage_install_path).await?;
+    dest.upload(&app.config.state_dir, &file, ctx).await.map_err(fail)?;
+    Ok(with_capacity(app, Some(&file), crate::wire::Empty {}))
 }

@@ -10,6 +10,7 @@ use serde_json::Value;
 use crate::app::App;
 use crate::compat;
 use crate::error::AgentResult;
+use crate::image_cache;
 use crate::ops;
 use crate::tasks::TaskCtx;
 
@@ -245,6 +246,16 @@ static ZSTACK_ROUTES: &[Route] = &[
         handler: typed!(compat::localstorage::reinit_image),
     },
     Route {
+        path: "/localstorage/sftp/download",
+        style: Style::Async,
+        handler: typed!(compat::localstorage::sftp_download),
+    },
+    Route {
+        path: "/localstorage/sftp/upload",
+        style: Style::Async,
+        handler: typed!(compat::localstorage::sftp_upload),
+    },
+    Route {
         path: "/network/checkphysicalnetworkinterface",
         style: Style::Sync,
         handler: typed!(compat::network::check_interfaces),
@@ -366,6 +377,7 @@ static NATIVE_ROUTES: &[Route] = &[
     Route { path: "/vm/createfromsnapshot", style: Style::Async, handler: native!(ops::snapshot_group::create_from) },
     Route { path: "/vm/backup", style: Style::Async, handler: native!(ops::backup::backup) },
     Route { path: "/vm/createfrombackup", style: Style::Async, handler: native!(ops::backup::create_from) },
+    Route { path: "/image/cache", style: Style::Async, handler: native!(image_cache::cache) },
 ];
 
 /// The route for `path` (a trailing `/` is ignored).

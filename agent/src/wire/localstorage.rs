@@ -311,3 +311,35 @@ pub struct BaseImagePathRsp {
     /// Bytes the chain of `path` takes on disk.
     pub size: Option<u64>,
 }
+
+/// `/localstorage/sftp/download`: an image from ZStack's SFTP backup storage into the cache
+/// (`LocalStorageKvmSftpBackupStorageMediatorImpl.SftpDownloadBitsCmd`). `sshKey` is the
+/// private key the backup storage accepts; ZStack sends no checksum and no host key.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SftpDownloadCmd {
+    pub ssh_key: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    pub hostname: String,
+    /// 0 (absent) is ssh's default, 22.
+    #[serde(default)]
+    pub ssh_port: u32,
+    pub backup_storage_install_path: String,
+    pub primary_storage_install_path: String,
+}
+
+/// `/localstorage/sftp/upload`: a file of the local storage (a template made from a volume) to
+/// the SFTP backup storage (`SftpUploadBitsCmd`).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SftpUploadCmd {
+    pub ssh_key: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    pub hostname: String,
+    #[serde(default)]
+    pub ssh_port: u32,
+    pub backup_storage_install_path: String,
+    pub primary_storage_install_path: String,
+}

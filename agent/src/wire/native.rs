@@ -399,6 +399,34 @@ impl NewVmTarget {
     }
 }
 
+/// `/image/cache`: an image into the local-storage cache from an `http://`, `https://` or
+/// `sftp://[user@]host[:port]/path` URL, verified against its SHA-256.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheImageCmd {
+    pub url: String,
+    /// 64 hex digits.
+    pub sha256: String,
+    pub install_path: String,
+    /// For `sftp://`: the private key (OpenSSH or PEM form) the server accepts.
+    #[serde(default)]
+    pub ssh_key: Option<String>,
+    /// For `sftp://`: the server's public host key (`<type> <base64>`, as in `known_hosts`);
+    /// with it, any other key is refused. Without it, any host key is accepted.
+    #[serde(default)]
+    pub host_key: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheImageRsp {
+    pub install_path: String,
+    pub size: u64,
+    pub sha256: String,
+    /// False when the image was already in the cache (or another request fetched it meanwhile).
+    pub downloaded: bool,
+}
+
 /// A native command: decoded strictly by [`crate::wire::decode_native`].
 pub trait NativeCommand: serde::de::DeserializeOwned {
     /// Top-level keys a catch-all collected (commands that flatten a shared part cannot use
@@ -415,6 +443,7 @@ impl NativeCommand for FlattenVmCmd {}
 impl NativeCommand for TakeSnapshotGroupCmd {}
 impl NativeCommand for SnapshotGroupRef {}
 impl NativeCommand for BackupVmCmd {}
+impl NativeCommand for CacheImageCmd {}
 
 impl NativeCommand for CreateFromSnapshotCmd {
     fn unknown_keys(&self) -> Vec<&str> {
@@ -450,6 +479,10 @@ mod tests {
         refused::<ChangeImageCmd>(json!({"vmUuid": "v", "imagePath": "/i", "newRootUuid": "x"}), "newRootUuid");
         refused::<TakeSnapshotGroupCmd>(json!({"vmUuid": "v", "quiesce": true}), "quiesce");
         refused::<BackupVmCmd>(json!({"vmUuid": "v", "mode": "full", "compress": true}), "compress");
+        refused::<CacheImageCmd>(
+            json!({"url": "http://h/i", "sha256": "00", "installPath": "/r/i", "md5sum": "x"}),
+            "md5sum",
+        );
         refused::<CreateFromSnapshotCmd>(
             json!({"groupUuid": "g", "provisioning": "thin", "firmware": "uefi"}),
             "firmware",

@@ -1,0 +1,537 @@
+//! Images into the local-storage cache from real servers on loopback that the test starts: an
+//! `sshd` of its own (own config, host key and authorized key, unprivileged port) for ZStack's
+//! `/localstorage/sftp/download` and `/upload` and for `sftp://` URLs, and a small HTTP server
+//! for `/image/cache`. Checked: the cached image is bit-identical to the source, two concurrent
+//! requests for one image fetch it once, a wrong-checksum, truncated or corrupt download leaves
+//! nothing, a killed download leaves nothing after the restart, bad input is refused in-band and
+//! changes nothing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvmagent_host_tests::checks::{file_sha256, qemu_img};
+use kvmagent_host_tests::{uuid, Host};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MIB: usize = 1 << 20;
+
+/// Every file under `dir` (recursively, symlinks not followed), sorted.
+fn files(dir: &Path) -> Vec<String> {
+    fn walk(dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&p, out);
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(dir, &mut v);
+    v.sort();
+    v
+}
+
+fn temporaries(dir: &Path) -> Vec<String> {
+    files(dir).into_iter().filter(|f| f.contains(".kvmagent-tmp-") || f.contains(".tmp-")).collect()
+}
+
+/// Bytes that are no image header (a raw image), the same for a given seed.
+fn image_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = kvmagent_host_tests::Rng(seed | 1);
+    let mut v: Vec<u8> = (0..len / 8).flat_map(|_| rng.next_u64().to_le_bytes()).collect();
+    v[0] = 0; // never the qcow2 magic
+    v
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), bytes).unwrap();
+    file_sha256(f.path()).unwrap()
+}
+
+/// How the HTTP server answers one path.
+#[derive(Clone)]
+enum Serve {
+    /// The bytes, after a pause (so that concurrent requests overlap).
+    Whole { body: Vec<u8>, delay: Duration },
+    /// Announces all of `body` but sends only the first `sent` bytes, then closes.
+    Truncated { body: Vec<u8>, sent: usize },
+    /// The bytes, 64 KiB at a time with pauses: a download that takes a while.
+    Drip { body: Vec<u8> },
+    /// A 302 to another path of this server.
+    Redirect { to: String },
+}
+
+/// A tiny HTTP/1.1 server on loopback that counts the requests per path.
+struct HttpServer {
+    port: u16,
+    routes: Arc<Mutex<HashMap<String, Serve>>>,
+    hits: Arc<Mutex<HashMap<String, usize>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpServer {
+    async fn start() -> HttpServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let routes: Arc<Mutex<HashMap<String, Serve>>> = Default::default();
+        let hits: Arc<Mutex<HashMap<String, usize>>> = Default::default();
+        let (r, h) = (routes.clone(), hits.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let (r, h) = (r.clone(), h.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 << 10 {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    *h.lock().unwrap().entry(path.clone()).or_default() += 1;
+                    let serve = r.lock().unwrap().get(&path).cloned();
+                    let header =
+                        |len: usize| format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n");
+                    let _ = match serve {
+                        None => {
+                            conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                                .await
+                        }
+                        Some(Serve::Whole { body, delay }) => {
+                            tokio::time::sleep(delay).await;
+                            conn.write_all(header(body.len()).as_bytes()).await.and(conn.write_all(&body).await)
+                        }
+                        Some(Serve::Truncated { body, sent }) => {
+                            conn.write_all(header(body.len()).as_bytes()).await.and(conn.write_all(&body[..sent]).await)
+                        }
+                        Some(Serve::Redirect { to }) => {
+                            let head = format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                            conn.write_all(head.as_bytes()).await
+                        }
+                        Some(Serve::Drip { body }) => {
+                            let mut r = conn.write_all(header(body.len()).as_bytes()).await;
+                            for chunk in body.chunks(64 << 10) {
+                                r = r.and(conn.write_all(chunk).await);
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            r
+                        }
+                    };
+                    let _ = conn.shutdown().await;
+                });
+            }
+        });
+        HttpServer { port, routes, hits, task }
+    }
+
+    fn serve(&self, path: &str, how: Serve) -> String {
+        self.routes.lock().unwrap().insert(path.to_owned(), how);
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn hits(&self, path: &str) -> usize {
+        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A real `sshd` on a loopback port, with its own host key and one authorized client key, and
+/// a directory standing for the SFTP backup storage.
+struct Sshd {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Child,
+    /// The client's private key (what the management node sends as `sshKey`).
+    key: String,
+    /// The server's public host key, `<type> <base64>`.
+    host_key: String,
+}
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+impl Sshd {
+    fn start() -> Sshd {
+        assert!(Path::new(SSHD).exists(), "{SSHD} is missing: run tests/host/install-deps.sh (openssh-server)");
+        let dir = tempfile::Builder::new().prefix("kvmagent-sshd-").tempdir_in("/var/tmp").unwrap();
+        let d = dir.path();
+        for (name, file) in [("host", "host_key"), ("client", "client_key")] {
+            let out = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+                .arg(d.join(file))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
+        std::fs::create_dir_all(d.join("bs")).unwrap();
+        // sshd's privilege separation directory.
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PidFile {d}/sshd.pid\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PubkeyAuthentication yes\nPermitRootLogin yes\nStrictModes no\nLogLevel VERBOSE\n\
+             Subsystem sftp internal-sftp\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("sshd_config"), config).unwrap();
+        let child = Command::new(SSHD)
+            .args(["-D", "-f"])
+            .arg(d.join("sshd_config"))
+            .arg("-E")
+            .arg(d.join("sshd.log"))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "sshd did not listen: {}", Sshd::read_log(d));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let key = std::fs::read_to_string(d.join("client_key")).unwrap();
+        let host_key = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
+        let host_key = host_key.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        Sshd { dir, port, child, key, host_key }
+    }
+
+    fn read_log(d: &Path) -> String {
+        std::fs::read_to_string(d.join("sshd.log")).unwrap_or_default()
+    }
+
+    /// Logins so far (one per ssh connection the agent made).
+    fn logins(&self) -> usize {
+        Sshd::read_log(self.dir.path()).matches("Accepted publickey").count()
+    }
+
+    /// A file on the "backup storage".
+    fn put(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.dir.path().join("bs").join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    /// ZStack's SftpDownloadBitsCmd / SftpUploadBitsCmd fields, as its Gson sends them.
+    fn cmd(&self, bs_path: &Path, ps_path: &Path) -> Value {
+        json!({
+            "sshKey": self.key, "username": "root", "hostname": "127.0.0.1", "sshPort": self.port,
+            "backupStorageInstallPath": bs_path, "primaryStorageInstallPath": ps_path,
+            "storagePath": ps_path.parent().unwrap(), "imageName": "image",
+            "threadContext": {"api": uuid()}, "kvmHostAddons": {}
+        })
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where ZStack puts an image in the cache: `<root>/imagecache/template/<image>/<image>.qcow2`.
+fn cache_path(h: &Host) -> PathBuf {
+    let image = uuid();
+    h.path(&format!("imagecache/template/{image}/{image}.qcow2"))
+}
+
+#[tokio::test]
+async fn http_images_are_cached_once_and_bit_identical() {
+    let h = Host::start().await.unwrap();
+    let server = HttpServer::start().await;
+    let bytes = image_bytes(8 * MIB, 1);
+    let sha = sha256(&bytes);
+    let url = server.serve("/images/a.raw", Serve::Whole { body: bytes.clone(), delay: Duration::from_secs(1) });
+    let target = cache_path(&h);
+    let cmd = json!({"url": url, "sha256": sha, "installPath": target});
+
+    // Two requests at once for the same image: one download, both answered with the image.
+    let (a, b) = tokio::join!(h.call_ok("/image/cache", &cmd), h.call_ok("/image/cache", &cmd));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(server.hits("/images/a.raw"), 1, "fetched once: {a} {b}");
+    let downloaded: Vec<bool> = [&a, &b].iter().map(|r| r["downloaded"].as_bool().unwrap()).collect();
+    assert!(downloaded.contains(&true) && downloaded.contains(&false), "{a} {b}");
+    for r in [&a, &b] {
+        assert_eq!(r["sha256"], sha);
+        assert_eq!(r["size"].as_u64(), Some(bytes.len() as u64));
+        assert_eq!(r["installPath"].as_str(), target.to_str());
+    }
+    assert_eq!(file_sha256(&target).unwrap(), sha, "bit-identical to the source");
+    assert_eq!(std::fs::read(&target).unwrap(), bytes);
+
+    // Later requests find it cached; one asking for another checksum is refused, nothing changes.
+    let r = h.call_ok("/image/cache", &cmd).await.unwrap();
+    assert_eq!((r["downloaded"].as_bool(), server.hits("/images/a.raw")), (Some(false), 1));
+    let other = json!({"url": url, "sha256": "ab".repeat(32), "installPath": target});
+    let e = h.call_err("/image/cache", &other).await.unwrap();
+    assert!(e.contains("already cached"), "{e}");
+    assert_eq!(file_sha256(&target).unwrap(), sha);
+
+    // A redirect is followed; a qcow2 made by qemu-img is cached as it is.
+    let q = h.dir.path().join("src.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &q.to_string_lossy(), "64M"]).unwrap();
+    let qbytes = std::fs::read(&q).unwrap();
+    server.serve("/images/q.qcow2", Serve::Whole { body: qbytes.clone(), delay: Duration::ZERO });
+    let moved = server.serve("/moved", Serve::Redirect { to: "/images/q.qcow2".into() });
+    let target = cache_path(&h);
+    let cmd = json!({"url": moved, "sha256": sha256(&qbytes), "installPath": target});
+    h.call_ok("/image/cache", &cmd).await.unwrap();
+    assert_eq!((server.hits("/moved"), server.hits("/images/q.qcow2")), (1, 1));
+    assert_eq!(std::fs::read(&target).unwrap(), qbytes);
+    assert!(temporaries(&h.root).is_empty(), "{:?}", temporaries(&h.root));
+}
+
+#[tokio::test]
+async fn bad_downloads_leave_nothing() {
+    let h = Host::start().await.unwrap();
+    let server = HttpServer::start().await;
+    let bytes = image_bytes(4 * MIB, 2);
+    let sha = sha256(&bytes);
+    let before = files(&h.root);
+    let mut corrupt = bytes.clone();
+    corrupt[MIB] ^= 0xff;
+    // A qcow2 whose backing file is outside the cache: with its right checksum, still refused.
+    let evil = h.dir.path().join("evil.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "/etc/passwd", "-F", "raw", &evil.to_string_lossy(), "1M"])
+        .unwrap();
+    let evil = std::fs::read(&evil).unwrap();
+    let cases = [
+        (
+            "wrong checksum",
+            server.serve("/a", Serve::Whole { body: bytes.clone(), delay: Duration::ZERO }),
+            "ab".repeat(32),
+            "SHA-256",
+        ),
+        ("corrupt", server.serve("/c", Serve::Whole { body: corrupt, delay: Duration::ZERO }), sha.clone(), "SHA-256"),
+        ("truncated", server.serve("/t", Serve::Truncated { body: bytes.clone(), sent: MIB }), sha.clone(), "/t"),
+        (
+            "backing file",
+            server.serve("/e", Serve::Whole { body: evil.clone(), delay: Duration::ZERO }),
+            sha256(&evil),
+            "backing file",
+        ),
+        ("not found", format!("http://127.0.0.1:{}/missing", server.port), sha.clone(), "404"),
+        ("nobody listens", "http://127.0.0.1:9/x".to_owned(), sha.clone(), "cannot connect"),
+    ];
+    for (what, url, sha, says) in cases {
+        let target = cache_path(&h);
+        let e = h.call_err("/image/cache", &json!({"url": url, "sha256": sha, "installPath": target})).await.unwrap();
+        assert!(e.contains(says), "{what}: {e}");
+        assert!(!target.exists(), "{what}: nothing is published");
+        let left: Vec<String> = files(&h.root).into_iter().filter(|f| !before.contains(f)).collect();
+        assert!(left.is_empty(), "{what} left {left:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_download_leaves_nothing_after_the_restart() {
+    let mut h = Host::start().await.unwrap();
+    let server = HttpServer::start().await;
+    let bytes = image_bytes(8 * MIB, 3);
+    let url = server.serve("/slow", Serve::Drip { body: bytes.clone() });
+    let target = cache_path(&h);
+    let task =
+        h.send("/image/cache", &json!({"url": url, "sha256": sha256(&bytes), "installPath": target})).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while temporaries(&h.root).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the download never started: {}", h.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.kill_agent().unwrap();
+    assert!(!temporaries(&h.root).is_empty(), "the killed download left its temporary file");
+    assert!(!target.exists());
+    h.restart_agent().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !temporaries(&h.root).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "recovery left {:?}", temporaries(&h.root));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!target.exists(), "nothing half-made is published");
+    drop(task);
+}
+
+#[tokio::test]
+async fn sftp_download_and_upload_against_a_real_sshd() {
+    let h = Host::start().await.unwrap();
+    let sshd = Sshd::start();
+    let bytes = image_bytes(16 * MIB, 4);
+    let sha = sha256(&bytes);
+    let src = sshd.put("image with 'quote'.raw", &bytes);
+    let target = cache_path(&h);
+    let cmd = sshd.cmd(&src, &target);
+
+    // The management node's sequence for an uncached image, twice at once: one transfer.
+    let (a, b) =
+        tokio::join!(h.call_ok("/localstorage/sftp/download", &cmd), h.call_ok("/localstorage/sftp/download", &cmd));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    for r in [&a, &b] {
+        assert!(r["totalCapacity"].as_u64().unwrap() > 0 && r["availableCapacity"].as_u64().is_some(), "{r}");
+    }
+    assert_eq!(sshd.logins(), 1, "downloaded once");
+    assert_eq!(file_sha256(&target).unwrap(), sha, "bit-identical to the source");
+    let r = h.call_ok("/localstorage/checkbits", &json!({"path": target})).await.unwrap();
+    assert_eq!(r["existing"], true);
+
+    // The same through an sftp:// URL, with the server's host key pinned; a wrong pin fails.
+    let pinned = cache_path(&h);
+    let url = format!("sftp://root@127.0.0.1:{}{}", sshd.port, src.display().to_string().replace(' ', "%20"));
+    let native =
+        json!({"url": url, "sha256": sha, "installPath": pinned, "sshKey": sshd.key, "hostKey": sshd.host_key});
+    let r = h.call_ok("/image/cache", &native).await.unwrap();
+    assert_eq!((r["downloaded"].as_bool(), r["sha256"].as_str()), (Some(true), Some(sha.as_str())));
+    assert_eq!(file_sha256(&pinned).unwrap(), sha);
+    let other = cache_path(&h);
+    let wrong_pin = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGZha2Vfa2V5X2Zvcl90ZXN0c19vbmx5X25vdF9yZWFsXw";
+    let mut bad = native.clone();
+    bad["hostKey"] = json!(wrong_pin);
+    bad["installPath"] = json!(other);
+    let e = h.call_err("/image/cache", &bad).await.unwrap();
+    assert!(e.contains("ssh") && !other.exists(), "{e}");
+
+    // A missing remote file and a damaged qcow2 header (ZStack sends no checksum) leave nothing.
+    let before = files(&h.root);
+    let e = h
+        .call_err("/localstorage/sftp/download", &sshd.cmd(&sshd.dir.path().join("bs/none"), &cache_path(&h)))
+        .await
+        .unwrap();
+    assert!(e.contains("No such file"), "ssh's stderr is kept: {e}");
+    let mut damaged = b"QFI\xfb\0\0\0\x03".to_vec();
+    damaged.extend_from_slice(&4096u64.to_be_bytes());
+    damaged.extend_from_slice(&64u32.to_be_bytes());
+    damaged.resize(512, 0);
+    let e = h
+        .call_err("/localstorage/sftp/download", &sshd.cmd(&sshd.put("damaged.qcow2", &damaged), &cache_path(&h)))
+        .await
+        .unwrap();
+    assert!(e.contains("damaged qcow2 header"), "{e}");
+    assert_eq!(files(&h.root), before, "nothing left behind");
+
+    // Upload (an image made from a volume) back to the backup storage.
+    let dest = sshd.dir.path().join("bs/templates/new/image.qcow2");
+    h.call_ok("/localstorage/sftp/upload", &sshd.cmd(&dest, &target)).await.unwrap();
+    assert_eq!(file_sha256(&dest).unwrap(), sha);
+    assert!(temporaries(&sshd.dir.path().join("bs")).is_empty());
+    // No key file outlives its transfer.
+    let keys: Vec<String> = files(&h.state_dir).into_iter().filter(|f| f.contains("sftp-")).collect();
+    assert!(keys.is_empty(), "{keys:?}");
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_in_band_and_changes_nothing() {
+    let h = Host::start().await.unwrap();
+    let sshd = Sshd::start();
+    let src = sshd.put("i.raw", &image_bytes(MIB, 5));
+    let sha = "ab".repeat(32);
+    let ok_path = cache_path(&h);
+    std::os::unix::fs::symlink("/etc", h.path("out")).unwrap();
+    let before = files(&h.root);
+    let cases: Vec<(&str, Value)> = vec![
+        ("/image/cache", json!({"url": "http://127.0.0.1:9/i", "sha256": sha, "installPath": "/etc/evil.qcow2"})),
+        ("/image/cache", json!({"url": "http://127.0.0.1:9/i", "sha256": sha, "installPath": h.path("out/evil")})),
+        (
+            "/image/cache",
+            json!({"url": "http://127.0.0.1:9/i", "sha256": sha, "installPath": format!("{}/../x", h.root.display())}),
+        ),
+        ("/image/cache", json!({"url": "file:///etc/shadow", "sha256": sha, "installPath": ok_path})),
+        ("/image/cache", json!({"url": "ftp://127.0.0.1/i", "sha256": sha, "installPath": ok_path})),
+        ("/image/cache", json!({"url": "http://u:p@127.0.0.1:9/i", "sha256": sha, "installPath": ok_path})),
+        ("/image/cache", json!({"url": "http://127.0.0.1:9/i", "sha256": "abc", "installPath": ok_path})),
+        ("/image/cache", json!({"url": "http://127.0.0.1:9/i", "sha256": sha, "installPath": ok_path, "bandWidth": 1})),
+        (
+            "/image/cache",
+            json!({"url": "http://127.0.0.1:9/i", "sha256": sha, "installPath": ok_path, "sshKey": sshd.key}),
+        ),
+        (
+            "/image/cache",
+            json!({"url": format!("sftp://127.0.0.1:{}{}", sshd.port, src.display()), "sha256": sha, "installPath": ok_path}),
+        ),
+        (
+            "/image/cache",
+            json!({"url": "sftp://-oProxyCommand=touch%20/tmp/x/i", "sha256": sha, "installPath": ok_path, "sshKey": sshd.key}),
+        ),
+        ("/localstorage/sftp/download", json!({"hostname": "127.0.0.1"})),
+        ("/localstorage/sftp/download", sshd.cmd(&src, Path::new("/etc/evil.qcow2"))),
+        ("/localstorage/sftp/download", {
+            let mut c = sshd.cmd(&src, &ok_path);
+            c["hostname"] = json!("-oProxyCommand=touch /tmp/x");
+            c
+        }),
+        ("/localstorage/sftp/download", {
+            let mut c = sshd.cmd(&src, &ok_path);
+            c["sshPort"] = json!(70000);
+            c
+        }),
+        ("/localstorage/sftp/download", {
+            let mut c = sshd.cmd(&src, &ok_path);
+            c["sshKey"] = json!("password");
+            c
+        }),
+        ("/localstorage/sftp/upload", sshd.cmd(&sshd.dir.path().join("bs/u"), Path::new("/etc/passwd"))),
+        ("/localstorage/sftp/upload", sshd.cmd(&sshd.dir.path().join("bs/u"), &h.path("none.qcow2"))),
+    ];
+    for (path, body) in &cases {
+        let e = h.call_err(path, body).await.unwrap_or_else(|e| panic!("{path} {body}: {e}"));
+        assert!(!e.is_empty());
+        let now = files(&h.root);
+        assert_eq!(now, before, "{path} {body} changed the storage: {e}");
+    }
+    assert_eq!(sshd.logins(), 0, "bad input never reaches the server");
+    assert!(!Path::new("/tmp/x").exists());
+}
+
+/// The hostile corpus's entries for the image paths (all of it runs in `hostile_input`, with
+/// domain checks that take long on a busy host): each refused in-band, the storage unchanged.
+#[tokio::test]
+async fn the_hostile_corpus_entries_of_the_image_paths_are_refused() {
+    use base64::Engine;
+    let h = Host::start().await.unwrap();
+    let image = h.path("imagecache/base.qcow2");
+    std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", &image.to_string_lossy(), "16M"]).unwrap();
+    std::fs::create_dir_all(h.path("evil")).unwrap();
+    std::os::unix::fs::symlink("/etc", h.path("evil/link-out")).unwrap();
+    let (root, image) = (h.root.display().to_string(), image.display().to_string());
+    let corpus = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/corpus/hostile.jsonl")).unwrap();
+    let before = files(&h.root);
+    let mut n = 0;
+    for line in corpus.lines() {
+        let entry: Value = serde_json::from_str(line).unwrap();
+        let path = entry["path"].as_str().unwrap();
+        if !["/image/cache", "/localstorage/sftp/download", "/localstorage/sftp/upload"].contains(&path) {
+            continue;
+        }
+        let body = match entry["raw"].as_str() {
+            Some(b64) => base64::engine::general_purpose::STANDARD.decode(b64).unwrap(),
+            None => entry["body"].to_string().replace("{root}", &root).replace("{image}", &image).into_bytes(),
+        };
+        let task = uuid();
+        let headers = [("taskuuid", task.as_str()), ("callbackurl", &h.callbacks.url())];
+        let (status, text) = h.post(path, &headers, body).await.unwrap();
+        assert!(status < 500, "{entry}: HTTP {status}: {text}");
+        let r: Value = if status == 200 && text.is_empty() {
+            h.callbacks.wait(&task, Duration::from_secs(60)).await.unwrap()
+        } else {
+            serde_json::from_str(&text).unwrap()
+        };
+        assert_eq!(r["success"], false, "{entry}: {r}");
+        assert!(r["error"].as_str().is_some_and(|e| !e.is_empty()), "{entry}: {r}");
+        assert_eq!(files(&h.root), before, "{entry} changed the storage: {r}");
+        n += 1;
+    }
+    assert!(n >= 40, "{n} entries");
+    assert!(!Path::new("/tmp/pwned").exists());
+}
