@@ -9,8 +9,9 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use kvmagent_host_tests::checks::TestNic;
 use kvmagent_host_tests::mn_types::{
-    self, ConnectResponse, HostCapacityResponse, HostFactResponse, LocalStorageInitRsp, PingResponse,
+    self, AgentResponse, ConnectResponse, HostCapacityResponse, HostFactResponse, LocalStorageInitRsp, PingResponse,
     ProgressReportCmd, UpdateHostConfigurationResponse, VmSyncResponse,
 };
 use kvmagent_host_tests::{uuid, with_mn_context, Host};
@@ -110,6 +111,23 @@ async fn a_management_node_admits_the_host_and_every_reply_has_its_types() {
     let r = h.call_ok("/localstorage/init", &with_mn_context(init, &api)).await.unwrap();
     let i: LocalStorageInitRsp = mn_types::decode(&r).unwrap();
     assert!(i.total_capacity.is_some_and(|t| t > 0) && i.available_capacity.is_some(), "{r}");
+
+    // KVMConnectExtensionForL2Network: the L2 networks of the cluster, each interface checked,
+    // then its bridge made and checked (a veth pair of this test's stands in for the NIC).
+    let nic = TestNic::new();
+    let (status, text) = h
+        .post("/network/checkphysicalnetworkinterface", &[], json!({"interfaceNames": [nic.name]}).to_string())
+        .await
+        .unwrap();
+    let check: AgentResponse = mn_types::decode(&serde_json::from_str(&text).unwrap()).unwrap();
+    assert!(status == 200 && check.success, "{text}");
+    let bridge = json!({"physicalInterfaceName": nic.name, "bridgeName": nic.bridge, "l2NetworkUuid": uuid(),
+                        "disableIptables": false, "mtu": 1500, "isolated": false});
+    for path in ["/network/l2novlan/createbridge", "/network/l2novlan/checkbridge"] {
+        let r = h.call_ok(path, &with_mn_context(bridge.clone(), &api)).await.unwrap();
+        assert!(mn_types::decode::<AgentResponse>(&r).unwrap().success, "{path}: {r}");
+    }
+    assert_eq!(nic.ports(), std::slice::from_ref(&nic.name), "the NIC is the bridge's port");
 
     let r = h.call_ok("/host/capacity", &with_mn_context(json!({}), &api)).await.unwrap();
     let cap: HostCapacityResponse = mn_types::decode(&r).unwrap();

@@ -17,7 +17,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kvmagent_host_tests::checks::{disk_source, disks, domstate, eventually, ip, qemu_img_info, qemu_io_write, virsh};
+use kvmagent_host_tests::checks::{
+    disk_source, disks, domstate, eventually, ip, qemu_img_info, qemu_io_write, virsh, TestNic,
+};
 use kvmagent_host_tests::guest::{console_log, pattern, staying_kernel_boot, wait_report, DiskDump};
 use kvmagent_host_tests::images::BaseImage;
 use kvmagent_host_tests::mn_types::{
@@ -292,45 +294,9 @@ async fn create_stop_start_reboot_attach_snapshot_merge_flatten_and_delete_on_lo
     assert_eq!((seen["vda"][&0].as_slice(), seen["vdb"][&0].as_slice()), (&base.pattern[..], &data_bytes[..]));
 }
 
-/// A veth pair standing in for the host's NIC, and the bridge the agent makes on it: both are
-/// deleted when the test ends, also on failure. Nothing else is touched.
-struct Nic {
-    name: String,
-    bridge: String,
-}
-
-impl Nic {
-    fn new() -> Nic {
-        let name = format!("kvc{}", &uuid()[..8]);
-        let nic = Nic { bridge: format!("br_{name}"), name };
-        ip(&["link", "add", &nic.name, "type", "veth", "peer", "name", &format!("{}p", nic.name)]).unwrap();
-        ip(&["link", "set", &format!("{}p", nic.name), "up"]).unwrap();
-        nic
-    }
-
-    /// The names of the bridge's ports.
-    fn ports(&self) -> Vec<String> {
-        let out = ip(&["-j", "link", "show", "master", &self.bridge]).unwrap();
-        let links: Value = serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out }).unwrap();
-        links.as_array().into_iter().flatten().filter_map(|l| l["ifname"].as_str().map(str::to_owned)).collect()
-    }
-}
-
-impl Drop for Nic {
-    fn drop(&mut self) {
-        for link in [&self.bridge, &self.name] {
-            if ip(&["link", "show", link]).is_ok() {
-                if let Err(e) = ip(&["link", "del", link]) {
-                    eprintln!("cannot delete {link}: {e}");
-                }
-            }
-        }
-    }
-}
-
 #[tokio::test]
 async fn the_startvm_fixture_on_a_made_bridge_boots_and_reboots_pauses_and_takes_volumes_and_an_iso() {
-    let nic = Nic::new();
+    let nic = TestNic::new();
     let h = Host::start().await.unwrap();
     let mn = Mn::new(&h);
 

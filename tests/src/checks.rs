@@ -204,3 +204,39 @@ pub fn tree_size(dir: &Path) -> u64 {
         })
         .sum()
 }
+
+/// A veth pair standing in for the host's NIC, and the bridge the agent makes on it: both are
+/// deleted when the test ends, also on failure. Nothing else is touched.
+pub struct TestNic {
+    pub name: String,
+    pub bridge: String,
+}
+
+impl TestNic {
+    pub fn new() -> TestNic {
+        let name = format!("kvc{}", &crate::uuid()[..8]);
+        let nic = TestNic { bridge: format!("br_{name}"), name };
+        ip(&["link", "add", &nic.name, "type", "veth", "peer", "name", &format!("{}p", nic.name)]).unwrap();
+        ip(&["link", "set", &format!("{}p", nic.name), "up"]).unwrap();
+        nic
+    }
+
+    /// The names of the bridge's ports.
+    pub fn ports(&self) -> Vec<String> {
+        let out = ip(&["-j", "link", "show", "master", &self.bridge]).unwrap();
+        let links: Value = serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out }).unwrap();
+        links.as_array().into_iter().flatten().filter_map(|l| l["ifname"].as_str().map(str::to_owned)).collect()
+    }
+}
+
+impl Drop for TestNic {
+    fn drop(&mut self) {
+        for link in [&self.bridge, &self.name] {
+            if ip(&["link", "show", link]).is_ok() {
+                if let Err(e) = ip(&["link", "del", link]) {
+                    eprintln!("cannot delete {link}: {e}");
+                }
+            }
+        }
+    }
+}
