@@ -114,7 +114,7 @@ async fn a_management_node_admits_the_host_and_every_reply_has_its_types() {
 
     // KVMConnectExtensionForL2Network: the L2 networks of the cluster, each interface checked,
     // then its bridge made and checked (a veth pair of this test's stands in for the NIC).
-    let nic = TestNic::new();
+    let nic = TestNic::create();
     let (status, text) = h
         .post("/network/checkphysicalnetworkinterface", &[], json!({"interfaceNames": [nic.name]}).to_string())
         .await

@@ -296,7 +296,7 @@ async fn create_stop_start_reboot_attach_snapshot_merge_flatten_and_delete_on_lo
 
 #[tokio::test]
 async fn the_startvm_fixture_on_a_made_bridge_boots_and_reboots_pauses_and_takes_volumes_and_an_iso() {
-    let nic = TestNic::new();
+    let nic = TestNic::create();
     let h = Host::start().await.unwrap();
     let mn = Mn::new(&h);
 

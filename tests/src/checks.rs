@@ -213,7 +213,7 @@ pub struct TestNic {
 }
 
 impl TestNic {
-    pub fn new() -> TestNic {
+    pub fn create() -> TestNic {
         let name = format!("kvc{}", &crate::uuid()[..8]);
         let nic = TestNic { bridge: format!("br_{name}"), name };
         ip(&["link", "add", &nic.name, "type", "veth", "peer", "name", &format!("{}p", nic.name)]).unwrap();
