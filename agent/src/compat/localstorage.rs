@@ -252,22 +252,20 @@ pub async fn estimate_template_size(
 /// An image from the SFTP backup storage into the cache (or any file the management node names
 /// under the roots): fetched once, complete or not at all ([`crate::image_cache`]). A target
 /// already in place is the image: it is kept, not fetched again.
+/// The file on the backup storage the command names, reached over SSH with its key.
+fn backup_storage(cmd: &SftpBitsCmd) -> AgentResult<SshSource> {
+    let (host, user, path) = (&cmd.hostname, cmd.username.as_deref(), &cmd.backup_storage_install_path);
+    SshSource::new(host, cmd.ssh_port, user, path, &cmd.ssh_key, None).map_err(Into::into)
+}
+
 pub async fn sftp_download(
     app: &App,
     ctx: &TaskCtx,
-    cmd: SftpDownloadCmd,
+    cmd: SftpBitsCmd,
 ) -> AgentResult<WithCapacity<crate::wire::Empty>> {
     let fail =
         |e: AgentError| e.context(format!("unable to download {}/{}", cmd.hostname, cmd.backup_storage_install_path));
-    let source = SshSource::new(
-        &cmd.hostname,
-        cmd.ssh_port,
-        cmd.username.as_deref(),
-        &cmd.backup_storage_install_path,
-        &cmd.ssh_key,
-        None,
-    )
-    .map_err(|e| fail(e.into()))?;
+    let source = backup_storage(&cmd).map_err(fail)?;
     let cached = image_cache::fetch(app, ctx, &Source::Ssh(source), &cmd.primary_storage_install_path, None)
         .await
         .map_err(fail)?;
@@ -275,26 +273,14 @@ pub async fn sftp_download(
 }
 
 /// A file of the local storage (a template made from a volume) to the SFTP backup storage.
-pub async fn sftp_upload(
-    app: &App,
-    ctx: &TaskCtx,
-    cmd: SftpUploadCmd,
-) -> AgentResult<WithCapacity<crate::wire::Empty>> {
+pub async fn sftp_upload(app: &App, ctx: &TaskCtx, cmd: SftpBitsCmd) -> AgentResult<WithCapacity<crate::wire::Empty>> {
     let fail = |e: AgentError| {
         e.context(format!(
             "unable to upload {} to {}/{}",
             cmd.primary_storage_install_path, cmd.hostname, cmd.backup_storage_install_path
         ))
     };
-    let dest = SshSource::new(
-        &cmd.hostname,
-        cmd.ssh_port,
-        cmd.username.as_deref(),
-        &cmd.backup_storage_install_path,
-        &cmd.ssh_key,
-        None,
-    )
-    .map_err(|e| fail(e.into()))?;
+    let dest = backup_storage(&cmd).map_err(fail)?;
     let file = app.storage.roots().confine_existing(&cmd.primary_storage_install_path).map_err(|e| fail(e.into()))?;
     let _lock = app.volume_locks.read(&cmd.primary_storage_install_path).await?;
     dest.upload(&app.config.state_dir, &file, ctx).await.map_err(fail)?;

@@ -312,32 +312,19 @@ pub struct BaseImagePathRsp {
     pub size: Option<u64>,
 }
 
-/// `/localstorage/sftp/download`: an image from ZStack's SFTP backup storage into the cache
-/// (`LocalStorageKvmSftpBackupStorageMediatorImpl.SftpDownloadBitsCmd`). `sshKey` is the
-/// private key the backup storage accepts; ZStack sends no checksum and no host key.
+/// `/localstorage/sftp/download` and `/localstorage/sftp/upload`: an image from ZStack's SFTP
+/// backup storage into the cache, or a file of the local storage (a template made from a volume)
+/// to it (`LocalStorageKvmSftpBackupStorageMediatorImpl`'s `SftpDownloadBitsCmd` and
+/// `SftpUploadBitsCmd`, the same fields). `sshKey` is the private key the backup storage accepts;
+/// ZStack sends no checksum and no host key.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct SftpDownloadCmd {
+pub struct SftpBitsCmd {
     pub ssh_key: String,
     #[serde(default)]
     pub username: Option<String>,
     pub hostname: String,
     /// 0 (absent) is ssh's default, 22.
-    #[serde(default)]
-    pub ssh_port: u32,
-    pub backup_storage_install_path: String,
-    pub primary_storage_install_path: String,
-}
-
-/// `/localstorage/sftp/upload`: a file of the local storage (a template made from a volume) to
-/// the SFTP backup storage (`SftpUploadBitsCmd`).
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SftpUploadCmd {
-    pub ssh_key: String,
-    #[serde(default)]
-    pub username: Option<String>,
-    pub hostname: String,
     #[serde(default)]
     pub ssh_port: u32,
     pub backup_storage_install_path: String,
