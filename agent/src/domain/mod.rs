@@ -255,6 +255,10 @@ mod tests {
         v["bootDev"] = json!(["hd", "floppy"]);
         let e = validate(&cmd(v)).unwrap_err().to_string();
         assert!(e.contains("bootDev[1] \"floppy\""), "{e}");
+        let mut v = fixture();
+        v["bootDev"] = json!(7);
+        let e = crate::wire::decode::<StartVmCmd>(&v).unwrap_err().to_string();
+        assert!(e.contains("bootDev") && e.contains("neither a list of names nor one name"), "{e}");
     }
 
     #[test]

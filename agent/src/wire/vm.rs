@@ -13,17 +13,12 @@ pub(super) fn nullable<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>
 
 /// Deserializes a list of strings, one string (a list of one) or `null` (empty).
 pub(super) fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
+    match Value::deserialize(d)? {
+        Value::Null => Ok(Vec::new()),
+        Value::String(s) => Ok(vec![s]),
+        v @ Value::Array(_) => serde_json::from_value(v).map_err(serde::de::Error::custom),
+        other => Err(serde::de::Error::custom(format!("{other} is neither a list of names nor one name"))),
     }
-    Ok(match Option::<OneOrMany>::deserialize(d)? {
-        None => Vec::new(),
-        Some(OneOrMany::One(s)) => vec![s],
-        Some(OneOrMany::Many(v)) => v,
-    })
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
