@@ -92,7 +92,8 @@ async fn numa_topology_nic_queues_and_vmsync_after_a_reset_and_a_qemu_crash() {
     // A reset (what QEMU does when the guest reboots): the same QEMU, the domain stays, Running.
     let pid = || std::fs::read_to_string(format!("/run/libvirt/qemu/{vm}.pid")).ok().map(|p| p.trim().to_owned());
     let before = pid().expect("the VM's QEMU pid file");
-    let boots = || std::fs::read_to_string(console_log(&h, &vm)).unwrap_or_default().matches("KVMAGENT-GUEST-BOOTED").count();
+    let boots =
+        || std::fs::read_to_string(console_log(&h, &vm)).unwrap_or_default().matches("KVMAGENT-GUEST-BOOTED").count();
     let booted = boots();
     virsh(&["reset", &vm]).unwrap();
     eventually("the guest boots again", || boots() > booted).await;

@@ -176,7 +176,10 @@ mod tests {
         }
         assert_eq!(xml, include_str!("testdata/numa-queues.xml"), "rendered:\n{xml}");
         let doc = roxmltree::Document::parse(&xml).unwrap();
-        assert_eq!(attrs(&doc, "cpu", "topology", &["sockets", "cores", "threads"]), [Some("32"), Some("4"), Some("1")]);
+        assert_eq!(
+            attrs(&doc, "cpu", "topology", &["sockets", "cores", "threads"]),
+            [Some("32"), Some("4"), Some("1")]
+        );
         assert_eq!(
             attrs(&doc, "cpu", "cell", &["id", "cpus", "memory", "unit"]),
             [Some("0"), Some("0-127"), Some("2097152"), Some("KiB")],
@@ -211,7 +214,9 @@ mod tests {
             let n = doc.descendants().find(|n| n.has_tag_name("vcpu")).unwrap();
             assert_eq!((n.attribute("current").unwrap_or(""), n.text().unwrap()), (current, vcpu), "{case}");
             let topo = doc.descendants().find(|n| n.has_tag_name("topology"));
-            let topo = topo.map(|n| (n.attribute("sockets").unwrap(), n.attribute("cores").unwrap(), n.attribute("threads").unwrap()));
+            let topo = topo.map(|n| {
+                (n.attribute("sockets").unwrap(), n.attribute("cores").unwrap(), n.attribute("threads").unwrap())
+            });
             assert_eq!(topo, topology, "{case}");
             let got = doc.descendants().find(|n| n.has_tag_name("cell")).and_then(|n| n.attribute("cpus"));
             assert_eq!(got, cell, "{case}");
@@ -222,8 +227,14 @@ mod tests {
     fn inconsistent_topologies_are_refused_with_their_fields() {
         let cases = [
             (json!({"useNuma": false, "cpuNum": 4, "socketNum": 2, "cpuOnSocket": 3}), "= 6 vCPUs, but cpuNum is 4"),
-            (json!({"useNuma": false, "cpuNum": 4, "socketNum": 2, "cpuOnSocket": 2, "threadsPerCore": 0}), "threadsPerCore 0"),
-            (json!({"useNuma": true, "cpuNum": 2, "maxVcpuNum": 16, "socketNum": 2, "cpuOnSocket": 4}), "but maxVcpuNum"),
+            (
+                json!({"useNuma": false, "cpuNum": 4, "socketNum": 2, "cpuOnSocket": 2, "threadsPerCore": 0}),
+                "threadsPerCore 0",
+            ),
+            (
+                json!({"useNuma": true, "cpuNum": 2, "maxVcpuNum": 16, "socketNum": 2, "cpuOnSocket": 4}),
+                "but maxVcpuNum",
+            ),
             (json!({"useNuma": true, "cpuNum": 8, "maxVcpuNum": 4}), "maxVcpuNum 4 is less than cpuNum 8"),
             (json!({"useNuma": false, "cpuNum": 4, "socketNum": 4}), "cpuOnSocket absent"),
             (json!({"useNuma": true, "cpuNum": 1, "maxVcpuNum": 1024}), "maxVcpuNum 1024"),
@@ -246,7 +257,10 @@ mod tests {
             v["bootDev"] = dev;
             let xml = rendered(v);
             let doc = roxmltree::Document::parse(&xml).unwrap();
-            doc.descendants().filter_map(|n| n.attribute("dev").filter(|_| n.has_tag_name("boot"))).map(str::to_owned).collect::<Vec<_>>()
+            doc.descendants()
+                .filter_map(|n| n.attribute("dev").filter(|_| n.has_tag_name("boot")))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
         };
         assert_eq!(boot(json!(["cdrom", "hd", "cdrom", "network"])), ["cdrom", "hd", "network"]);
         assert_eq!(boot(json!("network")), ["network"], "one name, as a string");
@@ -270,7 +284,9 @@ mod tests {
             }
             let xml = rendered(v);
             let doc = roxmltree::Document::parse(&xml).unwrap();
-            let d = doc.descendants().find(|n| n.has_tag_name("driver") && n.parent().is_some_and(|p| p.has_tag_name("interface")));
+            let d = doc
+                .descendants()
+                .find(|n| n.has_tag_name("driver") && n.parent().is_some_and(|p| p.has_tag_name("interface")));
             d.map(|d| ["queues", "rx_queue_size", "tx_queue_size"].map(|a| d.attribute(a).map(str::to_owned)))
         };
         assert_eq!(driver(json!({"vHostAddOn": {"queueNum": 1}})), None, "the fixture's one queue");

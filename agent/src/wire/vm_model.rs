@@ -11,8 +11,8 @@ use super::vm::{CdRomTo, KernelBoot as WireKernelBoot, MonInfo, NicTo, StartVmCm
 use crate::domain::{check_uuid, device_letter, is_ifname, xml_safe};
 use crate::error::{AgentError, AgentResult};
 use crate::model::{
-    BootDevice, Bus, CacheMode, CdRom, Clock, Cpu, DiskFormat, KernelBoot, Machine, Monitor, Nic, NicModel, NicNetwork, NicQueues,
-    RbdAccess, Topology, TpmModel, Video, VmSpec, Volume,
+    BootDevice, Bus, CacheMode, CdRom, Clock, Cpu, DiskFormat, KernelBoot, Machine, Monitor, Nic, NicModel, NicNetwork,
+    NicQueues, RbdAccess, Topology, TpmModel, Video, VmSpec, Volume,
 };
 use crate::storage::location::Location;
 
@@ -152,7 +152,8 @@ impl StartVmCmd {
     /// (sockets of 4 cores: 32 × 4 for 128 vCPUs), the other form none. A topology that does not
     /// hold exactly those vCPUs is refused, its fields named.
     fn cpu(&self) -> AgentResult<Cpu> {
-        let max = self.use_numa.then_some(if self.max_vcpu_num == 0 { DEFAULT_NUMA_MAX_VCPUS } else { self.max_vcpu_num });
+        let max =
+            self.use_numa.then_some(if self.max_vcpu_num == 0 { DEFAULT_NUMA_MAX_VCPUS } else { self.max_vcpu_num });
         if self.cpu_num == 0 || self.cpu_num > MAX_CPUS || self.max_vcpu_num > MAX_CPUS {
             return Err(invalid(format!(
                 "cpuNum {} / maxVcpuNum {} out of range (1 to {MAX_CPUS})",
@@ -284,9 +285,7 @@ pub fn boot_devices(names: &[String]) -> AgentResult<Vec<BootDevice>> {
             "hd" => BootDevice::Hd,
             "cdrom" => BootDevice::Cdrom,
             "network" => BootDevice::Network,
-            _ => {
-                return Err(invalid(format!("bootDev[{i}] {name:?} is not a boot device (hd, cdrom or network)")))
-            }
+            _ => return Err(invalid(format!("bootDev[{i}] {name:?} is not a boot device (hd, cdrom or network)"))),
         };
         if !devices.contains(&device) {
             devices.push(device);
@@ -462,18 +461,13 @@ fn nic(field: &str, n: &NicTo) -> AgentResult<Nic> {
 /// powers of two from 256 to 1024 (QEMU's bounds).
 fn nic_queues(field: &str, addon: &VHostAddOn, model: NicModel) -> AgentResult<Option<NicQueues>> {
     if addon.queue_num > MAX_NIC_QUEUES {
-        return Err(invalid(format!(
-            "{field}.queueNum {} is out of range (1 to {MAX_NIC_QUEUES})",
-            addon.queue_num
-        )));
+        return Err(invalid(format!("{field}.queueNum {} is out of range (1 to {MAX_NIC_QUEUES})", addon.queue_num)));
     }
     let ring = |name: &str, v: &Option<String>| -> AgentResult<Option<u32>> {
         let Some(text) = v.as_deref().filter(|t| !t.is_empty()) else { return Ok(None) };
         match text.parse::<u32>() {
             Ok(n) if n.is_power_of_two() && (256..=1024).contains(&n) => Ok(Some(n)),
-            _ => Err(invalid(format!(
-                "{field}.{name} {text:?} is not a ring size: a power of two from 256 to 1024"
-            ))),
+            _ => Err(invalid(format!("{field}.{name} {text:?} is not a ring size: a power of two from 256 to 1024"))),
         }
     };
     let rx = ring("rxBufferSize", &addon.rx_buffer_size)?;
