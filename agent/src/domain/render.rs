@@ -9,9 +9,7 @@ use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::Serialize;
 
 use crate::error::{AgentError, AgentResult};
-use crate::model::{
-    BootDevice, Bus, Clock, KernelBoot, Machine, Monitor, NicNetwork, NicQueues, TpmModel, Video, VmSpec, Volume,
-};
+use crate::model::{Bus, Clock, KernelBoot, Machine, Monitor, NicNetwork, NicQueues, TpmModel, Video, VmSpec, Volume};
 use crate::storage::location::Location;
 
 /// How this host renders domains.
@@ -280,13 +278,7 @@ fn view<'a>(spec: &'a VmSpec, settings: &'a DomainSettings) -> AgentResult<View<
     let boot_devs = if per_device_boot || spec.kernel_boot.is_some() {
         Vec::new()
     } else {
-        (spec.boot_devices.iter())
-            .map(|d| match d {
-                BootDevice::Hd => "hd",
-                BootDevice::Cdrom => "cdrom",
-                BootDevice::Network => "network",
-            })
-            .collect()
+        spec.boot_devices.iter().map(|d| d.as_str()).collect()
     };
 
     let mut volumes: Vec<&Volume> = spec.volumes.iter().collect();

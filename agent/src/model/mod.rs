@@ -95,6 +95,16 @@ pub enum BootDevice {
     Network,
 }
 
+impl BootDevice {
+    /// ZStack's names (`bootDev`), which are libvirt's `<boot dev>` too.
+    pub const ALL: [(&'static str, BootDevice); 3] =
+        [("hd", BootDevice::Hd), ("cdrom", BootDevice::Cdrom), ("network", BootDevice::Network)];
+
+    pub fn as_str(self) -> &'static str {
+        BootDevice::ALL.iter().find(|(_, d)| *d == self).map_or("hd", |(n, _)| n)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Clock {

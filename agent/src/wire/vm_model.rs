@@ -228,14 +228,7 @@ impl StartVmCmd {
             }
             .into(),
             boot_mode: "Legacy".into(),
-            boot_dev: (spec.boot_devices.iter())
-                .map(|d| match d {
-                    BootDevice::Hd => "hd",
-                    BootDevice::Cdrom => "cdrom",
-                    BootDevice::Network => "network",
-                })
-                .map(str::to_owned)
-                .collect(),
+            boot_dev: spec.boot_devices.iter().map(|d| d.as_str().to_owned()).collect(),
             root_volume: volumes.next().expect("a spec always has its root"),
             data_volumes: volumes.collect(),
             cd_roms: spec.cd_roms.iter().map(cd_rom_to).collect(),
@@ -281,12 +274,9 @@ fn is_serial(s: &str) -> bool {
 pub fn boot_devices(names: &[String]) -> AgentResult<Vec<BootDevice>> {
     let mut devices = Vec::with_capacity(names.len());
     for (i, name) in names.iter().enumerate() {
-        let device = match name.as_str() {
-            "hd" => BootDevice::Hd,
-            "cdrom" => BootDevice::Cdrom,
-            "network" => BootDevice::Network,
-            _ => return Err(invalid(format!("bootDev[{i}] {name:?} is not a boot device (hd, cdrom or network)"))),
-        };
+        let device = BootDevice::ALL.iter().find(|(n, _)| n == name).map(|(_, d)| *d).ok_or_else(|| {
+            invalid(format!("bootDev[{i}] {name:?} is not a boot device {:?}", BootDevice::ALL.map(|(n, _)| n)))
+        })?;
         if !devices.contains(&device) {
             devices.push(device);
         }
