@@ -7,6 +7,7 @@ use crate::error::{AgentError, AgentResult};
 use crate::host_identity::Identity;
 use crate::host_info;
 use crate::kvm_params;
+use crate::libvirt::domains::VmState;
 use crate::tasks::TaskCtx;
 use crate::wire::host::*;
 
@@ -190,9 +191,27 @@ pub async fn capacity(_app: &App, _ctx: &TaskCtx, _cmd: crate::wire::Empty) -> A
     })
 }
 
+/// `/vm/vmsync`, as ZStack's agent answers it (vm_plugin.py `get_vm_state_from_libvirt`).
 pub async fn vm_sync(app: &App, _ctx: &TaskCtx, _cmd: crate::wire::Empty) -> AgentResult<VmSyncRsp> {
-    let (states, vm_in_shutdowns) = app.libvirt.list_vm_states().await?;
-    Ok(VmSyncRsp { states: states.into_iter().collect(), vm_in_shutdowns })
+    let (states, in_shutdown) = app.libvirt.list_vm_states().await?;
+    Ok(sync_states(states, in_shutdown))
+}
+
+/// Only VMs whose QEMU runs are reported (ZStack's agent lists active domains): a domain that is
+/// defined but shut off — its QEMU exited or was killed — is left out, and the management node
+/// takes a VM missing from the answer as stopped (VmTracer `handleMissingVm`); reporting it
+/// `Shutdown` would make a VM it no longer knows a "stranger". A guest that is shutting down or
+/// rebooting keeps its QEMU: it is `Running`, and named in `vmInShutdowns` (the management node
+/// warns when one stays there).
+fn sync_states(states: Vec<(String, VmState)>, in_shutdown: Vec<String>) -> VmSyncRsp {
+    let states = (states.into_iter())
+        .filter_map(|(vm, state)| match state {
+            _ if in_shutdown.contains(&vm) => Some((vm, VmState::Running)),
+            VmState::Shutdown => None,
+            other => Some((vm, other)),
+        })
+        .collect();
+    VmSyncRsp { states, vm_in_shutdowns: in_shutdown }
 }
 
 pub async fn cancel(app: &App, _ctx: &TaskCtx, cmd: CancelCmd) -> AgentResult<CancelRsp> {
@@ -202,5 +221,35 @@ pub async fn cancel(app: &App, _ctx: &TaskCtx, cmd: CancelCmd) -> AgentResult<Ca
             cmd.cancellation_api_id
         ))),
         n => Ok(CancelRsp { cancelled: n }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_sync_reports_running_qemus_only_and_a_guest_shutting_down_as_running() {
+        let vm = |n: char| n.to_string().repeat(32);
+        let states = vec![
+            (vm('a'), VmState::Running),
+            (vm('b'), VmState::Shutdown),
+            (vm('c'), VmState::Shutdown),
+            (vm('d'), VmState::Paused),
+            (vm('e'), VmState::Crashed),
+        ];
+        let rsp = sync_states(states, vec![vm('c')]);
+        let got: Vec<(&str, VmState)> = rsp.states.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(
+            got,
+            [
+                (vm('a').as_str(), VmState::Running),
+                (vm('c').as_str(), VmState::Running),
+                (vm('d').as_str(), VmState::Paused),
+                (vm('e').as_str(), VmState::Crashed)
+            ],
+            "a shut-off domain is left out; one shutting down is Running"
+        );
+        assert_eq!(rsp.vm_in_shutdowns, [vm('c')]);
     }
 }

@@ -53,13 +53,7 @@ async fn running(app: &App, vm: &str, what: &str) -> AgentResult<(VmGuard, VmSpe
 /// QEMU process, as ZStack's agent does it.
 pub async fn reboot(app: &App, _ctx: &TaskCtx, cmd: RebootVmCmd) -> AgentResult<RebootVmRsp> {
     let grace = crate::wire::vm::grace_period(cmd.timeout)?;
-    let boot = (cmd.boot_dev.iter())
-        .map(|d| {
-            crate::wire::vm_model::boot_device(d).ok_or_else(|| {
-                AgentError::invalid(format!("bootDev {d:?} is not a boot device (hd, cdrom or network)"))
-            })
-        })
-        .collect::<AgentResult<Vec<_>>>()?;
+    let boot = crate::wire::vm_model::boot_devices(&cmd.boot_dev)?;
     let (owner, mut spec) = running(app, &cmd.uuid, "a reboot").await?;
     if !boot.is_empty() {
         spec.boot_devices = boot;

@@ -155,6 +155,173 @@ mod tests {
         );
     }
 
+    /// The attributes `names` of the first `<tag>` inside a `<parent>`.
+    fn attrs<'a>(doc: &'a roxmltree::Document, parent: &str, tag: &str, names: &[&str]) -> Vec<Option<&'a str>> {
+        let n = (doc.descendants())
+            .find(|n| n.has_tag_name(tag) && n.ancestors().any(|a| a.has_tag_name(parent)))
+            .unwrap_or_else(|| panic!("no <{tag}> in <{parent}>"));
+        names.iter().map(|a| n.attribute(*a)).collect()
+    }
+
+    /// The domain XML of a NUMA VM with a multi-queue NIC, compared with a golden file
+    /// (`KVMAGENT_UPDATE_GOLDEN=1` rewrites it after a deliberate change).
+    #[test]
+    fn numa_form_and_nic_queues_match_the_golden_file() {
+        let mut v = fixture();
+        v["nics"][0]["vHostAddOn"] = json!({"queueNum": 4, "rxBufferSize": "512", "txBufferSize": "256"});
+        let xml = rendered(v);
+        let golden = concat!(env!("CARGO_MANIFEST_DIR"), "/src/domain/testdata/numa-queues.xml");
+        if std::env::var_os("KVMAGENT_UPDATE_GOLDEN").is_some() {
+            std::fs::write(golden, &xml).unwrap();
+        }
+        assert_eq!(xml, include_str!("testdata/numa-queues.xml"), "rendered:\n{xml}");
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        assert_eq!(
+            attrs(&doc, "cpu", "topology", &["sockets", "cores", "threads"]),
+            [Some("32"), Some("4"), Some("1")]
+        );
+        assert_eq!(
+            attrs(&doc, "cpu", "cell", &["id", "cpus", "memory", "unit"]),
+            [Some("0"), Some("0-127"), Some("2097152"), Some("KiB")],
+            "one cell holds every vCPU and all of the memory"
+        );
+        assert_eq!(
+            attrs(&doc, "interface", "driver", &["name", "queues", "rx_queue_size", "tx_queue_size"]),
+            [Some("vhost"), Some("4"), Some("512"), Some("256")]
+        );
+    }
+
+    #[test]
+    fn topologies_as_zstacks_agent_renders_them() {
+        // (useNuma, cpuNum, maxVcpuNum, socketNum, cpuOnSocket, threadsPerCore) → <vcpu>, topology, cell
+        let cases = [
+            ((true, 2, 0, None, None, None), ("2", "128"), Some(("32", "4", "1")), Some("0-127")),
+            ((true, 1, 6, None, None, None), ("1", "6"), Some(("6", "1", "1")), Some("0-5")),
+            ((true, 2, 8, Some(2), Some(2), Some(2)), ("2", "8"), Some(("2", "2", "2")), Some("0-7")),
+            ((true, 4, 4, None, None, None), ("4", "4"), Some(("1", "4", "1")), Some("0-3")),
+            ((false, 4, 0, Some(2), Some(2), None), ("", "4"), Some(("2", "2", "1")), None),
+            ((false, 3, 0, None, Some(3), None), ("", "3"), None, None),
+        ];
+        for ((numa, cpus, max, s, c, t), (current, vcpu), topology, cell) in cases {
+            let mut v = fixture();
+            v["useNuma"] = json!(numa);
+            v["cpuNum"] = json!(cpus);
+            v["maxVcpuNum"] = json!(max);
+            (v["socketNum"], v["cpuOnSocket"], v["threadsPerCore"]) = (json!(s), json!(c), json!(t));
+            let case = v.clone();
+            let xml = rendered(v);
+            let doc = roxmltree::Document::parse(&xml).unwrap();
+            let n = doc.descendants().find(|n| n.has_tag_name("vcpu")).unwrap();
+            assert_eq!((n.attribute("current").unwrap_or(""), n.text().unwrap()), (current, vcpu), "{case}");
+            let topo = doc.descendants().find(|n| n.has_tag_name("topology"));
+            let topo = topo.map(|n| {
+                (n.attribute("sockets").unwrap(), n.attribute("cores").unwrap(), n.attribute("threads").unwrap())
+            });
+            assert_eq!(topo, topology, "{case}");
+            let got = doc.descendants().find(|n| n.has_tag_name("cell")).and_then(|n| n.attribute("cpus"));
+            assert_eq!(got, cell, "{case}");
+        }
+    }
+
+    #[test]
+    fn inconsistent_topologies_are_refused_with_their_fields() {
+        let cases = [
+            (json!({"useNuma": false, "cpuNum": 4, "socketNum": 2, "cpuOnSocket": 3}), "= 6 vCPUs, but cpuNum is 4"),
+            (
+                json!({"useNuma": false, "cpuNum": 4, "socketNum": 2, "cpuOnSocket": 2, "threadsPerCore": 0}),
+                "threadsPerCore 0",
+            ),
+            (
+                json!({"useNuma": true, "cpuNum": 2, "maxVcpuNum": 16, "socketNum": 2, "cpuOnSocket": 4}),
+                "but maxVcpuNum",
+            ),
+            (json!({"useNuma": true, "cpuNum": 8, "maxVcpuNum": 4}), "maxVcpuNum 4 is less than cpuNum 8"),
+            (json!({"useNuma": false, "cpuNum": 4, "socketNum": 4}), "cpuOnSocket absent"),
+            (json!({"useNuma": true, "cpuNum": 1, "maxVcpuNum": 1024}), "maxVcpuNum 1024"),
+        ];
+        for (fields, needle) in cases {
+            let mut v = fixture();
+            for (k, x) in fields.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            let e = validate(&cmd(v)).unwrap_err().to_string();
+            assert!(e.contains(needle), "{fields}: {e}");
+        }
+    }
+
+    #[test]
+    fn boot_devices_in_order_once_each_and_unknown_ones_refused() {
+        let boot = |dev: Value| {
+            let mut v = fixture();
+            v["rootVolume"]["bootOrder"] = json!(0);
+            v["bootDev"] = dev;
+            let xml = rendered(v);
+            let doc = roxmltree::Document::parse(&xml).unwrap();
+            doc.descendants()
+                .filter_map(|n| n.attribute("dev").filter(|_| n.has_tag_name("boot")))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(boot(json!(["cdrom", "hd", "cdrom", "network"])), ["cdrom", "hd", "network"]);
+        assert_eq!(boot(json!("network")), ["network"], "one name, as a string");
+        assert_eq!(boot(json!(null)), ["hd"]);
+        let mut v = fixture();
+        v["bootDev"] = json!(["hd", "floppy"]);
+        let e = validate(&cmd(v)).unwrap_err().to_string();
+        assert!(e.contains("bootDev[1] \"floppy\""), "{e}");
+        let mut v = fixture();
+        v["bootDev"] = json!(7);
+        let e = crate::wire::decode::<StartVmCmd>(&v).unwrap_err().to_string();
+        assert!(e.contains("bootDev") && e.contains("neither a list of names nor one name"), "{e}");
+    }
+
+    #[test]
+    fn nic_queues_only_for_virtio_with_several_and_ring_sizes_checked() {
+        let driver = |nic: Value| {
+            let mut v = fixture();
+            for (k, x) in nic.as_object().unwrap() {
+                v["nics"][0][k] = x.clone();
+            }
+            let xml = rendered(v);
+            let doc = roxmltree::Document::parse(&xml).unwrap();
+            let d = doc
+                .descendants()
+                .find(|n| n.has_tag_name("driver") && n.parent().is_some_and(|p| p.has_tag_name("interface")));
+            d.map(|d| ["queues", "rx_queue_size", "tx_queue_size"].map(|a| d.attribute(a).map(str::to_owned)))
+        };
+        assert_eq!(driver(json!({"vHostAddOn": {"queueNum": 1}})), None, "the fixture's one queue");
+        assert_eq!(driver(json!({"vHostAddOn": null})), None);
+        assert_eq!(
+            driver(json!({"vHostAddOn": {"queueNum": 2}})),
+            Some([Some("2".into()), Some("1024".into()), None]),
+            "ZStack's receive ring; QEMU's own transmit ring"
+        );
+        assert_eq!(driver(json!({"driverType": "e1000", "vHostAddOn": {"queueNum": 4}})), None);
+        for (nic, needle) in [
+            (json!({"vHostAddOn": {"queueNum": 2, "rxBufferSize": "300"}}), "nics[0].vHostAddOn.rxBufferSize \"300\""),
+            (json!({"vHostAddOn": {"queueNum": 2, "txBufferSize": "4096"}}), "nics[0].vHostAddOn.txBufferSize"),
+            (json!({"vHostAddOn": {"queueNum": 1000}}), "nics[0].vHostAddOn.queueNum 1000"),
+            (json!({"type": "user", "vHostAddOn": {"queueNum": 2}}), "user-mode networking"),
+        ] {
+            let mut v = fixture();
+            for (k, x) in nic.as_object().unwrap() {
+                v["nics"][0][k] = x.clone();
+            }
+            let e = validate(&cmd(v)).unwrap_err().to_string();
+            assert!(e.contains(needle), "{nic}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_wire_form_of_a_spec_gives_the_same_spec() {
+        let mut v = fixture();
+        v["nics"][0]["vHostAddOn"] = json!({"queueNum": 4, "txBufferSize": "512"});
+        v["bootDev"] = json!(["cdrom", "hd"]);
+        let spec = validate(&cmd(v)).unwrap();
+        assert!(spec.cpu.max.is_some() && spec.nics[0].queues.is_some());
+        assert_eq!(StartVmCmd::from_spec(&spec).to_spec().unwrap(), spec);
+    }
+
     #[test]
     fn device_addresses_are_read_from_live_xml() {
         let live = include_str!("testdata/live-domain.xml");

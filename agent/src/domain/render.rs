@@ -9,7 +9,7 @@ use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::Serialize;
 
 use crate::error::{AgentError, AgentResult};
-use crate::model::{BootDevice, Bus, Clock, KernelBoot, Machine, Monitor, NicNetwork, TpmModel, Video, VmSpec, Volume};
+use crate::model::{Bus, Clock, KernelBoot, Machine, Monitor, NicNetwork, NicQueues, TpmModel, Video, VmSpec, Volume};
 use crate::storage::location::Location;
 
 /// How this host renders domains.
@@ -66,6 +66,8 @@ struct View<'a> {
     vcpu_max: Option<u32>,
     cpu_mode: Option<&'a str>,
     topology: Option<crate::model::Topology>,
+    /// The vCPUs of the one NUMA cell (`0-N`), which holds all of the memory.
+    numa_cpus: Option<String>,
     serial_number: &'a str,
     asset_tag: &'a str,
     machine: &'a str,
@@ -133,6 +135,7 @@ struct NicView<'a> {
     mtu: Option<u32>,
     link_down: bool,
     boot_order: Option<u32>,
+    queues: Option<NicQueues>,
 }
 
 static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
@@ -275,13 +278,7 @@ fn view<'a>(spec: &'a VmSpec, settings: &'a DomainSettings) -> AgentResult<View<
     let boot_devs = if per_device_boot || spec.kernel_boot.is_some() {
         Vec::new()
     } else {
-        (spec.boot_devices.iter())
-            .map(|d| match d {
-                BootDevice::Hd => "hd",
-                BootDevice::Cdrom => "cdrom",
-                BootDevice::Network => "network",
-            })
-            .collect()
+        spec.boot_devices.iter().map(|d| d.as_str()).collect()
     };
 
     let mut volumes: Vec<&Volume> = spec.volumes.iter().collect();
@@ -326,6 +323,7 @@ fn view<'a>(spec: &'a VmSpec, settings: &'a DomainSettings) -> AgentResult<View<
                 mtu: n.mtu.filter(|_| !user_mode),
                 link_down: !n.link_up,
                 boot_order: n.boot_order.filter(|_| per_device_boot),
+                queues: n.queues,
             }
         })
         .collect();
@@ -343,6 +341,7 @@ fn view<'a>(spec: &'a VmSpec, settings: &'a DomainSettings) -> AgentResult<View<
         // Host CPU modes need hardware virtualisation; under TCG the default model is used.
         cpu_mode: None,
         topology: spec.cpu.topology,
+        numa_cpus: spec.cpu.max.map(|m| format!("0-{}", m.saturating_sub(1))),
         serial_number: &spec.serial_number,
         asset_tag: &spec.chassis_asset_tag,
         machine: if q35 { "q35" } else { "pc" },

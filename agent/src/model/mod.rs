@@ -65,9 +65,10 @@ impl VmSpec {
 pub struct Cpu {
     /// vCPUs at start.
     pub count: u32,
-    /// vCPUs the VM may grow to (NUMA form), when more than `count`.
+    /// ZStack's NUMA form (`useNuma`): the VM may grow to this many vCPUs (at least `count`),
+    /// and one NUMA cell holds them all with all of the memory.
     pub max: Option<u32>,
-    /// Sockets, cores, threads, when given and consistent with the vCPUs.
+    /// Sockets, cores, threads: their product is `max` in the NUMA form, `count` otherwise.
     pub topology: Option<Topology>,
 }
 
@@ -92,6 +93,16 @@ pub enum BootDevice {
     Hd,
     Cdrom,
     Network,
+}
+
+impl BootDevice {
+    /// ZStack's names (`bootDev`), which are libvirt's `<boot dev>` too.
+    pub const ALL: [(&'static str, BootDevice); 3] =
+        [("hd", BootDevice::Hd), ("cdrom", BootDevice::Cdrom), ("network", BootDevice::Network)];
+
+    pub fn as_str(self) -> &'static str {
+        BootDevice::ALL.iter().find(|(_, d)| *d == self).map_or("hd", |(n, _)| n)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +164,20 @@ pub struct Nic {
     pub mtu: Option<u32>,
     pub link_up: bool,
     pub boot_order: Option<u32>,
+    /// Multi-queue settings of a virtio NIC with more than one queue pair.
+    pub queues: Option<NicQueues>,
+}
+
+/// A multi-queue virtio NIC (ZStack's `vHostAddOn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NicQueues {
+    /// Queue pairs, more than one.
+    pub queues: u32,
+    /// Receive ring entries.
+    pub rx_queue_size: u32,
+    /// Transmit ring entries, when the management plane chose them.
+    pub tx_queue_size: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

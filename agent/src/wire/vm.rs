@@ -11,6 +11,16 @@ pub(super) fn nullable<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
+/// Deserializes a list of strings, one string (a list of one) or `null` (empty).
+pub(super) fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(Vec::new()),
+        Value::String(s) => Ok(vec![s]),
+        v @ Value::Array(_) => serde_json::from_value(v).map_err(serde::de::Error::custom),
+        other => Err(serde::de::Error::custom(format!("{other} is neither a list of names nor one name"))),
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StartVmCmd {
@@ -36,7 +46,9 @@ pub struct StartVmCmd {
     pub machine_type: String,
     #[serde(default, deserialize_with = "nullable")]
     pub boot_mode: String,
-    #[serde(default, deserialize_with = "nullable")]
+    /// Firmware boot order (`hd`, `cdrom`, `network`): a list, as the management node sends it,
+    /// or one name.
+    #[serde(default, deserialize_with = "one_or_many")]
     pub boot_dev: Vec<String>,
     pub root_volume: VolumeTo,
     #[serde(default, deserialize_with = "nullable")]
@@ -167,6 +179,21 @@ pub struct NicTo {
     pub nic_type: String,
     #[serde(default, deserialize_with = "nullable")]
     pub state: String,
+    /// Multi-queue and ring sizes of a virtio NIC.
+    #[serde(default, deserialize_with = "nullable")]
+    pub v_host_add_on: Option<VHostAddOn>,
+}
+
+/// ZStack's `VHostAddOn` (KVMAgentCommands.java): the ring sizes are strings there.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VHostAddOn {
+    #[serde(default, deserialize_with = "nullable")]
+    pub queue_num: u32,
+    #[serde(default, deserialize_with = "nullable")]
+    pub rx_buffer_size: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub tx_buffer_size: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::vm::{nullable, NicTo, VirtualDeviceInfo, VolumeTo};
+use super::vm::{nullable, one_or_many, NicTo, VirtualDeviceInfo, VolumeTo};
 use serde::{Deserialize, Serialize};
 
 /// `/vm/reboot`: stop the guest (gracefully for `timeout` seconds, then by force) and start it
@@ -15,7 +15,7 @@ pub struct RebootVmCmd {
     pub uuid: String,
     #[serde(default, deserialize_with = "nullable")]
     pub timeout: u64,
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "one_or_many")]
     pub boot_dev: Vec<String>,
 }
 

@@ -7,17 +7,25 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
-use super::vm::{CdRomTo, KernelBoot as WireKernelBoot, MonInfo, NicTo, StartVmCmd, TpmSpec, VolumeTo};
+use super::vm::{CdRomTo, KernelBoot as WireKernelBoot, MonInfo, NicTo, StartVmCmd, TpmSpec, VHostAddOn, VolumeTo};
 use crate::domain::{check_uuid, device_letter, is_ifname, xml_safe};
 use crate::error::{AgentError, AgentResult};
 use crate::model::{
     BootDevice, Bus, CacheMode, CdRom, Clock, Cpu, DiskFormat, KernelBoot, Machine, Monitor, Nic, NicModel, NicNetwork,
-    RbdAccess, Topology, TpmModel, Video, VmSpec, Volume,
+    NicQueues, RbdAccess, Topology, TpmModel, Video, VmSpec, Volume,
 };
 use crate::storage::location::Location;
 
 const MAX_MEMORY: u64 = 16 << 40;
 const MAX_CPUS: u32 = 512;
+/// The vCPUs a NUMA-form VM may grow to when `maxVcpuNum` is absent (ZStack's agent).
+const DEFAULT_NUMA_MAX_VCPUS: u32 = 128;
+/// Cores per socket of the NUMA form's topology when none is given (ZStack's agent: 32 × 4).
+const NUMA_CORES_PER_SOCKET: u32 = 4;
+/// Queue pairs a virtio NIC may have.
+const MAX_NIC_QUEUES: u32 = 256;
+/// The receive ring when `rxBufferSize` is absent (ZStack's agent).
+const DEFAULT_RX_QUEUE_SIZE: u32 = 1024;
 const VIDEO: [(&str, Video); 8] = [
     ("vga", Video::Vga),
     ("cirrus", Video::Cirrus),
@@ -101,7 +109,7 @@ impl StartVmCmd {
             Some(t) if t.enable => Some(if t.model == "tpm-tis" { TpmModel::Tis } else { TpmModel::Crb }),
             _ => None,
         };
-        let mut boot_devices: Vec<BootDevice> = self.boot_dev.iter().filter_map(|d| boot_device(d)).collect();
+        let mut boot_devices = boot_devices(&self.boot_dev)?;
         if boot_devices.is_empty() {
             boot_devices.push(BootDevice::Hd);
         }
@@ -138,11 +146,25 @@ impl StartVmCmd {
         })
     }
 
+    /// The vCPUs and their topology. In the NUMA form (`useNuma`) the VM may grow to
+    /// `maxVcpuNum` (128 when absent, as ZStack's agent) and the topology holds all of them;
+    /// otherwise it holds `cpuNum`. Without `socketNum` the NUMA form gets ZStack's topology
+    /// (sockets of 4 cores: 32 × 4 for 128 vCPUs), the other form none. A topology that does not
+    /// hold exactly those vCPUs is refused, its fields named.
     fn cpu(&self) -> AgentResult<Cpu> {
+        let max =
+            self.use_numa.then_some(if self.max_vcpu_num == 0 { DEFAULT_NUMA_MAX_VCPUS } else { self.max_vcpu_num });
         if self.cpu_num == 0 || self.cpu_num > MAX_CPUS || self.max_vcpu_num > MAX_CPUS {
             return Err(invalid(format!(
                 "cpuNum {} / maxVcpuNum {} out of range (1 to {MAX_CPUS})",
                 self.cpu_num, self.max_vcpu_num
+            )));
+        }
+        if let Some(m) = max.filter(|m| *m < self.cpu_num) {
+            return Err(invalid(format!(
+                "maxVcpuNum {m} is less than cpuNum {}: with useNuma the VM starts with cpuNum vCPUs and may grow \
+                 to maxVcpuNum; give a maxVcpuNum of at least cpuNum",
+                self.cpu_num
             )));
         }
         // Each at most MAX_CPUS, so that their product cannot overflow.
@@ -155,15 +177,35 @@ impl StartVmCmd {
                 return Err(invalid(format!("{f} {n} is out of range (at most {MAX_CPUS})")));
             }
         }
-        let max = (self.use_numa && self.max_vcpu_num > self.cpu_num).then_some(self.max_vcpu_num);
-        let all = max.unwrap_or(self.cpu_num);
-        let topology = match (self.socket_num, self.cpu_on_socket, self.threads_per_core) {
-            (Some(s), Some(c), t) if s * c * t.unwrap_or(1) == all => {
-                Some(Topology { sockets: s, cores: c, threads: t.unwrap_or(1) })
+        let topology = match (self.socket_num.filter(|s| *s > 0), max) {
+            (Some(sockets), _) => Some(self.given_topology(sockets, max)?),
+            (None, Some(m)) if m % NUMA_CORES_PER_SOCKET == 0 => {
+                Some(Topology { sockets: m / NUMA_CORES_PER_SOCKET, cores: NUMA_CORES_PER_SOCKET, threads: 1 })
             }
-            _ => None,
+            (None, Some(m)) => Some(Topology { sockets: m, cores: 1, threads: 1 }),
+            (None, None) => None,
         };
         Ok(Cpu { count: self.cpu_num, max, topology })
+    }
+
+    /// `socketNum` × `cpuOnSocket` × `threadsPerCore` (1 when absent), which must hold exactly
+    /// the VM's vCPUs: `max` in the NUMA form, `cpuNum` otherwise.
+    fn given_topology(&self, sockets: u32, max: Option<u32>) -> AgentResult<Topology> {
+        let cores = self.cpu_on_socket.unwrap_or(0);
+        let threads = self.threads_per_core.unwrap_or(1);
+        let holds = sockets * cores * threads;
+        let (field, vcpus) = match max {
+            Some(m) => ("maxVcpuNum (useNuma: every vCPU the VM may grow to)", m),
+            None => ("cpuNum", self.cpu_num),
+        };
+        if holds != vcpus {
+            return Err(invalid(format!(
+                "socketNum {sockets} × cpuOnSocket {} × threadsPerCore {threads} = {holds} vCPUs, but {field} is \
+                 {vcpus}: give a topology whose product is {vcpus}",
+                self.cpu_on_socket.map_or("absent".to_owned(), |c| c.to_string())
+            )));
+        }
+        Ok(Topology { sockets, cores, threads })
     }
 
     /// The wire form of `spec`, for answers and files that carry a StartVmCmd.
@@ -186,14 +228,7 @@ impl StartVmCmd {
             }
             .into(),
             boot_mode: "Legacy".into(),
-            boot_dev: (spec.boot_devices.iter())
-                .map(|d| match d {
-                    BootDevice::Hd => "hd",
-                    BootDevice::Cdrom => "cdrom",
-                    BootDevice::Network => "network",
-                })
-                .map(str::to_owned)
-                .collect(),
+            boot_dev: spec.boot_devices.iter().map(|d| d.as_str().to_owned()).collect(),
             root_volume: volumes.next().expect("a spec always has its root"),
             data_volumes: volumes.collect(),
             cd_roms: spec.cd_roms.iter().map(cd_rom_to).collect(),
@@ -234,14 +269,19 @@ fn is_serial(s: &str) -> bool {
     (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-/// A boot device as ZStack names it (`hd`, `cdrom`, `network`).
-pub fn boot_device(name: &str) -> Option<BootDevice> {
-    match name {
-        "hd" => Some(BootDevice::Hd),
-        "cdrom" => Some(BootDevice::Cdrom),
-        "network" => Some(BootDevice::Network),
-        _ => None,
+/// `bootDev` (ZStack's names: `hd`, `cdrom`, `network`) in the model: in order, each device
+/// once; a name that is none of these is refused.
+pub fn boot_devices(names: &[String]) -> AgentResult<Vec<BootDevice>> {
+    let mut devices = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let device = BootDevice::ALL.iter().find(|(n, _)| n == name).map(|(_, d)| *d).ok_or_else(|| {
+            invalid(format!("bootDev[{i}] {name:?} is not a boot device {:?}", BootDevice::ALL.map(|(n, _)| n)))
+        })?;
+        if !devices.contains(&device) {
+            devices.push(device);
+        }
     }
+    Ok(devices)
 }
 
 impl VolumeTo {
@@ -383,6 +423,15 @@ fn nic(field: &str, n: &NicTo) -> AgentResult<Nic> {
         }
     };
     xml_safe(&format!("{field}.uuid"), &n.uuid)?;
+    let queues = match &n.v_host_add_on {
+        Some(addon) => nic_queues(&format!("{field}.vHostAddOn"), addon, model)?,
+        None => None,
+    };
+    if queues.is_some() && network == NicNetwork::User {
+        return Err(invalid(format!(
+            "{field}.vHostAddOn.queueNum: user-mode networking has one queue; multi-queue needs a bridge NIC"
+        )));
+    }
     Ok(Nic {
         mac: n.mac.clone(),
         uuid: n.uuid.clone(),
@@ -393,7 +442,31 @@ fn nic(field: &str, n: &NicTo) -> AgentResult<Nic> {
         mtu: n.mtu.filter(|m| *m > 0),
         link_up: n.state != "disable",
         boot_order: Some(n.boot_order).filter(|o| *o > 0),
+        queues,
     })
+}
+
+/// A virtio NIC's queues as ZStack's agent renders them: only a virtio NIC with more than one
+/// queue pair gets any (the receive ring 1024 unless given); the ring sizes, where given, are
+/// powers of two from 256 to 1024 (QEMU's bounds).
+fn nic_queues(field: &str, addon: &VHostAddOn, model: NicModel) -> AgentResult<Option<NicQueues>> {
+    if addon.queue_num > MAX_NIC_QUEUES {
+        return Err(invalid(format!("{field}.queueNum {} is out of range (1 to {MAX_NIC_QUEUES})", addon.queue_num)));
+    }
+    let ring = |name: &str, v: &Option<String>| -> AgentResult<Option<u32>> {
+        let Some(text) = v.as_deref().filter(|t| !t.is_empty()) else { return Ok(None) };
+        match text.parse::<u32>() {
+            Ok(n) if n.is_power_of_two() && (256..=1024).contains(&n) => Ok(Some(n)),
+            _ => Err(invalid(format!("{field}.{name} {text:?} is not a ring size: a power of two from 256 to 1024"))),
+        }
+    };
+    let rx = ring("rxBufferSize", &addon.rx_buffer_size)?;
+    let tx = ring("txBufferSize", &addon.tx_buffer_size)?;
+    Ok((model == NicModel::Virtio && addon.queue_num > 1).then(|| NicQueues {
+        queues: addon.queue_num,
+        rx_queue_size: rx.unwrap_or(DEFAULT_RX_QUEUE_SIZE),
+        tx_queue_size: tx,
+    }))
 }
 
 fn nic_to(n: &Nic) -> NicTo {
@@ -416,6 +489,11 @@ fn nic_to(n: &Nic) -> NicTo {
         }
         .into(),
         state: if n.link_up { "enable" } else { "disable" }.into(),
+        v_host_add_on: n.queues.map(|q| VHostAddOn {
+            queue_num: q.queues,
+            rx_buffer_size: Some(q.rx_queue_size.to_string()),
+            tx_buffer_size: q.tx_queue_size.map(|t| t.to_string()),
+        }),
     }
 }
 
