@@ -26,6 +26,7 @@ use kvmagent_host_tests::mn_types::{
     self, AttachDataVolumeResponse, DeleteBitsRsp, EmptyResponse, GetBackingChainRsp, LocalStorageVolumeRsp,
     RebootVmResponse, StartVmResponse, TakeSnapshotResponse,
 };
+use kvmagent_host_tests::sshd::Sshd;
 use kvmagent_host_tests::{uuid, with_mn_context, Host};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -368,4 +369,42 @@ async fn the_startvm_fixture_on_a_made_bridge_boots_and_reboots_pauses_and_takes
     let r: EmptyResponse = mn.call("/network/l2novlan/deletebridge", bridge).await;
     assert!(r.success);
     assert!(ip(&["link", "show", &nic.bridge]).is_err(), "the bridge is deleted");
+}
+
+/// Create VM from an image that is only on the SFTP backup storage, twice at once, as the MN does
+/// it for two VMs of one uncached image (`LocalStorageKvmSftpBackupStorageMediatorImpl`: the image
+/// into the cache with `/localstorage/sftp/download`, then `LSKB`'s root from the cache, then
+/// `/vm/start`): the image travels once, arrives bit-identical, and both guests boot from it.
+#[tokio::test]
+async fn two_vms_from_an_image_only_on_the_sftp_backup_storage() {
+    let h = Host::start().await.unwrap();
+    let mn = Mn::new(&h);
+    let sshd = Sshd::start();
+    // The test image, moved out of the cache onto the backup storage.
+    let base = BaseImage::create(&h, 64 * MIB).unwrap();
+    let source = sshd.put("image.qcow2", &std::fs::read(&base.path).unwrap());
+    std::fs::remove_file(&base.path).unwrap();
+
+    let create = || async {
+        let r: EmptyResponse = mn.ls_call("/localstorage/sftp/download", sshd.cmd(&source, &base.path)).await;
+        assert!(r.success);
+        mn.create_root_volume(&base).await
+    };
+    let ((vol_a, root_a), (vol_b, root_b)) = tokio::join!(create(), create());
+    assert_eq!(sshd.logins(), 1, "the image was downloaded once for both");
+    assert_eq!(
+        kvmagent_host_tests::checks::file_sha256(&base.path).unwrap(),
+        kvmagent_host_tests::checks::file_sha256(&source).unwrap(),
+        "bit-identical to the backup storage's"
+    );
+
+    let (vm_a, vm_b) = (uuid(), uuid());
+    h.track_vm(&vm_a);
+    h.track_vm(&vm_b);
+    let cmd_a = start_cmd(&h, &vm_a, &volume_to(&vol_a, &root_a, 0, "Root"), &[], json!([]), 1);
+    let cmd_b = start_cmd(&h, &vm_b, &volume_to(&vol_b, &root_b, 0, "Root"), &[], json!([]), 1);
+    let (seen_a, seen_b) = tokio::join!(mn.start(&cmd_a), mn.start(&cmd_b));
+    for seen in [seen_a, seen_b] {
+        assert_eq!(seen["vda"][&0], base.pattern, "the guest booted on the downloaded image: {seen:?}");
+    }
 }

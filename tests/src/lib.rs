@@ -14,6 +14,7 @@ pub mod images;
 pub mod load;
 pub mod mn_types;
 pub mod sources;
+pub mod sshd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
