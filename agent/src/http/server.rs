@@ -28,8 +28,11 @@ use crate::tasks::registry::{Admission, Intake};
 use crate::tasks::TaskCtx;
 use crate::wire::{self, CommonFields};
 
-/// Commands are small JSON documents; anything larger is refused before it is buffered.
-const MAX_BODY: usize = 16 << 20;
+/// Commands are small JSON documents (ZStack's StartVmCmd is a few KiB); the largest a
+/// management node sends lists every volume of a host (`/localstorage/volume/batchgetsize`: some
+/// 200 bytes a volume, so 20,000 volumes in 4 MiB). Anything larger is refused (413) before it
+/// is buffered.
+const MAX_BODY: usize = 4 << 20;
 
 type Resp = Response<Full<Bytes>>;
 
