@@ -376,7 +376,7 @@ async fn the_startvm_fixture_on_a_made_bridge_boots_and_reboots_pauses_and_takes
 /// into the cache with `/localstorage/sftp/download`, then `LSKB`'s root from the cache, then
 /// `/vm/start`): the image travels once, arrives bit-identical, and both guests boot from it.
 #[tokio::test]
-async fn two_vms_from_an_image_only_on_the_sftp_backup_storage() {
+async fn two_vms_from_an_image_only_on_the_sftp_backup_storage_then_a_reinit() {
     let h = Host::start().await.unwrap();
     let mn = Mn::new(&h);
     let sshd = Sshd::start();
@@ -407,4 +407,21 @@ async fn two_vms_from_an_image_only_on_the_sftp_backup_storage() {
     for seen in [seen_a, seen_b] {
         assert_eq!(seen["vda"][&0], base.pattern, "the guest booted on the downloaded image: {seen:?}");
     }
+
+    // Reinit the root of the first, stopped (`LSKB:2183-2199`: ReinitImageCmd {imagePath: the
+    // cached image, volumePath: the root}; the MN then starts the VM on the new root and deletes
+    // the old one). The guest sees the image again, not what was written over it.
+    let r: EmptyResponse = mn.call("/vm/stop", json!({"uuid": vm_a, "type": "cold", "timeout": 120})).await;
+    assert!(r.success);
+    qemu_io_write(&root_a, 0, &pattern("written-over")).unwrap();
+    let body = json!({"imagePath": base.path, "volumePath": root_a});
+    let r: mn_types::ReinitImageRsp = mn.ls_call("/localstorage/reinit/image", body).await;
+    let new_root = PathBuf::from(&r.new_volume_install_path);
+    assert!(new_root != root_a && new_root.exists(), "{r:?}");
+    assert!(root_a.exists(), "the old root survives until the new one is in place and used");
+    let cmd_a = start_cmd(&h, &vm_a, &volume_to(&vol_a, &new_root, 0, "Root"), &[], json!([]), 1);
+    let seen = mn.start(&cmd_a).await;
+    assert_eq!(seen["vda"][&0], base.pattern, "reinit gives the image back: {seen:?}");
+    mn.delete(&root_a).await;
+    assert!(!root_a.exists() && new_root.exists());
 }

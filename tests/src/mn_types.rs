@@ -360,3 +360,12 @@ pub struct DeleteBitsRsp {
     #[serde(default)]
     pub in_use: bool,
 }
+
+/// `LSKB:553-555` `ReinitImageRsp`: `String newVolumeInstallPath` (`@Validation`: required).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReinitImageRsp {
+    #[serde(flatten)]
+    pub base: LocalStorageResponse,
+    pub new_volume_install_path: String,
+}
