@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::image_cache::{self, ssh::SshSource, Source};
+use crate::ops::undo::UndoLog;
 use crate::qemu_img::CreateOptions;
 use crate::storage::local::{parse_qcow2_options, Existing, FromImage, Provisioning};
 use crate::storage::local_files::disk_usage;
@@ -154,8 +155,28 @@ async fn flat_copy(
 ) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
     let _source = app.volume_locks.read(src).await?;
     let _target = app.volume_locks.write(dst).await?;
-    let path = app.storage.create_flat_copy(src, dst, opts, &ctx.stop, &mut |p| ctx.progress(p, "copying")).await?;
-    size_of(app, ctx, &path).await
+    // A kill after the copy is in place but before the task's result is recorded removes it
+    // again (the task is then reported interrupted): the undo is journaled before the copy, once
+    // the target is known to be free, so it can never remove a file that was there before.
+    let store = crate::ops::volumes::store(app, dst)?;
+    store.check_free(dst, &ctx.stop).await?;
+    let mut undo = UndoLog::journaled(app, &ctx.task_id);
+    undo.push(store.undo_for(dst)?);
+    let copied = async {
+        let path = app.storage.create_flat_copy(src, dst, opts, &ctx.stop, &mut |p| ctx.progress(p, "copying")).await?;
+        size_of(app, ctx, &path).await
+    }
+    .await;
+    match copied {
+        Ok(rsp) => {
+            undo.commit();
+            Ok(rsp)
+        }
+        Err(e) => {
+            undo.rollback_storage(app).await;
+            Err(e)
+        }
+    }
 }
 
 /// A volume or template from a snapshot: a flat copy of its chain at the workspace path.

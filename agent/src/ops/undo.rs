@@ -99,6 +99,12 @@ impl UndoLog {
         replay(app, std::mem::take(&mut self.steps), &[vm]).await;
         self.forget();
     }
+
+    /// Like [`rollback`](Self::rollback), for a log whose steps name no VM (storage paths).
+    pub async fn rollback_storage(mut self, app: &App) {
+        replay(app, std::mem::take(&mut self.steps), &[]).await;
+        self.forget();
+    }
 }
 
 impl UndoStep {
