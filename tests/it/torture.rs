@@ -1,5 +1,5 @@
 //! Torture: start an operation (create, clone, change image, flatten offline and live, create on
-//! RBD), SIGKILL the agent at a random moment, start it again, and check that the final result
+//! RBD, backup, an image download into the cache, a volume from a snapshot), SIGKILL the agent at a random moment, start it again, and check that the final result
 //! for that taskuuid is delivered, every volume passes `qemu-img check`, the sources are
 //! bit-identical, and nothing half-made is left: no volume, image, domain or temporary file of
 //! a failed operation, no undo log. `KVMAGENT_TORTURE_COUNT` sets how many rounds (default: one
@@ -12,14 +12,25 @@ use std::time::Duration;
 use kvmagent_host_tests::ceph::{self, agent_config};
 use kvmagent_host_tests::checks::{domstate, file_sha256, guest_disk_flush, qemu_img, qemu_img_info, qemu_io_fill};
 use kvmagent_host_tests::guest::staying_kernel_boot;
+use kvmagent_host_tests::http_server::{sha256, HttpServer, Serve};
 use kvmagent_host_tests::images::{data_volume_path, root_volume_path, BaseImage};
 use kvmagent_host_tests::sources::rbd_spec;
 use kvmagent_host_tests::{record_volumes, uuid, Host, Rng};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
-const KINDS: [&str; 8] =
-    ["create", "clone", "changeimage", "flatten-offline", "flatten-live", "rbd-create", "clone-linked", "backup"];
+const KINDS: [&str; 10] = [
+    "create",
+    "clone",
+    "changeimage",
+    "flatten-offline",
+    "flatten-live",
+    "rbd-create",
+    "clone-linked",
+    "backup",
+    "download",
+    "merge",
+];
 
 /// What one round must find afterwards.
 enum Expect {
@@ -33,6 +44,11 @@ enum Expect {
     /// A flatten always ends done (resumed after the kill): the root stands alone and reads as
     /// `reference` did.
     Flat { vm: String, root: PathBuf, reference: PathBuf },
+    /// An image download (`/image/cache`): the target holds the source's bytes, or is not there.
+    Downloaded { target: PathBuf, sha: String },
+    /// A volume from a snapshot (`/localstorage/snapshot/merge`): the workspace file reads as
+    /// the snapshot, or is not there; the snapshot is never written.
+    Merged { workspace: PathBuf, snapshot: PathBuf, snapshot_sha: String },
 }
 
 struct Setup {
@@ -42,6 +58,8 @@ struct Setup {
     rbd_image: String,
     clone_source: String,
     clone_source_shas: Vec<(PathBuf, String)>,
+    /// Serves the images of the download rounds.
+    http: HttpServer,
 }
 
 fn exists(path: &str) -> bool {
@@ -70,8 +88,38 @@ async fn vm(h: &Host, s: &Setup, strategy: &str) -> (String, PathBuf) {
 }
 
 /// The command of one round, and what to check after it.
-async fn round(h: &Host, s: &Setup, kind: &str) -> (&'static str, Value, Expect) {
+async fn round(h: &Host, s: &Setup, kind: &str, rng: &mut Rng) -> (&'static str, Value, Expect) {
     match kind {
+        "download" => {
+            // A qcow2 of a few hundred KiB: mostly dripped 64 KiB at a time (the kill lands
+            // mid-download), sometimes sent at once (it lands after).
+            let id = uuid();
+            let src = h.dir.path().join(format!("download-{id}.qcow2"));
+            qemu_img(&["create", "-q", "-f", "qcow2", src.to_str().unwrap(), "16M"]).unwrap();
+            qemu_io_fill(&src, 0, (1 + rng.below(8) as u64) * (64 << 10), 0x3c).unwrap();
+            let body = std::fs::read(&src).unwrap();
+            std::fs::remove_file(&src).unwrap();
+            let sha = sha256(&body);
+            let how =
+                if rng.below(3) == 0 { Serve::Whole { body, delay: Duration::ZERO } } else { Serve::Drip { body } };
+            let url = s.http.serve(&format!("/images/{id}.qcow2"), how);
+            let target = h.path(&format!("imagecache/template/{id}/{id}.qcow2"));
+            let cmd = json!({"url": url, "sha256": sha, "installPath": target});
+            ("/image/cache", cmd, Expect::Downloaded { target, sha })
+        }
+        "merge" => {
+            // A snapshot on the base image (96 MiB of data), with data of its own.
+            let (id, vol) = root_volume_path(h);
+            let snapshot = vol.parent().unwrap().join(format!("snapshots/{}.qcow2", uuid()));
+            std::fs::create_dir_all(snapshot.parent().unwrap()).unwrap();
+            let (base, snap) = (s.base.path.to_str().unwrap(), snapshot.to_str().unwrap());
+            qemu_img(&["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", snap]).unwrap();
+            qemu_io_fill(&snapshot, rng.below(64) as u64 * MIB, 4 * MIB, 0xc3).unwrap();
+            let snapshot_sha = file_sha256(&snapshot).unwrap();
+            let workspace = h.path(&format!("snapshotWorkspace/{id}/{id}.qcow2"));
+            let cmd = json!({"snapshotInstallPath": snapshot, "workspaceInstallPath": workspace, "volumeUuid": id});
+            ("/localstorage/snapshot/merge", cmd, Expect::Merged { workspace, snapshot, snapshot_sha })
+        }
         "create" => {
             let vm = uuid();
             h.track_vm(&vm);
@@ -128,7 +176,7 @@ async fn round(h: &Host, s: &Setup, kind: &str) -> (&'static str, Value, Expect)
             qemu_img(&["convert", "-U", "-O", "qcow2", root.to_str().unwrap(), reference.to_str().unwrap()]).unwrap();
             ("/vm/flatten", json!({"vmUuid": vm}), Expect::Flat { vm, root, reference })
         }
-        _ => {
+        "rbd-create" => {
             let vm = uuid();
             h.track_vm(&vm);
             let root = format!("ceph://rbd/vol-{}", uuid());
@@ -141,6 +189,7 @@ async fn round(h: &Host, s: &Setup, kind: &str) -> (&'static str, Value, Expect)
             });
             ("/vm/create", cmd, Expect::AllOrNothing { paths: vec![root], domains: vec![vm], defined: false })
         }
+        other => panic!("unknown torture kind {other}"),
     }
 }
 
@@ -201,6 +250,32 @@ fn check(h: &Host, s: &Setup, result: &Value, expect: &Expect) {
             let same = qemu_img(&["compare", "-U", reference.to_str().unwrap(), root.to_str().unwrap()]).unwrap();
             assert!(same.contains("identical"), "{same}");
         }
+        Expect::Downloaded { target, sha } => {
+            assert_eq!(
+                target.exists(),
+                ok,
+                "{} exists exactly when the download succeeded: {result}",
+                target.display()
+            );
+            if ok {
+                assert_eq!(&file_sha256(target).unwrap(), sha, "bit-identical to the source");
+            }
+        }
+        Expect::Merged { workspace, snapshot, snapshot_sha } => {
+            assert_eq!(
+                workspace.exists(),
+                ok,
+                "{} exists exactly when the merge succeeded: {result}",
+                workspace.display()
+            );
+            if ok {
+                let (ws, snap) = (workspace.to_str().unwrap(), snapshot.to_str().unwrap());
+                assert!(qemu_img_info(workspace).unwrap()["backing-filename"].is_null(), "a flat copy: {ws}");
+                let same = qemu_img(&["compare", "-U", ws, snap]).unwrap();
+                assert!(same.contains("identical"), "{same}");
+            }
+            assert_eq!(&file_sha256(snapshot).unwrap(), snapshot_sha, "the snapshot was not written");
+        }
     }
     let all = files(&h.path(""));
     let temporary: Vec<&PathBuf> = all.iter().filter(|p| p.to_string_lossy().contains(".kvmagent-tmp-")).collect();
@@ -237,7 +312,16 @@ async fn recovery_report(h: &Host) -> Value {
 
 #[tokio::test]
 async fn kill_the_agent_at_random_moments() {
-    let mut h = Host::start_with(&agent_config()).await.unwrap();
+    let kinds: Vec<String> = match std::env::var("KVMAGENT_TORTURE_KINDS") {
+        Ok(k) => k.split(',').map(str::to_owned).collect(),
+        Err(_) => KINDS.iter().map(|k| k.to_string()).collect(),
+    };
+    for k in &kinds {
+        assert!(KINDS.contains(&k.as_str()), "unknown torture kind {k:?}: one of {KINDS:?}");
+    }
+    // Only the RBD rounds need the Ceph cluster.
+    let rbd = kinds.iter().any(|k| k == "rbd-create");
+    let mut h = Host::start_with(&if rbd { agent_config() } else { String::new() }).await.unwrap();
     let rounds: usize =
         std::env::var("KVMAGENT_TORTURE_COUNT").ok().and_then(|n| n.parse().ok()).unwrap_or(KINDS.len());
     let seed: u64 = std::env::var("KVMAGENT_TORTURE_SEED")
@@ -252,13 +336,15 @@ async fn kill_the_agent_at_random_moments() {
     qemu_io_fill(&base.path, 2 * MIB, 96 * MIB, 0x5a).unwrap();
     let image = BaseImage::create(&h, 64 * MIB).unwrap();
     let rbd_image = format!("image-{}", uuid());
-    ceph::rbd(&["create", "--size", "96M", &format!("rbd/{rbd_image}")]).unwrap();
-    let fill = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 7 0 64M", &ceph::qemu_name(&format!("rbd/{rbd_image}"))])
-        .output()
-        .unwrap();
-    assert!(fill.status.success());
-    ceph::rbd(&["snap", "create", &format!("rbd/{rbd_image}@{rbd_image}")]).unwrap();
+    if rbd {
+        ceph::rbd(&["create", "--size", "96M", &format!("rbd/{rbd_image}")]).unwrap();
+        let fill = std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 7 0 64M", &ceph::qemu_name(&format!("rbd/{rbd_image}"))])
+            .output()
+            .unwrap();
+        assert!(fill.status.success());
+        ceph::rbd(&["snap", "create", &format!("rbd/{rbd_image}@{rbd_image}")]).unwrap();
+    }
     let mut s = Setup {
         base_sha: file_sha256(&base.path).unwrap(),
         base,
@@ -266,6 +352,7 @@ async fn kill_the_agent_at_random_moments() {
         rbd_image,
         clone_source: String::new(),
         clone_source_shas: Vec::new(),
+        http: HttpServer::start().await,
     };
     let (source, _) = vm(&h, &s, "CreateStopped").await;
     for p in h.recorded_paths(&source).unwrap().into_iter().map(PathBuf::from) {
@@ -275,13 +362,9 @@ async fn kill_the_agent_at_random_moments() {
 
     let (mut before, mut interrupted, mut resumed) = (0, 0, 0);
     let mut rbd_made = Vec::new();
-    let kinds: Vec<String> = match std::env::var("KVMAGENT_TORTURE_KINDS") {
-        Ok(k) => k.split(',').map(str::to_owned).collect(),
-        Err(_) => KINDS.iter().map(|k| k.to_string()).collect(),
-    };
     for i in 0..rounds {
         let kind = kinds[i % kinds.len()].as_str();
-        let (path, cmd, expect) = round(&h, &s, kind).await;
+        let (path, cmd, expect) = round(&h, &s, kind, &mut rng).await;
         let delay = Duration::from_millis(rng.next_u64() % 600);
         let task = h.send(path, &cmd).await.unwrap();
         tokio::time::sleep(delay).await;
@@ -312,5 +395,7 @@ async fn kill_the_agent_at_random_moments() {
     for p in rbd_made {
         ceph::remove_all(&rbd_spec(&p));
     }
-    ceph::remove_all(&format!("rbd/{}", s.rbd_image));
+    if rbd {
+        ceph::remove_all(&format!("rbd/{}", s.rbd_image));
+    }
 }

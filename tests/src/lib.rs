@@ -10,6 +10,7 @@ pub mod ceph;
 pub mod checks;
 pub mod consistency;
 pub mod guest;
+pub mod http_server;
 pub mod images;
 pub mod load;
 pub mod mn_types;
