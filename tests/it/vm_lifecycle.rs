@@ -15,7 +15,7 @@ const MIB: u64 = 1 << 20;
 /// ZStack's own StartVmCmd fixture with a fresh VM uuid, our root volume, and a user-mode NIC
 /// (the fixture's `br_eth0` does not exist on a test host).
 fn fixture_cmd(vm: &str, root: &str) -> Value {
-    let mut cmd: Value = serde_json::from_str(include_str!("../fixtures/zstack-startvm-cmd.json")).unwrap();
+    let mut cmd: Value = kvmagent_host_tests::images::startvm_fixture();
     cmd["vmInstanceUuid"] = json!(vm);
     cmd["rootVolume"]["installPath"] = json!(root);
     cmd["nics"][0]["type"] = json!("user");
@@ -42,7 +42,7 @@ async fn zstack_fixture_is_accepted_unchanged_but_for_root_path_and_bridge() {
     let h = Host::start().await.unwrap();
     let base = BaseImage::create(&h, 64 * MIB).unwrap();
     let (_, root) = create_root_from_cache(&h, &base).await;
-    let mut cmd: Value = serde_json::from_str(include_str!("../fixtures/zstack-startvm-cmd.json")).unwrap();
+    let mut cmd: Value = kvmagent_host_tests::images::startvm_fixture();
     let vm = cmd["vmInstanceUuid"].as_str().unwrap().to_owned();
     let _ = kvmagent_host_tests::checks::virsh(&["destroy", &vm]);
     let _ = kvmagent_host_tests::checks::virsh(&["undefine", "--nvram", &vm]);

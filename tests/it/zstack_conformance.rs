@@ -216,7 +216,7 @@ fn volume_to(vol: &str, path: &Path, device_id: u32, kind: &str) -> Value {
 
 /// A StartVmCmd the MN sent in ZStack's own tests.
 fn fixture() -> Value {
-    serde_json::from_str(include_str!("../fixtures/zstack-startvm-cmd.json")).unwrap()
+    kvmagent_host_tests::images::startvm_fixture()
 }
 
 /// ZStack's StartVmCmd fixture for VM `vm` with the given volumes and NICs, small enough for

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use kvmagent_host_tests::checks::{disk_source as source_of, disks, domstate, eventually, qemu_io_write, virsh};
 use kvmagent_host_tests::guest::{console_log, pattern, staying_kernel_boot, wait_report};
-use kvmagent_host_tests::images::{data_volume_path, root_volume_path, BaseImage};
+use kvmagent_host_tests::images::{data_volume_path, fixture_vm_on_a_new_root, BaseImage};
 use kvmagent_host_tests::{uuid, Host};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 
@@ -17,19 +17,7 @@ const MIB: u64 = 1 << 20;
 async fn a_running_vm_through_the_management_nodes_paths() {
     let h = Host::start().await.unwrap();
     let base = BaseImage::create(&h, 64 * MIB).unwrap();
-    let (root_uuid, root) = root_volume_path(&h);
-    h.call_ok(
-        "/localstorage/volume/createvolumefromcache",
-        &json!({"templatePathInCache": base.path, "installUrl": root, "volumeUuid": root_uuid, "virtualSize": 0}),
-    )
-    .await
-    .unwrap();
-    let vm = uuid();
-    h.track_vm(&vm);
-    let mut cmd: Value = serde_json::from_str(include_str!("../fixtures/zstack-startvm-cmd.json")).unwrap();
-    cmd["vmInstanceUuid"] = json!(vm);
-    cmd["rootVolume"]["installPath"] = json!(root);
-    cmd["rootVolume"]["volumeUuid"] = json!(root_uuid);
+    let (vm, mut cmd) = fixture_vm_on_a_new_root(&h, &base).await.unwrap();
     cmd["nics"][0]["type"] = json!("user");
     cmd["memory"] = json!(256 * MIB);
     cmd["cdRoms"] = json!([{"deviceId": 0, "isEmpty": true, "resourceUuid": uuid()}]);
@@ -113,6 +101,7 @@ async fn a_running_vm_through_the_management_nodes_paths() {
     assert!(!h.recorded_paths(&vm).unwrap().contains(&data.display().to_string()), "the record lost the volume");
 
     // The detached volume is unused at two syncs in a row; the running root never is.
+    let root = std::path::PathBuf::from(cmd["rootVolume"]["installPath"].as_str().unwrap());
     let dirs = [data.parent().unwrap(), root.parent().unwrap()].map(|d| format!("file://{}", d.display()));
     let sync = json!({"storagePaths": dirs});
     let r = h.call_ok("/vm/volumesync", &sync).await.unwrap();

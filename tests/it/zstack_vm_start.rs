@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kvmagent_host_tests::checks::{domstate, dumpxml, ensure_bridge, virsh};
 use kvmagent_host_tests::guest::{console_log, staying_kernel_boot, wait_report};
-use kvmagent_host_tests::images::{root_volume_path, BaseImage};
+use kvmagent_host_tests::images::{fixture_vm_on_a_new_root, BaseImage};
 use kvmagent_host_tests::{uuid, Host};
 use serde_json::{json, Value};
 
@@ -47,19 +47,7 @@ async fn numa_topology_nic_queues_and_vmsync_after_a_reset_and_a_qemu_crash() {
     let h = Host::start().await.unwrap();
     ensure_bridge(BRIDGE).unwrap();
     let base = BaseImage::create(&h, 64 * MIB).unwrap();
-    let (root_uuid, root) = root_volume_path(&h);
-    h.call_ok(
-        "/localstorage/volume/createvolumefromcache",
-        &json!({"templatePathInCache": base.path, "installUrl": root, "volumeUuid": root_uuid, "virtualSize": 0}),
-    )
-    .await
-    .unwrap();
-    let vm = uuid();
-    h.track_vm(&vm);
-    let mut cmd: Value = serde_json::from_str(include_str!("../fixtures/zstack-startvm-cmd.json")).unwrap();
-    cmd["vmInstanceUuid"] = json!(vm);
-    cmd["rootVolume"]["installPath"] = json!(root);
-    cmd["rootVolume"]["volumeUuid"] = json!(root_uuid);
+    let (vm, mut cmd) = fixture_vm_on_a_new_root(&h, &base).await.unwrap();
     cmd["memory"] = json!(256 * MIB);
     // The NUMA form as the management node sends it (useNuma, no topology), small for TCG.
     (cmd["cpuNum"], cmd["maxVcpuNum"]) = (json!(1), json!(4));

@@ -88,6 +88,20 @@ impl FakeRbd {
         f(image)
     }
 
+    /// Takes the image out of the pool, as removing it or moving it to the trash does: refused
+    /// while it has snapshots.
+    fn take_out(&self, p: &CephPath) -> Result<(), RbdError> {
+        let mut map = self.images.lock().unwrap();
+        match map.get(&p.image_spec()) {
+            None => Err(not_found(p)),
+            Some(i) if !i.snaps.is_empty() => Err(refused(p, "the image has snapshots")),
+            Some(_) => {
+                map.remove(&p.image_spec());
+                Ok(())
+            }
+        }
+    }
+
     fn add(&self, p: &CephPath, image: Image) -> Result<(), RbdError> {
         let mut map = self.images.lock().unwrap();
         if map.contains_key(&p.image_spec()) {
@@ -239,15 +253,7 @@ impl Rbd for FakeRbd {
         if self.watched.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
             return Err(RbdError::Busy { what: p.spec() });
         }
-        let mut map = self.images.lock().unwrap();
-        match map.get(&p.image_spec()) {
-            None => Err(not_found(p)),
-            Some(i) if !i.snaps.is_empty() => Err(refused(p, "the image has snapshots")),
-            Some(_) => {
-                map.remove(&p.image_spec());
-                Ok(())
-            }
-        }
+        self.take_out(p)
     }
 
     async fn watchers(&self, p: &CephPath, _stop: &Stop) -> Result<usize, RbdError> {
@@ -256,16 +262,9 @@ impl Rbd for FakeRbd {
     }
 
     async fn trash_move(&self, p: &CephPath, delay_secs: u64, _stop: &Stop) -> Result<(), RbdError> {
-        let mut map = self.images.lock().unwrap();
-        match map.get(&p.image_spec()) {
-            None => Err(not_found(p)),
-            Some(i) if !i.snaps.is_empty() => Err(refused(p, "the image has snapshots")),
-            Some(_) => {
-                map.remove(&p.image_spec());
-                self.trash.lock().unwrap().insert(p.image_spec(), delay_secs);
-                Ok(())
-            }
-        }
+        self.take_out(p)?;
+        self.trash.lock().unwrap().insert(p.image_spec(), delay_secs);
+        Ok(())
     }
 }
 

@@ -41,6 +41,17 @@ fn push_options(args: &mut Vec<OsString>, opts: &CreateOptions) {
     }
 }
 
+/// `qemu-img rebase -f qcow2 -F <fmt> -b <backing> <path>`: safe (the data is kept readable),
+/// or with `header_only` (`-u`) only the backing file's name in the header is changed.
+async fn rebase(path: &Path, backing: &Path, fmt: &str, header_only: bool, stop: &Stop) -> Result<(), QemuImgError> {
+    let mut a = args(["rebase".as_ref(), "-q".as_ref()]);
+    if header_only {
+        a.push("-u".into());
+    }
+    a.extend(["-f".into(), "qcow2".into(), "-F".into(), fmt.into(), "-b".into(), backing.into(), path.into()]);
+    run("rebase", path, &a, stop).await.map(drop)
+}
+
 /// `qemu-img convert -p` prints `    (12.34/100%)`.
 fn parse_progress(line: &str) -> Option<u8> {
     let inner = line.trim().strip_prefix('(')?.split('/').next()?;
@@ -115,18 +126,7 @@ impl QemuImg for QemuImgCli {
     }
 
     async fn rebase(&self, path: &Path, backing: &Path, backing_fmt: &str, stop: &Stop) -> Result<(), QemuImgError> {
-        let a = args([
-            "rebase".as_ref(),
-            "-q".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-F".as_ref(),
-            backing_fmt.as_ref(),
-            "-b".as_ref(),
-            backing.as_os_str(),
-            path.as_os_str(),
-        ]);
-        run("rebase", path, &a, stop).await.map(drop)
+        rebase(path, backing, backing_fmt, false, stop).await
     }
 
     async fn rename_backing(
@@ -136,19 +136,7 @@ impl QemuImg for QemuImgCli {
         backing_fmt: &str,
         stop: &Stop,
     ) -> Result<(), QemuImgError> {
-        let a = args([
-            "rebase".as_ref(),
-            "-q".as_ref(),
-            "-u".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-F".as_ref(),
-            backing_fmt.as_ref(),
-            "-b".as_ref(),
-            backing.as_os_str(),
-            path.as_os_str(),
-        ]);
-        run("rebase", path, &a, stop).await.map(drop)
+        rebase(path, backing, backing_fmt, true, stop).await
     }
 
     async fn commit(&self, path: &Path, stop: &Stop) -> Result<(), QemuImgError> {
