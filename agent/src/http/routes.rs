@@ -31,6 +31,24 @@ pub struct Route {
     pub handler: Handler,
 }
 
+fn encode<T: serde::Serialize>(rsp: T) -> AgentResult<Value> {
+    serde_json::to_value(rsp)
+        .map_err(|e| crate::error::AgentError::internal(format!("cannot encode the response: {e}")))
+}
+
+/// `answer` with the Ceph cluster's capacity added, when the cluster reports one.
+async fn with_ceph_capacity(app: &App, mut answer: Value) -> Value {
+    match (app.ceph.capacity().await, answer.as_object_mut()) {
+        (Ok(c), Some(m)) => {
+            m.insert("totalCapacity".into(), c.total.into());
+            m.insert("availableCapacity".into(), c.available.into());
+        }
+        (Err(e), _) => tracing::warn!(error = %e, "cannot read the Ceph cluster's capacity for the answer"),
+        _ => {}
+    }
+    answer
+}
+
 /// Adapts `async fn(&App, &TaskCtx, Cmd) -> AgentResult<Rsp>` to a [`Handler`]: decodes the
 /// command (naming a bad field) and encodes the response.
 macro_rules! typed {
@@ -39,8 +57,7 @@ macro_rules! typed {
             Box::pin(async move {
                 let cmd = crate::wire::decode(&body)?;
                 let rsp = $f(&app, &ctx, cmd).await?;
-                serde_json::to_value(rsp)
-                    .map_err(|e| crate::error::AgentError::internal(format!("cannot encode the response: {e}")))
+                encode(rsp)
             })
         }
     };
@@ -55,17 +72,7 @@ macro_rules! ceph {
             Box::pin(async move {
                 let cmd = crate::wire::decode(&body)?;
                 let rsp = $f(&app, &ctx, cmd).await?;
-                let mut v = serde_json::to_value(rsp)
-                    .map_err(|e| crate::error::AgentError::internal(format!("cannot encode the response: {e}")))?;
-                match (app.ceph.capacity().await, v.as_object_mut()) {
-                    (Ok(c), Some(m)) => {
-                        m.insert("totalCapacity".into(), c.total.into());
-                        m.insert("availableCapacity".into(), c.available.into());
-                    }
-                    (Err(e), _) => tracing::warn!(error = %e, "cannot read the Ceph cluster's capacity for the answer"),
-                    _ => {}
-                }
-                Ok(v)
+                Ok(with_ceph_capacity(&app, encode(rsp)?).await)
             })
         }
     };
@@ -78,8 +85,7 @@ macro_rules! native {
             Box::pin(async move {
                 let cmd = crate::wire::decode_native(&body)?;
                 let rsp = $f(&app, &ctx, cmd).await?;
-                serde_json::to_value(rsp)
-                    .map_err(|e| crate::error::AgentError::internal(format!("cannot encode the response: {e}")))
+                encode(rsp)
             })
         }
     };

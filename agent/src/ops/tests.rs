@@ -217,8 +217,8 @@ async fn a_failed_snapshot_group_or_backup_changes_nothing() {
     assert_eq!(backups, 0, "no backup group left");
 }
 
-/// One of the operations, run on the host's VM `vm` (running, or stopped first when `stopped`);
-/// whether it made what it was asked for.
+/// Runs operation `op` on the host's VM `vm` (a create makes a new VM from `image`, a change of
+/// image puts `image` under `vm`); whether it made what it was asked for.
 async fn run_op(h: &TestHost, op: &str, vm: &str, image: &str) -> bool {
     let ctx = TaskCtx::detached(op);
     let app = &h.app;
