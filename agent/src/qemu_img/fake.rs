@@ -169,10 +169,11 @@ impl FakeQemuImg {
         FakeQemuImg { faults }
     }
 
-    /// Counts the call (named `qemu-img <call>` in `faults`) and fails it when `faults` or
-    /// `stop` say so.
-    async fn enter(&self, call: &'static str, path: &Path, stop: &Stop) -> Result<(), QemuImgError> {
-        let fail = self.faults.enter(call_name(call)).await;
+    /// Counts the call (`name`, `qemu-img <subcommand>`, is what a test fails it by) and fails it
+    /// when `faults` or `stop` say so.
+    async fn enter(&self, name: &'static str, path: &Path, stop: &Stop) -> Result<(), QemuImgError> {
+        let fail = self.faults.enter(name).await;
+        let call = name.strip_prefix("qemu-img ").unwrap_or(name);
         let run = |source| QemuImgError::Run { subcommand: call, path: path.display().to_string(), source };
         if stop.is_stopped() {
             return Err(run(ProcessError::Stopped { command: format!("qemu-img {call}") }));
@@ -181,19 +182,6 @@ impl FakeQemuImg {
             return Err(failed(call, path, "injected failure".into()));
         }
         Ok(())
-    }
-}
-
-/// The name a test fails a call by.
-fn call_name(call: &str) -> &'static str {
-    match call {
-        "info" => "qemu-img info",
-        "create" => "qemu-img create",
-        "convert" => "qemu-img convert",
-        "resize" => "qemu-img resize",
-        "rebase" => "qemu-img rebase",
-        "commit" => "qemu-img commit",
-        _ => "qemu-img measure",
     }
 }
 
@@ -219,7 +207,7 @@ fn create_new(dst: &Path, img: &Image) -> Result<(), Failure> {
 #[async_trait]
 impl QemuImg for FakeQemuImg {
     async fn info(&self, path: &Path, stop: &Stop) -> Result<ImageInfo, QemuImgError> {
-        self.enter("info", path, stop).await?;
+        self.enter("qemu-img info", path, stop).await?;
         let img = or_failed("info", path, read(path))?;
         let header = or_failed("info", path, read_header(path).map_err(|e| e.to_string()))?;
         let allocated = if img.data.preallocated { img.size } else { img.data.blocks.len() as u64 * BLOCK };
@@ -236,7 +224,7 @@ impl QemuImg for FakeQemuImg {
     }
 
     async fn create(&self, dst: &Path, size: u64, opts: &CreateOptions, stop: &Stop) -> Result<(), QemuImgError> {
-        self.enter("create", dst, stop).await?;
+        self.enter("qemu-img create", dst, stop).await?;
         let data = Data { preallocated: opts.preallocates(), ..Data::default() };
         or_failed("create", dst, create_new(dst, &Image { size, backing: None, data }))
     }
@@ -250,7 +238,7 @@ impl QemuImg for FakeQemuImg {
         _opts: &CreateOptions,
         stop: &Stop,
     ) -> Result<(), QemuImgError> {
-        self.enter("create", dst, stop).await?;
+        self.enter("qemu-img create", dst, stop).await?;
         let base = or_failed("create", dst, read(backing).map_err(|e| format!("Could not open backing file: {e}")))?;
         let data = Data { backing_format: Some(backing_fmt.into()), ..Data::default() };
         let img = Image { size: size.unwrap_or(base.size), backing: Some(backing.display().to_string()), data };
@@ -264,7 +252,7 @@ impl QemuImg for FakeQemuImg {
         on_progress: &mut (dyn FnMut(u8) + Send),
     ) -> Result<(), QemuImgError> {
         let (src, dst) = (Path::new(c.src), Path::new(c.dst));
-        self.enter("convert", src, stop).await?;
+        self.enter("qemu-img convert", src, stop).await?;
         if c.dst_fmt != "qcow2" || c.src.to_string_lossy().starts_with("rbd:") {
             return Err(failed("convert", src, format!("the fake converts files to qcow2 only, not to {}", c.dst_fmt)));
         }
@@ -277,7 +265,7 @@ impl QemuImg for FakeQemuImg {
     }
 
     async fn resize(&self, path: &Path, size: u64, stop: &Stop) -> Result<(), QemuImgError> {
-        self.enter("resize", path, stop).await?;
+        self.enter("qemu-img resize", path, stop).await?;
         let mut img = or_failed("resize", path, read(path))?;
         if size < img.size {
             return Err(failed("resize", path, "Use the --shrink option to perform a shrink operation.".into()));
@@ -287,7 +275,7 @@ impl QemuImg for FakeQemuImg {
     }
 
     async fn rebase(&self, path: &Path, backing: &Path, backing_fmt: &str, stop: &Stop) -> Result<(), QemuImgError> {
-        self.enter("rebase", path, stop).await?;
+        self.enter("qemu-img rebase", path, stop).await?;
         or_failed("rebase", path, rebase_onto(path, Some((backing, backing_fmt))))
     }
 
@@ -298,7 +286,7 @@ impl QemuImg for FakeQemuImg {
         backing_fmt: &str,
         stop: &Stop,
     ) -> Result<(), QemuImgError> {
-        self.enter("rebase", path, stop).await?;
+        self.enter("qemu-img rebase", path, stop).await?;
         let renamed = read(path).and_then(|mut img| {
             img.backing = Some(backing.display().to_string());
             img.data.backing_format = Some(backing_fmt.to_owned());
@@ -308,12 +296,12 @@ impl QemuImg for FakeQemuImg {
     }
 
     async fn commit(&self, path: &Path, stop: &Stop) -> Result<(), QemuImgError> {
-        self.enter("commit", path, stop).await?;
+        self.enter("qemu-img commit", path, stop).await?;
         or_failed("commit", path, commit_top(path))
     }
 
     async fn measure(&self, path: &Path, _fmt: &str, stop: &Stop) -> Result<Measure, QemuImgError> {
-        self.enter("measure", path, stop).await?;
+        self.enter("qemu-img measure", path, stop).await?;
         let (size, blocks) = or_failed("measure", path, view(path))?;
         let overhead = DATA_OFFSET as u64;
         Ok(Measure { required: overhead + blocks.len() as u64 * BLOCK, fully_allocated: overhead + size })
