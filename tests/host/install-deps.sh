@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Installs what kvmagent drives on a Debian 12 host: libvirt 9 (bookworm), QEMU + qemu-img from
 # bookworm-backports (qemu-utils 10 breaks bookworm's QEMU 7.2, so both come from backports),
-# swtpm, the build dependencies of the `virt` crate, and what the tests use besides (openssl and
-# curl for TLS, systemd-analyze for the unit file, sshd for the image-cache tests' SFTP source). Idempotent; safe to run again.
+# swtpm, OVMF (UEFI guests), xorriso (cloud-init seed ISOs), the build dependencies of the `virt`
+# crate, and what the tests use besides (openssl and curl for TLS, systemd-analyze for the unit
+# file, sshd for the image-cache tests' SFTP source, Debian's signed shim + GRUB and mtools for the
+# Secure Boot test guest's ESP, virt-firmware to read NVRAM files, xmllint for virt-xml-validate).
+# Idempotent; safe to run again.
 set -euo pipefail
 
 [ "$(id -u)" = 0 ] || { echo "install-deps.sh: run as root" >&2; exit 1; }
 
 need=()
-for bin in libvirtd virsh qemu-system-x86_64 qemu-img swtpm pkg-config systemd-analyze openssl curl busybox /usr/sbin/sshd ssh; do
+for bin in libvirtd virsh qemu-system-x86_64 qemu-img swtpm pkg-config systemd-analyze openssl curl busybox /usr/sbin/sshd ssh \
+    xorriso mformat xmllint virt-fw-vars /usr/share/OVMF/OVMF_CODE_4M.secboot.fd /usr/lib/shim/shimx64.efi.signed \
+    /usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed; do
+    [ -e "$bin" ] && continue
     command -v "$bin" >/dev/null 2>&1 || need+=("$bin")
 done
 pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev)
@@ -41,5 +47,6 @@ apt-get install "${apt_opts[@]}" \
     qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports \
     qemu-system-data/bookworm-backports seabios/bookworm-backports \
     qemu-utils/bookworm-backports \
-    busybox-static systemd openssl curl openssh-server openssh-client
+    busybox-static systemd openssl curl openssh-server openssh-client \
+    ovmf xorriso mtools libxml2-utils python3-virt-firmware shim-signed grub-efi-amd64-signed
 echo "install-deps: done"
