@@ -7,7 +7,6 @@ use serde::Serialize;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::image_cache::{self, ssh::SshSource, Source};
-use crate::ops::undo::UndoLog;
 use crate::qemu_img::CreateOptions;
 use crate::storage::local::{parse_qcow2_options, Existing, FromImage, Provisioning};
 use crate::storage::local_files::disk_usage;
@@ -71,7 +70,7 @@ pub async fn create_volume_from_cache(
         opts: &opts,
         existing: Existing::ReplaceLeftover,
     };
-    journaled_make(app, ctx, &cmd.install_url, async {
+    super::journaled_make(app, ctx, &cmd.install_url, async {
         let path =
             app.storage.create_from_image(&cmd.template_path_in_cache, &cmd.install_url, &spec, &ctx.stop).await?;
         size_of(app, ctx, &path).await
@@ -86,7 +85,7 @@ pub async fn create_empty(
 ) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
     let opts = qcow2_options(cmd.kvm_host_addons.as_ref())?;
     let _lock = app.volume_locks.write(&cmd.install_url).await?;
-    journaled_make(app, ctx, &cmd.install_url, async {
+    super::journaled_make(app, ctx, &cmd.install_url, async {
         let path = app
             .storage
             .create_empty(&cmd.install_url, cmd.size, cmd.backing_file.as_deref(), Provisioning::Thin, opts, &ctx.stop)
@@ -138,7 +137,7 @@ pub async fn create_with_backing(
     let opts = qcow2_options(cmd.kvm_host_addons.as_ref())?;
     let _lock = app.volume_locks.write(&cmd.install_path).await?;
     let spec = FromImage { opts: &opts, ..FromImage::THIN };
-    journaled_make(app, ctx, &cmd.install_path, async {
+    super::journaled_make(app, ctx, &cmd.install_path, async {
         let path =
             app.storage.create_from_image(&cmd.template_path_in_cache, &cmd.install_path, &spec, &ctx.stop).await?;
         size_of(app, ctx, &path).await
@@ -167,39 +166,11 @@ async fn flat_copy(
     let _source = app.volume_locks.read(src).await?;
     let _target = app.volume_locks.write(dst).await?;
     crate::ops::volumes::store(app, dst)?.check_free(dst, &ctx.stop).await?;
-    journaled_make(app, ctx, dst, async {
+    super::journaled_make(app, ctx, dst, async {
         let path = app.storage.create_flat_copy(src, dst, opts, &ctx.stop, &mut |p| ctx.progress(p, "copying")).await?;
         size_of(app, ctx, &path).await
     })
     .await
-}
-
-/// Runs `make`, which puts a new volume at `dst` (its caller holds `dst`'s lock), with the
-/// volume's removal journaled first: a failure, or a kill after the volume is in place but
-/// before the task's result is recorded (the task is then reported interrupted), removes it
-/// again. The removal is journaled only when `dst` is free, so it can never remove a file that
-/// was there before (a retry's leftover that `make` replaces stays the caller's business).
-async fn journaled_make<T>(
-    app: &App,
-    ctx: &TaskCtx,
-    dst: &str,
-    make: impl std::future::Future<Output = AgentResult<T>>,
-) -> AgentResult<T> {
-    let store = crate::ops::volumes::store(app, dst)?;
-    let mut undo = UndoLog::journaled(app, &ctx.task_id);
-    if store.check_free(dst, &ctx.stop).await.is_ok() {
-        undo.push(store.undo_for(dst)?);
-    }
-    match make.await {
-        Ok(made) => {
-            undo.commit();
-            Ok(made)
-        }
-        Err(e) => {
-            undo.rollback_storage(app).await;
-            Err(e)
-        }
-    }
 }
 
 /// A volume or template from a snapshot: a flat copy of its chain at the workspace path.
@@ -232,7 +203,7 @@ pub async fn revert_snapshot(
     let _source = app.volume_locks.read(&cmd.snapshot_install_path).await?;
     let _lock = app.volume_locks.write(&new).await?;
     let spec = FromImage { opts: &opts, ..FromImage::THIN };
-    journaled_make(app, ctx, &new, async {
+    super::journaled_make(app, ctx, &new, async {
         let path = app.storage.create_from_image(&cmd.snapshot_install_path, &new, &spec, &ctx.stop).await?;
         let (size, _) = app.storage.sizes(&new, &ctx.stop).await?;
         let new_volume_install_path = path.display().to_string();
@@ -261,7 +232,7 @@ pub async fn reinit_image(app: &App, ctx: &TaskCtx, cmd: ReinitImageCmd) -> Agen
     let new = dir.join(format!("{}.qcow2", uuid::Uuid::new_v4().simple())).display().to_string();
     let _lock = app.volume_locks.write(&new).await?;
     let spec = FromImage { opts: &opts, ..FromImage::THIN };
-    journaled_make(app, ctx, &new, async {
+    super::journaled_make(app, ctx, &new, async {
         let path = app.storage.create_from_image(&cmd.image_path, &new, &spec, &ctx.stop).await?;
         Ok(with_capacity(app, Some(&path), ReinitImageRsp { new_volume_install_path: path.display().to_string() }))
     })
