@@ -5,6 +5,7 @@
 //! These tests need a running libvirtd (`tests/host/libvirtd.sh start`) and the test guest
 //! (`tests/guest/build.sh`); they fail, never skip, when either is missing.
 
+pub mod bench;
 pub mod callbacks;
 pub mod ceph;
 pub mod checks;
