@@ -6,6 +6,7 @@ pub mod atomic_file;
 pub mod backup_group;
 pub mod callbacks;
 pub mod ceph;
+pub mod check_host;
 pub mod compat;
 pub mod config;
 pub mod domain;
