@@ -153,7 +153,7 @@ async fn build(
         super::tpm::copy_state(from, &dst, stop).await.map_err(|e| e.context("step 'copy TPM state' failed"))?;
     }
     if let Some(ci) = &spec.cloud_init {
-        super::cloud_init::make_seed(spec, ci, undo, stop)
+        super::cloud_init::make_seed(app, spec, ci, undo, stop)
             .await
             .map_err(|e| e.context("step 'build cloud-init seed' failed"))?;
     }

@@ -19,6 +19,8 @@ use crate::wire::cloud_init::{CloudInitChoice, CloudInitSpec};
 pub const RBD_SEED_DIR: &str = "cloud-init";
 /// CD-ROM drives a domain has (see [`crate::domain`]); the seed takes the last.
 pub const CDROM_DRIVES: usize = 3;
+/// The volume label NoCloud looks for.
+const SEED_LABEL: &str = "cidata";
 
 /// `over`'s fields where it gives them, `base`'s elsewhere.
 pub fn merge(base: CloudInitChoice, over: &CloudInitChoice) -> CloudInitChoice {
@@ -172,7 +174,13 @@ fn network_config(ci: &CloudInit) -> Value {
 
 /// Builds the seed of `spec` at `ci.seed`: the files and the ISO in a work directory beside it,
 /// the ISO renamed into place. Both are in `undo` first.
-pub async fn make_seed(spec: &VmSpec, ci: &CloudInit, undo: &mut UndoLog, stop: &crate::stop::Stop) -> AgentResult<()> {
+pub async fn make_seed(
+    app: &App,
+    spec: &VmSpec,
+    ci: &CloudInit,
+    undo: &mut UndoLog,
+    stop: &crate::stop::Stop,
+) -> AgentResult<()> {
     let seed = &ci.seed;
     let failed = |what: &str, e: &dyn std::fmt::Display| {
         AgentError::failed(format!("cannot build the cloud-init seed of VM {}", spec.uuid), format!("{what}: {e}"))
@@ -188,20 +196,7 @@ pub async fn make_seed(spec: &VmSpec, ci: &CloudInit, undo: &mut UndoLog, stop: 
         tokio::fs::write(&path, content).await.map_err(|e| failed(&path.display().to_string(), &e))?;
     }
     let iso = work.join("seed.iso");
-    let args = [
-        "-as".as_ref(),
-        "mkisofs".as_ref(),
-        "-quiet".as_ref(),
-        "-o".as_ref(),
-        iso.as_os_str(),
-        "-V".as_ref(),
-        "cidata".as_ref(),
-        "-J".as_ref(),
-        "-R".as_ref(),
-        files.as_os_str(),
-    ];
-    let args: Vec<&std::ffi::OsStr> = args.to_vec();
-    crate::process::run("xorriso", &args, stop).await.map_err(|e| failed("xorriso", &e))?;
+    app.iso.write(&files, SEED_LABEL, &iso, stop).await.map_err(|e| failed("xorriso", &e))?;
     tokio::fs::rename(&iso, seed).await.map_err(|e| failed(&seed.display().to_string(), &e))?;
     tokio::fs::remove_dir_all(&work).await.map_err(|e| failed(&work.display().to_string(), &e))?;
     Ok(())
