@@ -90,8 +90,9 @@ pub async fn define(app: &App, spec: &VmSpec, start: bool, undo: &mut UndoLog) -
 /// from the command and started. A start that fails leaves no domain behind.
 pub async fn start(app: &App, _ctx: &TaskCtx, owner: &owner::VmGuard, cmd: StartVmCmd) -> AgentResult<StartVmRsp> {
     let mut spec = cmd.to_spec()?;
-    // What ZStack's command does not carry stays as the agent made it.
-    if let Some(recorded) = owner.record()? {
+    // What ZStack's command does not carry stays as the agent made it. (An unreadable record
+    // is replaced, as before.)
+    if let Ok(Some(recorded)) = owner.record() {
         spec.genid = recorded.genid;
         spec.cloud_init = recorded.cloud_init;
     }

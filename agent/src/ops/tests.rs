@@ -710,3 +710,58 @@ async fn a_create_with_cloud_init_killed_at_any_point_is_rolled_back() {
     .await;
     assert!(kills >= 8, "{kills} kill points");
 }
+
+#[tokio::test]
+async fn vms_from_a_snapshot_group_or_a_backup_get_a_new_genid_and_the_seed_asked_for() {
+    let h = TestHost::start();
+    let (vm, image) = (uuid(), h.image("ci", 1 << 20).await);
+    let create = cmd(cloud_init_create(&h, &vm, &image, json!({"hostname": "alpha"})));
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), create).await.unwrap();
+    let ctx = TaskCtx::detached("/vm/test");
+    let group = crate::ops::snapshot_group::take(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap();
+    let backup = crate::ops::backup::backup(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap();
+
+    let from_group = |ci: Option<Value>| {
+        let mut body = json!({"groupUuid": group.group_uuid});
+        if let Some(ci) = ci {
+            body["cloudInit"] = ci;
+        }
+        body
+    };
+    let restored = json!({"groupUuid": backup.group_uuid, "cloudInit": {"hostname": "restored"}});
+    let made = [
+        crate::ops::snapshot_group::create_from(&h.app, &ctx, cmd(from_group(Some(json!({"hostname": "snap"})))))
+            .await
+            .unwrap(),
+        crate::ops::backup::create_from(&h.app, &ctx, cmd(restored)).await.unwrap(),
+        crate::ops::snapshot_group::create_from(&h.app, &ctx, cmd(from_group(None))).await.unwrap(),
+    ];
+    let mut genids = BTreeSet::from([genid(&h, &vm)]);
+    for (inv, host) in made.iter().zip([Some("snap"), Some("restored"), None]) {
+        genids.insert(genid(&h, &inv.uuid));
+        let spec = h.app.vms.lock(&inv.uuid).await.unwrap().load().unwrap();
+        assert_eq!(spec.cloud_init.as_ref().map(|c| c.hostname.as_str()), host, "{}", inv.uuid);
+        if host.is_some() {
+            let (_, text) = seed_of(&h, &inv.uuid).await;
+            assert!(text.contains(&format!("\"instance-id\": \"{}\"", inv.uuid)), "{text}");
+        }
+    }
+    assert_eq!(genids.len(), 4, "each VM has its own generation ID: {genids:?}");
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn zstack_start_keeps_the_genid_and_seed_the_agent_recorded() {
+    let h = TestHost::start();
+    let (vm, image) = (uuid(), h.image("ci", 1 << 20).await);
+    let create = cmd(cloud_init_create(&h, &vm, &image, json!({"hostname": "alpha"})));
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), create).await.unwrap();
+    let before = h.app.vms.lock(&vm).await.unwrap().load().unwrap();
+    let wire = crate::wire::vm::StartVmCmd::from_spec(&before);
+    h.app.libvirt.destroy(&vm).await.unwrap();
+    let owner = h.app.vms.lock(&vm).await.unwrap();
+    crate::ops::start(&h.app, &TaskCtx::detached("/vm/start"), &owner, wire).await.unwrap();
+    let after = owner.load().unwrap();
+    assert_eq!((&after.genid, &after.cloud_init), (&before.genid, &before.cloud_init));
+    assert!(h.hv.domain(&vm).unwrap().xml.contains(before.cloud_init.unwrap().seed.to_str().unwrap()));
+}
