@@ -13,6 +13,7 @@ pub mod guest;
 pub mod http_server;
 pub mod images;
 pub mod load;
+pub mod mn;
 pub mod mn_types;
 pub mod sources;
 pub mod sshd;
