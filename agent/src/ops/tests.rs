@@ -765,3 +765,23 @@ async fn zstack_start_keeps_the_genid_and_seed_the_agent_recorded() {
     assert_eq!((&after.genid, &after.cloud_init), (&before.genid, &before.cloud_init));
     assert!(h.hv.domain(&vm).unwrap().xml.contains(before.cloud_init.unwrap().seed.to_str().unwrap()));
 }
+
+#[tokio::test]
+async fn the_seed_of_a_vm_on_rbd_goes_under_the_first_storage_root() {
+    let (h, _, body) = rbd_host().await;
+    let vm = uuid();
+    let mut create = body(&vm);
+    create["cloudInit"] = json!({"hostname": "r"});
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(create)).await.unwrap();
+    let (seed, text) = seed_of(&h, &vm).await;
+    assert_eq!(seed, h.root.join(crate::ops::cloud_init::RBD_SEED_DIR).join(format!("cidata-{vm}.iso")));
+    assert!(text.contains("\"local-hostname\": \"r\""), "{text}");
+    let rsp =
+        crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(json!({"vmUuid": vm, "names": ["c"]})))
+            .await
+            .unwrap();
+    let clone = rsp.inventories[0]["inventory"]["uuid"].as_str().unwrap().to_owned();
+    let (clone_seed, text) = seed_of(&h, &clone).await;
+    assert_eq!(clone_seed.parent(), seed.parent());
+    assert!(text.contains("\"local-hostname\": \"c\""), "{text}");
+}
