@@ -1,6 +1,6 @@
-//! cloud-init seeds on real libvirtd: a VM and its two clones each boot with their own NoCloud
-//! seed ISO (built by xorriso), which the test guest reads (`kvmagent.cidata=1`), and each has
-//! its own VM generation ID.
+//! cloud-init seeds on real libvirtd: a VM, its two clones and a VM from its snapshot group each
+//! boot with their own NoCloud seed ISO (built by xorriso), which the test guest reads
+//! (`kvmagent.cidata=1`), and each has its own VM generation ID.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -96,10 +96,25 @@ async fn a_vm_and_its_two_clones_each_print_their_own_cloud_init_hostname() {
         assert_ne!(seed_of(&h, c), seed, "each clone has its own seed");
     }
 
-    let genids: std::collections::HashSet<String> = std::iter::once(&vm).chain(&clones).map(|v| genid(v)).collect();
-    assert_eq!(genids.len(), 3, "each VM has its own generation ID: {genids:?}");
+    // A VM from a snapshot group of the source: the seed the call asks for, a new generation ID.
+    let group = h.call_ok("/vm/snapshotgroup/take", &json!({"vmUuid": vm})).await.unwrap();
+    let from = json!({"groupUuid": group["groupUuid"], "cloudInit": {"hostname": "delta"}});
+    let r = h.call_within("/vm/createfromsnapshot", &from, Duration::from_secs(180)).await.unwrap();
+    assert_eq!(r["success"], true, "{r}");
+    let restored = r["uuid"].as_str().unwrap().to_owned();
+    h.track_vm(&restored);
+    let empty_user_data = {
+        let f = h.path("empty-user-data");
+        std::fs::write(&f, "#cloud-config\n").unwrap();
+        file_sha256(&f).unwrap()
+    };
+    assert_eq!(guest_seed(&h, &restored).await, ("delta".to_owned(), empty_user_data));
 
-    for v in std::iter::once(&vm).chain(&clones) {
+    let all: Vec<&String> = std::iter::once(&vm).chain(&clones).chain([&restored]).collect();
+    let genids: std::collections::HashSet<String> = all.iter().map(|v| genid(v)).collect();
+    assert_eq!(genids.len(), 4, "each VM has its own generation ID: {genids:?}");
+
+    for v in all {
         let seed = seed_of(&h, v);
         assert!(seed.is_file(), "{} exists while VM {v} does", seed.display());
         h.call_ok("/vm/destroy", &json!({"uuid": v})).await.unwrap();
