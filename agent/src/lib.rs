@@ -17,6 +17,7 @@ pub mod host_info;
 pub mod http;
 pub mod hypervisor;
 pub mod image_cache;
+pub mod iso;
 pub mod kvm_params;
 pub mod libvirt;
 pub mod locks;

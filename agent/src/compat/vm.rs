@@ -42,6 +42,10 @@ pub async fn stop(app: &App, _ctx: &TaskCtx, cmd: StopVmCmd) -> AgentResult<Empt
 pub async fn destroy(app: &App, _ctx: &TaskCtx, cmd: DestroyVmCmd) -> AgentResult<Empty> {
     let owner = app.vms.lock(&cmd.uuid).await?;
     power_off_and_undefine(app, &cmd.uuid).await?;
+    // The seed is the agent's own; an unreadable record leaves it for the operator.
+    if let Ok(Some(spec)) = owner.record() {
+        ops::cloud_init::remove_seed(&spec).await?;
+    }
     owner.remove();
     Ok(Empty {})
 }

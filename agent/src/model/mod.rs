@@ -4,11 +4,13 @@
 //! every choice is an enum, every volume a typed [`Location`], and no other module knows a
 //! ZStack field name.
 
+mod cloud_init;
 mod volume;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use cloud_init::{Addressing, CloudInit, IpCidr, NicSetup};
 pub use volume::{Bus, CacheMode, DiskFormat, Monitor, RbdAccess, Volume};
 
 /// The version of the persisted model (VM records, snapshot groups). Version 1 was ZStack's
@@ -44,6 +46,13 @@ pub struct VmSpec {
     pub addons: Map<String, Value>,
     pub tpm: Option<TpmModel>,
     pub kernel_boot: Option<KernelBoot>,
+    /// The VM generation ID (`<genid>`, a dashed UUID): new for every VM the agent makes,
+    /// including clones and restores, so a guest can tell it was copied or rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub genid: Option<String>,
+    /// The guest's cloud-init seed, when the VM was made with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
 }
 
 impl VmSpec {
@@ -57,6 +66,11 @@ impl VmSpec {
 
     pub fn data_volumes(&self) -> &[Volume] {
         &self.volumes[1..]
+    }
+
+    /// A fresh generation ID, for a VM that is new or a copy of another.
+    pub fn renew_genid(&mut self) {
+        self.genid = Some(uuid::Uuid::new_v4().to_string());
     }
 }
 

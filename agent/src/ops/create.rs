@@ -49,7 +49,8 @@ async fn check_sources(app: &App, ctx: &TaskCtx, cmd: &CreateVmCmd) -> AgentResu
 }
 
 pub async fn create(app: &App, ctx: &TaskCtx, cmd: CreateVmCmd) -> AgentResult<VmInstanceInventory> {
-    let spec = cmd.to_spec()?;
+    let mut spec = cmd.to_spec()?;
+    super::cloud_init::for_new_vm(app, &mut spec, cmd.cloud_init.as_ref())?;
     check_sources(app, ctx, &cmd).await?;
     let root = &cmd.root_volume;
     let provisioning = provisioning(root.provisioning);

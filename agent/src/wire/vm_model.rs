@@ -143,6 +143,8 @@ impl StartVmCmd {
                 initrd: k.initrd.clone(),
                 cmdline: k.cmdline.clone(),
             }),
+            genid: None,
+            cloud_init: None,
         })
     }
 
@@ -395,7 +397,7 @@ fn cd_rom_to(c: &CdRom) -> CdRomTo {
     }
 }
 
-fn is_mac(s: &str) -> bool {
+pub(crate) fn is_mac(s: &str) -> bool {
     let parts: Vec<&str> = s.split(':').collect();
     parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
