@@ -59,6 +59,14 @@ pub trait Hypervisor: Send + Sync {
     async fn update_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError>;
     /// Defines the ceph-usage secret `uuid` with value `key`.
     async fn set_ceph_secret(&self, uuid: &str, key: Vec<u8>) -> Result<(), LibvirtError>;
+    /// Whether the guest agent of running domain `vm` is connected (the guest has opened its
+    /// channel): a quick look that asks the guest nothing.
+    async fn guest_agent_connected(&self, vm: &str) -> Result<bool, LibvirtError>;
+    /// Freezes the guest's filesystems through its agent, waiting at most `timeout` for the
+    /// agent's answer; returns how many were frozen.
+    async fn guest_fs_freeze(&self, vm: &str, timeout: Duration) -> Result<u32, LibvirtError>;
+    /// Thaws the guest's filesystems; a guest that is not frozen stays as it is.
+    async fn guest_fs_thaw(&self, vm: &str, timeout: Duration) -> Result<(), LibvirtError>;
 
     /// Asks the guest to shut down and waits up to `timeout` for it to stop. Returns whether it
     /// stopped.

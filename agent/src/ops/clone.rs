@@ -121,6 +121,7 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
         rbd_snapshot_temporary: true,
         tpm_to: Some(&staging),
         task_id: &ctx.task_id,
+        quiesce: cmd.quiesce,
     };
     let captured = capture(app, &owner, &mut source, opts, &ctx.stop)
         .await
@@ -159,6 +160,7 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
         number_of_cloned_vm: results.iter().filter(|r| r.get("inventory").is_some()).count(),
         inventories: results,
         source_volumes: captured.frozen.iter().map(|z| json!(z)).chain(rbd_sources).collect(),
+        quiesced: captured.quiesced,
     })
 }
 

@@ -12,6 +12,7 @@ pub mod flatten;
 pub mod freeze;
 pub mod inventory;
 pub mod owner;
+pub mod quiesce;
 pub mod snapshot_group;
 pub mod tpm;
 pub mod undo;

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 
 use crate::error::AgentResult;
+use crate::hypervisor::fake::GuestAgent;
 use crate::libvirt::domains::VmState;
 use crate::ops::undo::kill_point;
 use crate::tasks::TaskCtx;
@@ -58,6 +59,7 @@ async fn assert_consistent(h: &TestHost) {
     assert!(stray.is_empty(), "files no VM, clone or group references: {stray:?}");
     for d in h.hv.domain_names() {
         assert!(h.app.vms.is_known(&d), "domain {d} has no record");
+        assert!(!h.hv.domain(&d).unwrap().guest_frozen, "the guest of VM {d} stays frozen");
     }
 }
 
@@ -571,4 +573,118 @@ async fn a_define_that_libvirtd_runs_after_its_undo_is_removed_again() {
     tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
     assert!(h.hv.domain(&late).is_none(), "the late domain of a VM without a record is removed");
     assert!(h.hv.domain(&recorded).is_some(), "a VM with a record keeps its domain");
+}
+
+/// A host with one running VM whose guest agent answers.
+async fn quiesce_host() -> (TestHost, String) {
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    h.hv.set_guest_agent(&vm, GuestAgent::Answering);
+    (h, vm)
+}
+
+fn guest_freezes(h: &TestHost, vm: &str) -> usize {
+    let d = h.hv.domain(vm).unwrap();
+    assert!(!d.guest_frozen, "the guest is thawed after the capture");
+    d.guest_freezes
+}
+
+#[tokio::test]
+async fn captures_of_a_running_vm_are_quiesced_when_its_guest_agent_answers() {
+    let (h, vm) = quiesce_host().await;
+    let ctx = TaskCtx::detached("/vm/snapshotgroup/take");
+    let group = crate::ops::snapshot_group::take(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap();
+    assert!(group.quiesced);
+    assert_eq!(guest_freezes(&h, &vm), 1);
+    let get = cmd(json!({"groupUuid": group.group_uuid}));
+    assert!(crate::ops::snapshot_group::get(&h.app, &ctx, get).await.unwrap().quiesced, "the group records it");
+
+    let rsp =
+        crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(json!({"vmUuid": vm, "names": ["c"]})))
+            .await
+            .unwrap();
+    assert!(rsp.quiesced && rsp.number_of_cloned_vm == 1);
+    let rsp =
+        crate::ops::backup::backup(&h.app, &TaskCtx::detached("/vm/backup"), cmd(json!({"vmUuid": vm}))).await.unwrap();
+    assert!(rsp.quiesced);
+    assert_eq!(guest_freezes(&h, &vm), 3);
+
+    let off = json!({"vmUuid": vm, "quiesce": "off"});
+    assert!(!crate::ops::snapshot_group::take(&h.app, &ctx, cmd(off)).await.unwrap().quiesced);
+    assert_eq!(guest_freezes(&h, &vm), 3, "quiesce off asks the guest nothing");
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn without_a_guest_agent_a_capture_is_crash_consistent_unless_quiesce_is_required() {
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    let ctx = TaskCtx::detached("/vm/snapshotgroup/take");
+    let group = crate::ops::snapshot_group::take(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap();
+    assert!(!group.quiesced, "the group is made, crash-consistent");
+
+    let (files, before) = (h.recorded(&vm).await, h.files());
+    let required = json!({"vmUuid": vm, "quiesce": "required"});
+    let e = crate::ops::snapshot_group::take(&h.app, &ctx, cmd(required.clone())).await.unwrap_err();
+    assert!(e.to_string().contains("guest agent is not connected"), "{e}");
+    let e = crate::ops::backup::backup(&h.app, &TaskCtx::detached("/vm/backup"), cmd(required)).await.unwrap_err();
+    assert!(e.to_string().contains("cannot quiesce VM"), "{e}");
+    assert_eq!((h.recorded(&vm).await, h.files()), (files, before), "a refused capture changes nothing");
+
+    // A stopped VM is captured as it is: there is nothing to quiesce.
+    h.app.libvirt.destroy(&vm).await.unwrap();
+    let required = json!({"vmUuid": vm, "quiesce": "required"});
+    assert!(!crate::ops::snapshot_group::take(&h.app, &ctx, cmd(required)).await.unwrap().quiesced);
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn a_failed_capture_thaws_the_guest() {
+    let (h, vm) = quiesce_host().await;
+    h.faults.fail("snapshotCreateXML");
+    let ctx = TaskCtx::detached("/vm/snapshotgroup/take");
+    crate::ops::snapshot_group::take(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap_err();
+    assert_eq!(guest_freezes(&h, &vm), 1, "frozen once, and thawed");
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn a_guest_agent_failing_to_freeze_leaves_the_capture_crash_consistent_or_refused() {
+    let (h, vm) = quiesce_host().await;
+    h.faults.fail("domainFSFreeze");
+    let ctx = TaskCtx::detached("/vm/snapshotgroup/take");
+    let group = crate::ops::snapshot_group::take(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap();
+    assert!(!group.quiesced);
+    let required = json!({"vmUuid": vm, "quiesce": "required"});
+    let e = crate::ops::snapshot_group::take(&h.app, &ctx, cmd(required)).await.unwrap_err();
+    assert!(e.to_string().contains("domainFSFreeze"), "{e}");
+    assert_eq!(guest_freezes(&h, &vm), 0);
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn a_kill_while_the_guest_is_frozen_is_thawed_by_recovery() {
+    let (mut h, vm) = quiesce_host().await;
+    // Step 1 records the thaw, before the freeze; step 2 is the first volume frozen after it.
+    let ctx = h.task("/vm/snapshotgroup/take").await;
+    let app = h.app.clone();
+    let body = json!({"vmUuid": vm});
+    let op = async move { value(crate::ops::snapshot_group::take(&app, &ctx, cmd(body)).await) };
+    assert!(run_killed(&h, "/vm/snapshotgroup/take", op, Kill::Step(2)).await, "killed");
+    assert!(h.hv.domain(&vm).unwrap().guest_frozen, "killed while the guest is frozen");
+    let report = h.restart_and_recover().await;
+    assert!(report.rolled_back.iter().all(|r| r.failures.is_empty()), "{report:?}");
+    assert_eq!(guest_freezes(&h, &vm), 1, "thawed by recovery");
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn a_quiesced_snapshot_group_killed_at_any_point_leaves_no_guest_frozen() {
+    let (mut h, vm) = quiesce_host().await;
+    let kills = kill_at_every_point(&mut h, "/vm/snapshotgroup/take", |app, ctx| {
+        let body = json!({"vmUuid": vm});
+        async move { value(crate::ops::snapshot_group::take(&app, &ctx, cmd(body)).await) }
+    })
+    .await;
+    assert!(kills >= 8, "{kills} kill points");
 }

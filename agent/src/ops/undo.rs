@@ -43,6 +43,9 @@ pub enum UndoStep {
     RemoveTop { vm: String, top: PathBuf, base: PathBuf },
     /// Commit the temporary tops a backup froze back into the VM's volumes.
     Thaw { vm: String, frozen: Vec<super::freeze::Frozen> },
+    /// Thaw the filesystems of VM `vm`'s guest, which this operation froze through its guest
+    /// agent (see [`super::quiesce`]).
+    ThawGuest { vm: String },
 }
 
 #[derive(Debug, Default)]
@@ -115,7 +118,8 @@ impl UndoStep {
             | UndoStep::UnlessRecorded { vm, .. }
             | UndoStep::RemoveRecord { vm }
             | UndoStep::RemoveTop { vm, .. }
-            | UndoStep::Thaw { vm, .. } => Some(vm),
+            | UndoStep::Thaw { vm, .. }
+            | UndoStep::ThawGuest { vm } => Some(vm),
             _ => None,
         }
     }
@@ -259,6 +263,7 @@ async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(),
             super::freeze::thaw(app, vm, &mut spec, frozen).await;
             Ok(())
         }
+        UndoStep::ThawGuest { vm } => super::quiesce::thaw(app, vm).await,
     }
 }
 
