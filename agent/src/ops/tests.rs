@@ -688,3 +688,12 @@ async fn a_quiesced_snapshot_group_killed_at_any_point_leaves_no_guest_frozen() 
     .await;
     assert!(kills >= 8, "{kills} kill points");
 }
+
+#[test]
+fn a_bad_quiesce_mode_is_refused_naming_the_field() {
+    for bad in [json!("sometimes"), json!(true), json!("REQUIRED")] {
+        let body = json!({"vmUuid": uuid(), "quiesce": bad});
+        let e = decode_native::<crate::wire::native::TakeSnapshotGroupCmd>(&body).unwrap_err();
+        assert!(e.to_string().contains("quiesce"), "{e}");
+    }
+}
