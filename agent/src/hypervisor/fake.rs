@@ -346,6 +346,23 @@ impl Hypervisor for FakeHypervisor {
         Ok(())
     }
 
+    async fn set_vtpm_secret(&self, uuid: &str, _vm: &str, key: Vec<u8>) -> Result<(), LibvirtError> {
+        self.enter("secretDefineXML").await?;
+        self.secrets.lock().unwrap().insert(uuid.to_owned(), key);
+        Ok(())
+    }
+
+    async fn secret_value(&self, uuid: &str) -> Result<Option<Vec<u8>>, LibvirtError> {
+        self.enter("secretGetValue").await?;
+        Ok(self.secrets.lock().unwrap().get(uuid).cloned())
+    }
+
+    async fn remove_secret(&self, uuid: &str) -> Result<(), LibvirtError> {
+        self.enter("secretUndefine").await?;
+        self.secrets.lock().unwrap().remove(uuid);
+        Ok(())
+    }
+
     async fn guest_agent_connected(&self, vm: &str) -> Result<bool, LibvirtError> {
         self.enter("guestAgentConnected").await?;
         self.with(vm, |d| d.state.is_active() && d.agent == GuestAgent::Answering)

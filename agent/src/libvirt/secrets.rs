@@ -1,17 +1,38 @@
-//! libvirt secrets: the cephx key QEMU uses to open RBD disks.
+//! libvirt secrets: the cephx key QEMU uses to open RBD disks, and the key swtpm encrypts a
+//! VM's TPM state with.
 
 use super::{Libvirt, LibvirtError};
 use crate::domain::xml_escape;
+
+/// libvirt's "no secret with matching uuid" (VIR_ERR_NO_SECRET).
+fn is_no_secret(e: &virt::error::Error) -> bool {
+    e.code().to_raw() as i32 == virt::sys::VIR_ERR_NO_SECRET as i32
+}
 
 impl Libvirt {
     /// Defines (or redefines) the ceph-usage secret `uuid` and sets its value to `key` (the raw
     /// bytes of a cephx key).
     pub async fn set_ceph_secret(&self, uuid: &str, key: Vec<u8>) -> Result<(), LibvirtError> {
-        let existing = uuid.to_owned();
-        let uuid = xml_escape(uuid);
+        let u = xml_escape(uuid);
         let xml = format!(
-            "<secret ephemeral='no' private='yes'><uuid>{uuid}</uuid><usage type='ceph'><name>{uuid}</name></usage></secret>"
+            "<secret ephemeral='no' private='yes'><uuid>{u}</uuid><usage type='ceph'><name>{u}</name></usage></secret>"
         );
+        self.define_secret(uuid, xml, key).await
+    }
+
+    /// Defines (or redefines) the vtpm-usage secret `uuid` of VM `vm` and sets its value to
+    /// `key`. Not private: a clone's own secret is given the same value, read back.
+    pub async fn set_vtpm_secret(&self, uuid: &str, vm: &str, key: Vec<u8>) -> Result<(), LibvirtError> {
+        let (u, vm) = (xml_escape(uuid), xml_escape(vm));
+        let xml = format!(
+            "<secret ephemeral='no' private='no'><uuid>{u}</uuid><description>TPM state key of VM {vm}</description>\
+             <usage type='vtpm'><name>kvmagent-vtpm-{vm}</name></usage></secret>"
+        );
+        self.define_secret(uuid, xml, key).await
+    }
+
+    async fn define_secret(&self, uuid: &str, xml: String, key: Vec<u8>) -> Result<(), LibvirtError> {
+        let existing = uuid.to_owned();
         self.call("secretDefineXML", move |c| {
             let existed = c.lookup_secret_by_uuid_string(&existing).is_ok();
             let s = c.define_secret_xml(&xml, 0).map_err(|e| LibvirtError::from_virt("secretDefineXML", e))?;
@@ -24,6 +45,31 @@ impl Libvirt {
                 }
                 LibvirtError::from_virt("secretSetValue", e)
             })
+        })
+        .await
+    }
+
+    /// The value of secret `uuid`, or `None` when there is no such secret.
+    pub async fn secret_value(&self, uuid: &str) -> Result<Option<Vec<u8>>, LibvirtError> {
+        let uuid = uuid.to_owned();
+        self.call("secretGetValue", move |c| match c.lookup_secret_by_uuid_string(&uuid) {
+            Err(e) if is_no_secret(&e) => Ok(None),
+            Err(e) => Err(LibvirtError::from_virt("secretLookupByUUID", e)),
+            Ok(s) => s.value(0).map(Some).map_err(|e| LibvirtError::from_virt("secretGetValue", e)),
+        })
+        .await
+    }
+
+    /// Removes secret `uuid`; a missing one is success.
+    pub async fn remove_secret(&self, uuid: &str) -> Result<(), LibvirtError> {
+        let uuid = uuid.to_owned();
+        self.call("secretUndefine", move |c| match c.lookup_secret_by_uuid_string(&uuid) {
+            Err(e) if is_no_secret(&e) => Ok(()),
+            Err(e) => Err(LibvirtError::from_virt("secretLookupByUUID", e)),
+            Ok(s) => match s.undefine() {
+                Err(e) if !is_no_secret(&e) => Err(LibvirtError::from_virt("secretUndefine", e)),
+                _ => Ok(()),
+            },
         })
         .await
     }

@@ -107,8 +107,12 @@ fn plan(app: &App, cmd: &CloneVmCmd, source: &VmSpec) -> AgentResult<Vec<Plan>> 
 pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<CloneVmRsp> {
     let owner = app.vms.lock(&cmd.vm_uuid).await?;
     let mut source = owner.load()?;
-    let plans = plan(app, &cmd, &source)?;
+    let mut plans = plan(app, &cmd, &source)?;
     check_plans(app, ctx, &plans).await?;
+    if source.tpm_encrypted {
+        let key = super::tpm::key_of(app, &source.uuid).await?;
+        plans.iter_mut().for_each(|p| p.spec.tpm_key = Some(key.clone()));
+    }
 
     // Linked clones need frozen files; copies read a stopped source as it is. The TPM state is
     // taken at the same instant as the disks.

@@ -75,6 +75,7 @@ pub async fn define(app: &App, spec: &VmSpec, start: bool, undo: &mut UndoLog) -
         })?;
     }
     undo.push(UndoStep::RemoveDomain { vm: vm.clone() });
+    tpm::set_secret(app, spec).await?;
     app.libvirt.define(xml).await.map_err(|e| AgentError::from(e).context(format!("defining domain {vm}")))?;
     if start {
         app.libvirt
@@ -91,6 +92,7 @@ pub async fn define(app: &App, spec: &VmSpec, start: bool, undo: &mut UndoLog) -
 pub async fn start(app: &App, _ctx: &TaskCtx, owner: &owner::VmGuard, cmd: StartVmCmd) -> AgentResult<StartVmRsp> {
     let mut spec = cmd.to_spec()?;
     check_against_host(app, &mut spec).await?;
+    tpm::keep_encryption(owner, &mut spec);
     let vm = spec.uuid.clone();
     if app.libvirt.domain_state(&vm).await?.is_some_and(|s| s.is_active()) {
         return domain::device_info(&app.libvirt.xml(&vm).await?);

@@ -697,3 +697,70 @@ fn a_bad_quiesce_mode_is_refused_naming_the_field() {
         assert!(e.to_string().contains("quiesce"), "{e}");
     }
 }
+
+const TPM_KEY: [u8; 32] = [7; 32];
+
+fn tpm_key_b64(key: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+#[tokio::test]
+async fn an_encrypted_tpm_gets_its_secret_and_clones_their_own_with_the_same_key() {
+    let h = TestHost::start();
+    let (vm, image) = (uuid(), h.image("i", 4 << 20).await);
+    let mut body = h.create_cmd(&vm, &image);
+    body["tpm"] = json!({"enable": true, "key": tpm_key_b64(&TPM_KEY)});
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap();
+    let secret = crate::domain::tpm_secret_uuid(&vm);
+    assert_eq!(h.hv.secret_uuids(), [secret.clone()]);
+    assert_eq!(h.app.libvirt.secret_value(&secret).await.unwrap().as_deref(), Some(&TPM_KEY[..]));
+    assert!(h.hv.domain(&vm).unwrap().xml.contains(&format!("<encryption secret='{secret}'/>")));
+    let record = std::fs::read_to_string(h.app.config.state_dir.join("vms").join(format!("{vm}.json"))).unwrap();
+    assert!(!record.contains(&tpm_key_b64(&TPM_KEY)), "the key is not kept in the record: {record}");
+
+    let rsp =
+        crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(json!({"vmUuid": vm, "names": ["c"]})))
+            .await
+            .unwrap();
+    let clone = rsp.inventories[0]["inventory"]["uuid"].as_str().unwrap().to_owned();
+    let own = crate::domain::tpm_secret_uuid(&clone);
+    assert_eq!(h.app.libvirt.secret_value(&own).await.unwrap().as_deref(), Some(&TPM_KEY[..]), "the same key");
+    assert!(h.hv.domain(&clone).unwrap().xml.contains(&format!("<encryption secret='{own}'/>")));
+
+    // A failing clone leaves no secret of its own behind.
+    h.faults.fail("create");
+    let r =
+        crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(json!({"vmUuid": vm, "names": ["d"]})))
+            .await
+            .unwrap();
+    assert_eq!(r.number_of_cloned_vm, 0);
+    let mut left = h.hv.secret_uuids();
+    left.sort();
+    let mut want = vec![secret, own];
+    want.sort();
+    assert_eq!(left, want);
+}
+
+#[tokio::test]
+async fn a_failed_create_removes_the_tpm_secret_and_bad_keys_are_refused() {
+    let h = TestHost::start();
+    let image = h.image("i", 4 << 20).await;
+    h.faults.fail("create");
+    let mut body = h.create_cmd(&uuid(), &image);
+    body["tpm"] = json!({"enable": true, "key": tpm_key_b64(&TPM_KEY)});
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap_err();
+    assert!(h.hv.secret_uuids().is_empty(), "the secret is undone with the domain");
+
+    for (tpm, field) in [
+        (json!({"enable": true, "key": "not base64!"}), "tpm.key is not base64"),
+        (json!({"enable": true, "key": tpm_key_b64(&[1; 16])}), "tpm.key holds 16 bytes"),
+        (json!({"enable": false, "key": tpm_key_b64(&TPM_KEY)}), "tpm.enable is false"),
+    ] {
+        let mut body = h.create_cmd(&uuid(), &image);
+        body["tpm"] = tpm;
+        let e = crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap_err();
+        assert!(e.to_string().contains(field), "{e}");
+    }
+    assert!(h.hv.secret_uuids().is_empty());
+}
