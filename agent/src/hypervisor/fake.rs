@@ -84,7 +84,8 @@ impl FakeDomain {
 
 pub struct FakeHypervisor {
     domains: Mutex<HashMap<String, FakeDomain>>,
-    secrets: Mutex<HashMap<String, Vec<u8>>>,
+    /// uuid → (usage, value).
+    secrets: Mutex<HashMap<String, (&'static str, Vec<u8>)>>,
     faults: Arc<Faults>,
 }
 
@@ -342,24 +343,30 @@ impl Hypervisor for FakeHypervisor {
 
     async fn set_ceph_secret(&self, uuid: &str, key: Vec<u8>) -> Result<(), LibvirtError> {
         self.enter("secretDefineXML").await?;
-        self.secrets.lock().unwrap().insert(uuid.to_owned(), key);
+        self.secrets.lock().unwrap().insert(uuid.to_owned(), ("ceph", key));
         Ok(())
     }
 
     async fn set_vtpm_secret(&self, uuid: &str, _vm: &str, key: Vec<u8>) -> Result<(), LibvirtError> {
         self.enter("secretDefineXML").await?;
-        self.secrets.lock().unwrap().insert(uuid.to_owned(), key);
+        let mut secrets = self.secrets.lock().unwrap();
+        if secrets.get(uuid).is_some_and(|(usage, _)| *usage != "vtpm") {
+            // As libvirt refuses to change a secret's usage.
+            let message = format!("a secret with UUID {uuid} is already defined for another usage");
+            return Err(LibvirtError::Call { call: "secretDefineXML", message, code: 1 });
+        }
+        secrets.insert(uuid.to_owned(), ("vtpm", key));
         Ok(())
     }
 
-    async fn secret_value(&self, uuid: &str) -> Result<Option<Vec<u8>>, LibvirtError> {
+    async fn vtpm_secret_value(&self, uuid: &str) -> Result<Option<Vec<u8>>, LibvirtError> {
         self.enter("secretGetValue").await?;
-        Ok(self.secrets.lock().unwrap().get(uuid).cloned())
+        Ok(self.secrets.lock().unwrap().get(uuid).filter(|(usage, _)| *usage == "vtpm").map(|(_, key)| key.clone()))
     }
 
-    async fn remove_secret(&self, uuid: &str) -> Result<(), LibvirtError> {
+    async fn remove_vtpm_secret(&self, uuid: &str) -> Result<(), LibvirtError> {
         self.enter("secretUndefine").await?;
-        self.secrets.lock().unwrap().remove(uuid);
+        self.secrets.lock().unwrap().retain(|u, (usage, _)| u != uuid || *usage != "vtpm");
         Ok(())
     }
 

@@ -61,10 +61,11 @@ pub trait Hypervisor: Send + Sync {
     async fn set_ceph_secret(&self, uuid: &str, key: Vec<u8>) -> Result<(), LibvirtError>;
     /// Defines the vtpm-usage secret `uuid` of VM `vm` with value `key`.
     async fn set_vtpm_secret(&self, uuid: &str, vm: &str, key: Vec<u8>) -> Result<(), LibvirtError>;
-    /// The value of secret `uuid`, or `None` when there is none.
-    async fn secret_value(&self, uuid: &str) -> Result<Option<Vec<u8>>, LibvirtError>;
-    /// Removes secret `uuid`; a missing one is success.
-    async fn remove_secret(&self, uuid: &str) -> Result<(), LibvirtError>;
+    /// The value of vtpm-usage secret `uuid`, or `None` when there is none.
+    async fn vtpm_secret_value(&self, uuid: &str) -> Result<Option<Vec<u8>>, LibvirtError>;
+    /// Removes vtpm-usage secret `uuid` (a secret of another usage stays); a missing one is
+    /// success.
+    async fn remove_vtpm_secret(&self, uuid: &str) -> Result<(), LibvirtError>;
     /// Whether the guest agent of running domain `vm` is connected (the guest has opened its
     /// channel): a quick look that asks the guest nothing.
     async fn guest_agent_connected(&self, vm: &str) -> Result<bool, LibvirtError>;

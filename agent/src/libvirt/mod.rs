@@ -207,11 +207,11 @@ impl crate::hypervisor::Hypervisor for Libvirt {
     async fn set_vtpm_secret(&self, uuid: &str, vm: &str, key: Vec<u8>) -> Result<(), LibvirtError> {
         Libvirt::set_vtpm_secret(self, uuid, vm, key).await
     }
-    async fn secret_value(&self, uuid: &str) -> Result<Option<Vec<u8>>, LibvirtError> {
-        Libvirt::secret_value(self, uuid).await
+    async fn vtpm_secret_value(&self, uuid: &str) -> Result<Option<Vec<u8>>, LibvirtError> {
+        Libvirt::vtpm_secret_value(self, uuid).await
     }
-    async fn remove_secret(&self, uuid: &str) -> Result<(), LibvirtError> {
-        Libvirt::remove_secret(self, uuid).await
+    async fn remove_vtpm_secret(&self, uuid: &str) -> Result<(), LibvirtError> {
+        Libvirt::remove_vtpm_secret(self, uuid).await
     }
     async fn guest_agent_connected(&self, vm: &str) -> Result<bool, LibvirtError> {
         Libvirt::guest_agent_connected(self, vm).await

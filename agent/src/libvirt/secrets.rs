@@ -49,28 +49,38 @@ impl Libvirt {
         .await
     }
 
-    /// The value of secret `uuid`, or `None` when there is no such secret.
-    pub async fn secret_value(&self, uuid: &str) -> Result<Option<Vec<u8>>, LibvirtError> {
+    /// The value of vtpm secret `uuid`, or `None` when there is no such secret.
+    pub async fn vtpm_secret_value(&self, uuid: &str) -> Result<Option<Vec<u8>>, LibvirtError> {
         let uuid = uuid.to_owned();
-        self.call("secretGetValue", move |c| match c.lookup_secret_by_uuid_string(&uuid) {
-            Err(e) if is_no_secret(&e) => Ok(None),
-            Err(e) => Err(LibvirtError::from_virt("secretLookupByUUID", e)),
-            Ok(s) => s.value(0).map(Some).map_err(|e| LibvirtError::from_virt("secretGetValue", e)),
+        self.call("secretGetValue", move |c| match vtpm_secret(c, &uuid)? {
+            None => Ok(None),
+            Some(s) => s.value(0).map(Some).map_err(|e| LibvirtError::from_virt("secretGetValue", e)),
         })
         .await
     }
 
-    /// Removes secret `uuid`; a missing one is success.
-    pub async fn remove_secret(&self, uuid: &str) -> Result<(), LibvirtError> {
+    /// Removes vtpm secret `uuid`; a missing one is success.
+    pub async fn remove_vtpm_secret(&self, uuid: &str) -> Result<(), LibvirtError> {
         let uuid = uuid.to_owned();
-        self.call("secretUndefine", move |c| match c.lookup_secret_by_uuid_string(&uuid) {
-            Err(e) if is_no_secret(&e) => Ok(()),
-            Err(e) => Err(LibvirtError::from_virt("secretLookupByUUID", e)),
-            Ok(s) => match s.undefine() {
+        self.call("secretUndefine", move |c| match vtpm_secret(c, &uuid)? {
+            None => Ok(()),
+            Some(s) => match s.undefine() {
                 Err(e) if !is_no_secret(&e) => Err(LibvirtError::from_virt("secretUndefine", e)),
                 _ => Ok(()),
             },
         })
         .await
     }
+}
+
+/// Secret `uuid` when it is of usage vtpm: a secret of another usage that happens to have the
+/// uuid is none of the TPM's business.
+fn vtpm_secret(c: &virt::connect::Connect, uuid: &str) -> Result<Option<virt::secret::Secret>, LibvirtError> {
+    let s = match c.lookup_secret_by_uuid_string(uuid) {
+        Err(e) if is_no_secret(&e) => return Ok(None),
+        Err(e) => return Err(LibvirtError::from_virt("secretLookupByUUID", e)),
+        Ok(s) => s,
+    };
+    let usage = s.usage_type().map_err(|e| LibvirtError::from_virt("secretGetUsageType", e))?;
+    Ok((usage == virt::sys::VIR_SECRET_USAGE_TYPE_VTPM as u32).then_some(s))
 }

@@ -714,7 +714,7 @@ async fn an_encrypted_tpm_gets_its_secret_and_clones_their_own_with_the_same_key
     crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap();
     let secret = crate::domain::tpm_secret_uuid(&vm);
     assert_eq!(h.hv.secret_uuids(), [secret.clone()]);
-    assert_eq!(h.app.libvirt.secret_value(&secret).await.unwrap().as_deref(), Some(&TPM_KEY[..]));
+    assert_eq!(h.app.libvirt.vtpm_secret_value(&secret).await.unwrap().as_deref(), Some(&TPM_KEY[..]));
     assert!(h.hv.domain(&vm).unwrap().xml.contains(&format!("<encryption secret='{secret}'/>")));
     let record = std::fs::read_to_string(h.app.config.state_dir.join("vms").join(format!("{vm}.json"))).unwrap();
     assert!(!record.contains(&tpm_key_b64(&TPM_KEY)), "the key is not kept in the record: {record}");
@@ -725,7 +725,7 @@ async fn an_encrypted_tpm_gets_its_secret_and_clones_their_own_with_the_same_key
             .unwrap();
     let clone = rsp.inventories[0]["inventory"]["uuid"].as_str().unwrap().to_owned();
     let own = crate::domain::tpm_secret_uuid(&clone);
-    assert_eq!(h.app.libvirt.secret_value(&own).await.unwrap().as_deref(), Some(&TPM_KEY[..]), "the same key");
+    assert_eq!(h.app.libvirt.vtpm_secret_value(&own).await.unwrap().as_deref(), Some(&TPM_KEY[..]), "the same key");
     assert!(h.hv.domain(&clone).unwrap().xml.contains(&format!("<encryption secret='{own}'/>")));
 
     // A failing clone leaves no secret of its own behind.
@@ -763,4 +763,13 @@ async fn a_failed_create_removes_the_tpm_secret_and_bad_keys_are_refused() {
         assert!(e.to_string().contains(field), "{e}");
     }
     assert!(h.hv.secret_uuids().is_empty());
+
+    // A secret of another usage that has the VM's uuid is left alone.
+    let vm = uuid();
+    let ceph = crate::domain::tpm_secret_uuid(&vm);
+    h.app.libvirt.set_ceph_secret(&ceph, b"cephx".to_vec()).await.unwrap();
+    let mut body = h.create_cmd(&vm, &image);
+    body["tpm"] = json!({"enable": true, "key": tpm_key_b64(&TPM_KEY)});
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap_err();
+    assert_eq!(h.hv.secret_uuids(), [ceph]);
 }

@@ -53,7 +53,7 @@ pub async fn set_secret(app: &App, spec: &VmSpec) -> AgentResult<()> {
 /// The key of VM `vm`'s TPM state, read back from its secret (for a clone's own secret).
 pub async fn key_of(app: &App, vm: &str) -> AgentResult<TpmKey> {
     let uuid = tpm_secret_uuid(vm);
-    match app.libvirt.secret_value(&uuid).await? {
+    match app.libvirt.vtpm_secret_value(&uuid).await? {
         Some(key) => Ok(TpmKey(key)),
         None => Err(AgentError::not_found(format!(
             "the TPM state of VM {vm} is encrypted but its secret {uuid} is gone; it cannot be read"

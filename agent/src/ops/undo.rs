@@ -232,7 +232,7 @@ async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(),
                 _ => {}
             }
             // The key of the TPM state goes with the state.
-            app.libvirt.remove_secret(&crate::domain::tpm_secret_uuid(vm)).await.map_err(|e| e.to_string())
+            app.libvirt.remove_vtpm_secret(&crate::domain::tpm_secret_uuid(vm)).await.map_err(|e| e.to_string())
         }
         UndoStep::UnlessRecorded { path, step, .. } => {
             let recorded =
