@@ -82,5 +82,5 @@ fn vtpm_secret(c: &virt::connect::Connect, uuid: &str) -> Result<Option<virt::se
         Ok(s) => s,
     };
     let usage = s.usage_type().map_err(|e| LibvirtError::from_virt("secretGetUsageType", e))?;
-    Ok((usage == virt::sys::VIR_SECRET_USAGE_TYPE_VTPM as u32).then_some(s))
+    Ok((usage == virt::sys::VIR_SECRET_USAGE_TYPE_VTPM).then_some(s))
 }

@@ -713,7 +713,7 @@ async fn an_encrypted_tpm_gets_its_secret_and_clones_their_own_with_the_same_key
     body["tpm"] = json!({"enable": true, "key": tpm_key_b64(&TPM_KEY)});
     crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap();
     let secret = crate::domain::tpm_secret_uuid(&vm);
-    assert_eq!(h.hv.secret_uuids(), [secret.clone()]);
+    assert_eq!(h.hv.secret_uuids(), std::slice::from_ref(&secret));
     assert_eq!(h.app.libvirt.vtpm_secret_value(&secret).await.unwrap().as_deref(), Some(&TPM_KEY[..]));
     assert!(h.hv.domain(&vm).unwrap().xml.contains(&format!("<encryption secret='{secret}'/>")));
     let record = std::fs::read_to_string(h.app.config.state_dir.join("vms").join(format!("{vm}.json"))).unwrap();
