@@ -128,6 +128,7 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
             kind,
             taken_at: crate::tasks::journal::now_ms() / 1000,
             vm: crate::wire::vm::StartVmCmd::from_spec(&before),
+            quiesced: captured.quiesced,
         });
         for (v, file) in before.volumes.iter().zip(files) {
             let entry = match m.volumes.iter_mut().find(|b| b.volume_uuid == v.uuid) {

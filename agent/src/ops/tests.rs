@@ -606,7 +606,7 @@ async fn captures_of_a_running_vm_are_quiesced_when_its_guest_agent_answers() {
     assert!(rsp.quiesced && rsp.number_of_cloned_vm == 1);
     let rsp =
         crate::ops::backup::backup(&h.app, &TaskCtx::detached("/vm/backup"), cmd(json!({"vmUuid": vm}))).await.unwrap();
-    assert!(rsp.quiesced);
+    assert!(rsp.quiesced && rsp.manifest.points[0].quiesced, "the answer and the manifest's point say so");
     assert_eq!(guest_freezes(&h, &vm), 3);
 
     let off = json!({"vmUuid": vm, "quiesce": "off"});
