@@ -74,7 +74,7 @@ async fn a_snapshot_group_of_a_running_vm_with_the_guest_agent_reports_quiesced(
     assert_eq!(named["quiesced"], true, "the group records it");
 
     let b = h.call_ok("/vm/backup", &json!({"vmUuid": vm})).await.unwrap();
-    assert_eq!(b["quiesced"], true, "{b}");
+    assert_eq!((&b["quiesced"], &b["manifest"]["points"][0]["quiesced"]), (&json!(true), &json!(true)), "{b}");
     let console = wait_console(&h, &vm, "the second thaw", |c| agent_lines(c).len() >= 4).await.unwrap();
     assert_eq!(agent_lines(&console)[2..], ["KVMAGENT-QGA frozen", "KVMAGENT-QGA thawed"]);
 }
