@@ -45,6 +45,10 @@ pub struct Point {
     pub taken_at: u64,
     /// The VM's spec at that point.
     pub vm: StartVmCmd,
+    /// Whether the guest's filesystems were frozen for the point (false in points written
+    /// before this field existed).
+    #[serde(default)]
+    pub quiesced: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -21,7 +21,8 @@
 #  append='off'/><target port='0'/></serial> + <console type='pty'><target type='serial' port='0'/>)
 # Cmdline parameters (see tests/guest/init): kvmagent.offsets=<byte offsets, comma-separated,
 # default 0>, kvmagent.disks=<N to wait for>, kvmagent.wait=<max s, default 10>, kvmagent.debug=1,
-# kvmagent.cidata=1 (print the cloud-init seed's hostname, see tests/guest/init).
+# kvmagent.cidata=1 (print the cloud-init seed's hostname, see tests/guest/init),
+# kvmagent.qga=1 (a guest agent responder; the guest stays up).
 #
 # Serial output:
 #   KVMAGENT-GUEST-BOOTED
@@ -46,8 +47,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUTDIR=${1:-/var/cache/kvmagent/test-guest}
 CMDLINE="console=ttyS0 quiet panic=-1 kvmagent.offsets=0"
 # Modules needed to see virtio disks on pc/q35 (virtio-blk and virtio-scsi), with insmod
-# parameters. Dependencies come from modules.dep; built-in ones are skipped.
-WANT_MODULES=(virtio_pci virtio_blk "scsi_mod scan=sync" virtio_scsi sd_mod)
+# parameters, and virtio_console for the guest agent's virtio-serial port (kvmagent.qga=1).
+# Dependencies come from modules.dep; built-in ones are skipped.
+WANT_MODULES=(virtio_pci virtio_blk "scsi_mod scan=sync" virtio_scsi sd_mod virtio_console)
 # cloud-init seed (kvmagent.cidata=1): the IDE CD-ROM of machine pc, ISO 9660. Listed apart
 # (etc/kvmagent-cidata-modules) and loaded only on request: libata would turn IDE disks into sd*.
 # The cloud kernel has no AHCI driver at all (CONFIG_SATA_AHCI unset): q35's SATA drives stay unseen.

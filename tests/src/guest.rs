@@ -78,8 +78,19 @@ pub fn pattern(tag: &str) -> Vec<u8> {
 /// Like [`kernel_boot`], for a guest that stays up after its report (a shell on its console),
 /// so that tests can go on writing to its disks.
 pub fn staying_kernel_boot(host: &Host, offsets: &[u64], disks: usize) -> Result<Value> {
+    kernel_boot_with(host, offsets, disks, "kvmagent.shell=1")
+}
+
+/// Like [`kernel_boot`], for a guest that answers the guest agent protocol and stays up after
+/// its report (see `kvmagent.qga` in tests/guest/init).
+pub fn guest_agent_kernel_boot(host: &Host, offsets: &[u64], disks: usize) -> Result<Value> {
+    kernel_boot_with(host, offsets, disks, "kvmagent.qga=1")
+}
+
+/// [`kernel_boot`] with one more kernel-cmdline `switch` for the guest's /init.
+fn kernel_boot_with(host: &Host, offsets: &[u64], disks: usize, switch: &str) -> Result<Value> {
     let mut boot = kernel_boot(host, offsets, disks)?;
-    boot["cmdline"] = json!(format!("{} kvmagent.shell=1", boot["cmdline"].as_str().unwrap_or_default()));
+    boot["cmdline"] = json!(format!("{} {switch}", boot["cmdline"].as_str().unwrap_or_default()));
     Ok(boot)
 }
 

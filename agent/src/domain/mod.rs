@@ -6,7 +6,9 @@ mod render;
 mod validate;
 
 pub use addresses::{device_info, device_range, live_disks, LiveDisk, LiveKey};
-pub use render::{dashed_uuid, device_letter, render, render_device, xml_escape, Device, DomainSettings};
+pub use render::{
+    dashed_uuid, device_letter, render, render_device, tpm_secret_uuid, xml_escape, Device, DomainSettings,
+};
 pub use validate::{check_uuid, file_paths, is_ifname, xml_safe};
 
 #[cfg(test)]

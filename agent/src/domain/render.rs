@@ -87,6 +87,7 @@ struct View<'a> {
     vnc_password: &'a str,
     video: &'a str,
     tpm_model: Option<&'a str>,
+    tpm_secret: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -186,6 +187,12 @@ pub fn dashed_uuid(u: &str) -> String {
         return u.to_owned();
     }
     format!("{}-{}-{}-{}-{}", &u[0..8], &u[8..12], &u[12..16], &u[16..20], &u[20..32])
+}
+
+/// The libvirt secret (usage `vtpm`) holding the key of VM `vm`'s TPM state: one per VM, named
+/// by the VM's uuid, so that it is found (and removed) with the VM.
+pub fn tpm_secret_uuid(vm: &str) -> String {
+    dashed_uuid(vm)
 }
 
 fn disk_view<'a>(v: &'a Volume, settings: &'a DomainSettings, per_device_boot: bool) -> AgentResult<DiskView<'a>> {
@@ -402,6 +409,7 @@ fn view<'a>(spec: &'a VmSpec, settings: &'a DomainSettings) -> AgentResult<View<
             TpmModel::Crb => "tpm-crb",
             TpmModel::Tis => "tpm-tis",
         }),
+        tpm_secret: spec.tpm_encrypted.then(|| tpm_secret_uuid(&spec.uuid)),
     })
 }
 

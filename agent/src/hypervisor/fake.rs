@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -22,16 +23,48 @@ use crate::libvirt::domains::VmState;
 use crate::libvirt::LibvirtError;
 use crate::qemu_img::fake;
 
+/// How a fake domain's guest agent behaves (its freeze and thaw calls can also be failed
+/// through [`Faults`], as `domainFSFreeze` and `domainFSThaw`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuestAgent {
+    /// Not running in the guest: libvirt refuses agent commands.
+    #[default]
+    Absent,
+    /// Connected, and answers while the domain runs.
+    Answering,
+}
+
 #[derive(Debug, Clone)]
 pub struct FakeDomain {
     pub xml: String,
     pub state: VmState,
+    pub agent: GuestAgent,
+    /// Whether the guest's filesystems are frozen, and how many times they were.
+    pub guest_frozen: bool,
+    pub guest_freezes: usize,
     /// Disk target → the top a commit job started on.
     commits: HashMap<String, PathBuf>,
     open: Vec<Arc<std::fs::File>>,
 }
 
 impl FakeDomain {
+    fn power_off(&mut self) {
+        self.state = VmState::Shutdown;
+        self.guest_frozen = false;
+    }
+
+    /// The guest agent, when it can answer `call` (libvirt's errors otherwise).
+    fn answering_agent(&mut self, call: &'static str) -> Result<&mut Self, LibvirtError> {
+        let fail = |message: &str, code| LibvirtError::Call { call, message: message.into(), code: code as i32 };
+        if !self.state.is_active() {
+            return Err(fail("domain is not running", virt::sys::VIR_ERR_OPERATION_INVALID));
+        }
+        if self.agent == GuestAgent::Absent || self.state != VmState::Running {
+            return Err(fail("QEMU guest agent is not connected", virt::sys::VIR_ERR_AGENT_UNRESPONSIVE));
+        }
+        Ok(self)
+    }
+
     /// Opens the chains of the disks while the domain runs; closes them when it stops.
     fn refresh_open_files(&mut self) {
         self.open.clear();
@@ -51,7 +84,8 @@ impl FakeDomain {
 
 pub struct FakeHypervisor {
     domains: Mutex<HashMap<String, FakeDomain>>,
-    secrets: Mutex<HashMap<String, Vec<u8>>>,
+    /// uuid → (usage, value).
+    secrets: Mutex<HashMap<String, (&'static str, Vec<u8>)>>,
     faults: Arc<Faults>,
 }
 
@@ -66,6 +100,11 @@ impl FakeHypervisor {
 
     pub fn domain(&self, vm: &str) -> Option<FakeDomain> {
         self.domains.lock().unwrap().get(vm).cloned()
+    }
+
+    /// Makes the guest agent of domain `vm` behave as `agent`.
+    pub fn set_guest_agent(&self, vm: &str, agent: GuestAgent) {
+        self.with(vm, |d| d.agent = agent).expect("no such fake domain");
     }
 
     pub fn secret_uuids(&self) -> Vec<String> {
@@ -175,8 +214,12 @@ impl Hypervisor for FakeHypervisor {
             code: 1,
         })?;
         let mut map = self.domains.lock().unwrap();
-        let state = map.get(&name).map_or(VmState::Shutdown, |d| d.state);
-        let mut d = FakeDomain { xml, state, commits: HashMap::new(), open: Vec::new() };
+        let old = map.get(&name);
+        let state = old.map_or(VmState::Shutdown, |d| d.state);
+        let (agent, guest_frozen, guest_freezes) =
+            old.map_or((GuestAgent::Absent, false, 0), |d| (d.agent, d.guest_frozen, d.guest_freezes));
+        let mut d =
+            FakeDomain { xml, state, agent, guest_frozen, guest_freezes, commits: HashMap::new(), open: Vec::new() };
         d.refresh_open_files();
         map.insert(name, d);
         Ok(())
@@ -198,12 +241,12 @@ impl Hypervisor for FakeHypervisor {
 
     async fn destroy(&self, vm: &str) -> Result<(), LibvirtError> {
         self.enter("destroy").await?;
-        self.with(vm, |d| d.state = VmState::Shutdown)
+        self.with(vm, FakeDomain::power_off)
     }
 
     async fn shutdown(&self, vm: &str) -> Result<(), LibvirtError> {
         self.enter("shutdown").await?;
-        self.with(vm, |d| d.state = VmState::Shutdown)
+        self.with(vm, FakeDomain::power_off)
     }
 
     async fn undefine(&self, vm: &str, _remove_tpm_state: bool) -> Result<(), LibvirtError> {
@@ -300,7 +343,54 @@ impl Hypervisor for FakeHypervisor {
 
     async fn set_ceph_secret(&self, uuid: &str, key: Vec<u8>) -> Result<(), LibvirtError> {
         self.enter("secretDefineXML").await?;
-        self.secrets.lock().unwrap().insert(uuid.to_owned(), key);
+        self.secrets.lock().unwrap().insert(uuid.to_owned(), ("ceph", key));
         Ok(())
+    }
+
+    async fn set_vtpm_secret(&self, uuid: &str, _vm: &str, key: Vec<u8>) -> Result<(), LibvirtError> {
+        self.enter("secretDefineXML").await?;
+        let mut secrets = self.secrets.lock().unwrap();
+        if secrets.get(uuid).is_some_and(|(usage, _)| *usage != "vtpm") {
+            // As libvirt refuses to change a secret's usage.
+            let message = format!("a secret with UUID {uuid} is already defined for another usage");
+            return Err(LibvirtError::Call { call: "secretDefineXML", message, code: 1 });
+        }
+        secrets.insert(uuid.to_owned(), ("vtpm", key));
+        Ok(())
+    }
+
+    async fn vtpm_secret_value(&self, uuid: &str) -> Result<Option<Vec<u8>>, LibvirtError> {
+        self.enter("secretGetValue").await?;
+        Ok(self.secrets.lock().unwrap().get(uuid).filter(|(usage, _)| *usage == "vtpm").map(|(_, key)| key.clone()))
+    }
+
+    async fn remove_vtpm_secret(&self, uuid: &str) -> Result<(), LibvirtError> {
+        self.enter("secretUndefine").await?;
+        self.secrets.lock().unwrap().retain(|u, (usage, _)| u != uuid || *usage != "vtpm");
+        Ok(())
+    }
+
+    async fn guest_agent_connected(&self, vm: &str) -> Result<bool, LibvirtError> {
+        self.enter("guestAgentConnected").await?;
+        self.with(vm, |d| d.state.is_active() && d.agent == GuestAgent::Answering)
+    }
+
+    async fn guest_fs_freeze(&self, vm: &str, _timeout: Duration) -> Result<u32, LibvirtError> {
+        self.enter("domainFSFreeze").await?;
+        self.with(vm, |d| {
+            let d = d.answering_agent("domainFSFreeze")?;
+            if d.guest_frozen {
+                // As qemu-ga answers a second freeze.
+                return Err(LibvirtError::Call { call: "domainFSFreeze", message: "already frozen".into(), code: 1 });
+            }
+            d.guest_frozen = true;
+            d.guest_freezes += 1;
+            Ok(1)
+        })?
+    }
+
+    async fn guest_fs_thaw(&self, vm: &str, _timeout: Duration) -> Result<(), LibvirtError> {
+        self.enter("domainFSThaw").await?;
+        self.with(vm, |d| d.answering_agent("domainFSThaw").map(|d| d.guest_frozen = false))?
     }
 }

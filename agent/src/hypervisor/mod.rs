@@ -59,6 +59,21 @@ pub trait Hypervisor: Send + Sync {
     async fn update_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError>;
     /// Defines the ceph-usage secret `uuid` with value `key`.
     async fn set_ceph_secret(&self, uuid: &str, key: Vec<u8>) -> Result<(), LibvirtError>;
+    /// Defines the vtpm-usage secret `uuid` of VM `vm` with value `key`.
+    async fn set_vtpm_secret(&self, uuid: &str, vm: &str, key: Vec<u8>) -> Result<(), LibvirtError>;
+    /// The value of vtpm-usage secret `uuid`, or `None` when there is none.
+    async fn vtpm_secret_value(&self, uuid: &str) -> Result<Option<Vec<u8>>, LibvirtError>;
+    /// Removes vtpm-usage secret `uuid` (a secret of another usage stays); a missing one is
+    /// success.
+    async fn remove_vtpm_secret(&self, uuid: &str) -> Result<(), LibvirtError>;
+    /// Whether the guest agent of running domain `vm` is connected (the guest has opened its
+    /// channel): a quick look that asks the guest nothing.
+    async fn guest_agent_connected(&self, vm: &str) -> Result<bool, LibvirtError>;
+    /// Freezes the guest's filesystems through its agent, waiting at most `timeout` for the
+    /// agent's answer; returns how many were frozen.
+    async fn guest_fs_freeze(&self, vm: &str, timeout: Duration) -> Result<u32, LibvirtError>;
+    /// Thaws the guest's filesystems; a guest that is not frozen stays as it is.
+    async fn guest_fs_thaw(&self, vm: &str, timeout: Duration) -> Result<(), LibvirtError>;
 
     /// Asks the guest to shut down and waits up to `timeout` for it to stop. Returns whether it
     /// stopped.

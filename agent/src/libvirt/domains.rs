@@ -38,7 +38,7 @@ pub fn is_vm_name(name: &str) -> bool {
     name.len() == 32 && name.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn lookup(c: &virt::connect::Connect, name: &str) -> Result<Domain, LibvirtError> {
+pub(super) fn lookup(c: &virt::connect::Connect, name: &str) -> Result<Domain, LibvirtError> {
     c.lookup_domain_by_name(name).map_err(|e| LibvirtError::from_virt("lookupByName", e))
 }
 

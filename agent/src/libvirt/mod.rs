@@ -3,6 +3,7 @@
 
 pub mod blockjob;
 pub mod domains;
+pub mod guest_agent;
 pub mod secrets;
 
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,12 @@ impl LibvirtError {
     /// libvirt's "no domain with matching name/uuid" (VIR_ERR_NO_DOMAIN).
     pub fn is_no_domain(&self) -> bool {
         matches!(self, LibvirtError::Call { code, .. } if *code == virt::sys::VIR_ERR_NO_DOMAIN as i32)
+    }
+
+    /// libvirt's "domain is not running" (VIR_ERR_OPERATION_INVALID), as a call that needs a
+    /// running guest answers for a stopped one.
+    pub fn is_not_running(&self) -> bool {
+        matches!(self, LibvirtError::Call { code, .. } if *code == virt::sys::VIR_ERR_OPERATION_INVALID as i32)
     }
 
     fn is_connection_lost(&self) -> bool {
@@ -196,6 +203,24 @@ impl crate::hypervisor::Hypervisor for Libvirt {
     }
     async fn set_ceph_secret(&self, uuid: &str, key: Vec<u8>) -> Result<(), LibvirtError> {
         Libvirt::set_ceph_secret(self, uuid, key).await
+    }
+    async fn set_vtpm_secret(&self, uuid: &str, vm: &str, key: Vec<u8>) -> Result<(), LibvirtError> {
+        Libvirt::set_vtpm_secret(self, uuid, vm, key).await
+    }
+    async fn vtpm_secret_value(&self, uuid: &str) -> Result<Option<Vec<u8>>, LibvirtError> {
+        Libvirt::vtpm_secret_value(self, uuid).await
+    }
+    async fn remove_vtpm_secret(&self, uuid: &str) -> Result<(), LibvirtError> {
+        Libvirt::remove_vtpm_secret(self, uuid).await
+    }
+    async fn guest_agent_connected(&self, vm: &str) -> Result<bool, LibvirtError> {
+        Libvirt::guest_agent_connected(self, vm).await
+    }
+    async fn guest_fs_freeze(&self, vm: &str, timeout: std::time::Duration) -> Result<u32, LibvirtError> {
+        Libvirt::guest_fs_freeze(self, vm, timeout).await
+    }
+    async fn guest_fs_thaw(&self, vm: &str, timeout: std::time::Duration) -> Result<(), LibvirtError> {
+        Libvirt::guest_fs_thaw(self, vm, timeout).await
     }
 }
 

@@ -1,17 +1,38 @@
-//! libvirt secrets: the cephx key QEMU uses to open RBD disks.
+//! libvirt secrets: the cephx key QEMU uses to open RBD disks, and the key swtpm encrypts a
+//! VM's TPM state with.
 
 use super::{Libvirt, LibvirtError};
 use crate::domain::xml_escape;
+
+/// libvirt's "no secret with matching uuid" (VIR_ERR_NO_SECRET).
+fn is_no_secret(e: &virt::error::Error) -> bool {
+    e.code().to_raw() as i32 == virt::sys::VIR_ERR_NO_SECRET as i32
+}
 
 impl Libvirt {
     /// Defines (or redefines) the ceph-usage secret `uuid` and sets its value to `key` (the raw
     /// bytes of a cephx key).
     pub async fn set_ceph_secret(&self, uuid: &str, key: Vec<u8>) -> Result<(), LibvirtError> {
-        let existing = uuid.to_owned();
-        let uuid = xml_escape(uuid);
+        let u = xml_escape(uuid);
         let xml = format!(
-            "<secret ephemeral='no' private='yes'><uuid>{uuid}</uuid><usage type='ceph'><name>{uuid}</name></usage></secret>"
+            "<secret ephemeral='no' private='yes'><uuid>{u}</uuid><usage type='ceph'><name>{u}</name></usage></secret>"
         );
+        self.define_secret(uuid, xml, key).await
+    }
+
+    /// Defines (or redefines) the vtpm-usage secret `uuid` of VM `vm` and sets its value to
+    /// `key`. Not private: a clone's own secret is given the same value, read back.
+    pub async fn set_vtpm_secret(&self, uuid: &str, vm: &str, key: Vec<u8>) -> Result<(), LibvirtError> {
+        let (u, vm) = (xml_escape(uuid), xml_escape(vm));
+        let xml = format!(
+            "<secret ephemeral='no' private='no'><uuid>{u}</uuid><description>TPM state key of VM {vm}</description>\
+             <usage type='vtpm'><name>kvmagent-vtpm-{vm}</name></usage></secret>"
+        );
+        self.define_secret(uuid, xml, key).await
+    }
+
+    async fn define_secret(&self, uuid: &str, xml: String, key: Vec<u8>) -> Result<(), LibvirtError> {
+        let existing = uuid.to_owned();
         self.call("secretDefineXML", move |c| {
             let existed = c.lookup_secret_by_uuid_string(&existing).is_ok();
             let s = c.define_secret_xml(&xml, 0).map_err(|e| LibvirtError::from_virt("secretDefineXML", e))?;
@@ -27,4 +48,39 @@ impl Libvirt {
         })
         .await
     }
+
+    /// The value of vtpm secret `uuid`, or `None` when there is no such secret.
+    pub async fn vtpm_secret_value(&self, uuid: &str) -> Result<Option<Vec<u8>>, LibvirtError> {
+        let uuid = uuid.to_owned();
+        self.call("secretGetValue", move |c| match vtpm_secret(c, &uuid)? {
+            None => Ok(None),
+            Some(s) => s.value(0).map(Some).map_err(|e| LibvirtError::from_virt("secretGetValue", e)),
+        })
+        .await
+    }
+
+    /// Removes vtpm secret `uuid`; a missing one is success.
+    pub async fn remove_vtpm_secret(&self, uuid: &str) -> Result<(), LibvirtError> {
+        let uuid = uuid.to_owned();
+        self.call("secretUndefine", move |c| match vtpm_secret(c, &uuid)? {
+            None => Ok(()),
+            Some(s) => match s.undefine() {
+                Err(e) if !is_no_secret(&e) => Err(LibvirtError::from_virt("secretUndefine", e)),
+                _ => Ok(()),
+            },
+        })
+        .await
+    }
+}
+
+/// Secret `uuid` when it is of usage vtpm: a secret of another usage that happens to have the
+/// uuid is none of the TPM's business.
+fn vtpm_secret(c: &virt::connect::Connect, uuid: &str) -> Result<Option<virt::secret::Secret>, LibvirtError> {
+    let s = match c.lookup_secret_by_uuid_string(uuid) {
+        Err(e) if is_no_secret(&e) => return Ok(None),
+        Err(e) => return Err(LibvirtError::from_virt("secretLookupByUUID", e)),
+        Ok(s) => s,
+    };
+    let usage = s.usage_type().map_err(|e| LibvirtError::from_virt("secretGetUsageType", e))?;
+    Ok((usage == virt::sys::VIR_SECRET_USAGE_TYPE_VTPM).then_some(s))
 }

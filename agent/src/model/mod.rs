@@ -45,6 +45,13 @@ pub struct VmSpec {
     /// ZStack's free-form addons, carried as they came.
     pub addons: Map<String, Value>,
     pub tpm: Option<TpmModel>,
+    /// The TPM's state is encrypted with the VM's vTPM secret in libvirt (`ops::tpm`).
+    #[serde(default)]
+    pub tpm_encrypted: bool,
+    /// The key of that secret as a command gave it: set into the secret when the domain is
+    /// defined, never persisted (libvirt's secret keeps it).
+    #[serde(skip)]
+    pub tpm_key: Option<TpmKey>,
     pub kernel_boot: Option<KernelBoot>,
     /// The VM generation ID (`<genid>`, a dashed UUID): new for every VM the agent makes,
     /// including clones and restores, so a guest can tell it was copied or rolled back.
@@ -53,6 +60,16 @@ pub struct VmSpec {
     /// The guest's cloud-init seed, when the VM was made with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<CloudInit>,
+}
+
+/// An AES-256 key for the TPM state (32 bytes); never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TpmKey(pub Vec<u8>);
+
+impl std::fmt::Debug for TpmKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TpmKey(..)")
+    }
 }
 
 impl VmSpec {

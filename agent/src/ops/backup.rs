@@ -94,6 +94,7 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
         rbd_snapshot_temporary: true,
         tpm_to: None,
         task_id: &ctx.task_id,
+        quiesce: cmd.quiesce,
     };
     let captured = capture(app, &owner, &mut spec, opts, &ctx.stop).await?;
     // The instant is released whatever happens (temporary tops committed back into the volumes,
@@ -127,6 +128,7 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
             kind,
             taken_at: crate::tasks::journal::now_ms() / 1000,
             vm: crate::wire::vm::StartVmCmd::from_spec(&before),
+            quiesced: captured.quiesced,
         });
         for (v, file) in before.volumes.iter().zip(files) {
             let entry = match m.volumes.iter_mut().find(|b| b.volume_uuid == v.uuid) {
@@ -152,7 +154,8 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
     match result {
         Ok(m) => {
             made.commit();
-            Ok(BackupVmRsp { group_uuid, group_path: group.dir.display().to_string(), point, manifest: m })
+            let group_path = group.dir.display().to_string();
+            Ok(BackupVmRsp { group_uuid, group_path, point, manifest: m, quiesced: captured.quiesced })
         }
         Err(e) => {
             made.rollback(app, &owner).await;

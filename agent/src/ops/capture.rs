@@ -2,12 +2,14 @@
 //! are frozen (see [`super::freeze`]), RBD volumes get a protected snapshot, and the TPM state
 //! may be copied. When that takes more than one action on a running VM (file and RBD disks,
 //! several RBD disks, or a TPM), the VM is paused for the instant so that all of them agree.
+//! A running VM's guest is quiesced for the instant when it can be (see [`super::quiesce`]).
 //! Clones, snapshot groups and backups are all built from a capture.
 
 use std::path::Path;
 
 use super::freeze::{freeze, Frozen};
 use super::owner::VmGuard;
+use super::quiesce::quiesce;
 use super::undo::{UndoLog, UndoStep};
 use super::volumes;
 use crate::app::App;
@@ -16,6 +18,7 @@ use crate::libvirt::domains::VmState;
 use crate::model::VmSpec;
 use crate::stop::Stop;
 use crate::storage::location::Location;
+use crate::wire::native::Quiesce;
 
 /// When file volumes are frozen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +42,7 @@ pub struct Options<'a> {
     pub tpm_to: Option<&'a Path>,
     /// The task capturing, for its journaled undo log.
     pub task_id: &'a str,
+    pub quiesce: Quiesce,
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +51,8 @@ pub struct Captured {
     /// `(image, image@snapshot)` per RBD volume.
     pub rbd_snapshots: Vec<(String, String)>,
     pub tpm_copied: bool,
+    /// Whether the guest's filesystems were frozen for the instant.
+    pub quiesced: bool,
 }
 
 impl Captured {
@@ -88,11 +94,13 @@ pub async fn capture(
     let freezing = has_files && (opts.freeze == Freeze::Always || running);
     let actions = usize::from(freezing) + rbd_images.len() + usize::from(tpm);
     let pause = actions > 1 && state == Some(VmState::Running);
-    if pause {
-        app.libvirt.suspend(&vm).await?;
-    }
+    // The guest is frozen before the pause: a paused guest's agent cannot answer.
+    let quiesced = quiesce(app, owner, opts.quiesce, state, opts.task_id).await?;
+    let suspended = if pause { app.libvirt.suspend(&vm).await.map_err(AgentError::from) } else { Ok(()) };
+    let paused = pause && suspended.is_ok();
     let taken = async {
-        let mut captured = Captured::default();
+        suspended?;
+        let mut captured = Captured { quiesced: quiesced.is_some(), ..Captured::default() };
         if freezing {
             captured.frozen = freeze(app, owner, spec, opts.with_data, opts.task_id, stop).await?;
         }
@@ -117,10 +125,13 @@ pub async fn capture(
         Ok::<_, AgentError>(captured)
     }
     .await;
-    if pause {
+    if paused {
         if let Err(e) = app.libvirt.resume(&vm).await {
             tracing::error!(vm = %vm, error = %e, "cannot resume the VM after capturing its volumes");
         }
+    }
+    if let Some(q) = quiesced {
+        q.thaw(app, owner).await;
     }
     taken.map_err(|e| e.context(format!("capturing the volumes of VM {vm}")))
 }

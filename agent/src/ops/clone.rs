@@ -139,8 +139,12 @@ fn clone_cloud_init(
 pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<CloneVmRsp> {
     let owner = app.vms.lock(&cmd.vm_uuid).await?;
     let mut source = owner.load()?;
-    let plans = plan(app, &cmd, &source)?;
+    let mut plans = plan(app, &cmd, &source)?;
     check_plans(app, ctx, &plans).await?;
+    if source.tpm_encrypted {
+        let key = super::tpm::key_of(app, &source.uuid).await?;
+        plans.iter_mut().for_each(|p| p.spec.tpm_key = Some(key.clone()));
+    }
 
     // Linked clones need frozen files; copies read a stopped source as it is. The TPM state is
     // taken at the same instant as the disks.
@@ -153,6 +157,7 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
         rbd_snapshot_temporary: true,
         tpm_to: Some(&staging),
         task_id: &ctx.task_id,
+        quiesce: cmd.quiesce,
     };
     let captured = capture(app, &owner, &mut source, opts, &ctx.stop)
         .await
@@ -191,6 +196,7 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
         number_of_cloned_vm: results.iter().filter(|r| r.get("inventory").is_some()).count(),
         inventories: results,
         source_volumes: captured.frozen.iter().map(|z| json!(z)).chain(rbd_sources).collect(),
+        quiesced: captured.quiesced,
     })
 }
 

@@ -13,6 +13,7 @@ pub mod flatten;
 pub mod freeze;
 pub mod inventory;
 pub mod owner;
+pub mod quiesce;
 pub mod snapshot_group;
 pub mod tpm;
 pub mod undo;
@@ -75,6 +76,7 @@ pub async fn define(app: &App, spec: &VmSpec, start: bool, undo: &mut UndoLog) -
         })?;
     }
     undo.push(UndoStep::RemoveDomain { vm: vm.clone() });
+    tpm::set_secret(app, spec).await?;
     app.libvirt.define(xml).await.map_err(|e| AgentError::from(e).context(format!("defining domain {vm}")))?;
     if start {
         app.libvirt
@@ -97,6 +99,7 @@ pub async fn start(app: &App, _ctx: &TaskCtx, owner: &owner::VmGuard, cmd: Start
         spec.cloud_init = recorded.cloud_init;
     }
     check_against_host(app, &mut spec).await?;
+    tpm::keep_encryption(owner, &mut spec);
     let vm = spec.uuid.clone();
     if app.libvirt.domain_state(&vm).await?.is_some_and(|s| s.is_active()) {
         return domain::device_info(&app.libvirt.xml(&vm).await?);

@@ -42,6 +42,8 @@ struct StoredGroup {
     created_at: u64,
     vm: VmSpec,
     snapshots: Vec<GroupSnapshot>,
+    #[serde(default)]
+    quiesced: bool,
 }
 
 impl StoredGroup {
@@ -53,6 +55,7 @@ impl StoredGroup {
             created_at: self.created_at,
             vm: crate::wire::vm::StartVmCmd::from_spec(&self.vm),
             snapshots: self.snapshots.clone(),
+            quiesced: self.quiesced,
         }
     }
 
@@ -73,6 +76,7 @@ impl StoredGroup {
             name: g.name,
             created_at: g.created_at,
             snapshots: g.snapshots,
+            quiesced: g.quiesced,
         }))
     }
 }
@@ -127,6 +131,7 @@ pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentR
         rbd_snapshot_temporary: false,
         tpm_to: None,
         task_id: &ctx.task_id,
+        quiesce: cmd.quiesce,
     };
     let captured = capture(app, &owner, &mut spec, opts, &ctx.stop).await?;
     // Until the group is recorded and the task's result with it, a failure or a kill gives the
@@ -163,6 +168,7 @@ pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentR
             created_at: crate::tasks::journal::now_ms() / 1000,
             vm: before,
             snapshots,
+            quiesced: captured.quiesced,
         };
         groups.save(&group)?;
         Ok::<_, AgentError>(group)

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 
 use crate::error::AgentResult;
+use crate::hypervisor::fake::GuestAgent;
 use crate::libvirt::domains::VmState;
 use crate::ops::undo::kill_point;
 use crate::tasks::TaskCtx;
@@ -62,6 +63,7 @@ async fn assert_consistent(h: &TestHost) {
     assert!(stray.is_empty(), "files no VM, clone or group references: {stray:?}");
     for d in h.hv.domain_names() {
         assert!(h.app.vms.is_known(&d), "domain {d} has no record");
+        assert!(!h.hv.domain(&d).unwrap().guest_frozen, "the guest of VM {d} stays frozen");
     }
 }
 
@@ -784,4 +786,203 @@ async fn the_seed_of_a_vm_on_rbd_goes_under_the_first_storage_root() {
     let (clone_seed, text) = seed_of(&h, &clone).await;
     assert_eq!(clone_seed.parent(), seed.parent());
     assert!(text.contains("\"local-hostname\": \"c\""), "{text}");
+}
+
+/// A host with one running VM whose guest agent answers.
+async fn quiesce_host() -> (TestHost, String) {
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    h.hv.set_guest_agent(&vm, GuestAgent::Answering);
+    (h, vm)
+}
+
+fn guest_freezes(h: &TestHost, vm: &str) -> usize {
+    let d = h.hv.domain(vm).unwrap();
+    assert!(!d.guest_frozen, "the guest is thawed after the capture");
+    d.guest_freezes
+}
+
+#[tokio::test]
+async fn captures_of_a_running_vm_are_quiesced_when_its_guest_agent_answers() {
+    let (h, vm) = quiesce_host().await;
+    let ctx = TaskCtx::detached("/vm/snapshotgroup/take");
+    let group = crate::ops::snapshot_group::take(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap();
+    assert!(group.quiesced);
+    assert_eq!(guest_freezes(&h, &vm), 1);
+    let get = cmd(json!({"groupUuid": group.group_uuid}));
+    assert!(crate::ops::snapshot_group::get(&h.app, &ctx, get).await.unwrap().quiesced, "the group records it");
+
+    let rsp =
+        crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(json!({"vmUuid": vm, "names": ["c"]})))
+            .await
+            .unwrap();
+    assert!(rsp.quiesced && rsp.number_of_cloned_vm == 1);
+    let rsp =
+        crate::ops::backup::backup(&h.app, &TaskCtx::detached("/vm/backup"), cmd(json!({"vmUuid": vm}))).await.unwrap();
+    assert!(rsp.quiesced && rsp.manifest.points[0].quiesced, "the answer and the manifest's point say so");
+    assert_eq!(guest_freezes(&h, &vm), 3);
+
+    let off = json!({"vmUuid": vm, "quiesce": "off"});
+    assert!(!crate::ops::snapshot_group::take(&h.app, &ctx, cmd(off)).await.unwrap().quiesced);
+    assert_eq!(guest_freezes(&h, &vm), 3, "quiesce off asks the guest nothing");
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn without_a_guest_agent_a_capture_is_crash_consistent_unless_quiesce_is_required() {
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    let ctx = TaskCtx::detached("/vm/snapshotgroup/take");
+    let group = crate::ops::snapshot_group::take(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap();
+    assert!(!group.quiesced, "the group is made, crash-consistent");
+
+    let (files, before) = (h.recorded(&vm).await, h.files());
+    let required = json!({"vmUuid": vm, "quiesce": "required"});
+    let e = crate::ops::snapshot_group::take(&h.app, &ctx, cmd(required.clone())).await.unwrap_err();
+    assert!(e.to_string().contains("guest agent is not connected"), "{e}");
+    let e = crate::ops::backup::backup(&h.app, &TaskCtx::detached("/vm/backup"), cmd(required)).await.unwrap_err();
+    assert!(e.to_string().contains("cannot quiesce VM"), "{e}");
+    assert_eq!((h.recorded(&vm).await, h.files()), (files, before), "a refused capture changes nothing");
+
+    // A stopped VM is captured as it is: there is nothing to quiesce.
+    h.app.libvirt.destroy(&vm).await.unwrap();
+    let required = json!({"vmUuid": vm, "quiesce": "required"});
+    assert!(!crate::ops::snapshot_group::take(&h.app, &ctx, cmd(required)).await.unwrap().quiesced);
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn a_failed_capture_thaws_the_guest() {
+    let (h, vm) = quiesce_host().await;
+    h.faults.fail("snapshotCreateXML");
+    let ctx = TaskCtx::detached("/vm/snapshotgroup/take");
+    crate::ops::snapshot_group::take(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap_err();
+    assert_eq!(guest_freezes(&h, &vm), 1, "frozen once, and thawed");
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn a_guest_agent_failing_to_freeze_leaves_the_capture_crash_consistent_or_refused() {
+    let (h, vm) = quiesce_host().await;
+    h.faults.fail("domainFSFreeze");
+    let ctx = TaskCtx::detached("/vm/snapshotgroup/take");
+    let group = crate::ops::snapshot_group::take(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap();
+    assert!(!group.quiesced);
+    let required = json!({"vmUuid": vm, "quiesce": "required"});
+    let e = crate::ops::snapshot_group::take(&h.app, &ctx, cmd(required)).await.unwrap_err();
+    assert!(e.to_string().contains("domainFSFreeze"), "{e}");
+    assert_eq!(guest_freezes(&h, &vm), 0);
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn a_kill_while_the_guest_is_frozen_is_thawed_by_recovery() {
+    let (mut h, vm) = quiesce_host().await;
+    // Step 1 records the thaw, before the freeze; step 2 is the first volume frozen after it.
+    let ctx = h.task("/vm/snapshotgroup/take").await;
+    let app = h.app.clone();
+    let body = json!({"vmUuid": vm});
+    let op = async move { value(crate::ops::snapshot_group::take(&app, &ctx, cmd(body)).await) };
+    assert!(run_killed(&h, "/vm/snapshotgroup/take", op, Kill::Step(2)).await, "killed");
+    assert!(h.hv.domain(&vm).unwrap().guest_frozen, "killed while the guest is frozen");
+    let report = h.restart_and_recover().await;
+    assert!(report.rolled_back.iter().all(|r| r.failures.is_empty()), "{report:?}");
+    assert_eq!(guest_freezes(&h, &vm), 1, "thawed by recovery");
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn a_quiesced_snapshot_group_killed_at_any_point_leaves_no_guest_frozen() {
+    let (mut h, vm) = quiesce_host().await;
+    let kills = kill_at_every_point(&mut h, "/vm/snapshotgroup/take", |app, ctx| {
+        let body = json!({"vmUuid": vm});
+        async move { value(crate::ops::snapshot_group::take(&app, &ctx, cmd(body)).await) }
+    })
+    .await;
+    assert!(kills >= 8, "{kills} kill points");
+}
+
+#[test]
+fn a_bad_quiesce_mode_is_refused_naming_the_field() {
+    for bad in [json!("sometimes"), json!(true), json!("REQUIRED")] {
+        let body = json!({"vmUuid": uuid(), "quiesce": bad});
+        let e = decode_native::<crate::wire::native::TakeSnapshotGroupCmd>(&body).unwrap_err();
+        assert!(e.to_string().contains("quiesce"), "{e}");
+    }
+}
+
+const TPM_KEY: [u8; 32] = [7; 32];
+
+fn tpm_key_b64(key: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+#[tokio::test]
+async fn an_encrypted_tpm_gets_its_secret_and_clones_their_own_with_the_same_key() {
+    let h = TestHost::start();
+    let (vm, image) = (uuid(), h.image("i", 4 << 20).await);
+    let mut body = h.create_cmd(&vm, &image);
+    body["tpm"] = json!({"enable": true, "key": tpm_key_b64(&TPM_KEY)});
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap();
+    let secret = crate::domain::tpm_secret_uuid(&vm);
+    assert_eq!(h.hv.secret_uuids(), std::slice::from_ref(&secret));
+    assert_eq!(h.app.libvirt.vtpm_secret_value(&secret).await.unwrap().as_deref(), Some(&TPM_KEY[..]));
+    assert!(h.hv.domain(&vm).unwrap().xml.contains(&format!("<encryption secret='{secret}'/>")));
+    let record = std::fs::read_to_string(h.app.config.state_dir.join("vms").join(format!("{vm}.json"))).unwrap();
+    assert!(!record.contains(&tpm_key_b64(&TPM_KEY)), "the key is not kept in the record: {record}");
+
+    let rsp =
+        crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(json!({"vmUuid": vm, "names": ["c"]})))
+            .await
+            .unwrap();
+    let clone = rsp.inventories[0]["inventory"]["uuid"].as_str().unwrap().to_owned();
+    let own = crate::domain::tpm_secret_uuid(&clone);
+    assert_eq!(h.app.libvirt.vtpm_secret_value(&own).await.unwrap().as_deref(), Some(&TPM_KEY[..]), "the same key");
+    assert!(h.hv.domain(&clone).unwrap().xml.contains(&format!("<encryption secret='{own}'/>")));
+
+    // A failing clone leaves no secret of its own behind.
+    h.faults.fail("create");
+    let r =
+        crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(json!({"vmUuid": vm, "names": ["d"]})))
+            .await
+            .unwrap();
+    assert_eq!(r.number_of_cloned_vm, 0);
+    let mut left = h.hv.secret_uuids();
+    left.sort();
+    let mut want = vec![secret, own];
+    want.sort();
+    assert_eq!(left, want);
+}
+
+#[tokio::test]
+async fn a_failed_create_removes_the_tpm_secret_and_bad_keys_are_refused() {
+    let h = TestHost::start();
+    let image = h.image("i", 4 << 20).await;
+    h.faults.fail("create");
+    let mut body = h.create_cmd(&uuid(), &image);
+    body["tpm"] = json!({"enable": true, "key": tpm_key_b64(&TPM_KEY)});
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap_err();
+    assert!(h.hv.secret_uuids().is_empty(), "the secret is undone with the domain");
+
+    for (tpm, field) in [
+        (json!({"enable": true, "key": "not base64!"}), "tpm.key is not base64"),
+        (json!({"enable": true, "key": tpm_key_b64(&[1; 16])}), "tpm.key holds 16 bytes"),
+        (json!({"enable": false, "key": tpm_key_b64(&TPM_KEY)}), "tpm.enable is false"),
+    ] {
+        let mut body = h.create_cmd(&uuid(), &image);
+        body["tpm"] = tpm;
+        let e = crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap_err();
+        assert!(e.to_string().contains(field), "{e}");
+    }
+    assert!(h.hv.secret_uuids().is_empty());
+
+    // A secret of another usage that has the VM's uuid is left alone.
+    let vm = uuid();
+    let ceph = crate::domain::tpm_secret_uuid(&vm);
+    h.app.libvirt.set_ceph_secret(&ceph, b"cephx".to_vec()).await.unwrap();
+    let mut body = h.create_cmd(&vm, &image);
+    body["tpm"] = json!({"enable": true, "key": tpm_key_b64(&TPM_KEY)});
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap_err();
+    assert_eq!(h.hv.secret_uuids(), [ceph]);
 }

@@ -31,7 +31,8 @@ pub enum UndoStep {
     RemoveRbdSnapshot { path: String },
     /// Delete a directory tree this operation created (a clone's TPM state, a backup group).
     RemoveTree { path: PathBuf },
-    /// Power off and undefine a domain this operation defined, with its TPM state.
+    /// Power off and undefine a domain this operation defined, with its TPM state and the
+    /// secret that state is encrypted with.
     RemoveDomain { vm: String },
     /// `step`, unless the record of VM `vm` names `path` by then: the operation got past the
     /// point where the VM was switched to it (a new root in place), so it stays.
@@ -43,6 +44,9 @@ pub enum UndoStep {
     RemoveTop { vm: String, top: PathBuf, base: PathBuf },
     /// Commit the temporary tops a backup froze back into the VM's volumes.
     Thaw { vm: String, frozen: Vec<super::freeze::Frozen> },
+    /// Thaw the filesystems of VM `vm`'s guest, which this operation froze through its guest
+    /// agent (see [`super::quiesce`]).
+    ThawGuest { vm: String },
 }
 
 #[derive(Debug, Default)]
@@ -115,7 +119,8 @@ impl UndoStep {
             | UndoStep::UnlessRecorded { vm, .. }
             | UndoStep::RemoveRecord { vm }
             | UndoStep::RemoveTop { vm, .. }
-            | UndoStep::Thaw { vm, .. } => Some(vm),
+            | UndoStep::Thaw { vm, .. }
+            | UndoStep::ThawGuest { vm } => Some(vm),
             _ => None,
         }
     }
@@ -223,9 +228,11 @@ async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(),
                 _ => {}
             }
             match app.libvirt.undefine(vm, true).await {
-                Err(e) if !e.is_no_domain() => Err(e.to_string()),
-                _ => Ok(()),
+                Err(e) if !e.is_no_domain() => return Err(e.to_string()),
+                _ => {}
             }
+            // The key of the TPM state goes with the state.
+            app.libvirt.remove_vtpm_secret(&crate::domain::tpm_secret_uuid(vm)).await.map_err(|e| e.to_string())
         }
         UndoStep::UnlessRecorded { path, step, .. } => {
             let recorded =
@@ -259,6 +266,7 @@ async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(),
             super::freeze::thaw(app, vm, &mut spec, frozen).await;
             Ok(())
         }
+        UndoStep::ThawGuest { vm } => super::quiesce::thaw(app, vm).await,
     }
 }
 

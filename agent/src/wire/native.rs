@@ -129,6 +129,23 @@ pub struct CloneVmCmd {
     /// its own, in `clones[i].cloudInit`, by default its name).
     #[serde(default)]
     pub cloud_init: Option<CloudInitSpec>,
+    #[serde(default)]
+    pub quiesce: Quiesce,
+}
+
+/// Whether a capture of a running VM (snapshot group, clone, backup) first freezes the guest's
+/// filesystems through its guest agent, so that the capture is what a clean shutdown would
+/// leave rather than what a power cut would.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quiesce {
+    /// When the guest agent answers; otherwise the capture is crash-consistent.
+    #[default]
+    Auto,
+    /// A running VM whose guest agent does not answer is not captured: the call fails.
+    Required,
+    /// Never: crash-consistent.
+    Off,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -167,6 +184,8 @@ pub struct CloneVmRsp {
     /// The source volumes frozen for linked clones: their new install paths and the snapshot
     /// files the clones are built on.
     pub source_volumes: Vec<Value>,
+    /// Whether the guest's filesystems were frozen for the capture the clones are made from.
+    pub quiesced: bool,
 }
 
 /// `/vm/flatten`: cut volumes loose from their backing chains.
@@ -252,6 +271,8 @@ pub struct TakeSnapshotGroupCmd {
     pub group_uuid: Option<String>,
     #[serde(default)]
     pub name: String,
+    #[serde(default)]
+    pub quiesce: Quiesce,
 }
 
 /// `/vm/snapshotgroup/get`.
@@ -273,6 +294,10 @@ pub struct SnapshotGroup {
     /// The VM's spec at the instant, its volumes at the paths they had then.
     pub vm: crate::wire::vm::StartVmCmd,
     pub snapshots: Vec<GroupSnapshot>,
+    /// Whether the guest's filesystems were frozen for the instant (false in groups recorded
+    /// before this field existed).
+    #[serde(default)]
+    pub quiesced: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize, Deserialize)]
@@ -320,6 +345,8 @@ pub struct BackupVmCmd {
     /// A directory inside one of the configured backup roots; by default the first root.
     #[serde(default)]
     pub backup_root: Option<String>,
+    #[serde(default)]
+    pub quiesce: Quiesce,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -338,6 +365,8 @@ pub struct BackupVmRsp {
     /// The point this call added.
     pub point: usize,
     pub manifest: crate::backup_group::Manifest,
+    /// Whether the guest's filesystems were frozen for the point's instant.
+    pub quiesced: bool,
 }
 
 /// `/vm/createfrombackup`.

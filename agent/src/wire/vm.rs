@@ -91,6 +91,10 @@ pub struct TpmSpec {
     /// `tpm-crb` (default) or `tpm-tis`.
     #[serde(default, deserialize_with = "nullable")]
     pub model: String,
+    /// Encrypt the TPM's state with this key: base64 of 32 bytes (AES-256), kept in a libvirt
+    /// secret of usage `vtpm`. Never answered back.
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "String::is_empty")]
+    pub key: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -12,7 +12,7 @@ use crate::domain::{check_uuid, device_letter, is_ifname, xml_safe};
 use crate::error::{AgentError, AgentResult};
 use crate::model::{
     BootDevice, Bus, CacheMode, CdRom, Clock, Cpu, DiskFormat, KernelBoot, Machine, Monitor, Nic, NicModel, NicNetwork,
-    NicQueues, RbdAccess, Topology, TpmModel, Video, VmSpec, Volume,
+    NicQueues, RbdAccess, Topology, TpmKey, TpmModel, Video, VmSpec, Volume,
 };
 use crate::storage::location::Location;
 
@@ -109,6 +109,7 @@ impl StartVmCmd {
             Some(t) if t.enable => Some(if t.model == "tpm-tis" { TpmModel::Tis } else { TpmModel::Crb }),
             _ => None,
         };
+        let tpm_key = self.tpm.as_ref().map(tpm_key).transpose()?.flatten();
         let mut boot_devices = boot_devices(&self.boot_dev)?;
         if boot_devices.is_empty() {
             boot_devices.push(BootDevice::Hd);
@@ -138,6 +139,8 @@ impl StartVmCmd {
             image_platform: self.image_platform.clone(),
             addons: self.addons.clone(),
             tpm,
+            tpm_encrypted: tpm_key.is_some(),
+            tpm_key,
             kernel_boot: self.kernel_boot.as_ref().map(|k| KernelBoot {
                 kernel: k.kernel.clone(),
                 initrd: k.initrd.clone(),
@@ -255,6 +258,7 @@ impl StartVmCmd {
                     TpmModel::Tis => "tpm-tis",
                 }
                 .into(),
+                key: String::new(),
             }),
             kernel_boot: spec.kernel_boot.as_ref().map(|k| WireKernelBoot {
                 kernel: k.kernel.clone(),
@@ -267,6 +271,27 @@ impl StartVmCmd {
 
 /// Whether `s` can be a disk's serial (it is the volume uuid): what libvirt and the guest's
 /// `/dev/disk/by-id` names carry.
+/// The key of `tpm.key`: base64 of an AES-256 key, for an enabled TPM only.
+fn tpm_key(t: &TpmSpec) -> AgentResult<Option<TpmKey>> {
+    use base64::Engine;
+    if t.key.is_empty() {
+        return Ok(None);
+    }
+    if !t.enable {
+        return Err(invalid("tpm.key is given but tpm.enable is false; enable the TPM or leave the key out".into()));
+    }
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(t.key.trim())
+        .map_err(|e| invalid(format!("tpm.key is not base64: {e}")))?;
+    if key.len() != 32 {
+        return Err(invalid(format!(
+            "tpm.key holds {} bytes; give the base64 of 32 bytes (an AES-256 key)",
+            key.len()
+        )));
+    }
+    Ok(Some(TpmKey(key)))
+}
+
 fn is_serial(s: &str) -> bool {
     (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
