@@ -12,6 +12,8 @@ struct Metrics {
     in_flight: IntGauge,
     qemu_img_seconds: HistogramVec,
     libvirt_seconds: HistogramVec,
+    callbacks: IntCounterVec,
+    recovered: IntCounterVec,
 }
 
 const TASK_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 7200.0];
@@ -43,16 +45,39 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["call"],
     )
     .expect("metric definition");
+    let callbacks = IntCounterVec::new(
+        Opts::new("kvmagent_callbacks_total", "Task results posted to their callback, by outcome (delivered, failed)"),
+        &["outcome"],
+    )
+    .expect("metric definition");
+    let recovered = IntCounterVec::new(
+        Opts::new(
+            "kvmagent_recovered_tasks_total",
+            "Tasks a crash recovery found interrupted, by what it did (resumed, rolled_back)",
+        ),
+        &["action"],
+    )
+    .expect("metric definition");
     for c in [
         Box::new(tasks.clone()) as Box<dyn prometheus::core::Collector>,
         Box::new(task_seconds.clone()),
         Box::new(in_flight.clone()),
         Box::new(qemu_img_seconds.clone()),
         Box::new(libvirt_seconds.clone()),
+        Box::new(callbacks.clone()),
+        Box::new(recovered.clone()),
     ] {
         registry.register(c).expect("metric registered once");
     }
-    Metrics { registry, tasks, task_seconds, in_flight, qemu_img_seconds, libvirt_seconds }
+    // Every label a dashboard or alert reads exists from the start (at 0), so rates and
+    // increases are defined before the first event.
+    for outcome in ["delivered", "failed"] {
+        callbacks.with_label_values(&[outcome]);
+    }
+    for action in ["resumed", "rolled_back"] {
+        recovered.with_label_values(&[action]);
+    }
+    Metrics { registry, tasks, task_seconds, in_flight, qemu_img_seconds, libvirt_seconds, callbacks, recovered }
 });
 
 /// A task started; the returned guard records its outcome and duration when finished.
@@ -96,6 +121,17 @@ pub fn observe_qemu_img(subcommand: &str, start: Instant) {
 
 pub fn observe_libvirt(call: &str, start: Instant) {
     METRICS.libvirt_seconds.with_label_values(&[call]).observe(start.elapsed().as_secs_f64());
+}
+
+/// A task result reached its callback (`delivered: true`) or was given up on.
+pub fn callback(delivered: bool) {
+    METRICS.callbacks.with_label_values(&[if delivered { "delivered" } else { "failed" }]).inc();
+}
+
+/// What a crash recovery did with the interrupted tasks.
+pub fn recovered(resumed: usize, rolled_back: usize) {
+    METRICS.recovered.with_label_values(&["resumed"]).inc_by(resumed as u64);
+    METRICS.recovered.with_label_values(&["rolled_back"]).inc_by(rolled_back as u64);
 }
 
 /// The Prometheus text exposition of every metric.

@@ -129,6 +129,9 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) 
         }
     }
     (report.unknown_domains, report.records_updated) = reconcile_domains(app).await;
+    let rolled_back: std::collections::HashSet<&str> =
+        report.rolled_back.iter().map(|r| r.task_uuid.as_str()).collect();
+    crate::metrics::recovered(report.resumed.len(), rolled_back.len());
     if !late_defines.is_empty() {
         tokio::spawn(remove_late_defines(app.clone(), late_defines));
     }

@@ -100,7 +100,9 @@ impl crate::recovery::Runner for TaskRunner {
 pub async fn deliver(app: &App, task_id: &str, url: &str, envelope: &Value) {
     let body = Bytes::from(envelope.to_string());
     let retry_for = Duration::from_secs(app.config.tasks.callback_retry_secs);
-    match app.poster.post_with_retry(url, &[("taskuuid", task_id)], body, retry_for).await {
+    let posted = app.poster.post_with_retry(url, &[("taskuuid", task_id)], body, retry_for).await;
+    crate::metrics::callback(posted.is_ok());
+    match posted {
         Ok(()) => app.tasks.mark_delivered(task_id).await,
         Err(e) => {
             tracing::error!(task = task_id, error = %e, "result not delivered; it stays available at GET /task/<taskuuid>")
