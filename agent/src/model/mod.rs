@@ -4,11 +4,15 @@
 //! every choice is an enum, every volume a typed [`Location`], and no other module knows a
 //! ZStack field name.
 
+mod cpu_mode;
+mod disk_io;
 mod volume;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use cpu_mode::CpuMode;
+pub use disk_io::{check_disks, scsi_iothread, IoMode, IoTune, MAX_IOTHREADS};
 pub use volume::{Bus, CacheMode, DiskFormat, Monitor, RbdAccess, Volume};
 
 /// The version of the persisted model (VM records, snapshot groups). Version 1 was ZStack's
@@ -44,6 +48,9 @@ pub struct VmSpec {
     pub addons: Map<String, Value>,
     pub tpm: Option<TpmModel>,
     pub kernel_boot: Option<KernelBoot>,
+    /// iothreads of the VM (`<iothreads>`), numbered from 1, which disks may name.
+    #[serde(default)]
+    pub iothreads: u32,
 }
 
 impl VmSpec {
@@ -70,6 +77,9 @@ pub struct Cpu {
     pub max: Option<u32>,
     /// Sockets, cores, threads: their product is `max` in the NUMA form, `count` otherwise.
     pub topology: Option<Topology>,
+    /// The CPU the guest sees; `None` is the hypervisor's default model.
+    #[serde(default)]
+    pub mode: Option<CpuMode>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +95,16 @@ pub struct Topology {
 pub enum Machine {
     Pc,
     Q35,
+}
+
+impl Machine {
+    /// libvirt's machine type, which is also the wire's.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Machine::Pc => "pc",
+            Machine::Q35 => "q35",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
