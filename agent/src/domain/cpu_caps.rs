@@ -64,7 +64,10 @@ mod tests {
     #[test]
     fn modes_and_models_the_host_offers_pass_and_others_are_refused_with_the_offer() {
         let offer = cpu_offer(TCG).unwrap();
-        assert_eq!(offer, CpuOffer { modes: vec!["host-model".into(), "custom".into()], models: vec!["qemu64".into()] });
+        assert_eq!(
+            offer,
+            CpuOffer { modes: vec!["host-model".into(), "custom".into()], models: vec!["qemu64".into()] }
+        );
         check_cpu_mode(&CpuMode::HostModel, &offer).unwrap();
         check_cpu_mode(&CpuMode::Custom("qemu64".into()), &offer).unwrap();
         let e = check_cpu_mode(&CpuMode::HostPassthrough, &offer).unwrap_err().to_string();

@@ -383,8 +383,7 @@ impl CreateVmCmd {
     pub fn to_spec(&self) -> AgentResult<VmSpec> {
         let mut vm = self.vm.clone();
         vm.insert("rootVolume".into(), self.volume_to(&self.root_volume, 0));
-        let data: Vec<Value> =
-            (self.data_volumes.iter().enumerate()).map(|(i, d)| self.volume_to(d, i + 1)).collect();
+        let data: Vec<Value> = (self.data_volumes.iter().enumerate()).map(|(i, d)| self.volume_to(d, i + 1)).collect();
         vm.insert("dataVolumes".into(), Value::Array(data));
         if let Some(tpm) = &self.tpm {
             vm.insert("tpm".into(), tpm.clone());

@@ -125,7 +125,8 @@ pub struct VolumeTo {
     pub volume_uuid: String,
     #[serde(default = "yes", deserialize_with = "nullable_yes")]
     pub use_virtio: bool,
-    #[serde(default, deserialize_with = "nullable")]
+    /// ZStack spells it `useVirtioSCSI`; files written before this fix spell it `useVirtioScsi`.
+    #[serde(default, rename = "useVirtioSCSI", alias = "useVirtioScsi", deserialize_with = "nullable")]
     pub use_virtio_scsi: bool,
     #[serde(default, deserialize_with = "nullable")]
     pub shareable: bool,

@@ -13,8 +13,8 @@ use super::vm::{
 use crate::domain::{check_uuid, device_letter, is_ifname, xml_safe};
 use crate::error::{AgentError, AgentResult};
 use crate::model::{
-    check_disks, BootDevice, Bus, CacheMode, CdRom, Clock, Cpu, CpuMode, DiskFormat, IoMode, IoTune, KernelBoot, Machine,
-    Monitor, Nic, NicModel, NicNetwork, NicQueues, RbdAccess, Topology, TpmModel, Video, VmSpec, Volume,
+    check_disks, BootDevice, Bus, CacheMode, CdRom, Clock, Cpu, CpuMode, DiskFormat, IoMode, IoTune, KernelBoot,
+    Machine, Monitor, Nic, NicModel, NicNetwork, NicQueues, RbdAccess, Topology, TpmModel, Video, VmSpec, Volume,
 };
 use crate::storage::location::Location;
 
@@ -176,17 +176,17 @@ impl StartVmCmd {
     /// The CPU model: `nestedVirtualization`, and `vmCpuModelName` for a named one.
     fn cpu_mode(&self) -> AgentResult<Option<CpuMode>> {
         let model = self.vm_cpu_model_name.as_str();
-        let named = || {
+        // Checked even when unused: it is text the management plane meant for the domain.
+        if !model.is_empty() || self.nested_virtualization == "custom" {
             if !is_cpu_model_name(model) {
                 return Err(invalid(format!(
                     "vmCpuModelName {model:?} is not a CPU model name (1 to 64 letters, digits, '-', '_' or '.')"
                 )));
             }
-            Ok(Some(CpuMode::Custom(model.to_owned())))
-        };
+        }
         match self.nested_virtualization.as_str() {
             "" if model.is_empty() => Ok(None),
-            "" | "custom" => named(),
+            "" | "custom" => Ok(Some(CpuMode::Custom(model.to_owned()))),
             "none" => Ok(None),
             "host-model" => Ok(Some(CpuMode::HostModel)),
             "host-passthrough" => Ok(Some(CpuMode::HostPassthrough)),
@@ -392,16 +392,19 @@ fn volume(field: &str, v: &VolumeTo) -> AgentResult<Volume> {
         ("", true, _) => Bus::Scsi,
         ("", false, true) => Bus::Virtio,
         ("", false, false) => Bus::Sata,
-        (b, _, _) => Bus::ALL.iter().find(|(n, _)| *n == b).map(|(_, m)| *m).ok_or_else(|| {
-            invalid(format!("{field}.bus {b:?} is not one of {:?}", Bus::ALL.map(|(n, _)| n)))
-        })?,
+        (b, _, _) => Bus::ALL
+            .iter()
+            .find(|(n, _)| *n == b)
+            .map(|(_, m)| *m)
+            .ok_or_else(|| invalid(format!("{field}.bus {b:?} is not one of {:?}", Bus::ALL.map(|(n, _)| n))))?,
     };
-    let io = match v.io_mode.as_str() {
-        "" => None,
-        m => Some(IoMode::ALL.iter().find(|(n, _)| *n == m).map(|(_, io)| *io).ok_or_else(|| {
-            invalid(format!("{field}.ioMode {m:?} is not one of {:?}", IoMode::ALL.map(|(n, _)| n)))
-        })?),
-    };
+    let io =
+        match v.io_mode.as_str() {
+            "" => None,
+            m => Some(IoMode::ALL.iter().find(|(n, _)| *n == m).map(|(_, io)| *io).ok_or_else(|| {
+                invalid(format!("{field}.ioMode {m:?} is not one of {:?}", IoMode::ALL.map(|(n, _)| n)))
+            })?),
+        };
     Ok(Volume {
         uuid: v.volume_uuid.clone(),
         location,
