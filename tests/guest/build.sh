@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Builds the tiny bootable test guest used by kvmagent's host integration tests: Debian 12's cloud
-# kernel + a busybox initramfs whose /init (tests/guest/init) dumps bytes of every virtio disk to
+# Builds the tiny bootable test guest used by kvmagent's host integration tests: Debian 12's generic
+# kernel (the cloud flavour has no AHCI, so no SATA disks) + a busybox initramfs whose /init (tests/guest/init) dumps bytes of every virtio disk to
 # the serial port and powers off. Boots in a few seconds under TCG. Needs root, apt and dpkg;
 # nothing is installed (the .debs are only unpacked).
 #
 # Usage: tests/guest/build.sh [OUTDIR]        (OUTDIR default /var/cache/kvmagent/test-guest)
 #   Writes OUTDIR/vmlinuz, OUTDIR/initrd.img, OUTDIR/stamp (version=<hash of build.sh + init>,
 #   kernel, busybox, cmdline). Cached: exits at once if the stamp matches this script version.
-#   KVMAGENT_GUEST_KERNEL_PKG=linux-image-...-cloud-amd64 overrides the kernel package.
+#   KVMAGENT_GUEST_KERNEL_PKG=linux-image-...-amd64 overrides the kernel package.
 #
 # Boot it with direct kernel boot, serial console logged to a file, and <on_poweroff>destroy
 # </on_poweroff> (+ <on_reboot>destroy</on_reboot>: a failed power-off panics, panic=-1 reboots):
@@ -44,9 +44,10 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUTDIR=${1:-/var/cache/kvmagent/test-guest}
 CMDLINE="console=ttyS0 quiet panic=-1 kvmagent.offsets=0"
-# Modules needed to see virtio disks on pc/q35 (virtio-blk and virtio-scsi), with insmod
-# parameters. Dependencies come from modules.dep; built-in ones are skipped.
-WANT_MODULES=(virtio_pci virtio_blk "scsi_mod scan=sync" virtio_scsi sd_mod)
+# Modules needed to see virtio disks on pc/q35 (virtio-blk and virtio-scsi), SATA disks (AHCI, on
+# q35 and pc) and IDE disks (PIIX, pc), with insmod parameters. Dependencies come from modules.dep;
+# built-in ones are skipped.
+WANT_MODULES=(virtio_pci virtio_blk "scsi_mod scan=sync" virtio_scsi sd_mod ahci ata_piix)
 
 die() { echo "build.sh: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (apt-get download, device nodes)"
@@ -82,9 +83,9 @@ resolve_kernel() {
         echo "$KVMAGENT_GUEST_KERNEL_PKG"
         return
     fi
-    # The metapackage depends on exactly one concrete linux-image-<abi>-cloud-amd64.
-    { apt-cache depends linux-image-cloud-amd64 2>/dev/null || true; } |
-        awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-cloud-amd64$/ {print $2; exit}'
+    # The metapackage depends on exactly one concrete linux-image-<abi>-amd64.
+    { apt-cache depends linux-image-amd64 2>/dev/null || true; } |
+        awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-amd64$/ {print $2; exit}'
 }
 download() {
     # Sandbox user root: apt's _apt user cannot write into our private temp dir.
@@ -95,7 +96,7 @@ kpkg=$(resolve_kernel)
 if [ -z "$kpkg" ]; then
     apt_update
     kpkg=$(resolve_kernel)
-    [ -n "$kpkg" ] || die "cannot resolve linux-image-cloud-amd64 to a kernel package (apt-cache depends)"
+    [ -n "$kpkg" ] || die "cannot resolve linux-image-amd64 to a kernel package (apt-cache depends)"
 fi
 if ! download "$kpkg" busybox-static; then
     apt_update
