@@ -558,6 +558,31 @@ mod tests {
     }
 
     #[test]
+    fn volume_and_cpu_choices_reach_the_spec() {
+        use crate::model::{CpuMode, IoTune};
+        let body = json!({
+            "vm": {"vmInstanceUuid": "0123456789abcdef0123456789abcdef", "memory": 1 << 30, "cpuNum": 1,
+                   "ioThreads": 2, "machineType": "pc"},
+            "cpuMode": "custom", "cpuModel": "qemu64",
+            "rootVolume": {"volumeUuid": "a", "installPath": "/r/a", "size": 1, "bus": "ide", "cache": "directsync",
+                           "io": "native"},
+            "dataVolumes": [{"volumeUuid": "d", "installPath": "/r/d", "imagePath": "/i", "bus": "scsi",
+                             "iothread": 2, "io": "io_uring", "iotune": {"readBytesSec": 7}}],
+        });
+        let spec = decode_native::<CreateVmCmd>(&body).unwrap().to_spec().unwrap();
+        assert_eq!(spec.cpu.mode, Some(CpuMode::Custom("qemu64".into())));
+        assert_eq!(spec.iothreads, 2);
+        let (root, data) = (&spec.volumes[0], &spec.volumes[1]);
+        assert_eq!((root.bus, root.cache, root.io), (Bus::Ide, CacheMode::Directsync, Some(IoMode::Native)));
+        assert_eq!((data.bus, data.iothread, data.io), (Bus::Scsi, Some(2), Some(IoMode::IoUring)));
+        assert_eq!(data.iotune, Some(IoTune { read_bytes_sec: Some(7), ..IoTune::default() }));
+        let mut q35 = body.clone();
+        q35["vm"]["machineType"] = json!("q35");
+        let e = decode_native::<CreateVmCmd>(&q35).unwrap().to_spec().unwrap_err();
+        assert!(e.to_string().contains("bus ide needs machine type pc"), "{e}");
+    }
+
+    #[test]
     fn known_and_common_fields_pass() {
         let common = json!({"threadContext": {"api": "x"}, "taskContext": {}, "kvmHostAddons": {}});
         let mut body = json!({"groupUuid": "g", "point": 1, "vm": {"anyStartVmField": 1}, "strategy": "JustCreate"});
