@@ -181,6 +181,11 @@ async fn a_hot_plugged_volume_keeps_its_bus_io_mode_and_limits() {
     }
     let spec = h.app.vms.lock(&vm).await.unwrap().load().unwrap();
     assert_eq!(spec.volumes[1].iotune.and_then(|t| t.total_iops_sec), Some(100), "the record keeps the limit");
+    let other = data_volume(&h, "d2");
+    let body = json!({"vmInstanceUuid": vm, "volume": {"installPath": other, "volumeUuid": "d2", "deviceId": 2,
+                      "useVirtioSCSI": true, "ioThreadId": 1}});
+    let e = attach_volume(&h.app, &ctx(), decode(&body).unwrap()).await.unwrap_err();
+    assert!(e.to_string().contains("controller of VM"), "the controller's iothread cannot change live: {e}");
 }
 
 #[tokio::test]

@@ -172,6 +172,15 @@ pub async fn attach_volume(app: &App, _ctx: &TaskCtx, cmd: DataVolumeCmd) -> Age
             )));
         }
     }
+    // A running virtio-scsi controller keeps the iothread it started with.
+    let controller = spec.volumes.iter().any(|v| v.bus == Bus::Scsi).then(|| crate::model::scsi_iothread(&spec));
+    if let Some(running) = controller.filter(|t| volume.bus == Bus::Scsi && *t != volume.iothread) {
+        return Err(AgentError::invalid(format!(
+            "volume.ioThreadId {:?}: the running virtio-scsi controller of VM {vm} has iothread {running:?}, and \
+             every scsi disk is on it; give that or stop the VM",
+            volume.iothread
+        )));
+    }
     let uuid = volume.uuid.clone();
     spec.volumes.push(volume);
     crate::model::check_disks(&spec).map_err(|e| e.context("volume"))?;
