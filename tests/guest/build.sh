@@ -13,7 +13,7 @@
 # </on_poweroff> (+ <on_reboot>destroy</on_reboot>: a failed power-off panics, panic=-1 reboots):
 #   <os><type arch='x86_64' machine='pc'>hvm</type>      (q35 works too)
 #     <kernel>OUTDIR/vmlinuz</kernel><initrd>OUTDIR/initrd.img</initrd>
-#     <cmdline>console=ttyS0 quiet panic=-1 kvmagent.offsets=0,1048576</cmdline></os>
+#     <cmdline>console=ttyS0 quiet panic=-1 no_timer_check kvmagent.offsets=0,1048576</cmdline></os>
 #   <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
 #     <source file='/path/top.qcow2'/><target dev='vda' bus='virtio'/></disk>
 #   <serial type='file'><source path='/path/serial.log'/><target port='0'/></serial>
@@ -43,7 +43,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUTDIR=${1:-/var/cache/kvmagent/test-guest}
-CMDLINE="console=ttyS0 quiet panic=-1 kvmagent.offsets=0"
+CMDLINE="console=ttyS0 quiet panic=-1 no_timer_check kvmagent.offsets=0"
 # Modules needed to see virtio disks on pc/q35 (virtio-blk and virtio-scsi), SATA disks (AHCI, on
 # q35 and pc) and IDE disks (PIIX, pc), with insmod parameters. Dependencies come from modules.dep;
 # built-in ones are skipped.
