@@ -37,7 +37,7 @@ pub fn cpu_offer(domcaps: &str) -> AgentResult<CpuOffer> {
 /// Refuses `mode` unless `offer` has it, naming what this host offers.
 pub fn check_cpu_mode(mode: &CpuMode, offer: &CpuOffer) -> AgentResult<()> {
     let offered = offer.modes.iter().any(|m| m == mode.libvirt_mode())
-        && mode.model().is_none_or(|name| offer.models.iter().any(|m| m == name));
+        && mode.model().map_or(true, |name| offer.models.iter().any(|m| m == name));
     if offered {
         return Ok(());
     }

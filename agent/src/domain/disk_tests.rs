@@ -48,8 +48,10 @@ fn attr(n: roxmltree::Node<'_, '_>, a: &str) -> Option<String> {
     n.attribute(a).map(str::to_owned)
 }
 
-/// `(target dev, bus, driver io, driver iothread)` of every disk, and its `<iotune>` children.
-fn disks(xml: &str) -> Vec<(String, String, Option<String>, Option<String>, Vec<(String, String)>)> {
+/// `(target dev, bus, driver io, driver iothread, <iotune> children)` of a disk.
+type Disk = (String, String, Option<String>, Option<String>, Vec<(String, String)>);
+
+fn disks(xml: &str) -> Vec<Disk> {
     let doc = roxmltree::Document::parse(xml).unwrap();
     (doc.descendants().filter(|n| n.has_tag_name("disk") && n.attribute("device") == Some("disk")))
         .map(|d| {

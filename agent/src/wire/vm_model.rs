@@ -177,12 +177,10 @@ impl StartVmCmd {
     fn cpu_mode(&self) -> AgentResult<Option<CpuMode>> {
         let model = self.vm_cpu_model_name.as_str();
         // Checked even when unused: it is text the management plane meant for the domain.
-        if !model.is_empty() || self.nested_virtualization == "custom" {
-            if !is_cpu_model_name(model) {
-                return Err(invalid(format!(
-                    "vmCpuModelName {model:?} is not a CPU model name (1 to 64 letters, digits, '-', '_' or '.')"
-                )));
-            }
+        if (!model.is_empty() || self.nested_virtualization == "custom") && !is_cpu_model_name(model) {
+            return Err(invalid(format!(
+                "vmCpuModelName {model:?} is not a CPU model name (1 to 64 letters, digits, '-', '_' or '.')"
+            )));
         }
         match self.nested_virtualization.as_str() {
             "" if model.is_empty() => Ok(None),
