@@ -326,7 +326,8 @@ fn view<'a>(spec: &'a VmSpec, settings: &'a DomainSettings) -> AgentResult<View<
         .collect::<Vec<_>>();
     if let Some(d) = disks.iter().find(|d| cdroms.iter().any(|c| c.dev == d.dev)) {
         return Err(AgentError::invalid(format!(
-            "disk {} ({}) takes the drive of a CD-ROM: on machine pc the CD-ROMs are hdc, hdd and hdb, so put the              disk on another bus or deviceId",
+            "disk {} ({}) takes the drive of a CD-ROM: on machine pc the CD-ROMs are hdc, hdd and hdb, so put the \
+             disk on another bus or deviceId",
             d.serial, d.dev
         )));
     }
