@@ -12,6 +12,7 @@ use crate::ceph::rbd::{Connection, Rbd, RbdCli};
 use crate::config::Config;
 use crate::host_identity::HostIdentity;
 use crate::hypervisor::Hypervisor;
+use crate::iso::{IsoWriter, Xorriso};
 use crate::libvirt::Libvirt;
 use crate::network::rtnl::RtNetlink;
 use crate::network::Netlink;
@@ -33,6 +34,7 @@ pub struct Backends {
     pub ceph: Arc<dyn Cluster>,
     pub qemu_img: Arc<dyn QemuImg>,
     pub net: Arc<dyn Netlink>,
+    pub iso: Arc<dyn IsoWriter>,
 }
 
 pub struct App {
@@ -53,6 +55,8 @@ pub struct App {
     pub qemu_img: Arc<dyn QemuImg>,
     /// Links, addresses and routes of the host (rtnetlink; a fake in unit tests).
     pub net: Arc<dyn Netlink>,
+    /// ISO images: cloud-init seeds (`xorriso`; a fake in unit tests).
+    pub iso: Arc<dyn IsoWriter>,
     /// One bridge command at a time (each reads the links, then changes them).
     pub bridges: tokio::sync::Mutex<()>,
     /// Every VM's lock and record: one owner per VM at a time.
@@ -91,13 +95,14 @@ impl App {
             ceph: Arc::new(CephCli(connection)),
             qemu_img: Arc::new(QemuImgCli),
             net: Arc::new(RtNetlink),
+            iso: Arc::new(Xorriso),
         };
         App::with_backends(config, backends)
     }
 
     /// Like [`new`](Self::new), on the given external systems (fakes in unit tests).
     pub fn with_backends(config: Config, backends: Backends) -> Result<(Arc<App>, Inherited), StartupError> {
-        let Backends { libvirt, rbd, ceph, qemu_img, net } = backends;
+        let Backends { libvirt, rbd, ceph, qemu_img, net, iso } = backends;
         let state_err = |source| StartupError::StateDir { dir: config.state_dir.display().to_string(), source };
         std::fs::create_dir_all(&config.state_dir).map_err(state_err)?;
         let identity = Arc::new(HostIdentity::load(&config.state_dir).map_err(state_err)?);
@@ -132,6 +137,7 @@ impl App {
             ceph,
             qemu_img,
             net,
+            iso,
             bridges: tokio::sync::Mutex::new(()),
             vms,
             volume_locks,

@@ -39,6 +39,15 @@ enum Command {
     },
     /// List the command paths the agent serves.
     Paths,
+    /// Check that this host can run the agent's work: one line per check, each problem with its
+    /// fix. Exit code 0 ready, 1 degraded, 2 not ready.
+    CheckHost {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Forget the management node learned at the first `/host/connect`: the next connect is
     /// trusted again (to move a host to another management node).
     ForgetManagementNode {
@@ -95,6 +104,7 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::CheckHost { config, json } => check_host(config.as_deref(), json),
         Command::Paths => {
             for (path, style) in kvmagent::http::routes::paths() {
                 println!("{style:?}\t{path}");
@@ -102,6 +112,28 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+fn check_host(config: Option<&std::path::Path>, json: bool) -> ExitCode {
+    let config = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let checks = runtime.block_on(kvmagent::check_host::run(&config));
+    let verdict = kvmagent::check_host::verdict(&checks);
+    if json {
+        println!("{}", serde_json::json!({"verdict": verdict, "checks": checks}));
+    } else {
+        for c in &checks {
+            println!("{}", c.line());
+        }
+        println!("host: {}", serde_json::to_value(verdict).unwrap_or_default().as_str().unwrap_or_default());
+    }
+    ExitCode::from(verdict.exit_code())
 }
 
 fn init_logging(json: bool) {

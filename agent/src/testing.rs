@@ -192,7 +192,9 @@ impl TestHost {
     /// The files the VM's domain uses, by disk serial (= volume uuid), root first.
     pub fn domain_files(&self, vm: &str) -> Vec<String> {
         let xml = self.hv.domain(vm).expect("a domain").xml;
-        crate::domain::live_disks(&xml).unwrap().into_iter().filter_map(|d| d.file).collect()
+        // Volumes carry their uuid as serial; the cloud-init seed has none.
+        let disks = crate::domain::live_disks(&xml).unwrap().into_iter().filter(|d| d.serial.is_some());
+        disks.filter_map(|d| d.file).collect()
     }
 }
 
@@ -210,6 +212,7 @@ fn backends(
         ceph: ceph.clone(),
         qemu_img: Arc::new(FakeQemuImg::new(faults.clone())),
         net: net.clone(),
+        iso: Arc::new(crate::iso::fake::FakeIso { faults: faults.clone() }),
     }
 }
 

@@ -20,7 +20,9 @@
 # (also works with libvirt 9 + stdio_handler=file: <serial type='pty'><log file='/path/serial.log'
 #  append='off'/><target port='0'/></serial> + <console type='pty'><target type='serial' port='0'/>)
 # Cmdline parameters (see tests/guest/init): kvmagent.offsets=<byte offsets, comma-separated,
-# default 0>, kvmagent.disks=<N to wait for>, kvmagent.wait=<max s, default 10>, kvmagent.debug=1.
+# default 0>, kvmagent.disks=<N to wait for>, kvmagent.wait=<max s, default 10>, kvmagent.debug=1,
+# kvmagent.cidata=1 (print the cloud-init seed's hostname, see tests/guest/init), kvmagent.sata=1
+# (load the AHCI driver: SATA disks show as sd*).
 #
 # Serial output:
 #   KVMAGENT-GUEST-BOOTED
@@ -44,10 +46,15 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUTDIR=${1:-/var/cache/kvmagent/test-guest}
 CMDLINE="console=ttyS0 quiet panic=-1 no_timer_check kvmagent.offsets=0"
-# Modules needed to see virtio disks on pc/q35 (virtio-blk and virtio-scsi), SATA disks (AHCI, on
-# q35 and pc) and IDE disks (PIIX, pc), with insmod parameters. Dependencies come from modules.dep;
-# built-in ones are skipped.
-WANT_MODULES=(virtio_pci virtio_blk "scsi_mod scan=sync" virtio_scsi sd_mod ahci ata_piix)
+# Modules needed to see virtio disks on pc/q35 (virtio-blk and virtio-scsi), with insmod
+# parameters. Dependencies come from modules.dep; built-in ones are skipped.
+WANT_MODULES=(virtio_pci virtio_blk "scsi_mod scan=sync" virtio_scsi sd_mod)
+# cloud-init seed (kvmagent.cidata=1): the IDE CD-ROM of machine pc, ISO 9660. Listed apart
+# (etc/kvmagent-cidata-modules) and loaded only on request: libata would turn IDE disks into sd*.
+CIDATA_MODULES=(ata_piix sr_mod isofs)
+# SATA disks (kvmagent.sata=1): AHCI, on q35 and pc (hence the generic kernel: the cloud one has
+# no AHCI driver). Loaded only on request, as the CD-ROM modules, for the same reason.
+SATA_MODULES=(ahci)
 
 die() { echo "build.sh: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (apt-get download, device nodes)"
@@ -127,7 +134,6 @@ while IFS= read -r line; do
     name=${key##*/}; name=${name%%.ko*}; name=${name//-/_}
     byname[$name]=$key
 done <"$moddir/modules.dep"
-order=()
 visit() {
     local path=$1 d
     [ -z "${seen[$path]:-}" ] || return 0
@@ -135,17 +141,23 @@ visit() {
     for d in ${deps[$path]}; do visit "$d"; done
     order+=("$path")
 }
-for spec in "${WANT_MODULES[@]}"; do
-    read -r name args <<<"$spec"
-    if grep -qE "/$name\.ko(\..*)?$" "$moddir/modules.builtin"; then
-        echo "build.sh: $name is built in"
-        continue
-    fi
-    path=${byname[$name]:-}
-    [ -n "$path" ] || die "module $name is neither built in nor in modules.dep of $kver"
-    params[$path]=$args
-    visit "$path"
-done
+# resolve NAME...: sets order=() to the modules to load for NAMEs (dependencies first), leaving
+# out built-in ones and those an earlier call already ordered.
+resolve() {
+    local spec name args path
+    order=()
+    for spec in "$@"; do
+        read -r name args <<<"$spec"
+        if grep -qE "/$name\.ko(\..*)?$" "$moddir/modules.builtin"; then
+            echo "build.sh: $name is built in"
+            continue
+        fi
+        path=${byname[$name]:-}
+        [ -n "$path" ] || die "module $name is neither built in nor in modules.dep of $kver"
+        params[$path]=$args
+        visit "$path"
+    done
+}
 
 # Initramfs tree: busybox + all applet symlinks, the modules, the module list, /init.
 mkdir -p root/bin root/sbin root/usr/bin root/usr/sbin root/proc root/sys root/dev root/tmp \
@@ -157,16 +169,31 @@ done
 # Device nodes for the time before /init mounts devtmpfs (the kernel opens /dev/console itself).
 mknod -m 600 root/dev/console c 5 1 2>/dev/null || true
 mknod -m 666 root/dev/null c 1 3 2>/dev/null || true
-: >root/etc/kvmagent-modules
-for path in "${order[@]}"; do
-    case "$path" in
-        *.ko) ;;
-        *) die "compressed module $path: not supported (busybox insmod needs plain .ko)" ;;
-    esac
-    mkdir -p "root/lib/modules/$kver/$(dirname "$path")"
-    cp "$moddir/$path" "root/lib/modules/$kver/$path"
-    echo "$kver/$path ${params[$path]:-}" >>root/etc/kvmagent-modules
-done
+# install_modules LIST: copies the modules in order=() into the tree and lists them in LIST.
+install_modules() {
+    local path
+    : >"$1"
+    for path in "${order[@]}"; do
+        case "$path" in
+            *.ko) ;;
+            *) die "compressed module $path: not supported (busybox insmod needs plain .ko)" ;;
+        esac
+        mkdir -p "root/lib/modules/$kver/$(dirname "$path")"
+        cp "$moddir/$path" "root/lib/modules/$kver/$path"
+        echo "$kver/$path ${params[$path]:-}" >>"$1"
+    done
+}
+resolve "${WANT_MODULES[@]}"
+install_modules root/etc/kvmagent-modules
+common=("${order[@]}")
+# cloud-init seed: its own list, after the common one (shared dependencies are loaded there).
+resolve "${CIDATA_MODULES[@]}"
+install_modules root/etc/kvmagent-cidata-modules
+# SATA: its own list after the common one; what it shares with the CD-ROM list (libata) is in both.
+seen=()
+for path in "${common[@]}"; do seen[$path]=1; done
+resolve "${SATA_MODULES[@]}"
+install_modules root/etc/kvmagent-sata-modules
 install -m 755 "$here/init" root/init
 echo "$version" >root/etc/kvmagent-guest-version
 

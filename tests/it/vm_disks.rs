@@ -59,6 +59,9 @@ async fn a_vm_with_a_virtio_scsi_root_a_sata_data_disk_and_an_iotune_limit_boots
     let (sata_uuid, sata) = data_volume_path(&h);
     let (blk_uuid, blk) = data_volume_path(&h);
     let mut vm_obj = vm_object(&h, &vm, 3);
+    // The guest loads its AHCI driver only when asked.
+    let cmdline = vm_obj["kernelBoot"]["cmdline"].as_str().unwrap().to_owned();
+    vm_obj["kernelBoot"]["cmdline"] = json!(format!("{cmdline} kvmagent.sata=1"));
     vm_obj["machineType"] = json!("q35");
     vm_obj["ioThreads"] = json!(2);
     let cmd = json!({

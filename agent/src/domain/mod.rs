@@ -160,6 +160,45 @@ mod tests {
         );
     }
 
+    #[test]
+    fn genid_and_the_cloud_init_seed_in_the_last_cdrom_drive() {
+        let settings = DomainSettings { domain_type: "qemu".into(), ..Default::default() };
+        let mut v = fixture();
+        v["cdRoms"] = json!([{"resourceUuid": "cd0", "isEmpty": true, "deviceId": 0}]);
+        let mut spec = validate(&cmd(v.clone())).unwrap();
+        assert!(!render(&spec, &settings).unwrap().contains("<genid"), "no genid unless the agent set one");
+        spec.renew_genid();
+        spec.cloud_init = Some(crate::model::CloudInit {
+            hostname: "a".into(),
+            user_data: None,
+            ssh_keys: Vec::new(),
+            network: Vec::new(),
+            seed: "/var/lib/kvmagent/local/cidata-x.iso".into(),
+        });
+        for (machine, targets) in [("pc", ["hdc", "hdb"]), ("q35", ["sdx", "sdz"])] {
+            spec.machine = if machine == "pc" { crate::model::Machine::Pc } else { crate::model::Machine::Q35 };
+            let xml = render(&spec, &settings).unwrap();
+            let doc = roxmltree::Document::parse(&xml).unwrap();
+            assert_eq!(text_of(&doc, "genid"), [spec.genid.as_deref().unwrap()]);
+            let cdroms: Vec<_> = doc
+                .descendants()
+                .filter(|n| n.has_tag_name("disk") && n.attribute("device") == Some("cdrom"))
+                .collect();
+            let devs: Vec<&str> = (cdroms.iter())
+                .filter_map(|n| n.children().find(|c| c.has_tag_name("target"))?.attribute("dev"))
+                .collect();
+            assert_eq!(devs, targets, "{machine}");
+            let source = cdroms[1].children().find(|c| c.has_tag_name("source")).unwrap();
+            assert_eq!(source.attribute("file"), Some("/var/lib/kvmagent/local/cidata-x.iso"));
+        }
+        v["cdRoms"] =
+            json!([0, 1, 2].map(|i| json!({"resourceUuid": format!("cd{i}"), "isEmpty": true, "deviceId": i})));
+        let mut full = validate(&cmd(v)).unwrap();
+        full.cloud_init = spec.cloud_init.clone();
+        let e = render(&full, &settings).unwrap_err().to_string();
+        assert!(e.contains("at most 3 drives"), "{e}");
+    }
+
     /// The attributes `names` of the first `<tag>` inside a `<parent>`.
     fn attrs<'a>(doc: &'a roxmltree::Document, parent: &str, tag: &str, names: &[&str]) -> Vec<Option<&'a str>> {
         let n = (doc.descendants())

@@ -48,6 +48,8 @@ pub const DEVICE_LETTERS: &[u8] = b"abdefghijklmnopqrstuvwxyz";
 /// CD-ROM slots: IDE on `pc` (hdc = secondary master, as ZStack), SATA on `q35`.
 const IDE_CDROMS: [&str; 3] = ["hdc", "hdd", "hdb"];
 const SATA_CDROMS: [&str; 3] = ["sdx", "sdy", "sdz"];
+/// The cloud-init seed's drive: no `cdRoms` entry names it.
+const SEED_DEVICE_ID: u32 = u32::MAX;
 
 pub fn device_letter(device_id: u32) -> AgentResult<char> {
     DEVICE_LETTERS.get(device_id as usize).map(|b| *b as char).ok_or_else(|| {
@@ -60,6 +62,7 @@ struct View<'a> {
     domain_type: &'a str,
     name: &'a str,
     uuid: String,
+    genid: Option<&'a str>,
     description: &'a str,
     internal_id: i64,
     host_ip: &'a str,
@@ -312,18 +315,43 @@ fn view<'a>(spec: &'a VmSpec, settings: &'a DomainSettings) -> AgentResult<View<
     let mut cd_roms: Vec<_> = spec.cd_roms.iter().collect();
     cd_roms.sort_by_key(|c| c.device_id);
     let slots = if q35 { &SATA_CDROMS } else { &IDE_CDROMS };
-    let cdroms = cd_roms
+    let bus = if q35 { "sata" } else { "ide" };
+    // The cloud-init seed always takes the last drive, so the others keep their targets.
+    let (user_slots, seed_slot) = match &spec.cloud_init {
+        Some(ci) if cd_roms.len() >= slots.len() => {
+            return Err(AgentError::invalid(format!(
+                "VM {} has {} CD-ROMs and a cloud-init seed ({}): at most {} drives in all",
+                spec.uuid,
+                cd_roms.len(),
+                ci.seed.display(),
+                slots.len()
+            )))
+        }
+        Some(ci) => (&slots[..slots.len() - 1], Some((ci, slots[slots.len() - 1]))),
+        None => (&slots[..], None),
+    };
+    let mut cdroms: Vec<CdromView> = cd_roms
         .iter()
-        .zip(slots.iter())
+        .zip(user_slots.iter())
         .map(|(c, dev)| CdromView {
             device_id: c.device_id,
             file: c.iso.as_deref(),
             dev,
-            bus: if q35 { "sata" } else { "ide" },
+            bus,
             boot_order: c.boot_order.filter(|_| per_device_boot),
             serial: &c.resource_uuid,
         })
-        .collect::<Vec<_>>();
+        .collect();
+    if let Some((ci, dev)) = seed_slot {
+        cdroms.push(CdromView {
+            device_id: SEED_DEVICE_ID,
+            file: ci.seed.to_str(),
+            dev,
+            bus,
+            boot_order: None,
+            serial: "",
+        });
+    }
     if let Some(d) = disks.iter().find(|d| cdroms.iter().any(|c| c.dev == d.dev)) {
         return Err(AgentError::invalid(format!(
             "disk {} ({}) takes the drive of a CD-ROM: on machine pc the CD-ROMs are hdc, hdd and hdb, so put the \
@@ -360,6 +388,7 @@ fn view<'a>(spec: &'a VmSpec, settings: &'a DomainSettings) -> AgentResult<View<
         domain_type: &settings.domain_type,
         name: &spec.uuid,
         uuid: dashed_uuid(&spec.uuid),
+        genid: spec.genid.as_deref(),
         description: &spec.name,
         internal_id: spec.internal_id,
         host_ip: &spec.host_management_ip,

@@ -4,6 +4,7 @@
 //! every choice is an enum, every volume a typed [`Location`], and no other module knows a
 //! ZStack field name.
 
+mod cloud_init;
 mod cpu_mode;
 mod disk_io;
 mod volume;
@@ -11,6 +12,7 @@ mod volume;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use cloud_init::{Addressing, CloudInit, IpCidr, NicSetup};
 pub use cpu_mode::CpuMode;
 pub use disk_io::{check_disks, scsi_iothread, IoMode, IoTune, MAX_IOTHREADS};
 pub use volume::{Bus, CacheMode, DiskFormat, Monitor, RbdAccess, Volume};
@@ -51,6 +53,13 @@ pub struct VmSpec {
     /// iothreads of the VM (`<iothreads>`), numbered from 1, which disks may name.
     #[serde(default)]
     pub iothreads: u32,
+    /// The VM generation ID (`<genid>`, a dashed UUID): new for every VM the agent makes,
+    /// including clones and restores, so a guest can tell it was copied or rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub genid: Option<String>,
+    /// The guest's cloud-init seed, when the VM was made with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
 }
 
 impl VmSpec {
@@ -64,6 +73,11 @@ impl VmSpec {
 
     pub fn data_volumes(&self) -> &[Volume] {
         &self.volumes[1..]
+    }
+
+    /// A fresh generation ID, for a VM that is new or a copy of another.
+    pub fn renew_genid(&mut self) {
+        self.genid = Some(uuid::Uuid::new_v4().to_string());
     }
 }
 

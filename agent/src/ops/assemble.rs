@@ -152,6 +152,11 @@ async fn build(
         undo.push(UndoStep::RemoveTree { path: dst.clone() });
         super::tpm::copy_state(from, &dst, stop).await.map_err(|e| e.context("step 'copy TPM state' failed"))?;
     }
+    if let Some(ci) = &spec.cloud_init {
+        super::cloud_init::make_seed(app, spec, ci, undo, stop)
+            .await
+            .map_err(|e| e.context("step 'build cloud-init seed' failed"))?;
+    }
     stop.check("creating the VM")?;
     let state = match strategy {
         Strategy::JustCreate => "Created",

@@ -250,7 +250,8 @@ pub async fn create_from(app: &App, ctx: &TaskCtx, cmd: CreateFromBackupCmd) -> 
             None => Ok(None),
         }
     };
-    let (spec, origins) = derived::derive(&at.vm.to_spec()?, &cmd.target, identify)?;
+    let (mut spec, origins) = derived::derive(&at.vm.to_spec()?, &cmd.target, identify)?;
+    super::cloud_init::for_new_vm(app, &mut spec, cmd.target.cloud_init.as_ref())?;
     let (g, manifest, roots) = (group.clone(), m.clone(), app.backup_roots.clone());
     let tops: Vec<(String, PathBuf)> = blocking(move || g.verify(&manifest, point, &roots)).await?;
     let sources = origins

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 
 use super::assemble::{self, NewVm, Source};
 use super::capture::{self, capture, Freeze};
+use super::cloud_init;
 use super::derived::{fresh_nics, path_beside, random_uuid};
 use super::volumes::{self, CLONE_SNAPSHOT_PREFIX};
 use crate::app::App;
@@ -16,6 +17,7 @@ use crate::error::{AgentError, AgentResult};
 use crate::model::VmSpec;
 use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
+use crate::wire::cloud_init::CloudInitChoice;
 use crate::wire::native::{CloneMode, CloneSpec, CloneVmCmd, CloneVmRsp};
 
 const MAX_CLONES: usize = 1000;
@@ -43,6 +45,12 @@ fn plan(app: &App, cmd: &CloneVmCmd, source: &VmSpec) -> AgentResult<Vec<Plan>> 
             cmd.clones.len()
         )));
     }
+    let shared = cmd.cloud_init.as_ref().map(|c| c.validate("cloudInit")).transpose()?.unwrap_or_default();
+    if shared.hostname.is_some() {
+        return Err(AgentError::invalid(
+            "cloudInit.hostname: each clone has its own host name; give it in clones[i].cloudInit.hostname",
+        ));
+    }
     let mut uuids = HashSet::new();
     let mut targets = HashSet::new();
     // Volume uuids are the management plane's records: none may name two volumes.
@@ -69,6 +77,7 @@ fn plan(app: &App, cmd: &CloneVmCmd, source: &VmSpec) -> AgentResult<Vec<Plan>> 
             .unwrap_or_else(|| format!("{}-clone-{}", source.name, i + 1));
         crate::domain::xml_safe(&format!("clones[{i}] name"), &spec.name)?;
         spec.serial_number = uuid::Uuid::new_v4().to_string();
+        spec.renew_genid();
         spec.nics = fresh_nics(&source.nics, c.nics.as_ref()).map_err(|e| e.context(format!("clones[{i}].nics")))?;
         if !cmd.full {
             spec.volumes.truncate(1);
@@ -104,6 +113,7 @@ fn plan(app: &App, cmd: &CloneVmCmd, source: &VmSpec) -> AgentResult<Vec<Plan>> 
             sources.push((v.uuid.clone(), v.install_path()));
             *v = v.moved_to(new_volume, target, v.rbd.clone());
         }
+        spec.cloud_init = clone_cloud_init(app, source, &spec, &shared, c, i)?;
         plans.push(Plan { spec, sources });
     }
     Ok(plans)
@@ -129,6 +139,28 @@ fn volume_uuids_of(i: usize, c: &CloneSpec, data_volumes: usize) -> AgentResult<
         crate::domain::check_uuid(u).map_err(|e| e.context(format!("clones[{i}].{field}")))?;
     }
     Ok(all)
+}
+
+/// Clone `i`'s seed (`spec` with its NICs and volumes in place): the source's settings under the
+/// call's (`shared`) and the clone entry's, the clone's own host name; none when no one asks.
+fn clone_cloud_init(
+    app: &App,
+    source: &VmSpec,
+    spec: &VmSpec,
+    shared: &CloudInitChoice,
+    entry: &CloneSpec,
+    i: usize,
+) -> AgentResult<Option<crate::model::CloudInit>> {
+    let at = format!("clones[{i}].cloudInit");
+    let own = entry.cloud_init.as_ref().map(|c| c.validate(&at)).transpose()?;
+    if source.cloud_init.is_none() && *shared == CloudInitChoice::default() && own.is_none() {
+        return Ok(None);
+    }
+    let own = own.unwrap_or_default();
+    let network_given = shared.network.is_some() || own.network.is_some();
+    let inherited = cloud_init::inherit(source, &spec.nics, network_given).map_err(|e| e.context(at))?;
+    let choice = cloud_init::merge(cloud_init::merge(inherited, shared), &own);
+    cloud_init::settle(app, spec, choice).map(Some)
 }
 
 pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<CloneVmRsp> {

@@ -55,7 +55,8 @@ fn source(v: &VolumeSpec) -> Source {
 }
 
 pub async fn create(app: &App, ctx: &TaskCtx, cmd: CreateVmCmd) -> AgentResult<VmInstanceInventory> {
-    let spec = cmd.to_spec()?;
+    let mut spec = cmd.to_spec()?;
+    super::cloud_init::for_new_vm(app, &mut spec, cmd.cloud_init.as_ref())?;
     check_sources(app, ctx, &cmd).await?;
     let sources: Vec<Source> = volumes(&cmd).map(|(v, _)| source(v)).collect();
     assemble::create_vm(app, ctx, &spec, &sources, cmd.strategy).await

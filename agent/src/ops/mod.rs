@@ -6,6 +6,7 @@ pub mod backup;
 pub mod capture;
 pub mod change_image;
 pub mod clone;
+pub mod cloud_init;
 pub mod create;
 pub mod derived;
 pub mod flatten;
@@ -98,6 +99,12 @@ async fn check_cpu(app: &App, spec: &VmSpec) -> AgentResult<()> {
 /// from the command and started. A start that fails leaves no domain behind.
 pub async fn start(app: &App, _ctx: &TaskCtx, owner: &owner::VmGuard, cmd: StartVmCmd) -> AgentResult<StartVmRsp> {
     let mut spec = cmd.to_spec()?;
+    // What ZStack's command does not carry stays as the agent made it. (An unreadable record
+    // is replaced, as before.)
+    if let Ok(Some(recorded)) = owner.record() {
+        spec.genid = recorded.genid;
+        spec.cloud_init = recorded.cloud_init;
+    }
     check_against_host(app, &mut spec).await?;
     let vm = spec.uuid.clone();
     if app.libvirt.domain_state(&vm).await?.is_some_and(|s| s.is_active()) {

@@ -212,7 +212,8 @@ pub async fn create_from(app: &App, ctx: &TaskCtx, cmd: CreateFromSnapshotCmd) -
             None => AgentError::not_found(format!("snapshot {path} is not known to this host")),
         })
     };
-    let (spec, origins) = derived::derive(&group.vm, &cmd.target, identify)?;
+    let (mut spec, origins) = derived::derive(&group.vm, &cmd.target, identify)?;
+    super::cloud_init::for_new_vm(app, &mut spec, cmd.target.cloud_init.as_ref())?;
 
     let linked = cmd.provisioning == Provisioning::Thin;
     let mut sources = Vec::new();

@@ -45,6 +45,10 @@ async fn assert_consistent(h: &TestHost) {
         if h.hv.domain(&vm).is_some() {
             assert_eq!(h.domain_files(&vm), recorded, "VM {vm} runs on other files than its record names");
         }
+        if let Some(ci) = h.app.vms.lock(&vm).await.unwrap().load().unwrap().cloud_init {
+            assert!(ci.seed.is_file(), "VM {vm}'s cloud-init seed {} is gone", ci.seed.display());
+            wanted.insert(ci.seed);
+        }
     }
     let groups = h.app.config.state_dir.join("snapshot-groups");
     for e in std::fs::read_dir(&groups).into_iter().flatten().flatten() {
@@ -619,4 +623,213 @@ async fn a_define_that_libvirtd_runs_after_its_undo_is_removed_again() {
     tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
     assert!(h.hv.domain(&late).is_none(), "the late domain of a VM without a record is removed");
     assert!(h.hv.domain(&recorded).is_some(), "a VM with a record keeps its domain");
+}
+
+/// `h.create_cmd` with a cloud-init seed and one NIC.
+fn cloud_init_create(h: &TestHost, vm: &str, image: &str, cloud_init: Value) -> Value {
+    let mut body = h.create_cmd(vm, image);
+    body["vm"]["nics"] = json!([{"mac": "52:54:00:12:34:56", "uuid": uuid(), "deviceId": 0, "bridgeName": "br0"}]);
+    body["cloudInit"] = cloud_init;
+    body
+}
+
+/// The seed of `vm` as the fake ISO writer wrote it (label, then each file), and its path.
+async fn seed_of(h: &TestHost, vm: &str) -> (PathBuf, String) {
+    let ci = h.app.vms.lock(vm).await.unwrap().load().unwrap().cloud_init.expect("a cloud-init seed");
+    let text = std::fs::read_to_string(&ci.seed).unwrap();
+    (ci.seed, text)
+}
+
+fn genid(h: &TestHost, vm: &str) -> String {
+    let xml = h.hv.domain(vm).unwrap().xml;
+    let doc = roxmltree::Document::parse(&xml).unwrap();
+    doc.descendants().find(|n| n.has_tag_name("genid")).and_then(|n| n.text()).expect("a genid").to_owned()
+}
+
+#[tokio::test]
+async fn create_with_cloud_init_attaches_a_seed_that_destroy_removes() {
+    let h = TestHost::start();
+    let (vm, image) = (uuid(), h.image("ci", 1 << 20).await);
+    let ci = json!({"hostname": "alpha", "userData": "#cloud-config\nruncmd: [true]\n",
+                    "sshKeys": ["ssh-ed25519 AAAAC3Nza me@host"],
+                    "network": [{"mac": "52:54:00:12:34:56", "addresses": ["10.1.0.5/24"], "gateway": "10.1.0.1"}]});
+    let body = cloud_init_create(&h, &vm, &image, ci);
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap();
+    let (seed, text) = seed_of(&h, &vm).await;
+    assert_eq!(seed.parent(), PathBuf::from(&h.recorded(&vm).await[0]).parent(), "beside the root");
+    for want in [
+        "cidata\n",
+        "\"local-hostname\": \"alpha\"",
+        &format!("\"instance-id\": \"{vm}\""),
+        "ssh-ed25519 AAAAC3Nza me@host",
+        "== user-data ==\n#cloud-config\nruncmd: [true]\n",
+        "\"macaddress\": \"52:54:00:12:34:56\"",
+        "\"via\": \"10.1.0.1\"",
+    ] {
+        assert!(text.contains(want), "{want:?} not in the seed:\n{text}");
+    }
+    let xml = h.hv.domain(&vm).unwrap().xml;
+    assert!(xml.contains(&format!("<source file='{}'/>", seed.display())), "{xml}");
+    uuid::Uuid::parse_str(&genid(&h, &vm)).expect("a uuid genid");
+    assert_consistent(&h).await;
+
+    let destroy = crate::wire::decode(&json!({"uuid": vm})).unwrap();
+    crate::compat::vm::destroy(&h.app, &TaskCtx::detached("/vm/destroy"), destroy).await.unwrap();
+    assert!(!seed.exists(), "the seed goes with the VM");
+}
+
+#[tokio::test]
+async fn a_failed_create_or_bad_cloud_init_leaves_no_seed() {
+    let ctx = TaskCtx::detached("/vm/create");
+    for (fault, ci, want) in [
+        (Some("create"), json!({}), "start domain"),
+        (Some("xorriso"), json!({}), "cloud-init seed"),
+        (None, json!({"network": [{"mac": "52:54:00:00:00:99", "dhcp": true}]}), "cloudInit.network[0]"),
+        (None, json!({"hostname": "a_b"}), "cloudInit.hostname"),
+    ] {
+        let h = TestHost::start();
+        let image = h.image("ci", 1 << 20).await;
+        let before = h.files();
+        if let Some(f) = fault {
+            h.faults.fail(f);
+        }
+        let vm = uuid();
+        let e =
+            crate::ops::create::create(&h.app, &ctx, cmd(cloud_init_create(&h, &vm, &image, ci))).await.unwrap_err();
+        assert!(e.to_string().contains(want), "{e}");
+        assert_eq!(h.files(), before, "nothing is left behind ({want})");
+        assert!(h.hv.domain(&vm).is_none() && !h.app.vms.is_known(&vm));
+    }
+}
+
+#[tokio::test]
+async fn clones_get_their_own_seed_hostname_and_genid() {
+    let h = TestHost::start();
+    let (vm, image) = (uuid(), h.image("ci", 1 << 20).await);
+    let ci = json!({"hostname": "alpha", "network": [{"mac": "52:54:00:12:34:56", "dhcp": true}]});
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(cloud_init_create(&h, &vm, &image, ci)))
+        .await
+        .unwrap();
+    let body =
+        json!({"vmUuid": vm, "clones": [{"name": "Web 2"}, {"name": "c", "cloudInit": {"hostname": "gamma.example"}}]});
+    let rsp = crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(body)).await.unwrap();
+    assert_eq!(rsp.number_of_cloned_vm, 2, "{:?}", rsp.inventories);
+    let mut genids = vec![genid(&h, &vm)];
+    for (inv, host) in rsp.inventories.iter().zip(["web-2", "gamma.example"]) {
+        let clone = inv["inventory"]["uuid"].as_str().unwrap();
+        let (_, text) = seed_of(&h, clone).await;
+        assert!(text.contains(&format!("\"local-hostname\": \"{host}\"")), "{text}");
+        let mac = &h.app.vms.lock(clone).await.unwrap().load().unwrap().nics[0].mac;
+        assert!(text.contains(&format!("\"macaddress\": \"{mac}\"")), "the clone's own NIC: {text}");
+        genids.push(genid(&h, clone));
+    }
+    assert_eq!(genids.iter().collect::<BTreeSet<_>>().len(), 3, "{genids:?}");
+    let (_, source) = seed_of(&h, &vm).await;
+    assert!(source.contains("\"local-hostname\": \"alpha\""), "the source's seed is its own");
+    assert_consistent(&h).await;
+
+    // A static address is the source's own: a clone must be given its own.
+    let static_ci = json!({"network": [{"mac": "52:54:00:12:34:56", "addresses": ["10.0.0.5/24"]}]});
+    let other = uuid();
+    let create = cmd(cloud_init_create(&h, &other, &image, static_ci));
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), create).await.unwrap();
+    let rsp = crate::ops::clone::clone(
+        &h.app,
+        &TaskCtx::detached("/vm/clone"),
+        cmd(json!({"vmUuid": other, "names": ["x"]})),
+    )
+    .await;
+    let e = rsp.expect_err("a clone of a static address");
+    assert!(e.to_string().contains("static addresses"), "{e}");
+}
+
+#[tokio::test]
+async fn a_create_with_cloud_init_killed_at_any_point_is_rolled_back() {
+    let (mut h, _, image) = kill_host().await;
+    let kills = kill_at_every_point(&mut h, "/vm/create", |app, ctx| {
+        let root = app.storage.roots().roots()[0].join(format!("k/{}.qcow2", uuid()));
+        let body = json!({
+            "vm": {"vmInstanceUuid": uuid(), "vmName": "k", "memory": 67108864, "cpuNum": 1},
+            "rootVolume": {"volumeUuid": uuid(), "installPath": root.display().to_string(), "imagePath": image.clone()},
+            "cloudInit": {"hostname": "k"},
+        });
+        async move { value(crate::ops::create::create(&app, &ctx, cmd(body)).await) }
+    })
+    .await;
+    assert!(kills >= 8, "{kills} kill points");
+}
+
+#[tokio::test]
+async fn vms_from_a_snapshot_group_or_a_backup_get_a_new_genid_and_the_seed_asked_for() {
+    let h = TestHost::start();
+    let (vm, image) = (uuid(), h.image("ci", 1 << 20).await);
+    let create = cmd(cloud_init_create(&h, &vm, &image, json!({"hostname": "alpha"})));
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), create).await.unwrap();
+    let ctx = TaskCtx::detached("/vm/test");
+    let group = crate::ops::snapshot_group::take(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap();
+    let backup = crate::ops::backup::backup(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap();
+
+    let from_group = |ci: Option<Value>| {
+        let mut body = json!({"groupUuid": group.group_uuid});
+        if let Some(ci) = ci {
+            body["cloudInit"] = ci;
+        }
+        body
+    };
+    let restored = json!({"groupUuid": backup.group_uuid, "cloudInit": {"hostname": "restored"}});
+    let made = [
+        crate::ops::snapshot_group::create_from(&h.app, &ctx, cmd(from_group(Some(json!({"hostname": "snap"})))))
+            .await
+            .unwrap(),
+        crate::ops::backup::create_from(&h.app, &ctx, cmd(restored)).await.unwrap(),
+        crate::ops::snapshot_group::create_from(&h.app, &ctx, cmd(from_group(None))).await.unwrap(),
+    ];
+    let mut genids = BTreeSet::from([genid(&h, &vm)]);
+    for (inv, host) in made.iter().zip([Some("snap"), Some("restored"), None]) {
+        genids.insert(genid(&h, &inv.uuid));
+        let spec = h.app.vms.lock(&inv.uuid).await.unwrap().load().unwrap();
+        assert_eq!(spec.cloud_init.as_ref().map(|c| c.hostname.as_str()), host, "{}", inv.uuid);
+        if host.is_some() {
+            let (_, text) = seed_of(&h, &inv.uuid).await;
+            assert!(text.contains(&format!("\"instance-id\": \"{}\"", inv.uuid)), "{text}");
+        }
+    }
+    assert_eq!(genids.len(), 4, "each VM has its own generation ID: {genids:?}");
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn zstack_start_keeps_the_genid_and_seed_the_agent_recorded() {
+    let h = TestHost::start();
+    let (vm, image) = (uuid(), h.image("ci", 1 << 20).await);
+    let create = cmd(cloud_init_create(&h, &vm, &image, json!({"hostname": "alpha"})));
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), create).await.unwrap();
+    let before = h.app.vms.lock(&vm).await.unwrap().load().unwrap();
+    let wire = crate::wire::vm::StartVmCmd::from_spec(&before);
+    h.app.libvirt.destroy(&vm).await.unwrap();
+    let owner = h.app.vms.lock(&vm).await.unwrap();
+    crate::ops::start(&h.app, &TaskCtx::detached("/vm/start"), &owner, wire).await.unwrap();
+    let after = owner.load().unwrap();
+    assert_eq!((&after.genid, &after.cloud_init), (&before.genid, &before.cloud_init));
+    assert!(h.hv.domain(&vm).unwrap().xml.contains(before.cloud_init.unwrap().seed.to_str().unwrap()));
+}
+
+#[tokio::test]
+async fn the_seed_of_a_vm_on_rbd_goes_under_the_first_storage_root() {
+    let (h, _, body) = rbd_host().await;
+    let vm = uuid();
+    let mut create = body(&vm);
+    create["cloudInit"] = json!({"hostname": "r"});
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(create)).await.unwrap();
+    let (seed, text) = seed_of(&h, &vm).await;
+    assert_eq!(seed, h.root.join(crate::ops::cloud_init::RBD_SEED_DIR).join(format!("cidata-{vm}.iso")));
+    assert!(text.contains("\"local-hostname\": \"r\""), "{text}");
+    let rsp =
+        crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(json!({"vmUuid": vm, "names": ["c"]})))
+            .await
+            .unwrap();
+    let clone = rsp.inventories[0]["inventory"]["uuid"].as_str().unwrap().to_owned();
+    let (clone_seed, text) = seed_of(&h, &clone).await;
+    assert_eq!(clone_seed.parent(), seed.parent());
+    assert!(text.contains("\"local-hostname\": \"c\""), "{text}");
 }

@@ -3,6 +3,7 @@
 //! missing required key or a wrong type reported with its JSON path).
 
 pub mod ceph;
+pub mod cloud_init;
 pub mod host;
 pub mod inventory;
 pub mod localstorage;

@@ -6,6 +6,7 @@
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use super::cloud_init::CloudInitSpec;
 use super::vm::StartVmCmd;
 use crate::error::{AgentError, AgentResult};
 use crate::model::{Bus, CacheMode, IoMode, IoTune, VmSpec};
@@ -35,6 +36,9 @@ pub struct CreateVmCmd {
     /// How the VM reaches RBD volumes (`ceph://` install paths).
     #[serde(default)]
     pub ceph: Option<CephAccess>,
+    /// Guest setup by cloud-init: a NoCloud seed ISO made with the VM.
+    #[serde(default)]
+    pub cloud_init: Option<CloudInitSpec>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, serde::Serialize)]
@@ -148,6 +152,10 @@ pub struct CloneVmCmd {
     /// Per-clone choices; anything left out is generated.
     #[serde(default)]
     pub clones: Vec<CloneSpec>,
+    /// cloud-init settings for every clone, over the source's (no `hostname`: each clone has
+    /// its own, in `clones[i].cloudInit`, by default its name).
+    #[serde(default)]
+    pub cloud_init: Option<CloudInitSpec>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -179,6 +187,9 @@ pub struct CloneSpec {
     /// NicTO objects for the clone; by default the source's NICs with fresh MACs and uuids.
     #[serde(default)]
     pub nics: Option<Vec<Value>>,
+    /// This clone's cloud-init settings, over the call's and the source's.
+    #[serde(default)]
+    pub cloud_init: Option<CloudInitSpec>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -245,6 +256,9 @@ pub struct NewVmTarget {
     /// How the VM reaches RBD volumes, when they go to Ceph.
     #[serde(default)]
     pub ceph: Option<CephAccess>,
+    /// Guest setup by cloud-init for the new VM (the source's, if it had any, is not kept).
+    #[serde(default)]
+    pub cloud_init: Option<CloudInitSpec>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -402,7 +416,9 @@ impl CreateVmCmd {
         }
         let wire: StartVmCmd =
             super::decode(&Value::Object(vm)).map_err(|e| AgentError::invalid(format!("vm: {}", e.details)))?;
-        wire.to_spec()
+        let mut spec = wire.to_spec()?;
+        spec.renew_genid();
+        Ok(spec)
     }
 
     /// The VolumeTO of a new volume: a qcow2 file, or an RBD image reached as `ceph` says.
@@ -440,7 +456,9 @@ impl NewVmTarget {
         vm.extend(self.vm.clone());
         vm.remove("nics");
         let wire: StartVmCmd = super::decode(&Value::Object(vm)).map_err(|e| e.context("vm"))?;
-        wire.to_spec().map_err(|e| e.context("vm"))
+        let mut spec = wire.to_spec().map_err(|e| e.context("vm"))?;
+        spec.renew_genid();
+        Ok(spec)
     }
 
     /// The NicTOs the target gives, if any.
@@ -555,6 +573,12 @@ mod tests {
         );
         refused::<CreateFromSnapshotCmd>(json!({"groupUuid": "g", "rootVolume": {"size": 1}}), "size");
         refused::<CreateFromBackupCmd>(json!({"groupUuid": "g", "point": 0, "provisioning": "thin"}), "provisioning");
+        refused::<CloneVmCmd>(json!({"vmUuid": "v", "cloudInit": {"hostnme": "a"}}), "hostnme");
+        refused::<CloneVmCmd>(json!({"vmUuid": "v", "clones": [{"cloudInit": {"sshkeys": []}}]}), "sshkeys");
+        refused::<CreateFromSnapshotCmd>(
+            json!({"groupUuid": "g", "cloudInit": {"network": [{"mac": "x", "ip": 1}]}}),
+            "ip",
+        );
     }
 
     #[test]

@@ -150,6 +150,8 @@ impl StartVmCmd {
                 cmdline: k.cmdline.clone(),
             }),
             iothreads: self.io_threads,
+            genid: None,
+            cloud_init: None,
         };
         check_disks(&spec)?;
         Ok(spec)
@@ -466,7 +468,7 @@ fn cd_rom_to(c: &CdRom) -> CdRomTo {
     }
 }
 
-fn is_mac(s: &str) -> bool {
+pub(crate) fn is_mac(s: &str) -> bool {
     let parts: Vec<&str> = s.split(':').collect();
     parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
