@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# Builds the tiny bootable test guest used by kvmagent's host integration tests: Debian 12's cloud
-# kernel + a busybox initramfs whose /init (tests/guest/init) dumps bytes of every virtio disk to
+# Builds the tiny bootable test guest used by kvmagent's host integration tests: Debian 12's generic
+# kernel (the cloud flavour has no AHCI, so no SATA disks) + a busybox initramfs whose /init (tests/guest/init) dumps bytes of every virtio disk to
 # the serial port and powers off. Boots in a few seconds under TCG. Needs root, apt and dpkg;
 # nothing is installed (the .debs are only unpacked).
 #
 # Usage: tests/guest/build.sh [OUTDIR]        (OUTDIR default /var/cache/kvmagent/test-guest)
 #   Writes OUTDIR/vmlinuz, OUTDIR/initrd.img, OUTDIR/stamp (version=<hash of build.sh + init>,
 #   kernel, busybox, cmdline). Cached: exits at once if the stamp matches this script version.
-#   KVMAGENT_GUEST_KERNEL_PKG=linux-image-...-cloud-amd64 overrides the kernel package.
+#   KVMAGENT_GUEST_KERNEL_PKG=linux-image-...-amd64 overrides the kernel package.
 #
 # Boot it with direct kernel boot, serial console logged to a file, and <on_poweroff>destroy
 # </on_poweroff> (+ <on_reboot>destroy</on_reboot>: a failed power-off panics, panic=-1 reboots):
 #   <os><type arch='x86_64' machine='pc'>hvm</type>      (q35 works too)
 #     <kernel>OUTDIR/vmlinuz</kernel><initrd>OUTDIR/initrd.img</initrd>
-#     <cmdline>console=ttyS0 quiet panic=-1 kvmagent.offsets=0,1048576</cmdline></os>
+#     <cmdline>console=ttyS0 quiet panic=-1 no_timer_check kvmagent.offsets=0,1048576</cmdline></os>
 #   <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
 #     <source file='/path/top.qcow2'/><target dev='vda' bus='virtio'/></disk>
 #   <serial type='file'><source path='/path/serial.log'/><target port='0'/></serial>
@@ -22,7 +22,8 @@
 # Cmdline parameters (see tests/guest/init): kvmagent.offsets=<byte offsets, comma-separated,
 # default 0>, kvmagent.disks=<N to wait for>, kvmagent.wait=<max s, default 10>, kvmagent.debug=1,
 # kvmagent.cidata=1 (print the cloud-init seed's hostname, see tests/guest/init),
-# kvmagent.qga=1 (a guest agent responder; the guest stays up).
+# kvmagent.qga=1 (a guest agent responder; the guest stays up), kvmagent.sata=1 (load the AHCI
+# driver: SATA disks show as sd*).
 #
 # Serial output:
 #   KVMAGENT-GUEST-BOOTED
@@ -45,15 +46,17 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUTDIR=${1:-/var/cache/kvmagent/test-guest}
-CMDLINE="console=ttyS0 quiet panic=-1 kvmagent.offsets=0"
+CMDLINE="console=ttyS0 quiet panic=-1 no_timer_check kvmagent.offsets=0"
 # Modules needed to see virtio disks on pc/q35 (virtio-blk and virtio-scsi), with insmod
 # parameters, and virtio_console for the guest agent's virtio-serial port (kvmagent.qga=1).
 # Dependencies come from modules.dep; built-in ones are skipped.
 WANT_MODULES=(virtio_pci virtio_blk "scsi_mod scan=sync" virtio_scsi sd_mod virtio_console)
 # cloud-init seed (kvmagent.cidata=1): the IDE CD-ROM of machine pc, ISO 9660. Listed apart
 # (etc/kvmagent-cidata-modules) and loaded only on request: libata would turn IDE disks into sd*.
-# The cloud kernel has no AHCI driver at all (CONFIG_SATA_AHCI unset): q35's SATA drives stay unseen.
 CIDATA_MODULES=(ata_piix sr_mod isofs)
+# SATA disks (kvmagent.sata=1): AHCI, on q35 and pc (hence the generic kernel: the cloud one has
+# no AHCI driver). Loaded only on request, as the CD-ROM modules, for the same reason.
+SATA_MODULES=(ahci)
 
 die() { echo "build.sh: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (apt-get download, device nodes)"
@@ -89,9 +92,9 @@ resolve_kernel() {
         echo "$KVMAGENT_GUEST_KERNEL_PKG"
         return
     fi
-    # The metapackage depends on exactly one concrete linux-image-<abi>-cloud-amd64.
-    { apt-cache depends linux-image-cloud-amd64 2>/dev/null || true; } |
-        awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-cloud-amd64$/ {print $2; exit}'
+    # The metapackage depends on exactly one concrete linux-image-<abi>-amd64.
+    { apt-cache depends linux-image-amd64 2>/dev/null || true; } |
+        awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-amd64$/ {print $2; exit}'
 }
 download() {
     # Sandbox user root: apt's _apt user cannot write into our private temp dir.
@@ -102,7 +105,7 @@ kpkg=$(resolve_kernel)
 if [ -z "$kpkg" ]; then
     apt_update
     kpkg=$(resolve_kernel)
-    [ -n "$kpkg" ] || die "cannot resolve linux-image-cloud-amd64 to a kernel package (apt-cache depends)"
+    [ -n "$kpkg" ] || die "cannot resolve linux-image-amd64 to a kernel package (apt-cache depends)"
 fi
 if ! download "$kpkg" busybox-static; then
     apt_update
@@ -184,9 +187,15 @@ install_modules() {
 }
 resolve "${WANT_MODULES[@]}"
 install_modules root/etc/kvmagent-modules
+common=("${order[@]}")
 # cloud-init seed: its own list, after the common one (shared dependencies are loaded there).
 resolve "${CIDATA_MODULES[@]}"
 install_modules root/etc/kvmagent-cidata-modules
+# SATA: its own list after the common one; what it shares with the CD-ROM list (libata) is in both.
+seen=()
+for path in "${common[@]}"; do seen[$path]=1; done
+resolve "${SATA_MODULES[@]}"
+install_modules root/etc/kvmagent-sata-modules
 install -m 755 "$here/init" root/init
 echo "$version" >root/etc/kvmagent-guest-version
 

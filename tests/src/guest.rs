@@ -25,7 +25,12 @@ pub fn kernel_boot(host: &Host, offsets: &[u64], disks: usize) -> Result<Value> 
     Ok(json!({
         "kernel": dst.join("vmlinuz"),
         "initrd": dst.join("initrd.img"),
-        "cmdline": format!("console=ttyS0 quiet panic=-1 kvmagent.offsets={} kvmagent.disks={disks}", offsets.join(",")),
+        // no_timer_check: under TCG on a busy host the kernel's IO-APIC timer check can miss its
+        // window and panic ("IO-APIC + timer doesn't work").
+        "cmdline": format!(
+            "console=ttyS0 quiet panic=-1 no_timer_check kvmagent.offsets={} kvmagent.disks={disks}",
+            offsets.join(",")
+        ),
     }))
 }
 

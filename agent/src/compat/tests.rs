@@ -167,6 +167,28 @@ async fn a_data_volume_is_attached_and_detached_live_and_in_the_record() {
 }
 
 #[tokio::test]
+async fn a_hot_plugged_volume_keeps_its_bus_io_mode_and_limits() {
+    use super::vm_devices::attach_volume;
+    let h = TestHost::start();
+    let vm = started_vm(&h).await;
+    let path = data_volume(&h, "d1");
+    let body = json!({"vmInstanceUuid": vm, "volume": {"installPath": path, "volumeUuid": "d1", "deviceId": 1,
+                      "useVirtioSCSI": true, "ioMode": "threads", "iotune": {"totalIopsSec": 100}}});
+    attach_volume(&h.app, &ctx(), decode(&body).unwrap()).await.unwrap();
+    let xml = h.hv.domain(&vm).unwrap().xml;
+    for want in ["<target dev='sdb' bus='scsi'/>", "io='threads'", "<total_iops_sec>100</total_iops_sec>"] {
+        assert!(xml.contains(want), "{want} in {xml}");
+    }
+    let spec = h.app.vms.lock(&vm).await.unwrap().load().unwrap();
+    assert_eq!(spec.volumes[1].iotune.and_then(|t| t.total_iops_sec), Some(100), "the record keeps the limit");
+    let other = data_volume(&h, "d2");
+    let body = json!({"vmInstanceUuid": vm, "volume": {"installPath": other, "volumeUuid": "d2", "deviceId": 2,
+                      "useVirtioSCSI": true, "ioThreadId": 1}});
+    let e = attach_volume(&h.app, &ctx(), decode(&body).unwrap()).await.unwrap_err();
+    assert!(e.to_string().contains("controller of VM"), "the controller's iothread cannot change live: {e}");
+}
+
+#[tokio::test]
 async fn bad_attach_commands_are_refused_and_change_nothing() {
     use super::vm_devices::{attach_iso, attach_nic, attach_volume, detach_volume, reboot};
     let h = TestHost::start();
@@ -185,6 +207,22 @@ async fn bad_attach_commands_are_refused_and_change_nothing() {
             "in use",
             json!({"vmInstanceUuid": vm, "volume": {"installPath": root, "volumeUuid": "x", "deviceId": 2}}),
             ErrorKind::Conflict,
+        ),
+        (
+            "sata cannot be hot-plugged",
+            json!({"vmInstanceUuid": vm, "volume": {"installPath": good, "volumeUuid": "d1", "deviceId": 1, "bus": "sata"}}),
+            ErrorKind::InvalidArgument,
+        ),
+        (
+            "an iothread the VM lacks",
+            json!({"vmInstanceUuid": vm, "volume": {"installPath": good, "volumeUuid": "d1", "deviceId": 1, "ioThreadId": 1}}),
+            ErrorKind::InvalidArgument,
+        ),
+        (
+            "native io with a host cache",
+            json!({"vmInstanceUuid": vm, "volume": {"installPath": good, "volumeUuid": "d1", "deviceId": 1,
+                   "ioMode": "native", "cacheMode": "writeback"}}),
+            ErrorKind::InvalidArgument,
         ),
         (
             "unknown VM",

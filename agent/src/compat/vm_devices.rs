@@ -16,7 +16,7 @@ use crate::app::App;
 use crate::domain::{self, Device, LiveKey};
 use crate::error::{AgentError, AgentResult};
 use crate::libvirt::domains::VmState;
-use crate::model::VmSpec;
+use crate::model::{Bus, VmSpec};
 use crate::ops::{self, owner::VmGuard};
 use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
@@ -142,6 +142,12 @@ pub async fn attach_volume(app: &App, _ctx: &TaskCtx, cmd: DataVolumeCmd) -> Age
     if volume.device_id == 0 {
         return Err(AgentError::invalid("volume.deviceId 0 is the root volume's; a data volume needs another"));
     }
+    if matches!(volume.bus, Bus::Sata | Bus::Ide) {
+        return Err(AgentError::invalid(format!(
+            "volume.bus {}: QEMU cannot hot-plug SATA or IDE disks; attach it on bus virtio or scsi, or stop the VM",
+            volume.bus.as_str()
+        )));
+    }
     let (owner, mut spec) = running(app, &cmd.vm_instance_uuid, "attaching a volume").await?;
     let vm = spec.uuid.clone();
     if let Some(have) = spec.volumes.iter().find(|v| v.uuid == volume.uuid || v.device_id == volume.device_id) {
@@ -166,8 +172,18 @@ pub async fn attach_volume(app: &App, _ctx: &TaskCtx, cmd: DataVolumeCmd) -> Age
             )));
         }
     }
+    // A running virtio-scsi controller keeps the iothread it started with.
+    let controller = spec.volumes.iter().any(|v| v.bus == Bus::Scsi).then(|| crate::model::scsi_iothread(&spec));
+    if let Some(running) = controller.filter(|t| volume.bus == Bus::Scsi && *t != volume.iothread) {
+        return Err(AgentError::invalid(format!(
+            "volume.ioThreadId {:?}: the running virtio-scsi controller of VM {vm} has iothread {running:?}, and \
+             every scsi disk is on it; give that or stop the VM",
+            volume.iothread
+        )));
+    }
     let uuid = volume.uuid.clone();
     spec.volumes.push(volume);
+    crate::model::check_disks(&spec).map_err(|e| e.context("volume"))?;
     let live = plug(app, &owner, &spec, Device::Disk(&uuid)).await?;
     address_of(&live, &uuid, &uuid)
 }

@@ -2,14 +2,19 @@
 //! addresses back from the live domain.
 
 mod addresses;
+mod cpu_caps;
 mod render;
 mod validate;
 
 pub use addresses::{device_info, device_range, live_disks, LiveDisk, LiveKey};
+pub use cpu_caps::{check_cpu_mode, cpu_offer, CpuOffer};
 pub use render::{
     dashed_uuid, device_letter, render, render_device, tpm_secret_uuid, xml_escape, Device, DomainSettings,
 };
 pub use validate::{check_uuid, file_paths, is_ifname, xml_safe};
+
+#[cfg(test)]
+mod disk_tests;
 
 #[cfg(test)]
 mod tests {

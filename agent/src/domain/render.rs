@@ -9,7 +9,9 @@ use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::Serialize;
 
 use crate::error::{AgentError, AgentResult};
-use crate::model::{Bus, Clock, KernelBoot, Machine, Monitor, NicNetwork, NicQueues, TpmModel, Video, VmSpec, Volume};
+use crate::model::{
+    scsi_iothread, Bus, Clock, KernelBoot, Machine, Monitor, NicNetwork, NicQueues, TpmModel, Video, VmSpec, Volume,
+};
 use crate::storage::location::Location;
 
 /// How this host renders domains.
@@ -67,7 +69,10 @@ struct View<'a> {
     memory_kib: u64,
     vcpu: u32,
     vcpu_max: Option<u32>,
-    cpu_mode: Option<&'a str>,
+    iothreads: u32,
+    cpu_mode: Option<&'static str>,
+    /// The named model of mode `custom`.
+    cpu_model: Option<&'a str>,
     topology: Option<crate::model::Topology>,
     /// The vCPUs of the one NUMA cell (`0-N`), which holds all of the memory.
     numa_cpus: Option<String>,
@@ -81,6 +86,7 @@ struct View<'a> {
     disks: Vec<DiskView<'a>>,
     cdroms: Vec<CdromView<'a>>,
     virtio_scsi: bool,
+    scsi_iothread: Option<u32>,
     nics: Vec<NicView<'a>>,
     console_log: Option<String>,
     vnc_listen: &'a str,
@@ -96,6 +102,11 @@ struct DiskView<'a> {
     rbd: Option<RbdView<'a>>,
     format: &'static str,
     cache: &'static str,
+    io: Option<&'static str>,
+    /// virtio-blk only: a virtio-scsi disk's iothread is its controller's.
+    iothread: Option<u32>,
+    /// `(libvirt element, value)` of each limit set.
+    iotune: Vec<(&'static str, u64)>,
     dev: String,
     bus: &'static str,
     shareable: bool,
@@ -197,10 +208,17 @@ pub fn tpm_secret_uuid(vm: &str) -> String {
 
 fn disk_view<'a>(v: &'a Volume, settings: &'a DomainSettings, per_device_boot: bool) -> AgentResult<DiskView<'a>> {
     let letter = device_letter(v.device_id)?;
-    let (dev, bus) = match v.bus {
-        Bus::Scsi => (format!("sd{letter}"), "scsi"),
-        Bus::Virtio => (format!("vd{letter}"), "virtio"),
-        Bus::Sata => (format!("sd{letter}"), "sata"),
+    let dev = match v.bus {
+        Bus::Virtio => format!("vd{letter}"),
+        Bus::Scsi | Bus::Sata => format!("sd{letter}"),
+        // Two IDE channels of two drives each: hda to hdd.
+        Bus::Ide if letter <= 'd' => format!("hd{letter}"),
+        Bus::Ide => {
+            return Err(AgentError::invalid(format!(
+                "volume {} (deviceId {}): IDE has four drives (hda to hdd), so deviceId {} cannot be on bus ide",
+                v.uuid, v.device_id, v.device_id
+            )))
+        }
     };
     let (file, rbd) = match &v.location {
         Location::File(p) => (Some(p.display().to_string()), None),
@@ -222,8 +240,11 @@ fn disk_view<'a>(v: &'a Volume, settings: &'a DomainSettings, per_device_boot: b
         rbd,
         format: v.format.as_str(),
         cache: v.cache.as_str(),
+        io: v.io.map(|io| io.as_str()),
+        iothread: v.iothread.filter(|_| v.bus == Bus::Virtio),
+        iotune: v.iotune.map(|t| t.limits()).unwrap_or_default(),
         dev,
-        bus,
+        bus: v.bus.as_str(),
         shareable: v.shareable,
         boot_order: v.boot_order.filter(|_| per_device_boot),
         serial: &v.uuid,
@@ -338,6 +359,13 @@ fn view<'a>(spec: &'a VmSpec, settings: &'a DomainSettings) -> AgentResult<View<
             serial: "",
         });
     }
+    if let Some(d) = disks.iter().find(|d| cdroms.iter().any(|c| c.dev == d.dev)) {
+        return Err(AgentError::invalid(format!(
+            "disk {} ({}) takes the drive of a CD-ROM: on machine pc the CD-ROMs are hdc, hdd and hdb, so put the \
+             disk on another bus or deviceId",
+            d.serial, d.dev
+        )));
+    }
 
     let mut nics: Vec<_> = spec.nics.iter().collect();
     nics.sort_by_key(|n| n.device_id);
@@ -374,13 +402,14 @@ fn view<'a>(spec: &'a VmSpec, settings: &'a DomainSettings) -> AgentResult<View<
         memory_kib: spec.memory / 1024,
         vcpu: spec.cpu.count,
         vcpu_max: spec.cpu.max,
-        // Host CPU modes need hardware virtualisation; under TCG the default model is used.
-        cpu_mode: None,
+        iothreads: spec.iothreads,
+        cpu_mode: spec.cpu.mode.as_ref().map(|m| m.libvirt_mode()),
+        cpu_model: spec.cpu.mode.as_ref().and_then(|m| m.model()),
         topology: spec.cpu.topology,
         numa_cpus: spec.cpu.max.map(|m| format!("0-{}", m.saturating_sub(1))),
         serial_number: &spec.serial_number,
         asset_tag: &spec.chassis_asset_tag,
-        machine: if q35 { "q35" } else { "pc" },
+        machine: spec.machine.as_str(),
         kernel: spec.kernel_boot.as_ref(),
         boot_devs,
         clock: match spec.clock {
@@ -389,6 +418,7 @@ fn view<'a>(spec: &'a VmSpec, settings: &'a DomainSettings) -> AgentResult<View<
         },
         emulator: settings.emulator.as_deref(),
         virtio_scsi: disks.iter().any(|d| d.bus == "scsi"),
+        scsi_iothread: scsi_iothread(spec),
         disks,
         cdroms,
         nics,

@@ -195,6 +195,16 @@ impl Hypervisor for FakeHypervisor {
             .into())
     }
 
+    /// As libvirt answers under TCG: no host-passthrough; a few named models, one unusable.
+    async fn domain_capabilities(&self, _virt_type: &str, _machine: &str) -> Result<String, LibvirtError> {
+        self.enter("getDomainCapabilities").await?;
+        Ok("<domainCapabilities><cpu><mode name='host-passthrough' supported='no'/>\
+            <mode name='host-model' supported='yes'><model fallback='forbid'>EPYC</model></mode>\
+            <mode name='custom' supported='yes'><model usable='yes'>qemu64</model>\
+            <model usable='no'>Skylake-Server</model></mode></cpu></domainCapabilities>"
+            .into())
+    }
+
     async fn domain_state(&self, vm: &str) -> Result<Option<VmState>, LibvirtError> {
         self.enter("getState").await?;
         Ok(self.domain(vm).map(|d| d.state))

@@ -19,6 +19,9 @@ pub trait Hypervisor: Send + Sync {
     async fn versions(&self) -> Result<(String, String), LibvirtError>;
     /// The host capabilities XML (`virsh capabilities`).
     async fn capabilities(&self) -> Result<String, LibvirtError>;
+    /// What a domain of type `virt_type` (`kvm`, `qemu`) on `machine` can have, x86_64
+    /// (`virsh domcapabilities`).
+    async fn domain_capabilities(&self, virt_type: &str, machine: &str) -> Result<String, LibvirtError>;
     /// The state of domain `vm`, or `None` when no such domain is defined.
     async fn domain_state(&self, vm: &str) -> Result<Option<VmState>, LibvirtError>;
     /// Every managed domain (named as a VM uuid) with its state, plus those shutting down.

@@ -136,6 +136,15 @@ impl Libvirt {
         self.call("getCapabilities", |c| c.capabilities().map_err(|e| LibvirtError::from_virt("getCapabilities", e)))
             .await
     }
+
+    pub async fn domain_capabilities(&self, virt_type: &str, machine: &str) -> Result<String, LibvirtError> {
+        let (virt_type, machine) = (virt_type.to_owned(), machine.to_owned());
+        self.call("getDomainCapabilities", move |c| {
+            c.domain_capabilities(None, Some("x86_64"), Some(&machine), Some(&virt_type), 0)
+                .map_err(|e| LibvirtError::from_virt("getDomainCapabilities", e))
+        })
+        .await
+    }
 }
 
 /// The real hypervisor: each call forwards to the libvirt call of the same name.
@@ -146,6 +155,9 @@ impl crate::hypervisor::Hypervisor for Libvirt {
     }
     async fn capabilities(&self) -> Result<String, LibvirtError> {
         Libvirt::capabilities(self).await
+    }
+    async fn domain_capabilities(&self, virt_type: &str, machine: &str) -> Result<String, LibvirtError> {
+        Libvirt::domain_capabilities(self, virt_type, machine).await
     }
     async fn domain_state(&self, vm: &str) -> Result<Option<domains::VmState>, LibvirtError> {
         Libvirt::domain_state(self, vm).await

@@ -5,12 +5,16 @@
 //! ZStack field name.
 
 mod cloud_init;
+mod cpu_mode;
+mod disk_io;
 mod volume;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use cloud_init::{Addressing, CloudInit, IpCidr, NicSetup};
+pub use cpu_mode::CpuMode;
+pub use disk_io::{check_disks, scsi_iothread, IoMode, IoTune, MAX_IOTHREADS};
 pub use volume::{Bus, CacheMode, DiskFormat, Monitor, RbdAccess, Volume};
 
 /// The version of the persisted model (VM records, snapshot groups). Version 1 was ZStack's
@@ -53,6 +57,9 @@ pub struct VmSpec {
     #[serde(skip)]
     pub tpm_key: Option<TpmKey>,
     pub kernel_boot: Option<KernelBoot>,
+    /// iothreads of the VM (`<iothreads>`), numbered from 1, which disks may name.
+    #[serde(default)]
+    pub iothreads: u32,
     /// The VM generation ID (`<genid>`, a dashed UUID): new for every VM the agent makes,
     /// including clones and restores, so a guest can tell it was copied or rolled back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +108,9 @@ pub struct Cpu {
     pub max: Option<u32>,
     /// Sockets, cores, threads: their product is `max` in the NUMA form, `count` otherwise.
     pub topology: Option<Topology>,
+    /// The CPU the guest sees; `None` is the hypervisor's default model.
+    #[serde(default)]
+    pub mode: Option<CpuMode>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +126,16 @@ pub struct Topology {
 pub enum Machine {
     Pc,
     Q35,
+}
+
+impl Machine {
+    /// libvirt's machine type, which is also the wire's.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Machine::Pc => "pc",
+            Machine::Q35 => "q35",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::{IoMode, IoTune};
 use crate::storage::location::Location;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -19,6 +20,14 @@ pub struct Volume {
     pub boot_order: Option<u32>,
     /// How QEMU reaches an RBD volume; `None` for files.
     pub rbd: Option<RbdAccess>,
+    /// `None`: the hypervisor's default.
+    #[serde(default)]
+    pub io: Option<IoMode>,
+    /// The VM's iothread (from 1) serving this disk: virtio-blk and virtio-scsi only.
+    #[serde(default)]
+    pub iothread: Option<u32>,
+    #[serde(default)]
+    pub iotune: Option<IoTune>,
 }
 
 impl Volume {
@@ -84,6 +93,18 @@ pub enum Bus {
     Scsi,
     /// SATA (`sdX`).
     Sata,
+    /// IDE (`hdX`): machine type `pc` only.
+    Ide,
+}
+
+impl Bus {
+    pub const ALL: [(&'static str, Bus); 4] =
+        [("virtio", Bus::Virtio), ("scsi", Bus::Scsi), ("sata", Bus::Sata), ("ide", Bus::Ide)];
+
+    /// libvirt's name, which is also the wire's.
+    pub fn as_str(self) -> &'static str {
+        Bus::ALL.iter().find(|(_, b)| *b == self).map_or("virtio", |(s, _)| s)
+    }
 }
 
 /// libvirt's disk cache modes.

@@ -16,6 +16,20 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
     let owner = app.vms.lock(&cmd.vm_uuid).await?;
     let mut spec = owner.load()?;
     let vm = spec.uuid.clone();
+    let new_uuid = match &cmd.volume_uuid {
+        Some(u) => {
+            crate::domain::check_uuid(u).map_err(|e| e.context("volumeUuid"))?;
+            if spec.data_volumes().iter().any(|v| &v.uuid == u) {
+                return Err(AgentError::invalid(format!("volumeUuid {u} is a data volume of VM {vm}")));
+            }
+            u.clone()
+        }
+        None => spec.root().uuid.clone(),
+    };
+    if let Some(p) = &cmd.platform {
+        check_platform(p)?;
+        spec.image_platform = p.clone();
+    }
     let state = app.libvirt.domain_state(&vm).await?;
     if state.is_some_and(|s| s.is_active()) {
         return Err(AgentError::conflict(format!("VM {vm} is running; stop it before changing its image")));
@@ -62,7 +76,7 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
             _ => Location::parse(&new_root)?,
         };
         let old = spec.root();
-        *spec.root_mut() = old.moved_to(old.uuid.clone(), location, old.rbd.clone());
+        *spec.root_mut() = old.moved_to(new_uuid, location, old.rbd.clone());
         // Once the record names the new root, the switch is done: a crash after that keeps it.
         let path = spec.root().install_path();
         undo.push(UndoStep::UnlessRecorded { vm: vm.clone(), path, step: Box::new(made) });
@@ -97,4 +111,14 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
     }
     ctx.progress(100, "image changed");
     super::inventory::of(app, &spec, if state.is_some() { "Stopped" } else { "Created" }, ctx).await
+}
+
+/// The image platforms the management plane knows.
+const PLATFORMS: [&str; 5] = ["Linux", "Windows", "WindowsVirtio", "Other", "Paravirtualization"];
+
+fn check_platform(p: &str) -> AgentResult<()> {
+    if !PLATFORMS.contains(&p) {
+        return Err(AgentError::invalid(format!("platform {p:?} is not one of {PLATFORMS:?}")));
+    }
+    Ok(())
 }

@@ -53,6 +53,8 @@ fn plan(app: &App, cmd: &CloneVmCmd, source: &VmSpec) -> AgentResult<Vec<Plan>> 
     }
     let mut uuids = HashSet::new();
     let mut targets = HashSet::new();
+    // Volume uuids are the management plane's records: none may name two volumes.
+    let mut volume_uuids: HashSet<String> = source.volumes.iter().map(|v| v.uuid.clone()).collect();
     let mut plans = Vec::with_capacity(n);
     let empty = CloneSpec::default();
     for i in 0..n {
@@ -85,11 +87,14 @@ fn plan(app: &App, cmd: &CloneVmCmd, source: &VmSpec) -> AgentResult<Vec<Plan>> 
                 "clones[{i}].dataInstallPaths names more volumes than are cloned"
             )));
         }
+        let new_uuids = volume_uuids_of(i, c, spec.data_volumes().len())?;
         let mut sources = Vec::new();
         let volumes = spec.volumes.iter_mut();
-        for (k, v) in volumes.enumerate() {
+        for ((k, v), new_volume) in volumes.enumerate().zip(new_uuids) {
+            if !volume_uuids.insert(new_volume.clone()) {
+                return Err(AgentError::invalid(format!("clones[{i}]: volume uuid {new_volume} is used twice")));
+            }
             let given = if k == 0 { c.root_install_path.clone() } else { c.data_install_paths.get(k - 1).cloned() };
-            let new_volume = random_uuid();
             let target = given.unwrap_or_else(|| path_beside(&v.install_path(), &new_volume));
             let target = Location::confined(&target, app.storage.roots())?;
             match &target {
@@ -112,6 +117,28 @@ fn plan(app: &App, cmd: &CloneVmCmd, source: &VmSpec) -> AgentResult<Vec<Plan>> 
         plans.push(Plan { spec, sources });
     }
     Ok(plans)
+}
+
+/// The volume uuids of clone `i`, root first: those given, checked, or new ones.
+fn volume_uuids_of(i: usize, c: &CloneSpec, data_volumes: usize) -> AgentResult<Vec<String>> {
+    let data = match &c.data_volume_uuids {
+        Some(given) if given.len() != data_volumes => {
+            return Err(AgentError::invalid(format!(
+                "clones[{i}].dataVolumeUuids has {} uuids but {data_volumes} data volumes are cloned: give one per \
+                 cloned data volume, in the source's order",
+                given.len()
+            )))
+        }
+        Some(given) => given.clone(),
+        None => (0..data_volumes).map(|_| random_uuid()).collect(),
+    };
+    let root = c.root_volume_uuid.clone().unwrap_or_else(random_uuid);
+    let all: Vec<String> = std::iter::once(root).chain(data).collect();
+    for (k, u) in all.iter().enumerate() {
+        let field = if k == 0 { "rootVolumeUuid".to_owned() } else { format!("dataVolumeUuids[{}]", k - 1) };
+        crate::domain::check_uuid(u).map_err(|e| e.context(format!("clones[{i}].{field}")))?;
+    }
+    Ok(all)
 }
 
 /// Clone `i`'s seed (`spec` with its NICs and volumes in place): the source's settings under the

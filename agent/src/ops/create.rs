@@ -1,5 +1,5 @@
-//! Native `/vm/create`: root volume (thin overlay on a cached image, thick copy, or empty), data
-//! volumes, then the domain per strategy — all or nothing (see [`super::assemble`]).
+//! Native `/vm/create`: root and data volumes (each a thin overlay on a cached image, a thick
+//! copy, or empty), then the domain per strategy — all or nothing (see [`super::assemble`]).
 
 use super::assemble::{self, Source};
 use super::volumes;
@@ -10,7 +10,7 @@ use crate::storage::local::{check_size, Provisioning};
 use crate::storage::location::Location;
 use crate::tasks::TaskCtx;
 use crate::wire::inventory::VmInstanceInventory;
-use crate::wire::native::{CreateVmCmd, Provisioning as WireProvisioning};
+use crate::wire::native::{CreateVmCmd, Provisioning as WireProvisioning, VolumeSpec};
 
 pub(super) fn provisioning(p: WireProvisioning) -> Provisioning {
     match p {
@@ -19,51 +19,45 @@ pub(super) fn provisioning(p: WireProvisioning) -> Provisioning {
     }
 }
 
+/// The root and the data volumes, each with the field that names it in errors.
+fn volumes(cmd: &CreateVmCmd) -> impl Iterator<Item = (&VolumeSpec, String)> {
+    std::iter::once((&cmd.root_volume, "rootVolume".to_owned()))
+        .chain(cmd.data_volumes.iter().enumerate().map(|(i, d)| (d, format!("dataVolumes[{i}]"))))
+}
+
 /// The checks of the sources; the targets are checked by [`assemble::create_vm`].
 async fn check_sources(app: &App, ctx: &TaskCtx, cmd: &CreateVmCmd) -> AgentResult<()> {
-    match (&cmd.root_volume.image_path, cmd.root_volume.size) {
-        (Some(image), _) => volumes::store(app, image)?
-            .check_image(image, &ctx.stop)
-            .await
-            .map_err(|e| e.context("rootVolume.imagePath"))?,
-        (None, Some(s)) if s > 0 => {}
-        (None, _) => return Err(AgentError::invalid("rootVolume needs imagePath or a size > 0")),
-    }
-    if let Some((i, _)) = cmd.data_volumes.iter().enumerate().find(|(_, d)| d.size == 0) {
-        return Err(AgentError::invalid(format!("dataVolumes[{i}].size must be greater than 0")));
-    }
-    // Every size at once, so that a bad one is refused before the first volume is made.
-    let files =
-        std::iter::once((&cmd.root_volume.install_path, cmd.root_volume.size.unwrap_or(0), "rootVolume".to_owned()))
-            .chain(
-                cmd.data_volumes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, d)| (&d.install_path, d.size, format!("dataVolumes[{i}]"))),
-            )
-            .filter(|(path, _, _)| !Location::is_rbd(path));
-    for (_, size, field) in files {
-        check_size(size, &CreateOptions::default()).map_err(|e| e.context(field))?;
+    for (v, field) in volumes(cmd) {
+        match (&v.image_path, v.size) {
+            (Some(image), _) => volumes::store(app, image)?
+                .check_image(image, &ctx.stop)
+                .await
+                .map_err(|e| e.context(format!("{field}.imagePath")))?,
+            (None, Some(s)) if s > 0 => {}
+            (None, _) => return Err(AgentError::invalid(format!("{field} needs imagePath or a size > 0"))),
+        }
+        // Every size before the first volume is made.
+        if !Location::is_rbd(&v.install_path) {
+            check_size(v.size.unwrap_or(0), &CreateOptions::default()).map_err(|e| e.context(field))?;
+        }
     }
     Ok(())
+}
+
+/// What the volume is made from: its image (a thin overlay or a thick copy, grown to `size`),
+/// or nothing (an empty volume of `size`).
+fn source(v: &VolumeSpec) -> Source {
+    let provisioning = provisioning(v.provisioning);
+    match &v.image_path {
+        Some(image) => Source::Image { image: image.clone(), size: v.size, provisioning },
+        None => Source::Empty { size: v.size.unwrap_or(0), provisioning },
+    }
 }
 
 pub async fn create(app: &App, ctx: &TaskCtx, cmd: CreateVmCmd) -> AgentResult<VmInstanceInventory> {
     let mut spec = cmd.to_spec()?;
     super::cloud_init::for_new_vm(app, &mut spec, cmd.cloud_init.as_ref())?;
     check_sources(app, ctx, &cmd).await?;
-    let root = &cmd.root_volume;
-    let provisioning = provisioning(root.provisioning);
-    let root_source = match &root.image_path {
-        Some(image) => Source::Image { image: image.clone(), size: root.size, provisioning },
-        None => Source::Empty { size: root.size.unwrap_or(0), provisioning },
-    };
-    let sources: Vec<Source> = std::iter::once(root_source)
-        .chain(
-            cmd.data_volumes
-                .iter()
-                .map(|d| Source::Empty { size: d.size, provisioning: self::provisioning(d.provisioning) }),
-        )
-        .collect();
+    let sources: Vec<Source> = volumes(&cmd).map(|(v, _)| source(v)).collect();
     assemble::create_vm(app, ctx, &spec, &sources, cmd.strategy).await
 }

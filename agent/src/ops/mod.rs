@@ -70,6 +70,7 @@ pub fn check_volume(app: &App, vol: &mut Volume) -> AgentResult<()> {
 pub async fn define(app: &App, spec: &VmSpec, start: bool, undo: &mut UndoLog) -> AgentResult<StartVmRsp> {
     let vm = &spec.uuid;
     let xml = domain::render(spec, &settings(app, vm))?;
+    check_cpu(app, spec).await?;
     if let Some(dir) = settings(app, vm).console_log.as_deref().and_then(std::path::Path::parent) {
         std::fs::create_dir_all(dir).map_err(|e| {
             AgentError::failed("cannot create the console log directory", format!("{}: {e}", dir.display()))
@@ -86,6 +87,14 @@ pub async fn define(app: &App, spec: &VmSpec, start: bool, undo: &mut UndoLog) -
     }
     let live = app.libvirt.xml(vm).await?;
     domain::device_info(&live)
+}
+
+/// Refuses a CPU mode this host cannot give (libvirt would only fail at start, or quietly
+/// give another CPU).
+async fn check_cpu(app: &App, spec: &VmSpec) -> AgentResult<()> {
+    let Some(mode) = &spec.cpu.mode else { return Ok(()) };
+    let caps = app.libvirt.domain_capabilities(&app.config.libvirt.domain_type, spec.machine.as_str()).await?;
+    domain::check_cpu_mode(mode, &domain::cpu_offer(&caps)?)
 }
 
 /// `/vm/start`: a running (or paused) VM is left as it is; otherwise its domain is (re)defined

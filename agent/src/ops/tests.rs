@@ -89,6 +89,54 @@ async fn create_makes_the_vm_and_a_failed_start_leaves_nothing() {
 }
 
 #[tokio::test]
+async fn a_data_volume_from_an_image_and_a_cpu_the_host_lacks() {
+    let h = TestHost::start();
+    let (vm, image) = (uuid(), h.image("data", 2 << 20).await);
+    let mut c = h.create_cmd(&vm, &image);
+    c["dataVolumes"][0]["imagePath"] = json!(image);
+    c["dataVolumes"][0]["size"] = json!(null);
+    let before = h.files();
+    for (mode, model) in [("host-passthrough", None), ("custom", Some("Skylake-Server"))] {
+        let mut refused = c.clone();
+        (refused["cpuMode"], refused["cpuModel"]) = (json!(mode), json!(model));
+        let e = crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(refused)).await.unwrap_err();
+        assert!(e.to_string().contains("offers the modes [\"host-model\", \"custom\"]"), "{mode}: {e}");
+        assert_eq!(h.files(), before, "{mode}: a refused CPU leaves no volume");
+        assert!(h.hv.domain(&vm).is_none() && !h.app.vms.is_known(&vm), "{mode}: nor a domain or record");
+    }
+    c["cpuMode"] = json!("host-model");
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(c)).await.unwrap();
+    let files = h.recorded(&vm).await;
+    assert_eq!(backing(&files[1]), Some(PathBuf::from(&image)), "the data volume is an overlay on its image");
+    assert!(h.hv.domain(&vm).unwrap().xml.contains("<cpu mode='host-model'>"));
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn clones_take_the_volume_uuids_they_are_given() {
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    let (root, data) = (uuid(), uuid());
+    let ctx = TaskCtx::detached("/vm/clone");
+    let clone = |clones: Value| {
+        crate::ops::clone::clone(&h.app, &ctx, cmd(json!({"vmUuid": vm, "full": true, "clones": clones})))
+    };
+    for (clones, needle) in [
+        (json!([{"dataVolumeUuids": [data, root]}]), "has 2 uuids but 1 data volumes"),
+        (json!([{"rootVolumeUuid": root}, {"dataVolumeUuids": [root]}]), "is used twice"),
+        (json!([{"rootVolumeUuid": "d1"}]), "clones[0].rootVolumeUuid"),
+    ] {
+        let e = clone(clones.clone()).await.unwrap_err();
+        assert!(e.to_string().contains(needle), "{clones}: {e}");
+    }
+    let rsp = clone(json!([{"rootVolumeUuid": root, "dataVolumeUuids": [data]}])).await.unwrap();
+    let new = rsp.inventories[0]["inventory"]["uuid"].as_str().unwrap().to_owned();
+    let spec = h.app.vms.lock(&new).await.unwrap().load().unwrap();
+    assert_eq!(spec.volumes.iter().map(|v| v.uuid.as_str()).collect::<Vec<_>>(), [root.as_str(), data.as_str()]);
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
 async fn a_linked_clone_freezes_the_source_and_its_record_follows() {
     let h = TestHost::start();
     let vm = h.running_vm().await;

@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 use super::cloud_init::CloudInitSpec;
 use super::vm::StartVmCmd;
 use crate::error::{AgentError, AgentResult};
-use crate::model::VmSpec;
+use crate::model::{Bus, CacheMode, IoMode, IoTune, VmSpec};
 use crate::storage::location::Location;
 
 /// `/vm/create`: volumes from an image (or empty), then the domain, per `strategy`.
@@ -19,9 +19,16 @@ pub struct CreateVmCmd {
     /// A StartVmCmd without its volumes: the agent fills in `rootVolume` and `dataVolumes`
     /// from the specs below before decoding it.
     pub vm: Map<String, Value>,
-    pub root_volume: RootVolumeSpec,
+    pub root_volume: VolumeSpec,
     #[serde(default)]
-    pub data_volumes: Vec<DataVolumeSpec>,
+    pub data_volumes: Vec<VolumeSpec>,
+    /// The CPU the guest sees (`vm.nestedVirtualization` in ZStack's words); by default the
+    /// hypervisor's model.
+    #[serde(default)]
+    pub cpu_mode: Option<NativeCpuMode>,
+    /// The model of `cpuMode` `custom` (`vm.vmCpuModelName`).
+    #[serde(default)]
+    pub cpu_model: Option<String>,
     #[serde(default)]
     pub strategy: Strategy,
     #[serde(default)]
@@ -45,29 +52,43 @@ pub struct CephAccess {
     pub mon_info: Vec<Value>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NativeCpuMode {
+    None,
+    HostModel,
+    HostPassthrough,
+    Custom,
+}
+
+/// A new volume of `/vm/create` (the root or a data volume) and how the guest sees it.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RootVolumeSpec {
+pub struct VolumeSpec {
     pub volume_uuid: String,
     pub install_path: String,
-    /// The cached image to build the root from; without it, an empty root of `size` bytes.
+    /// The cached image to build the volume from; without it, an empty volume of `size` bytes.
     #[serde(default)]
     pub image_path: Option<String>,
-    /// Virtual size; for an image-based root, grows the root beyond the image's size.
+    /// Virtual size; for an image-based volume, grows it beyond the image's size.
     #[serde(default)]
     pub size: Option<u64>,
     #[serde(default)]
     pub provisioning: Provisioning,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct DataVolumeSpec {
-    pub volume_uuid: String,
-    pub install_path: String,
-    pub size: u64,
+    /// By default virtio.
     #[serde(default)]
-    pub provisioning: Provisioning,
+    pub bus: Option<Bus>,
+    /// By default none.
+    #[serde(default)]
+    pub cache: Option<CacheMode>,
+    /// By default the hypervisor's.
+    #[serde(default)]
+    pub io: Option<IoMode>,
+    /// The VM's iothread (from 1, up to `vm.ioThreads`) serving the disk.
+    #[serde(default)]
+    pub iothread: Option<u32>,
+    #[serde(default)]
+    pub iotune: Option<IoTune>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -103,6 +124,12 @@ pub struct ChangeImageCmd {
     /// Ceph placement tags (`ceph::rootPoolName::<pool>`); local storage has no use for them.
     #[serde(default)]
     pub system_tags: Vec<String>,
+    /// The new root's volume uuid (its disk serial); by default the old root's.
+    #[serde(default)]
+    pub volume_uuid: Option<String>,
+    /// The new image's platform (`imagePlatform`); by default the VM's stays.
+    #[serde(default)]
+    pub platform: Option<String>,
 }
 
 /// `/vm/clone`: one VM into N named copies.
@@ -167,6 +194,13 @@ pub struct CloneSpec {
     pub root_install_path: Option<String>,
     #[serde(default)]
     pub data_install_paths: Vec<String>,
+    /// The clone's root volume uuid (its disk serial); by default a new one.
+    #[serde(default)]
+    pub root_volume_uuid: Option<String>,
+    /// The clone's data volume uuids, in the source's data-volume order, one per cloned data
+    /// volume; by default new ones.
+    #[serde(default)]
+    pub data_volume_uuids: Option<Vec<String>>,
     /// NicTO objects for the clone; by default the source's NICs with fresh MACs and uuids.
     #[serde(default)]
     pub nics: Option<Vec<Value>>,
@@ -391,14 +425,23 @@ impl CreateVmCmd {
     /// the model.
     pub fn to_spec(&self) -> AgentResult<VmSpec> {
         let mut vm = self.vm.clone();
-        let root = &self.root_volume;
-        vm.insert("rootVolume".into(), self.volume_to(&root.install_path, &root.volume_uuid, 0));
-        let data: Vec<Value> = (self.data_volumes.iter().enumerate())
-            .map(|(i, d)| self.volume_to(&d.install_path, &d.volume_uuid, i + 1))
-            .collect();
+        vm.insert("rootVolume".into(), self.volume_to(&self.root_volume, 0));
+        let data: Vec<Value> = (self.data_volumes.iter().enumerate()).map(|(i, d)| self.volume_to(d, i + 1)).collect();
         vm.insert("dataVolumes".into(), Value::Array(data));
         if let Some(tpm) = &self.tpm {
             vm.insert("tpm".into(), tpm.clone());
+        }
+        if let Some(mode) = self.cpu_mode {
+            let mode = match mode {
+                NativeCpuMode::None => "none",
+                NativeCpuMode::HostModel => "host-model",
+                NativeCpuMode::HostPassthrough => "host-passthrough",
+                NativeCpuMode::Custom => "custom",
+            };
+            vm.insert("nestedVirtualization".into(), json!(mode));
+        }
+        if let Some(model) = &self.cpu_model {
+            vm.insert("vmCpuModelName".into(), json!(model));
         }
         let wire: StartVmCmd =
             super::decode(&Value::Object(vm)).map_err(|e| AgentError::invalid(format!("vm: {}", e.details)))?;
@@ -408,15 +451,22 @@ impl CreateVmCmd {
     }
 
     /// The VolumeTO of a new volume: a qcow2 file, or an RBD image reached as `ceph` says.
-    fn volume_to(&self, path: &str, uuid: &str, device_id: usize) -> Value {
-        if Location::is_rbd(path) {
+    fn volume_to(&self, v: &VolumeSpec, device_id: usize) -> Value {
+        let (path, uuid) = (&v.install_path, &v.volume_uuid);
+        let mut to = if Location::is_rbd(path) {
             let ceph = self.ceph.clone().unwrap_or_default();
             json!({"installPath": path, "volumeUuid": uuid, "deviceId": device_id, "deviceType": "ceph",
                    "format": "raw", "secretUuid": ceph.secret_uuid, "monInfo": ceph.mon_info})
         } else {
             json!({"installPath": path, "volumeUuid": uuid, "deviceId": device_id, "deviceType": "file",
                    "format": "qcow2"})
+        };
+        let guest = json!({"bus": v.bus.map(Bus::as_str), "cacheMode": v.cache.map(CacheMode::as_str),
+                           "ioMode": v.io.map(IoMode::as_str), "ioThreadId": v.iothread, "iotune": v.iotune});
+        if let (Value::Object(to), Value::Object(guest)) = (&mut to, guest) {
+            to.extend(guest);
         }
+        to
     }
 }
 
@@ -518,12 +568,28 @@ mod tests {
     #[test]
     fn unknown_fields_are_refused_by_name() {
         let create = json!({"vm": {}, "rootVolume": {"volumeUuid": "a", "installPath": "/r/a", "size": 1},
-                            "dataVolumes": [{"volumeUuid": "d", "installPath": "/r/d", "size": 1, "imagePath": "/i"}]});
-        refused::<CreateVmCmd>(create, "imagePath");
+                            "dataVolumes": [{"volumeUuid": "d", "installPath": "/r/d", "size": 1, "imageUrl": "/i"}]});
+        refused::<CreateVmCmd>(create, "imageUrl");
         refused::<CloneVmCmd>(json!({"vmUuid": "v", "names": ["a"], "linked": true}), "linked");
-        refused::<CloneVmCmd>(json!({"vmUuid": "v", "clones": [{"rootVolumeUuid": "x"}]}), "rootVolumeUuid");
+        refused::<CloneVmCmd>(json!({"vmUuid": "v", "clones": [{"rootUuid": "x"}]}), "rootUuid");
         refused::<FlattenVmCmd>(json!({"vmUuid": "v", "dryrun": true}), "dryrun");
         refused::<ChangeImageCmd>(json!({"vmUuid": "v", "imagePath": "/i", "newRootUuid": "x"}), "newRootUuid");
+        for (volume, field) in [
+            (json!({"bus": "usb"}), "bus"),
+            (json!({"cache": "fast"}), "cache"),
+            (json!({"io": "aio"}), "io"),
+            (json!({"iothread": -1}), "iothread"),
+            (json!({"iotune": {"totalBytesSec": "lots"}}), "totalBytesSec"),
+            (json!({"iotune": {"total_bytes_sec": 1}}), "total_bytes_sec"),
+        ] {
+            let mut root = json!({"volumeUuid": "a", "installPath": "/r/a", "size": 1});
+            root.as_object_mut().unwrap().extend(volume.as_object().unwrap().clone());
+            refused::<CreateVmCmd>(json!({"vm": {}, "rootVolume": root}), field);
+        }
+        refused::<CreateVmCmd>(
+            json!({"vm": {}, "rootVolume": {"volumeUuid": "a", "installPath": "/r/a"}, "cpuMode": "max"}),
+            "cpuMode",
+        );
         refused::<TakeSnapshotGroupCmd>(json!({"vmUuid": "v", "quiesce": true}), "quiesce");
         refused::<BackupVmCmd>(json!({"vmUuid": "v", "mode": "full", "compress": true}), "compress");
         refused::<CacheImageCmd>(
@@ -542,6 +608,31 @@ mod tests {
             json!({"groupUuid": "g", "cloudInit": {"network": [{"mac": "x", "ip": 1}]}}),
             "ip",
         );
+    }
+
+    #[test]
+    fn volume_and_cpu_choices_reach_the_spec() {
+        use crate::model::{CpuMode, IoTune};
+        let body = json!({
+            "vm": {"vmInstanceUuid": "0123456789abcdef0123456789abcdef", "memory": 1 << 30, "cpuNum": 1,
+                   "ioThreads": 2, "machineType": "pc"},
+            "cpuMode": "custom", "cpuModel": "qemu64",
+            "rootVolume": {"volumeUuid": "a", "installPath": "/r/a", "size": 1, "bus": "ide", "cache": "directsync",
+                           "io": "native"},
+            "dataVolumes": [{"volumeUuid": "d", "installPath": "/r/d", "imagePath": "/i", "bus": "scsi",
+                             "iothread": 2, "io": "io_uring", "iotune": {"readBytesSec": 7}}],
+        });
+        let spec = decode_native::<CreateVmCmd>(&body).unwrap().to_spec().unwrap();
+        assert_eq!(spec.cpu.mode, Some(CpuMode::Custom("qemu64".into())));
+        assert_eq!(spec.iothreads, 2);
+        let (root, data) = (&spec.volumes[0], &spec.volumes[1]);
+        assert_eq!((root.bus, root.cache, root.io), (Bus::Ide, CacheMode::Directsync, Some(IoMode::Native)));
+        assert_eq!((data.bus, data.iothread, data.io), (Bus::Scsi, Some(2), Some(IoMode::IoUring)));
+        assert_eq!(data.iotune, Some(IoTune { read_bytes_sec: Some(7), ..IoTune::default() }));
+        let mut q35 = body.clone();
+        q35["vm"]["machineType"] = json!("q35");
+        let e = decode_native::<CreateVmCmd>(&q35).unwrap().to_spec().unwrap_err();
+        assert!(e.to_string().contains("bus ide needs machine type pc"), "{e}");
     }
 
     #[test]

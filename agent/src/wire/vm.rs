@@ -81,6 +81,15 @@ pub struct StartVmCmd {
     /// Ours: boot this kernel and initramfs directly (appliances, host tests).
     #[serde(default, deserialize_with = "nullable")]
     pub kernel_boot: Option<KernelBoot>,
+    /// `none` (or absent), `host-model`, `host-passthrough` or `custom` (with `vmCpuModelName`).
+    #[serde(default, deserialize_with = "nullable")]
+    pub nested_virtualization: String,
+    /// The named CPU model of `custom` (alone, it implies `custom`).
+    #[serde(default, alias = "vmCpuModel", deserialize_with = "nullable")]
+    pub vm_cpu_model_name: String,
+    /// Ours: iothreads of the VM, which volumes name in `ioThreadId`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub io_threads: u32,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -120,7 +129,8 @@ pub struct VolumeTo {
     pub volume_uuid: String,
     #[serde(default = "yes", deserialize_with = "nullable_yes")]
     pub use_virtio: bool,
-    #[serde(default, deserialize_with = "nullable")]
+    /// ZStack spells it `useVirtioSCSI`; files written before this fix spell it `useVirtioScsi`.
+    #[serde(default, rename = "useVirtioSCSI", alias = "useVirtioScsi", deserialize_with = "nullable")]
     pub use_virtio_scsi: bool,
     #[serde(default, deserialize_with = "nullable")]
     pub shareable: bool,
@@ -135,6 +145,29 @@ pub struct VolumeTo {
     pub secret_uuid: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
     pub mon_info: Vec<MonInfo>,
+    /// Ours: `virtio`, `scsi`, `sata` or `ide`; when given, it overrides `useVirtio` and
+    /// `useVirtioSCSI`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub bus: String,
+    /// Ours: `native`, `threads` or `io_uring`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub io_mode: String,
+    /// The VM's iothread serving this disk (from 1; 0 or absent: none).
+    #[serde(default, deserialize_with = "nullable")]
+    pub io_thread_id: u32,
+    /// Ours: I/O limits (ZStack sends them as `addons.VolumeQos`).
+    #[serde(default, deserialize_with = "nullable")]
+    pub iotune: Option<crate::model::IoTune>,
+}
+
+/// ZStack's `addons.VolumeQos[volumeUuid]`: 0 or absent is no limit.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeQos {
+    #[serde(default, deserialize_with = "nullable")]
+    pub total_bandwidth: u64,
+    #[serde(default, deserialize_with = "nullable")]
+    pub total_iops: u64,
 }
 
 fn file_type() -> String {

@@ -7,12 +7,14 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
-use super::vm::{CdRomTo, KernelBoot as WireKernelBoot, MonInfo, NicTo, StartVmCmd, TpmSpec, VHostAddOn, VolumeTo};
+use super::vm::{
+    CdRomTo, KernelBoot as WireKernelBoot, MonInfo, NicTo, StartVmCmd, TpmSpec, VHostAddOn, VolumeQos, VolumeTo,
+};
 use crate::domain::{check_uuid, device_letter, is_ifname, xml_safe};
 use crate::error::{AgentError, AgentResult};
 use crate::model::{
-    BootDevice, Bus, CacheMode, CdRom, Clock, Cpu, DiskFormat, KernelBoot, Machine, Monitor, Nic, NicModel, NicNetwork,
-    NicQueues, RbdAccess, Topology, TpmKey, TpmModel, Video, VmSpec, Volume,
+    check_disks, BootDevice, Bus, CacheMode, CdRom, Clock, Cpu, CpuMode, DiskFormat, IoMode, IoTune, KernelBoot,
+    Machine, Monitor, Nic, NicModel, NicNetwork, NicQueues, RbdAccess, Topology, TpmKey, TpmModel, Video, VmSpec, Volume,
 };
 use crate::storage::location::Location;
 
@@ -82,6 +84,7 @@ impl StartVmCmd {
             return Err(invalid(format!("rootVolume.deviceId must be 0, not {}", self.root_volume.device_id)));
         }
         let mut volumes = vec![self.root_volume.to_model("rootVolume")?];
+        let volume_qos = self.volume_qos()?;
         let mut ids = HashSet::from([0]);
         for (i, v) in self.data_volumes.iter().enumerate() {
             volumes.push(v.to_model(&format!("dataVolumes[{i}]"))?);
@@ -110,11 +113,14 @@ impl StartVmCmd {
             _ => None,
         };
         let tpm_key = self.tpm.as_ref().map(tpm_key).transpose()?.flatten();
+        for v in volumes.iter_mut().filter(|v| v.iotune.is_none()) {
+            v.iotune = volume_qos.get(&v.uuid).copied();
+        }
         let mut boot_devices = boot_devices(&self.boot_dev)?;
         if boot_devices.is_empty() {
             boot_devices.push(BootDevice::Hd);
         }
-        Ok(VmSpec {
+        let spec = VmSpec {
             uuid: self.vm_instance_uuid.clone(),
             name: self.vm_name.clone(),
             internal_id: self.vm_internal_id,
@@ -146,9 +152,51 @@ impl StartVmCmd {
                 initrd: k.initrd.clone(),
                 cmdline: k.cmdline.clone(),
             }),
+            iothreads: self.io_threads,
             genid: None,
             cloud_init: None,
-        })
+        };
+        check_disks(&spec)?;
+        Ok(spec)
+    }
+
+    /// ZStack's per-volume limits (`addons.VolumeQos`), by volume uuid.
+    fn volume_qos(&self) -> AgentResult<std::collections::HashMap<String, IoTune>> {
+        let Some(given) = self.addons.get("VolumeQos").filter(|q| !q.is_null()) else { return Ok(Default::default()) };
+        let qos: std::collections::HashMap<String, Option<VolumeQos>> =
+            super::decode(given).map_err(|e| e.context("addons.VolumeQos"))?;
+        Ok((qos.into_iter())
+            .filter_map(|(uuid, q)| {
+                let q = q?;
+                let tune = IoTune {
+                    total_bytes_sec: Some(q.total_bandwidth).filter(|b| *b > 0),
+                    total_iops_sec: Some(q.total_iops).filter(|i| *i > 0),
+                    ..IoTune::default()
+                };
+                (tune != IoTune::default()).then_some((uuid, tune))
+            })
+            .collect())
+    }
+
+    /// The CPU model: `nestedVirtualization`, and `vmCpuModelName` for a named one.
+    fn cpu_mode(&self) -> AgentResult<Option<CpuMode>> {
+        let model = self.vm_cpu_model_name.as_str();
+        // Checked even when unused: it is text the management plane meant for the domain.
+        if (!model.is_empty() || self.nested_virtualization == "custom") && !is_short_name(model) {
+            return Err(invalid(format!(
+                "vmCpuModelName {model:?} is not a CPU model name (1 to 64 letters, digits, '-', '_' or '.')"
+            )));
+        }
+        match self.nested_virtualization.as_str() {
+            "" if model.is_empty() => Ok(None),
+            "" | "custom" => Ok(Some(CpuMode::Custom(model.to_owned()))),
+            "none" => Ok(None),
+            "host-model" => Ok(Some(CpuMode::HostModel)),
+            "host-passthrough" => Ok(Some(CpuMode::HostPassthrough)),
+            other => Err(invalid(format!(
+                "nestedVirtualization {other:?} is not one of none, host-model, host-passthrough, custom"
+            ))),
+        }
     }
 
     /// The vCPUs and their topology. In the NUMA form (`useNuma`) the VM may grow to
@@ -190,7 +238,7 @@ impl StartVmCmd {
             (None, Some(m)) => Some(Topology { sockets: m, cores: 1, threads: 1 }),
             (None, None) => None,
         };
-        Ok(Cpu { count: self.cpu_num, max, topology })
+        Ok(Cpu { count: self.cpu_num, max, topology, mode: self.cpu_mode()? })
     }
 
     /// `socketNum` × `cpuOnSocket` × `threadsPerCore` (1 when absent), which must hold exactly
@@ -227,11 +275,7 @@ impl StartVmCmd {
             cpu_on_socket: spec.cpu.topology.map(|t| t.cores),
             threads_per_core: spec.cpu.topology.map(|t| t.threads),
             use_numa: spec.cpu.max.is_some(),
-            machine_type: match spec.machine {
-                Machine::Pc => "pc",
-                Machine::Q35 => "q35",
-            }
-            .into(),
+            machine_type: spec.machine.as_str().into(),
             boot_mode: "Legacy".into(),
             boot_dev: spec.boot_devices.iter().map(|d| d.as_str().to_owned()).collect(),
             root_volume: volumes.next().expect("a spec always has its root"),
@@ -265,12 +309,19 @@ impl StartVmCmd {
                 initrd: k.initrd.clone(),
                 cmdline: k.cmdline.clone(),
             }),
+            nested_virtualization: spec.cpu.mode.as_ref().map_or("", CpuMode::libvirt_mode).into(),
+            vm_cpu_model_name: spec.cpu.mode.as_ref().and_then(CpuMode::model).unwrap_or_default().into(),
+            io_threads: spec.iothreads,
         }
     }
 }
 
-/// Whether `s` can be a disk's serial (it is the volume uuid): what libvirt and the guest's
-/// `/dev/disk/by-id` names carry.
+/// 1 to 64 letters, digits, `-`, `_` and `.`: what a disk's serial (the volume uuid; what libvirt
+/// and the guest's `/dev/disk/by-id` names carry) and a CPU model's name may be.
+fn is_short_name(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// The key of `tpm.key`: base64 of an AES-256 key, for an enabled TPM only.
 fn tpm_key(t: &TpmSpec) -> AgentResult<Option<TpmKey>> {
     use base64::Engine;
@@ -290,10 +341,6 @@ fn tpm_key(t: &TpmSpec) -> AgentResult<Option<TpmKey>> {
         )));
     }
     Ok(Some(TpmKey(key)))
-}
-
-fn is_serial(s: &str) -> bool {
-    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// `bootDev` (ZStack's names: `hd`, `cdrom`, `network`) in the model: in order, each device
@@ -327,7 +374,7 @@ impl NicTo {
 
 fn volume(field: &str, v: &VolumeTo) -> AgentResult<Volume> {
     xml_safe(&format!("{field}.installPath"), &v.install_path)?;
-    if !is_serial(&v.volume_uuid) {
+    if !is_short_name(&v.volume_uuid) {
         return Err(invalid(format!(
             "{field}.volumeUuid {:?} cannot be a disk serial: 1 to 64 letters, digits, '-', '_' or '.'",
             v.volume_uuid
@@ -362,20 +409,36 @@ fn volume(field: &str, v: &VolumeTo) -> AgentResult<Volume> {
             invalid(format!("{field}.cacheMode {c:?} is not one of {:?}", CacheMode::ALL.map(|(n, _)| n)))
         })?,
     };
+    let bus = match (v.bus.as_str(), v.use_virtio_scsi, v.use_virtio) {
+        ("", true, _) => Bus::Scsi,
+        ("", false, true) => Bus::Virtio,
+        ("", false, false) => Bus::Sata,
+        (b, _, _) => Bus::ALL
+            .iter()
+            .find(|(n, _)| *n == b)
+            .map(|(_, m)| *m)
+            .ok_or_else(|| invalid(format!("{field}.bus {b:?} is not one of {:?}", Bus::ALL.map(|(n, _)| n))))?,
+    };
+    let io =
+        match v.io_mode.as_str() {
+            "" => None,
+            m => Some(IoMode::ALL.iter().find(|(n, _)| *n == m).map(|(_, io)| *io).ok_or_else(|| {
+                invalid(format!("{field}.ioMode {m:?} is not one of {:?}", IoMode::ALL.map(|(n, _)| n)))
+            })?),
+        };
     Ok(Volume {
         uuid: v.volume_uuid.clone(),
         location,
         device_id: v.device_id,
         format,
-        bus: match (v.use_virtio_scsi, v.use_virtio) {
-            (true, _) => Bus::Scsi,
-            (false, true) => Bus::Virtio,
-            (false, false) => Bus::Sata,
-        },
+        bus,
         cache,
         shareable: v.shareable,
         boot_order: Some(v.boot_order).filter(|o| *o > 0),
         rbd,
+        io,
+        iothread: Some(v.io_thread_id).filter(|t| *t > 0),
+        iotune: v.iotune,
     })
 }
 
@@ -395,6 +458,10 @@ fn volume_to(v: &Volume) -> VolumeTo {
         mon_info: (v.rbd.iter().flat_map(|r| &r.monitors))
             .map(|m| MonInfo { hostname: m.host.clone(), port: m.port.unwrap_or(0) })
             .collect(),
+        bus: v.bus.as_str().into(),
+        io_mode: v.io.map_or("", IoMode::as_str).into(),
+        io_thread_id: v.iothread.unwrap_or(0),
+        iotune: v.iotune,
     }
 }
 
