@@ -20,7 +20,8 @@
 # (also works with libvirt 9 + stdio_handler=file: <serial type='pty'><log file='/path/serial.log'
 #  append='off'/><target port='0'/></serial> + <console type='pty'><target type='serial' port='0'/>)
 # Cmdline parameters (see tests/guest/init): kvmagent.offsets=<byte offsets, comma-separated,
-# default 0>, kvmagent.disks=<N to wait for>, kvmagent.wait=<max s, default 10>, kvmagent.debug=1.
+# default 0>, kvmagent.disks=<N to wait for>, kvmagent.wait=<max s, default 10>, kvmagent.debug=1,
+# kvmagent.efivar=<NAME> (UEFI: writes an EFI variable, prints KVMAGENT-EFIVAR).
 #
 # Serial output:
 #   KVMAGENT-GUEST-BOOTED
@@ -46,7 +47,8 @@ OUTDIR=${1:-/var/cache/kvmagent/test-guest}
 CMDLINE="console=ttyS0 quiet panic=-1 kvmagent.offsets=0"
 # Modules needed to see virtio disks on pc/q35 (virtio-blk and virtio-scsi), with insmod
 # parameters. Dependencies come from modules.dep; built-in ones are skipped.
-WANT_MODULES=(virtio_pci virtio_blk "scsi_mod scan=sync" virtio_scsi sd_mod)
+# efivarfs: the init writes EFI variables (kvmagent.efivar) on UEFI boots.
+WANT_MODULES=(virtio_pci virtio_blk "scsi_mod scan=sync" virtio_scsi sd_mod efivarfs)
 
 die() { echo "build.sh: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (apt-get download, device nodes)"

@@ -38,6 +38,9 @@ pub async fn stop(app: &App, _ctx: &TaskCtx, cmd: StopVmCmd) -> AgentResult<Empt
 pub async fn destroy(app: &App, _ctx: &TaskCtx, cmd: DestroyVmCmd) -> AgentResult<Empty> {
     let owner = app.vms.lock(&cmd.uuid).await?;
     power_off_and_undefine(app, &cmd.uuid).await?;
+    if let Some(spec) = owner.record()? {
+        crate::ops::nvram::remove(&spec)?;
+    }
     owner.remove();
     Ok(Empty {})
 }

@@ -9,7 +9,9 @@ use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::Serialize;
 
 use crate::error::{AgentError, AgentResult};
-use crate::model::{Bus, Clock, KernelBoot, Machine, Monitor, NicNetwork, NicQueues, TpmModel, Video, VmSpec, Volume};
+use crate::model::{
+    Bus, Clock, Firmware, KernelBoot, Machine, Monitor, NicNetwork, NicQueues, TpmModel, Video, VmSpec, Volume,
+};
 use crate::storage::location::Location;
 
 /// How this host renders domains.
@@ -23,6 +25,8 @@ pub struct DomainSettings {
     pub vnc_listen: String,
     /// cephx user for RBD disks.
     pub ceph_user: String,
+    /// OVMF's files, for UEFI VMs.
+    pub uefi: crate::config::UefiConfig,
 }
 
 impl Default for DomainSettings {
@@ -35,6 +39,7 @@ impl Default for DomainSettings {
             // management plane when it sets consolePassword.
             vnc_listen: "0.0.0.0".into(),
             ceph_user: "zstack".into(),
+            uefi: crate::config::UefiConfig::default(),
         }
     }
 }
@@ -84,6 +89,16 @@ struct View<'a> {
     vnc_password: &'a str,
     video: &'a str,
     tpm_model: Option<&'a str>,
+    uefi: Option<UefiView>,
+}
+
+/// The firmware and variable store of a UEFI VM.
+#[derive(Serialize)]
+struct UefiView {
+    loader: String,
+    nvram: String,
+    /// Secure Boot: the loader is `secure='yes'` and SMM is on.
+    secure: bool,
 }
 
 #[derive(Serialize)]
@@ -328,6 +343,16 @@ fn view<'a>(spec: &'a VmSpec, settings: &'a DomainSettings) -> AgentResult<View<
         })
         .collect();
 
+    let uefi = match settings.uefi.files(spec.firmware) {
+        None => None,
+        Some((code, _)) => Some(UefiView {
+            loader: code.display().to_string(),
+            nvram: (spec.nvram.as_ref().map(|p| p.display().to_string()))
+                .ok_or_else(|| AgentError::internal(format!("UEFI VM {} has no NVRAM file assigned", spec.uuid)))?,
+            secure: spec.firmware == Firmware::UefiSecure,
+        }),
+    };
+
     Ok(View {
         domain_type: &settings.domain_type,
         name: &spec.uuid,
@@ -373,6 +398,7 @@ fn view<'a>(spec: &'a VmSpec, settings: &'a DomainSettings) -> AgentResult<View<
             TpmModel::Crb => "tpm-crb",
             TpmModel::Tis => "tpm-tis",
         }),
+        uefi,
     })
 }
 

@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use super::vm::StartVmCmd;
 use crate::error::{AgentError, AgentResult};
-use crate::model::VmSpec;
+use crate::model::{Firmware, VmSpec};
 use crate::storage::location::Location;
 
 /// `/vm/create`: volumes from an image (or empty), then the domain, per `strategy`.
@@ -28,6 +28,9 @@ pub struct CreateVmCmd {
     /// How the VM reaches RBD volumes (`ceph://` install paths).
     #[serde(default)]
     pub ceph: Option<CephAccess>,
+    /// `bios`, `uefi` or `uefi-secure`; instead of the `vm` object's `bootMode`/`secureBoot`.
+    #[serde(default)]
+    pub firmware: Option<Firmware>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, serde::Serialize)]
@@ -121,6 +124,10 @@ pub struct CloneVmCmd {
     /// Per-clone choices; anything left out is generated.
     #[serde(default)]
     pub clones: Vec<CloneSpec>,
+    /// `bios`, `uefi` or `uefi-secure`; by default the source's. A clone with the source's
+    /// firmware gets a copy of its NVRAM, one with another a fresh one.
+    #[serde(default)]
+    pub firmware: Option<Firmware>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -211,6 +218,10 @@ pub struct NewVmTarget {
     /// How the VM reaches RBD volumes, when they go to Ceph.
     #[serde(default)]
     pub ceph: Option<CephAccess>,
+    /// `bios`, `uefi` or `uefi-secure`; by default the source's. The new VM's NVRAM is a fresh
+    /// one (snapshot groups and backups do not hold NVRAM).
+    #[serde(default)]
+    pub firmware: Option<Firmware>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -357,6 +368,9 @@ impl CreateVmCmd {
         if let Some(tpm) = &self.tpm {
             vm.insert("tpm".into(), tpm.clone());
         }
+        if let Some(f) = self.firmware {
+            set_firmware(&mut vm, f);
+        }
         let wire: StartVmCmd =
             super::decode(&Value::Object(vm)).map_err(|e| AgentError::invalid(format!("vm: {}", e.details)))?;
         wire.to_spec()
@@ -388,6 +402,9 @@ impl NewVmTarget {
         vm.insert("systemSerialNumber".into(), Value::String(uuid::Uuid::new_v4().to_string()));
         vm.insert("vmInstanceUuid".into(), Value::String(uuid::Uuid::new_v4().simple().to_string()));
         vm.extend(self.vm.clone());
+        if let Some(f) = self.firmware {
+            set_firmware(&mut vm, f);
+        }
         vm.remove("nics");
         let wire: StartVmCmd = super::decode(&Value::Object(vm)).map_err(|e| e.context("vm"))?;
         wire.to_spec().map_err(|e| e.context("vm"))
@@ -397,6 +414,12 @@ impl NewVmTarget {
     pub fn nics(&self) -> Option<&Vec<Value>> {
         self.vm.get("nics").and_then(Value::as_array)
     }
+}
+
+/// The StartVmCmd fields that say `firmware`, set in a `vm` object.
+fn set_firmware(vm: &mut Map<String, Value>, firmware: Firmware) {
+    vm.insert("bootMode".into(), json!(if firmware.is_uefi() { "UEFI" } else { "Legacy" }));
+    vm.insert("secureBoot".into(), json!(firmware == Firmware::UefiSecure));
 }
 
 /// `/image/cache`: an image into the local-storage cache from an `http://`, `https://` or
@@ -484,8 +507,8 @@ mod tests {
             "md5sum",
         );
         refused::<CreateFromSnapshotCmd>(
-            json!({"groupUuid": "g", "provisioning": "thin", "firmware": "uefi"}),
-            "firmware",
+            json!({"groupUuid": "g", "provisioning": "thin", "bootloader": "uefi"}),
+            "bootloader",
         );
         refused::<CreateFromSnapshotCmd>(json!({"groupUuid": "g", "rootVolume": {"size": 1}}), "size");
         refused::<CreateFromBackupCmd>(json!({"groupUuid": "g", "point": 0, "provisioning": "thin"}), "provisioning");

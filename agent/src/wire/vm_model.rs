@@ -11,8 +11,8 @@ use super::vm::{CdRomTo, KernelBoot as WireKernelBoot, MonInfo, NicTo, StartVmCm
 use crate::domain::{check_uuid, device_letter, is_ifname, xml_safe};
 use crate::error::{AgentError, AgentResult};
 use crate::model::{
-    BootDevice, Bus, CacheMode, CdRom, Clock, Cpu, DiskFormat, KernelBoot, Machine, Monitor, Nic, NicModel, NicNetwork,
-    NicQueues, RbdAccess, Topology, TpmModel, Video, VmSpec, Volume,
+    BootDevice, Bus, CacheMode, CdRom, Clock, Cpu, DiskFormat, Firmware, KernelBoot, Machine, Monitor, Nic, NicModel,
+    NicNetwork, NicQueues, RbdAccess, Topology, TpmModel, Video, VmSpec, Volume,
 };
 use crate::storage::location::Location;
 
@@ -59,11 +59,15 @@ impl StartVmCmd {
         if self.memory < (1 << 20) || self.memory > MAX_MEMORY {
             return Err(invalid(format!("memory {} bytes is out of range (1 MiB to 16 TiB)", self.memory)));
         }
+        let firmware = self.firmware()?;
         let machine = match self.machine_type.as_str() {
+            // Secure Boot needs q35; the management plane's default machine is pc.
+            "" if firmware == Firmware::UefiSecure => Machine::Q35,
             "" | "pc" => Machine::Pc,
             "q35" => Machine::Q35,
             other => return Err(invalid(format!("machineType {other:?} is not supported (pc or q35)"))),
         };
+        firmware.check_machine(machine).map_err(invalid)?;
         let video = match self.video_type.as_str() {
             "" => Video::Vga,
             v => VIDEO
@@ -72,12 +76,6 @@ impl StartVmCmd {
                 .map(|(_, m)| *m)
                 .ok_or_else(|| invalid(format!("videoType {v:?} is not one of {:?}", VIDEO.map(|(n, _)| n))))?,
         };
-        if !matches!(self.boot_mode.as_str(), "" | "Legacy") {
-            return Err(invalid(format!(
-                "bootMode {:?} is not supported by this agent yet (Legacy only)",
-                self.boot_mode
-            )));
-        }
         if self.root_volume.device_id != 0 {
             return Err(invalid(format!("rootVolume.deviceId must be 0, not {}", self.root_volume.device_id)));
         }
@@ -143,7 +141,20 @@ impl StartVmCmd {
                 initrd: k.initrd.clone(),
                 cmdline: k.cmdline.clone(),
             }),
+            firmware,
+            nvram: None,
         })
+    }
+
+    /// `bootMode` and `secureBoot` in the model.
+    fn firmware(&self) -> AgentResult<Firmware> {
+        match (self.boot_mode.as_str(), self.secure_boot) {
+            ("" | "Legacy", false) => Ok(Firmware::Bios),
+            ("" | "Legacy", true) => Err(invalid("secureBoot needs a UEFI bootMode (UEFI), not Legacy".to_owned())),
+            ("UEFI" | "UEFI_WITH_CSM", false) => Ok(Firmware::Uefi),
+            ("UEFI" | "UEFI_WITH_CSM", true) => Ok(Firmware::UefiSecure),
+            (other, _) => Err(invalid(format!("bootMode {other:?} is not one of Legacy, UEFI, UEFI_WITH_CSM"))),
+        }
     }
 
     /// The vCPUs and their topology. In the NUMA form (`useNuma`) the VM may grow to
@@ -227,7 +238,8 @@ impl StartVmCmd {
                 Machine::Q35 => "q35",
             }
             .into(),
-            boot_mode: "Legacy".into(),
+            boot_mode: if spec.firmware.is_uefi() { "UEFI" } else { "Legacy" }.into(),
+            secure_boot: spec.firmware == Firmware::UefiSecure,
             boot_dev: spec.boot_devices.iter().map(|d| d.as_str().to_owned()).collect(),
             root_volume: volumes.next().expect("a spec always has its root"),
             data_volumes: volumes.collect(),
