@@ -42,6 +42,10 @@ async fn assert_consistent(h: &TestHost) {
             assert!(std::path::Path::new(f).exists(), "VM {vm}'s record names {f}, which is gone");
             chain(PathBuf::from(f), &mut wanted);
         }
+        if let Some(nvram) = h.nvram(&vm).await {
+            assert!(nvram.is_file(), "VM {vm}'s record names NVRAM {}, which is gone", nvram.display());
+            wanted.insert(nvram);
+        }
         if h.hv.domain(&vm).is_some() {
             assert_eq!(h.domain_files(&vm), recorded, "VM {vm} runs on other files than its record names");
         }
@@ -571,4 +575,118 @@ async fn a_define_that_libvirtd_runs_after_its_undo_is_removed_again() {
     tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
     assert!(h.hv.domain(&late).is_none(), "the late domain of a VM without a record is removed");
     assert!(h.hv.domain(&recorded).is_some(), "a VM with a record keeps its domain");
+}
+
+/// A `/vm/create` body of a started VM with `firmware`.
+async fn uefi_create(h: &TestHost, vm: &str, firmware: &str) -> Value {
+    let mut body = h.create_cmd(vm, &h.image(&uuid(), 4 << 20).await);
+    body["firmware"] = json!(firmware);
+    body
+}
+
+#[tokio::test]
+async fn a_uefi_vm_has_its_own_nvram_which_clones_copy_and_destroy_removes() {
+    let h = TestHost::start();
+    let vm = uuid();
+    let ctx = TaskCtx::detached("/vm/create");
+    crate::ops::create::create(&h.app, &ctx, cmd(uefi_create(&h, &vm, "uefi-secure").await)).await.unwrap();
+    let nvram = h.nvram(&vm).await.expect("a UEFI VM records its NVRAM");
+    let root = PathBuf::from(&h.recorded(&vm).await[0]);
+    assert_eq!(nvram, root.with_file_name(format!("{vm}.nvram.fd")), "beside the root");
+    assert_eq!(std::fs::read(&nvram).unwrap(), b"VARS.ms.fd", "a copy of the Secure Boot template");
+    let xml = h.hv.domain(&vm).unwrap().xml;
+    assert!(xml.contains(&format!("<nvram>{}</nvram>", nvram.display())), "{xml}");
+    assert!(xml.contains("secure='yes'") && xml.contains("<smm state='on'/>") && xml.contains("machine='q35'"));
+    assert_consistent(&h).await;
+
+    // A variable the guest wrote is in the clone's copy; one written after the clone is not.
+    std::fs::write(&nvram, b"VARS.ms.fd+before").unwrap();
+    let body = json!({"vmUuid": vm, "names": ["a", "b"]});
+    let rsp = crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(body)).await.unwrap();
+    assert_eq!(rsp.number_of_cloned_vm, 2, "{:?}", rsp.inventories);
+    let body = json!({"vmUuid": vm, "names": ["plain"], "firmware": "uefi"});
+    let rsp = crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(body)).await.unwrap();
+    std::fs::write(&nvram, b"VARS.ms.fd+before+after").unwrap();
+    let uuid_of = |rsp: &crate::wire::native::CloneVmRsp, i: usize| {
+        rsp.inventories[i]["inventory"]["uuid"].as_str().unwrap().to_owned()
+    };
+    let plain = uuid_of(&rsp, 0);
+    let plain_nvram = h.nvram(&plain).await.unwrap();
+    assert_eq!(std::fs::read(&plain_nvram).unwrap(), b"VARS.fd", "other firmware: a fresh store");
+    assert!(h.hv.domain(&plain).unwrap().xml.contains("CODE.fd</loader>"));
+    let mut copies = Vec::new();
+    for e in std::fs::read_dir(h.app.config.state_dir.join("vms")).unwrap().flatten() {
+        let other = e.file_name().to_string_lossy().trim_end_matches(".json").to_owned();
+        if other != vm && other != plain {
+            copies.push((other.clone(), h.nvram(&other).await.unwrap()));
+        }
+    }
+    assert_eq!(copies.len(), 2);
+    for (clone, copy) in &copies {
+        assert_ne!(copy, &nvram);
+        assert_eq!(copy.file_name().unwrap().to_string_lossy(), format!("{clone}.nvram.fd"));
+        assert_eq!(std::fs::read(copy).unwrap(), b"VARS.ms.fd+before", "the source's store at the clone");
+    }
+    assert_consistent(&h).await;
+
+    // ZStack's destroy takes the NVRAM with the VM; a stop keeps it.
+    let (clone, copy) = &copies[0];
+    let stop = crate::wire::decode(&json!({"uuid": clone, "type": "cold"})).unwrap();
+    crate::compat::vm::stop(&h.app, &TaskCtx::detached("/vm/stop"), stop).await.unwrap();
+    assert!(copy.is_file(), "a stopped VM keeps its NVRAM");
+    let destroy = crate::wire::decode(&json!({"uuid": clone})).unwrap();
+    crate::compat::vm::destroy(&h.app, &TaskCtx::detached("/vm/destroy"), destroy).await.unwrap();
+    assert!(!copy.exists() && !h.app.vms.is_known(clone));
+    assert!(nvram.is_file(), "the source keeps its own");
+}
+
+#[tokio::test]
+async fn uefi_is_refused_without_its_firmware_files_or_on_pc_with_secure_boot() {
+    let h = TestHost::start();
+    std::fs::remove_file(&h.app.config.uefi.secure_vars).unwrap();
+    let before = h.files();
+    let vm = uuid();
+    let body = uefi_create(&h, &vm, "uefi-secure").await;
+    let e = crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap_err();
+    let missing = h.app.config.uefi.secure_vars.display().to_string();
+    assert!(e.to_string().contains(&missing) && e.to_string().contains("ovmf"), "{e}");
+    assert!(!h.app.vms.is_known(&vm));
+    let made: Vec<_> =
+        (h.files().into_iter()).filter(|f| !before.contains(f) && !f.starts_with(h.root.join("imagecache"))).collect();
+    assert!(made.is_empty(), "a refused create makes nothing: {made:?}");
+
+    let mut body = uefi_create(&h, &vm, "uefi-secure").await;
+    body["vm"]["machineType"] = json!("pc");
+    let e = crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap_err();
+    assert!(e.to_string().contains("q35"), "{e}");
+    let mut body = uefi_create(&h, &vm, "uefi").await;
+    body["firmware"] = json!("efi");
+    assert!(decode_native::<crate::wire::native::CreateVmCmd>(&body).unwrap_err().to_string().contains("firmware"));
+}
+
+#[tokio::test]
+async fn a_uefi_create_and_clone_killed_at_any_point_leave_no_nvram_behind() {
+    let (mut h, _, image) = kill_host().await;
+    let kills = kill_at_every_point(&mut h, "/vm/create", |app, ctx| {
+        let vm = uuid();
+        let root = app.storage.roots().roots()[0].join(format!("k/{vm}/root.qcow2"));
+        let body = json!({
+            "vm": {"vmInstanceUuid": vm, "vmName": "k", "memory": 67108864, "cpuNum": 1},
+            "rootVolume": {"volumeUuid": uuid(), "installPath": root.display().to_string(), "imagePath": image.clone()},
+            "firmware": "uefi",
+        });
+        async move { value(crate::ops::create::create(&app, &ctx, cmd(body)).await) }
+    })
+    .await;
+    assert!(kills >= 7, "{kills} kill points");
+    let vm = uuid();
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(uefi_create(&h, &vm, "uefi").await))
+        .await
+        .unwrap();
+    let kills = kill_at_every_point(&mut h, "/vm/clone", |app, ctx| {
+        let body = json!({"vmUuid": vm, "names": ["c"]});
+        async move { value(crate::ops::clone::clone(&app, &ctx, cmd(body)).await) }
+    })
+    .await;
+    assert!(kills >= 8, "{kills} kill points");
 }
