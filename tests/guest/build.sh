@@ -21,7 +21,7 @@
 #  append='off'/><target port='0'/></serial> + <console type='pty'><target type='serial' port='0'/>)
 # Cmdline parameters (see tests/guest/init): kvmagent.offsets=<byte offsets, comma-separated,
 # default 0>, kvmagent.disks=<N to wait for>, kvmagent.wait=<max s, default 10>, kvmagent.debug=1,
-# kvmagent.efivar=<NAME> (UEFI: writes an EFI variable, prints KVMAGENT-EFIVAR).
+# kvmagent.efivar=<NAME> (UEFI: writes an EFI variable, prints KVMAGENT-SECUREBOOT and -EFIVAR).
 #
 # Serial output:
 #   KVMAGENT-GUEST-BOOTED
