@@ -44,18 +44,12 @@ pub enum Source {
 }
 
 /// Locks the VM and its target volumes, checks that nothing is in the way, and makes the VM.
-pub async fn create_vm(
-    app: &App,
-    ctx: &TaskCtx,
-    spec: &VmSpec,
-    sources: &[Source],
-    strategy: Strategy,
-) -> AgentResult<VmInstanceInventory> {
-    let vm = app.vms.lock(&spec.uuid).await?;
-    let paths: Vec<String> = spec.volumes.iter().map(|v| v.install_path().clone()).collect();
+pub async fn create_vm(app: &App, ctx: &TaskCtx, new: NewVm<'_>) -> AgentResult<VmInstanceInventory> {
+    let vm = app.vms.lock(&new.spec.uuid).await?;
+    let paths: Vec<String> = new.spec.volumes.iter().map(|v| v.install_path().clone()).collect();
     let _volume_locks = app.volume_locks.write_all(&paths).await?;
-    check_targets(app, ctx, spec).await?;
-    make(app, ctx, &vm, NewVm { spec, sources, tpm_from: None, nvram_from: None, strategy }).await
+    check_targets(app, ctx, new.spec).await?;
+    make(app, ctx, &vm, new).await
 }
 
 /// Everything that can be known before making anything: the VM has no domain here, every

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::assemble::{self, Source};
+use super::assemble::{self, NewVm, Source};
 use super::capture::{self, capture, Freeze};
 use super::derived;
 use super::undo::{UndoLog, UndoStep};
@@ -262,5 +262,7 @@ pub async fn create_from(app: &App, ctx: &TaskCtx, cmd: CreateFromBackupCmd) -> 
             Ok(Source::Restore { chain_top: top.clone() })
         })
         .collect::<AgentResult<Vec<_>>>()?;
-    assemble::create_vm(app, ctx, &spec, &sources, cmd.target.strategy).await
+    // Backups hold the volumes only: a fresh TPM and NVRAM.
+    let new = NewVm { spec: &spec, sources: &sources, tpm_from: None, nvram_from: None, strategy: cmd.target.strategy };
+    assemble::create_vm(app, ctx, new).await
 }

@@ -1,7 +1,7 @@
 //! Native `/vm/create`: root volume (thin overlay on a cached image, thick copy, or empty), data
 //! volumes, then the domain per strategy — all or nothing (see [`super::assemble`]).
 
-use super::assemble::{self, Source};
+use super::assemble::{self, NewVm, Source};
 use super::volumes;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
@@ -64,5 +64,6 @@ pub async fn create(app: &App, ctx: &TaskCtx, cmd: CreateVmCmd) -> AgentResult<V
                 .map(|d| Source::Empty { size: d.size, provisioning: self::provisioning(d.provisioning) }),
         )
         .collect();
-    assemble::create_vm(app, ctx, &spec, &sources, cmd.strategy).await
+    let new = NewVm { spec: &spec, sources: &sources, tpm_from: None, nvram_from: None, strategy: cmd.strategy };
+    assemble::create_vm(app, ctx, new).await
 }

@@ -74,7 +74,8 @@ pub async fn make(app: &App, spec: &VmSpec, from: Option<&Path>, undo: &mut Undo
         .map_err(|e| e.context("step 'make NVRAM' failed"))
 }
 
-fn copy_into_place(src: &Path, dst: &Path) -> AgentResult<()> {
+/// Copies the store `src` to `dst` (which must not exist), built beside and linked into place.
+pub fn copy_into_place(src: &Path, dst: &Path) -> AgentResult<()> {
     if let Some(dir) = dst.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| AgentError::failed("cannot create the NVRAM directory", format!("{}: {e}", dir.display())))?;

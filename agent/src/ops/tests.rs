@@ -690,3 +690,40 @@ async fn a_uefi_create_and_clone_killed_at_any_point_leave_no_nvram_behind() {
     .await;
     assert!(kills >= 8, "{kills} kill points");
 }
+
+#[tokio::test]
+async fn a_snapshot_group_keeps_the_nvram_and_tpm_state_a_vm_made_from_it_starts_with() {
+    let h = TestHost::start();
+    let vm = uuid();
+    let mut body = uefi_create(&h, &vm, "uefi").await;
+    body["tpm"] = json!({"enable": true});
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap();
+    let nvram = h.nvram(&vm).await.unwrap();
+    std::fs::write(&nvram, b"at the instant").unwrap();
+    let tpm = crate::ops::tpm::state_dir(&h.app.config.libvirt.swtpm_dir, &vm).join("tpm2");
+    std::fs::create_dir_all(&tpm).unwrap();
+    std::fs::write(tpm.join("tpm2-00.permall"), b"sealed at the instant").unwrap();
+
+    let ctx = TaskCtx::detached("/vm/snapshotgroup/take");
+    let group = crate::ops::snapshot_group::take(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap();
+    std::fs::write(&nvram, b"later").unwrap();
+    std::fs::write(tpm.join("tpm2-00.permall"), b"later").unwrap();
+
+    let body = json!({"groupUuid": group.group_uuid, "vm": {"vmName": "restored"}});
+    let ctx = TaskCtx::detached("/vm/createfromsnapshot");
+    let inv = crate::ops::snapshot_group::create_from(&h.app, &ctx, cmd(body)).await.unwrap();
+    let restored = serde_json::to_value(&inv).unwrap()["uuid"].as_str().unwrap().to_owned();
+    let restored_nvram = h.nvram(&restored).await.unwrap();
+    assert_ne!(restored_nvram, nvram);
+    assert_eq!(std::fs::read(&restored_nvram).unwrap(), b"at the instant");
+    let restored_tpm = crate::ops::tpm::state_dir(&h.app.config.libvirt.swtpm_dir, &restored).join("tpm2");
+    assert_eq!(std::fs::read(restored_tpm.join("tpm2-00.permall")).unwrap(), b"sealed at the instant");
+
+    // Another firmware: a fresh store.
+    let body = json!({"groupUuid": group.group_uuid, "vm": {"vmName": "secure", "machineType": "q35"}, "firmware": "uefi-secure"});
+    let ctx = TaskCtx::detached("/vm/createfromsnapshot");
+    let inv = crate::ops::snapshot_group::create_from(&h.app, &ctx, cmd(body)).await.unwrap();
+    let secure = serde_json::to_value(&inv).unwrap()["uuid"].as_str().unwrap().to_owned();
+    assert_eq!(std::fs::read(h.nvram(&secure).await.unwrap()).unwrap(), b"VARS.ms.fd");
+    assert_consistent(&h).await;
+}
