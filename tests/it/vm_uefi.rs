@@ -56,8 +56,15 @@ fn clone_uuid(r: &Value) -> String {
     r["inventories"][0]["inventory"]["uuid"].as_str().unwrap_or_else(|| panic!("no clone: {r}")).to_owned()
 }
 
+/// What the guest writes into its variable: its SMBIOS serial number (a clone has its own).
 fn efivar_content(vm: &str) -> Vec<u8> {
-    format!("kvmagent-serial-{vm}").into_bytes()
+    let xml = dumpxml(vm).unwrap();
+    let doc = roxmltree::Document::parse(&xml).unwrap();
+    let serial = (doc.descendants())
+        .find(|n| n.has_tag_name("entry") && n.attribute("name") == Some("serial"))
+        .and_then(|n| n.text())
+        .unwrap_or_else(|| panic!("VM {vm} has no SMBIOS serial: {xml}"));
+    format!("kvmagent-{serial}").into_bytes()
 }
 
 #[tokio::test]
@@ -89,6 +96,7 @@ async fn a_secure_boot_vm_with_tpm_boots_and_its_clone_keeps_its_own_nvram() {
     assert!(console.contains("KVMAGENT-SECUREBOOT 1"), "the guest runs with Secure Boot on: {console}");
     assert!(console.contains("KVMAGENT-TPM tpm0"), "the guest sees its TPM: {console}");
     let line = format!("KVMAGENT-EFIVAR {} kvmagent-serial-{vm}", EFIVAR.0);
+    assert_ne!(efivar_content(&clone), efivar_content(&vm), "the clone has its own serial");
     assert!(console.contains(&line), "the guest wrote its variable: {console}");
     assert_eq!(efi_variable(&nvram, EFIVAR).unwrap(), Some(efivar_content(&vm)), "in the source's NVRAM");
     assert_eq!(efi_variable(&clone_nvram, EFIVAR).unwrap(), None, "the clone, made before, does not see it");
