@@ -300,6 +300,9 @@ impl Config {
         if self.server.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
             return Err("server.token is empty".into());
         }
+        if let Some(d) = self.uefi.nvram_dir.as_ref().filter(|d| !d.is_absolute()) {
+            return Err(format!("uefi.nvram_dir {} must be an absolute path", d.display()));
+        }
         if !self.state_dir.is_absolute() {
             return Err("state_dir must be an absolute path".into());
         }

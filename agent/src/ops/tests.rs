@@ -727,3 +727,22 @@ async fn a_snapshot_group_keeps_the_nvram_and_tpm_state_a_vm_made_from_it_starts
     assert_eq!(std::fs::read(h.nvram(&secure).await.unwrap()).unwrap(), b"VARS.ms.fd");
     assert_consistent(&h).await;
 }
+
+#[tokio::test]
+async fn change_image_keeps_the_nvram_of_a_uefi_vm() {
+    let h = TestHost::start();
+    let vm = uuid();
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(uefi_create(&h, &vm, "uefi").await))
+        .await
+        .unwrap();
+    h.app.libvirt.destroy(&vm).await.unwrap();
+    let nvram = h.nvram(&vm).await.unwrap();
+    std::fs::write(&nvram, b"boot entries").unwrap();
+    let image = h.image("other", 8 << 20).await;
+    let c = cmd(json!({"vmUuid": vm, "imagePath": image}));
+    crate::ops::change_image::change_image(&h.app, &TaskCtx::detached("/vm/changeimage"), c).await.unwrap();
+    assert_eq!(h.nvram(&vm).await, Some(nvram.clone()));
+    assert_eq!(std::fs::read(&nvram).unwrap(), b"boot entries");
+    assert!(h.hv.domain(&vm).unwrap().xml.contains(&format!("<nvram>{}</nvram>", nvram.display())));
+    assert_consistent(&h).await;
+}
