@@ -746,3 +746,19 @@ async fn change_image_keeps_the_nvram_of_a_uefi_vm() {
     assert!(h.hv.domain(&vm).unwrap().xml.contains(&format!("<nvram>{}</nvram>", nvram.display())));
     assert_consistent(&h).await;
 }
+
+#[tokio::test]
+async fn a_uefi_vm_on_rbd_keeps_its_nvram_in_the_first_storage_root() {
+    let (h, _, body) = rbd_host().await;
+    let (vm, clone) = (uuid(), uuid());
+    let mut b = body(&vm);
+    b["firmware"] = json!("uefi");
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(b)).await.unwrap();
+    let nvram = h.nvram(&vm).await.unwrap();
+    assert_eq!(nvram, h.root.join("nvram").join(format!("{vm}.nvram.fd")));
+    assert_eq!(std::fs::read(&nvram).unwrap(), b"VARS.fd");
+    let c = json!({"vmUuid": vm, "clones": [{"uuid": clone}]});
+    let rsp = crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(c)).await.unwrap();
+    assert_eq!(rsp.number_of_cloned_vm, 1, "{:?}", rsp.inventories);
+    assert_eq!(h.nvram(&clone).await.unwrap(), h.root.join("nvram").join(format!("{clone}.nvram.fd")));
+}
