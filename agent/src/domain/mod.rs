@@ -354,6 +354,12 @@ mod tests {
         let spec = validate(&cmd(v)).unwrap();
         assert!(spec.cpu.max.is_some() && spec.nics[0].queues.is_some());
         assert_eq!(StartVmCmd::from_spec(&spec).to_spec().unwrap(), spec);
+        for (boot_mode, secure, machine) in [("UEFI", false, "pc"), ("UEFI_WITH_CSM", true, "")] {
+            let mut v = fixture();
+            (v["bootMode"], v["secureBoot"], v["machineType"]) = (json!(boot_mode), json!(secure), json!(machine));
+            let spec = validate(&cmd(v)).unwrap();
+            assert_eq!(StartVmCmd::from_spec(&spec).to_spec().unwrap(), spec, "{boot_mode} {secure}");
+        }
     }
 
     #[test]
