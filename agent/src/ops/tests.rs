@@ -762,3 +762,37 @@ async fn a_uefi_vm_on_rbd_keeps_its_nvram_in_the_first_storage_root() {
     assert_eq!(rsp.number_of_cloned_vm, 1, "{:?}", rsp.inventories);
     assert_eq!(h.nvram(&clone).await.unwrap(), h.root.join("nvram").join(format!("{clone}.nvram.fd")));
 }
+
+/// Restores point `point` of backup group `group` into a new VM; answers its NVRAM's content.
+async fn restored_nvram(h: &TestHost, group: &str, point: usize) -> AgentResult<Vec<u8>> {
+    let body = json!({"groupUuid": group, "point": point, "vm": {"vmName": format!("restored-{point}")}});
+    let ctx = TaskCtx::detached("/vm/createfrombackup");
+    let inv = crate::ops::backup::create_from(&h.app, &ctx, cmd(body)).await?;
+    let vm = serde_json::to_value(&inv).unwrap()["uuid"].as_str().unwrap().to_owned();
+    Ok(std::fs::read(h.nvram(&vm).await.unwrap()).unwrap())
+}
+
+#[tokio::test]
+async fn a_backup_keeps_the_nvram_of_its_point_and_a_restore_starts_with_it() {
+    let h = TestHost::start();
+    let vm = uuid();
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(uefi_create(&h, &vm, "uefi").await))
+        .await
+        .unwrap();
+    let nvram = h.nvram(&vm).await.unwrap();
+    let ctx = || TaskCtx::detached("/vm/backup");
+    std::fs::write(&nvram, b"point 0").unwrap();
+    let rsp = crate::ops::backup::backup(&h.app, &ctx(), cmd(json!({"vmUuid": vm}))).await.unwrap();
+    std::fs::write(&nvram, b"later").unwrap();
+    let group = rsp.group_uuid.clone();
+    assert_eq!(restored_nvram(&h, &group, 0).await.unwrap(), b"point 0");
+    // Another group, another instant (the fake qemu-img cannot make incremental points).
+    let rsp = crate::ops::backup::backup(&h.app, &ctx(), cmd(json!({"vmUuid": vm}))).await.unwrap();
+    assert_eq!(restored_nvram(&h, &rsp.group_uuid, 0).await.unwrap(), b"later");
+
+    // A store that no longer matches the manifest is refused.
+    std::fs::write(PathBuf::from(&rsp.group_path).join("nvram/0.fd"), b"tampered").unwrap();
+    let group = rsp.group_uuid.clone();
+    let e = restored_nvram(&h, &group, 0).await.unwrap_err();
+    assert!(e.to_string().contains("nvram/0.fd"), "{e}");
+}

@@ -218,8 +218,8 @@ pub struct NewVmTarget {
     /// How the VM reaches RBD volumes, when they go to Ceph.
     #[serde(default)]
     pub ceph: Option<CephAccess>,
-    /// `bios`, `uefi` or `uefi-secure`; by default the source's. From a snapshot group with the
-    /// source's firmware the new VM gets a copy of the group's NVRAM; otherwise a fresh one.
+    /// `bios`, `uefi` or `uefi-secure`; by default the source's. With the source's firmware the
+    /// new VM gets a copy of the NVRAM the group or backup point kept; otherwise a fresh one.
     #[serde(default)]
     pub firmware: Option<Firmware>,
 }
