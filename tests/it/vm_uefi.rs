@@ -101,6 +101,19 @@ async fn a_secure_boot_vm_with_tpm_boots_and_its_clone_keeps_its_own_nvram() {
     assert_eq!(efi_variable(&nvram, EFIVAR).unwrap(), Some(efivar_content(&vm)), "in the source's NVRAM");
     assert_eq!(efi_variable(&clone_nvram, EFIVAR).unwrap(), None, "the clone, made before, does not see it");
 
+    // A snapshot group and a backup keep the store as it is now: VMs made from them have the
+    // variable in their own copies.
+    let g = h.call_ok("/vm/snapshotgroup/take", &json!({"vmUuid": vm})).await.unwrap();
+    let body = json!({"groupUuid": g["groupUuid"], "vm": {"vmName": "from-group"}, "strategy": "CreateStopped"});
+    let b = h.call_ok("/vm/backup", &json!({"vmUuid": vm})).await.unwrap();
+    let restore = json!({"groupUuid": b["groupUuid"], "vm": {"vmName": "from-backup"}, "strategy": "CreateStopped"});
+    for (path, body) in [("/vm/createfromsnapshot", body), ("/vm/createfrombackup", restore)] {
+        let made = h.call_ok(path, &body).await.unwrap()["uuid"].as_str().unwrap().to_owned();
+        h.track_vm(&made);
+        let made_nvram = nvram_of(&made, Path::new(&h.recorded_paths(&made).unwrap()[0]));
+        assert_eq!(efi_variable(&made_nvram, EFIVAR).unwrap(), Some(efivar_content(&vm)), "{path}");
+    }
+
     // The clone boots the same way from its own store, and writes its own variable there.
     let console = boot(&h, &clone).await;
     assert!(console.contains("KVMAGENT-SECUREBOOT 1") && console.contains("KVMAGENT-TPM tpm0"), "{console}");
