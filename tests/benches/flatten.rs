@@ -7,6 +7,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use kvmagent_host_tests::bench::result_line;
 use kvmagent_host_tests::checks::{qemu_img, qemu_img_info, qemu_io_fill};
 use kvmagent_host_tests::Host;
 use serde_json::json;
@@ -120,4 +121,6 @@ async fn main() {
         added,
         (predicted as f64 - added as f64).abs() * 100.0 / added as f64
     );
+    result_line("flatten-offline-vs-convert", agent, baseline);
+    result_line("flatten-offline-vs-convert-fsync", agent, baseline_durable);
 }

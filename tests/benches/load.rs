@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use kvmagent_host_tests::bench::result_line;
 use kvmagent_host_tests::images::BaseImage;
 use kvmagent_host_tests::{load, Host};
 
@@ -33,4 +34,5 @@ async fn main() {
     }
     println!("sequential baseline: {sequential:.2?} ({:.2} ms/command)", per(sequential));
     println!("ratio: {:.2}x", sequential.as_secs_f64() / concurrent.elapsed.as_secs_f64());
+    result_line(&format!("load-{n}-commands"), concurrent.elapsed, sequential);
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Starts a real single-node Ceph cluster (1 mon + 1 OSD, cephx on, everything on 127.0.0.1) for
-# the RBD tests, installing Ceph from Debian's packages if missing. No systemd, no mgr (rbd work
-# does not need one). Prints the environment the tests read; `tests/ceph/stop.sh` removes it all.
+# Starts a real single-node Ceph cluster (1 mon + 1 OSD + 1 mgr, cephx on, everything on 127.0.0.1)
+# for the RBD tests, installing Ceph from Debian's packages if missing. No systemd. rbd work needs
+# no mgr; the capacity the agent reports (`ceph df`) does. Prints the environment the tests read; `tests/ceph/stop.sh` removes it all.
 #
 # Usage: tests/ceph/start.sh [STATE_DIR]     (default /var/tmp/kvmagent-ceph)
 # Writes STATE_DIR/ceph.conf, STATE_DIR/ceph.client.admin.keyring and STATE_DIR/env with
@@ -19,7 +19,7 @@ ceph_() { timeout 30 ceph -c "$dir/ceph.conf" "$@"; }
 
 install_packages() {
     local need=()
-    for bin in ceph-mon ceph-osd ceph rbd monmaptool ceph-authtool; do
+    for bin in ceph-mon ceph-osd ceph-mgr ceph rbd monmaptool ceph-authtool; do
         command -v "$bin" >/dev/null 2>&1 || need+=("$bin")
     done
     # qemu's rbd driver must match the installed QEMU (backports).
@@ -32,9 +32,9 @@ install_packages() {
     qemu_ver=$(dpkg-query -W -f='${Version}' qemu-system-common 2>/dev/null || true)
     local extra=qemu-block-extra
     [ -n "$qemu_ver" ] && extra="qemu-block-extra=$qemu_ver"
-    apt-get install -y -q -o DPkg::Lock::Timeout=300 --no-install-recommends ceph-mon ceph-osd ceph-common "$extra" \
+    apt-get install -y -q -o DPkg::Lock::Timeout=300 --no-install-recommends ceph-mon ceph-osd ceph-mgr ceph-common "$extra" \
         || { apt-get -q -o DPkg::Lock::Timeout=300 update && \
-             apt-get install -y -q -o DPkg::Lock::Timeout=300 --no-install-recommends ceph-mon ceph-osd ceph-common "$extra"; }
+             apt-get install -y -q -o DPkg::Lock::Timeout=300 --no-install-recommends ceph-mon ceph-osd ceph-mgr ceph-common "$extra"; }
     rm -rf "$TMPDIR"
 }
 
@@ -101,6 +101,20 @@ CONF
     ceph_ osd pool create "$pool" 8 8 >/dev/null
     timeout 60 rbd -c "$dir/ceph.conf" pool init "$pool"
 fi
+
+# The mgr: usage statistics (`ceph df`) come from it. Started when missing, also on a reused cluster.
+mgr_running() { pgrep -f "ceph-mgr -c $dir/ceph.conf" >/dev/null; }
+if ! mgr_running; then
+    mkdir -p "$dir/mgr"
+    ceph_ auth get-or-create mgr.x mon 'allow profile mgr' osd 'allow *' mds 'allow *' > "$dir/mgr/keyring"
+    ceph-mgr -c "$dir/ceph.conf" -i x --keyring "$dir/mgr/keyring" --mgr-data "$dir/mgr"
+fi
+for _ in $(seq 120); do
+    ceph_ df --format json 2>/dev/null | grep -q '"total_bytes":[1-9]' && break
+    sleep 0.5
+done
+ceph_ df --format json | grep -q '"total_bytes":[1-9]' \
+    || { echo "ceph/start.sh: the mgr reports no usage; see $dir/log" >&2; exit 1; }
 
 cat > "$dir/env" <<ENV
 CEPH_CONF=$dir/ceph.conf

@@ -5,7 +5,7 @@ set -uo pipefail
 dir=${1:-/var/tmp/kvmagent-ceph}
 [ -d "$dir" ] || exit 0
 # The daemons are found by the config file they were started with.
-pattern="ceph-(mon|osd) -c $dir/ceph.conf"
+pattern="ceph-(mon|osd|mgr) -c $dir/ceph.conf"
 pkill -f "$pattern" 2>/dev/null
 for _ in $(seq 50); do pgrep -f "$pattern" >/dev/null || break; sleep 0.2; done
 pkill -9 -f "$pattern" 2>/dev/null

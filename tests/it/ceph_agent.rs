@@ -104,12 +104,13 @@ async fn the_management_nodes_ceph_sequence_on_the_ceph_agent_port() {
     let r = h.call_at(PORT, "/ceph/primarystorage/connect", &mn(json!({}))).await.unwrap();
     let c: CephAgentResponse = decode(&r).unwrap();
     assert!(c.base.success, "{r}");
-    // The capacity the cluster reports (usage statistics need a ceph-mgr; the test cluster may
-    // run without one, and then reports none).
+    // The capacity the cluster reports (tests/ceph/start.sh runs a mgr, which `ceph df` needs).
     let df: Value = serde_json::from_str(&ceph_cli(&["df", "--format", "json"])).unwrap();
     let total = df["stats"]["total_bytes"].as_i64().filter(|t| *t > 0);
+    assert!(total.is_some(), "the test cluster reports its size: {df}");
     assert_eq!(c.total_capacity, total, "{r}");
-    assert_eq!(c.available_capacity.is_some(), total.is_some(), "{r}");
+    let available = c.available_capacity.expect("availableCapacity");
+    assert!(available > 0 && Some(available) <= total, "{r}");
 
     // The monitor as the MN knows it (`monAddr:monPort`); tests/ceph/start.sh's v1 port.
     let port = std::env::var("KVMAGENT_CEPH_MON_PORT").unwrap_or_else(|_| "6789".into());

@@ -19,7 +19,7 @@ use kvmagent_host_tests::{record_volumes, uuid, Host, Rng};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
-const KINDS: [&str; 10] = [
+const KINDS: [&str; 11] = [
     "create",
     "clone",
     "changeimage",
@@ -30,6 +30,7 @@ const KINDS: [&str; 10] = [
     "backup",
     "download",
     "merge",
+    "ls-create",
 ];
 
 /// What one round must find afterwards.
@@ -44,11 +45,15 @@ enum Expect {
     /// A flatten always ends done (resumed after the kill): the root stands alone and reads as
     /// `reference` did.
     Flat { vm: String, root: PathBuf, reference: PathBuf },
-    /// An image download (`/image/cache`): the target holds the source's bytes, or is not there.
+    /// An image download (`/image/cache`): the target holds the source's bytes, or is not there
+    /// (and is there after a success).
     Downloaded { target: PathBuf, sha: String },
     /// A volume from a snapshot (`/localstorage/snapshot/merge`): the workspace file reads as
     /// the snapshot, or is not there; the snapshot is never written.
     Merged { workspace: PathBuf, snapshot: PathBuf, snapshot_sha: String },
+    /// A new volume at a name of the agent's choosing (snapshot revert, reinit): `dir` holds one
+    /// file more than `before` exactly when the command succeeded.
+    NewFileIn { dir: PathBuf, before: Vec<PathBuf> },
 }
 
 struct Setup {
@@ -119,6 +124,43 @@ async fn round(h: &Host, s: &Setup, kind: &str, rng: &mut Rng) -> (&'static str,
             let workspace = h.path(&format!("snapshotWorkspace/{id}/{id}.qcow2"));
             let cmd = json!({"snapshotInstallPath": snapshot, "workspaceInstallPath": workspace, "volumeUuid": id});
             ("/localstorage/snapshot/merge", cmd, Expect::Merged { workspace, snapshot, snapshot_sha })
+        }
+        "ls-create" => {
+            // ZStack's local-storage creates, thin and quick: the kill lands before, during or
+            // after the new volume is in place, or after the task's result is recorded.
+            let (id, target) = root_volume_path(h);
+            let base = s.base.path.to_str().unwrap();
+            let dir = target.parent().unwrap().to_path_buf();
+            std::fs::create_dir_all(&dir).unwrap();
+            let made = dir.join("made.qcow2");
+            qemu_img(&["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", made.to_str().unwrap()]).unwrap();
+            let before = vec![made.clone()];
+            let all_or_nothing = |path: &'static str, cmd: Value| {
+                let paths = vec![target.display().to_string()];
+                (path, cmd, Expect::AllOrNothing { paths, domains: Vec::new(), defined: false })
+            };
+            match rng.below(5) {
+                0 => all_or_nothing(
+                    "/localstorage/volume/createvolumefromcache",
+                    json!({"templatePathInCache": base, "installUrl": target, "volumeUuid": id}),
+                ),
+                1 => all_or_nothing(
+                    "/localstorage/volume/createempty",
+                    json!({"installUrl": target, "size": 64 * MIB, "volumeUuid": id, "backingFile": made}),
+                ),
+                2 => all_or_nothing(
+                    "/localstorage/volume/createwithbacking",
+                    json!({"templatePathInCache": made, "installPath": target, "volumeUuid": id}),
+                ),
+                3 => {
+                    let cmd = json!({"snapshotInstallPath": made, "volumeUuid": id});
+                    ("/localstorage/snapshot/revert", cmd, Expect::NewFileIn { dir, before })
+                }
+                _ => {
+                    let cmd = json!({"imagePath": base, "volumePath": made});
+                    ("/localstorage/reinit/image", cmd, Expect::NewFileIn { dir, before })
+                }
+            }
         }
         "create" => {
             let vm = uuid();
@@ -251,13 +293,10 @@ fn check(h: &Host, s: &Setup, result: &Value, expect: &Expect) {
             assert!(same.contains("identical"), "{same}");
         }
         Expect::Downloaded { target, sha } => {
-            assert_eq!(
-                target.exists(),
-                ok,
-                "{} exists exactly when the download succeeded: {result}",
-                target.display()
-            );
-            if ok {
+            // A download killed after the verified image was published keeps it (the task is
+            // reported interrupted; the retry answers with the image at once): never a partial one.
+            assert!(!ok || target.exists(), "{} is there after a success: {result}", target.display());
+            if target.exists() {
                 assert_eq!(&file_sha256(target).unwrap(), sha, "bit-identical to the source");
             }
         }
@@ -275,6 +314,13 @@ fn check(h: &Host, s: &Setup, result: &Value, expect: &Expect) {
                 assert!(same.contains("identical"), "{same}");
             }
             assert_eq!(&file_sha256(snapshot).unwrap(), snapshot_sha, "the snapshot was not written");
+        }
+        Expect::NewFileIn { dir, before } => {
+            let new: Vec<PathBuf> = files(dir).into_iter().filter(|f| !before.contains(f)).collect();
+            assert_eq!(new.len(), usize::from(ok), "new files in {}: {new:?}: {result}", dir.display());
+            if ok {
+                assert_eq!(result["newVolumeInstallPath"].as_str(), new[0].to_str(), "{result}");
+            }
         }
     }
     let all = files(&h.path(""));
@@ -365,7 +411,9 @@ async fn kill_the_agent_at_random_moments() {
     for i in 0..rounds {
         let kind = kinds[i % kinds.len()].as_str();
         let (path, cmd, expect) = round(&h, &s, kind, &mut rng).await;
-        let delay = Duration::from_millis(rng.next_u64() % 600);
+        // The quick local-storage creates take milliseconds: they are killed within their first 100.
+        let window = if kind == "ls-create" { 100 } else { 600 };
+        let delay = Duration::from_millis(rng.next_u64() % window);
         let task = h.send(path, &cmd).await.unwrap();
         tokio::time::sleep(delay).await;
         h.kill_agent().unwrap();

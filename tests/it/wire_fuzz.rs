@@ -3,8 +3,9 @@
 //! path tricks, arrays for objects, unknown and missing fields, bad headers), sent in bursts,
 //! with replays of earlier task ids. After each burst: the agent answers, every accepted task
 //! got exactly one result (one more per replay), memory and the state directory stay bounded,
-//! and no file, domain or libvirt secret exists that no successful command named. (The fuzzed
-//! agent has no Ceph cluster: every RBD command fails, so no image can be left.)
+//! and no file, domain, libvirt secret or RBD image exists that no successful command named.
+//! The fuzzed agent has the test Ceph cluster: the Ceph paths' commands name images `fz-<uuid>`
+//! and read a source image the test made.
 //!
 //! CI runs a fixed seed (`KVMAGENT_FUZZ_REQUESTS`, default 2000); `KVMAGENT_FUZZ_SEED` picks
 //! another, e.g. `KVMAGENT_FUZZ_REQUESTS=20000 KVMAGENT_FUZZ_SEED=7 cargo test -p
@@ -14,6 +15,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kvmagent_host_tests::ceph;
 use kvmagent_host_tests::checks::{rss, tree_size};
 use kvmagent_host_tests::images::BaseImage;
 use kvmagent_host_tests::{agent_binary, uuid, Host, Rng};
@@ -91,10 +93,34 @@ fn remove_secrets() {
     }
 }
 
+/// What the commands work on: the storage root, a cached image, an RBD image with a protected
+/// snapshot `s` (`pool/name`), the fixture VM and a uuid for VMs the commands make.
+struct Targets {
+    root: String,
+    image: String,
+    rbd_source: String,
+    vm: String,
+    other_vm: String,
+}
+
 /// A command that would work on each path, from which mutations start.
-fn template(path: &str, root: &str, image: &str, vm: &str, other_vm: &str) -> Value {
+fn template(path: &str, t: &Targets) -> Value {
     let u = uuid();
+    let Targets { root, image, rbd_source, vm, other_vm } = t;
+    let new_image = format!("ceph://rbd/fz-{u}");
     match path {
+        "/ceph/primarystorage/volume/createempty" => json!({"installPath": new_image, "size": MIB}),
+        "/ceph/primarystorage/volume/clone" => {
+            json!({"srcPath": format!("ceph://{rbd_source}@s"), "dstPath": new_image})
+        }
+        "/ceph/primarystorage/volume/cp" => json!({"srcPath": format!("ceph://{rbd_source}"), "dstPath": new_image}),
+        "/ceph/primarystorage/snapshot/create" | "/ceph/primarystorage/snapshot/protect" => {
+            json!({"snapshotPath": format!("ceph://{rbd_source}@fz-{u}")})
+        }
+        "/ceph/primarystorage/delete" => json!({"installPath": new_image}),
+        "/ceph/primarystorage/volume/flatten" | "/ceph/primarystorage/getvolumesize" => {
+            json!({"installPath": format!("ceph://{rbd_source}")})
+        }
         "/localstorage/volume/createempty" => {
             json!({"installUrl": format!("{root}/fz/{u}/{u}.qcow2"), "size": MIB, "volumeUuid": u})
         }
@@ -151,9 +177,14 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
     println!("wire fuzz: {requests} requests, KVMAGENT_FUZZ_SEED={seed}");
     let mut rng = Rng(seed | 1);
     remove_secrets();
-    let h = Host::start().await.unwrap();
+    let h = Host::start_with(&ceph::agent_config()).await.unwrap();
     let root = h.root.display().to_string();
     let image = BaseImage::create(&h, 4 * MIB).unwrap().path.display().to_string();
+    let rbd_source = format!("rbd/fzsrc-{}", uuid());
+    ceph::rbd(&["create", "--size", "4", &rbd_source]).unwrap();
+    ceph::rbd(&["snap", "create", &format!("{rbd_source}@s")]).unwrap();
+    ceph::rbd(&["snap", "protect", &format!("{rbd_source}@s")]).unwrap();
+    let made = ceph::MadeImages(vec![rbd_source.clone()]);
     let (vm, other_vm) = (uuid(), uuid());
     h.track_vm(&vm);
     h.track_vm(&other_vm);
@@ -162,6 +193,7 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
         "rootVolume": {"volumeUuid": uuid(), "installPath": format!("{root}/fixture/root.qcow2"), "imagePath": image},
         "strategy": "JustCreate"});
     h.call_ok("/vm/create", &fixture).await.unwrap();
+    let targets = Targets { root: root.clone(), image, rbd_source, vm: vm.clone(), other_vm: other_vm.clone() };
 
     let out = std::process::Command::new(agent_binary()).arg("paths").output().unwrap();
     let paths: Vec<String> = String::from_utf8_lossy(&out.stdout)
@@ -182,6 +214,7 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
     let mut elsewhere: Vec<(String, Value)> = Vec::new();
     let (mut touched, mut fresh): (Vec<String>, Vec<(String, Value)>) = (Vec::new(), Vec::new());
     let cb = h.callbacks.url();
+    let mut rbd_images_seen = BTreeSet::new();
 
     let mut done = 0;
     while done < requests {
@@ -196,7 +229,7 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
                 continue;
             }
             let path = rng.pick(&paths).clone();
-            let mut body = template(&path, &root, &image, &vm, &other_vm);
+            let mut body = template(&path, &targets);
             for _ in 0..rng.below(3) {
                 mutate(&mut rng, &mut body, &root);
             }
@@ -301,7 +334,19 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
                 assert!(named.contains(secret), "secret {secret} exists, but no successful command named it");
             }
         }
+        for image in ceph::images("rbd").into_iter().filter(|i| i.starts_with("fz-")) {
+            let url = format!("ceph://rbd/{image}");
+            assert!(named.contains(&url), "RBD image {url} exists, but no successful command named it");
+            rbd_images_seen.insert(url);
+        }
     }
+    let fuzzed = ceph::images("rbd").into_iter().filter(|i| i.starts_with("fz-")).map(|i| format!("rbd/{i}"));
+    drop(ceph::MadeImages(fuzzed.collect()));
+    drop(made);
     remove_secrets();
-    println!("wire fuzz: {done} requests, {} accepted tasks, agent sound", expected.len());
+    println!(
+        "wire fuzz: {done} requests, {} accepted tasks, {} RBD images made, agent sound",
+        expected.len(),
+        rbd_images_seen.len()
+    );
 }

@@ -82,3 +82,15 @@ pub fn remove_all(spec: &str) {
     let _ = rbd(&["snap", "purge", "--no-progress", spec]);
     let _ = rbd(&["rm", "--no-progress", spec]);
 }
+
+/// The images a test made, removed (with their snapshots) in reverse order when it ends, also
+/// when it fails: clones before their parents.
+pub struct MadeImages(pub Vec<String>);
+
+impl Drop for MadeImages {
+    fn drop(&mut self) {
+        for spec in self.0.iter().rev() {
+            remove_all(spec);
+        }
+    }
+}

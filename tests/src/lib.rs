@@ -5,6 +5,7 @@
 //! These tests need a running libvirtd (`tests/host/libvirtd.sh start`) and the test guest
 //! (`tests/guest/build.sh`); they fail, never skip, when either is missing.
 
+pub mod bench;
 pub mod callbacks;
 pub mod ceph;
 pub mod checks;
@@ -13,6 +14,7 @@ pub mod guest;
 pub mod http_server;
 pub mod images;
 pub mod load;
+pub mod mn;
 pub mod mn_types;
 pub mod sources;
 pub mod sshd;

@@ -26,23 +26,6 @@ async fn describe(app: &App, ctx: &TaskCtx, p: &CephPath) -> AgentResult<ImageRs
     Ok(ImageRsp { install_path: p.to_string(), size, actual_size })
 }
 
-/// The answer about image `p` that this command just made (`made`); should it fail, the image
-/// goes again: a failed command leaves nothing it made.
-async fn answer_made(
-    app: &App,
-    p: &CephPath,
-    made: bool,
-    answer: impl std::future::Future<Output = AgentResult<ImageRsp>>,
-) -> AgentResult<ImageRsp> {
-    let r = answer.await;
-    if r.is_err() && made {
-        if let Err(e) = app.rbd.remove(p, &crate::stop::Stop::new()).await {
-            tracing::error!(image = %p, error = %e, "cannot remove the image a failed command made");
-        }
-    }
-    r
-}
-
 async fn refuse_existing(app: &App, ctx: &TaskCtx, p: &CephPath) -> AgentResult<()> {
     if app.rbd.exists(p, &ctx.stop).await? {
         return Err(AgentError::conflict(format!("{p} already exists; delete it first or choose another path")));
@@ -56,12 +39,15 @@ pub async fn create_empty(app: &App, ctx: &TaskCtx, cmd: CreateEmptyCmd) -> Agen
         return Err(AgentError::invalid("size must be greater than 0"));
     }
     let _lock = app.volume_locks.write_rbd(&p).await;
-    let made = !(cmd.skip_if_existing && app.rbd.exists(&p, &ctx.stop).await?);
-    if made {
-        refuse_existing(app, ctx, &p).await?;
-        app.rbd.create(&p, cmd.size, &ctx.stop).await?;
+    if cmd.skip_if_existing && app.rbd.exists(&p, &ctx.stop).await? {
+        return describe(app, ctx, &p).await;
     }
-    answer_made(app, &p, made, describe(app, ctx, &p)).await
+    refuse_existing(app, ctx, &p).await?;
+    super::journaled_make(app, ctx, &cmd.install_path, async {
+        app.rbd.create(&p, cmd.size, &ctx.stop).await?;
+        describe(app, ctx, &p).await
+    })
+    .await
 }
 
 /// `rbd clone` of a snapshot; a v1-format cluster needs the snapshot protected first, which is
@@ -80,8 +66,8 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CopyCmd) -> AgentResult<ImageR
     if found.protected.as_deref() != Some("true") {
         app.rbd.snap_protect(&src, &ctx.stop).await?;
     }
-    app.rbd.clone_snapshot(&src, &dst, &ctx.stop).await?;
-    answer_made(app, &dst, true, async {
+    super::journaled_make(app, ctx, &cmd.dst_path, async {
+        app.rbd.clone_snapshot(&src, &dst, &ctx.stop).await?;
         // ZStack reports the source's size for a clone.
         let mut rsp = describe(app, ctx, &dst).await?;
         rsp.size = app.rbd.info(&src, &ctx.stop).await?.size.max(rsp.size);
@@ -155,22 +141,24 @@ pub async fn snapshot_delete(app: &App, ctx: &TaskCtx, cmd: SnapshotCmd) -> Agen
     Ok(Empty {})
 }
 
-/// A full, independent copy; a failed copy leaves no destination image.
+/// A full, independent copy; a failed or killed copy leaves no destination image.
 pub async fn copy(app: &App, ctx: &TaskCtx, cmd: CopyCmd) -> AgentResult<ImageRsp> {
     let src = CephPath::parse(&cmd.src_path)?;
     let dst = image(&cmd.dst_path)?;
     let _lock = app.volume_locks.write_rbd(&dst).await;
     app.rbd.info(&src, &ctx.stop).await?;
     refuse_existing(app, ctx, &dst).await?;
-    if let Err(e) = app.rbd.deep_copy(&src, &dst, &ctx.stop).await {
-        if let Err(rm) = app.rbd.remove(&dst, &crate::stop::Stop::new()).await {
-            if !rm.is_not_found() {
-                tracing::error!(image = %dst, error = %rm, "cannot remove the half-made copy");
+    super::journaled_make(app, ctx, &cmd.dst_path, async {
+        app.rbd.deep_copy(&src, &dst, &ctx.stop).await.map_err(|e| {
+            if e.was_stopped() {
+                ctx.stop.error("copying the image")
+            } else {
+                AgentError::from(e)
             }
-        }
-        return Err(if e.was_stopped() { ctx.stop.error("copying the image") } else { e.into() });
-    }
-    describe(app, ctx, &dst).await
+        })?;
+        describe(app, ctx, &dst).await
+    })
+    .await
 }
 
 pub async fn get_size(app: &App, ctx: &TaskCtx, cmd: InstallPathCmd) -> AgentResult<ImageRsp> {

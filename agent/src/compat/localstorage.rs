@@ -7,7 +7,6 @@ use serde::Serialize;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
 use crate::image_cache::{self, ssh::SshSource, Source};
-use crate::ops::undo::UndoLog;
 use crate::qemu_img::CreateOptions;
 use crate::storage::local::{parse_qcow2_options, Existing, FromImage, Provisioning};
 use crate::storage::local_files::disk_usage;
@@ -71,8 +70,12 @@ pub async fn create_volume_from_cache(
         opts: &opts,
         existing: Existing::ReplaceLeftover,
     };
-    let path = app.storage.create_from_image(&cmd.template_path_in_cache, &cmd.install_url, &spec, &ctx.stop).await?;
-    size_of(app, ctx, &path).await
+    super::journaled_make(app, ctx, &cmd.install_url, async {
+        let path =
+            app.storage.create_from_image(&cmd.template_path_in_cache, &cmd.install_url, &spec, &ctx.stop).await?;
+        size_of(app, ctx, &path).await
+    })
+    .await
 }
 
 pub async fn create_empty(
@@ -82,14 +85,17 @@ pub async fn create_empty(
 ) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
     let opts = qcow2_options(cmd.kvm_host_addons.as_ref())?;
     let _lock = app.volume_locks.write(&cmd.install_url).await?;
-    let path = app
-        .storage
-        .create_empty(&cmd.install_url, cmd.size, cmd.backing_file.as_deref(), Provisioning::Thin, opts, &ctx.stop)
-        .await
-        .map_err(|e| {
-            e.context(format!("unable to create empty volume[uuid:{}]", cmd.volume_uuid.as_deref().unwrap_or("?")))
-        })?;
-    size_of(app, ctx, &path).await
+    super::journaled_make(app, ctx, &cmd.install_url, async {
+        let path = app
+            .storage
+            .create_empty(&cmd.install_url, cmd.size, cmd.backing_file.as_deref(), Provisioning::Thin, opts, &ctx.stop)
+            .await
+            .map_err(|e| {
+                e.context(format!("unable to create empty volume[uuid:{}]", cmd.volume_uuid.as_deref().unwrap_or("?")))
+            })?;
+        size_of(app, ctx, &path).await
+    })
+    .await
 }
 
 pub async fn get_size(app: &App, ctx: &TaskCtx, cmd: VolumePathCmd) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
@@ -131,8 +137,12 @@ pub async fn create_with_backing(
     let opts = qcow2_options(cmd.kvm_host_addons.as_ref())?;
     let _lock = app.volume_locks.write(&cmd.install_path).await?;
     let spec = FromImage { opts: &opts, ..FromImage::THIN };
-    let path = app.storage.create_from_image(&cmd.template_path_in_cache, &cmd.install_path, &spec, &ctx.stop).await?;
-    size_of(app, ctx, &path).await
+    super::journaled_make(app, ctx, &cmd.install_path, async {
+        let path =
+            app.storage.create_from_image(&cmd.template_path_in_cache, &cmd.install_path, &spec, &ctx.stop).await?;
+        size_of(app, ctx, &path).await
+    })
+    .await
 }
 
 /// A flat copy of a volume and its chain (a template); progress is reported as it goes.
@@ -155,28 +165,12 @@ async fn flat_copy(
 ) -> AgentResult<WithCapacity<VolumeSizeRsp>> {
     let _source = app.volume_locks.read(src).await?;
     let _target = app.volume_locks.write(dst).await?;
-    // A kill after the copy is in place but before the task's result is recorded removes it
-    // again (the task is then reported interrupted): the undo is journaled before the copy, once
-    // the target is known to be free, so it can never remove a file that was there before.
-    let store = crate::ops::volumes::store(app, dst)?;
-    store.check_free(dst, &ctx.stop).await?;
-    let mut undo = UndoLog::journaled(app, &ctx.task_id);
-    undo.push(store.undo_for(dst)?);
-    let copied = async {
+    crate::ops::volumes::store(app, dst)?.check_free(dst, &ctx.stop).await?;
+    super::journaled_make(app, ctx, dst, async {
         let path = app.storage.create_flat_copy(src, dst, opts, &ctx.stop, &mut |p| ctx.progress(p, "copying")).await?;
         size_of(app, ctx, &path).await
-    }
-    .await;
-    match copied {
-        Ok(rsp) => {
-            undo.commit();
-            Ok(rsp)
-        }
-        Err(e) => {
-            undo.rollback_storage(app).await;
-            Err(e)
-        }
-    }
+    })
+    .await
 }
 
 /// A volume or template from a snapshot: a flat copy of its chain at the workspace path.
@@ -209,9 +203,13 @@ pub async fn revert_snapshot(
     let _source = app.volume_locks.read(&cmd.snapshot_install_path).await?;
     let _lock = app.volume_locks.write(&new).await?;
     let spec = FromImage { opts: &opts, ..FromImage::THIN };
-    let path = app.storage.create_from_image(&cmd.snapshot_install_path, &new, &spec, &ctx.stop).await?;
-    let (size, _) = app.storage.sizes(&new, &ctx.stop).await?;
-    Ok(with_capacity(app, Some(&path), RevertSnapshotRsp { new_volume_install_path: path.display().to_string(), size }))
+    super::journaled_make(app, ctx, &new, async {
+        let path = app.storage.create_from_image(&cmd.snapshot_install_path, &new, &spec, &ctx.stop).await?;
+        let (size, _) = app.storage.sizes(&new, &ctx.stop).await?;
+        let new_volume_install_path = path.display().to_string();
+        Ok(with_capacity(app, Some(&path), RevertSnapshotRsp { new_volume_install_path, size }))
+    })
+    .await
 }
 
 /// A fresh root from the image beside the old one, which is left for the management node to
@@ -234,8 +232,11 @@ pub async fn reinit_image(app: &App, ctx: &TaskCtx, cmd: ReinitImageCmd) -> Agen
     let new = dir.join(format!("{}.qcow2", uuid::Uuid::new_v4().simple())).display().to_string();
     let _lock = app.volume_locks.write(&new).await?;
     let spec = FromImage { opts: &opts, ..FromImage::THIN };
-    let path = app.storage.create_from_image(&cmd.image_path, &new, &spec, &ctx.stop).await?;
-    Ok(with_capacity(app, Some(&path), ReinitImageRsp { new_volume_install_path: path.display().to_string() }))
+    super::journaled_make(app, ctx, &new, async {
+        let path = app.storage.create_from_image(&cmd.image_path, &new, &spec, &ctx.stop).await?;
+        Ok(with_capacity(app, Some(&path), ReinitImageRsp { new_volume_install_path: path.display().to_string() }))
+    })
+    .await
 }
 
 pub async fn offline_merge(

@@ -14,3 +14,36 @@ pub mod vm_devices;
 mod localstorage_tests;
 #[cfg(test)]
 mod tests;
+
+use crate::app::App;
+use crate::error::AgentResult;
+use crate::ops::undo::UndoLog;
+use crate::tasks::TaskCtx;
+
+/// Runs `make`, which puts a new volume (a file or an RBD image) at `dst` (its caller holds its lock), with the
+/// volume's removal journaled first: a failure, or a kill after the volume is in place but
+/// before the task's result is recorded (the task is then reported interrupted), removes it
+/// again. The removal is journaled only when `dst` is free, so it can never remove a file that
+/// was there before (a retry's leftover that `make` replaces stays the caller's business).
+pub(crate) async fn journaled_make<T>(
+    app: &App,
+    ctx: &TaskCtx,
+    dst: &str,
+    make: impl std::future::Future<Output = AgentResult<T>>,
+) -> AgentResult<T> {
+    let store = crate::ops::volumes::store(app, dst)?;
+    let mut undo = UndoLog::journaled(app, &ctx.task_id);
+    if store.check_free(dst, &ctx.stop).await.is_ok() {
+        undo.push(store.undo_for(dst)?);
+    }
+    match make.await {
+        Ok(made) => {
+            undo.commit();
+            Ok(made)
+        }
+        Err(e) => {
+            undo.rollback_storage(app).await;
+            Err(e)
+        }
+    }
+}

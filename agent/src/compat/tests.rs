@@ -400,6 +400,31 @@ async fn update_configuration_for_another_host_or_without_a_url_changes_nothing(
 }
 
 #[tokio::test]
+async fn a_ceph_vms_start_defines_the_secret_its_addons_carry_and_half_a_pair_is_refused() {
+    let h = TestHost::start();
+    let vm = started_vm(&h).await;
+    let secret = "148347dd-908e-ce57-bc2a-f9650d652c09";
+    let root = h.recorded(&vm).await[0].clone();
+    let start = |addons: Value| {
+        json!({"vmInstanceUuid": vm, "vmName": "t", "memory": 67108864, "cpuNum": 1, "addons": addons,
+               "rootVolume": {"installPath": root, "volumeUuid": "r", "deviceId": 0}})
+    };
+    for (addons, field) in [
+        (json!({"ceph_secret_uuid": secret}), "ceph_secret_key"),
+        (json!({"ceph_secret_uuid": secret, "ceph_secret_key": "not base64!"}), "addons.ceph_secret_key"),
+        (json!({"ceph_secret_uuid": "nope", "ceph_secret_key": "QUJD"}), "addons.ceph_secret_uuid"),
+    ] {
+        let e = super::vm::start(&h.app, &ctx(), decode(&start(addons.clone())).unwrap()).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument, "{addons}: {e}");
+        assert!(e.to_string().contains(field), "{addons}: {e}");
+        assert!(h.hv.secret_uuids().is_empty(), "{addons}: no secret defined");
+    }
+    let addons = json!({"ceph_secret_uuid": secret, "ceph_secret_key": "QUJD"});
+    super::vm::start(&h.app, &ctx(), decode(&start(addons)).unwrap()).await.unwrap();
+    assert_eq!(h.hv.secret_uuids(), [secret]);
+}
+
+#[tokio::test]
 async fn a_zstack_uefi_start_makes_the_nvram_once_and_destroy_removes_it() {
     let h = TestHost::start();
     let vm = crate::testing::uuid();

@@ -10,7 +10,11 @@ use crate::wire::vm::{CreateCephSecretCmd, DestroyVmCmd, StartVmCmd, StartVmRsp,
 use crate::wire::Empty;
 
 pub async fn start(app: &App, ctx: &TaskCtx, cmd: StartVmCmd) -> AgentResult<StartVmRsp> {
+    let secret = addon_ceph_secret(&cmd)?;
     let owner = app.vms.lock(&cmd.vm_instance_uuid).await?;
+    if let Some((uuid, key)) = secret {
+        app.libvirt.set_ceph_secret(uuid, key).await?;
+    }
     let vm = cmd.vm_instance_uuid.clone();
     let mut rsp = ops::start(app, ctx, &owner, cmd).await?;
     rsp.virtualizer_info = Some(virtualizer_info(app, vm).await?);
@@ -63,18 +67,40 @@ fn missing_is_stopped(e: crate::libvirt::LibvirtError) -> AgentResult<bool> {
 }
 
 pub async fn create_ceph_secret(app: &App, _ctx: &TaskCtx, cmd: CreateCephSecretCmd) -> AgentResult<Empty> {
-    use base64::Engine;
-    if uuid::Uuid::parse_str(&cmd.uuid).is_err() {
-        return Err(AgentError::invalid(format!("uuid {:?} is not a UUID", cmd.uuid)));
-    }
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(cmd.user_key.trim())
-        .map_err(|e| AgentError::invalid(format!("userKey is not a base64 cephx key: {e}")))?;
-    if key.is_empty() {
-        return Err(AgentError::invalid(
-            "userKey is empty; give the cephx key (base64, as `ceph auth get-key` prints it)",
-        ));
-    }
+    let key = ceph_key("uuid", &cmd.uuid, "userKey", &cmd.user_key)?;
     app.libvirt.set_ceph_secret(&cmd.uuid, key).await?;
     Ok(Empty {})
+}
+
+/// The cephx secret a Ceph VM's `/vm/start` carries in `addons` (`ceph_secret_uuid`,
+/// `ceph_secret_key`), which ZStack's agent (re)defines before it starts the VM; checked before
+/// anything is done.
+fn addon_ceph_secret(cmd: &StartVmCmd) -> AgentResult<Option<(&str, Vec<u8>)>> {
+    let text = |k: &str| cmd.addons.get(k).and_then(|v| v.as_str()).filter(|s| !s.is_empty());
+    match (text("ceph_secret_uuid"), text("ceph_secret_key")) {
+        (Some(uuid), Some(key)) => {
+            Ok(Some((uuid, ceph_key("addons.ceph_secret_uuid", uuid, "addons.ceph_secret_key", key)?)))
+        }
+        (None, None) => Ok(None),
+        _ => Err(AgentError::invalid(
+            "addons has only one of ceph_secret_uuid and ceph_secret_key; give both or neither",
+        )),
+    }
+}
+
+/// Checks a secret's uuid and decodes its cephx key (base64, as Ceph prints it).
+fn ceph_key(uuid_field: &str, uuid: &str, key_field: &str, key: &str) -> AgentResult<Vec<u8>> {
+    use base64::Engine;
+    if uuid::Uuid::parse_str(uuid).is_err() {
+        return Err(AgentError::invalid(format!("{uuid_field} {uuid:?} is not a UUID")));
+    }
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(key.trim())
+        .map_err(|e| AgentError::invalid(format!("{key_field} is not a base64 cephx key: {e}")))?;
+    if key.is_empty() {
+        return Err(AgentError::invalid(format!(
+            "{key_field} is empty; give the cephx key (base64, as `ceph auth get-key` prints it)"
+        )));
+    }
+    Ok(key)
 }

@@ -95,6 +95,31 @@ fn plan(links: &[Link], spec: &BridgeSpec<'_>) -> AgentResult<()> {
 
 /// Makes (or completes) the bridge of `spec`. Idempotent.
 pub async fn realize(net: &dyn Netlink, spec: &BridgeSpec<'_>) -> AgentResult<()> {
+    let mut made = Vec::new();
+    let r = build(net, spec, &mut made).await;
+    if r.is_err() {
+        remove_made(net, &made).await;
+    }
+    r
+}
+
+/// Removes the links a failed [`realize`] made, newest first (the bridge before its VLAN port),
+/// unless one carries addresses by then: the host's, moved onto it, are never taken down.
+async fn remove_made(net: &dyn Netlink, made: &[String]) {
+    let Ok(links) = net.links().await else { return };
+    for name in made.iter().rev() {
+        let Some(link) = find(&links, name) else { continue };
+        if net.addresses(link).await.map_or(true, |a| !a.is_empty()) {
+            continue;
+        }
+        if let Err(e) = net.delete(link).await {
+            tracing::warn!(link = %name, error = %e, "cannot remove a link a failed bridge creation made");
+        }
+    }
+}
+
+/// The steps of [`realize`]; each link it creates is named in `made`.
+async fn build(net: &dyn Netlink, spec: &BridgeSpec<'_>, made: &mut Vec<String>) -> AgentResult<()> {
     let links = net.links().await?;
     plan(&links, spec)?;
     let iface = find(&links, spec.physical_interface).ok_or_else(|| missing_interface(spec.physical_interface))?;
@@ -107,6 +132,7 @@ pub async fn realize(net: &dyn Netlink, spec: &BridgeSpec<'_>) -> AgentResult<()
                 Some(v) => v.clone(),
                 None => {
                     net.add_vlan(&name, iface.index, id).await?;
+                    made.push(name.clone());
                     lookup(net, &name).await?
                 }
             }
@@ -125,6 +151,7 @@ pub async fn realize(net: &dyn Netlink, spec: &BridgeSpec<'_>) -> AgentResult<()
         Some(b) => b.clone(),
         None => {
             net.add_bridge(spec.bridge).await?;
+            made.push(spec.bridge.to_owned());
             lookup(net, spec.bridge).await?
         }
     };
@@ -359,6 +386,18 @@ mod tests {
         net.fail_next("add_vlan");
         realize(&net, &spec("br_eth1_9", "eth1", Some(9))).await.unwrap_err();
         assert_eq!(net.snapshot(), before);
+    }
+
+    #[tokio::test]
+    async fn a_failed_creation_removes_the_bridge_and_vlan_device_it_made() {
+        for s in [spec("br_eth1_9", "eth1", Some(9)), spec("br_eth1", "eth1", None)] {
+            let net = host();
+            let before = net.snapshot();
+            // The first link change: the new VLAN device up, or the new bridge up.
+            net.fail_next("change");
+            realize(&net, &s).await.unwrap_err();
+            assert_eq!(net.snapshot(), before, "{s:?}");
+        }
     }
 
     #[tokio::test]
