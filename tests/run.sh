@@ -13,6 +13,7 @@ step "libvirtd"
 bash tests/host/libvirtd.sh start
 step "test guest"
 bash tests/guest/build.sh
+bash tests/guest/build-esp.sh
 step "Ceph (one mon, one OSD, on loopback)"
 bash tests/ceph/start.sh
 trap 'bash tests/ceph/stop.sh >/dev/null 2>&1 || true' EXIT

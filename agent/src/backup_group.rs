@@ -49,6 +49,10 @@ pub struct Point {
     /// before this field existed).
     #[serde(default)]
     pub quiesced: bool,
+    /// The SHA-256 of the copy of the VM's NVRAM taken at that point ([`nvram_file_name`]),
+    /// when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvram_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,6 +83,11 @@ pub struct BackupFile {
 /// The relative name of a volume's file at `point`.
 pub fn file_name(volume_uuid: &str, point: usize) -> String {
     format!("{volume_uuid}/{point}.qcow2")
+}
+
+/// The relative name of the copy of the VM's NVRAM at `point`.
+pub fn nvram_file_name(point: usize) -> String {
+    format!("nvram/{point}.fd")
 }
 
 /// A group directory, inside a backup root.

@@ -16,6 +16,7 @@ pub struct Config {
     pub clone: CloneConfig,
     pub ceph: CephConfig,
     pub backup: BackupConfig,
+    pub uefi: UefiConfig,
     /// Where the agent keeps its task journal, host identity and VM records.
     pub state_dir: PathBuf,
 }
@@ -95,6 +96,49 @@ impl Default for BackupConfig {
     }
 }
 
+/// OVMF, the UEFI firmware VMs with `firmware` `uefi` / `uefi-secure` boot (Debian's `ovmf`
+/// package by default). Each VM gets its own copy of a variable-store template as its NVRAM.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UefiConfig {
+    /// Firmware code of `uefi` VMs.
+    pub code: PathBuf,
+    /// Variable-store template of `uefi` VMs (no keys enrolled).
+    pub vars: PathBuf,
+    /// Firmware code of `uefi-secure` VMs: built with Secure Boot and SMM.
+    pub secure_code: PathBuf,
+    /// Variable-store template of `uefi-secure` VMs: Microsoft's keys enrolled, Secure Boot on.
+    pub secure_vars: PathBuf,
+    /// Where VMs whose root volume is an RBD image keep their NVRAM; by default `nvram/` in the
+    /// first storage root. Must lie inside a storage root.
+    pub nvram_dir: Option<PathBuf>,
+}
+
+impl UefiConfig {
+    /// The firmware code and variable-store template of `firmware`; none for BIOS.
+    pub fn files(&self, firmware: crate::model::Firmware) -> Option<(&Path, &Path)> {
+        use crate::model::Firmware;
+        match firmware {
+            Firmware::Bios => None,
+            Firmware::Uefi => Some((&self.code, &self.vars)),
+            Firmware::UefiSecure => Some((&self.secure_code, &self.secure_vars)),
+        }
+    }
+}
+
+impl Default for UefiConfig {
+    fn default() -> Self {
+        let ovmf = Path::new("/usr/share/OVMF");
+        UefiConfig {
+            code: ovmf.join("OVMF_CODE_4M.fd"),
+            vars: ovmf.join("OVMF_VARS_4M.fd"),
+            secure_code: ovmf.join("OVMF_CODE_4M.secboot.fd"),
+            secure_vars: ovmf.join("OVMF_VARS_4M.ms.fd"),
+            nvram_dir: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CephConfig {
@@ -162,6 +206,7 @@ impl Default for Config {
             clone: CloneConfig::default(),
             ceph: CephConfig::default(),
             backup: BackupConfig::default(),
+            uefi: UefiConfig::default(),
             state_dir: PathBuf::from("/var/lib/kvmagent/state"),
         }
     }
@@ -254,6 +299,9 @@ impl Config {
         }
         if self.server.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
             return Err("server.token is empty".into());
+        }
+        if let Some(d) = self.uefi.nvram_dir.as_ref().filter(|d| !d.is_absolute()) {
+            return Err(format!("uefi.nvram_dir {} must be an absolute path", d.display()));
         }
         if !self.state_dir.is_absolute() {
             return Err("state_dir must be an absolute path".into());

@@ -189,12 +189,35 @@ impl TestHost {
         g.load().unwrap().volumes.iter().map(|v| v.install_path()).collect()
     }
 
+    /// The VM's recorded NVRAM file.
+    pub async fn nvram(&self, vm: &str) -> Option<PathBuf> {
+        self.app.vms.lock(vm).await.unwrap().load().unwrap().nvram
+    }
+
     /// The files the VM's domain uses, by disk serial (= volume uuid), root first.
     pub fn domain_files(&self, vm: &str) -> Vec<String> {
         let xml = self.hv.domain(vm).expect("a domain").xml;
         // Volumes carry their uuid as serial; the cloud-init seed has none.
         let disks = crate::domain::live_disks(&xml).unwrap().into_iter().filter(|d| d.serial.is_some());
         disks.filter_map(|d| d.file).collect()
+    }
+}
+
+/// Stand-ins for OVMF's files: each holds its own name, so a VM's NVRAM shows which template
+/// it was made from.
+fn fake_ovmf(dir: &Path) -> crate::config::UefiConfig {
+    std::fs::create_dir_all(dir).unwrap();
+    let file = |name: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, name).unwrap();
+        p
+    };
+    crate::config::UefiConfig {
+        code: file("CODE.fd"),
+        vars: file("VARS.fd"),
+        secure_code: file("CODE.secboot.fd"),
+        secure_vars: file("VARS.ms.fd"),
+        nvram_dir: None,
     }
 }
 
@@ -222,5 +245,6 @@ fn start(dir: &Path, root: &Path, backends: Backends) -> (Arc<App>, Inherited) {
     config.backup.roots = vec![dir.join("backup")];
     config.libvirt.domain_type = "qemu".into();
     config.libvirt.swtpm_dir = dir.join("swtpm");
+    config.uefi = fake_ovmf(&dir.join("ovmf"));
     App::with_backends(config, backends).unwrap()
 }

@@ -24,6 +24,7 @@
 # kvmagent.cidata=1 (print the cloud-init seed's hostname, see tests/guest/init),
 # kvmagent.qga=1 (a guest agent responder; the guest stays up), kvmagent.sata=1 (load the AHCI
 # driver: SATA disks show as sd*).
+# kvmagent.efivar=<NAME> (UEFI: writes an EFI variable, prints KVMAGENT-SECUREBOOT and -EFIVAR).
 #
 # Serial output:
 #   KVMAGENT-GUEST-BOOTED
@@ -50,7 +51,8 @@ CMDLINE="console=ttyS0 quiet panic=-1 no_timer_check kvmagent.offsets=0"
 # Modules needed to see virtio disks on pc/q35 (virtio-blk and virtio-scsi), with insmod
 # parameters, and virtio_console for the guest agent's virtio-serial port (kvmagent.qga=1).
 # Dependencies come from modules.dep; built-in ones are skipped.
-WANT_MODULES=(virtio_pci virtio_blk "scsi_mod scan=sync" virtio_scsi sd_mod virtio_console)
+# efivarfs: the init writes EFI variables (kvmagent.efivar) on UEFI boots.
+WANT_MODULES=(virtio_pci virtio_blk "scsi_mod scan=sync" virtio_scsi sd_mod virtio_console efivarfs)
 # cloud-init seed (kvmagent.cidata=1): the IDE CD-ROM of machine pc, ISO 9660. Listed apart
 # (etc/kvmagent-cidata-modules) and loaded only on request: libata would turn IDE disks into sd*.
 CIDATA_MODULES=(ata_piix sr_mod isofs)

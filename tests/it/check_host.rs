@@ -14,8 +14,8 @@ fn check_host(dir: &Path, config: &str) -> (i32, Value) {
     let file = dir.join("kvmagent.toml");
     std::fs::write(&file, config).unwrap();
     let out = Command::new(agent_binary()).args(["check-host", "--json", "--config"]).arg(&file).output().unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let report: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     (out.status.code().unwrap(), report)
 }
 

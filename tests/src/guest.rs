@@ -118,3 +118,52 @@ pub async fn make_and_check(host: &Host, path: &str, cmd: &Value, expect: &[(&st
     }
     Ok(r)
 }
+
+/// The test guest on a UEFI-bootable disk (`tests/guest/build-esp.sh`: Debian's signed shim and
+/// GRUB, the guest kernel booted with `kvmagent.efivar=`[`EFIVAR`]), converted into a cached
+/// qcow2 image in the host's storage root. Returns the image's path.
+pub fn esp_image(host: &Host) -> Result<PathBuf> {
+    let raw =
+        std::env::var_os("KVMAGENT_TEST_ESP").map(PathBuf::from).unwrap_or_else(|| crate::guest_dir().join("esp.raw"));
+    if !raw.exists() {
+        bail!("{} is missing: run tests/guest/build-esp.sh", raw.display());
+    }
+    let id = crate::uuid();
+    let path = host.path(&format!("imagecache/template/{id}/{id}.qcow2"));
+    std::fs::create_dir_all(path.parent().expect("image dir"))?;
+    crate::checks::qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &raw.to_string_lossy(),
+        &path.to_string_lossy(),
+    ])?;
+    Ok(path)
+}
+
+/// The EFI variable the guest on [`esp_image`] writes (`tests/guest/init`): its name and vendor
+/// GUID. Its content is `kvmagent-<the VM's SMBIOS serial number>`.
+pub const EFIVAR: (&str, &str) = ("KvmagentTest", "4b564d41-4745-4e54-8000-000000000001");
+
+/// The content of variable `name` (vendor `guid`) in a UEFI variable store, read with
+/// `virt-fw-vars`; `None` when the store has no such variable.
+pub fn efi_variable(nvram: &Path, (name, guid): (&str, &str)) -> Result<Option<Vec<u8>>> {
+    let json = tempfile::NamedTempFile::new()?;
+    let out = std::process::Command::new("virt-fw-vars")
+        .arg("-i")
+        .arg(nvram)
+        .arg("--output-json")
+        .arg(json.path())
+        .output()?;
+    if !out.status.success() {
+        bail!("virt-fw-vars -i {}: {}", nvram.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    let vars: Value = serde_json::from_slice(&std::fs::read(json.path())?)?;
+    let found = (vars["variables"].as_array().into_iter().flatten())
+        .find(|v| v["name"] == name && v["guid"].as_str().is_some_and(|g| g.eq_ignore_ascii_case(guid)));
+    let Some(hex) = found.and_then(|v| v["data"].as_str()) else { return Ok(None) };
+    Ok(Some((0..hex.len() / 2).filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect()))
+}

@@ -461,3 +461,29 @@ async fn a_ceph_vms_start_defines_the_secret_its_addons_carry_and_half_a_pair_is
     super::vm::start(&h.app, &ctx(), decode(&start(addons)).unwrap()).await.unwrap();
     assert_eq!(h.hv.secret_uuids(), [secret]);
 }
+
+#[tokio::test]
+async fn a_zstack_uefi_start_makes_the_nvram_once_and_destroy_removes_it() {
+    let h = TestHost::start();
+    let vm = crate::testing::uuid();
+    let root = h.path(&format!("rootVolumes/{vm}/root.qcow2"));
+    std::fs::create_dir_all(std::path::Path::new(&root).parent().unwrap()).unwrap();
+    std::fs::copy(h.image(&vm, 1 << 20).await, &root).unwrap();
+    let cmd = json!({
+        "vmInstanceUuid": vm, "vmName": "t", "memory": 67108864, "cpuNum": 1, "bootMode": "UEFI",
+        "secureBoot": true, "rootVolume": {"installPath": root, "volumeUuid": crate::testing::uuid(), "deviceId": 0},
+    });
+    super::vm::start(&h.app, &ctx(), decode(&cmd).unwrap()).await.unwrap();
+    let nvram = std::path::Path::new(&root).with_file_name(format!("{vm}.nvram.fd"));
+    assert_eq!(std::fs::read(&nvram).unwrap(), b"VARS.ms.fd");
+    let xml = h.hv.domain(&vm).unwrap().xml;
+    assert!(xml.contains("machine='q35'") && xml.contains("<smm state='on'/>"), "{xml}");
+
+    // Stopped and started again: the same store, with what the guest wrote.
+    std::fs::write(&nvram, b"written by the guest").unwrap();
+    super::vm::stop(&h.app, &ctx(), decode(&json!({"uuid": vm, "type": "cold"})).unwrap()).await.unwrap();
+    super::vm::start(&h.app, &ctx(), decode(&cmd).unwrap()).await.unwrap();
+    assert_eq!(std::fs::read(&nvram).unwrap(), b"written by the guest");
+    super::vm::destroy(&h.app, &ctx(), decode(&json!({"uuid": vm})).unwrap()).await.unwrap();
+    assert!(!nvram.exists(), "destroy removes the NVRAM");
+}

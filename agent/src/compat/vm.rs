@@ -45,6 +45,7 @@ pub async fn destroy(app: &App, _ctx: &TaskCtx, cmd: DestroyVmCmd) -> AgentResul
     // The seed is the agent's own; an unreadable record leaves it for the operator.
     if let Ok(Some(spec)) = owner.record() {
         ops::cloud_init::remove_seed(&spec).await?;
+        crate::ops::nvram::remove(&spec)?;
     }
     owner.remove();
     Ok(Empty {})

@@ -99,7 +99,8 @@ mod tests {
             ("memory", json!(0), "memory"),
             ("cpuNum", json!(0), "cpuNum"),
             ("vmInstanceUuid", json!("not-a-uuid"), "32 hexadecimal"),
-            ("bootMode", json!("UEFI"), "Legacy"),
+            ("bootMode", json!("BIOS"), "Legacy, UEFI, UEFI_WITH_CSM"),
+            ("secureBoot", json!(true), "secureBoot"),
             ("socketNum", json!(65536), "socketNum"),
             ("threadsPerCore", json!(u32::MAX), "threadsPerCore"),
             ("clock", json!("pst"), "clock"),
@@ -126,6 +127,39 @@ mod tests {
         let mut v = fixture();
         v["dataVolumes"] = json!([{"installPath": "/a", "deviceId": 1, "volumeUuid": "a"}, {"installPath": "/b", "deviceId": 1, "volumeUuid": "b"}]);
         assert!(validate(&cmd(v)).unwrap_err().to_string().contains("deviceId 1"));
+    }
+
+    #[test]
+    fn uefi_renders_ovmf_with_the_vms_nvram_and_secure_boot_adds_smm_on_q35() {
+        let settings = DomainSettings::default();
+        let render_with = |boot_mode: &str, secure: bool, machine: &str| {
+            let mut v = fixture();
+            v["bootMode"] = json!(boot_mode);
+            v["secureBoot"] = json!(secure);
+            v["machineType"] = json!(machine);
+            let mut spec = validate(&cmd(v))?;
+            spec.nvram = Some("/var/lib/kvmagent/local/vm.nvram.fd".into());
+            render(&spec, &settings)
+        };
+        let xml = render_with("UEFI", false, "").unwrap();
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        assert_eq!(text_of(&doc, "loader"), ["/usr/share/OVMF/OVMF_CODE_4M.fd"]);
+        assert_eq!(text_of(&doc, "nvram"), ["/var/lib/kvmagent/local/vm.nvram.fd"]);
+        assert!(!xml.contains("secure=") && !xml.contains("<smm"), "{xml}");
+        assert!(xml.contains("machine='pc'"), "plain UEFI keeps the machine");
+
+        let xml = render_with("UEFI_WITH_CSM", true, "").unwrap();
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        let loader = doc.descendants().find(|n| n.has_tag_name("loader")).unwrap();
+        assert_eq!(loader.text(), Some("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"));
+        assert_eq!((loader.attribute("secure"), loader.attribute("type")), (Some("yes"), Some("pflash")));
+        assert!(doc.descendants().any(|n| n.has_tag_name("smm") && n.attribute("state") == Some("on")));
+        assert!(xml.contains("machine='q35'"), "Secure Boot chooses q35 when none is given");
+
+        let e = render_with("UEFI", true, "pc").unwrap_err().to_string();
+        assert!(e.contains("q35") && e.contains("pc"), "{e}");
+        let xml = render_with("Legacy", false, "").unwrap();
+        assert!(!xml.contains("<loader") && !xml.contains("<nvram"), "BIOS: {xml}");
     }
 
     #[test]
@@ -366,6 +400,12 @@ mod tests {
         let spec = validate(&cmd(v)).unwrap();
         assert!(spec.cpu.max.is_some() && spec.nics[0].queues.is_some());
         assert_eq!(StartVmCmd::from_spec(&spec).to_spec().unwrap(), spec);
+        for (boot_mode, secure, machine) in [("UEFI", false, "pc"), ("UEFI_WITH_CSM", true, "")] {
+            let mut v = fixture();
+            (v["bootMode"], v["secureBoot"], v["machineType"]) = (json!(boot_mode), json!(secure), json!(machine));
+            let spec = validate(&cmd(v)).unwrap();
+            assert_eq!(StartVmCmd::from_spec(&spec).to_spec().unwrap(), spec, "{boot_mode} {secure}");
+        }
     }
 
     #[test]

@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use crate::error::{AgentError, AgentResult};
 use crate::model::{
-    scsi_iothread, Bus, Clock, KernelBoot, Machine, Monitor, NicNetwork, NicQueues, TpmModel, Video, VmSpec, Volume,
+    scsi_iothread, Bus, Clock, Firmware, KernelBoot, Machine, Monitor, NicNetwork, NicQueues, TpmModel, Video, VmSpec,
+    Volume,
 };
 use crate::storage::location::Location;
 
@@ -25,6 +26,8 @@ pub struct DomainSettings {
     pub vnc_listen: String,
     /// cephx user for RBD disks.
     pub ceph_user: String,
+    /// OVMF's files, for UEFI VMs.
+    pub uefi: crate::config::UefiConfig,
 }
 
 impl Default for DomainSettings {
@@ -37,6 +40,7 @@ impl Default for DomainSettings {
             // management plane when it sets consolePassword.
             vnc_listen: "0.0.0.0".into(),
             ceph_user: "zstack".into(),
+            uefi: crate::config::UefiConfig::default(),
         }
     }
 }
@@ -94,6 +98,16 @@ struct View<'a> {
     video: &'a str,
     tpm_model: Option<&'a str>,
     tpm_secret: Option<String>,
+    uefi: Option<UefiView>,
+}
+
+/// The firmware and variable store of a UEFI VM.
+#[derive(Serialize)]
+struct UefiView {
+    loader: String,
+    nvram: String,
+    /// Secure Boot: the loader is `secure='yes'` and SMM is on.
+    secure: bool,
 }
 
 #[derive(Serialize)]
@@ -391,6 +405,16 @@ fn view<'a>(spec: &'a VmSpec, settings: &'a DomainSettings) -> AgentResult<View<
         })
         .collect();
 
+    let uefi = match settings.uefi.files(spec.firmware) {
+        None => None,
+        Some((code, _)) => Some(UefiView {
+            loader: code.display().to_string(),
+            nvram: (spec.nvram.as_ref().map(|p| p.display().to_string()))
+                .ok_or_else(|| AgentError::internal(format!("UEFI VM {} has no NVRAM file assigned", spec.uuid)))?,
+            secure: spec.firmware == Firmware::UefiSecure,
+        }),
+    };
+
     Ok(View {
         domain_type: &settings.domain_type,
         name: &spec.uuid,
@@ -440,6 +464,7 @@ fn view<'a>(spec: &'a VmSpec, settings: &'a DomainSettings) -> AgentResult<View<
             TpmModel::Tis => "tpm-tis",
         }),
         tpm_secret: spec.tpm_encrypted.then(|| tpm_secret_uuid(&spec.uuid)),
+        uefi,
     })
 }
 

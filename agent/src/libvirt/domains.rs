@@ -142,15 +142,16 @@ impl Libvirt {
         .await
     }
 
-    /// Removes the persistent definition (with its managed-save image, snapshot metadata and
-    /// NVRAM). TPM state is removed only when `remove_tpm_state`; otherwise it stays for a later
+    /// Removes the persistent definition (with its managed-save image and snapshot metadata).
+    /// NVRAM is kept: the file is the agent's (see `ops::nvram`), and libvirt refuses to undefine
+    /// a domain with NVRAM unless told what to do with it. TPM state is removed only when `remove_tpm_state`; otherwise it stays for a later
     /// start under the same uuid. A missing domain is success.
     pub async fn undefine(&self, name: &str, remove_tpm_state: bool) -> Result<(), LibvirtError> {
         let name = name.to_owned();
         let tpm = if remove_tpm_state { sys::VIR_DOMAIN_UNDEFINE_TPM } else { sys::VIR_DOMAIN_UNDEFINE_KEEP_TPM };
         let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
             | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-            | sys::VIR_DOMAIN_UNDEFINE_NVRAM
+            | sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
             | tpm;
         let r = self
             .call("undefine", move |c| {

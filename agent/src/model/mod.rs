@@ -67,6 +67,13 @@ pub struct VmSpec {
     /// The guest's cloud-init seed, when the VM was made with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<CloudInit>,
+    /// BIOS or UEFI (records older than UEFI support are BIOS VMs).
+    #[serde(default)]
+    pub firmware: Firmware,
+    /// The VM's own UEFI variable store, inside the storage roots: chosen by the agent when a
+    /// UEFI VM is first made or started, then kept (also across a change of image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvram: Option<std::path::PathBuf>,
 }
 
 /// An AES-256 key for the TPM state (32 bytes); never printed.
@@ -174,6 +181,37 @@ pub enum Video {
     Bochs,
     Ramfb,
     None,
+}
+
+/// What the VM boots with. The native commands' `firmware` names these; ZStack's StartVmCmd
+/// says `bootMode` (`Legacy`, `UEFI`, `UEFI_WITH_CSM`) and our `secureBoot`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Firmware {
+    #[default]
+    #[serde(rename = "bios")]
+    Bios,
+    /// OVMF with an empty variable store.
+    #[serde(rename = "uefi")]
+    Uefi,
+    /// OVMF built with Secure Boot, Microsoft's keys enrolled; needs SMM, so the q35 machine.
+    #[serde(rename = "uefi-secure")]
+    UefiSecure,
+}
+
+impl Firmware {
+    pub fn is_uefi(self) -> bool {
+        self != Firmware::Bios
+    }
+
+    /// Secure Boot needs SMM, which only the q35 machine has: a `pc` machine is refused.
+    pub fn check_machine(self, machine: Machine) -> Result<(), String> {
+        if self == Firmware::UefiSecure && machine == Machine::Pc {
+            return Err("Secure Boot (firmware uefi-secure) needs the q35 machine (SMM); machineType pc cannot \
+                        have it: give machineType q35 (or leave it empty), or firmware uefi"
+                .into());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

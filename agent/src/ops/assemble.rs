@@ -44,18 +44,12 @@ pub enum Source {
 }
 
 /// Locks the VM and its target volumes, checks that nothing is in the way, and makes the VM.
-pub async fn create_vm(
-    app: &App,
-    ctx: &TaskCtx,
-    spec: &VmSpec,
-    sources: &[Source],
-    strategy: Strategy,
-) -> AgentResult<VmInstanceInventory> {
-    let vm = app.vms.lock(&spec.uuid).await?;
-    let paths: Vec<String> = spec.volumes.iter().map(|v| v.install_path().clone()).collect();
+pub async fn create_vm(app: &App, ctx: &TaskCtx, new: NewVm<'_>) -> AgentResult<VmInstanceInventory> {
+    let vm = app.vms.lock(&new.spec.uuid).await?;
+    let paths: Vec<String> = new.spec.volumes.iter().map(|v| v.install_path().clone()).collect();
     let _volume_locks = app.volume_locks.write_all(&paths).await?;
-    check_targets(app, ctx, spec).await?;
-    make(app, ctx, &vm, NewVm { spec, sources, tpm_from: None, strategy }).await
+    check_targets(app, ctx, new.spec).await?;
+    make(app, ctx, &vm, new).await
 }
 
 /// Everything that can be known before making anything: the VM has no domain here, every
@@ -78,6 +72,7 @@ pub async fn check_targets(app: &App, ctx: &TaskCtx, spec: &VmSpec) -> AgentResu
             app.storage.roots().confine_existing(&path.display().to_string())?;
         }
     }
+    super::nvram::check_firmware(&app.config.uefi, spec.firmware)?;
     let vm = &spec.uuid;
     if app.libvirt.domain_state(vm).await?.is_some() {
         return Err(AgentError::conflict(format!("VM {vm} already exists on this host")));
@@ -85,15 +80,17 @@ pub async fn check_targets(app: &App, ctx: &TaskCtx, spec: &VmSpec) -> AgentResu
     Ok(())
 }
 
-/// A VM to make: its spec, one source per volume (root first), the TPM state to copy.
+/// A VM to make: its spec, one source per volume (root first), the TPM state and the NVRAM
+/// to copy (a UEFI VM without one gets the firmware's template).
 pub struct NewVm<'a> {
     pub spec: &'a VmSpec,
     pub sources: &'a [Source],
     pub tpm_from: Option<&'a Path>,
+    pub nvram_from: Option<&'a Path>,
     pub strategy: Strategy,
 }
 
-/// Makes the volumes, the TPM state and the domain per strategy, records the VM (held by `vm`:
+/// Makes the volumes, the TPM state, the NVRAM and the domain per strategy, records the VM (held by `vm`:
 /// a VM with a record already is refused) and answers its inventory. On failure everything made
 /// is removed.
 pub async fn make(app: &App, ctx: &TaskCtx, vm: &VmGuard, new: NewVm<'_>) -> AgentResult<VmInstanceInventory> {
@@ -103,12 +100,15 @@ pub async fn make(app: &App, ctx: &TaskCtx, vm: &VmGuard, new: NewVm<'_>) -> Age
     if vm.record()?.is_some() {
         return Err(AgentError::conflict(format!("VM {} already exists on this host", vm.uuid())));
     }
+    let mut spec = new.spec.clone();
+    super::nvram::assign(app, &mut spec, None)?;
+    let new = NewVm { spec: &spec, ..new };
     let mut undo = UndoLog::journaled(app, &ctx.task_id);
     match build(app, ctx, vm, &new, &mut undo).await {
         Ok(state) => {
             undo.commit();
             ctx.progress(100, "created");
-            super::inventory::of(app, new.spec, state, ctx).await
+            super::inventory::of(app, &spec, state, ctx).await
         }
         Err(e) => {
             undo.rollback(app, vm).await;
@@ -124,7 +124,7 @@ async fn build(
     new: &NewVm<'_>,
     undo: &mut UndoLog,
 ) -> AgentResult<&'static str> {
-    let NewVm { spec, sources, tpm_from, strategy } = *new;
+    let NewVm { spec, sources, tpm_from, nvram_from, strategy } = *new;
     let stop = &ctx.stop;
     let vm = &spec.uuid;
     let steps = sources.len() as u32 + 1;
@@ -157,6 +157,7 @@ async fn build(
             .await
             .map_err(|e| e.context("step 'build cloud-init seed' failed"))?;
     }
+    super::nvram::make(app, spec, nvram_from, undo).await?;
     stop.check("creating the VM")?;
     let state = match strategy {
         Strategy::JustCreate => "Created",

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::assemble::{self, Source};
+use super::assemble::{self, NewVm, Source};
 use super::capture::{self, capture, Freeze};
 use super::derived;
 use super::undo::{UndoLog, UndoStep};
@@ -115,6 +115,7 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
 
     let result = async {
         let files = written?;
+        let nvram_sha256 = write_nvram(&group, &before, point, &mut made).await?;
         let mut m = manifest.unwrap_or_else(|| Manifest {
             format_version: backup_group::FORMAT_VERSION,
             group_uuid: group.uuid.clone(),
@@ -129,6 +130,7 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
             taken_at: crate::tasks::journal::now_ms() / 1000,
             vm: crate::wire::vm::StartVmCmd::from_spec(&before),
             quiesced: captured.quiesced,
+            nvram_sha256,
         });
         for (v, file) in before.volumes.iter().zip(files) {
             let entry = match m.volumes.iter_mut().find(|b| b.volume_uuid == v.uuid) {
@@ -194,6 +196,20 @@ async fn write_point(
         ctx.progress(((i + 1) * 100 / total) as u8, "volume backed up");
     }
     Ok(files)
+}
+
+/// Copies the VM's NVRAM into the group as that of `point` (after the volumes: the guest
+/// rarely writes variables, and a running VM's store cannot be frozen); answers its SHA-256.
+async fn write_nvram(group: &Group, spec: &VmSpec, point: usize, made: &mut UndoLog) -> AgentResult<Option<String>> {
+    let Some(src) = spec.nvram.clone().filter(|p| p.is_file()) else { return Ok(None) };
+    let dst = group.path(&backup_group::nvram_file_name(point));
+    made.push(UndoStep::RemoveFile { path: dst.clone() });
+    blocking(move || {
+        super::nvram::copy_into_place(&src, &dst).map_err(|e| e.context("step 'back up NVRAM' failed"))?;
+        backup_group::sha256_file(&dst)
+    })
+    .await
+    .map(Some)
 }
 
 /// Writes the instant `from` (a file chain, or an RBD snapshot) to `dst`: flat, or — with
@@ -266,5 +282,24 @@ pub async fn create_from(app: &App, ctx: &TaskCtx, cmd: CreateFromBackupCmd) -> 
             Ok(Source::Restore { chain_top: top.clone() })
         })
         .collect::<AgentResult<Vec<_>>>()?;
-    assemble::create_vm(app, ctx, &spec, &sources, cmd.target.strategy).await
+    // The point's NVRAM (checked against the manifest) suits the same firmware only; backups
+    // hold no TPM state: a fresh one.
+    let nvram = group.path(&backup_group::nvram_file_name(point));
+    let same_firmware = at.vm.to_spec()?.firmware == spec.firmware;
+    let nvram_from = match &at.nvram_sha256 {
+        Some(want) if same_firmware => {
+            let path = nvram.clone();
+            let have = blocking(move || backup_group::sha256_file(&path)).await?;
+            if &have != want {
+                return Err(AgentError::failed(
+                    "the backup is damaged",
+                    format!("{} has SHA-256 {have}, the manifest says {want}", nvram.display()),
+                ));
+            }
+            Some(nvram.as_path())
+        }
+        _ => None,
+    };
+    let new = NewVm { spec: &spec, sources: &sources, tpm_from: None, nvram_from, strategy: cmd.target.strategy };
+    assemble::create_vm(app, ctx, new).await
 }

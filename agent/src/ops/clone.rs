@@ -78,6 +78,12 @@ fn plan(app: &App, cmd: &CloneVmCmd, source: &VmSpec) -> AgentResult<Vec<Plan>> 
         crate::domain::xml_safe(&format!("clones[{i}] name"), &spec.name)?;
         spec.serial_number = uuid::Uuid::new_v4().to_string();
         spec.renew_genid();
+        // Its own NVRAM, made beside its own root.
+        spec.nvram = None;
+        if let Some(f) = cmd.firmware {
+            f.check_machine(spec.machine).map_err(|e| AgentError::invalid(format!("firmware: {e}")))?;
+            spec.firmware = f;
+        }
         spec.nics = fresh_nics(&source.nics, c.nics.as_ref()).map_err(|e| e.context(format!("clones[{i}].nics")))?;
         if !cmd.full {
             spec.volumes.truncate(1);
@@ -192,6 +198,7 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
     let captured = &captured;
 
     let tpm_source = captured.tpm_copied.then_some(staging.as_path());
+    let source_nvram = source.nvram.as_deref();
     let linked = cmd.mode == CloneMode::Linked;
     let total = plans.len();
     let results: Vec<Value> = futures::stream::iter(plans.into_iter().enumerate())
@@ -201,7 +208,10 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
             let sources: Vec<Source> = (p.sources.iter())
                 .map(|(volume, path)| Source::Clone { from: captured.point(volume, path), linked })
                 .collect();
-            let new = NewVm { spec: &p.spec, sources: &sources, tpm_from: tpm_source, strategy: cmd.strategy };
+            // The source's variables (boot entries, enrolled keys) only suit the same firmware.
+            let nvram_from = source_nvram.filter(|_| p.spec.firmware == source.firmware);
+            let new =
+                NewVm { spec: &p.spec, sources: &sources, tpm_from: tpm_source, nvram_from, strategy: cmd.strategy };
             let r = match app.vms.lock(&uuid).await {
                 Ok(clone) => assemble::make(app, ctx, &clone, new).await,
                 Err(e) => Err(e),

@@ -1,7 +1,7 @@
 //! Native `/vm/create`: root and data volumes (each a thin overlay on a cached image, a thick
 //! copy, or empty), then the domain per strategy — all or nothing (see [`super::assemble`]).
 
-use super::assemble::{self, Source};
+use super::assemble::{self, NewVm, Source};
 use super::volumes;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult};
@@ -59,5 +59,6 @@ pub async fn create(app: &App, ctx: &TaskCtx, cmd: CreateVmCmd) -> AgentResult<V
     super::cloud_init::for_new_vm(app, &mut spec, cmd.cloud_init.as_ref())?;
     check_sources(app, ctx, &cmd).await?;
     let sources: Vec<Source> = volumes(&cmd).map(|(v, _)| source(v)).collect();
-    assemble::create_vm(app, ctx, &spec, &sources, cmd.strategy).await
+    let new = NewVm { spec: &spec, sources: &sources, tpm_from: None, nvram_from: None, strategy: cmd.strategy };
+    assemble::create_vm(app, ctx, new).await
 }

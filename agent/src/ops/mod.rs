@@ -12,6 +12,7 @@ pub mod derived;
 pub mod flatten;
 pub mod freeze;
 pub mod inventory;
+pub mod nvram;
 pub mod owner;
 pub mod quiesce;
 pub mod snapshot_group;
@@ -38,6 +39,7 @@ pub fn settings(app: &App, vm: &str) -> DomainSettings {
         emulator: Some(c.libvirt.emulator.clone()).filter(|e| !e.is_empty()),
         console_log: Some(c.state_dir.join("console").join(format!("{vm}.log"))),
         ceph_user: c.ceph.id.clone(),
+        uefi: c.uefi.clone(),
         ..DomainSettings::default()
     }
 }
@@ -50,6 +52,7 @@ pub async fn check_against_host(app: &App, spec: &mut VmSpec) -> AgentResult<()>
     for path in domain::file_paths(spec) {
         app.storage.roots().confine_existing(&path.display().to_string())?;
     }
+    nvram::check_firmware(&app.config.uefi, spec.firmware)?;
     spec.volumes.iter_mut().try_for_each(|vol| check_volume(app, vol))
 }
 
@@ -109,6 +112,9 @@ pub async fn start(app: &App, _ctx: &TaskCtx, owner: &owner::VmGuard, cmd: Start
     }
     check_against_host(app, &mut spec).await?;
     tpm::keep_encryption(owner, &mut spec);
+    // The VM keeps the NVRAM it has (ZStack's command does not name one).
+    let recorded = owner.record()?.and_then(|r| r.nvram);
+    nvram::assign(app, &mut spec, recorded.as_deref())?;
     let vm = spec.uuid.clone();
     if app.libvirt.domain_state(&vm).await?.is_some_and(|s| s.is_active()) {
         return domain::device_info(&app.libvirt.xml(&vm).await?);
@@ -121,8 +127,12 @@ pub async fn start(app: &App, _ctx: &TaskCtx, owner: &owner::VmGuard, cmd: Start
 pub async fn define_and_start(app: &App, owner: &owner::VmGuard, spec: &VmSpec) -> AgentResult<StartVmRsp> {
     let vm = spec.uuid.clone();
     let mut undo = UndoLog::default();
-    // A VM that runs without its record could not be cloned or changed: both, or neither.
-    let started = async { define(app, spec, true, &mut undo).await.and_then(|rsp| owner.save(spec).map(|_| rsp)) };
+    // A VM that runs without its record could not be cloned or changed: both, or neither. An
+    // NVRAM made here is the VM's own and stays, as its TPM state does.
+    let started = async {
+        nvram::make(app, spec, None, &mut undo).await?;
+        define(app, spec, true, &mut undo).await.and_then(|rsp| owner.save(spec).map(|_| rsp))
+    };
     match started.await {
         Ok(rsp) => {
             undo.commit();

@@ -1,11 +1,14 @@
 //! Snapshot groups: one snapshot of every volume of a VM at one instant (see [`super::capture`];
 //! file volumes are frozen and keep running on an overlay, RBD volumes get a protected
 //! snapshot), recorded in `state_dir/snapshot-groups/<group>.json` so that a VM can be made
-//! from the group later. Neither the snapshots nor the source VM are ever written by that.
+//! from the group later. The VM's TPM state (taken at the same instant as the disks) and NVRAM
+//! are kept in `state_dir/snapshot-group-state/<group>/` (`tpm/`, `nvram.fd`); a VM made from
+//! the group starts with copies of them. Neither the snapshots nor the source VM are ever
+//! written by that.
 
 use std::path::PathBuf;
 
-use super::assemble::{self, Source};
+use super::assemble::{self, NewVm, Source};
 use super::capture::{self, capture, Freeze};
 use super::derived;
 use super::undo::{UndoLog, UndoStep};
@@ -90,6 +93,11 @@ impl Groups {
         self.dir.join(format!("{group}.json"))
     }
 
+    /// Where the group keeps the VM's TPM state (`tpm/`) and NVRAM (`nvram.fd`).
+    fn kept_state(&self, group: &str) -> PathBuf {
+        self.dir.with_file_name("snapshot-group-state").join(group)
+    }
+
     fn load(&self, group: &str) -> AgentResult<StoredGroup> {
         crate::domain::check_uuid(group).map_err(|e| e.context("groupUuid"))?;
         StoredGroup::read(&self.file(group))?
@@ -124,20 +132,28 @@ pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentR
     }
     let before = spec.clone();
     let rbd_snapshot = format!("{RBD_SNAPSHOT_PREFIX}{group_uuid}");
+    // Until the group is recorded and the task's result with it, a failure or a kill gives the
+    // instant back: the group's record and kept state go, the frozen tops are committed back,
+    // the RBD snapshots removed (undone newest first, so no group ever names a thawed file).
+    let mut undo = UndoLog::journaled(app, &ctx.task_id);
+    let kept = groups.kept_state(&group_uuid);
+    undo.push(UndoStep::RemoveTree { path: kept.clone() });
     let opts = capture::Options {
         with_data: true,
         freeze: Freeze::Always,
         rbd_snapshot: &rbd_snapshot,
         rbd_snapshot_temporary: false,
-        tpm_to: None,
+        tpm_to: Some(&kept.join("tpm")),
         task_id: &ctx.task_id,
         quiesce: cmd.quiesce,
     };
-    let captured = capture(app, &owner, &mut spec, opts, &ctx.stop).await?;
-    // Until the group is recorded and the task's result with it, a failure or a kill gives the
-    // instant back: the group's record goes, the frozen tops are committed back, the RBD
-    // snapshots removed (undone newest first, so no group ever names a thawed file).
-    let mut undo = UndoLog::journaled(app, &ctx.task_id);
+    let captured = match capture(app, &owner, &mut spec, opts, &ctx.stop).await {
+        Ok(c) => c,
+        Err(e) => {
+            undo.rollback(app, &owner).await;
+            return Err(e);
+        }
+    };
     if !captured.frozen.is_empty() {
         undo.push(UndoStep::Thaw { vm: before.uuid.clone(), frozen: captured.frozen.clone() });
     }
@@ -146,6 +162,12 @@ pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentR
     }
     undo.push(UndoStep::RemoveFile { path: groups.file(&group_uuid) });
     let recorded = async {
+        if let Some(nvram) = before.nvram.clone().filter(|p| p.is_file()) {
+            let to = kept.join("nvram.fd");
+            tokio::task::spawn_blocking(move || super::nvram::copy_into_place(&nvram, &to))
+                .await
+                .map_err(|e| AgentError::internal(format!("copying the NVRAM: {e}")))??;
+        }
         let mut snapshots = Vec::new();
         for v in before.volumes.iter() {
             let snapshot_path = captured.point(&v.uuid, &v.install_path());
@@ -220,6 +242,8 @@ pub async fn create_from(app: &App, ctx: &TaskCtx, cmd: CreateFromSnapshotCmd) -
     };
     let (mut spec, origins) = derived::derive(&group.vm, &cmd.target, identify)?;
     super::cloud_init::for_new_vm(app, &mut spec, cmd.target.cloud_init.as_ref())?;
+    let kept = groups.kept_state(&group.group_uuid);
+    let (tpm, nvram) = (kept.join("tpm"), kept.join("nvram.fd"));
 
     let linked = cmd.provisioning == Provisioning::Thin;
     let mut sources = Vec::new();
@@ -238,5 +262,13 @@ pub async fn create_from(app: &App, ctx: &TaskCtx, cmd: CreateFromSnapshotCmd) -
         volumes::store(app, from)?.check_source(from, &ctx.stop).await?;
         sources.push(Source::Clone { from: from.clone(), linked });
     }
-    assemble::create_vm(app, ctx, &spec, &sources, cmd.target.strategy).await
+    let new = NewVm {
+        spec: &spec,
+        sources: &sources,
+        tpm_from: Some(tpm.as_path()).filter(|t| spec.tpm.is_some() && t.is_dir()),
+        // The source's variables only suit the same firmware; another gets a fresh store.
+        nvram_from: Some(nvram.as_path()).filter(|n| spec.firmware == group.vm.firmware && n.is_file()),
+        strategy: cmd.target.strategy,
+    };
+    assemble::create_vm(app, ctx, new).await
 }

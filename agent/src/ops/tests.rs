@@ -43,6 +43,10 @@ async fn assert_consistent(h: &TestHost) {
             assert!(std::path::Path::new(f).exists(), "VM {vm}'s record names {f}, which is gone");
             chain(PathBuf::from(f), &mut wanted);
         }
+        if let Some(nvram) = h.nvram(&vm).await {
+            assert!(nvram.is_file(), "VM {vm}'s record names NVRAM {}, which is gone", nvram.display());
+            wanted.insert(nvram);
+        }
         if h.hv.domain(&vm).is_some() {
             assert_eq!(h.domain_files(&vm), recorded, "VM {vm} runs on other files than its record names");
         }
@@ -925,18 +929,25 @@ async fn a_guest_agent_failing_to_freeze_leaves_the_capture_crash_consistent_or_
 
 #[tokio::test]
 async fn a_kill_while_the_guest_is_frozen_is_thawed_by_recovery() {
-    let (mut h, vm) = quiesce_host().await;
-    // Step 1 records the thaw, before the freeze; step 2 is the first volume frozen after it.
-    let ctx = h.task("/vm/snapshotgroup/take").await;
-    let app = h.app.clone();
-    let body = json!({"vmUuid": vm});
-    let op = async move { value(crate::ops::snapshot_group::take(&app, &ctx, cmd(body)).await) };
-    assert!(run_killed(&h, "/vm/snapshotgroup/take", op, Kill::Step(2)).await, "killed");
-    assert!(h.hv.domain(&vm).unwrap().guest_frozen, "killed while the guest is frozen");
-    let report = h.restart_and_recover().await;
-    assert!(report.rolled_back.iter().all(|r| r.failures.is_empty()), "{report:?}");
-    assert_eq!(guest_freezes(&h, &vm), 1, "thawed by recovery");
-    assert_consistent(&h).await;
+    // The thaw is journaled before the freeze: the first kill point that finds the guest frozen
+    // is the first journaled step after the freeze.
+    for step in 1.. {
+        assert!(step <= 10, "no kill point within 10 steps finds the guest frozen");
+        let (mut h, vm) = quiesce_host().await;
+        let ctx = h.task("/vm/snapshotgroup/take").await;
+        let app = h.app.clone();
+        let body = json!({"vmUuid": vm});
+        let op = async move { value(crate::ops::snapshot_group::take(&app, &ctx, cmd(body)).await) };
+        assert!(run_killed(&h, "/vm/snapshotgroup/take", op, Kill::Step(step)).await, "killed at step {step}");
+        if !h.hv.domain(&vm).unwrap().guest_frozen {
+            continue;
+        }
+        let report = h.restart_and_recover().await;
+        assert!(report.rolled_back.iter().all(|r| r.failures.is_empty()), "{report:?}");
+        assert_eq!(guest_freezes(&h, &vm), 1, "thawed by recovery");
+        assert_consistent(&h).await;
+        return;
+    }
 }
 
 #[tokio::test]
@@ -1033,4 +1044,224 @@ async fn a_failed_create_removes_the_tpm_secret_and_bad_keys_are_refused() {
     body["tpm"] = json!({"enable": true, "key": tpm_key_b64(&TPM_KEY)});
     crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap_err();
     assert_eq!(h.hv.secret_uuids(), [ceph]);
+}
+
+/// A `/vm/create` body of a started VM with `firmware`.
+async fn uefi_create(h: &TestHost, vm: &str, firmware: &str) -> Value {
+    let mut body = h.create_cmd(vm, &h.image(&uuid(), 4 << 20).await);
+    body["firmware"] = json!(firmware);
+    body
+}
+
+#[tokio::test]
+async fn a_uefi_vm_has_its_own_nvram_which_clones_copy_and_destroy_removes() {
+    let h = TestHost::start();
+    let vm = uuid();
+    let ctx = TaskCtx::detached("/vm/create");
+    crate::ops::create::create(&h.app, &ctx, cmd(uefi_create(&h, &vm, "uefi-secure").await)).await.unwrap();
+    let nvram = h.nvram(&vm).await.expect("a UEFI VM records its NVRAM");
+    let root = PathBuf::from(&h.recorded(&vm).await[0]);
+    assert_eq!(nvram, root.with_file_name(format!("{vm}.nvram.fd")), "beside the root");
+    assert_eq!(std::fs::read(&nvram).unwrap(), b"VARS.ms.fd", "a copy of the Secure Boot template");
+    let xml = h.hv.domain(&vm).unwrap().xml;
+    assert!(xml.contains(&format!("<nvram>{}</nvram>", nvram.display())), "{xml}");
+    assert!(xml.contains("secure='yes'") && xml.contains("<smm state='on'/>") && xml.contains("machine='q35'"));
+    assert_consistent(&h).await;
+
+    // A variable the guest wrote is in the clone's copy; one written after the clone is not.
+    std::fs::write(&nvram, b"VARS.ms.fd+before").unwrap();
+    let body = json!({"vmUuid": vm, "names": ["a", "b"]});
+    let rsp = crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(body)).await.unwrap();
+    assert_eq!(rsp.number_of_cloned_vm, 2, "{:?}", rsp.inventories);
+    let body = json!({"vmUuid": vm, "names": ["plain"], "firmware": "uefi"});
+    let rsp = crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(body)).await.unwrap();
+    std::fs::write(&nvram, b"VARS.ms.fd+before+after").unwrap();
+    let uuid_of = |rsp: &crate::wire::native::CloneVmRsp, i: usize| {
+        rsp.inventories[i]["inventory"]["uuid"].as_str().unwrap().to_owned()
+    };
+    let plain = uuid_of(&rsp, 0);
+    let plain_nvram = h.nvram(&plain).await.unwrap();
+    assert_eq!(std::fs::read(&plain_nvram).unwrap(), b"VARS.fd", "other firmware: a fresh store");
+    assert!(h.hv.domain(&plain).unwrap().xml.contains("CODE.fd</loader>"));
+    let mut copies = Vec::new();
+    for e in std::fs::read_dir(h.app.config.state_dir.join("vms")).unwrap().flatten() {
+        let other = e.file_name().to_string_lossy().trim_end_matches(".json").to_owned();
+        if other != vm && other != plain {
+            copies.push((other.clone(), h.nvram(&other).await.unwrap()));
+        }
+    }
+    assert_eq!(copies.len(), 2);
+    for (clone, copy) in &copies {
+        assert_ne!(copy, &nvram);
+        assert_eq!(copy.file_name().unwrap().to_string_lossy(), format!("{clone}.nvram.fd"));
+        assert_eq!(std::fs::read(copy).unwrap(), b"VARS.ms.fd+before", "the source's store at the clone");
+    }
+    assert_consistent(&h).await;
+
+    // ZStack's destroy takes the NVRAM with the VM; a stop keeps it.
+    let (clone, copy) = &copies[0];
+    let stop = crate::wire::decode(&json!({"uuid": clone, "type": "cold"})).unwrap();
+    crate::compat::vm::stop(&h.app, &TaskCtx::detached("/vm/stop"), stop).await.unwrap();
+    assert!(copy.is_file(), "a stopped VM keeps its NVRAM");
+    let destroy = crate::wire::decode(&json!({"uuid": clone})).unwrap();
+    crate::compat::vm::destroy(&h.app, &TaskCtx::detached("/vm/destroy"), destroy).await.unwrap();
+    assert!(!copy.exists() && !h.app.vms.is_known(clone));
+    assert!(nvram.is_file(), "the source keeps its own");
+}
+
+#[tokio::test]
+async fn uefi_is_refused_without_its_firmware_files_or_on_pc_with_secure_boot() {
+    let h = TestHost::start();
+    std::fs::remove_file(&h.app.config.uefi.secure_vars).unwrap();
+    let before = h.files();
+    let vm = uuid();
+    let body = uefi_create(&h, &vm, "uefi-secure").await;
+    let e = crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap_err();
+    let missing = h.app.config.uefi.secure_vars.display().to_string();
+    assert!(e.to_string().contains(&missing) && e.to_string().contains("ovmf"), "{e}");
+    assert!(!h.app.vms.is_known(&vm));
+    let made: Vec<_> =
+        (h.files().into_iter()).filter(|f| !before.contains(f) && !f.starts_with(h.root.join("imagecache"))).collect();
+    assert!(made.is_empty(), "a refused create makes nothing: {made:?}");
+
+    let mut body = uefi_create(&h, &vm, "uefi-secure").await;
+    body["vm"]["machineType"] = json!("pc");
+    let e = crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap_err();
+    assert!(e.to_string().contains("q35"), "{e}");
+    let mut body = uefi_create(&h, &vm, "uefi").await;
+    body["firmware"] = json!("efi");
+    assert!(decode_native::<crate::wire::native::CreateVmCmd>(&body).unwrap_err().to_string().contains("firmware"));
+}
+
+#[tokio::test]
+async fn a_uefi_create_and_clone_killed_at_any_point_leave_no_nvram_behind() {
+    let (mut h, _, image) = kill_host().await;
+    let kills = kill_at_every_point(&mut h, "/vm/create", |app, ctx| {
+        let vm = uuid();
+        let root = app.storage.roots().roots()[0].join(format!("k/{vm}/root.qcow2"));
+        let body = json!({
+            "vm": {"vmInstanceUuid": vm, "vmName": "k", "memory": 67108864, "cpuNum": 1},
+            "rootVolume": {"volumeUuid": uuid(), "installPath": root.display().to_string(), "imagePath": image.clone()},
+            "firmware": "uefi",
+        });
+        async move { value(crate::ops::create::create(&app, &ctx, cmd(body)).await) }
+    })
+    .await;
+    assert!(kills >= 7, "{kills} kill points");
+    let vm = uuid();
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(uefi_create(&h, &vm, "uefi").await))
+        .await
+        .unwrap();
+    let kills = kill_at_every_point(&mut h, "/vm/clone", |app, ctx| {
+        let body = json!({"vmUuid": vm, "names": ["c"]});
+        async move { value(crate::ops::clone::clone(&app, &ctx, cmd(body)).await) }
+    })
+    .await;
+    assert!(kills >= 8, "{kills} kill points");
+}
+
+#[tokio::test]
+async fn a_snapshot_group_keeps_the_nvram_and_tpm_state_a_vm_made_from_it_starts_with() {
+    let h = TestHost::start();
+    let vm = uuid();
+    let mut body = uefi_create(&h, &vm, "uefi").await;
+    body["tpm"] = json!({"enable": true});
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap();
+    let nvram = h.nvram(&vm).await.unwrap();
+    std::fs::write(&nvram, b"at the instant").unwrap();
+    let tpm = crate::ops::tpm::state_dir(&h.app.config.libvirt.swtpm_dir, &vm).join("tpm2");
+    std::fs::create_dir_all(&tpm).unwrap();
+    std::fs::write(tpm.join("tpm2-00.permall"), b"sealed at the instant").unwrap();
+
+    let ctx = TaskCtx::detached("/vm/snapshotgroup/take");
+    let group = crate::ops::snapshot_group::take(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap();
+    std::fs::write(&nvram, b"later").unwrap();
+    std::fs::write(tpm.join("tpm2-00.permall"), b"later").unwrap();
+
+    let body = json!({"groupUuid": group.group_uuid, "vm": {"vmName": "restored"}});
+    let ctx = TaskCtx::detached("/vm/createfromsnapshot");
+    let inv = crate::ops::snapshot_group::create_from(&h.app, &ctx, cmd(body)).await.unwrap();
+    let restored = serde_json::to_value(&inv).unwrap()["uuid"].as_str().unwrap().to_owned();
+    let restored_nvram = h.nvram(&restored).await.unwrap();
+    assert_ne!(restored_nvram, nvram);
+    assert_eq!(std::fs::read(&restored_nvram).unwrap(), b"at the instant");
+    let restored_tpm = crate::ops::tpm::state_dir(&h.app.config.libvirt.swtpm_dir, &restored).join("tpm2");
+    assert_eq!(std::fs::read(restored_tpm.join("tpm2-00.permall")).unwrap(), b"sealed at the instant");
+
+    // Another firmware: a fresh store.
+    let body = json!({"groupUuid": group.group_uuid, "vm": {"vmName": "secure", "machineType": "q35"}, "firmware": "uefi-secure"});
+    let ctx = TaskCtx::detached("/vm/createfromsnapshot");
+    let inv = crate::ops::snapshot_group::create_from(&h.app, &ctx, cmd(body)).await.unwrap();
+    let secure = serde_json::to_value(&inv).unwrap()["uuid"].as_str().unwrap().to_owned();
+    assert_eq!(std::fs::read(h.nvram(&secure).await.unwrap()).unwrap(), b"VARS.ms.fd");
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn change_image_keeps_the_nvram_of_a_uefi_vm() {
+    let h = TestHost::start();
+    let vm = uuid();
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(uefi_create(&h, &vm, "uefi").await))
+        .await
+        .unwrap();
+    h.app.libvirt.destroy(&vm).await.unwrap();
+    let nvram = h.nvram(&vm).await.unwrap();
+    std::fs::write(&nvram, b"boot entries").unwrap();
+    let image = h.image("other", 8 << 20).await;
+    let c = cmd(json!({"vmUuid": vm, "imagePath": image}));
+    crate::ops::change_image::change_image(&h.app, &TaskCtx::detached("/vm/changeimage"), c).await.unwrap();
+    assert_eq!(h.nvram(&vm).await, Some(nvram.clone()));
+    assert_eq!(std::fs::read(&nvram).unwrap(), b"boot entries");
+    assert!(h.hv.domain(&vm).unwrap().xml.contains(&format!("<nvram>{}</nvram>", nvram.display())));
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn a_uefi_vm_on_rbd_keeps_its_nvram_in_the_first_storage_root() {
+    let (h, _, body) = rbd_host().await;
+    let (vm, clone) = (uuid(), uuid());
+    let mut b = body(&vm);
+    b["firmware"] = json!("uefi");
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(b)).await.unwrap();
+    let nvram = h.nvram(&vm).await.unwrap();
+    assert_eq!(nvram, h.root.join("nvram").join(format!("{vm}.nvram.fd")));
+    assert_eq!(std::fs::read(&nvram).unwrap(), b"VARS.fd");
+    let c = json!({"vmUuid": vm, "clones": [{"uuid": clone}]});
+    let rsp = crate::ops::clone::clone(&h.app, &TaskCtx::detached("/vm/clone"), cmd(c)).await.unwrap();
+    assert_eq!(rsp.number_of_cloned_vm, 1, "{:?}", rsp.inventories);
+    assert_eq!(h.nvram(&clone).await.unwrap(), h.root.join("nvram").join(format!("{clone}.nvram.fd")));
+}
+
+/// Restores point `point` of backup group `group` into a new VM; answers its NVRAM's content.
+async fn restored_nvram(h: &TestHost, group: &str, point: usize) -> AgentResult<Vec<u8>> {
+    let body = json!({"groupUuid": group, "point": point, "vm": {"vmName": format!("restored-{point}")}});
+    let ctx = TaskCtx::detached("/vm/createfrombackup");
+    let inv = crate::ops::backup::create_from(&h.app, &ctx, cmd(body)).await?;
+    let vm = serde_json::to_value(&inv).unwrap()["uuid"].as_str().unwrap().to_owned();
+    Ok(std::fs::read(h.nvram(&vm).await.unwrap()).unwrap())
+}
+
+#[tokio::test]
+async fn a_backup_keeps_the_nvram_of_its_point_and_a_restore_starts_with_it() {
+    let h = TestHost::start();
+    let vm = uuid();
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(uefi_create(&h, &vm, "uefi").await))
+        .await
+        .unwrap();
+    let nvram = h.nvram(&vm).await.unwrap();
+    let ctx = || TaskCtx::detached("/vm/backup");
+    std::fs::write(&nvram, b"point 0").unwrap();
+    let rsp = crate::ops::backup::backup(&h.app, &ctx(), cmd(json!({"vmUuid": vm}))).await.unwrap();
+    std::fs::write(&nvram, b"later").unwrap();
+    let group = rsp.group_uuid.clone();
+    assert_eq!(restored_nvram(&h, &group, 0).await.unwrap(), b"point 0");
+    // Another group, another instant (the fake qemu-img cannot make incremental points).
+    let rsp = crate::ops::backup::backup(&h.app, &ctx(), cmd(json!({"vmUuid": vm}))).await.unwrap();
+    assert_eq!(restored_nvram(&h, &rsp.group_uuid, 0).await.unwrap(), b"later");
+
+    // A store that no longer matches the manifest is refused.
+    std::fs::write(PathBuf::from(&rsp.group_path).join("nvram/0.fd"), b"tampered").unwrap();
+    let group = rsp.group_uuid.clone();
+    let e = restored_nvram(&h, &group, 0).await.unwrap_err();
+    assert!(e.to_string().contains("nvram/0.fd"), "{e}");
 }

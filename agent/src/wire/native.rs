@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 use super::cloud_init::CloudInitSpec;
 use super::vm::StartVmCmd;
 use crate::error::{AgentError, AgentResult};
-use crate::model::{Bus, CacheMode, IoMode, IoTune, VmSpec};
+use crate::model::{Bus, CacheMode, Firmware, IoMode, IoTune, VmSpec};
 use crate::storage::location::Location;
 
 /// `/vm/create`: volumes from an image (or empty), then the domain, per `strategy`.
@@ -39,6 +39,9 @@ pub struct CreateVmCmd {
     /// Guest setup by cloud-init: a NoCloud seed ISO made with the VM.
     #[serde(default)]
     pub cloud_init: Option<CloudInitSpec>,
+    /// `bios`, `uefi` or `uefi-secure`; instead of the `vm` object's `bootMode`/`secureBoot`.
+    #[serde(default)]
+    pub firmware: Option<Firmware>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, serde::Serialize)]
@@ -158,6 +161,10 @@ pub struct CloneVmCmd {
     pub cloud_init: Option<CloudInitSpec>,
     #[serde(default)]
     pub quiesce: Quiesce,
+    /// `bios`, `uefi` or `uefi-secure`; by default the source's. A clone with the source's
+    /// firmware gets a copy of its NVRAM, one with another a fresh one.
+    #[serde(default)]
+    pub firmware: Option<Firmware>,
 }
 
 /// Whether a capture of a running VM (snapshot group, clone, backup) first freezes the guest's
@@ -278,6 +285,10 @@ pub struct NewVmTarget {
     /// Guest setup by cloud-init for the new VM (the source's, if it had any, is not kept).
     #[serde(default)]
     pub cloud_init: Option<CloudInitSpec>,
+    /// `bios`, `uefi` or `uefi-secure`; by default the source's. With the source's firmware the
+    /// new VM gets a copy of the NVRAM the group or backup point kept; otherwise a fresh one.
+    #[serde(default)]
+    pub firmware: Option<Firmware>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -443,6 +454,9 @@ impl CreateVmCmd {
         if let Some(model) = &self.cpu_model {
             vm.insert("vmCpuModelName".into(), json!(model));
         }
+        if let Some(f) = self.firmware {
+            set_firmware(&mut vm, f);
+        }
         let wire: StartVmCmd =
             super::decode(&Value::Object(vm)).map_err(|e| AgentError::invalid(format!("vm: {}", e.details)))?;
         let mut spec = wire.to_spec()?;
@@ -483,6 +497,9 @@ impl NewVmTarget {
         vm.insert("systemSerialNumber".into(), Value::String(uuid::Uuid::new_v4().to_string()));
         vm.insert("vmInstanceUuid".into(), Value::String(uuid::Uuid::new_v4().simple().to_string()));
         vm.extend(self.vm.clone());
+        if let Some(f) = self.firmware {
+            set_firmware(&mut vm, f);
+        }
         vm.remove("nics");
         let wire: StartVmCmd = super::decode(&Value::Object(vm)).map_err(|e| e.context("vm"))?;
         let mut spec = wire.to_spec().map_err(|e| e.context("vm"))?;
@@ -494,6 +511,12 @@ impl NewVmTarget {
     pub fn nics(&self) -> Option<&Vec<Value>> {
         self.vm.get("nics").and_then(Value::as_array)
     }
+}
+
+/// The StartVmCmd fields that say `firmware`, set in a `vm` object.
+fn set_firmware(vm: &mut Map<String, Value>, firmware: Firmware) {
+    vm.insert("bootMode".into(), json!(if firmware.is_uefi() { "UEFI" } else { "Legacy" }));
+    vm.insert("secureBoot".into(), json!(firmware == Firmware::UefiSecure));
 }
 
 /// `/image/cache`: an image into the local-storage cache from an `http://`, `https://` or
@@ -597,8 +620,8 @@ mod tests {
             "md5sum",
         );
         refused::<CreateFromSnapshotCmd>(
-            json!({"groupUuid": "g", "provisioning": "thin", "firmware": "uefi"}),
-            "firmware",
+            json!({"groupUuid": "g", "provisioning": "thin", "bootloader": "uefi"}),
+            "bootloader",
         );
         refused::<CreateFromSnapshotCmd>(json!({"groupUuid": "g", "rootVolume": {"size": 1}}), "size");
         refused::<CreateFromBackupCmd>(json!({"groupUuid": "g", "point": 0, "provisioning": "thin"}), "provisioning");

@@ -44,8 +44,12 @@ pub struct StartVmCmd {
     pub use_numa: bool,
     #[serde(default, deserialize_with = "nullable")]
     pub machine_type: String,
+    /// `Legacy` (or empty): BIOS; `UEFI`, `UEFI_WITH_CSM`: OVMF (which has no CSM).
     #[serde(default, deserialize_with = "nullable")]
     pub boot_mode: String,
+    /// Ours: with a UEFI `bootMode`, OVMF with Secure Boot (Microsoft's keys enrolled).
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "std::ops::Not::not")]
+    pub secure_boot: bool,
     /// Firmware boot order (`hd`, `cdrom`, `network`): a list, as the management node sends it,
     /// or one name.
     #[serde(default, deserialize_with = "one_or_many")]

@@ -13,8 +13,9 @@ use super::vm::{
 use crate::domain::{check_uuid, device_letter, is_ifname, xml_safe};
 use crate::error::{AgentError, AgentResult};
 use crate::model::{
-    check_disks, BootDevice, Bus, CacheMode, CdRom, Clock, Cpu, CpuMode, DiskFormat, IoMode, IoTune, KernelBoot,
-    Machine, Monitor, Nic, NicModel, NicNetwork, NicQueues, RbdAccess, Topology, TpmKey, TpmModel, Video, VmSpec, Volume,
+    check_disks, BootDevice, Bus, CacheMode, CdRom, Clock, Cpu, CpuMode, DiskFormat, Firmware, IoMode, IoTune,
+    KernelBoot, Machine, Monitor, Nic, NicModel, NicNetwork, NicQueues, RbdAccess, Topology, TpmKey, TpmModel, Video,
+    VmSpec, Volume,
 };
 use crate::storage::location::Location;
 
@@ -61,11 +62,15 @@ impl StartVmCmd {
         if self.memory < (1 << 20) || self.memory > MAX_MEMORY {
             return Err(invalid(format!("memory {} bytes is out of range (1 MiB to 16 TiB)", self.memory)));
         }
+        let firmware = self.firmware()?;
         let machine = match self.machine_type.as_str() {
+            // Secure Boot needs q35; the management plane's default machine is pc.
+            "" if firmware == Firmware::UefiSecure => Machine::Q35,
             "" | "pc" => Machine::Pc,
             "q35" => Machine::Q35,
             other => return Err(invalid(format!("machineType {other:?} is not supported (pc or q35)"))),
         };
+        firmware.check_machine(machine).map_err(invalid)?;
         let video = match self.video_type.as_str() {
             "" => Video::Vga,
             v => VIDEO
@@ -74,12 +79,6 @@ impl StartVmCmd {
                 .map(|(_, m)| *m)
                 .ok_or_else(|| invalid(format!("videoType {v:?} is not one of {:?}", VIDEO.map(|(n, _)| n))))?,
         };
-        if !matches!(self.boot_mode.as_str(), "" | "Legacy") {
-            return Err(invalid(format!(
-                "bootMode {:?} is not supported by this agent yet (Legacy only)",
-                self.boot_mode
-            )));
-        }
         if self.root_volume.device_id != 0 {
             return Err(invalid(format!("rootVolume.deviceId must be 0, not {}", self.root_volume.device_id)));
         }
@@ -152,6 +151,8 @@ impl StartVmCmd {
                 initrd: k.initrd.clone(),
                 cmdline: k.cmdline.clone(),
             }),
+            firmware,
+            nvram: None,
             iothreads: self.io_threads,
             genid: None,
             cloud_init: None,
@@ -196,6 +197,17 @@ impl StartVmCmd {
             other => Err(invalid(format!(
                 "nestedVirtualization {other:?} is not one of none, host-model, host-passthrough, custom"
             ))),
+        }
+    }
+
+    /// `bootMode` and `secureBoot` in the model.
+    fn firmware(&self) -> AgentResult<Firmware> {
+        match (self.boot_mode.as_str(), self.secure_boot) {
+            ("" | "Legacy", false) => Ok(Firmware::Bios),
+            ("" | "Legacy", true) => Err(invalid("secureBoot needs a UEFI bootMode (UEFI), not Legacy".to_owned())),
+            ("UEFI" | "UEFI_WITH_CSM", false) => Ok(Firmware::Uefi),
+            ("UEFI" | "UEFI_WITH_CSM", true) => Ok(Firmware::UefiSecure),
+            (other, _) => Err(invalid(format!("bootMode {other:?} is not one of Legacy, UEFI, UEFI_WITH_CSM"))),
         }
     }
 
@@ -276,7 +288,8 @@ impl StartVmCmd {
             threads_per_core: spec.cpu.topology.map(|t| t.threads),
             use_numa: spec.cpu.max.is_some(),
             machine_type: spec.machine.as_str().into(),
-            boot_mode: "Legacy".into(),
+            boot_mode: if spec.firmware.is_uefi() { "UEFI" } else { "Legacy" }.into(),
+            secure_boot: spec.firmware == Firmware::UefiSecure,
             boot_dev: spec.boot_devices.iter().map(|d| d.as_str().to_owned()).collect(),
             root_volume: volumes.next().expect("a spec always has its root"),
             data_volumes: volumes.collect(),
