@@ -140,3 +140,80 @@ pub fn render() -> String {
     TextEncoder::new().encode(&METRICS.registry.gather(), &mut buf).expect("text encoding to a Vec");
     String::from_utf8(buf).expect("prometheus text is UTF-8")
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use prometheus::core::Collector;
+
+    use super::METRICS;
+
+    /// The names of every metric the agent exports.
+    fn exported() -> BTreeSet<String> {
+        let m = &*METRICS;
+        let collectors: [&dyn Collector; 7] = [
+            &m.tasks,
+            &m.task_seconds,
+            &m.in_flight,
+            &m.qemu_img_seconds,
+            &m.libvirt_seconds,
+            &m.callbacks,
+            &m.recovered,
+        ];
+        collectors.iter().flat_map(|c| c.desc()).map(|d| d.fq_name.clone()).collect()
+    }
+
+    /// Every `kvmagent_*` metric a text names, histogram series (`_bucket`, `_sum`, `_count`) by
+    /// their histogram's name.
+    fn named_in(text: &str) -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        for (i, _) in text.match_indices("kvmagent_") {
+            let name: String =
+                text[i..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit()).collect();
+            let name =
+                ["_bucket", "_sum", "_count"].iter().fold(name, |n, s| n.strip_suffix(s).map_or(n.clone(), Into::into));
+            names.insert(name);
+        }
+        names
+    }
+
+    #[test]
+    fn the_dashboard_and_alerts_name_only_metrics_the_agent_exports() {
+        let exported = exported();
+        let dashboard = include_str!("../monitoring/grafana-dashboard.json");
+        serde_json::from_str::<serde_json::Value>(dashboard).expect("the dashboard is JSON");
+        for (file, text) in
+            [("grafana-dashboard.json", dashboard), ("alerts.yml", include_str!("../monitoring/alerts.yml"))]
+        {
+            let named = named_in(text);
+            assert!(!named.is_empty(), "{file} names no metric");
+            let unknown: Vec<_> = named.difference(&exported).collect();
+            assert!(
+                unknown.is_empty(),
+                "{file} names metrics the agent does not export: {unknown:?} (exported: {exported:?})"
+            );
+        }
+        for alert in [
+            "kvmagent_tasks_total{outcome=\"failed\"}",
+            "kvmagent_callbacks_total{outcome=\"failed\"}",
+            "kvmagent_recovered_tasks_total{action=\"rolled_back\"}",
+        ] {
+            assert!(include_str!("../monitoring/alerts.yml").contains(alert), "an alert on {alert}");
+        }
+    }
+
+    #[test]
+    fn callback_and_recovery_counters_are_rendered_from_the_start() {
+        super::recovered(0, 1);
+        let text = super::render();
+        for series in [
+            "kvmagent_callbacks_total{outcome=\"delivered\"}",
+            "kvmagent_callbacks_total{outcome=\"failed\"}",
+            "kvmagent_recovered_tasks_total{action=\"resumed\"}",
+            "kvmagent_recovered_tasks_total{action=\"rolled_back\"}",
+        ] {
+            assert!(text.contains(series), "{series} in:\n{text}");
+        }
+    }
+}
