@@ -287,7 +287,13 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str, peer: IpAddr
     }
     let raw = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read the request body: {e}")),
+        Err(e) => {
+            // The rest of the body stays unread, so the connection cannot carry another request:
+            // say so, or a client would send its next request on a connection about to close.
+            let mut r = refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read the request body: {e}"));
+            r.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            return r;
+        }
     };
     let body = wire::parse_body(&raw);
     if let Some(why) = refused {
