@@ -53,6 +53,9 @@ pub struct Point {
     /// when it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvram_sha256: Option<String>,
+    /// Whether the VM's TPM state at that point was kept ([`tpm_dir_name`]).
+    #[serde(default)]
+    pub tpm: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,6 +91,11 @@ pub fn file_name(volume_uuid: &str, point: usize) -> String {
 /// The relative name of the copy of the VM's NVRAM at `point`.
 pub fn nvram_file_name(point: usize) -> String {
     format!("nvram/{point}.fd")
+}
+
+/// Where a point keeps the VM's TPM state (swtpm's directory, copied at the instant).
+pub fn tpm_dir_name(point: usize) -> String {
+    format!("tpm/{point}")
 }
 
 /// A group directory, inside a backup root.
