@@ -2,7 +2,7 @@
 //! production log level), waits until it is idle and prints its resident memory, then the
 //! latency of `/host/echo` from 500 concurrent keep-alive connections — flat out (each
 //! connection sends its next request when the last is answered, as `wrk` does) and paced (each
-//! connection sends 20 requests a second, timed from when each was due, so a stall is not hidden)
+//! connection sends 5 requests a second, timed from when each was due, so a stall is not hidden)
 //! — alone and while an offline flatten of a multi-GiB chain runs. Also the load generator's own
 //! CPU share (it shares the cores with the agent) and the agent's.
 //!
@@ -11,8 +11,8 @@
 //! (the baseline is the agent's share of the same run) and throughput (the run alone).
 //!
 //! Run: `cargo build --release -p kvmagent && cargo bench -p kvmagent-host-tests --bench daemon`
-//! (`KVMAGENT_BENCH_CONNECTIONS`, `KVMAGENT_BENCH_SECS` change the load; needs libvirtd like the
-//! host tests).
+//! (`KVMAGENT_BENCH_CONNECTIONS`, `KVMAGENT_BENCH_RATE` (paced requests a second per
+//! connection), `KVMAGENT_BENCH_SECS` change the load; needs libvirtd like the host tests).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,8 +30,6 @@ const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const RSS_GOAL_MIB: f64 = 15.0;
 const P99_GOAL_MS: f64 = 5.0;
-/// Requests a second each connection sends in the paced runs.
-const PACED_RATE: u64 = 20;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -139,8 +137,7 @@ fn rand_fraction() -> f64 {
 async fn load(h: &Host, connections: u64, rate: u64, until: impl std::future::Future<Output = ()>) -> Run {
     let pid = h.pid().expect("agent running");
     let done = Arc::new(AtomicBool::new(false));
-    let conns: Vec<_> =
-        (0..connections).map(|_| tokio::spawn(connection(h.port, rate, done.clone()))).collect();
+    let conns: Vec<_> = (0..connections).map(|_| tokio::spawn(connection(h.port, rate, done.clone()))).collect();
     // Connections open and warm up before the measured window.
     tokio::time::sleep(Duration::from_secs(1)).await;
     for c in &conns {
@@ -212,6 +209,7 @@ async fn during_flatten(h: &Host, top: &Path, i: usize, connections: u64, rate: 
 async fn main() {
     let connections = env_or("KVMAGENT_BENCH_CONNECTIONS", 500);
     let secs = env_or("KVMAGENT_BENCH_SECS", 10);
+    let rate = env_or("KVMAGENT_BENCH_RATE", 5);
     let h = Host::start_with_env("", &[("KVMAGENT_LOG", "info")]).await.expect("agent");
     let pid = h.pid().expect("agent running");
     wait_idle(pid).await;
@@ -223,17 +221,19 @@ async fn main() {
         threads(pid)
     );
     emit("idle_rss_mib", rss as f64 / 1024.0, RSS_GOAL_MIB);
+    // The agent's own memory; the rest of VmRSS is pages of the binary and its libraries.
+    emit("idle_rss_anon_mib", status_kib(pid, "RssAnon") as f64 / 1024.0, RSS_GOAL_MIB);
 
     let window = tokio::time::sleep(Duration::from_secs(secs));
     let flat_out = load(&h, connections, 0, window).await;
     let alone_rps = report("flat_out", &flat_out, None);
-    let paced = load(&h, connections, PACED_RATE, tokio::time::sleep(Duration::from_secs(secs))).await;
+    let paced = load(&h, connections, rate, tokio::time::sleep(Duration::from_secs(secs))).await;
     report("paced", &paced, None);
     eprintln!("after load: VmRSS {} kB, {} threads", status_kib(pid, "VmRSS"), threads(pid));
 
     let top = chain(&h.path("bench"));
     let flat_out = during_flatten(&h, &top, 0, connections, 0).await;
     report("flat_out_during_flatten", &flat_out, Some(alone_rps));
-    let paced = during_flatten(&h, &top, 1, connections, PACED_RATE).await;
+    let paced = during_flatten(&h, &top, 1, connections, rate).await;
     report("paced_during_flatten", &paced, None);
 }
