@@ -220,6 +220,8 @@ async fn main() {
         status_kib(pid, "RssFile"),
         threads(pid)
     );
+    // Latency figures mean little on a host busy with other work: say how busy it was.
+    eprintln!("load average: {}", std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
     emit("idle_rss_mib", rss as f64 / 1024.0, RSS_GOAL_MIB);
     // The agent's own memory; the rest of VmRSS is pages of the binary and its libraries.
     emit("idle_rss_anon_mib", status_kib(pid, "RssAnon") as f64 / 1024.0, RSS_GOAL_MIB);

@@ -412,7 +412,8 @@ impl LocalStorage {
         let backing = self.roots.confine_chain(backing)?;
         let fmt = qemu_img::read_header(&backing).map_err(|e| AgentError::invalid(e.to_string()))?.format;
         let building = Building::beside(&path);
-        std::fs::copy(&path, &building.tmp).map_err(|e| {
+        // A whole volume: the runtime worker's other requests move elsewhere meanwhile.
+        crate::atomic_file::blocking(|| std::fs::copy(&path, &building.tmp)).map_err(|e| {
             AgentError::failed("cannot copy the volume to rebase it", format!("{}: {e}", path.display()))
         })?;
         self.qemu_img
