@@ -86,6 +86,7 @@ struct Run {
 
 impl Run {
     fn percentile_ms(&self, p: f64) -> f64 {
+        assert!(!self.latencies_us.is_empty(), "no request was answered inside the window");
         let i = ((self.latencies_us.len() as f64 * p).ceil() as usize).clamp(1, self.latencies_us.len()) - 1;
         self.latencies_us[i] as f64 / 1000.0
     }
