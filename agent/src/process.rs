@@ -110,12 +110,22 @@ fn lower_priority(cmd: &mut Command) {
 /// Runs `program args...` to completion. When `stop` fires first, the child is killed and
 /// `Stopped` returned; the caller removes whatever the child was building.
 pub async fn run<S: AsRef<OsStr>>(program: &str, args: &[S], stop: &Stop) -> Result<Output, ProcessError> {
-    run_with_lines(program, args, stop, Priority::Normal, |_| {}).await
+    run_with_lines(program, args, stop, |_| {}).await
 }
 
 /// Like [`run`], and calls `on_line` with every line (or `\r`-terminated progress update) the
 /// child writes to stdout or stderr, e.g. `qemu-img convert -p` or `rbd flatten` progress.
 pub async fn run_with_lines<S: AsRef<OsStr>>(
+    program: &str,
+    args: &[S],
+    stop: &Stop,
+    on_line: impl FnMut(&str),
+) -> Result<Output, ProcessError> {
+    run_with_lines_as(program, args, stop, Priority::Normal, on_line).await
+}
+
+/// Like [`run_with_lines`], at `priority`.
+pub async fn run_with_lines_as<S: AsRef<OsStr>>(
     program: &str,
     args: &[S],
     stop: &Stop,
@@ -206,9 +216,7 @@ mod tests {
     #[tokio::test]
     async fn progress_lines_split_on_carriage_return() {
         let mut seen = Vec::new();
-        run_with_lines("printf", &["a\rb\nc"], &Stop::new(), Priority::Normal, |l| seen.push(l.to_owned()))
-            .await
-            .unwrap();
+        run_with_lines("printf", &["a\rb\nc"], &Stop::new(), |l| seen.push(l.to_owned())).await.unwrap();
         assert_eq!(seen, ["a", "b", "c"]);
     }
 
@@ -216,7 +224,8 @@ mod tests {
     async fn copies_run_at_lower_cpu_and_io_priority() {
         // Field 19 of /proc/self/stat is the niceness; `ionice` prints its own I/O class.
         let nice_of_child = || async {
-            let out = run_with_lines("cat", &["/proc/self/stat"], &Stop::new(), Priority::Copy, |_| {}).await.unwrap();
+            let out =
+                run_with_lines_as("cat", &["/proc/self/stat"], &Stop::new(), Priority::Copy, |_| {}).await.unwrap();
             let after_comm = out.stdout.rsplit_once(") ").unwrap().1.to_owned();
             after_comm.split_whitespace().nth(16).unwrap().parse::<i32>().unwrap()
         };
@@ -225,7 +234,7 @@ mod tests {
         assert_eq!(nice_of_child().await, (own + COPY_NICE).min(19));
         let normal = run("cat", &["/proc/self/stat"], &Stop::new()).await.unwrap().stdout;
         assert_eq!(normal.rsplit_once(") ").unwrap().1.split_whitespace().nth(16).unwrap(), own.to_string());
-        let io = run_with_lines("ionice", &[] as &[&str], &Stop::new(), Priority::Copy, |_| {}).await.unwrap();
+        let io = run_with_lines_as("ionice", &[] as &[&str], &Stop::new(), Priority::Copy, |_| {}).await.unwrap();
         assert_eq!(io.stdout.trim(), "best-effort: prio 7");
     }
 

@@ -224,7 +224,7 @@ impl RbdCli {
         all.extend(args.iter().map(OsString::from));
         // The unbounded calls are the copies (deep cp).
         let priority = if bounded { Priority::Normal } else { Priority::Copy };
-        let fut = process::run_with_lines("rbd", &all, stop, priority, |_| {});
+        let fut = process::run_with_lines_as("rbd", &all, stop, priority, |_| {});
         let out = if bounded {
             tokio::time::timeout(CALL_TIMEOUT, fut).await.map_err(|_| RbdError::Timeout { what: what.clone() })?
         } else {
@@ -309,7 +309,7 @@ impl Rbd for RbdCli {
         let what = format!("flatten {}", p.image_spec());
         let mut args = self.0.args();
         args.extend(["flatten".into(), p.image_spec().into()]);
-        process::run_with_lines("rbd", &args, stop, Priority::Copy, |line| {
+        process::run_with_lines_as("rbd", &args, stop, Priority::Copy, |line| {
             if let Some(pct) = flatten_progress(line) {
                 on_progress(pct);
             }

@@ -26,7 +26,7 @@ async fn run_as(
     priority: Priority,
 ) -> Result<String, QemuImgError> {
     let start = Instant::now();
-    let out = process::run_with_lines("qemu-img", args, stop, priority, |_| {}).await;
+    let out = process::run_with_lines_as("qemu-img", args, stop, priority, |_| {}).await;
     metrics::observe_qemu_img(subcommand, start);
     out.map(|o| o.stdout).map_err(|source| QemuImgError::Run { subcommand, path: path.display().to_string(), source })
 }
@@ -117,7 +117,7 @@ impl QemuImg for QemuImgCli {
         push_options(&mut a, c.opts);
         a.extend([c.src.into(), c.dst.into()]);
         let start = Instant::now();
-        let out = process::run_with_lines("qemu-img", &a, stop, Priority::Copy, |line| {
+        let out = process::run_with_lines_as("qemu-img", &a, stop, Priority::Copy, |line| {
             if let Some(p) = parse_progress(line) {
                 on_progress(p);
             }
