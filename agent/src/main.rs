@@ -150,6 +150,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     for root in &config.storage.roots {
         std::fs::create_dir_all(root).map_err(|e| format!("cannot create storage root {}: {e}", root.display()))?;
     }
+    kvmagent::process::set_low_priority_copies(config.tasks.low_priority_copies);
     let listen = config.server.listen;
     let ceph_listen = config.ceph.agent_listen;
     let retention = Duration::from_secs(config.tasks.retention_secs);
