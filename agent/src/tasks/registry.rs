@@ -1,6 +1,7 @@
 //! The task registry: admits each async command once per `taskuuid`, tracks it while it runs,
 //! keeps its result, and answers cancel and status requests.
 
+use schemars::JsonSchema;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,7 +53,7 @@ impl Default for Limits {
 }
 
 /// The answer to `GET /task/<taskuuid>`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct TaskStatus {
     #[serde(rename = "taskUuid")]
     pub task_id: String,
