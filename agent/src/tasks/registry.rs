@@ -58,8 +58,11 @@ pub struct TaskStatus {
     #[serde(rename = "taskUuid")]
     pub task_id: String,
     pub path: String,
+    /// `running`, `succeeded`, `failed` or `cancelled`.
     pub state: &'static str,
+    /// Percent.
     pub progress: u8,
+    /// Once the task ended: the body posted to its callback.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
 }
