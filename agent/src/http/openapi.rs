@@ -85,7 +85,8 @@ fn failure(g: &mut SchemaGenerator) -> Value {
             "error": {"type": "string"},
             "errorCode": g.subschema_for::<ErrorCode>(),
         },
-        "required": ["success", "error", "errorCode"],
+        // A task the journal could not record is refused without an `errorCode`.
+        "required": ["success", "error"],
     })
 }
 
