@@ -39,6 +39,8 @@ enum Command {
     },
     /// List the command paths the agent serves.
     Paths,
+    /// Print the OpenAPI document of the native API (as served at `GET /api`).
+    Openapi,
     /// Check that this host can run the agent's work: one line per check, each problem with its
     /// fix. Exit code 0 ready, 1 degraded, 2 not ready.
     CheckHost {
@@ -105,6 +107,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::CheckHost { config, json } => check_host(config.as_deref(), json),
+        Command::Openapi => {
+            println!("{:#}", kvmagent::http::openapi::document());
+            ExitCode::SUCCESS
+        }
         Command::Paths => {
             for (path, style) in kvmagent::http::routes::paths() {
                 println!("{style:?}\t{path}");
