@@ -219,7 +219,12 @@ extern "C" fn progress_trampoline<F: Fn(u64, u64) -> bool + Sync>(offset: u64, t
 }
 
 /// Calls `F` for each extent `rbd_diff_iterate2` reports.
-extern "C" fn diff_trampoline<F: Fn(u64, u64, bool) + Sync>(offset: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int {
+extern "C" fn diff_trampoline<F: Fn(u64, u64, bool) + Sync>(
+    offset: u64,
+    len: usize,
+    exists: c_int,
+    arg: *mut c_void,
+) -> c_int {
     // SAFETY: `arg` is the `&F` the caller passed, alive until the librbd call returns.
     let f = unsafe { &*(arg as *const F) };
     f(offset, len as u64, exists != 0);
@@ -279,7 +284,8 @@ impl<'io> Image<'io> {
         check(r, || self.step("reading the parent of"))?;
         // SAFETY: filled by librbd on success: NUL-terminated strings, freed right after.
         let parent = unsafe {
-            let p = ParentSpec { pool: owned(image.pool_name), image: owned(image.image_name), snapshot: owned(snap.name) };
+            let p =
+                ParentSpec { pool: owned(image.pool_name), image: owned(image.image_name), snapshot: owned(snap.name) };
             ffi::rbd_linked_image_spec_cleanup(&mut image);
             ffi::rbd_snap_spec_cleanup(&mut snap);
             p
@@ -326,16 +332,7 @@ impl<'io> Image<'io> {
         // SAFETY: open image; snapshot name NUL-terminated or NULL; the callback's argument lives
         // for the call.
         let r = unsafe {
-            ffi::rbd_diff_iterate2(
-                self.raw,
-                ptr_or_null(&from_c),
-                0,
-                size,
-                u8::from(with_parent),
-                1,
-                cb,
-                arg,
-            )
+            ffi::rbd_diff_iterate2(self.raw, ptr_or_null(&from_c), 0, size, u8::from(with_parent), 1, cb, arg)
         };
         check(r, || self.step("listing the allocated extents of")).map(drop)
     }
@@ -417,11 +414,8 @@ impl<'io> Image<'io> {
             check(r, || self.step("listing the clones of"))?;
             // SAFETY: on success the first `max` entries are filled; copied, then freed.
             let kids = unsafe {
-                let kids = buf[..max]
-                    .iter()
-                    .filter(|c| !c.trash)
-                    .map(|c| (owned(c.pool_name), owned(c.image_name)))
-                    .collect();
+                let kids =
+                    buf[..max].iter().filter(|c| !c.trash).map(|c| (owned(c.pool_name), owned(c.image_name))).collect();
                 ffi::rbd_linked_image_spec_list_cleanup(buf.as_mut_ptr(), max);
                 kids
             };

@@ -111,7 +111,8 @@ impl RbdLib {
         } else {
             job.await
         };
-        let r = joined.map_err(|e| RbdError::Refused { what: what.clone(), reason: format!("the librbd call failed: {e}") })?;
+        let r = joined
+            .map_err(|e| RbdError::Refused { what: what.clone(), reason: format!("the librbd call failed: {e}") })?;
         r.map_err(|Fail { step, errno }| {
             if errno == -libc::ECANCELED && stop.is_stopped() {
                 RbdError::Stopped { what }
@@ -136,7 +137,8 @@ impl RbdLib {
     {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u8>();
         let stopped = stop.clone();
-        let last = AtomicU8::new(0);
+        // Nothing reported yet: the first callback always reports.
+        let last = AtomicU8::new(u8::MAX);
         let fut = self.call(what, stop, false, move |s| {
             let progress = move |done: u64, total: u64| {
                 let pct = (done.saturating_mul(100) / total.max(1)).min(100) as u8;
@@ -190,8 +192,7 @@ impl Rbd for RbdLib {
         self.call(format!("info {}", p.spec()), stop, true, move |s| {
             with_image(s, &p, true, |img| {
                 let stat = img.stat()?;
-                let parent =
-                    img.parent()?.map(|pp| Parent { pool: pp.pool, image: pp.image, snapshot: pp.snapshot });
+                let parent = img.parent()?.map(|pp| Parent { pool: pp.pool, image: pp.image, snapshot: pp.snapshot });
                 Ok(ImageInfo { size: stat.size, object_size: stat.object_size, parent })
             })
         })
