@@ -173,8 +173,7 @@ async fn a_running_vm_on_ceph_cloned_linked_and_full_through_the_ceph_agent_port
     for (root, data) in [(&linked_root, &linked_data), (&full_root, &full_data)] {
         let clone = uuid();
         h.track_vm(&clone);
-        let cmd =
-            start_cmd(&h, &clone, &ceph_volume(root, 0, &secret), &[&ceph_volume(data, 1, &secret)], json!([]), 2);
+        let cmd = start_cmd(&h, &clone, &ceph_volume(root, 0, &secret), &[&ceph_volume(data, 1, &secret)], json!([]), 2);
         let seen = mn.start(&cmd).await;
         assert_eq!((seen["vda"][&0].as_slice(), seen["vdb"][&0].as_slice()), (&image_bytes[..], &data_bytes[..]));
     }
