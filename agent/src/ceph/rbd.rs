@@ -212,6 +212,11 @@ pub trait Rbd: Send + Sync {
     /// `delay_secs` have passed (and from which it can be restored until then).
     async fn trash_move(&self, p: &CephPath, delay_secs: u64, stop: &Stop) -> Result<(), RbdError>;
 
+    /// `info(p).size` and `used(p)` together (a client may answer both from one open image).
+    async fn size_and_used(&self, p: &CephPath, stop: &Stop) -> Result<(u64, u64), RbdError> {
+        Ok((self.info(p, stop).await?.size, self.used(p, stop).await?))
+    }
+
     /// Whether the image (or snapshot) exists.
     async fn exists(&self, p: &CephPath, stop: &Stop) -> Result<bool, RbdError> {
         match self.info(p, stop).await {

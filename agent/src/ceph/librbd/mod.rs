@@ -92,11 +92,15 @@ impl RbdLib {
             return Err(RbdError::Stopped { what });
         }
         let shared = self.0.clone();
+        let logged = what.clone();
         let job = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let r = shared.session().and_then(|s| f(&s));
             if r.as_ref().is_err_and(|e| connection_lost(e.errno)) {
                 shared.forget();
             }
+            // The benchmark's time per step reads these.
+            tracing::debug!(call = %logged, us = started.elapsed().as_micros() as u64, ok = r.is_ok(), "librbd call");
             r
         });
         let joined = if bounded {
@@ -181,6 +185,19 @@ fn on_snap(s: &Session, p: &CephPath, f: impl FnOnce(&Image, &str) -> Res<()>) -
     with_image(s, &CephPath { snap: None, ..p.clone() }, false, |img| f(img, snap))
 }
 
+/// What `rbd du` reports for the open head: the data written since the last snapshot (all of
+/// it without one), whole objects counted, the parent's not.
+fn head_used(img: &Image) -> Res<u64> {
+    let last_snap = img.snaps()?.pop();
+    let used = AtomicU64::new(0);
+    img.diff(last_snap.as_deref(), false, |_, len, exists| {
+        if exists {
+            used.fetch_add(len, Ordering::Relaxed);
+        }
+    })?;
+    Ok(used.into_inner())
+}
+
 #[async_trait]
 impl Rbd for RbdLib {
     fn qemu_name(&self, p: &CephPath) -> String {
@@ -199,21 +216,20 @@ impl Rbd for RbdLib {
         .await
     }
 
-    /// What `rbd du` reports for the head: the data written since the last snapshot (all of
-    /// it without one), whole objects counted, the parent's not.
     async fn used(&self, p: &CephPath, stop: &Stop) -> Result<u64, RbdError> {
         let head = CephPath { snap: None, ..p.clone() };
-        self.call(format!("du {}", head.spec()), stop, true, move |s| {
-            with_image(s, &head, true, |img| {
-                let last_snap = img.snaps()?.pop();
-                let used = AtomicU64::new(0);
-                img.diff(last_snap.as_deref(), false, |_, len, exists| {
-                    if exists {
-                        used.fetch_add(len, Ordering::Relaxed);
-                    }
-                })?;
-                Ok(used.into_inner())
-            })
+        self.call(format!("du {}", head.spec()), stop, true, move |s| with_image(s, &head, true, head_used)).await
+    }
+
+    /// Both from one open of the head (a clone's open also opens its parent, so each open
+    /// saved is several round trips).
+    async fn size_and_used(&self, p: &CephPath, stop: &Stop) -> Result<(u64, u64), RbdError> {
+        if p.snap.is_some() {
+            return Ok((self.info(p, stop).await?.size, self.used(p, stop).await?));
+        }
+        let head = p.clone();
+        self.call(format!("info+du {}", head.spec()), stop, true, move |s| {
+            with_image(s, &head, true, |img| Ok((img.stat()?.size, head_used(img)?)))
         })
         .await
     }
