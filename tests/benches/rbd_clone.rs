@@ -95,7 +95,8 @@ fn print_librbd_steps(log: &str) {
     for line in log.lines().filter(|l| l.contains("librbd call")) {
         let line = strip_ansi(line);
         let field = |name: &str| line.split(&format!("{name}=")).nth(1).map(|rest| rest.trim_start_matches('"'));
-        let kind = field("call").map(|c| c.split_whitespace().take_while(|w| !w.contains('/')).collect::<Vec<_>>().join(" "));
+        let kind =
+            field("call").map(|c| c.split_whitespace().take_while(|w| !w.contains('/')).collect::<Vec<_>>().join(" "));
         let us = field("us").and_then(|u| u.split_whitespace().next()?.parse::<u64>().ok());
         if let (Some(kind), Some(us)) = (kind, us) {
             let e = steps.entry(kind).or_default();
