@@ -8,8 +8,9 @@ use tokio::sync::mpsc;
 
 use crate::callbacks::client::Poster;
 use crate::ceph::cluster::{CephCli, Cluster};
+use crate::ceph::librbd::RbdLib;
 use crate::ceph::rbd::{Connection, Rbd, RbdCli};
-use crate::config::Config;
+use crate::config::{CephClient, Config};
 use crate::host_identity::HostIdentity;
 use crate::hypervisor::Hypervisor;
 use crate::iso::{IsoWriter, Xorriso};
@@ -91,7 +92,10 @@ impl App {
         let connection = Connection { conf: c.conf.clone(), id: c.id.clone(), keyring: c.keyring.clone() };
         let backends = Backends {
             libvirt: Arc::new(Libvirt::new(&config.libvirt.uri)),
-            rbd: Arc::new(RbdCli(connection.clone())),
+            rbd: match c.client {
+                CephClient::Librbd => Arc::new(RbdLib::new(connection.clone())),
+                CephClient::Cli => Arc::new(RbdCli(connection.clone())),
+            },
             ceph: Arc::new(CephCli(connection)),
             qemu_img: Arc::new(QemuImgCli),
             net: Arc::new(RtNetlink),

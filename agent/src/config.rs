@@ -153,6 +153,17 @@ pub struct CephConfig {
     /// addresses once a `[ceph]` table is written; `"off"` (or no `[ceph]` table) turns it off.
     #[serde(default = "default_ceph_agent_listen", deserialize_with = "address_or_off")]
     pub agent_listen: Option<SocketAddr>,
+    /// How RBD images are reached: `"librbd"` (in the agent's process over one shared cluster
+    /// connection) or `"cli"` (the `rbd` command line, a process per call).
+    pub client: CephClient,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CephClient {
+    #[default]
+    Librbd,
+    Cli,
 }
 
 fn default_ceph_agent_listen() -> Option<SocketAddr> {
@@ -172,7 +183,13 @@ fn address_or_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Socke
 impl Default for CephConfig {
     /// No `[ceph]` table: the Ceph agent port stays closed.
     fn default() -> Self {
-        CephConfig { conf: PathBuf::from("/etc/ceph/ceph.conf"), id: "admin".into(), keyring: None, agent_listen: None }
+        CephConfig {
+            conf: PathBuf::from("/etc/ceph/ceph.conf"),
+            id: "admin".into(),
+            keyring: None,
+            agent_listen: None,
+            client: CephClient::default(),
+        }
     }
 }
 
@@ -340,6 +357,14 @@ mod tests {
         assert_eq!(listen("[ceph]\nagent_listen = \"127.0.0.1:9\"\n").unwrap(), Some("127.0.0.1:9".parse().unwrap()));
         assert_eq!(listen("[ceph]\nagent_listen = \"off\"\n").unwrap(), None);
         assert!(listen("[ceph]\nagent_listen = \"7762\"\n").unwrap_err().to_string().contains("off"));
+    }
+
+    #[test]
+    fn rbd_goes_through_librbd_unless_the_cli_is_asked_for() {
+        let client = |toml: &str| toml::from_str::<Config>(toml).map(|c| c.ceph.client);
+        assert_eq!(client("").unwrap(), CephClient::Librbd);
+        assert_eq!(client("[ceph]\nclient = \"cli\"\n").unwrap(), CephClient::Cli);
+        assert!(client("[ceph]\nclient = \"rados\"\n").is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Benchmark: `/vm/clone` of a VM on RBD into N linked clones (volumes only) against a
 //! sequential `rbd clone` loop from one protected snapshot, in the same process, on the test
-//! cluster (`tests/ceph/start.sh`). Prints wall times and the ratio.
+//! cluster (`tests/ceph/start.sh`). Prints wall times and the ratio, then one JSON line
+//! `{"name", "figure", "baseline", "ratio"}` (seconds; ratio = figure / baseline).
 //!
 //! Run: `cargo build --release -p kvmagent && cargo bench -p kvmagent-host-tests --bench rbd_clone`
 
@@ -71,6 +72,9 @@ async fn main() {
         baseline.as_secs_f64() * 1000.0 / n as f64
     );
     println!("speed-up (baseline / kvmagent): {:.2}x", baseline.as_secs_f64() / agent.as_secs_f64());
+    print_librbd_steps(&h.log());
+    let (figure, base) = (agent.as_secs_f64(), baseline.as_secs_f64());
+    println!("{}", json!({"name": "rbd_clone", "figure": figure, "baseline": base, "ratio": figure / base}));
 
     for inv in r["inventories"].as_array().unwrap() {
         let path =
@@ -82,4 +86,38 @@ async fn main() {
     }
     ceph::remove_all(&format!("rbd/{root}"));
     ceph::remove_all(&format!("rbd/{image}"));
+}
+
+/// Time per step: how many librbd calls of each kind the agent made and how long they took
+/// (from its debug log; nothing when it runs the `rbd` command line).
+fn print_librbd_steps(log: &str) {
+    let mut steps: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for line in log.lines().filter(|l| l.contains("librbd call")) {
+        let line = strip_ansi(line);
+        let field = |name: &str| line.split(&format!("{name}=")).nth(1).map(|rest| rest.trim_start_matches('"'));
+        let kind =
+            field("call").map(|c| c.split_whitespace().take_while(|w| !w.contains('/')).collect::<Vec<_>>().join(" "));
+        let us = field("us").and_then(|u| u.split_whitespace().next()?.parse::<u64>().ok());
+        if let (Some(kind), Some(us)) = (kind, us) {
+            let e = steps.entry(kind).or_default();
+            *e = (e.0 + 1, e.1 + us);
+        }
+    }
+    for (kind, (count, us)) in steps {
+        println!("librbd {kind:<14} {count:>4} calls  {:>7.1} ms each", us as f64 / count as f64 / 1000.0);
+    }
+}
+
+/// The log line without its terminal colour codes (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

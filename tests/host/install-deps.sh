@@ -4,7 +4,8 @@
 # swtpm, OVMF (UEFI guests), xorriso (cloud-init seed ISOs), the build dependencies of the `virt`
 # crate, and what the tests use besides (openssl and curl for TLS, systemd-analyze for the unit
 # file, sshd for the image-cache tests' SFTP source, Debian's signed shim + GRUB and mtools for the
-# Secure Boot test guest's ESP, virt-firmware to read NVRAM files, xmllint for virt-xml-validate).
+# Secure Boot test guest's ESP, virt-firmware to read NVRAM files, xmllint for virt-xml-validate),
+# and the librbd/librados headers the agent's in-process RBD client links against.
 # Idempotent; safe to run again.
 set -euo pipefail
 
@@ -13,7 +14,7 @@ set -euo pipefail
 need=()
 for bin in libvirtd virsh qemu-system-x86_64 qemu-img swtpm pkg-config systemd-analyze openssl curl busybox /usr/sbin/sshd ssh \
     xorriso mformat xmllint virt-fw-vars /usr/share/OVMF/OVMF_CODE_4M.secboot.fd /usr/lib/shim/shimx64.efi.signed \
-    /usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed; do
+    /usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed /usr/include/rbd/librbd.h /usr/include/rados/librados.h; do
     [ -e "$bin" ] && continue
     command -v "$bin" >/dev/null 2>&1 || need+=("$bin")
 done
@@ -48,5 +49,6 @@ apt-get install "${apt_opts[@]}" \
     qemu-system-data/bookworm-backports seabios/bookworm-backports \
     qemu-utils/bookworm-backports \
     busybox-static systemd openssl curl openssh-server openssh-client \
-    ovmf xorriso mtools libxml2-utils python3-virt-firmware shim-signed grub-efi-amd64-signed
+    ovmf xorriso mtools libxml2-utils python3-virt-firmware shim-signed grub-efi-amd64-signed \
+    librbd-dev librados-dev
 echo "install-deps: done"

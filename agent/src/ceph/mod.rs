@@ -1,7 +1,8 @@
-//! Ceph RBD primary storage: validated paths and the `rbd` command line.
+//! Ceph RBD primary storage: validated paths, and RBD through librbd or the `rbd` command line.
 
 pub mod cluster;
 #[cfg(test)]
 pub mod fake;
+pub mod librbd;
 pub mod path;
 pub mod rbd;

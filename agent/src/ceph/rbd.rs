@@ -16,7 +16,7 @@ use crate::process::{self, Priority, ProcessError};
 use crate::stop::Stop;
 
 /// How long one quick `rbd` call may take (flatten and copies are bounded by the task instead).
-const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RbdError {
@@ -38,6 +38,12 @@ pub enum RbdError {
     /// Refused by the cluster for the reason given (a fake's answer; `rbd` gives stderr).
     #[error("rbd {what}: {reason}")]
     Refused { what: String, reason: String },
+    /// librbd or librados failed `step` of `what` with the negative errno `errno`.
+    #[error("rbd {what}: {step}: {}", std::io::Error::from_raw_os_error(-errno))]
+    Lib { what: String, step: String, errno: i32 },
+    /// The task was stopped before or during the call (librbd's in-process client).
+    #[error("rbd {what} was stopped")]
+    Stopped { what: String },
 }
 
 impl RbdError {
@@ -48,22 +54,39 @@ impl RbdError {
         }
     }
 
+    fn errno(&self) -> Option<i32> {
+        match self {
+            RbdError::Lib { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+
     pub fn is_not_found(&self) -> bool {
-        matches!(self, RbdError::NotFound { .. }) || self.stderr().contains("No such file or directory")
+        matches!(self, RbdError::NotFound { .. })
+            || self.errno() == Some(-libc::ENOENT)
+            || self.stderr().contains("No such file or directory")
     }
 
     pub fn is_exists(&self) -> bool {
-        matches!(self, RbdError::Exists { .. }) || self.stderr().contains("File exists")
+        matches!(self, RbdError::Exists { .. })
+            || self.errno() == Some(-libc::EEXIST)
+            || self.stderr().contains("File exists")
     }
 
     /// The image is still open somewhere (possibly by a killed client, until Ceph times its
     /// watch out).
     pub fn is_busy(&self) -> bool {
-        matches!(self, RbdError::Busy { .. }) || self.stderr().contains("image still has watchers")
+        matches!(self, RbdError::Busy { .. })
+            || self.errno() == Some(-libc::EBUSY)
+            || self.stderr().contains("image still has watchers")
     }
 
     pub fn was_stopped(&self) -> bool {
-        matches!(self, RbdError::Run { source: ProcessError::Stopped { .. }, .. })
+        matches!(self, RbdError::Stopped { .. } | RbdError::Run { source: ProcessError::Stopped { .. }, .. })
+    }
+
+    fn is_timeout(&self) -> bool {
+        matches!(self, RbdError::Timeout { .. }) || self.errno() == Some(-libc::ETIMEDOUT)
     }
 }
 
@@ -73,13 +96,18 @@ impl From<RbdError> for AgentError {
             ErrorKind::NotFound
         } else if e.is_exists() {
             ErrorKind::Conflict
-        } else if matches!(e, RbdError::Timeout { .. }) {
+        } else if e.is_timeout() {
             ErrorKind::Timeout
         } else {
             ErrorKind::OperationFailed
         };
         AgentError::new(kind, "Ceph RBD operation failed", e.to_string())
     }
+}
+
+/// Image sizes are whole MiB, as `rbd create --size <n>M` makes them (at least one).
+pub(super) fn whole_mib(size: u64) -> u64 {
+    size.div_ceil(1 << 20).max(1)
 }
 
 /// `rbd flatten` prints `Image flatten: 42% complete...`.
@@ -184,6 +212,11 @@ pub trait Rbd: Send + Sync {
     /// `delay_secs` have passed (and from which it can be restored until then).
     async fn trash_move(&self, p: &CephPath, delay_secs: u64, stop: &Stop) -> Result<(), RbdError>;
 
+    /// `info(p).size` and `used(p)` together (a client may answer both from one open image).
+    async fn size_and_used(&self, p: &CephPath, stop: &Stop) -> Result<(u64, u64), RbdError> {
+        Ok((self.info(p, stop).await?.size, self.used(p, stop).await?))
+    }
+
     /// Whether the image (or snapshot) exists.
     async fn exists(&self, p: &CephPath, stop: &Stop) -> Result<bool, RbdError> {
         match self.info(p, stop).await {
@@ -210,6 +243,17 @@ impl Connection {
             a.extend(["--keyring".into(), k.clone().into()]);
         }
         a
+    }
+
+    /// How QEMU (and qemu-img) names `p`: `rbd:pool/image[@snap]:id=..:conf=..[:keyring=..]`,
+    /// with `:` and `\\` in the paths escaped as QEMU's option syntax wants.
+    pub fn qemu_name(&self, p: &CephPath) -> String {
+        let esc = |s: &std::path::Path| s.display().to_string().replace('\\', "\\\\").replace(':', "\\:");
+        let mut n = format!("rbd:{}:id={}:conf={}", p.spec(), self.id, esc(&self.conf));
+        if let Some(k) = &self.keyring {
+            n.push_str(&format!(":keyring={}", esc(k)));
+        }
+        n
     }
 }
 
@@ -243,16 +287,8 @@ impl RbdCli {
 
 #[async_trait]
 impl Rbd for RbdCli {
-    /// How QEMU (and qemu-img) names `p`: `rbd:pool/image[@snap]:id=..:conf=..[:keyring=..]`,
-    /// with `:` and `\\` in the paths escaped as QEMU's option syntax wants.
     fn qemu_name(&self, p: &CephPath) -> String {
-        let esc = |s: &std::path::Path| s.display().to_string().replace('\\', "\\\\").replace(':', "\\:");
-        let c = &self.0;
-        let mut n = format!("rbd:{}:id={}:conf={}", p.spec(), c.id, esc(&c.conf));
-        if let Some(k) = &c.keyring {
-            n.push_str(&format!(":keyring={}", esc(k)));
-        }
-        n
+        self.0.qemu_name(p)
     }
 
     async fn info(&self, p: &CephPath, stop: &Stop) -> Result<ImageInfo, RbdError> {
@@ -278,13 +314,13 @@ impl Rbd for RbdCli {
 
     /// A new image of at least `size` bytes (rbd sizes are in MiB).
     async fn create(&self, p: &CephPath, size: u64, stop: &Stop) -> Result<(), RbdError> {
-        let mib = size.div_ceil(1 << 20).max(1);
+        let mib = whole_mib(size);
         self.run(&["create", "--size", &format!("{mib}M"), &p.image_spec()], stop, true).await.map(|_| ())
     }
 
     /// Grows an image to at least `size` bytes.
     async fn resize(&self, p: &CephPath, size: u64, stop: &Stop) -> Result<(), RbdError> {
-        let mib = size.div_ceil(1 << 20).max(1);
+        let mib = whole_mib(size);
         self.run(&["resize", "--no-progress", "--size", &format!("{mib}M"), &p.image_spec()], stop, true)
             .await
             .map(|_| ())

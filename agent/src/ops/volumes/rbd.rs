@@ -162,7 +162,7 @@ impl VolumeStore for RbdStore<'_> {
     fn sizes<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, (u64, u64)> {
         Box::pin(async move {
             let p = CephPath::parse(path)?;
-            Ok((self.rbd.info(&p, stop).await?.size, self.rbd.used(&p, stop).await?))
+            Ok(self.rbd.size_and_used(&p, stop).await?)
         })
     }
 

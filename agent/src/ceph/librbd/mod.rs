@@ -1,0 +1,378 @@
+//! [`RbdLib`]: the [`Rbd`] trait over librbd and librados in the agent's process. One cluster
+//! connection for the whole agent, opened on first use and shared; one I/O context per pool,
+//! kept. A call that fails as if the connection were gone (or does not answer in time) drops it,
+//! and the next call connects again. librados blocks, so every call runs on the blocking pool;
+//! a stopped task makes no further call, and a flatten or deep copy under way is aborted from
+//! its progress callback.
+
+mod ffi;
+mod handle;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use self::handle::{Fail, Image, IoCtx, Rados, Res};
+use super::path::CephPath;
+use super::rbd::{whole_mib, Connection, ImageInfo, Parent, Rbd, RbdError, Snapshot, CALL_TIMEOUT};
+use crate::stop::Stop;
+
+/// Set on the connection: bounds how long connecting waits for a monitor (librados' default is
+/// five minutes, longer than a call may take).
+const CONNECT_OPTIONS: &[(&str, &str)] = &[("client_mount_timeout", "60")];
+
+/// Errnos after which the connection is not trusted any more.
+fn connection_lost(errno: i32) -> bool {
+    [libc::ESHUTDOWN, libc::ENOTCONN, libc::ETIMEDOUT, libc::ECONNREFUSED, libc::ECONNRESET].contains(&-errno)
+}
+
+/// The connected cluster and the I/O contexts of the pools used so far.
+struct Session {
+    rados: Arc<Rados>,
+    pools: Mutex<HashMap<String, Arc<IoCtx>>>,
+}
+
+impl Session {
+    fn pool(&self, name: &str) -> Res<Arc<IoCtx>> {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(io) = pools.get(name) {
+            return Ok(io.clone());
+        }
+        let io = Arc::new(IoCtx::open(&self.rados, name)?);
+        pools.insert(name.to_owned(), io.clone());
+        Ok(io)
+    }
+}
+
+struct Shared {
+    connection: Connection,
+    session: Mutex<Option<Arc<Session>>>,
+}
+
+impl Shared {
+    /// The current session, connecting first if there is none (callers wait for one connect).
+    fn session(&self) -> Res<Arc<Session>> {
+        let mut slot = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = slot.as_ref() {
+            return Ok(s.clone());
+        }
+        let c = &self.connection;
+        let rados = Rados::connect(&c.conf, &c.id, c.keyring.as_deref(), CONNECT_OPTIONS)?;
+        let s = Arc::new(Session { rados: Arc::new(rados), pools: Mutex::default() });
+        *slot = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Drops the session (calls still running keep theirs until they return).
+    fn forget(&self) {
+        self.session.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// RBD through librbd, one connection per agent.
+#[derive(Clone)]
+pub struct RbdLib(Arc<Shared>);
+
+impl RbdLib {
+    /// Connects lazily: nothing happens until the first call.
+    pub fn new(connection: Connection) -> RbdLib {
+        RbdLib(Arc::new(Shared { connection, session: Mutex::default() }))
+    }
+
+    /// Runs `f` on the blocking pool with the session; `bounded` calls give up after
+    /// [`CALL_TIMEOUT`] (flatten and copies are bounded by the task instead).
+    async fn call<T, F>(&self, what: String, stop: &Stop, bounded: bool, f: F) -> Result<T, RbdError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Session) -> Res<T> + Send + 'static,
+    {
+        if stop.is_stopped() {
+            return Err(RbdError::Stopped { what });
+        }
+        let shared = self.0.clone();
+        let logged = what.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let r = shared.session().and_then(|s| f(&s));
+            if r.as_ref().is_err_and(|e| connection_lost(e.errno)) {
+                shared.forget();
+            }
+            // The benchmark's time per step reads these.
+            tracing::debug!(call = %logged, us = started.elapsed().as_micros() as u64, ok = r.is_ok(), "librbd call");
+            r
+        });
+        let joined = if bounded {
+            match tokio::time::timeout(CALL_TIMEOUT, job).await {
+                Ok(j) => j,
+                Err(_) => {
+                    // The call may be stuck on a dead connection: the next one starts afresh.
+                    self.0.forget();
+                    return Err(RbdError::Timeout { what });
+                }
+            }
+        } else {
+            job.await
+        };
+        let r = joined
+            .map_err(|e| RbdError::Refused { what: what.clone(), reason: format!("the librbd call failed: {e}") })?;
+        r.map_err(|Fail { step, errno }| {
+            if errno == -libc::ECANCELED && stop.is_stopped() {
+                RbdError::Stopped { what }
+            } else {
+                RbdError::Lib { what, step, errno }
+            }
+        })
+    }
+
+    /// Like [`call`](Self::call), for a long operation reporting `(done, total)` through the
+    /// closure `f` is given: percentages go to `on_progress` while it runs, and the closure
+    /// answers `false` (abort) once `stop` fires.
+    async fn call_with_progress<F>(
+        &self,
+        what: String,
+        stop: &Stop,
+        on_progress: &mut (dyn FnMut(u8) + Send),
+        f: F,
+    ) -> Result<(), RbdError>
+    where
+        F: FnOnce(&Session, &(dyn Fn(u64, u64) -> bool + Sync)) -> Res<()> + Send + 'static,
+    {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u8>();
+        let stopped = stop.clone();
+        // Nothing reported yet: the first callback always reports.
+        let last = AtomicU8::new(u8::MAX);
+        let fut = self.call(what, stop, false, move |s| {
+            let progress = move |done: u64, total: u64| {
+                let pct = (done.saturating_mul(100) / total.max(1)).min(100) as u8;
+                if last.swap(pct, Ordering::Relaxed) != pct {
+                    let _ = tx.send(pct);
+                }
+                !stopped.is_stopped()
+            };
+            f(s, &progress)
+        });
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                r = &mut fut => {
+                    while let Ok(pct) = rx.try_recv() {
+                        on_progress(pct);
+                    }
+                    return r;
+                }
+                Some(pct) = rx.recv() => on_progress(pct),
+            }
+        }
+    }
+}
+
+fn no_snap(p: &CephPath) -> Fail {
+    Fail { step: format!("{} names no snapshot (pool/image@snap)", p.spec()), errno: -libc::EINVAL }
+}
+
+/// Opens `p` at its snapshot (if it names one) in the session.
+fn with_image<T>(s: &Session, p: &CephPath, read_only: bool, f: impl FnOnce(&Image) -> Res<T>) -> Res<T> {
+    let io = s.pool(&p.pool)?;
+    let image = Image::open(&io, &p.image, p.snap.as_deref(), read_only)?;
+    f(&image)
+}
+
+/// Opens the head of `p` (read-write) and runs one call on the snapshot `p` names.
+fn on_snap(s: &Session, p: &CephPath, f: impl FnOnce(&Image, &str) -> Res<()>) -> Res<()> {
+    let snap = p.snap.as_deref().ok_or_else(|| no_snap(p))?;
+    with_image(s, &CephPath { snap: None, ..p.clone() }, false, |img| f(img, snap))
+}
+
+/// What `rbd du` reports for the open head: the data written since the last snapshot (all of
+/// it without one), whole objects counted, the parent's not.
+fn head_used(img: &Image) -> Res<u64> {
+    let last_snap = img.snaps()?.pop();
+    let used = AtomicU64::new(0);
+    img.diff(last_snap.as_deref(), false, |_, len, exists| {
+        if exists {
+            used.fetch_add(len, Ordering::Relaxed);
+        }
+    })?;
+    Ok(used.into_inner())
+}
+
+#[async_trait]
+impl Rbd for RbdLib {
+    fn qemu_name(&self, p: &CephPath) -> String {
+        self.0.connection.qemu_name(p)
+    }
+
+    async fn info(&self, p: &CephPath, stop: &Stop) -> Result<ImageInfo, RbdError> {
+        let p = p.clone();
+        self.call(format!("info {}", p.spec()), stop, true, move |s| {
+            with_image(s, &p, true, |img| {
+                let stat = img.stat()?;
+                let parent = img.parent()?.map(|pp| Parent { pool: pp.pool, image: pp.image, snapshot: pp.snapshot });
+                Ok(ImageInfo { size: stat.size, object_size: stat.object_size, parent })
+            })
+        })
+        .await
+    }
+
+    async fn used(&self, p: &CephPath, stop: &Stop) -> Result<u64, RbdError> {
+        let head = CephPath { snap: None, ..p.clone() };
+        self.call(format!("du {}", head.spec()), stop, true, move |s| with_image(s, &head, true, head_used)).await
+    }
+
+    /// Both from one open of the head (a clone's open also opens its parent, so each open
+    /// saved is several round trips).
+    async fn size_and_used(&self, p: &CephPath, stop: &Stop) -> Result<(u64, u64), RbdError> {
+        if p.snap.is_some() {
+            return Ok((self.info(p, stop).await?.size, self.used(p, stop).await?));
+        }
+        let head = p.clone();
+        self.call(format!("info+du {}", head.spec()), stop, true, move |s| {
+            with_image(s, &head, true, |img| Ok((img.stat()?.size, head_used(img)?)))
+        })
+        .await
+    }
+
+    async fn data_objects(&self, p: &CephPath, object_size: u64, stop: &Stop) -> Result<u64, RbdError> {
+        let p = p.clone();
+        let object_size = object_size.max(1);
+        self.call(format!("diff {}", p.spec()), stop, true, move |s| {
+            with_image(s, &p, true, |img| {
+                let objects = Mutex::new(BTreeSet::new());
+                img.diff(None, true, |offset, len, exists| {
+                    if exists && len > 0 {
+                        let mut set = objects.lock().unwrap_or_else(|e| e.into_inner());
+                        set.extend(offset / object_size..=(offset + len - 1) / object_size);
+                    }
+                })?;
+                Ok(objects.into_inner().unwrap_or_else(|e| e.into_inner()).len() as u64)
+            })
+        })
+        .await
+    }
+
+    async fn create(&self, p: &CephPath, size: u64, stop: &Stop) -> Result<(), RbdError> {
+        let p = p.clone();
+        self.call(format!("create {}", p.image_spec()), stop, true, move |s| {
+            s.pool(&p.pool)?.create(&p.image, whole_mib(size) << 20)
+        })
+        .await
+    }
+
+    async fn resize(&self, p: &CephPath, size: u64, stop: &Stop) -> Result<(), RbdError> {
+        let head = CephPath { snap: None, ..p.clone() };
+        self.call(format!("resize {}", head.spec()), stop, true, move |s| {
+            with_image(s, &head, false, |img| img.grow(whole_mib(size) << 20))
+        })
+        .await
+    }
+
+    async fn clone_snapshot(&self, src: &CephPath, dst: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+        let (src, dst) = (src.clone(), dst.clone());
+        self.call(format!("clone {} {}", src.spec(), dst.image_spec()), stop, true, move |s| {
+            let snap = src.snap.as_deref().ok_or_else(|| no_snap(&src))?;
+            let parent_io = s.pool(&src.pool)?;
+            s.pool(&dst.pool)?.clone_snapshot(&parent_io, &src.image, snap, &dst.image)
+        })
+        .await
+    }
+
+    async fn deep_copy(&self, src: &CephPath, dst: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+        let (src, dst) = (src.clone(), dst.clone());
+        let what = format!("deep cp {} {}", src.spec(), dst.image_spec());
+        self.call_with_progress(what, stop, &mut |_| {}, move |s, progress| {
+            let dest_io = s.pool(&dst.pool)?;
+            with_image(s, &src, true, |img| img.deep_copy(&dest_io, &dst.image, progress))
+        })
+        .await
+    }
+
+    async fn flatten(
+        &self,
+        p: &CephPath,
+        stop: &Stop,
+        on_progress: &mut (dyn FnMut(u8) + Send),
+    ) -> Result<(), RbdError> {
+        let head = CephPath { snap: None, ..p.clone() };
+        self.call_with_progress(format!("flatten {}", head.spec()), stop, on_progress, move |s, progress| {
+            with_image(s, &head, false, |img| img.flatten(progress))
+        })
+        .await
+    }
+
+    async fn snap_create(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+        let p = p.clone();
+        self.call(format!("snap create {}", p.spec()), stop, true, move |s| on_snap(s, &p, |i, n| i.snap_create(n)))
+            .await
+    }
+
+    async fn snap_protect(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+        let p = p.clone();
+        self.call(format!("snap protect {}", p.spec()), stop, true, move |s| on_snap(s, &p, |i, n| i.snap_protect(n)))
+            .await
+    }
+
+    async fn snap_unprotect(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+        let p = p.clone();
+        self.call(format!("snap unprotect {}", p.spec()), stop, true, move |s| {
+            on_snap(s, &p, |i, n| i.snap_unprotect(n))
+        })
+        .await
+    }
+
+    async fn snap_remove(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+        let p = p.clone();
+        self.call(format!("snap rm {}", p.spec()), stop, true, move |s| on_snap(s, &p, |i, n| i.snap_remove(n))).await
+    }
+
+    async fn snapshots(&self, p: &CephPath, stop: &Stop) -> Result<Vec<Snapshot>, RbdError> {
+        let head = CephPath { snap: None, ..p.clone() };
+        self.call(format!("snap ls {}", head.spec()), stop, true, move |s| {
+            with_image(s, &head, true, |img| {
+                img.snaps()?
+                    .into_iter()
+                    .map(|name| {
+                        let protected = img.snap_is_protected(&name)?;
+                        Ok(Snapshot { name, protected: Some(protected.to_string()) })
+                    })
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    async fn children(&self, p: &CephPath, stop: &Stop) -> Result<Vec<CephPath>, RbdError> {
+        let p = p.clone();
+        self.call(format!("children {}", p.spec()), stop, true, move |s| {
+            if p.snap.is_none() {
+                return Err(no_snap(&p));
+            }
+            let kids = with_image(s, &p, true, |img| img.children())?;
+            Ok(kids.into_iter().map(|(pool, image)| CephPath { pool, image, snap: None }).collect())
+        })
+        .await
+    }
+
+    async fn remove(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError> {
+        let p = p.clone();
+        self.call(format!("rm {}", p.image_spec()), stop, true, move |s| s.pool(&p.pool)?.remove(&p.image)).await
+    }
+
+    /// Opens the image read-only, which adds no watch of its own.
+    async fn watchers(&self, p: &CephPath, stop: &Stop) -> Result<usize, RbdError> {
+        let head = CephPath { snap: None, ..p.clone() };
+        self.call(format!("status {}", head.spec()), stop, true, move |s| {
+            with_image(s, &head, true, |img| img.watchers())
+        })
+        .await
+    }
+
+    async fn trash_move(&self, p: &CephPath, delay_secs: u64, stop: &Stop) -> Result<(), RbdError> {
+        let p = p.clone();
+        self.call(format!("trash mv {}", p.image_spec()), stop, true, move |s| {
+            s.pool(&p.pool)?.trash_move(&p.image, delay_secs)
+        })
+        .await
+    }
+}
