@@ -68,6 +68,21 @@ pub fn acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(Arc::new(server)))
 }
 
+/// A client trusting the certificates in `ca` (the agent's own certificate, or its CA): what
+/// `kvmagent call` uses to reach an agent serving TLS.
+pub fn connector(ca: &Path) -> Result<tokio_rustls::TlsConnector, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certificates(ca)? {
+        roots.add(c).map_err(|e| TlsError::Rejected { what: "the trusted certificate", reason: e.to_string() })?;
+    }
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Rejected { what: "the protocol versions", reason: e.to_string() })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(client)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
