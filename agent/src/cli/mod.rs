@@ -40,14 +40,14 @@ impl CliError {
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct Connect {
     /// The agent's base URL (default: from the config's server.listen, https with server.tls).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub url: Option<String>,
     /// The agent's configuration, for its port, token and TLS (default /etc/kvmagent/kvmagent.toml
     /// when it exists).
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     pub config: Option<PathBuf>,
     /// PEM certificate(s) to trust for TLS (default: the agent's own server.tls.cert).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub ca: Option<PathBuf>,
 }
 

@@ -269,7 +269,8 @@ impl Smoke {
     }
 
     /// Destroys every VM of the pass (destroying one that is gone succeeds) and removes its
-    /// directory, its backup group and the snapshot group's record.
+    /// directory, its backup group, the snapshot group's record (the agent has no path that
+    /// deletes either) and the VMs' console logs.
     async fn cleanup(&self) -> Result<(), String> {
         let mut problems = Vec::new();
         for vm in self.vms() {
@@ -283,6 +284,8 @@ impl Smoke {
             self.state_dir.join("snapshot-group-state").join(&self.snapshot_group),
         ];
         leftovers.extend(self.backup_dir.as_ref().map(|d| d.join(&self.backup_group)));
+        // The agent keeps a destroyed VM's console log for post-mortems; a smoke VM needs none.
+        leftovers.extend(self.vms().iter().map(|vm| self.state_dir.join("console").join(format!("{vm}.log"))));
         for path in leftovers {
             if let Err(e) = remove(&path) {
                 problems.push(format!("removing {}: {e}", path.display()));

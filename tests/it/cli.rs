@@ -1,0 +1,81 @@
+//! `kvmagent call` and `kvmagent vm ...` against a running agent: results printed, exit codes
+//! 0 (success), 1 (the command failed) and 2 (usage or transport).
+
+use kvmagent_host_tests::checks::{domstate, dumpxml, qemu_img_info};
+use kvmagent_host_tests::cli::texts;
+use kvmagent_host_tests::images::{root_volume_path, BaseImage};
+use kvmagent_host_tests::{uuid, Host};
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test]
+async fn call_prints_answers_and_exit_codes_tell_success_failure_and_usage() {
+    let h = Host::start().await.unwrap();
+
+    let out = h.cli(&["call", "/host/echo"], None).await.unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("\"success\": true"), "{stdout}");
+
+    // A command the agent runs and fails: its error code and text, exit 1; by callback and by polling.
+    let missing = json!({"vmUuid": uuid()}).to_string();
+    for how in [&["call", "/vm/flatten", "--data", "-"][..], &["call", "/vm/flatten", "--data", "-", "--poll"]] {
+        let out = h.cli(how, Some(&missing)).await.unwrap();
+        let (stdout, stderr) = texts(&out);
+        assert_eq!(out.status.code(), Some(1), "{how:?}: {stdout}{stderr}");
+        assert!(stderr.contains("SYS.1003") && stderr.contains("is not known to this host"), "{stderr}");
+    }
+
+    // Usage and transport: a path the agent does not serve, a body that is not JSON, no agent.
+    let out = h.cli(&["call", "/no/such/path"], None).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "{:?}", texts(&out));
+    assert!(texts(&out).1.contains("no command is served at /no/such/path"), "{:?}", texts(&out));
+    let out = h.cli(&["call", "/vm/flatten", "--data", "-"], Some("{not json")).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "{:?}", texts(&out));
+    let out = h.cli(&["call", "/host/echo", "--url", "http://127.0.0.1:1"], None).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "{:?}", texts(&out));
+    assert!(texts(&out).1.contains("cannot reach the agent"), "{:?}", texts(&out));
+}
+
+#[tokio::test]
+async fn call_creates_a_vm_from_a_file_and_vm_clone_prints_two_inventories() {
+    let h = Host::start().await.unwrap();
+    let base = BaseImage::create(&h, 32 * MIB).unwrap();
+    let vm = uuid();
+    h.track_vm(&vm);
+    let (root_uuid, root) = root_volume_path(&h);
+    let create = json!({
+        "vm": {"vmInstanceUuid": vm, "vmName": "cli-made", "memory": 64 * MIB, "cpuNum": 1},
+        "rootVolume": {"volumeUuid": root_uuid, "installPath": root, "imagePath": base.path},
+        "strategy": "InstantStart",
+    });
+    let file = h.dir.path().join("create.json");
+    std::fs::write(&file, create.to_string()).unwrap();
+
+    let out = h.cli(&["call", "/vm/create", "--data", file.to_str().unwrap(), "--json"], None).await.unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}\n{}", h.log());
+    let printed: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!((printed["uuid"].as_str(), printed["state"].as_str()), (Some(vm.as_str()), Some("Running")));
+    assert_eq!(domstate(&vm).as_deref(), Some("running"));
+    assert!(dumpxml(&vm).unwrap().contains(root.to_str().unwrap()));
+    assert_eq!(qemu_img_info(&root).unwrap()["backing-filename"].as_str(), base.path.to_str());
+
+    let out = h.cli(&["vm", "clone", &vm, "--count", "2", "--strategy", "CreateStopped"], None).await.unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and two clones: {stdout}");
+    assert!(lines[0].starts_with("UUID") && lines[0].contains("ROOT VOLUME"), "{stdout}");
+    let prefix: String = vm.chars().take(8).collect();
+    for (i, line) in lines[1..].iter().enumerate() {
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        let clone = cells[0];
+        h.track_vm(clone);
+        assert_eq!(cells[1], format!("{prefix}-clone-{}", i + 1), "{line}");
+        assert_eq!(cells[2], "Stopped", "{line}");
+        assert!(std::path::Path::new(cells[3]).exists(), "the clone's root volume exists: {line}");
+        assert_eq!(domstate(clone).as_deref(), Some("shut off"), "{line}");
+    }
+}
