@@ -79,3 +79,41 @@ async fn call_creates_a_vm_from_a_file_and_vm_clone_prints_two_inventories() {
         assert_eq!(domstate(clone).as_deref(), Some("shut off"), "{line}");
     }
 }
+
+/// A self-signed certificate for 127.0.0.1 (`cert.pem`, `key.pem`) in `dir`.
+fn self_signed(dir: &std::path::Path) {
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out", "cert.pem"])
+        .args(["-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn call_speaks_tls_trusting_the_agents_certificate_and_sends_its_token() {
+    let certs = tempfile::tempdir().unwrap();
+    self_signed(certs.path());
+    let server = format!(
+        "token = \"cli-s3cret\"\n[server.tls]\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\n",
+        certs.path().display()
+    );
+    let h = Host::start_configured(&server, "", &[]).await.unwrap();
+
+    let out = h.cli(&["call", "/host/echo"], None).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{:?}", texts(&out));
+    // A path behind the token: the agent runs it (and fails: no such VM), so the token went along.
+    let out =
+        h.cli(&["call", "/vm/flatten", "--data", "-"], Some(&json!({"vmUuid": uuid()}).to_string())).await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{:?}", texts(&out));
+    assert!(texts(&out).1.contains("is not known to this host"), "{:?}", texts(&out));
+
+    // Another certificate is not the agent's: refused before anything is sent.
+    let other = tempfile::tempdir().unwrap();
+    self_signed(other.path());
+    let ca = other.path().join("cert.pem");
+    let out = h.cli(&["call", "/host/echo", "--ca", ca.to_str().unwrap()], None).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "{:?}", texts(&out));
+    assert!(texts(&out).1.contains("TLS"), "{:?}", texts(&out));
+}

@@ -7,7 +7,7 @@ pub mod smoke;
 pub mod transport;
 pub mod vm;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::config::Config;
@@ -46,7 +46,8 @@ pub struct Connect {
     /// when it exists).
     #[arg(long, short, global = true)]
     pub config: Option<PathBuf>,
-    /// PEM certificate(s) to trust for TLS (default: the agent's own server.tls.cert).
+    /// PEM CA certificate(s) to trust for TLS (default: exactly the agent's own
+    /// server.tls.cert, read from the config).
     #[arg(long, global = true)]
     pub ca: Option<PathBuf>,
 }
@@ -70,10 +71,15 @@ impl Connect {
             }
         };
         let tls = if base.starts_with("https://") {
-            let ca: &Path = self.ca.as_deref().or(tls_cert).ok_or_else(|| {
-                CliError::Usage(format!("{base} is https: give --ca with the agent's certificate or its CA"))
-            })?;
-            Some(crate::http::tls::connector(ca).map_err(|e| CliError::Usage(e.to_string()))?)
+            use crate::http::tls::Trust;
+            let trust = match (self.ca.as_deref(), tls_cert) {
+                (Some(ca), _) => Trust::Ca(ca),
+                (None, Some(cert)) => Trust::Pinned(cert),
+                (None, None) => {
+                    return Err(CliError::Usage(format!("{base} is https: give --ca with the agent's CA certificate")))
+                }
+            };
+            Some(crate::http::tls::connector(trust).map_err(|e| CliError::Usage(e.to_string()))?)
         } else if base.starts_with("http://") {
             None
         } else {
