@@ -78,6 +78,23 @@ async fn call_creates_a_vm_from_a_file_and_vm_clone_prints_two_inventories() {
         assert!(std::path::Path::new(cells[3]).exists(), "the clone's root volume exists: {line}");
         assert_eq!(domstate(clone).as_deref(), Some("shut off"), "{line}");
     }
+
+    let out = h.cli(&["vm", "snapshot", &vm, "--name", "from-cli", "--json"], None).await.unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let group: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!((group["vmUuid"].as_str(), group["name"].as_str()), (Some(vm.as_str()), Some("from-cli")));
+    let snapshot = group["snapshots"][0]["snapshotPath"].as_str().unwrap();
+    let top = std::path::PathBuf::from(group["snapshots"][0]["newInstallPath"].as_str().unwrap());
+    assert_eq!(qemu_img_info(&top).unwrap()["backing-filename"].as_str(), Some(snapshot), "a new top on the snapshot");
+    assert!(dumpxml(&vm).unwrap().contains(top.to_str().unwrap()), "the VM writes to the new top");
+
+    let out = h.cli(&["vm", "flatten", &vm, "--dry-run", "--json"], None).await.unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let estimate: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(estimate["volumes"].as_array().map(Vec::len), Some(1), "{estimate}");
+    assert_eq!(qemu_img_info(&top).unwrap()["backing-filename"].as_str(), Some(snapshot), "a dry run changes nothing");
 }
 
 /// A self-signed certificate for 127.0.0.1 (`cert.pem`, `key.pem`) in `dir`.
