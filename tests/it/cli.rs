@@ -134,3 +134,13 @@ async fn call_speaks_tls_trusting_the_agents_certificate_and_sends_its_token() {
     assert_eq!(out.status.code(), Some(2), "{:?}", texts(&out));
     assert!(texts(&out).1.contains("TLS"), "{:?}", texts(&out));
 }
+
+#[tokio::test]
+async fn a_command_refused_for_its_source_says_how_to_allow_the_host() {
+    let h = Host::start_configured("management_hosts = [\"192.0.2.1\"]", "", &[]).await.unwrap();
+    let out =
+        h.cli(&["call", "/vm/flatten", "--data", "-"], Some(&json!({"vmUuid": uuid()}).to_string())).await.unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(stderr.contains("403") && stderr.contains("add \"127.0.0.1\" to server.management_hosts"), "{stderr}");
+}

@@ -93,7 +93,11 @@ fn parse_answer(path: &str, status: StatusCode, body: &[u8]) -> Result<Value, Cl
 }
 
 fn refused(path: &str, status: StatusCode, answer: &Value) -> CliError {
-    let message = answer["error"].as_str().map(str::to_owned).unwrap_or_else(|| answer.to_string());
+    let mut message = answer["error"].as_str().map(str::to_owned).unwrap_or_else(|| answer.to_string());
+    if status == StatusCode::FORBIDDEN {
+        // Once a management node is known, the agent takes commands only from it.
+        message.push_str("; to drive the agent from its own host, add \"127.0.0.1\" to server.management_hosts");
+    }
     CliError::Refused { path: path.to_owned(), status: status.as_u16(), message }
 }
 
