@@ -8,7 +8,23 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+/// Runs `f`, which blocks on the disk (an fsync: milliseconds, or seconds behind a big copy's
+/// writeback), without stalling the other tasks of the calling runtime worker: on the
+/// multi-threaded runtime they move to another worker meanwhile, so the requests it was serving
+/// go on being answered. Elsewhere (a blocking thread, the current-thread runtime of unit
+/// tests) `f` just runs.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    blocking(|| write_here(path, bytes))
+}
+
+fn write_here(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir =
         path.parent().ok_or_else(|| std::io::Error::other(format!("{} has no parent directory", path.display())))?;
     fs::create_dir_all(dir)?;

@@ -4,6 +4,7 @@
 //! relatively so that a group can be moved or mounted elsewhere. Every file has a SHA-256 in
 //! the manifest; a restore checks them all, and the backing chain, before reading anything.
 
+use schemars::JsonSchema;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -18,7 +19,7 @@ use crate::wire::vm::StartVmCmd;
 pub const MANIFEST: &str = "manifest.json";
 pub const FORMAT_VERSION: u32 = 1;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Manifest {
     pub format_version: u32,
@@ -29,14 +30,14 @@ pub struct Manifest {
     pub volumes: Vec<BackupVolume>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PointKind {
     Full,
     Incremental,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Point {
     pub index: usize,
@@ -53,9 +54,12 @@ pub struct Point {
     /// when it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvram_sha256: Option<String>,
+    /// Whether the VM's TPM state at that point was kept ([`tpm_dir_name`]).
+    #[serde(default)]
+    pub tpm: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupVolume {
     pub volume_uuid: String,
@@ -68,7 +72,7 @@ pub struct BackupVolume {
     pub chain: Vec<BackupFile>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupFile {
     pub point: usize,
@@ -88,6 +92,11 @@ pub fn file_name(volume_uuid: &str, point: usize) -> String {
 /// The relative name of the copy of the VM's NVRAM at `point`.
 pub fn nvram_file_name(point: usize) -> String {
     format!("nvram/{point}.fd")
+}
+
+/// Where a point keeps the VM's TPM state (swtpm's directory, copied at the instant).
+pub fn tpm_dir_name(point: usize) -> String {
+    format!("tpm/{point}")
 }
 
 /// A group directory, inside a backup root.

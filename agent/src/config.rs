@@ -194,6 +194,10 @@ pub struct TaskConfig {
     pub max_running: usize,
     /// Finished tasks kept (memory and journal); past it the oldest are dropped first.
     pub max_finished: usize,
+    /// Whole-image copies (`qemu-img convert`, safe rebase, `rbd deep cp`, `rbd flatten`) run
+    /// at nice +10 and the lowest best-effort I/O priority, so that they do not slow the agent's
+    /// answers and the VMs down.
+    pub low_priority_copies: bool,
 }
 
 impl Default for Config {
@@ -244,7 +248,13 @@ impl Default for LibvirtConfig {
 
 impl Default for TaskConfig {
     fn default() -> Self {
-        TaskConfig { callback_retry_secs: 120, retention_secs: 24 * 3600, max_running: 1024, max_finished: 10_000 }
+        TaskConfig {
+            callback_retry_secs: 120,
+            retention_secs: 24 * 3600,
+            max_running: 1024,
+            max_finished: 10_000,
+            low_priority_copies: true,
+        }
     }
 }
 
@@ -351,6 +361,15 @@ mod tests {
         assert!(Config::load(Some(&conf)).unwrap_err().to_string().contains("empty"));
         std::fs::write(&conf, "[server.tls]\ncert = \"/c\"\n").unwrap();
         assert!(Config::load(Some(&conf)).unwrap_err().to_string().contains("key"));
+    }
+
+    #[test]
+    fn copies_yield_unless_turned_off() {
+        assert!(toml::from_str::<Config>("").unwrap().tasks.low_priority_copies);
+        let off: Config = toml::from_str("[tasks]\nlow_priority_copies = false\n").unwrap();
+        assert!(!off.tasks.low_priority_copies);
+        let err = toml::from_str::<Config>("[tasks]\nlow_priority_copies = \"no\"\n").unwrap_err();
+        assert!(err.to_string().contains("low_priority_copies"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! sees as `errorCode.code`. The envelope carries both the flat `error` string that ZStack reads
 //! and the structured `errorCode` of the management API.
 
+use schemars::JsonSchema;
 use serde::Serialize;
 
 /// What kind of failure this is, from the caller's side.
@@ -115,7 +116,7 @@ impl AgentError {
 }
 
 /// The management API's `ErrorCode` shape.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct ErrorCode {
     pub code: &'static str,
     pub description: String,

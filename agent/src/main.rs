@@ -39,6 +39,8 @@ enum Command {
     },
     /// List the command paths the agent serves.
     Paths,
+    /// Print the OpenAPI document of the native API (as served at `GET /api`).
+    Openapi,
     /// Check that this host can run the agent's work: one line per check, each problem with its
     /// fix. Exit code 0 ready, 1 degraded, 2 not ready.
     CheckHost {
@@ -139,6 +141,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::CheckHost { config, json } => check_host(config.as_deref(), json),
+        Command::Openapi => {
+            println!("{:#}", kvmagent::http::openapi::document());
+            ExitCode::SUCCESS
+        }
         Command::Call { path, data, json, poll, connect } => {
             let body = match data.as_deref().map(kvmagent::cli::vm::read_body).transpose() {
                 Ok(b) => b.unwrap_or_else(|| serde_json::json!({})),
@@ -204,6 +210,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     for root in &config.storage.roots {
         std::fs::create_dir_all(root).map_err(|e| format!("cannot create storage root {}: {e}", root.display()))?;
     }
+    kvmagent::process::set_low_priority_copies(config.tasks.low_priority_copies);
     let listen = config.server.listen;
     let ceph_listen = config.ceph.agent_listen;
     let retention = Duration::from_secs(config.tasks.retention_secs);

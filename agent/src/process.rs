@@ -3,6 +3,7 @@
 
 use std::ffi::OsStr;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
@@ -28,6 +29,31 @@ fn stderr_or_stdout<'a>(stderr: &'a str, stdout: &'a str) -> &'a str {
     } else {
         e
     }
+}
+
+/// How a child shares the host with the agent and the VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// As the agent: short commands whose answer a request waits for.
+    Normal,
+    /// A copy of whole images (`qemu-img convert`, `rbd deep cp`, ...): it yields CPU (nice
+    /// [`COPY_NICE`]) and disk (lowest best-effort I/O priority) to the agent and the VMs, so a
+    /// flatten does not slow every other answer down. Takes longer only on a busy host.
+    Copy,
+}
+
+/// The niceness added to copy processes.
+pub const COPY_NICE: i32 = 10;
+/// `IOPRIO_PRIO_VALUE(IOPRIO_CLASS_BE, 7)`: best effort, lowest level (not the idle class, which
+/// could starve a copy on a disk the VMs keep busy).
+const COPY_IOPRIO: libc::c_int = (2 << 13) | 7;
+
+static LOWER_COPY_PRIORITY: AtomicBool = AtomicBool::new(true);
+
+/// Whether [`Priority::Copy`] children run at lower priority (`tasks.low_priority_copies`; on by
+/// default). Set once at start.
+pub fn set_low_priority_copies(on: bool) {
+    LOWER_COPY_PRIORITY.store(on, Ordering::Relaxed);
 }
 
 /// A finished, successful run.
@@ -68,6 +94,19 @@ pub fn child_command<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Command {
     cmd
 }
 
+/// Lowers the child's CPU and I/O priority before it runs, for [`Priority::Copy`] when
+/// configured. Best effort: a host that refuses (a seccomp profile) still gets the copy.
+fn lower_priority(cmd: &mut Command) {
+    // SAFETY: nice(2) and ioprio_set(2) are async-signal-safe and change only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::nice(COPY_NICE);
+            libc::syscall(libc::SYS_ioprio_set, 1 /* IOPRIO_WHO_PROCESS */, 0, COPY_IOPRIO);
+            Ok(())
+        });
+    }
+}
+
 /// Runs `program args...` to completion. When `stop` fires first, the child is killed and
 /// `Stopped` returned; the caller removes whatever the child was building.
 pub async fn run<S: AsRef<OsStr>>(program: &str, args: &[S], stop: &Stop) -> Result<Output, ProcessError> {
@@ -80,11 +119,25 @@ pub async fn run_with_lines<S: AsRef<OsStr>>(
     program: &str,
     args: &[S],
     stop: &Stop,
+    on_line: impl FnMut(&str),
+) -> Result<Output, ProcessError> {
+    run_with_lines_as(program, args, stop, Priority::Normal, on_line).await
+}
+
+/// Like [`run_with_lines`], at `priority`.
+pub async fn run_with_lines_as<S: AsRef<OsStr>>(
+    program: &str,
+    args: &[S],
+    stop: &Stop,
+    priority: Priority,
     mut on_line: impl FnMut(&str),
 ) -> Result<Output, ProcessError> {
     let command = display(program, args);
     let mut cmd = child_command(program, args);
     cmd.stdin(Stdio::null());
+    if priority == Priority::Copy && LOWER_COPY_PRIORITY.load(Ordering::Relaxed) {
+        lower_priority(&mut cmd);
+    }
     let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn { program: program.to_owned(), source })?;
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
@@ -165,6 +218,24 @@ mod tests {
         let mut seen = Vec::new();
         run_with_lines("printf", &["a\rb\nc"], &Stop::new(), |l| seen.push(l.to_owned())).await.unwrap();
         assert_eq!(seen, ["a", "b", "c"]);
+    }
+
+    #[tokio::test]
+    async fn copies_run_at_lower_cpu_and_io_priority() {
+        // Field 19 of /proc/self/stat is the niceness; `ionice` prints its own I/O class.
+        let nice_of_child = || async {
+            let out =
+                run_with_lines_as("cat", &["/proc/self/stat"], &Stop::new(), Priority::Copy, |_| {}).await.unwrap();
+            let after_comm = out.stdout.rsplit_once(") ").unwrap().1.to_owned();
+            after_comm.split_whitespace().nth(16).unwrap().parse::<i32>().unwrap()
+        };
+        // SAFETY: getpriority reads this process's niceness.
+        let own = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        assert_eq!(nice_of_child().await, (own + COPY_NICE).min(19));
+        let normal = run("cat", &["/proc/self/stat"], &Stop::new()).await.unwrap().stdout;
+        assert_eq!(normal.rsplit_once(") ").unwrap().1.split_whitespace().nth(16).unwrap(), own.to_string());
+        let io = run_with_lines_as("ionice", &[] as &[&str], &Stop::new(), Priority::Copy, |_| {}).await.unwrap();
+        assert_eq!(io.stdout.trim(), "best-effort: prio 7");
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::path::CephPath;
 use crate::error::{AgentError, ErrorKind};
-use crate::process::{self, ProcessError};
+use crate::process::{self, Priority, ProcessError};
 use crate::stop::Stop;
 
 /// How long one quick `rbd` call may take (flatten and copies are bounded by the task instead).
@@ -222,7 +222,9 @@ impl RbdCli {
         let what = args.join(" ");
         let mut all = self.0.args();
         all.extend(args.iter().map(OsString::from));
-        let fut = process::run("rbd", &all, stop);
+        // The unbounded calls are the copies (deep cp).
+        let priority = if bounded { Priority::Normal } else { Priority::Copy };
+        let fut = process::run_with_lines_as("rbd", &all, stop, priority, |_| {});
         let out = if bounded {
             tokio::time::timeout(CALL_TIMEOUT, fut).await.map_err(|_| RbdError::Timeout { what: what.clone() })?
         } else {
@@ -307,7 +309,7 @@ impl Rbd for RbdCli {
         let what = format!("flatten {}", p.image_spec());
         let mut args = self.0.args();
         args.extend(["flatten".into(), p.image_spec().into()]);
-        process::run_with_lines("rbd", &args, stop, |line| {
+        process::run_with_lines_as("rbd", &args, stop, Priority::Copy, |line| {
             if let Some(pct) = flatten_progress(line) {
                 on_progress(pct);
             }

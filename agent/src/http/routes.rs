@@ -373,7 +373,7 @@ static ZSTACK_ROUTES: &[Route] = &[
 ];
 
 /// The native one-call operations, on paths no ZStack plugin registers.
-static NATIVE_ROUTES: &[Route] = &[
+pub(super) static NATIVE_ROUTES: &[Route] = &[
     Route { path: "/vm/create", style: Style::Async, handler: native!(ops::create::create) },
     Route { path: "/vm/changeimage", style: Style::Async, handler: native!(ops::change_image::change_image) },
     Route { path: "/vm/clone", style: Style::Async, handler: native!(ops::clone::clone) },

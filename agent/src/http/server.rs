@@ -1,6 +1,6 @@
 //! The HTTP server (spec §1): sync paths answer inline, async paths are acknowledged with an
 //! empty 200 and answered by callback; `GET /task/<taskuuid>`, `GET /metrics` and
-//! `GET /recovery` are ours.
+//! `GET /recovery` and `GET /api` (the OpenAPI document of the native API) are ours.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -199,6 +199,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>, peer: IpAddr) -> Resp {
         Method::GET if path == "/metrics" => {
             respond(StatusCode::OK, "text/plain; version=0.0.4", crate::metrics::render())
         }
+        Method::GET if path == "/api" => json_resp(StatusCode::OK, &super::openapi::document()),
         Method::GET if path == "/recovery" => {
             let report = app.recovery.get().map(crate::recovery::report_json).unwrap_or(Value::Null);
             json_resp(StatusCode::OK, &report)
@@ -287,7 +288,13 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str, peer: IpAddr
     }
     let raw = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read the request body: {e}")),
+        Err(e) => {
+            // The rest of the body stays unread, so the connection cannot carry another request:
+            // say so, or a client would send its next request on a connection about to close.
+            let mut r = refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read the request body: {e}"));
+            r.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            return r;
+        }
     };
     let body = wire::parse_body(&raw);
     if let Some(why) = refused {

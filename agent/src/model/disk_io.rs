@@ -1,13 +1,14 @@
 //! How a VM's disks do I/O: the host I/O mode, the iothread serving a disk, and its limits —
 //! with the rules libvirt and QEMU enforce, checked on the whole spec before anything is made.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Bus, CacheMode, Machine, VmSpec};
 use crate::error::{AgentError, AgentResult};
 
 /// How QEMU submits a disk's I/O on the host (`<driver io>`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum IoMode {
     /// Linux native AIO: needs O_DIRECT, so cache `none` or `directsync`.
     #[serde(rename = "native")]
@@ -28,7 +29,7 @@ impl IoMode {
 }
 
 /// A disk's I/O limits (`<iotune>`), per second; `None` is unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IoTune {
     #[serde(default)]

@@ -9,6 +9,7 @@ mod cpu_mode;
 mod disk_io;
 mod volume;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -185,7 +186,7 @@ pub enum Video {
 
 /// What the VM boots with. The native commands' `firmware` names these; ZStack's StartVmCmd
 /// says `bootMode` (`Legacy`, `UEFI`, `UEFI_WITH_CSM`) and our `secureBoot`.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Firmware {
     #[default]
     #[serde(rename = "bios")]

@@ -1,5 +1,6 @@
 //! A VM's disk in the model: where it lives and how the guest sees it.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{IoMode, IoTune};
@@ -84,7 +85,7 @@ impl DiskFormat {
 }
 
 /// The bus the guest sees the disk on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Bus {
     /// virtio-blk (`vdX`).
@@ -108,7 +109,7 @@ impl Bus {
 }
 
 /// libvirt's disk cache modes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CacheMode {
     None,

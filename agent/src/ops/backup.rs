@@ -86,17 +86,29 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
     let point = manifest.as_ref().map_or(0, |m| m.points.len());
     let before = spec.clone();
 
+    // What the point writes goes again should it fail or be killed: the whole group for the
+    // first point, else what write_point records, and the TPM state copied at the instant.
+    let mut made = UndoLog::journaled(app, &ctx.task_id);
+    let tpm_dir = group.path(&backup_group::tpm_dir_name(point));
+    made.push(UndoStep::RemoveTree { path: if point == 0 { group.dir.clone() } else { tpm_dir.clone() } });
     let rbd_snapshot = format!("{RBD_SNAPSHOT_PREFIX}{}", derived::random_uuid());
     let opts = capture::Options {
         with_data: true,
         freeze: Freeze::WhenRunning,
         rbd_snapshot: &rbd_snapshot,
         rbd_snapshot_temporary: true,
-        tpm_to: None,
+        // An encrypted TPM's state is useless without its key, which the agent does not keep.
+        tpm_to: Some(tpm_dir.as_path()).filter(|_| !spec.tpm_encrypted),
         task_id: &ctx.task_id,
         quiesce: cmd.quiesce,
     };
-    let captured = capture(app, &owner, &mut spec, opts, &ctx.stop).await?;
+    let captured = match capture(app, &owner, &mut spec, opts, &ctx.stop).await {
+        Ok(c) => c,
+        Err(e) => {
+            made.rollback(app, &owner).await;
+            return Err(e);
+        }
+    };
     // The instant is released whatever happens (temporary tops committed back into the volumes,
     // temporary snapshots dropped), and after a crash too: both logs are journaled.
     let mut release = UndoLog::journaled(app, &ctx.task_id);
@@ -105,10 +117,6 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
     }
     for (_, snap) in &captured.rbd_snapshots {
         release.push(UndoStep::RemoveRbdSnapshot { path: snap.clone() });
-    }
-    let mut made = UndoLog::journaled(app, &ctx.task_id);
-    if point == 0 {
-        made.push(UndoStep::RemoveTree { path: group.dir.clone() });
     }
     let written = write_point(app, ctx, &group, &before, point, &captured, &mut made).await;
     release.rollback(app, &owner).await;
@@ -131,6 +139,7 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
             vm: crate::wire::vm::StartVmCmd::from_spec(&before),
             quiesced: captured.quiesced,
             nvram_sha256,
+            tpm: captured.tpm_copied,
         });
         for (v, file) in before.volumes.iter().zip(files) {
             let entry = match m.volumes.iter_mut().find(|b| b.volume_uuid == v.uuid) {
@@ -282,8 +291,8 @@ pub async fn create_from(app: &App, ctx: &TaskCtx, cmd: CreateFromBackupCmd) -> 
             Ok(Source::Restore { chain_top: top.clone() })
         })
         .collect::<AgentResult<Vec<_>>>()?;
-    // The point's NVRAM (checked against the manifest) suits the same firmware only; backups
-    // hold no TPM state: a fresh one.
+    // The point's NVRAM (checked against the manifest) suits the same firmware only; its TPM
+    // state, a VM with a TPM.
     let nvram = group.path(&backup_group::nvram_file_name(point));
     let same_firmware = at.vm.to_spec()?.firmware == spec.firmware;
     let nvram_from = match &at.nvram_sha256 {
@@ -300,6 +309,8 @@ pub async fn create_from(app: &App, ctx: &TaskCtx, cmd: CreateFromBackupCmd) -> 
         }
         _ => None,
     };
-    let new = NewVm { spec: &spec, sources: &sources, tpm_from: None, nvram_from, strategy: cmd.target.strategy };
+    let tpm = group.path(&backup_group::tpm_dir_name(point));
+    let tpm_from = Some(tpm.as_path()).filter(|t| at.tpm && spec.tpm.is_some() && t.is_dir());
+    let new = NewVm { spec: &spec, sources: &sources, tpm_from, nvram_from, strategy: cmd.target.strategy };
     assemble::create_vm(app, ctx, new).await
 }

@@ -138,12 +138,14 @@ pub async fn take(app: &App, ctx: &TaskCtx, cmd: TakeSnapshotGroupCmd) -> AgentR
     let mut undo = UndoLog::journaled(app, &ctx.task_id);
     let kept = groups.kept_state(&group_uuid);
     undo.push(UndoStep::RemoveTree { path: kept.clone() });
+    let tpm = kept.join("tpm");
     let opts = capture::Options {
         with_data: true,
         freeze: Freeze::Always,
         rbd_snapshot: &rbd_snapshot,
         rbd_snapshot_temporary: false,
-        tpm_to: Some(&kept.join("tpm")),
+        // An encrypted TPM's state is useless without its key, which the agent does not keep.
+        tpm_to: Some(tpm.as_path()).filter(|_| !spec.tpm_encrypted),
         task_id: &ctx.task_id,
         quiesce: cmd.quiesce,
     };

@@ -1265,3 +1265,46 @@ async fn a_backup_keeps_the_nvram_of_its_point_and_a_restore_starts_with_it() {
     let e = restored_nvram(&h, &group, 0).await.unwrap_err();
     assert!(e.to_string().contains("nvram/0.fd"), "{e}");
 }
+
+#[tokio::test]
+async fn a_backup_keeps_the_tpm_state_of_its_point_and_a_restore_starts_with_it() {
+    let h = TestHost::start();
+    let vm = uuid();
+    let mut body = h.create_cmd(&vm, &h.image("tpm", 1 << 20).await);
+    body["tpm"] = json!({"enable": true});
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap();
+    let tpm = crate::ops::tpm::state_dir(&h.app.config.libvirt.swtpm_dir, &vm).join("tpm2");
+    std::fs::create_dir_all(&tpm).unwrap();
+    std::fs::write(tpm.join("tpm2-00.permall"), b"sealed at the point").unwrap();
+
+    let rsp =
+        crate::ops::backup::backup(&h.app, &TaskCtx::detached("/vm/backup"), cmd(json!({"vmUuid": vm}))).await.unwrap();
+    assert!(rsp.manifest.points[0].tpm, "the point says it kept the TPM state");
+    std::fs::write(tpm.join("tpm2-00.permall"), b"later").unwrap();
+
+    let body = json!({"groupUuid": rsp.group_uuid, "point": 0, "vm": {"vmName": "restored"}});
+    let inv =
+        crate::ops::backup::create_from(&h.app, &TaskCtx::detached("/vm/createfrombackup"), cmd(body)).await.unwrap();
+    let restored = serde_json::to_value(&inv).unwrap()["uuid"].as_str().unwrap().to_owned();
+    let restored_tpm = crate::ops::tpm::state_dir(&h.app.config.libvirt.swtpm_dir, &restored).join("tpm2");
+    assert_eq!(std::fs::read(restored_tpm.join("tpm2-00.permall")).unwrap(), b"sealed at the point");
+    assert_consistent(&h).await;
+}
+
+#[tokio::test]
+async fn a_backup_of_a_vm_with_a_tpm_killed_at_any_point_leaves_nothing() {
+    let (mut h, _, image) = kill_host().await;
+    let vm = uuid();
+    let mut body = h.create_cmd(&vm, &image);
+    body["tpm"] = json!({"enable": true});
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap();
+    let tpm = crate::ops::tpm::state_dir(&h.app.config.libvirt.swtpm_dir, &vm).join("tpm2");
+    std::fs::create_dir_all(&tpm).unwrap();
+    std::fs::write(tpm.join("tpm2-00.permall"), b"state").unwrap();
+    let kills = kill_at_every_point(&mut h, "/vm/backup", |app, ctx| {
+        let body = json!({"vmUuid": vm});
+        async move { value(crate::ops::backup::backup(&app, &ctx, cmd(body)).await) }
+    })
+    .await;
+    assert!(kills >= 3, "{kills} kill points");
+}

@@ -9,14 +9,24 @@ use async_trait::async_trait;
 
 use super::{Convert, CreateOptions, ImageInfo, Measure, QemuImg, QemuImgError};
 use crate::metrics;
-use crate::process;
+use crate::process::{self, Priority};
 use crate::stop::Stop;
 
 pub struct QemuImgCli;
 
 async fn run(subcommand: &'static str, path: &Path, args: &[OsString], stop: &Stop) -> Result<String, QemuImgError> {
+    run_as(subcommand, path, args, stop, Priority::Normal).await
+}
+
+async fn run_as(
+    subcommand: &'static str,
+    path: &Path,
+    args: &[OsString],
+    stop: &Stop,
+    priority: Priority,
+) -> Result<String, QemuImgError> {
     let start = Instant::now();
-    let out = process::run("qemu-img", args, stop).await;
+    let out = process::run_with_lines_as("qemu-img", args, stop, priority, |_| {}).await;
     metrics::observe_qemu_img(subcommand, start);
     out.map(|o| o.stdout).map_err(|source| QemuImgError::Run { subcommand, path: path.display().to_string(), source })
 }
@@ -49,7 +59,9 @@ async fn rebase(path: &Path, backing: &Path, fmt: &str, header_only: bool, stop:
         a.push("-u".into());
     }
     a.extend(["-f".into(), "qcow2".into(), "-F".into(), fmt.into(), "-b".into(), backing.into(), path.into()]);
-    run("rebase", path, &a, stop).await.map(drop)
+    // A safe rebase copies every cluster the new backing chain reads differently.
+    let priority = if header_only { Priority::Normal } else { Priority::Copy };
+    run_as("rebase", path, &a, stop, priority).await.map(drop)
 }
 
 /// `qemu-img convert -p` prints `    (12.34/100%)`.
@@ -105,7 +117,7 @@ impl QemuImg for QemuImgCli {
         push_options(&mut a, c.opts);
         a.extend([c.src.into(), c.dst.into()]);
         let start = Instant::now();
-        let out = process::run_with_lines("qemu-img", &a, stop, |line| {
+        let out = process::run_with_lines_as("qemu-img", &a, stop, Priority::Copy, |line| {
             if let Some(p) = parse_progress(line) {
                 on_progress(p);
             }

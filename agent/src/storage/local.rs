@@ -89,7 +89,11 @@ impl Building {
     }
 
     /// Flushes the new file and links it to `dst`; fails if `dst` appeared meanwhile.
-    pub(crate) fn publish(mut self, dst: &Path) -> AgentResult<()> {
+    pub(crate) fn publish(self, dst: &Path) -> AgentResult<()> {
+        crate::atomic_file::blocking(|| self.publish_here(dst))
+    }
+
+    fn publish_here(mut self, dst: &Path) -> AgentResult<()> {
         let fail = |e: std::io::Error| {
             AgentError::failed("cannot put the new volume in place", format!("{}: {e}", dst.display()))
         };
@@ -113,7 +117,11 @@ impl Building {
 impl Building {
     /// Flushes the new file and renames it over `dst`, which it replaces atomically (flatten,
     /// rebase: same volume, new content).
-    fn replace(mut self, dst: &Path) -> AgentResult<()> {
+    fn replace(self, dst: &Path) -> AgentResult<()> {
+        crate::atomic_file::blocking(|| self.replace_here(dst))
+    }
+
+    fn replace_here(mut self, dst: &Path) -> AgentResult<()> {
         let fail = |e: std::io::Error| {
             AgentError::failed("cannot put the rewritten volume in place", format!("{}: {e}", dst.display()))
         };
@@ -404,7 +412,8 @@ impl LocalStorage {
         let backing = self.roots.confine_chain(backing)?;
         let fmt = qemu_img::read_header(&backing).map_err(|e| AgentError::invalid(e.to_string()))?.format;
         let building = Building::beside(&path);
-        std::fs::copy(&path, &building.tmp).map_err(|e| {
+        // A whole volume: the runtime worker's other requests move elsewhere meanwhile.
+        crate::atomic_file::blocking(|| std::fs::copy(&path, &building.tmp)).map_err(|e| {
             AgentError::failed("cannot copy the volume to rebase it", format!("{}: {e}", path.display()))
         })?;
         self.qemu_img

@@ -1,6 +1,7 @@
 //! The task registry: admits each async command once per `taskuuid`, tracks it while it runs,
 //! keeps its result, and answers cancel and status requests.
 
+use schemars::JsonSchema;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,13 +53,16 @@ impl Default for Limits {
 }
 
 /// The answer to `GET /task/<taskuuid>`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct TaskStatus {
     #[serde(rename = "taskUuid")]
     pub task_id: String,
     pub path: String,
+    /// `running`, `succeeded`, `failed` or `cancelled`.
     pub state: &'static str,
+    /// Percent.
     pub progress: u8,
+    /// Once the task ended: the body posted to its callback.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
 }

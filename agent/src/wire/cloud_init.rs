@@ -2,6 +2,7 @@
 //! into typed values once, here. Every field may be left out; what is left out comes from the
 //! source VM (clones) or a default (see [`crate::ops::cloud_init`]).
 
+use schemars::JsonSchema;
 use std::collections::HashSet;
 use std::net::IpAddr;
 
@@ -26,7 +27,7 @@ const MAX_DNS: usize = 8;
 const USER_DATA_STARTS: &[&str] =
     &["#cloud-config", "#!", "#include", "#cloud-boothook", "#part-handler", "## template: jinja", "Content-Type:"];
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CloudInitSpec {
     /// `local-hostname`; by default the VM's name made into a DNS label.
@@ -42,7 +43,7 @@ pub struct CloudInitSpec {
 
 /// One NIC's settings: `dhcp: true`, or static `addresses` (CIDR) with an optional `gateway`;
 /// `dns` servers with either.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NicSetupSpec {
     pub mac: String,

@@ -1,9 +1,10 @@
 //! The management plane's inventory shapes that native operations return
 //! (`VmInstanceInventory` with `allVolumes`, `vmNics`, `vmCdRoms`; field names as in its API).
 
+use schemars::JsonSchema;
 use serde::Serialize;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VmInstanceInventory {
     pub uuid: String,
@@ -25,7 +26,7 @@ pub struct VmInstanceInventory {
     pub vm_cd_roms: Vec<VmCdRomInventory>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeInventory {
     pub uuid: String,
@@ -44,7 +45,7 @@ pub struct VolumeInventory {
     pub is_shareable: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VmNicInventory {
     pub uuid: String,
@@ -57,7 +58,7 @@ pub struct VmNicInventory {
     pub nic_type: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VmCdRomInventory {
     pub uuid: String,

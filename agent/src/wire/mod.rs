@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 use crate::error::AgentError;
 
 /// Fields any command may carry next to its own (ZStack adds them to every body).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct CommonFields {
     pub thread_context: Map<String, Value>,

@@ -3,21 +3,23 @@
 //! ([`NativeCommand`]): a misspelt or unsupported option must not be silently dropped. The `vm`
 //! objects are ZStack StartVmCmd fields and keep ZStack's leniency.
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::cloud_init::CloudInitSpec;
-use super::vm::StartVmCmd;
+use super::vm::{StartVmCmd, VmFields};
 use crate::error::{AgentError, AgentResult};
 use crate::model::{Bus, CacheMode, Firmware, IoMode, IoTune, VmSpec};
 use crate::storage::location::Location;
 
 /// `/vm/create`: volumes from an image (or empty), then the domain, per `strategy`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateVmCmd {
     /// A StartVmCmd without its volumes: the agent fills in `rootVolume` and `dataVolumes`
     /// from the specs below before decoding it.
+    #[schemars(with = "VmFields")]
     pub vm: Map<String, Value>,
     pub root_volume: VolumeSpec,
     #[serde(default)]
@@ -44,7 +46,7 @@ pub struct CreateVmCmd {
     pub firmware: Option<Firmware>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Default, Clone, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CephAccess {
     /// The libvirt secret `/vm/createcephsecret` defined.
@@ -55,7 +57,7 @@ pub struct CephAccess {
     pub mon_info: Vec<Value>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum NativeCpuMode {
     None,
@@ -65,7 +67,7 @@ pub enum NativeCpuMode {
 }
 
 /// A new volume of `/vm/create` (the root or a data volume) and how the guest sees it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VolumeSpec {
     pub volume_uuid: String,
@@ -94,7 +96,7 @@ pub struct VolumeSpec {
     pub iotune: Option<IoTune>,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Provisioning {
     /// An overlay on the cached image (root) or a sparse qcow2 (data).
@@ -104,7 +106,7 @@ pub enum Provisioning {
     Thick,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 pub enum Strategy {
     /// Volumes, domain defined and started.
     #[default]
@@ -116,7 +118,7 @@ pub enum Strategy {
 }
 
 /// `/vm/changeimage`: replace a stopped VM's root disk with a new one built from another image.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ChangeImageCmd {
     pub vm_uuid: String,
@@ -136,7 +138,7 @@ pub struct ChangeImageCmd {
 }
 
 /// `/vm/clone`: one VM into N named copies.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CloneVmCmd {
     pub vm_uuid: String,
@@ -170,7 +172,7 @@ pub struct CloneVmCmd {
 /// Whether a capture of a running VM (snapshot group, clone, backup) first freezes the guest's
 /// filesystems through its guest agent, so that the capture is what a clean shutdown would
 /// leave rather than what a power cut would.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Quiesce {
     /// When the guest agent answers; otherwise the capture is crash-consistent.
@@ -182,7 +184,7 @@ pub enum Quiesce {
     Off,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CloneMode {
     #[default]
@@ -190,7 +192,7 @@ pub enum CloneMode {
     Copy,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CloneSpec {
     #[serde(default)]
@@ -216,7 +218,7 @@ pub struct CloneSpec {
     pub cloud_init: Option<CloudInitSpec>,
 }
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CloneVmRsp {
     pub number_of_cloned_vm: usize,
@@ -230,7 +232,7 @@ pub struct CloneVmRsp {
 }
 
 /// `/vm/flatten`: cut volumes loose from their backing chains.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FlattenVmCmd {
     pub vm_uuid: String,
@@ -246,14 +248,14 @@ fn all_volumes() -> bool {
     true
 }
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FlattenEstimateRsp {
     pub volumes: Vec<VolumeEstimate>,
     pub total_bytes_to_add: u64,
 }
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeEstimate {
     pub uuid: String,
@@ -263,13 +265,14 @@ pub struct VolumeEstimate {
 
 /// The new VM of `/vm/createfromsnapshot` and `/vm/createfrombackup`: made from the source VM's
 /// recorded spec, with these changes.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewVmTarget {
     /// StartVmCmd fields that replace the source's (`vmInstanceUuid`, `vmName`, `cpuNum`,
     /// `memory`, `nics`, `imagePlatform`...). Left out: a fresh uuid and serial, the source's
     /// NICs with fresh MACs, everything else as the source had it.
     #[serde(default)]
+    #[schemars(with = "VmFields")]
     pub vm: Map<String, Value>,
     /// Where the root goes; by default a new volume beside the source's.
     #[serde(default)]
@@ -291,7 +294,7 @@ pub struct NewVmTarget {
     pub firmware: Option<Firmware>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewVolume {
     /// The source volume this one is made from.
@@ -307,7 +310,7 @@ pub struct NewVolume {
 }
 
 /// `/vm/snapshotgroup/take`: one snapshot of every volume of a VM, at one instant.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TakeSnapshotGroupCmd {
     pub vm_uuid: String,
@@ -321,14 +324,14 @@ pub struct TakeSnapshotGroupCmd {
 }
 
 /// `/vm/snapshotgroup/get`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SnapshotGroupRef {
     pub group_uuid: String,
 }
 
 /// A snapshot group, as recorded by the agent and answered by the snapshot paths.
-#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotGroup {
     pub group_uuid: String,
@@ -345,7 +348,7 @@ pub struct SnapshotGroup {
     pub quiesced: bool,
 }
 
-#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GroupSnapshot {
     pub volume_uuid: String,
@@ -362,8 +365,10 @@ pub struct GroupSnapshot {
 }
 
 /// `/vm/createfromsnapshot`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+// `unknown` refuses what the flattened fields leave: as `deny_unknown_fields` would.
+#[schemars(extend("additionalProperties" = false))]
 pub struct CreateFromSnapshotCmd {
     pub group_uuid: String,
     #[serde(flatten)]
@@ -373,12 +378,13 @@ pub struct CreateFromSnapshotCmd {
     pub provisioning: Provisioning,
     /// What no field above took (last, so it sees only the leftovers): refused.
     #[serde(flatten)]
+    #[schemars(skip)]
     pub unknown: Map<String, Value>,
 }
 
 /// `/vm/backup`: a point of a backup group — the first (full) one, or an incremental on the
 /// group's newest point.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackupVmCmd {
     pub vm_uuid: String,
@@ -394,7 +400,7 @@ pub struct BackupVmCmd {
     pub quiesce: Quiesce,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BackupMode {
     #[default]
@@ -402,7 +408,7 @@ pub enum BackupMode {
     Incremental,
 }
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupVmRsp {
     pub group_uuid: String,
@@ -415,8 +421,10 @@ pub struct BackupVmRsp {
 }
 
 /// `/vm/createfrombackup`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+// `unknown` refuses what the flattened fields leave: as `deny_unknown_fields` would.
+#[schemars(extend("additionalProperties" = false))]
 pub struct CreateFromBackupCmd {
     pub group_uuid: String,
     #[serde(default)]
@@ -428,6 +436,7 @@ pub struct CreateFromBackupCmd {
     pub target: NewVmTarget,
     /// What no field above took (last, so it sees only the leftovers): refused.
     #[serde(flatten)]
+    #[schemars(skip)]
     pub unknown: Map<String, Value>,
 }
 
@@ -521,7 +530,7 @@ fn set_firmware(vm: &mut Map<String, Value>, firmware: Firmware) {
 
 /// `/image/cache`: an image into the local-storage cache from an `http://`, `https://` or
 /// `sftp://[user@]host[:port]/path` URL, verified against its SHA-256.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CacheImageCmd {
     pub url: String,
@@ -537,7 +546,7 @@ pub struct CacheImageCmd {
     pub host_key: Option<String>,
 }
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CacheImageRsp {
     pub install_path: String,

@@ -3,8 +3,11 @@
 //! ZStack sends `null` for absent boxed values, so every optional field accepts `null` as its
 //! default (`nullable`).
 
+use std::borrow::Cow;
+
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 /// Deserializes `null` as the type's default.
 pub(super) fn nullable<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
@@ -21,8 +24,63 @@ pub(super) fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// The schema side of `nullable`: a field that may be left out may also be `null`.
+fn nullable_schema(schema: &mut Schema) {
+    let required = schema.get("required").cloned().unwrap_or_else(|| json!([]));
+    let Some(Value::Object(properties)) = schema.get_mut("properties") else { return };
+    let is_required = |name: &str| required.as_array().is_some_and(|r| r.iter().any(|n| n == name));
+    for (name, property) in properties.iter_mut() {
+        if is_required(name) || accepts_null(property) {
+            continue;
+        }
+        if let Some(Value::String(t)) = property.get("type").cloned() {
+            property["type"] = json!([t, "null"]);
+        } else {
+            let description = property.as_object_mut().and_then(|p| p.remove("description"));
+            *property = json!({"anyOf": [property.take(), {"type": "null"}]});
+            if let Some(d) = description {
+                property["description"] = d;
+            }
+        }
+    }
+}
+
+fn accepts_null(schema: &Value) -> bool {
+    match schema.get("type") {
+        Some(Value::String(t)) => t == "null",
+        Some(Value::Array(types)) => types.contains(&json!("null")),
+        _ => schema.get("anyOf").and_then(Value::as_array).is_some_and(|branches| branches.iter().any(accepts_null)),
+    }
+}
+
+/// The schema side of `one_or_many`.
+fn one_or_many_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}, {"type": "null"}]})
+}
+
+/// The schema of the `vm` object of a native command: StartVmCmd's fields, none of them
+/// required (`/vm/create` fills in the volumes; a new VM's overlay names only what changes).
+pub struct VmFields;
+
+impl JsonSchema for VmFields {
+    fn schema_name() -> Cow<'static, str> {
+        "VmFields".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let mut schema = StartVmCmd::json_schema(generator);
+        schema.remove("required");
+        schema.insert(
+            "description".into(),
+            json!("Fields of ZStack's StartVmCmd (see the README), decoded with ZStack's leniency: unknown fields are ignored, null is the default."),
+        );
+        schema
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = nullable_schema)]
 pub struct StartVmCmd {
     pub vm_instance_uuid: String,
     #[serde(default, deserialize_with = "nullable")]
@@ -53,6 +111,7 @@ pub struct StartVmCmd {
     /// Firmware boot order (`hd`, `cdrom`, `network`): a list, as the management node sends it,
     /// or one name.
     #[serde(default, deserialize_with = "one_or_many")]
+    #[schemars(schema_with = "one_or_many_schema")]
     pub boot_dev: Vec<String>,
     pub root_volume: VolumeTo,
     #[serde(default, deserialize_with = "nullable")]
@@ -96,8 +155,9 @@ pub struct StartVmCmd {
     pub io_threads: u32,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = nullable_schema)]
 pub struct TpmSpec {
     #[serde(default, deserialize_with = "nullable")]
     pub enable: bool,
@@ -110,8 +170,9 @@ pub struct TpmSpec {
     pub key: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = nullable_schema)]
 pub struct KernelBoot {
     pub kernel: String,
     #[serde(default, deserialize_with = "nullable")]
@@ -120,8 +181,9 @@ pub struct KernelBoot {
     pub cmdline: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = nullable_schema)]
 pub struct VolumeTo {
     pub install_path: String,
     #[serde(default, deserialize_with = "nullable")]
@@ -187,16 +249,18 @@ fn nullable_yes<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     Ok(Option::<bool>::deserialize(d)?.unwrap_or(true))
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = nullable_schema)]
 pub struct MonInfo {
     pub hostname: String,
     #[serde(default, deserialize_with = "nullable")]
     pub port: u16,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = nullable_schema)]
 pub struct NicTo {
     pub mac: String,
     #[serde(default, deserialize_with = "nullable")]
@@ -226,8 +290,9 @@ pub struct NicTo {
 }
 
 /// ZStack's `VHostAddOn` (KVMAgentCommands.java): the ring sizes are strings there.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = nullable_schema)]
 pub struct VHostAddOn {
     #[serde(default, deserialize_with = "nullable")]
     pub queue_num: u32,
@@ -237,8 +302,9 @@ pub struct VHostAddOn {
     pub tx_buffer_size: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = nullable_schema)]
 pub struct CdRomTo {
     #[serde(default, deserialize_with = "nullable")]
     pub resource_uuid: String,
