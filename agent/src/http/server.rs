@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -33,6 +33,9 @@ use crate::wire::{self, CommonFields};
 /// 200 bytes a volume, so 20,000 volumes in 4 MiB). Anything larger is refused (413) before it
 /// is buffered.
 const MAX_BODY: usize = 4 << 20;
+/// How much of a body over the limit is read and dropped before the refusal, and for how long.
+const DRAIN_MAX: usize = 64 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(10);
 
 type Resp = Response<Full<Bytes>>;
 
@@ -51,6 +54,34 @@ fn json_resp(status: StatusCode, v: &Value) -> Resp {
 /// A transport-level refusal, still as a JSON envelope.
 fn refuse(status: StatusCode, message: impl Into<String>) -> Resp {
     json_resp(status, &wire::envelope(&Err(AgentError::invalid(message))))
+}
+
+/// The request body, at most [`MAX_BODY`] bytes. A longer one is refused, but first read on and
+/// dropped (up to [`DRAIN_MAX`] bytes, for at most [`DRAIN_TIME`]) so that the client, still
+/// sending, gets to read the refusal rather than a reset connection.
+async fn read_body(mut body: Incoming) -> Result<Bytes, String> {
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(f))) => f,
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(format!("cannot read the request body: {e}")),
+            Err(_) => break,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        seen = seen.saturating_add(data.len());
+        if seen <= MAX_BODY {
+            kept.extend_from_slice(&data);
+        } else if seen > DRAIN_MAX {
+            break;
+        }
+    }
+    if seen > MAX_BODY {
+        return Err(format!("the request body is larger than the limit of {MAX_BODY} bytes"));
+    }
+    Ok(Bytes::from(kept))
 }
 
 fn empty_ok() -> Resp {
@@ -286,12 +317,12 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str, peer: IpAddr
     if route.style == Style::Async && app.is_shutting_down() {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "the agent is shutting down; retry when it is back");
     }
-    let raw = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
+    let raw = match read_body(req.into_body()).await {
+        Ok(b) => b,
         Err(e) => {
-            // The rest of the body stays unread, so the connection cannot carry another request:
-            // say so, or a client would send its next request on a connection about to close.
-            let mut r = refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read the request body: {e}"));
+            // The connection carries no further request (part of the body may be unread): say
+            // so, or a client would send its next request on a connection about to close.
+            let mut r = refuse(StatusCode::PAYLOAD_TOO_LARGE, e);
             r.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
             return r;
         }
