@@ -7,6 +7,7 @@ pub mod backup_group;
 pub mod callbacks;
 pub mod ceph;
 pub mod check_host;
+pub mod cli;
 pub mod compat;
 pub mod config;
 pub mod domain;

@@ -56,6 +56,40 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Send one command to the running agent and print its result. Exit code 0 success, 1 the
+    /// command failed, 2 a usage or transport error.
+    Call {
+        /// The command path, e.g. /host/echo or /vm/create.
+        path: String,
+        /// The JSON body, from a file or `-` for stdin (default `{}`).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Print the whole result as pretty JSON.
+        #[arg(long)]
+        json: bool,
+        /// Poll GET /task/<id> for the result instead of receiving it by callback.
+        #[arg(long)]
+        poll: bool,
+        #[command(flatten)]
+        connect: kvmagent::cli::Connect,
+    },
+    /// The native VM operations as commands (each goes through `call`).
+    Vm {
+        #[command(subcommand)]
+        command: kvmagent::cli::vm::VmCommand,
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(flatten)]
+        connect: kvmagent::cli::Connect,
+    },
+    /// An end-to-end pass against the running agent: every step timed, everything it made
+    /// removed (also on failure or SIGINT/SIGTERM). Exit code 0 only when every step passed.
+    Smoke {
+        #[command(flatten)]
+        options: kvmagent::cli::smoke::SmokeOptions,
+        #[command(flatten)]
+        connect: kvmagent::cli::Connect,
+    },
 }
 
 fn main() -> ExitCode {
@@ -110,6 +144,26 @@ fn main() -> ExitCode {
         Command::Openapi => {
             println!("{:#}", kvmagent::http::openapi::document());
             ExitCode::SUCCESS
+        }
+        Command::Call { path, data, json, poll, connect } => {
+            let body = match data.as_deref().map(kvmagent::cli::vm::read_body).transpose() {
+                Ok(b) => b.unwrap_or_else(|| serde_json::json!({})),
+                Err(e) => return e.exit(),
+            };
+            kvmagent::cli::call::run(&connect, &path, &body, poll, json)
+        }
+        Command::Vm { command, json, connect } => match command.request() {
+            Ok((path, body)) => kvmagent::cli::call::run(&connect, path, &body, false, json),
+            Err(e) => e.exit(),
+        },
+        Command::Smoke { options, connect } => {
+            let prepared = connect.load_config().and_then(|c| Ok((connect.target(&c)?, c)));
+            match prepared {
+                Ok((target, config)) => {
+                    kvmagent::cli::runtime().block_on(kvmagent::cli::smoke::run(target, &config, &options))
+                }
+                Err(e) => e.exit(),
+            }
         }
         Command::Paths => {
             for (path, style) in kvmagent::http::routes::paths() {

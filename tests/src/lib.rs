@@ -9,6 +9,7 @@ pub mod bench;
 pub mod callbacks;
 pub mod ceph;
 pub mod checks;
+pub mod cli;
 pub mod consistency;
 pub mod guest;
 pub mod http_server;

@@ -1,0 +1,146 @@
+//! `kvmagent call` and `kvmagent vm ...` against a running agent: results printed, exit codes
+//! 0 (success), 1 (the command failed) and 2 (usage or transport).
+
+use kvmagent_host_tests::checks::{domstate, dumpxml, qemu_img_info};
+use kvmagent_host_tests::cli::texts;
+use kvmagent_host_tests::images::{root_volume_path, BaseImage};
+use kvmagent_host_tests::{uuid, Host};
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test]
+async fn call_prints_answers_and_exit_codes_tell_success_failure_and_usage() {
+    let h = Host::start().await.unwrap();
+
+    let out = h.cli(&["call", "/host/echo"], None).await.unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("\"success\": true"), "{stdout}");
+
+    // A command the agent runs and fails: its error code and text, exit 1; by callback and by polling.
+    let missing = json!({"vmUuid": uuid()}).to_string();
+    for how in [&["call", "/vm/flatten", "--data", "-"][..], &["call", "/vm/flatten", "--data", "-", "--poll"]] {
+        let out = h.cli(how, Some(&missing)).await.unwrap();
+        let (stdout, stderr) = texts(&out);
+        assert_eq!(out.status.code(), Some(1), "{how:?}: {stdout}{stderr}");
+        assert!(stderr.contains("SYS.1003") && stderr.contains("is not known to this host"), "{stderr}");
+    }
+
+    // Usage and transport: a path the agent does not serve, a body that is not JSON, no agent.
+    let out = h.cli(&["call", "/no/such/path"], None).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "{:?}", texts(&out));
+    assert!(texts(&out).1.contains("no command is served at /no/such/path"), "{:?}", texts(&out));
+    let out = h.cli(&["call", "/vm/flatten", "--data", "-"], Some("{not json")).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "{:?}", texts(&out));
+    let out = h.cli(&["call", "/host/echo", "--url", "http://127.0.0.1:1"], None).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "{:?}", texts(&out));
+    assert!(texts(&out).1.contains("cannot reach the agent"), "{:?}", texts(&out));
+}
+
+#[tokio::test]
+async fn call_creates_a_vm_from_a_file_and_vm_clone_prints_two_inventories() {
+    let h = Host::start().await.unwrap();
+    let base = BaseImage::create(&h, 32 * MIB).unwrap();
+    let vm = uuid();
+    h.track_vm(&vm);
+    let (root_uuid, root) = root_volume_path(&h);
+    let create = json!({
+        "vm": {"vmInstanceUuid": vm, "vmName": "cli-made", "memory": 64 * MIB, "cpuNum": 1},
+        "rootVolume": {"volumeUuid": root_uuid, "installPath": root, "imagePath": base.path},
+        "strategy": "InstantStart",
+    });
+    let file = h.dir.path().join("create.json");
+    std::fs::write(&file, create.to_string()).unwrap();
+
+    let out = h.cli(&["call", "/vm/create", "--data", file.to_str().unwrap(), "--json"], None).await.unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}\n{}", h.log());
+    let printed: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!((printed["uuid"].as_str(), printed["state"].as_str()), (Some(vm.as_str()), Some("Running")));
+    assert_eq!(domstate(&vm).as_deref(), Some("running"));
+    assert!(dumpxml(&vm).unwrap().contains(root.to_str().unwrap()));
+    assert_eq!(qemu_img_info(&root).unwrap()["backing-filename"].as_str(), base.path.to_str());
+
+    let out = h.cli(&["vm", "clone", &vm, "--count", "2", "--strategy", "CreateStopped"], None).await.unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and two clones: {stdout}");
+    assert!(lines[0].starts_with("UUID") && lines[0].contains("ROOT VOLUME"), "{stdout}");
+    let prefix: String = vm.chars().take(8).collect();
+    for (i, line) in lines[1..].iter().enumerate() {
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        let clone = cells[0];
+        h.track_vm(clone);
+        assert_eq!(cells[1], format!("{prefix}-clone-{}", i + 1), "{line}");
+        assert_eq!(cells[2], "Stopped", "{line}");
+        assert!(std::path::Path::new(cells[3]).exists(), "the clone's root volume exists: {line}");
+        assert_eq!(domstate(clone).as_deref(), Some("shut off"), "{line}");
+    }
+
+    let out = h.cli(&["vm", "snapshot", &vm, "--name", "from-cli", "--json"], None).await.unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let group: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!((group["vmUuid"].as_str(), group["name"].as_str()), (Some(vm.as_str()), Some("from-cli")));
+    let snapshot = group["snapshots"][0]["snapshotPath"].as_str().unwrap();
+    let top = std::path::PathBuf::from(group["snapshots"][0]["newInstallPath"].as_str().unwrap());
+    assert_eq!(qemu_img_info(&top).unwrap()["backing-filename"].as_str(), Some(snapshot), "a new top on the snapshot");
+    assert!(dumpxml(&vm).unwrap().contains(top.to_str().unwrap()), "the VM writes to the new top");
+
+    let out = h.cli(&["vm", "flatten", &vm, "--dry-run", "--json"], None).await.unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let estimate: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(estimate["volumes"].as_array().map(Vec::len), Some(1), "{estimate}");
+    assert_eq!(qemu_img_info(&top).unwrap()["backing-filename"].as_str(), Some(snapshot), "a dry run changes nothing");
+}
+
+/// A self-signed certificate for 127.0.0.1 (`cert.pem`, `key.pem`) in `dir`.
+fn self_signed(dir: &std::path::Path) {
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out", "cert.pem"])
+        .args(["-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn call_speaks_tls_trusting_the_agents_certificate_and_sends_its_token() {
+    let certs = tempfile::tempdir().unwrap();
+    self_signed(certs.path());
+    let server = format!(
+        "token = \"cli-s3cret\"\n[server.tls]\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\n",
+        certs.path().display()
+    );
+    let h = Host::start_configured(&server, "", &[]).await.unwrap();
+
+    let out = h.cli(&["call", "/host/echo"], None).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{:?}", texts(&out));
+    // A path behind the token: the agent runs it (and fails: no such VM), so the token went along.
+    let out =
+        h.cli(&["call", "/vm/flatten", "--data", "-"], Some(&json!({"vmUuid": uuid()}).to_string())).await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{:?}", texts(&out));
+    assert!(texts(&out).1.contains("is not known to this host"), "{:?}", texts(&out));
+
+    // Another certificate is not the agent's: refused before anything is sent.
+    let other = tempfile::tempdir().unwrap();
+    self_signed(other.path());
+    let ca = other.path().join("cert.pem");
+    let out = h.cli(&["call", "/host/echo", "--ca", ca.to_str().unwrap()], None).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "{:?}", texts(&out));
+    assert!(texts(&out).1.contains("TLS"), "{:?}", texts(&out));
+}
+
+#[tokio::test]
+async fn a_command_refused_for_its_source_says_how_to_allow_the_host() {
+    let h = Host::start_configured("management_hosts = [\"192.0.2.1\"]", "", &[]).await.unwrap();
+    let out =
+        h.cli(&["call", "/vm/flatten", "--data", "-"], Some(&json!({"vmUuid": uuid()}).to_string())).await.unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(stderr.contains("403") && stderr.contains("add \"127.0.0.1\" to server.management_hosts"), "{stderr}");
+}
