@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use kvmagent_host_tests::bench::result_line;
 use kvmagent_host_tests::checks::{domstate, virsh};
 use kvmagent_host_tests::images::{root_volume_path, BaseImage};
-use kvmagent_host_tests::{uuid, Host};
+use kvmagent_host_tests::{clone_uuids, uuid, Host};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
@@ -86,12 +86,7 @@ async fn main() {
             .expect("clone");
         let agent = t.elapsed();
         assert_eq!(r["numberOfClonedVm"].as_u64(), Some(n as u64), "{r}");
-        let clones: Vec<String> = r["inventories"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["inventory"]["uuid"].as_str().unwrap().to_owned())
-            .collect();
+        let clones = clone_uuids(&r);
         if start {
             for c in &clones {
                 assert_eq!(domstate(c).as_deref(), Some("running"), "clone {c}");

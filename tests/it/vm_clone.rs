@@ -8,8 +8,8 @@ use kvmagent_host_tests::checks::{
 };
 use kvmagent_host_tests::guest::{console_log, kernel_boot, pattern, wait_report};
 use kvmagent_host_tests::images::{data_volume_path, root_volume_path, BaseImage};
-use kvmagent_host_tests::{uuid, Host};
-use serde_json::{json, Value};
+use kvmagent_host_tests::{clone_uuids, uuid, Host};
+use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 
@@ -47,15 +47,6 @@ async fn source_vm(h: &Host, run: bool) -> Source {
         wait_report(&console_log(h, &vm), Duration::from_secs(90)).await.unwrap();
     }
     Source { vm, base, data, data_pattern }
-}
-
-fn clone_uuids(r: &Value) -> Vec<String> {
-    r["inventories"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|i| i["inventory"]["uuid"].as_str().map(str::to_owned))
-        .collect()
 }
 
 fn swtpm_dir(vm: &str) -> PathBuf {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use kvmagent_host_tests::checks::{dumpxml, file_sha256, xml_text};
 use kvmagent_host_tests::guest::{console_log, kernel_boot, wait_report};
 use kvmagent_host_tests::images::{root_volume_path, BaseImage};
-use kvmagent_host_tests::{uuid, Host};
+use kvmagent_host_tests::{clone_uuids, uuid, Host};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -82,12 +82,7 @@ async fn a_vm_and_its_two_clones_each_print_their_own_cloud_init_hostname() {
         json!({"vmUuid": vm, "clones": [{"name": "beta"}, {"name": "third", "cloudInit": {"hostname": "gamma"}}]});
     let r = h.call_within("/vm/clone", &clone, Duration::from_secs(300)).await.unwrap();
     assert_eq!((r["success"].as_bool(), r["numberOfClonedVm"].as_u64()), (Some(true), Some(2)), "{r}");
-    let clones: Vec<String> = r["inventories"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["inventory"]["uuid"].as_str().unwrap().to_owned())
-        .collect();
+    let clones = clone_uuids(&r);
     for c in &clones {
         h.track_vm(c);
     }

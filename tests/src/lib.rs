@@ -59,6 +59,12 @@ pub fn uuid() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
+/// The uuids of the clones a `/vm/clone` answer made (its failed entries have none).
+pub fn clone_uuids(answer: &Value) -> Vec<String> {
+    let entries = answer["inventories"].as_array().map(Vec::as_slice).unwrap_or_default();
+    entries.iter().filter_map(|i| i["inventory"]["uuid"].as_str().map(str::to_owned)).collect()
+}
+
 /// A command body as the management node's `KVMHost.Http` sends it: the command's own fields
 /// plus `kvmHostAddons` (`KVMHost.java:553-560`) and the thread context every `AgentCommand`
 /// carries (`HasThreadContextAspect.aj`), `api` naming the API call it serves.
