@@ -1,6 +1,7 @@
 //! `kvmagent call` and `kvmagent vm ...` against a running agent: results printed, exit codes
 //! 0 (success), 1 (the command failed) and 2 (usage or transport).
 
+use kvmagent_host_tests::certs::certificate;
 use kvmagent_host_tests::checks::{domstate, dumpxml, qemu_img_info};
 use kvmagent_host_tests::cli::texts;
 use kvmagent_host_tests::images::{root_volume_path, BaseImage};
@@ -133,6 +134,43 @@ async fn call_speaks_tls_trusting_the_agents_certificate_and_sends_its_token() {
     let out = h.cli(&["call", "/host/echo", "--ca", ca.to_str().unwrap()], None).await.unwrap();
     assert_eq!(out.status.code(), Some(2), "{:?}", texts(&out));
     assert!(texts(&out).1.contains("TLS"), "{:?}", texts(&out));
+}
+
+/// An agent that asks for client certificates (`server.tls.client_ca`): `call` with `--cert` and
+/// `--key` from that CA is served; without, or from another CA, the handshake fails.
+#[tokio::test]
+async fn call_presents_a_client_certificate_when_the_agent_asks_for_one() {
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    certificate(d, "ca", "server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n");
+    certificate(d, "ca", "operator", "extendedKeyUsage=clientAuth\n");
+    certificate(d, "other-ca", "stranger", "extendedKeyUsage=clientAuth\n");
+    let tls = format!(
+        "[server.tls]\ncert = \"{0}/server.pem\"\nkey = \"{0}/server.key\"\nclient_ca = \"{0}/ca.pem\"\n",
+        d.display()
+    );
+    let h = Host::start_configured(&tls, "", &[]).await.unwrap();
+    let with = |client: &str| {
+        let (cert, key) = (d.join(format!("{client}.pem")), d.join(format!("{client}.key")));
+        let ca = d.join("ca.pem");
+        let args = ["call", "/host/echo", "--ca", ca.to_str().unwrap(), "--cert", cert.to_str().unwrap()];
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        args.extend(["--key".to_owned(), key.display().to_string()]);
+        args
+    };
+    let h = &h;
+    let run = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        h.cli(&args, None).await.unwrap()
+    };
+    let out = run(with("operator")).await;
+    assert_eq!(out.status.code(), Some(0), "{:?}", texts(&out));
+    let out = run(with("stranger")).await;
+    assert_eq!(out.status.code(), Some(2), "another CA's certificate is refused: {:?}", texts(&out));
+    let ca = d.join("ca.pem").display().to_string();
+    let out = run(vec!["call".into(), "/host/echo".into(), "--ca".into(), ca]).await;
+    assert_eq!(out.status.code(), Some(2), "no client certificate: {:?}", texts(&out));
+    assert!(texts(&out).1.contains("cannot reach the agent"), "{:?}", texts(&out));
 }
 
 #[tokio::test]

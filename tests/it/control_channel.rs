@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use kvmagent_host_tests::certs::certificate;
 use kvmagent_host_tests::{uuid, Host};
 use serde_json::{json, Value};
 
@@ -75,72 +76,6 @@ async fn results_go_only_to_known_management_nodes() {
     assert_eq!(status, 200);
     assert_eq!(h.callbacks.wait(&task, Duration::from_secs(30)).await.unwrap()["success"], true);
     assert!(path.exists());
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A CA (`<ca>.pem`, `<ca>.key`) and a certificate `<name>.pem`/`<name>.key` it signed.
-fn certificate(dir: &Path, ca: &str, name: &str, ext: &str) {
-    if !dir.join(format!("{ca}.pem")).exists() {
-        let subj = format!("/CN={ca}");
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{ca}.key"),
-                "-out",
-                &format!("{ca}.pem"),
-                "-days",
-                "1",
-                "-subj",
-                &subj,
-            ],
-        );
-    }
-    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "1",
-            "-extfile",
-            &format!("{name}.ext"),
-        ],
-    );
 }
 
 /// `curl` POST of `/host/echo` over TLS, as the client `client` (none: no certificate).

@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod callbacks;
 pub mod ceph;
+pub mod certs;
 pub mod checks;
 pub mod cli;
 pub mod consistency;

@@ -50,6 +50,13 @@ pub struct Connect {
     /// server.tls.cert, read from the config).
     #[arg(long, global = true)]
     pub ca: Option<PathBuf>,
+    /// PEM certificate (chain) to present when the agent asks for a client certificate
+    /// (`server.tls.client_ca`); with --key.
+    #[arg(long, global = true, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert.
+    #[arg(long, global = true, requires = "cert")]
+    pub key: Option<PathBuf>,
 }
 
 impl Connect {
@@ -79,7 +86,11 @@ impl Connect {
                     return Err(CliError::Usage(format!("{base} is https: give --ca with the agent's CA certificate")))
                 }
             };
-            Some(crate::http::tls::connector(trust).map_err(|e| CliError::Usage(e.to_string()))?)
+            let client = match (self.cert.as_deref(), self.key.as_deref()) {
+                (Some(cert), Some(key)) => Some(crate::http::tls::ClientCert { cert, key }),
+                _ => None,
+            };
+            Some(crate::http::tls::connector(trust, client).map_err(|e| CliError::Usage(e.to_string()))?)
         } else if base.starts_with("http://") {
             None
         } else {

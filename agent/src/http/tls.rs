@@ -77,27 +77,40 @@ pub enum Trust<'a> {
     Pinned(&'a Path),
 }
 
-/// A TLS client for `kvmagent call`; it presents no client certificate.
-pub fn connector(trust: Trust<'_>) -> Result<tokio_rustls::TlsConnector, TlsError> {
+/// The certificate (PEM chain) and key a client presents to an agent that asks for one
+/// (`server.tls.client_ca`).
+pub struct ClientCert<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+}
+
+/// A TLS client for `kvmagent call`, presenting `client` when given.
+pub fn connector(trust: Trust<'_>, client: Option<ClientCert<'_>>) -> Result<tokio_rustls::TlsConnector, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rejected { what: "the protocol versions", reason: e.to_string() })?;
-    let client = match trust {
+    let builder = match trust {
         Trust::Ca(ca) => {
             let mut roots = rustls::RootCertStore::empty();
             for c in certificates(ca)? {
                 roots.add(c).map_err(|e| TlsError::Rejected { what: "the CA", reason: e.to_string() })?;
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
         }
         Trust::Pinned(cert) => {
             let pinned = certificates(cert)?.swap_remove(0);
             let verifier = Arc::new(PinnedCert { cert: pinned, provider });
-            builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth()
+            builder.dangerous().with_custom_certificate_verifier(verifier)
         }
     };
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(client)))
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some(c) => builder
+            .with_client_auth_cert(certificates(c.cert)?, private_key(c.key)?)
+            .map_err(|e| TlsError::Rejected { what: "the client certificate and key", reason: e.to_string() })?,
+    };
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 /// Accepts only the one certificate (signatures are still checked, against its key).
