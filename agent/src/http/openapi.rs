@@ -286,6 +286,40 @@ mod tests {
         assert_eq!(fits(&doc, schema, &body), decoded.is_ok(), "{path} {body}: the decoder says {decoded:?}");
     }
 
+    /// The native command bodies of README's `curl` examples (`localhost:7070/<path>` ... `-d
+    /// '<json>'`), the shell's `'$R'` (the storage root) filled in.
+    fn readme_examples() -> Vec<(String, Value)> {
+        let readme = include_str!("../../../README.md");
+        let mut out = Vec::new();
+        for block in readme.split("```sh").skip(1).filter_map(|b| b.split("```").next()) {
+            for part in block.split("localhost:7070").skip(1) {
+                let path: String = part.chars().take_while(|c| !c.is_whitespace()).collect();
+                let Some((_, body)) = part.split_once("-d '") else { continue };
+                let body = body.split("\ncurl ").next().unwrap_or(body).trim_end();
+                let body = body.replace("'$R'", "/var/lib/kvmagent/local");
+                let body = body.strip_suffix('\'').unwrap_or(&body);
+                let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("README's {path} example: {e}"));
+                out.push((path, json));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_readmes_examples_of_native_commands_fit_the_schema() {
+        let doc = document();
+        let native: Vec<(String, Value)> =
+            readme_examples().into_iter().filter(|(p, _)| doc["paths"].get(p.as_str()).is_some()).collect();
+        assert!(native.iter().any(|(p, _)| p == "/vm/create") && native.len() >= 2, "{native:?}");
+        for (path, body) in native {
+            let schema = &doc["paths"][&path]["post"]["requestBody"]["content"]["application/json"]["schema"];
+            assert!(fits(&doc, schema, &body), "README's {path} example does not fit the schema: {body}");
+            let mut typo = body.clone();
+            typo["strateggy"] = json!("InstantStart");
+            assert!(!fits(&doc, schema, &typo), "{path}: the schema refuses an unknown field");
+        }
+    }
+
     #[test]
     fn the_schemas_take_and_refuse_what_the_decoder_does() {
         let common =
