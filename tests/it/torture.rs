@@ -167,13 +167,25 @@ async fn round(h: &Host, s: &Setup, kind: &str, rng: &mut Rng) -> (&'static str,
             h.track_vm(&vm);
             let (root_uuid, root) = root_volume_path(h);
             let (data_uuid, data) = data_volume_path(h);
-            let cmd = json!({
+            let mut cmd = json!({
                 "vm": {"vmInstanceUuid": vm, "vmName": "t-create", "memory": 128 * MIB, "cpuNum": 1},
                 "rootVolume": {"volumeUuid": root_uuid, "installPath": root, "imagePath": s.base.path, "provisioning": "thick"},
                 "dataVolumes": [{"volumeUuid": data_uuid, "installPath": data, "size": 64 * MIB, "provisioning": "thick"}],
                 "strategy": "CreateStopped",
             });
-            let paths = vec![root.display().to_string(), data.display().to_string()];
+            let mut paths = vec![root.display().to_string(), data.display().to_string()];
+            // Every other round a UEFI VM with a TPM and a cloud-init seed: its NVRAM and seed,
+            // beside the root, are made with it or not at all.
+            if rng.below(2) == 0 {
+                cmd["firmware"] = json!("uefi");
+                cmd["cloudInit"] = json!({"hostname": "t-create"});
+                cmd["vm"]["tpm"] = json!({"enable": true});
+                let dir = root.parent().unwrap();
+                paths.extend(
+                    [dir.join(format!("{vm}.nvram.fd")), dir.join(format!("cidata-{vm}.iso"))]
+                        .map(|p| p.display().to_string()),
+                );
+            }
             ("/vm/create", cmd, Expect::AllOrNothing { paths, domains: vec![vm], defined: true })
         }
         "clone" => {
