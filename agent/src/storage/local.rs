@@ -499,10 +499,22 @@ pub fn is_open_by_any_process(path: &Path) -> bool {
         return false;
     };
     procs.flatten().filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())).any(|p| {
-        std::fs::read_dir(p.path().join("fd"))
+        let holds = std::fs::read_dir(p.path().join("fd"))
             .map(|fds| fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == path)))
-            .unwrap_or(false)
+            .unwrap_or(false);
+        // A process already killed (a killed agent, or a copy it ran, still finishing a write
+        // before it can exit) holds the file only until then: it is not a user of the volume.
+        holds && !std::fs::read_to_string(p.path().join("status")).is_ok_and(|s| kill_pending(&s))
     })
+}
+
+/// Whether `/proc/<pid>/status` text shows a SIGKILL pending: the process is being killed.
+fn kill_pending(status: &str) -> bool {
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    status
+        .lines()
+        .filter_map(|l| l.strip_prefix("SigPnd:").or_else(|| l.strip_prefix("ShdPnd:")))
+        .any(|mask| u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| m & SIGKILL_BIT != 0))
 }
 
 /// Parses `kvmHostAddons.qcow2Options` (e.g. `" -o cluster_size=2097152 -o preallocation=metadata"`)
@@ -545,6 +557,23 @@ pub fn parse_qcow2_options(s: &str) -> AgentResult<CreateOptions> {
 mod tests {
     use super::*;
     use crate::qemu_img::cli::QemuImgCli;
+
+    #[test]
+    fn a_process_being_killed_is_told_by_its_pending_sigkill() {
+        let status =
+            |sig: &str, shd: &str| format!("Name:\tqemu-img\nState:\tD (disk sleep)\nSigPnd:\t{sig}\nShdPnd:\t{shd}\n");
+        assert!(kill_pending(&status("0000000000000000", "0000000000000100")), "a kill sent to the process");
+        assert!(kill_pending(&status("0000000000000100", "0000000000000000")), "a kill sent to the thread");
+        assert!(!kill_pending(&status("0000000000000000", "0000000000004002")), "SIGTERM and SIGINT are not SIGKILL");
+        assert!(!kill_pending("Name:\tx\n"));
+        // A living process that holds the file counts.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("v");
+        std::fs::write(&f, b"x").unwrap();
+        let held = std::fs::File::open(&f).unwrap();
+        assert!(is_open_by_any_process(&f.canonicalize().unwrap()));
+        drop(held);
+    }
 
     fn setup() -> (tempfile::TempDir, LocalStorage, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
