@@ -196,28 +196,58 @@ impl Host {
     }
 
     fn spawn_agent(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log"))?;
-        let child = Command::new(agent_binary())
-            .args(["serve", "--config"])
-            .arg(self.dir.path().join("kvmagent.toml"))
-            .env("KVMAGENT_LOG", "debug")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting the agent binary")?;
-        self.child = Some(child);
-        // Listening is enough (the agent may speak TLS or want a token): requests queue until
-        // it serves.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::time::Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
+        // The port `free_port` found may be taken by another test's agent before ours binds it:
+        // ours then exits (it cannot listen) and is started again on another port, rather than
+        // this Host talking to the other agent.
+        for _ in 0..5 {
+            let listened = self.log().matches("kvmagent listening").count();
+            let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log"))?;
+            let child = Command::new(agent_binary())
+                .args(["serve", "--config"])
+                .arg(self.dir.path().join("kvmagent.toml"))
+                .env("KVMAGENT_LOG", "debug")
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting the agent binary")?;
+            self.child = Some(child);
+            // Listening is enough (the agent may speak TLS or want a token): requests queue until
+            // it serves.
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(status) = self.child.as_mut().expect("just spawned").try_wait()? {
+                    if !self.log().contains(&format!("cannot listen on 127.0.0.1:{}:", self.port)) {
+                        bail!("the agent exited ({status}); log:\n{}", self.log());
+                    }
+                    self.move_to_another_port()?;
+                    break;
+                }
+                if self.log().matches("kvmagent listening").count() > listened
+                    && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                {
+                    return Ok(());
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!("the agent did not listen within 20 s; log:\n{}", self.log());
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("the agent did not listen within 20 s; log:\n{}", self.log())
+        bail!("no port the agent could listen on after 5 tries; log:\n{}", self.log())
+    }
+
+    /// Rewrites the agent's config to listen on another free port.
+    fn move_to_another_port(&mut self) -> Result<()> {
+        let config = self.dir.path().join("kvmagent.toml");
+        let port = free_port()?;
+        let text = std::fs::read_to_string(&config)?;
+        let text =
+            text.replace(&format!("listen = \"127.0.0.1:{}\"", self.port), &format!("listen = \"127.0.0.1:{port}\""));
+        std::fs::write(&config, text)?;
+        self.port = port;
+        Ok(())
     }
 
     /// Stops the agent with SIGTERM and waits for it to exit.
