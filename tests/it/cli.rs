@@ -1,7 +1,7 @@
 //! `kvmagent call` and `kvmagent vm ...` against a running agent: results printed, exit codes
 //! 0 (success), 1 (the command failed) and 2 (usage or transport).
 
-use kvmagent_host_tests::certs::certificate;
+use kvmagent_host_tests::certs::client_auth_tls;
 use kvmagent_host_tests::checks::{domstate, dumpxml, qemu_img_info};
 use kvmagent_host_tests::cli::texts;
 use kvmagent_host_tests::images::{root_volume_path, BaseImage};
@@ -142,13 +142,7 @@ async fn call_speaks_tls_trusting_the_agents_certificate_and_sends_its_token() {
 async fn call_presents_a_client_certificate_when_the_agent_asks_for_one() {
     let certs = tempfile::tempdir().unwrap();
     let d = certs.path();
-    certificate(d, "ca", "server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n");
-    certificate(d, "ca", "operator", "extendedKeyUsage=clientAuth\n");
-    certificate(d, "other-ca", "stranger", "extendedKeyUsage=clientAuth\n");
-    let tls = format!(
-        "[server.tls]\ncert = \"{0}/server.pem\"\nkey = \"{0}/server.key\"\nclient_ca = \"{0}/ca.pem\"\n",
-        d.display()
-    );
+    let tls = client_auth_tls(d, "operator");
     let h = Host::start_configured(&tls, "", &[]).await.unwrap();
     let with = |client: &str| {
         let (cert, key) = (d.join(format!("{client}.pem")), d.join(format!("{client}.key")));

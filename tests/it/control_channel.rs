@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use kvmagent_host_tests::certs::certificate;
+use kvmagent_host_tests::certs::client_auth_tls;
 use kvmagent_host_tests::{uuid, Host};
 use serde_json::{json, Value};
 
@@ -108,14 +108,7 @@ fn echo(dir: &Path, port: u16, client: Option<&str>) -> Result<String, String> {
 async fn tls_with_client_certificates() {
     let certs = tempfile::tempdir().unwrap();
     let d = certs.path();
-    certificate(d, "ca", "server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n");
-    certificate(d, "ca", "mn", "extendedKeyUsage=clientAuth\n");
-    certificate(d, "other-ca", "stranger", "extendedKeyUsage=clientAuth\n");
-    let tls = format!(
-        "[server.tls]\ncert = \"{0}/server.pem\"\nkey = \"{0}/server.key\"\nclient_ca = \"{0}/ca.pem\"\n",
-        d.display()
-    );
-    // The table goes after [server]'s keys: it is the last thing of the [server] part.
+    let tls = client_auth_tls(d, "mn");
     let h = Host::start_configured(&tls, "", &[]).await.unwrap();
     assert_eq!(echo(d, h.port, Some("mn")).as_deref(), Ok("200"), "a management node with a CA-signed certificate");
     assert!(echo(d, h.port, None).is_err(), "no client certificate: the handshake fails");

@@ -10,7 +10,7 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A CA (`<ca>.pem`, `<ca>.key`) and a certificate `<name>.pem`/`<name>.key` it signed, with
 /// the X.509 extensions `ext` (openssl's extfile syntax), in `dir`.
-pub fn certificate(dir: &Path, ca: &str, name: &str, ext: &str) {
+fn certificate(dir: &Path, ca: &str, name: &str, ext: &str) {
     if !dir.join(format!("{ca}.pem")).exists() {
         let subj = format!("/CN={ca}");
         openssl(
@@ -68,4 +68,18 @@ pub fn certificate(dir: &Path, ca: &str, name: &str, ext: &str) {
             &format!("{name}.ext"),
         ],
     );
+}
+
+/// In `dir`: a CA `ca` with a server certificate for 127.0.0.1 (`server`) and a client
+/// certificate `client`, and a client certificate `stranger` from another CA (`other-ca`).
+/// Returns the agent's `[server.tls]` table that serves with `server` and asks for client
+/// certificates of `ca` (it goes last in the `[server]` part).
+pub fn client_auth_tls(dir: &Path, client: &str) -> String {
+    certificate(dir, "ca", "server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n");
+    certificate(dir, "ca", client, "extendedKeyUsage=clientAuth\n");
+    certificate(dir, "other-ca", "stranger", "extendedKeyUsage=clientAuth\n");
+    format!(
+        "[server.tls]\ncert = \"{0}/server.pem\"\nkey = \"{0}/server.key\"\nclient_ca = \"{0}/ca.pem\"\n",
+        dir.display()
+    )
 }
