@@ -176,3 +176,51 @@ async fn a_command_refused_for_its_source_says_how_to_allow_the_host() {
     assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
     assert!(stderr.contains("403") && stderr.contains("add \"127.0.0.1\" to server.management_hosts"), "{stderr}");
 }
+
+/// The progress bar: drawn on stderr only when it is a terminal (here a pty made by `script`),
+/// its percentage rising while a slow download runs, and ending at 100%.
+#[tokio::test]
+async fn call_draws_a_rising_progress_bar_on_a_terminal_only() {
+    use kvmagent_host_tests::checks::{qemu_img, qemu_io_fill};
+    use kvmagent_host_tests::http_server::{sha256, HttpServer, Serve};
+
+    let h = Host::start().await.unwrap();
+    let http = HttpServer::start().await;
+    // A qcow2 of about 1.5 MiB, sent 64 KiB every 200 ms: several polls see it part-way.
+    let download = |name: &str| {
+        let src = h.dir.path().join(format!("{name}.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", src.to_str().unwrap(), "16M"]).unwrap();
+        qemu_io_fill(&src, 0, 3 * MIB / 2, 0x5a).unwrap();
+        let body = std::fs::read(&src).unwrap();
+        let cmd = json!({
+            "url": http.serve(&format!("/images/{name}.qcow2"), Serve::Drip { body: body.clone() }),
+            "sha256": sha256(&body),
+            "installPath": h.path(&format!("imagecache/template/{name}/{name}.qcow2")),
+        });
+        let file = h.dir.path().join(format!("{name}.json"));
+        std::fs::write(&file, cmd.to_string()).unwrap();
+        file
+    };
+
+    let on_pty = download("on-pty");
+    let line = [kvmagent_host_tests::agent_binary().as_path(), on_pty.as_path(), h.config_path().as_path()]
+        .map(|p| p.to_str().unwrap().to_owned());
+    let command = format!("{} call /image/cache --data {} --config {}", line[0], line[1], line[2]);
+    let out = tokio::process::Command::new("script").args(["-qefc", &command, "/dev/null"]).output().await.unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{shown}\n{}", h.log());
+    let percents: Vec<u32> = shown
+        .split('\r')
+        .filter_map(|frame| frame.strip_prefix("/image/cache ["))
+        .filter_map(|frame| frame.split(']').nth(1)?.trim().split('%').next()?.parse().ok())
+        .collect();
+    assert!(percents.windows(2).all(|w| w[0] <= w[1]), "the bar never goes back: {percents:?}");
+    assert_eq!(percents.last(), Some(&100), "the bar ends full: {shown}");
+    assert!(percents.iter().any(|p| (1..100).contains(p)), "the bar showed the download part-way: {shown}");
+
+    // Piped stderr (a script, a log): no bar, only the answer.
+    let out = h.cli(&["call", "/image/cache", "--data", download("piped").to_str().unwrap()], None).await.unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(!stderr.contains('\r') && !stderr.contains('%'), "no bar when stderr is not a terminal: {stderr:?}");
+}
