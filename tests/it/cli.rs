@@ -177,10 +177,28 @@ async fn a_command_refused_for_its_source_says_how_to_allow_the_host() {
     assert!(stderr.contains("403") && stderr.contains("add \"127.0.0.1\" to server.management_hosts"), "{stderr}");
 }
 
-/// The progress bar: drawn on stderr only when it is a terminal (here a pty made by `script`),
-/// its percentage rising while a slow download runs, and ending at 100%.
+/// Runs the CLI with `args` on a terminal (a pty made by `script`): what the terminal showed, and
+/// the percentages of the progress bar frames drawn for `path`.
+async fn on_terminal(h: &Host, path: &str, args: &[&str]) -> (String, Vec<u32>) {
+    let mut words = vec![kvmagent_host_tests::agent_binary().display().to_string()];
+    words.extend(args.iter().map(|a| a.to_string()));
+    words.extend(["--config".to_owned(), h.config_path().display().to_string()]);
+    let out =
+        tokio::process::Command::new("script").args(["-qefc", &words.join(" "), "/dev/null"]).output().await.unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{args:?}: {shown}\n{}", h.log());
+    let percents = shown
+        .split('\r')
+        .filter_map(|frame| frame.strip_prefix(&format!("{path} [")))
+        .filter_map(|frame| frame.split(']').nth(1)?.trim().split('%').next()?.parse().ok())
+        .collect();
+    (shown, percents)
+}
+
+/// The progress bar: drawn on stderr only when it is a terminal, its percentage rising while a
+/// slow download runs and ending at 100%; `vm clone` shows one too, then the clones.
 #[tokio::test]
-async fn call_draws_a_rising_progress_bar_on_a_terminal_only() {
+async fn call_and_vm_clone_draw_a_rising_progress_bar_on_a_terminal_only() {
     use kvmagent_host_tests::checks::{qemu_img, qemu_io_fill};
     use kvmagent_host_tests::http_server::{sha256, HttpServer, Serve};
 
@@ -202,18 +220,9 @@ async fn call_draws_a_rising_progress_bar_on_a_terminal_only() {
         file
     };
 
-    let on_pty = download("on-pty");
-    let line = [kvmagent_host_tests::agent_binary().as_path(), on_pty.as_path(), h.config_path().as_path()]
-        .map(|p| p.to_str().unwrap().to_owned());
-    let command = format!("{} call /image/cache --data {} --config {}", line[0], line[1], line[2]);
-    let out = tokio::process::Command::new("script").args(["-qefc", &command, "/dev/null"]).output().await.unwrap();
-    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{shown}\n{}", h.log());
-    let percents: Vec<u32> = shown
-        .split('\r')
-        .filter_map(|frame| frame.strip_prefix("/image/cache ["))
-        .filter_map(|frame| frame.split(']').nth(1)?.trim().split('%').next()?.parse().ok())
-        .collect();
+    let file = download("on-pty");
+    let (shown, percents) =
+        on_terminal(&h, "/image/cache", &["call", "/image/cache", "--data", file.to_str().unwrap()]).await;
     assert!(percents.windows(2).all(|w| w[0] <= w[1]), "the bar never goes back: {percents:?}");
     assert_eq!(percents.last(), Some(&100), "the bar ends full: {shown}");
     assert!(percents.iter().any(|p| (1..100).contains(p)), "the bar showed the download part-way: {shown}");
@@ -223,4 +232,26 @@ async fn call_draws_a_rising_progress_bar_on_a_terminal_only() {
     let (stdout, stderr) = texts(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     assert!(!stderr.contains('\r') && !stderr.contains('%'), "no bar when stderr is not a terminal: {stderr:?}");
+
+    // Four flat copies of 256 MiB of data take longer than a poll: the bar, then the table.
+    let base = BaseImage::create(&h, 256 * MIB).unwrap();
+    qemu_io_fill(&base.path, MIB, 255 * MIB, 0xa5).unwrap();
+    let (vm, (root_uuid, root)) = (uuid(), root_volume_path(&h));
+    h.track_vm(&vm);
+    let create = json!({
+        "vm": {"vmInstanceUuid": vm, "vmName": "cli-bar", "memory": 64 * MIB, "cpuNum": 1},
+        "rootVolume": {"volumeUuid": root_uuid, "installPath": root, "imagePath": base.path},
+        "strategy": "CreateStopped",
+    });
+    h.call_ok("/vm/create", &create).await.unwrap();
+    let args = ["vm", "clone", &vm, "--count", "4", "--mode", "copy", "--strategy", "CreateStopped"];
+    let (shown, percents) = on_terminal(&h, "/vm/clone", &args).await;
+    let clones: Vec<&str> = shown.lines().filter(|l| l.contains("-clone-")).collect();
+    for line in &clones {
+        h.track_vm(line.trim_start_matches(|c: char| !c.is_ascii_alphanumeric()).split_whitespace().next().unwrap());
+    }
+    assert!(percents.len() >= 2, "vm clone drew its bar while it worked: {shown}");
+    assert_eq!(percents.last(), Some(&100), "vm clone drew its bar to the end: {shown}");
+    assert!(percents.windows(2).all(|w| w[0] <= w[1]), "the bar never goes back: {percents:?}");
+    assert_eq!(clones.len(), 4, "then the four clones' inventories: {shown}");
 }

@@ -201,8 +201,10 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
     let source_nvram = source.nvram.as_deref();
     let linked = cmd.mode == CloneMode::Linked;
     let total = plans.len();
-    let results: Vec<Value> = futures::stream::iter(plans.into_iter().enumerate())
-        .map(|(i, p)| async move {
+    // Clones finish in any order (several run at once): progress counts the finished ones.
+    let finished = &std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<Value> = futures::stream::iter(plans)
+        .map(|p| async move {
             let name = p.spec.name.clone();
             let uuid = p.spec.uuid.clone();
             let sources: Vec<Source> = (p.sources.iter())
@@ -216,7 +218,8 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
                 Ok(clone) => assemble::make(app, ctx, &clone, new).await,
                 Err(e) => Err(e),
             };
-            ctx.progress(((i + 1) * 100 / total) as u8, "clone finished");
+            let done = finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            ctx.progress((done * 100 / total) as u8, "clone finished");
             match r {
                 Ok(inv) => json!({ "inventory": inv }),
                 Err(e) => json!({ "uuid": uuid, "name": name, "error": e.error_code(), "message": e.to_string() }),
