@@ -211,17 +211,19 @@ async fn reconcile_domains(app: &App) -> (Vec<String>, Vec<String>) {
     (unknown, updated)
 }
 
-/// The agent's temporary files — volumes being built (`.<name>.kvmagent-tmp-<id>`) and TPM
-/// state staged for clones — that a killed run left. Nothing else ever has such names; those
-/// younger than this start belong to commands this run already serves, and stay.
+/// The agent's temporary files — volumes being built (`.<name>.kvmagent-tmp-<run>-<id>`) and
+/// TPM state staged for clones — that a killed run left. Nothing else ever has such names; the
+/// volumes this run is building (it serves while it recovers) carry its own run id and stay,
+/// the staged state younger than this start too.
 fn remove_temporaries(app: &App, started: SystemTime) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let roots = app.storage.roots().roots().iter().chain(app.backup_roots.roots());
+    let ours = crate::storage::local::temporary_infix();
     for root in roots {
         walk(root, 0, &mut |p: &Path| {
-            let temporary = p.file_name().is_some_and(|n| n.to_string_lossy().contains(".kvmagent-tmp-"));
-            let old = p.symlink_metadata().and_then(|m| m.modified()).is_ok_and(|t| t < started);
-            if temporary && old && std::fs::remove_file(p).is_ok() {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let left = name.contains(".kvmagent-tmp-") && !name.contains(ours);
+            if left && std::fs::remove_file(p).is_ok() {
                 removed.push(p.to_path_buf());
             }
         });

@@ -2,7 +2,7 @@
 //! ZStack's SFTP backup storage (`/localstorage/sftp/download`) or from an `http://`,
 //! `https://` or `sftp://` URL (`/image/cache`, for management planes other than ZStack).
 //!
-//! - The bytes arrive in a temporary file beside the target (`.<name>.kvmagent-tmp-<id>`, the
+//! - The bytes arrive in a temporary file beside the target (`.<name>.kvmagent-tmp-<run>-<id>`, the
 //!   name [`Building`] gives; the start-up recovery removes such files a killed agent left), are
 //!   counted and hashed as they arrive, and are never more than the storage has free. The image
 //!   is published (linked to its name) only when complete: as many bytes as the source

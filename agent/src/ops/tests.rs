@@ -1308,3 +1308,21 @@ async fn a_backup_of_a_vm_with_a_tpm_killed_at_any_point_leaves_nothing() {
     .await;
     assert!(kills >= 3, "{kills} kill points");
 }
+
+#[tokio::test]
+async fn recovery_removes_a_killed_runs_temporary_files_however_young_and_keeps_this_runs() {
+    let mut h = TestHost::start();
+    let dir = h.root.join("rootVolumes/acct-a/vol-b");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Written just now, as by a killed run's copy finishing its last write after the restart.
+    let left = dir.join(".b.qcow2.kvmagent-tmp-0123456789ab-00112233445566778899aabbccddeeff");
+    let building = crate::storage::local::Building::beside(&dir.join("b.qcow2"));
+    for f in [&left, &building.path().to_path_buf()] {
+        std::fs::write(f, b"partial").unwrap();
+    }
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    std::fs::File::options().write(true).open(&left).unwrap().set_modified(later).unwrap();
+    let report = h.restart_and_recover().await;
+    assert_eq!(report.removed, vec![left.clone()], "{report:?}");
+    assert!(!left.exists() && building.path().exists(), "this run's own volume being built stays");
+}

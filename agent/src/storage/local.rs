@@ -71,6 +71,14 @@ pub struct LocalStorage {
     qemu_img: Arc<dyn QemuImg>,
 }
 
+/// The infix of this process's temporary files: `kvmagent-tmp-<run>-`, with `<run>` drawn once
+/// per process. The start-up recovery removes every temporary file without it, whatever its age:
+/// a killed run's copy may still be finishing a write when the next run starts.
+pub(crate) fn temporary_infix() -> &'static str {
+    static INFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    INFIX.get_or_init(|| format!("kvmagent-tmp-{}-", &uuid::Uuid::new_v4().simple().to_string()[..12]))
+}
+
 /// A volume file being built beside its final name; removed on drop unless published.
 pub(crate) struct Building {
     tmp: PathBuf,
@@ -80,7 +88,7 @@ pub(crate) struct Building {
 impl Building {
     pub(crate) fn beside(dst: &Path) -> Building {
         let name = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = dst.with_file_name(format!(".{name}.kvmagent-tmp-{}", uuid::Uuid::new_v4().simple()));
+        let tmp = dst.with_file_name(format!(".{name}.{}{}", temporary_infix(), uuid::Uuid::new_v4().simple()));
         Building { tmp, published: false }
     }
 
