@@ -82,11 +82,17 @@ pub fn child_command<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Command {
     // A child outliving a killed agent would go on writing what the next start rolls back (a
     // copy, an RBD clone): it gets SIGKILL when the agent dies. (Children are spawned from the
     // runtime's worker threads, which live as long as the agent.)
-    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+    // An agent killed between the fork and the prctl sends no signal: the child checks that
+    // its parent is still the agent and gives up otherwise.
+    let agent = std::process::id() as libc::pid_t;
+    // SAFETY: prctl and getppid are async-signal-safe and touch only the child's own state.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != agent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });

@@ -383,9 +383,9 @@ impl LocalStorage {
     /// An existing volume no running process has open, to rewrite offline.
     fn offline_volume(&self, path: &str) -> AgentResult<PathBuf> {
         let path = self.roots.confine_chain(path)?;
-        if is_open_by_any_process(&path) {
+        if let Some(holder) = process_holding(&path) {
             return Err(AgentError::conflict(format!(
-                "volume {} is in use; flatten a running VM's disk live instead",
+                "volume {} is in use by {holder}; flatten a running VM's disk live instead",
                 path.display()
             )));
         }
@@ -503,26 +503,53 @@ impl LocalStorage {
 
 /// Whether any process holds `path` open (scans `/proc/*/fd`).
 pub fn is_open_by_any_process(path: &Path) -> bool {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    procs.flatten().filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())).any(|p| {
+    process_holding(path).is_some()
+}
+
+/// A process that holds `path` open, as `pid N (name)`, for errors an operator acts on.
+/// Processes already being killed (a killed agent, or a copy it ran, still finishing a write
+/// before it can exit) hold the file only until then: they are not users of the volume.
+pub fn process_holding(path: &Path) -> Option<String> {
+    let procs = std::fs::read_dir("/proc").ok()?;
+    procs.flatten().filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())).find_map(|p| {
         let holds = std::fs::read_dir(p.path().join("fd"))
             .map(|fds| fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == path)))
             .unwrap_or(false);
-        // A process already killed (a killed agent, or a copy it ran, still finishing a write
-        // before it can exit) holds the file only until then: it is not a user of the volume.
-        holds && !std::fs::read_to_string(p.path().join("status")).is_ok_and(|s| kill_pending(&s))
+        if !holds || being_killed(&p.path()) {
+            return None;
+        }
+        let name = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+        Some(format!("pid {} ({})", p.file_name().to_string_lossy(), name.trim()))
     })
 }
 
-/// Whether `/proc/<pid>/status` text shows a SIGKILL pending: the process is being killed.
+/// Whether any thread of process `dir` (`/proc/<pid>`) has a SIGKILL pending or is exiting:
+/// the thread that took the signal may be on its way out while another finishes a write.
+fn being_killed(dir: &Path) -> bool {
+    let threads = std::fs::read_dir(dir.join("task")).into_iter().flatten().flatten();
+    threads.map(|t| t.path()).any(|t| {
+        std::fs::read_to_string(t.join("status")).is_ok_and(|s| kill_pending(&s))
+            || std::fs::read_to_string(t.join("stat")).is_ok_and(|s| exiting(&s))
+    })
+}
+
+/// Whether `/proc/<pid>/task/<tid>/stat` text shows the thread exiting (`PF_EXITING` in its
+/// flags, the 9th field; the command name before it may hold spaces and parentheses).
+fn exiting(stat: &str) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    after_name.split_whitespace().nth(6).and_then(|f| f.parse::<u64>().ok()).is_some_and(|f| f & PF_EXITING != 0)
+}
+
+/// Whether `/proc/<pid>/status` text shows a SIGKILL pending, or the task dying (zombie or
+/// dead): the process is being killed.
 fn kill_pending(status: &str) -> bool {
     const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
-    status
-        .lines()
-        .filter_map(|l| l.strip_prefix("SigPnd:").or_else(|| l.strip_prefix("ShdPnd:")))
-        .any(|mask| u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| m & SIGKILL_BIT != 0))
+    status.lines().any(|l| {
+        let pending = l.strip_prefix("SigPnd:").or_else(|| l.strip_prefix("ShdPnd:"));
+        let dying = l.strip_prefix("State:").is_some_and(|s| matches!(s.trim().chars().next(), Some('Z' | 'X')));
+        dying || pending.is_some_and(|mask| u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| m & SIGKILL_BIT != 0))
+    })
 }
 
 /// Parses `kvmHostAddons.qcow2Options` (e.g. `" -o cluster_size=2097152 -o preallocation=metadata"`)
@@ -574,6 +601,12 @@ mod tests {
         assert!(kill_pending(&status("0000000000000100", "0000000000000000")), "a kill sent to the thread");
         assert!(!kill_pending(&status("0000000000000000", "0000000000004002")), "SIGTERM and SIGINT are not SIGKILL");
         assert!(!kill_pending("Name:\tx\n"));
+        assert!(kill_pending("Name:\tqemu-img\nState:\tZ (zombie)\nSigPnd:\t0000000000000000\n"), "a zombie");
+        let stat = |flags: u64| format!("4242 (qemu-img (x)) D 1 4242 4242 0 -1 {flags} 0 0");
+        assert!(exiting(&stat(0x404044)) && !exiting(&stat(0x400040)), "PF_EXITING in the flags");
+        // This very thread is not exiting: the flags are read from the right field.
+        let own = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        assert!(!exiting(&own), "{own}");
         // A living process that holds the file counts.
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("v");
