@@ -93,7 +93,7 @@ impl App {
         let backends = Backends {
             libvirt: Arc::new(Libvirt::new(&config.libvirt.uri)),
             rbd: match c.client {
-                CephClient::Librbd => Arc::new(RbdLib::new(connection.clone())),
+                CephClient::Librbd => Arc::new(RbdLib::recording_clients(connection.clone(), config.state_dir.clone())),
                 CephClient::Cli => Arc::new(RbdCli(connection.clone())),
             },
             ceph: Arc::new(CephCli(connection)),
@@ -125,6 +125,8 @@ impl App {
             std::fs::create_dir_all(r).map_err(backup_err)?;
         }
         let backup_roots = StorageRoots::new(&config.backup.roots).map_err(backup_err)?;
+        // Read before anything connects: this run's own connections are recorded beside them.
+        let ceph_clients = crate::ceph::clients::recorded(&config.state_dir);
         let vms = Vms::new(&config.state_dir);
         vms.migrate();
         let volume_locks = VolumeLocks::new(roots.clone());
@@ -149,7 +151,7 @@ impl App {
             shutting_down: AtomicBool::new(false),
             recovery: OnceLock::new(),
         };
-        Ok((Arc::new(app), Inherited { undelivered, interrupted }))
+        Ok((Arc::new(app), Inherited { undelivered, interrupted, ceph_clients }))
     }
 
     /// Whether results and progress may be posted to `url`: its host must be one of

@@ -1,5 +1,7 @@
 //! What a start of the agent does about the work a previous run left, as it starts serving:
 //!
+//! - the Ceph clients of the previous run are blocklisted, so that the watches they left on
+//!   images go at once (see [`crate::ceph::clients`]);
 //! - every journaled undo log of a task that never recorded its result is played back, so
 //!   half-made volumes, images, domains and backup points are removed, and temporary tops are
 //!   committed back;
@@ -51,6 +53,8 @@ pub struct Inherited {
     pub undelivered: Vec<TaskRecord>,
     /// Still running when the agent stopped.
     pub interrupted: Vec<TaskRecord>,
+    /// The Ceph clients the previous runs connected as (see [`crate::ceph::clients`]).
+    pub ceph_clients: Vec<crate::ceph::clients::Recorded>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -80,6 +84,9 @@ pub struct RolledBack {
 pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) -> Report {
     let started = SystemTime::now();
     let mut report = Report::default();
+    // First, so that the watches a killed run left on its half-made images do not hold up
+    // their removal.
+    crate::ceph::clients::blocklist_previous(app, inherited.ceph_clients).await;
     let leftovers = undo::leftovers(&app.config.state_dir);
     let mut late_defines = Vec::new();
     for l in leftovers {

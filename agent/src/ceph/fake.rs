@@ -36,6 +36,13 @@ pub struct FakeRbd {
     open: Mutex<std::collections::BTreeSet<String>>,
     /// Images moved to the trash, with their delay.
     trash: Mutex<BTreeMap<String, u64>>,
+    /// Watches of killed clients, by image (`pool/image`): the client's address. A watch goes
+    /// once its client is blocklisted.
+    dead_watches: Mutex<BTreeMap<String, String>>,
+    /// The addresses blocklisted so far.
+    blocklisted: Mutex<Vec<String>>,
+    /// Blocklisting is refused (a Ceph user without the right).
+    blocklist_refused: std::sync::atomic::AtomicBool,
 }
 
 fn not_found(p: &CephPath) -> RbdError {
@@ -60,6 +67,22 @@ impl FakeRbd {
     /// A client opens `image` (`pool/image`), as a running VM does.
     pub fn open(&self, image: &str) {
         self.open.lock().unwrap().insert(image.to_owned());
+    }
+
+    /// A client at `addr` was killed with `image` (`pool/image`) open: its watch stays until the
+    /// client is blocklisted.
+    pub fn watched_by_dead_client(&self, image: &str, addr: &str) {
+        self.dead_watches.lock().unwrap().insert(image.to_owned(), addr.to_owned());
+    }
+
+    /// The addresses blocklisted so far.
+    pub fn blocklisted(&self) -> Vec<String> {
+        self.blocklisted.lock().unwrap().clone()
+    }
+
+    /// From now on, blocklisting is refused.
+    pub fn refuse_blocklist(&self) {
+        self.blocklist_refused.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The images in the trash (`pool/image`) and their delays.
@@ -250,7 +273,9 @@ impl Rbd for FakeRbd {
 
     async fn remove(&self, p: &CephPath, _stop: &Stop) -> Result<(), RbdError> {
         use std::sync::atomic::Ordering;
-        if self.watched.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+        if self.watched.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+            || self.dead_watches.lock().unwrap().contains_key(&p.image_spec())
+        {
             return Err(RbdError::Busy { what: p.spec() });
         }
         self.take_out(p)
@@ -258,12 +283,23 @@ impl Rbd for FakeRbd {
 
     async fn watchers(&self, p: &CephPath, _stop: &Stop) -> Result<usize, RbdError> {
         self.with(&CephPath { snap: None, ..p.clone() }, |_| Ok(()))?;
-        Ok(usize::from(self.open.lock().unwrap().contains(&p.image_spec())))
+        let dead = self.dead_watches.lock().unwrap().contains_key(&p.image_spec());
+        Ok(usize::from(self.open.lock().unwrap().contains(&p.image_spec())) + usize::from(dead))
     }
 
     async fn trash_move(&self, p: &CephPath, delay_secs: u64, _stop: &Stop) -> Result<(), RbdError> {
         self.take_out(p)?;
         self.trash.lock().unwrap().insert(p.image_spec(), delay_secs);
+        Ok(())
+    }
+
+    async fn blocklist(&self, addr: &str, _expiry: std::time::Duration, _stop: &Stop) -> Result<(), RbdError> {
+        if self.blocklist_refused.load(std::sync::atomic::Ordering::SeqCst) {
+            let reason = "access denied (the user may not change the OSD map)".into();
+            return Err(RbdError::Refused { what: format!("osd blocklist add {addr}"), reason });
+        }
+        self.dead_watches.lock().unwrap().retain(|_, owner| owner != addr);
+        self.blocklisted.lock().unwrap().push(addr.to_owned());
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! Ceph RBD primary storage: validated paths, and RBD through librbd or the `rbd` command line.
 
+pub mod clients;
 pub mod cluster;
 #[cfg(test)]
 pub mod fake;

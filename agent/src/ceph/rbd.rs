@@ -211,6 +211,10 @@ pub trait Rbd: Send + Sync {
     /// Moves the image to the pool's trash, from which the cluster may purge it once
     /// `delay_secs` have passed (and from which it can be restored until then).
     async fn trash_move(&self, p: &CephPath, delay_secs: u64, stop: &Stop) -> Result<(), RbdError>;
+    /// Blocklists the client at `addr` (a killed run of this agent, see [`super::clients`]) for
+    /// `expiry`: the OSDs drop its watches and refuse its requests. Clusters older than Pacific
+    /// know the command as `blacklist`.
+    async fn blocklist(&self, addr: &str, expiry: Duration, stop: &Stop) -> Result<(), RbdError>;
 
     /// `info(p).size` and `used(p)` together (a client may answer both from one open image).
     async fn size_and_used(&self, p: &CephPath, stop: &Stop) -> Result<(u64, u64), RbdError> {
@@ -263,12 +267,16 @@ pub struct RbdCli(pub Connection);
 
 impl RbdCli {
     async fn run(&self, args: &[&str], stop: &Stop, bounded: bool) -> Result<String, RbdError> {
+        self.run_program("rbd", args, stop, bounded).await
+    }
+
+    async fn run_program(&self, program: &str, args: &[&str], stop: &Stop, bounded: bool) -> Result<String, RbdError> {
         let what = args.join(" ");
         let mut all = self.0.args();
         all.extend(args.iter().map(OsString::from));
         // The unbounded calls are the copies (deep cp).
         let priority = if bounded { Priority::Normal } else { Priority::Copy };
-        let fut = process::run_with_lines_as("rbd", &all, stop, priority, |_| {});
+        let fut = process::run_with_lines_as(program, &all, stop, priority, |_| {});
         let out = if bounded {
             tokio::time::timeout(CALL_TIMEOUT, fut).await.map_err(|_| RbdError::Timeout { what: what.clone() })?
         } else {
@@ -393,6 +401,16 @@ impl Rbd for RbdCli {
     async fn trash_move(&self, p: &CephPath, delay_secs: u64, stop: &Stop) -> Result<(), RbdError> {
         let expires = format!("{delay_secs} seconds");
         self.run(&["trash", "mv", "--expires-at", &expires, &p.image_spec()], stop, true).await.map(drop)
+    }
+
+    async fn blocklist(&self, addr: &str, expiry: Duration, stop: &Stop) -> Result<(), RbdError> {
+        let secs = expiry.as_secs().to_string();
+        let args = |name| ["osd", name, "add", addr, secs.as_str()];
+        match self.run_program("ceph", &args("blocklist"), stop, true).await {
+            Ok(_) => Ok(()),
+            // Clusters before Pacific know only the old name; the first error is the telling one.
+            Err(e) => self.run_program("ceph", &args("blacklist"), stop, true).await.map(drop).map_err(|_| e),
+        }
     }
 }
 

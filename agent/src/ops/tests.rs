@@ -594,6 +594,54 @@ async fn recovery_waits_out_the_watch_a_killed_client_left_on_an_image() {
     assert_rbd_consistent(&h, &base).await;
 }
 
+/// An RBD `/vm/create` killed after its second journaled step, on a host whose previous run
+/// recorded its Ceph client as `addr`: the images the kill left behind (besides `base`).
+async fn create_killed_by(h: &TestHost, addr: &str, body: impl Fn(&str) -> Value) -> Vec<String> {
+    let ctx = h.task("/vm/create").await;
+    let create = crate::ops::create::create(&h.app, &ctx, cmd(body(&uuid())));
+    assert!(run_killed(h, "/vm/create", async { value(create.await) }, Kill::Step(2)).await, "killed");
+    let fsid = crate::ceph::cluster::Cluster::fsid(h.ceph.as_ref()).await.unwrap();
+    let client = crate::ceph::clients::Client { fsid, addr: addr.to_owned(), instance: 4100 };
+    crate::ceph::clients::record(&h.app.config.state_dir, &client).unwrap();
+    let left: Vec<String> = h.rbd.images().into_iter().filter(|i| i != "rbd/base").collect();
+    assert!(!left.is_empty(), "the kill left the new root behind");
+    left
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovery_blocklists_the_killed_runs_client_so_its_watches_do_not_hold_up_the_rollback() {
+    use crate::ceph::clients::{self, Client};
+    let (mut h, base, body) = rbd_host().await;
+    let dead = "127.0.0.1:0/1001";
+    for image in create_killed_by(&h, dead, body).await {
+        h.rbd.watched_by_dead_client(&image, dead);
+    }
+    // A record of a client of another cluster the agent was once configured for.
+    let elsewhere = Client { fsid: "another-cluster".into(), addr: "10.0.0.9:0/7".into(), instance: 1 };
+    clients::record(&h.app.config.state_dir, &elsewhere).unwrap();
+
+    let report = h.restart_and_recover().await;
+    // The fake's dead watches go only by blocklisting: without it first, no removal succeeds.
+    assert!(report.rolled_back.iter().all(|r| r.failures.is_empty()), "{report:?}");
+    assert_rbd_consistent(&h, &base).await;
+    assert_eq!(h.rbd.blocklisted(), [dead], "only the previous run's client on this cluster");
+    assert!(clients::recorded(&h.app.config.state_dir).is_empty(), "the records are done with");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_blocklist_falls_back_to_waiting_out_the_killed_clients_watch() {
+    let (mut h, base, body) = rbd_host().await;
+    create_killed_by(&h, "127.0.0.1:0/1002", body).await;
+    h.rbd.refuse_blocklist();
+    // The watch of the killed run's client, which the cluster times out after a while.
+    h.rbd.watch_for(5);
+    let report = h.restart_and_recover().await;
+    assert!(report.rolled_back.iter().all(|r| r.failures.is_empty()), "{report:?}");
+    assert_rbd_consistent(&h, &base).await;
+    assert!(h.rbd.blocklisted().is_empty());
+    assert!(crate::ceph::clients::recorded(&h.app.config.state_dir).is_empty(), "the record is done with");
+}
+
 #[tokio::test]
 async fn a_state_file_torn_by_a_kill_is_removed_at_start_and_never_read_as_a_record() {
     let mut h = TestHost::start();

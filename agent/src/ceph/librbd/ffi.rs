@@ -69,6 +69,22 @@ extern "C" {
     pub fn rados_shutdown(cluster: RadosT);
     pub fn rados_ioctx_create(cluster: RadosT, pool: *const c_char, ioctx: *mut IoCtxT) -> c_int;
     pub fn rados_ioctx_destroy(ioctx: IoCtxT);
+    pub fn rados_cluster_fsid(cluster: RadosT, buf: *mut c_char, len: usize) -> c_int;
+    pub fn rados_getaddrs(cluster: RadosT, addrs: *mut *mut c_char) -> c_int;
+    pub fn rados_get_instance_id(cluster: RadosT) -> u64;
+    pub fn rados_wait_for_latest_osdmap(cluster: RadosT) -> c_int;
+    pub fn rados_mon_command(
+        cluster: RadosT,
+        cmd: *mut *const c_char,
+        cmdlen: usize,
+        inbuf: *const c_char,
+        inbuflen: usize,
+        outbuf: *mut *mut c_char,
+        outbuflen: *mut usize,
+        outs: *mut *mut c_char,
+        outslen: *mut usize,
+    ) -> c_int;
+    pub fn rados_buffer_free(buf: *mut c_char);
 }
 
 #[link(name = "rbd")]

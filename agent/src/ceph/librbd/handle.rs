@@ -88,6 +88,78 @@ impl Rados {
         })?;
         Ok(rados)
     }
+    /// Who this connection is in the cluster: the cluster's fsid, the client's address (what
+    /// the OSDs list as watcher and the monitors blocklist) and its instance id.
+    pub fn identity(&self) -> Res<ClientIdentity> {
+        let mut fsid = [0 as c_char; 64];
+        // SAFETY: connected handle; `fsid` is writable for its length, NUL-terminated on success.
+        check(unsafe { ffi::rados_cluster_fsid(self.0, fsid.as_mut_ptr(), fsid.len()) }, || {
+            "reading the cluster's fsid".to_owned()
+        })?;
+        let mut addrs: *mut c_char = std::ptr::null_mut();
+        // SAFETY: connected handle, valid out-pointer; librados allocates the string.
+        check(unsafe { ffi::rados_getaddrs(self.0, &mut addrs) }, || "reading the client's address".to_owned())?;
+        // SAFETY: both NUL-terminated (fsid by librados, addrs allocated by it); addrs freed once.
+        let (fsid, addr) = unsafe {
+            let pair = (owned(fsid.as_ptr()), owned(addrs));
+            ffi::rados_buffer_free(addrs);
+            pair
+        };
+        // SAFETY: connected handle.
+        let instance = unsafe { ffi::rados_get_instance_id(self.0) };
+        Ok(ClientIdentity { fsid, addr, instance })
+    }
+
+    /// Sends the JSON command `cmd` to the monitors; the status line they answer on success.
+    pub fn mon_command(&self, cmd: &str) -> Res<String> {
+        let cmd_c = cstr(cmd)?;
+        let mut cmds = [cmd_c.as_ptr()];
+        let (mut out, mut out_len, mut status, mut status_len) =
+            (std::ptr::null_mut(), 0usize, std::ptr::null_mut(), 0usize);
+        // SAFETY: connected handle; one NUL-terminated command; no input; valid out-pointers.
+        let r = unsafe {
+            ffi::rados_mon_command(
+                self.0,
+                cmds.as_mut_ptr(),
+                1,
+                std::ptr::null(),
+                0,
+                &mut out,
+                &mut out_len,
+                &mut status,
+                &mut status_len,
+            )
+        };
+        // SAFETY: librados sets both buffers (or leaves them NULL); each freed once, after reading
+        // the status by its length (it need not be NUL-terminated).
+        let status_line = unsafe {
+            let s = if status.is_null() {
+                String::new()
+            } else {
+                String::from_utf8_lossy(std::slice::from_raw_parts(status.cast::<u8>(), status_len)).into_owned()
+            };
+            ffi::rados_buffer_free(out);
+            ffi::rados_buffer_free(status);
+            s
+        };
+        check(r, || format!("monitor command {cmd}: {status_line}"))?;
+        Ok(status_line)
+    }
+
+    /// Waits until this client has the newest OSD map (so its next requests carry it).
+    pub fn wait_for_latest_osdmap(&self) -> Res<()> {
+        // SAFETY: connected handle.
+        check(unsafe { ffi::rados_wait_for_latest_osdmap(self.0) }, || "waiting for the latest OSD map".to_owned())
+            .map(drop)
+    }
+}
+
+/// A connected client as the cluster knows it.
+#[derive(Debug, Clone)]
+pub struct ClientIdentity {
+    pub fsid: String,
+    pub addr: String,
+    pub instance: u64,
 }
 
 impl Drop for Rados {

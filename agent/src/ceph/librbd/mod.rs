@@ -3,18 +3,22 @@
 //! kept. A call that fails as if the connection were gone (or does not answer in time) drops it,
 //! and the next call connects again. librados blocks, so every call runs on the blocking pool;
 //! a stopped task makes no further call, and a flatten or deep copy under way is aborted from
-//! its progress callback.
+//! its progress callback. Each connection can be recorded in the agent's state directory (see
+//! [`super::clients`]), so that the next start can blocklist it.
 
 mod ffi;
 mod handle;
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
-use self::handle::{Fail, Image, IoCtx, Rados, Res};
+use self::handle::{ClientIdentity, Fail, Image, IoCtx, Rados, Res};
+use super::clients::{self, Client};
 use super::path::CephPath;
 use super::rbd::{whole_mib, Connection, ImageInfo, Parent, Rbd, RbdError, Snapshot, CALL_TIMEOUT};
 use crate::stop::Stop;
@@ -31,6 +35,8 @@ fn connection_lost(errno: i32) -> bool {
 /// The connected cluster and the I/O contexts of the pools used so far.
 struct Session {
     rados: Arc<Rados>,
+    /// Who the connection is (`None` when it could not be read: nothing was recorded).
+    me: Option<ClientIdentity>,
     pools: Mutex<HashMap<String, Arc<IoCtx>>>,
 }
 
@@ -49,6 +55,8 @@ impl Session {
 struct Shared {
     connection: Connection,
     session: Mutex<Option<Arc<Session>>>,
+    /// The state directory each new connection is recorded in.
+    records: Option<PathBuf>,
 }
 
 impl Shared {
@@ -60,7 +68,8 @@ impl Shared {
         }
         let c = &self.connection;
         let rados = Rados::connect(&c.conf, &c.id, c.keyring.as_deref(), CONNECT_OPTIONS)?;
-        let s = Arc::new(Session { rados: Arc::new(rados), pools: Mutex::default() });
+        let me = self.records.as_deref().and_then(|state_dir| remember(&rados, state_dir));
+        let s = Arc::new(Session { rados: Arc::new(rados), me, pools: Mutex::default() });
         *slot = Some(s.clone());
         Ok(s)
     }
@@ -71,6 +80,33 @@ impl Shared {
     }
 }
 
+/// Records the new connection `rados` in `state_dir`; a failure is logged (the next start
+/// then cannot blocklist it, and waits out the watches a kill leaves instead).
+fn remember(rados: &Rados, state_dir: &std::path::Path) -> Option<ClientIdentity> {
+    let recorded = rados.identity().map_err(|f| f.step).and_then(|me| {
+        let client = Client { fsid: me.fsid.clone(), addr: me.addr.clone(), instance: me.instance };
+        clients::record(state_dir, &client).map(|()| me).map_err(|e| e.to_string())
+    });
+    recorded
+        .inspect_err(|e| {
+            tracing::warn!(error = %e, "cannot record the agent's Ceph client; after a kill, images it had open \
+                stay watched until the cluster times the watch out")
+        })
+        .ok()
+}
+
+/// The monitor command that blocklists `addr` for `expiry`, under the name `name` (`blocklist`,
+/// or `blacklist` before Pacific).
+fn blocklist_command(name: &str, addr: &str, expiry: Duration) -> String {
+    serde_json::json!({
+        "prefix": format!("osd {name}"),
+        format!("{name}op"): "add",
+        "addr": addr,
+        "expire": expiry.as_secs_f64(),
+    })
+    .to_string()
+}
+
 /// RBD through librbd, one connection per agent.
 #[derive(Clone)]
 pub struct RbdLib(Arc<Shared>);
@@ -78,7 +114,12 @@ pub struct RbdLib(Arc<Shared>);
 impl RbdLib {
     /// Connects lazily: nothing happens until the first call.
     pub fn new(connection: Connection) -> RbdLib {
-        RbdLib(Arc::new(Shared { connection, session: Mutex::default() }))
+        RbdLib(Arc::new(Shared { connection, session: Mutex::default(), records: None }))
+    }
+
+    /// Like [`new`](Self::new); each connection is recorded in `state_dir` as it opens.
+    pub fn recording_clients(connection: Connection, state_dir: PathBuf) -> RbdLib {
+        RbdLib(Arc::new(Shared { connection, session: Mutex::default(), records: Some(state_dir) }))
     }
 
     /// Runs `f` on the blocking pool with the session; `bounded` calls give up after
@@ -372,6 +413,28 @@ impl Rbd for RbdLib {
         let p = p.clone();
         self.call(format!("trash mv {}", p.image_spec()), stop, true, move |s| {
             s.pool(&p.pool)?.trash_move(&p.image, delay_secs)
+        })
+        .await
+    }
+
+    /// A monitor command on the agent's connection, never on the connection's own address; then
+    /// waits for the OSD map that has the entry, so the next requests (which carry it) find the
+    /// client's watches gone.
+    async fn blocklist(&self, addr: &str, expiry: Duration, stop: &Stop) -> Result<(), RbdError> {
+        let addr = addr.to_owned();
+        self.call(format!("osd blocklist add {addr}"), stop, true, move |s| {
+            if s.me.as_ref().is_some_and(|me| me.addr == addr) {
+                let step = format!("{addr} is this agent's own connection; it is not blocklisted");
+                return Err(Fail { step, errno: -libc::EINVAL });
+            }
+            match s.rados.mon_command(&blocklist_command("blocklist", &addr, expiry)) {
+                // Clusters before Pacific know only the old name; the first error is the telling one.
+                Err(f) if f.errno == -libc::EINVAL => {
+                    s.rados.mon_command(&blocklist_command("blacklist", &addr, expiry)).map_err(|_| f)?
+                }
+                r => r?,
+            };
+            s.rados.wait_for_latest_osdmap()
         })
         .await
     }
