@@ -18,16 +18,7 @@ const PORT: u16 = 7762;
 
 /// The `ceph` command line on the test cluster.
 fn ceph_cli(args: &[&str]) -> String {
-    let out = Command::new("timeout")
-        .arg("30")
-        .arg("ceph")
-        .arg("-c")
-        .arg(kvmagent_host_tests::ceph::conf())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "ceph {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    kvmagent_host_tests::ceph::ceph(args).unwrap()
 }
 
 /// What every MN command to the Ceph agent carries (`CephPrimaryStorageBase.AgentCommand`).

@@ -36,6 +36,22 @@ pub fn rbd(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The `ceph` command line on the test cluster.
+pub fn ceph(args: &[&str]) -> Result<String> {
+    let out = Command::new("timeout")
+        .arg("30")
+        .arg("ceph")
+        .arg("-c")
+        .arg(conf())
+        .args(args)
+        .output()
+        .context("running ceph")?;
+    if !out.status.success() {
+        bail!("ceph {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// `rbd info --format json` of `pool/image[@snap]`, or `None` when it does not exist.
 pub fn info(spec: &str) -> Option<Value> {
     rbd(&["info", "--format", "json", spec]).ok().and_then(|s| serde_json::from_str(&s).ok())
