@@ -91,8 +91,8 @@ pub async fn blocklist_previous(app: &App, previous: Vec<Recorded>) {
                     "blocklisted the previous run's Ceph client: the watches it left are dropped"),
                 Err(e) => tracing::warn!(?client, error = %e,
                     "cannot blocklist the previous run's Ceph client; removing images it had open waits \
-                     until the cluster times its watches out (grant the agent's Ceph user `osd blocklist` \
-                     on the monitors to avoid this)"),
+                     until the cluster times its watches out (give the agent's Ceph user the monitors' \
+                     `profile rbd` cap, which allows it)"),
             }
         }
         let _ = std::fs::remove_file(&file);
