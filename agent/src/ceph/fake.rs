@@ -43,6 +43,8 @@ pub struct FakeRbd {
     blocklisted: Mutex<Vec<String>>,
     /// Blocklisting is refused (a Ceph user without the right).
     blocklist_refused: std::sync::atomic::AtomicBool,
+    /// How many times a snapshot's clones were listed (costly on a real cluster).
+    listings: std::sync::atomic::AtomicUsize,
 }
 
 fn not_found(p: &CephPath) -> RbdError {
@@ -83,6 +85,11 @@ impl FakeRbd {
     /// From now on, blocklisting is refused.
     pub fn refuse_blocklist(&self) {
         self.blocklist_refused.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many times a snapshot's clones were listed so far.
+    pub fn listings(&self) -> usize {
+        self.listings.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The images in the trash (`pool/image`) and their delays.
@@ -263,6 +270,7 @@ impl Rbd for FakeRbd {
     }
 
     async fn children(&self, p: &CephPath, _stop: &Stop) -> Result<Vec<CephPath>, RbdError> {
+        self.listings.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let map = self.images.lock().unwrap();
         Ok(map
             .iter()

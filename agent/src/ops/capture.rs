@@ -68,9 +68,10 @@ impl Captured {
         }
     }
 
-    /// Removes the RBD snapshots that no clone depends on (temporary ones).
-    pub async fn drop_unused_rbd_snapshots(&self, app: &App) {
-        for (_, snap) in &self.rbd_snapshots {
+    /// Removes the RBD snapshots that no clone depends on (temporary ones); those in
+    /// `depended_on` are known to have a clone and stay unasked.
+    pub async fn drop_unused_rbd_snapshots(&self, app: &App, depended_on: &std::collections::HashSet<&str>) {
+        for (_, snap) in self.rbd_snapshots.iter().filter(|(_, snap)| !depended_on.contains(snap.as_str())) {
             volumes::drop_unused_snapshot(app.rbd.as_ref(), snap).await;
         }
     }

@@ -203,7 +203,8 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
     let total = plans.len();
     // Clones finish in any order (several run at once): progress counts the finished ones.
     let finished = &std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<Value> = futures::stream::iter(plans)
+    // Each answer, with the snapshots a linked clone made in it depends on.
+    let answers: Vec<(Value, Vec<String>)> = futures::stream::iter(plans)
         .map(|p| async move {
             let name = p.spec.name.clone();
             let uuid = p.spec.uuid.clone();
@@ -221,15 +222,29 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
             let done = finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             ctx.progress((done * 100 / total) as u8, "clone finished");
             match r {
-                Ok(inv) => json!({ "inventory": inv }),
-                Err(e) => json!({ "uuid": uuid, "name": name, "error": e.error_code(), "message": e.to_string() }),
+                Ok(inv) => {
+                    let parents = sources.into_iter().filter_map(|s| match s {
+                        Source::Clone { from, linked: true } => Some(from),
+                        _ => None,
+                    });
+                    (json!({ "inventory": inv }), parents.collect())
+                }
+                Err(e) => {
+                    let failed =
+                        json!({ "uuid": uuid, "name": name, "error": e.error_code(), "message": e.to_string() });
+                    (failed, Vec::new())
+                }
             }
         })
         .buffered(app.config.clone.parallelism)
         .collect()
         .await;
     let _ = std::fs::remove_dir_all(&staging);
-    captured.drop_unused_rbd_snapshots(app).await;
+    // A snapshot a linked clone was just made from has a clone: it stays without asking the
+    // cluster, whose listing of a snapshot's clones opens every one of them.
+    let (results, parents): (Vec<Value>, Vec<Vec<String>>) = answers.into_iter().unzip();
+    let depended_on: HashSet<&str> = parents.iter().flatten().map(String::as_str).collect();
+    captured.drop_unused_rbd_snapshots(app, &depended_on).await;
     let rbd_sources =
         captured.rbd_snapshots.iter().map(|(image, snap)| json!({"installPath": image, "snapshotPath": snap}));
     Ok(CloneVmRsp {

@@ -561,6 +561,35 @@ async fn rbd_volumes_are_created_cloned_flattened_and_replaced_through_the_same_
 }
 
 #[tokio::test]
+async fn linked_rbd_clones_keep_their_snapshot_without_listing_its_clones_and_copies_drop_it() {
+    let (h, base, body) = rbd_host().await;
+    let vm = uuid();
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body(&vm))).await.unwrap();
+    let root = crate::ceph::path::CephPath::parse(h.recorded(&vm).await[0].trim_start_matches("ceph://")).unwrap();
+    let temporary = |h: &TestHost| {
+        let root = root.clone();
+        let rbd = h.app.rbd.clone();
+        async move {
+            let snaps = rbd.snapshots(&root, &crate::stop::Stop::new()).await.unwrap();
+            snaps.iter().filter(|s| s.name.starts_with(crate::ops::volumes::CLONE_SNAPSHOT_PREFIX)).count()
+        }
+    };
+
+    let before = h.rbd.listings();
+    let ctx = TaskCtx::detached("/vm/clone");
+    let linked = json!({"vmUuid": vm, "names": ["a", "b", "c"], "strategy": "JustCreate"});
+    let rsp = crate::ops::clone::clone(&h.app, &ctx, cmd(linked)).await.unwrap();
+    assert_eq!(rsp.number_of_cloned_vm, 3);
+    assert_eq!(h.rbd.listings(), before, "the clones just made show the snapshot is in use");
+    assert_eq!(temporary(&h).await, 1, "the linked clones' snapshot stays");
+
+    let copies = json!({"vmUuid": vm, "names": ["d"], "mode": "copy", "strategy": "JustCreate"});
+    crate::ops::clone::clone(&h.app, &ctx, cmd(copies)).await.unwrap();
+    assert_eq!(temporary(&h).await, 1, "the copies' snapshot is gone, the linked clones' stays");
+    assert_rbd_consistent(&h, &base).await;
+}
+
+#[tokio::test]
 async fn rbd_create_and_clone_killed_at_any_point_leak_no_image() {
     let (mut h, base, body) = rbd_host().await;
     let vm = uuid();
