@@ -68,6 +68,8 @@ pub struct Report {
     pub unknown_domains: Vec<String>,
     /// Running VMs whose record was made to name the files they really use.
     pub records_updated: Vec<String>,
+    /// The previous runs' Ceph client addresses that were blocklisted.
+    pub blocklisted_clients: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -86,7 +88,7 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) 
     let mut report = Report::default();
     // First, so that the watches a killed run left on its half-made images do not hold up
     // their removal.
-    crate::ceph::clients::blocklist_previous(app, inherited.ceph_clients).await;
+    report.blocklisted_clients = crate::ceph::clients::blocklist_previous(app, inherited.ceph_clients).await;
     let leftovers = undo::leftovers(&app.config.state_dir);
     let mut late_defines = Vec::new();
     for l in leftovers {

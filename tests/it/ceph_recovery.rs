@@ -95,6 +95,7 @@ async fn a_kill_during_a_thick_rbd_create_is_rolled_back_after_blocklisting_the_
         h.log()
     );
     assert!(info(&root).is_none(), "the half-made root is gone");
+    assert_eq!(report["blocklistedClients"], json!([dead]), "{report}");
     assert!(blocklisted().contains(&format!("\"{dead}\"")), "{dead} is blocklisted: {}", blocklisted());
     let log = h.log();
     assert!(log.contains("blocklisted the previous run's Ceph client"), "{log}");

@@ -68,17 +68,19 @@ pub fn recorded(state_dir: &Path) -> Vec<Recorded> {
 /// their watches go at once; a client that cannot be blocklisted (no permission, the cluster
 /// unreachable) is logged, and removals of images it had open wait for its watches to time out
 /// (bounded, see [`crate::ops::undo`]). Each record is done with after its attempt, except
-/// when the cluster's fsid cannot be read (then they wait for the next start).
-pub async fn blocklist_previous(app: &App, previous: Vec<Recorded>) {
+/// when the cluster's fsid cannot be read (then they wait for the next start). Returns the
+/// addresses blocklisted.
+pub async fn blocklist_previous(app: &App, previous: Vec<Recorded>) -> Vec<String> {
+    let mut blocklisted = Vec::new();
     if previous.is_empty() {
-        return;
+        return blocklisted;
     }
     let fsid = match app.ceph.fsid().await {
         Ok(f) => f,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the Ceph cluster's fsid; the previous run's clients are not \
                 blocklisted, and images they had open are removed once the cluster times their watches out");
-            return;
+            return blocklisted;
         }
     };
     let stop = Stop::new();
@@ -87,8 +89,11 @@ pub async fn blocklist_previous(app: &App, previous: Vec<Recorded>) {
             tracing::info!(?client, "a previous run's client of another cluster; its record is dropped");
         } else {
             match app.rbd.blocklist(&client.addr, BLOCKLIST_EXPIRY, &stop).await {
-                Ok(()) => tracing::info!(?client, expiry = ?BLOCKLIST_EXPIRY,
-                    "blocklisted the previous run's Ceph client: the watches it left are dropped"),
+                Ok(()) => {
+                    tracing::info!(?client, expiry = ?BLOCKLIST_EXPIRY,
+                        "blocklisted the previous run's Ceph client: the watches it left are dropped");
+                    blocklisted.push(client.addr);
+                }
                 Err(e) => tracing::warn!(?client, error = %e,
                     "cannot blocklist the previous run's Ceph client; removing images it had open waits \
                      until the cluster times its watches out (give the agent's Ceph user the monitors' \
@@ -97,4 +102,5 @@ pub async fn blocklist_previous(app: &App, previous: Vec<Recorded>) {
         }
         let _ = std::fs::remove_file(&file);
     }
+    blocklisted
 }

@@ -654,6 +654,7 @@ async fn recovery_blocklists_the_killed_runs_client_so_its_watches_do_not_hold_u
     assert!(report.rolled_back.iter().all(|r| r.failures.is_empty()), "{report:?}");
     assert_rbd_consistent(&h, &base).await;
     assert_eq!(h.rbd.blocklisted(), [dead], "only the previous run's client on this cluster");
+    assert_eq!(report.blocklisted_clients, [dead], "and recovery says so");
     assert!(clients::recorded(&h.app.config.state_dir).is_empty(), "the records are done with");
 }
 
@@ -667,7 +668,7 @@ async fn a_refused_blocklist_falls_back_to_waiting_out_the_killed_clients_watch(
     let report = h.restart_and_recover().await;
     assert!(report.rolled_back.iter().all(|r| r.failures.is_empty()), "{report:?}");
     assert_rbd_consistent(&h, &base).await;
-    assert!(h.rbd.blocklisted().is_empty());
+    assert!(h.rbd.blocklisted().is_empty() && report.blocklisted_clients.is_empty());
     assert!(crate::ceph::clients::recorded(&h.app.config.state_dir).is_empty(), "the record is done with");
 }
 
