@@ -106,3 +106,27 @@ async fn a_kill_during_a_thick_rbd_create_is_rolled_back_after_blocklisting_the_
     assert!(!recorded_clients(&h).contains(&dead), "the dead client's record is done with");
     let _ = ceph::ceph(&["osd", "blocklist", "rm", &dead]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_librbd_client_records_itself_and_never_blocklists_its_own_address() {
+    use kvmagent::ceph::librbd::RbdLib;
+    use kvmagent::ceph::rbd::{Connection, Rbd};
+    use kvmagent::stop::Stop;
+
+    let state = tempfile::tempdir().unwrap();
+    let connection = Connection { conf: ceph::conf(), id: "admin".into(), keyring: None };
+    let client = RbdLib::recording_clients(connection, state.path().to_path_buf());
+    let image = format!("rbd/self-{}", uuid());
+    let _made = MadeImages(vec![image.clone()]);
+    let stop = Stop::new();
+    client.create(&kvmagent::ceph::path::CephPath::parse(&image).unwrap(), MIB, &stop).await.unwrap();
+
+    let records = kvmagent::ceph::clients::recorded(state.path());
+    assert_eq!(records.len(), 1, "the connection is recorded as it opens: {records:?}");
+    let me = &records[0].client;
+    let fsid: Value = serde_json::from_str(&ceph::ceph(&["fsid", "--format", "json"]).unwrap()).unwrap();
+    assert_eq!(fsid["fsid"].as_str(), Some(me.fsid.as_str()));
+    let err = client.blocklist(&me.addr, Duration::from_secs(60), &stop).await.unwrap_err();
+    assert!(err.to_string().contains("own connection"), "{err}");
+    assert!(!blocklisted().contains(&format!("\"{}\"", me.addr)), "{}", blocklisted());
+}

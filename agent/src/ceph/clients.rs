@@ -104,3 +104,23 @@ pub async fn blocklist_previous(app: &App, previous: Vec<Recorded>) -> Vec<Strin
     }
     blocklisted
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_read_back_and_a_torn_write_is_not_one() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(recorded(dir.path()).is_empty(), "no directory yet");
+        let a = Client { fsid: "f1".into(), addr: "127.0.0.1:0/11".into(), instance: 4100 };
+        let b = Client { fsid: "f2".into(), addr: "127.0.0.1:0/12".into(), instance: 4100 };
+        record(dir.path(), &a).unwrap();
+        record(dir.path(), &b).unwrap();
+        // What a kill in the middle of the atomic write leaves beside the records.
+        std::fs::write(super::dir(dir.path()).join(".f1-4101.json.tmp-x"), b"{\"fsid\"").unwrap();
+        let mut got: Vec<Client> = recorded(dir.path()).into_iter().map(|r| r.client).collect();
+        got.sort_by(|x, y| x.fsid.cmp(&y.fsid));
+        assert_eq!(got, [a, b], "one record per cluster and instance");
+    }
+}
