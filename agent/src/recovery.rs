@@ -85,10 +85,10 @@ pub struct RolledBack {
 /// Runs the recovery; results of resumed tasks arrive later, through `runner`.
 pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) -> Report {
     let started = SystemTime::now();
-    let mut report = Report::default();
     // First, so that the watches a killed run left on its half-made images do not hold up
     // their removal.
-    report.blocklisted_clients = crate::ceph::clients::blocklist_previous(app, inherited.ceph_clients).await;
+    let blocklisted_clients = crate::ceph::clients::blocklist_previous(app, inherited.ceph_clients).await;
+    let mut report = Report { blocklisted_clients, ..Report::default() };
     let leftovers = undo::leftovers(&app.config.state_dir);
     let mut late_defines = Vec::new();
     for l in leftovers {

@@ -83,8 +83,8 @@ async fn a_kill_during_a_thick_rbd_create_is_rolled_back_after_blocklisting_the_
     let ours = recorded_clients(&h);
     assert_eq!(ours.len(), 1, "the agent recorded its one connection: {ours:?}");
     let dead = ours[0].clone();
-    assert_eq!(held, [dead.clone()], "the watcher is the agent's recorded client");
-    assert_eq!(watchers(&root), [dead.clone()], "the killed client's watch outlives it");
+    assert_eq!(held, ours, "the watcher is the agent's recorded client");
+    assert_eq!(watchers(&root), ours, "the killed client's watch outlives it");
 
     h.restart_agent().unwrap();
     let report = recovery_report(&h).await;
