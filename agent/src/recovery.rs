@@ -1,7 +1,7 @@
 //! What a start of the agent does about the work a previous run left, as it starts serving:
 //!
-//! - the Ceph clients of the previous run are blocklisted, so that the watches they left on
-//!   images go at once (see [`crate::ceph::clients`]);
+//! - the Ceph clients of the previous run are blocklisted (before any RBD step is undone), so
+//!   that the watches they left on images go at once (see [`crate::ceph::clients`]);
 //! - every journaled undo log of a task that never recorded its result is played back, so
 //!   half-made volumes, images, domains and backup points are removed, and temporary tops are
 //!   committed back;
@@ -85,14 +85,20 @@ pub struct RolledBack {
 /// Runs the recovery; results of resumed tasks arrive later, through `runner`.
 pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) -> Report {
     let started = SystemTime::now();
-    // First, so that the watches a killed run left on its half-made images do not hold up
-    // their removal.
-    let blocklisted_clients = crate::ceph::clients::blocklist_previous(app, inherited.ceph_clients).await;
-    let mut report = Report { blocklisted_clients, ..Report::default() };
+    let mut report = Report::default();
     let leftovers = undo::leftovers(&app.config.state_dir);
+    let interrupted = |task_id: &str| inherited.interrupted.iter().any(|r| r.task_id == task_id);
+    // Before RBD steps are undone, so that the watches a killed run left on its half-made images
+    // do not hold up their removal; otherwise last (nothing waits on it, and an unreachable
+    // cluster would only hold up the rest).
+    let rbd_undo = leftovers.iter().any(|l| interrupted(&l.task_id) && l.steps.iter().any(undo::UndoStep::touches_rbd));
+    let mut previous_clients = Some(inherited.ceph_clients);
+    if rbd_undo {
+        report.blocklisted_clients = blocklist_previous(app, &mut previous_clients).await;
+    }
     let mut late_defines = Vec::new();
     for l in leftovers {
-        if !inherited.interrupted.iter().any(|r| r.task_id == l.task_id) {
+        if !interrupted(&l.task_id) {
             // Its task finished and recorded its result: what it committed stays.
             let _ = std::fs::remove_file(&l.file);
             continue;
@@ -141,10 +147,18 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) 
     let rolled_back: std::collections::HashSet<&str> =
         report.rolled_back.iter().map(|r| r.task_uuid.as_str()).collect();
     crate::metrics::recovered(report.resumed.len(), rolled_back.len());
+    if previous_clients.is_some() {
+        report.blocklisted_clients = blocklist_previous(app, &mut previous_clients).await;
+    }
     if !late_defines.is_empty() {
         tokio::spawn(remove_late_defines(app.clone(), late_defines));
     }
     report
+}
+
+/// Blocklists the previous runs' Ceph clients, once (see [`crate::ceph::clients`]).
+async fn blocklist_previous(app: &App, clients: &mut Option<Vec<crate::ceph::clients::Recorded>>) -> Vec<String> {
+    crate::ceph::clients::blocklist_previous(app, clients.take().unwrap_or_default()).await
 }
 
 /// When the undo of a killed task's domains should be checked again (after recovery).

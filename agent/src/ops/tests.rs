@@ -658,6 +658,17 @@ async fn recovery_blocklists_the_killed_runs_client_so_its_watches_do_not_hold_u
     assert!(clients::recorded(&h.app.config.state_dir).is_empty(), "the records are done with");
 }
 
+#[tokio::test]
+async fn without_rbd_steps_to_undo_the_previous_client_is_still_blocklisted_after_the_rollback() {
+    let mut h = TestHost::start();
+    let fsid = crate::ceph::cluster::Cluster::fsid(h.ceph.as_ref()).await.unwrap();
+    let client = crate::ceph::clients::Client { fsid, addr: "127.0.0.1:0/1003".into(), instance: 4101 };
+    crate::ceph::clients::record(&h.app.config.state_dir, &client).unwrap();
+    let report = h.restart_and_recover().await;
+    assert_eq!(report.blocklisted_clients, [client.addr.clone()], "{report:?}");
+    assert_eq!(h.rbd.blocklisted(), [client.addr]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_refused_blocklist_falls_back_to_waiting_out_the_killed_clients_watch() {
     let (mut h, base, body) = rbd_host().await;

@@ -112,6 +112,15 @@ impl UndoLog {
 }
 
 impl UndoStep {
+    /// Whether undoing this step removes an RBD image or snapshot.
+    pub fn touches_rbd(&self) -> bool {
+        match self {
+            UndoStep::RemoveRbdImage { .. } | UndoStep::RemoveRbdSnapshot { .. } => true,
+            UndoStep::UnlessRecorded { step, .. } => step.touches_rbd(),
+            _ => false,
+        }
+    }
+
     /// The VM whose record or domain this step touches: its lock must be held to undo it.
     pub fn vm(&self) -> Option<&str> {
         match self {
