@@ -444,7 +444,12 @@ async fn kill_the_agent_at_random_moments() {
         if std::env::var("KVMAGENT_TORTURE_LOG").is_ok() {
             println!("{}", h.log());
         }
-        check(&h, &s, &result, &expect);
+        // A failed check shows the agent's log (every run of it): what the kill interrupted.
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&h, &s, &result, &expect)));
+        if let Err(panic) = checked {
+            println!("round {i} failed; the agent's log:\n{}", h.log());
+            std::panic::resume_unwind(panic);
+        }
         if let Expect::AllOrNothing { paths, .. } = &expect {
             rbd_made.extend(paths.iter().filter(|p| p.starts_with("ceph://")).cloned());
         }
