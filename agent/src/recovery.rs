@@ -217,7 +217,11 @@ async fn reconcile_domains(app: &App) -> (Vec<String>, Vec<String>) {
         let mut changed = false;
         for v in spec.volumes.iter_mut() {
             let live = disks.iter().find(|d| d.serial.as_deref() == Some(v.uuid.as_str()));
-            if let Some(file) = live.and_then(|d| d.file.clone()).filter(|f| *f != v.install_path()) {
+            // libvirt's view of a pivot in flight (a killed run's) may still name a top the
+            // VM left and recovery removed: only a file some process (QEMU) holds is followed.
+            let held =
+                |f: &String| std::fs::canonicalize(f).is_ok_and(|p| crate::storage::local::is_open_by_any_process(&p));
+            if let Some(file) = live.and_then(|d| d.file.clone()).filter(|f| *f != v.install_path() && held(f)) {
                 tracing::warn!(vm = %vm, ?state, volume = %v.uuid, from = %v.install_path(), to = %file,
                     "the VM runs on another file than its record names; the record follows it");
                 v.location = crate::storage::location::Location::File(file.into());

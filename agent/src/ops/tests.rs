@@ -1415,3 +1415,36 @@ async fn recovery_removes_a_killed_runs_temporary_files_however_young_and_keeps_
     assert_eq!(report.removed, vec![left.clone()], "{report:?}");
     assert!(!left.exists() && building.path().exists(), "this run's own volume being built stays");
 }
+
+#[tokio::test]
+async fn recovery_makes_a_record_follow_only_a_file_the_running_vm_really_has() {
+    let mut h = TestHost::start();
+    let vm = h.running_vm().await;
+    let live = h.path(&format!("rootVolumes/vol-{vm}/root.qcow2"));
+    let other = h.path(&format!("rootVolumes/vol-{vm}/other.qcow2"));
+    std::fs::copy(&live, &other).unwrap();
+    let owner = h.app.vms.lock(&vm).await.unwrap();
+    let mut spec = owner.load().unwrap();
+    spec.volumes[0].location = crate::storage::location::Location::File(other.clone().into());
+    owner.save(&spec).unwrap();
+    drop(owner);
+    let recorded = |h: &TestHost| {
+        let owner = futures::executor::block_on(h.app.vms.lock(&vm)).unwrap();
+        owner.load().unwrap().root().install_path()
+    };
+
+    // The file the domain's XML names is gone (libvirt's view of a pivot in flight, whose top
+    // recovery removed): the record stays on the file it names.
+    let aside = h.path("aside.qcow2");
+    std::fs::rename(&live, &aside).unwrap();
+    let report = h.restart_and_recover().await;
+    assert!(report.records_updated.is_empty(), "{report:?}");
+    assert_eq!(recorded(&h), other);
+
+    // The VM runs on a file its record does not name (a kill between the switch and the
+    // record): the record follows it.
+    std::fs::rename(&aside, &live).unwrap();
+    let report = h.restart_and_recover().await;
+    assert_eq!(report.records_updated, vec![vm.clone()], "{report:?}");
+    assert_eq!(recorded(&h), live);
+}
