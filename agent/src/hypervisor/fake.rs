@@ -332,16 +332,26 @@ impl Hypervisor for FakeHypervisor {
         Ok(())
     }
 
-    /// The job ends at once; the checkpoint is recorded, the targets are left as they are.
+    /// The job ends at once: each target (pre-created) gets what differs from the disk, which
+    /// is what a full job or an incremental one on an overlay writes; the checkpoint is recorded.
     async fn backup_begin(
         &self,
         vm: &str,
-        _backup_xml: String,
+        backup_xml: String,
         checkpoint_xml: String,
         _reuse_targets: bool,
     ) -> Result<(), LibvirtError> {
         self.enter("backupBegin").await?;
         let name = checkpoint_name(&checkpoint_xml).ok_or_else(|| injected("backupBegin"))?;
+        let doc = roxmltree::Document::parse(&backup_xml).map_err(|_| injected("backupBegin"))?;
+        for disk in doc.descendants().filter(|n| n.has_tag_name("disk")) {
+            let target = disk.children().find(|c| c.has_tag_name("target")).and_then(|t| t.attribute("file"));
+            if let (Some(dev), Some(target)) = (disk.attribute("name"), target) {
+                let source = self.disk_file(vm, dev)?;
+                block_job("backupBegin", fake::copy_changed(&source, Path::new(target)))?;
+                block_job("backupBegin", fake::set_bitmap(&source, &name, true))?;
+            }
+        }
         self.with(vm, |d| d.checkpoints.push(name))
     }
 
@@ -352,7 +362,7 @@ impl Hypervisor for FakeHypervisor {
 
     async fn abort_job(&self, vm: &str) -> Result<(), LibvirtError> {
         self.enter("abortJob").await?;
-        self.with(vm, drop)
+        self.with(vm, |_| ())
     }
 
     async fn checkpoint_redefine(&self, vm: &str, xml: String) -> Result<(), LibvirtError> {

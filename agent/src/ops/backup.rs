@@ -345,7 +345,7 @@ async fn write_file(
                 .create_overlay(Path::new(prev), "qcow2", tmp, Some(size), &CreateOptions::default(), stop)
                 .await
                 .map_err(|e| stopped(e, stop))?;
-            bitmap_backup::copy_dirty(Path::new(&src), bitmap, tmp, stop).await?;
+            app.qemu_img.copy_dirty(Path::new(&src), bitmap, tmp, stop).await.map_err(|e| stopped(e, stop))?;
         }
         Some((prev, None)) => compare_into(app, Path::new(&src), src_fmt, prev, tmp, stop).await?,
     }

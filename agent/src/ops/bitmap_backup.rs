@@ -16,7 +16,6 @@
 //!
 //! Only the newest point's bitmap is kept: older ones of any group go once a point succeeds.
 
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,7 +28,7 @@ use crate::error::{AgentError, AgentResult};
 use crate::hypervisor::Hypervisor;
 use crate::libvirt::backup::BackupJobState;
 use crate::model::VmSpec;
-use crate::qemu_img::{bitmaps, CreateOptions};
+use crate::qemu_img::CreateOptions;
 use crate::stop::Stop;
 use crate::storage::local::Building;
 use crate::tasks::TaskCtx;
@@ -72,9 +71,9 @@ pub async fn running_chain_broken(hv: &dyn Hypervisor, vm: &str, previous: &str)
 
 /// Whether every file has a consistent bitmap `previous` (one left `in-use` by a QEMU that
 /// died, or missing after the volume was replaced, is not). `None` when they all do.
-pub async fn stopped_chain_broken(files: &[PathBuf], previous: &str, stop: &Stop) -> Option<String> {
+pub async fn stopped_chain_broken(app: &App, files: &[PathBuf], previous: &str, stop: &Stop) -> Option<String> {
     for f in files {
-        match bitmaps::list(f, stop).await {
+        match app.qemu_img.bitmaps(f, stop).await {
             Ok(list) => match list.iter().find(|b| b.name == previous) {
                 Some(b) if b.is_consistent() => {}
                 Some(b) => return Some(format!("bitmap {previous} of {} is {:?}", f.display(), b.flags)),
@@ -357,7 +356,7 @@ pub async fn mark_stopped(
     let files = volume_files(spec);
     let incremental = match point.checked_sub(1) {
         None => None,
-        Some(p) => Some(match stopped_chain_broken(&files, &checkpoint_name(&group.uuid, p), stop).await {
+        Some(p) => Some(match stopped_chain_broken(app, &files, &checkpoint_name(&group.uuid, p), stop).await {
             None => Incremental { by: IncrementalBy::Bitmap, reason: None },
             Some(why) => Incremental::compare(why),
         }),
@@ -365,7 +364,7 @@ pub async fn mark_stopped(
     let name = checkpoint_name(&group.uuid, point);
     made.push(UndoStep::RemoveBitmap { vm: spec.uuid.clone(), name: name.clone(), files: files.clone() });
     for f in &files {
-        bitmaps::change(f, &name, true, stop).await?;
+        app.qemu_img.change_bitmap(f, &name, true, stop).await?;
     }
     // Best effort: without the metadata a later running point compares instead.
     if let Ok(xml) = app.libvirt.xml(&spec.uuid).await {
@@ -383,25 +382,6 @@ pub async fn mark_stopped(
     Ok(incremental)
 }
 
-/// Writes into `dst` (an overlay on the previous point's file) the extents of `src` (a
-/// stopped VM's volume file) that bitmap `previous` marks dirty.
-pub async fn copy_dirty(src: &Path, previous: &str, dst: &Path, stop: &Stop) -> AgentResult<()> {
-    // A private directory with a short path: unix socket paths are limited to 108 bytes.
-    let dir = std::env::temp_dir().join(format!("kvmagent-nbd-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| {
-        AgentError::failed("cannot make a directory for the bitmap export", format!("{}: {e}", dir.display()))
-    })?;
-    let extents = bitmaps::dirty_extents(src, previous, &dir.join("nbd.sock"), stop).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    let extents = extents?;
-    let fmt = crate::qemu_img::sniff_format(src)
-        .map_err(|e| AgentError::failed("cannot read the volume", format!("{}: {e}", src.display())))?;
-    for e in extents {
-        bitmaps::copy_extent(src, fmt, dst, e, stop).await?;
-    }
-    Ok(())
-}
-
 /// Once point `point` is recorded: removes every other backup bitmap of the VM (older points,
 /// other groups), so that they do not pile up in its volumes.
 pub async fn drop_older(app: &App, spec: &VmSpec, group: &str, point: usize, running: bool) {
@@ -416,9 +396,9 @@ pub async fn drop_older(app: &App, spec: &VmSpec, group: &str, point: usize, run
     }
     let stop = Stop::new();
     for f in volume_files(spec) {
-        for b in bitmaps::list(&f, &stop).await.unwrap_or_default() {
+        for b in app.qemu_img.bitmaps(&f, &stop).await.unwrap_or_default() {
             if b.name.starts_with(CHECKPOINT_PREFIX) && b.name != keep {
-                if let Err(e) = bitmaps::change(&f, &b.name, false, &stop).await {
+                if let Err(e) = app.qemu_img.change_bitmap(&f, &b.name, false, &stop).await {
                     tracing::warn!(file = %f.display(), error = %e, "cannot remove an old backup bitmap");
                 }
             }
@@ -446,8 +426,8 @@ pub async fn undo_bitmap(app: &App, vm: &str, name: &str, files: &[PathBuf]) -> 
     remove_checkpoint(app.libvirt.as_ref(), vm, name, running).await;
     let stop = Stop::new();
     for f in files.iter().filter(|f| !crate::storage::local::is_open_by_any_process(f)) {
-        if bitmaps::list(f, &stop).await.is_ok_and(|l| l.iter().any(|b| b.name == name)) {
-            bitmaps::change(f, name, false, &stop).await.map_err(|e| e.to_string())?;
+        if app.qemu_img.bitmaps(f, &stop).await.is_ok_and(|l| l.iter().any(|b| b.name == name)) {
+            app.qemu_img.change_bitmap(f, name, false, &stop).await.map_err(|e| e.to_string())?;
         }
     }
     Ok(())

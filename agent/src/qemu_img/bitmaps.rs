@@ -5,6 +5,7 @@
 //! the read ends, fails or is stopped.
 
 use std::ffi::OsString;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -91,7 +92,7 @@ const MERGE_GAP: u64 = 1 << 20;
 
 /// The extents bitmap `name` of qcow2 file `path` marks dirty, merged across short gaps.
 /// `socket` is a path in a private directory for the export.
-pub async fn dirty_extents(path: &Path, name: &str, socket: &Path, stop: &Stop) -> Result<Vec<Extent>, QemuImgError> {
+async fn dirty_extents(path: &Path, name: &str, socket: &Path, stop: &Stop) -> Result<Vec<Extent>, QemuImgError> {
     let mut server = process::child_command(
         "qemu-nbd",
         &[
@@ -168,6 +169,22 @@ fn parse_dirty(out: &str) -> Result<Vec<Extent>, String> {
     Ok(extents)
 }
 
+/// Copies into `dst` (an overlay on an earlier copy of `src`) the extents of qcow2 file `src`
+/// that bitmap `name` marks dirty.
+pub async fn copy_dirty(src: &Path, name: &str, dst: &Path, stop: &Stop) -> Result<(), QemuImgError> {
+    // A private directory with a short path: unix socket paths are limited to 108 bytes.
+    let dir = std::env::temp_dir().join(format!("kvmagent-nbd-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|source| {
+        qemu_img_error("map", src, ProcessError::Io { command: format!("mkdir {}", dir.display()), source })
+    })?;
+    let extents = dirty_extents(src, name, &dir.join("nbd.sock"), stop).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    for e in extents? {
+        copy_extent(src, "qcow2", dst, e, stop).await?;
+    }
+    Ok(())
+}
+
 /// `driver=raw` over a window of a qcow2 image (with its backing chain).
 fn window(path: &Path, fmt: &str, (offset, length): Extent) -> String {
     // Commas in a path are doubled in image options.
@@ -179,13 +196,7 @@ fn window(path: &Path, fmt: &str, (offset, length): Extent) -> String {
 
 /// Copies the bytes of `extent` of image `src` (format `src_fmt`) into the same range of
 /// qcow2 file `dst`, zeros as zero clusters.
-pub async fn copy_extent(
-    src: &Path,
-    src_fmt: &str,
-    dst: &Path,
-    extent: Extent,
-    stop: &Stop,
-) -> Result<(), QemuImgError> {
+async fn copy_extent(src: &Path, src_fmt: &str, dst: &Path, extent: Extent, stop: &Stop) -> Result<(), QemuImgError> {
     let args: Vec<OsString> = vec![
         "convert".into(),
         "-n".into(),
