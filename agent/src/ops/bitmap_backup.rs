@@ -260,8 +260,12 @@ pub async fn take_running(
     if let Some(q) = quiesced {
         q.thaw(app, owner).await;
     }
-    let tpm_copied = begun?;
-    wait_for_job(app, vm, stop).await?;
+    let step = |e: AgentError| {
+        let uuids: Vec<&str> = spec.volumes.iter().map(|v| v.uuid.as_str()).collect();
+        e.context(format!("step 'back up volumes {}' failed", uuids.join(", ")))
+    };
+    let tpm_copied = begun.map_err(step)?;
+    wait_for_job(app, vm, stop).await.map_err(step)?;
 
     let mut files = Vec::new();
     for (i, ((dst, b), v)) in building.into_iter().zip(&spec.volumes).enumerate() {
