@@ -90,7 +90,9 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
     let point = manifest.as_ref().map_or(0, |m| m.points.len());
     let before = spec.clone();
     let running = app.libvirt.domain_state(&before.uuid).await?.is_some_and(|s| s.is_active());
-    let local = before.volumes.iter().all(|v| !v.is_rbd());
+    // Whether the point can make and read dirty bitmaps (qcow2 files), or why not.
+    let unsupported = bitmap_backup::unsupported(&before);
+    let local = unsupported.is_none();
 
     // What the point writes goes again should it fail or be killed: the whole group for the
     // first point, else what write_point records, and the TPM state copied at the instant.
@@ -108,7 +110,8 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
             Err(e) => Taken { files: Err(e), quiesced: false, tpm_copied: false, incremental: None },
         }
     } else {
-        match take_captured(app, ctx, &owner, &mut spec, &group, point, local, cmd.quiesce, tpm_to, &mut made).await {
+        let req = CapturedRequest { group: &group, point, unsupported, quiesce: cmd.quiesce, tpm_to };
+        match take_captured(app, ctx, &owner, &mut spec, req, &mut made).await {
             Ok(t) => t,
             Err(e) => {
                 made.rollback(app, &owner).await;
@@ -199,26 +202,30 @@ struct CapturedFlags {
     tpm_copied: bool,
 }
 
-/// A point taken from a captured instant (see [`capture`]): of a stopped VM, whose local
-/// volumes also get the point's bitmap, or of a VM with Ceph volumes.
-#[allow(clippy::too_many_arguments)]
+struct CapturedRequest<'a> {
+    group: &'a Group,
+    point: usize,
+    /// Why the volumes cannot carry dirty bitmaps, when they cannot.
+    unsupported: Option<String>,
+    quiesce: Quiesce,
+    tpm_to: Option<&'a Path>,
+}
+
+/// A point taken from a captured instant (see [`capture`]): of a stopped VM, whose qcow2
+/// volumes also get the point's bitmap, or of a VM whose volumes cannot have bitmaps.
 async fn take_captured(
     app: &App,
     ctx: &TaskCtx,
     owner: &VmGuard,
     spec: &mut VmSpec,
-    group: &Group,
-    point: usize,
-    local: bool,
-    quiesce: Quiesce,
-    tpm_to: Option<&Path>,
+    req: CapturedRequest<'_>,
     made: &mut UndoLog,
 ) -> AgentResult<Taken> {
+    let (group, point, quiesce, tpm_to) = (req.group, req.point, req.quiesce, req.tpm_to);
     let before = spec.clone();
-    let incremental = if local {
-        bitmap_backup::mark_stopped(app, &before, group, point, made, &ctx.stop).await?
-    } else {
-        (point > 0).then(|| Incremental::compare("the VM has Ceph volumes, which are compared"))
+    let incremental = match req.unsupported {
+        None => bitmap_backup::mark_stopped(app, &before, group, point, made, &ctx.stop).await?,
+        Some(why) => (point > 0).then(|| Incremental::compare(why)),
     };
     let rbd_snapshot = format!("{RBD_SNAPSHOT_PREFIX}{}", derived::random_uuid());
     let opts = capture::Options {
@@ -244,22 +251,30 @@ async fn take_captured(
         .as_ref()
         .filter(|i| i.by == IncrementalBy::Bitmap)
         .map(|_| bitmap_backup::checkpoint_name(&group.uuid, point - 1));
-    let files = write_point(app, ctx, group, &before, point, &captured, dirty_since.as_deref(), made).await;
+    let target = PointTarget { group, spec: &before, point, dirty_since: dirty_since.as_deref() };
+    let files = write_point(app, ctx, &target, &captured, made).await;
     release.rollback(app, owner).await;
     Ok(Taken { files, quiesced: captured.quiesced, tpm_copied: captured.tpm_copied, incremental })
 }
 
-/// Writes every volume's file of `point`, in volume order.
+/// The files a point writes: of VM `spec`'s volumes at `point` of `group`, incrementals from
+/// the extents bitmap `dirty_since` marks when given.
+struct PointTarget<'a> {
+    group: &'a Group,
+    spec: &'a VmSpec,
+    point: usize,
+    dirty_since: Option<&'a str>,
+}
+
+/// Writes every volume's file of the point, in volume order.
 async fn write_point(
     app: &App,
     ctx: &TaskCtx,
-    group: &Group,
-    spec: &VmSpec,
-    point: usize,
+    target: &PointTarget<'_>,
     captured: &capture::Captured,
-    dirty_since: Option<&str>,
     made: &mut UndoLog,
 ) -> AgentResult<Vec<BackupFile>> {
+    let PointTarget { group, spec, point, dirty_since } = *target;
     let total = spec.volumes.len();
     let mut files = Vec::new();
     for (i, v) in spec.volumes.iter().enumerate() {

@@ -85,6 +85,15 @@ pub async fn stopped_chain_broken(app: &App, files: &[PathBuf], previous: &str, 
     None
 }
 
+/// Why the VM's volumes cannot carry dirty bitmaps (only qcow2 files can), or `None`.
+pub fn unsupported(spec: &VmSpec) -> Option<String> {
+    spec.volumes.iter().find_map(|v| match v.format {
+        _ if v.is_rbd() => Some(format!("volume {} is on Ceph, whose points are compared", v.uuid)),
+        crate::model::DiskFormat::Qcow2 => None,
+        _ => Some(format!("volume {} is not qcow2 and keeps no dirty bitmap", v.uuid)),
+    })
+}
+
 /// The files of the VM's volumes, in volume order (local volumes only).
 pub fn volume_files(spec: &VmSpec) -> Vec<PathBuf> {
     spec.volumes.iter().map(|v| PathBuf::from(v.install_path())).collect()
@@ -427,6 +436,12 @@ async fn remove_checkpoint(hv: &dyn Hypervisor, vm: &str, name: &str, running: b
 /// has open (a stopped VM's).
 pub async fn undo_bitmap(app: &App, vm: &str, name: &str, files: &[PathBuf]) -> Result<(), String> {
     let running = app.libvirt.domain_state(vm).await.ok().flatten().is_some_and(|s| s.is_active());
+    // A killed agent's backup job may still be writing the files this undo removes.
+    if running && matches!(app.libvirt.backup_job(vm).await, Ok(BackupJobState::Running)) {
+        if let Err(e) = app.libvirt.abort_job(vm).await {
+            tracing::warn!(vm = %vm, error = %e, "cannot abort the backup job of a failed point");
+        }
+    }
     remove_checkpoint(app.libvirt.as_ref(), vm, name, running).await;
     let stop = Stop::new();
     for f in files.iter().filter(|f| !crate::storage::local::is_open_by_any_process(f)) {
