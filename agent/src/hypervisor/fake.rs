@@ -376,9 +376,20 @@ impl Hypervisor for FakeHypervisor {
         self.with(vm, |d| d.checkpoints.clone())
     }
 
-    async fn checkpoint_delete(&self, vm: &str, name: &str, _metadata_only: bool) -> Result<(), LibvirtError> {
+    /// Without `metadata_only`, the bitmaps go from the disks' files too, as libvirt removes
+    /// them from a running domain's disks.
+    async fn checkpoint_delete(&self, vm: &str, name: &str, metadata_only: bool) -> Result<(), LibvirtError> {
         self.enter("checkpointDelete").await?;
-        self.with(vm, |d| d.checkpoints.retain(|c| c != name))
+        let xml = self.with(vm, |d| {
+            d.checkpoints.retain(|c| c != name);
+            d.xml.clone()
+        })?;
+        if !metadata_only {
+            for file in crate::domain::live_disks(&xml).unwrap_or_default().into_iter().filter_map(|d| d.file) {
+                let _ = fake::set_bitmap(Path::new(&file), name, false);
+            }
+        }
+        Ok(())
     }
 
     async fn attach_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError> {

@@ -159,6 +159,15 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
             entry.virtual_size = file.virtual_size;
             entry.chain.push(file);
         }
+        if point > 0 {
+            // The manifest is replaced last; a kill before the task's result is recorded
+            // takes the point out of it again, as its files go.
+            made.push(UndoStep::TruncateBackupGroup {
+                dir: group.dir.clone(),
+                group: group.uuid.clone(),
+                points: point,
+            });
+        }
         group.write_manifest(&m)?;
         Ok::<_, AgentError>(m)
     }

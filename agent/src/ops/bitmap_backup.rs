@@ -209,6 +209,7 @@ pub async fn take_running(
             })?;
         }
         let b = Building::beside(&dst);
+        made.push(UndoStep::RemoveFile { path: dst.clone() });
         made.push(UndoStep::RemoveFile { path: b.path().to_owned() });
         building.push((dst, b));
     }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
@@ -287,7 +287,7 @@ async fn incremental_points_use_bitmaps_and_fall_back_to_compare_when_the_chain_
     newest_reads_as_the_volume(&r);
     // A replaced volume has no bitmap.
     let name = crate::ops::bitmap_backup::checkpoint_name(&full.group_uuid, r.point);
-    crate::qemu_img::fake::set_bitmap(std::path::Path::new(&files[0]), &name, false).unwrap();
+    crate::qemu_img::fake::set_bitmap(Path::new(&files[0]), &name, false).unwrap();
     let r = backup(inc).await;
     assert_eq!(r.incremental_by, Some(IncrementalBy::Compare));
     assert!(r.incremental_reason.as_deref().unwrap().contains("has no bitmap"), "{:?}", r.incremental_reason);
@@ -428,6 +428,17 @@ where
     F: Fn(std::sync::Arc<crate::app::App>, TaskCtx) -> Fut,
     Fut: Future<Output = AgentResult<Value>>,
 {
+    kill_at_every_point_checked(h, path, op, |_| async {}).await
+}
+
+/// [`kill_at_every_point`], with `check` run on the host after every recovery too.
+async fn kill_at_every_point_checked<F, Fut, C, CFut>(h: &mut TestHost, path: &str, op: F, check: C) -> usize
+where
+    F: Fn(std::sync::Arc<crate::app::App>, TaskCtx) -> Fut,
+    Fut: Future<Output = AgentResult<Value>>,
+    C: Fn(std::sync::Arc<crate::app::App>) -> CFut,
+    CFut: Future<Output = ()>,
+{
     let mut kills = 0;
     for at in [Kill::Call as fn(usize) -> Kill, Kill::Step] {
         for n in 1.. {
@@ -442,6 +453,7 @@ where
             let kill = at(n);
             assert!(failures.clone().all(|f| f.ends_with("is in use; kept")), "{path} killed at {kill:?}: {report:?}");
             assert_consistent(h).await;
+            check(h.app.clone()).await;
         }
     }
     kills
@@ -505,6 +517,49 @@ async fn a_backup_killed_at_any_point_is_recovered() {
     })
     .await;
     assert!(kills >= 12, "{kills} kill points");
+}
+
+/// A killed incremental point's bitmap and checkpoint go with it: after every recovery the VM
+/// carries only those of points the group records.
+#[tokio::test]
+async fn an_incremental_backup_killed_at_any_point_leaves_no_bitmap_of_its_own() {
+    for running in [true, false] {
+        let (mut h, vm, _) = kill_host().await;
+        if !running {
+            h.app.libvirt.destroy(&vm).await.unwrap();
+        }
+        let ctx = TaskCtx::detached("/vm/backup");
+        let full = crate::ops::backup::backup(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap();
+        let group = full.group_uuid.clone();
+        let files = h.recorded(&vm).await;
+        let check = |app: std::sync::Arc<crate::app::App>| {
+            let (vm, group, files) = (vm.clone(), group.clone(), files.clone());
+            async move {
+                let g = crate::backup_group::Group::locate(&app.backup_roots, None, &group).unwrap();
+                let points = g.manifest().unwrap().points.len();
+                let recorded: Vec<String> =
+                    (0..points).map(|p| crate::ops::bitmap_backup::checkpoint_name(&group, p)).collect();
+                let mut carried = app.libvirt.checkpoint_names(&vm).await.unwrap();
+                for f in &files {
+                    let stop = crate::stop::Stop::new();
+                    carried
+                        .extend(app.qemu_img.bitmaps(Path::new(f), &stop).await.unwrap().into_iter().map(|b| b.name));
+                }
+                assert!(carried.iter().all(|c| recorded.contains(c)), "running {running}: {carried:?} vs {recorded:?}");
+            }
+        };
+        let kills = kill_at_every_point_checked(
+            &mut h,
+            "/vm/backup",
+            |app, ctx| {
+                let body = json!({"vmUuid": vm, "mode": "incremental", "groupUuid": group});
+                async move { value(crate::ops::backup::backup(&app, &ctx, cmd(body)).await) }
+            },
+            check,
+        )
+        .await;
+        assert!(kills >= 8, "running {running}: {kills} kill points");
+    }
 }
 
 #[tokio::test]
