@@ -213,34 +213,23 @@ pub async fn take_running(
         made.push(UndoStep::RemoveFile { path: b.path().to_owned() });
         building.push((dst, b));
     }
+    let sizes = volume_sizes(app, spec, stop).await?;
+    let by_bitmap = incremental.as_ref().is_some_and(|i| i.by == IncrementalBy::Bitmap);
+    let overlays =
+        if by_bitmap { Some(overlays_on_previous(app, &building, point, &sizes, stop).await?) } else { None };
     let state = app.libvirt.domain_state(vm).await?;
     let quiesced = super::quiesce::quiesce(app, owner, req.quiesce, state, &ctx.task_id).await?;
+    let checkpoint = checkpoint_xml(&name, &ours, &others, false);
     let begun = async {
-        let sizes = volume_sizes(app, spec, stop).await?;
-        if incremental.as_ref().is_some_and(|i| i.by == IncrementalBy::Bitmap) {
-            let prev_file = format!("{}.qcow2", point - 1);
-            let mut targets = Vec::new();
-            for ((_, b), size) in building.iter().zip(&sizes) {
-                app.qemu_img
-                    .create_overlay(
-                        Path::new(&prev_file),
-                        "qcow2",
-                        b.path(),
-                        Some(*size),
-                        &CreateOptions::default(),
-                        stop,
-                    )
-                    .await?;
-                targets.push(b.path().to_owned());
-            }
+        if let Some(targets) = overlays {
             let xml = backup_xml(previous.as_deref(), &ours.iter().cloned().zip(targets).collect::<Vec<_>>(), &others);
-            match begin(app, owner, spec, &xml, &checkpoint_xml(&name, &ours, &others, false), req.tpm_to).await {
+            match begin(app, owner, spec, &xml, &checkpoint, req.tpm_to).await {
                 Ok(tpm) => return Ok(tpm),
                 // The previous checkpoint exists, but libvirt cannot use it (its bitmap is gone
                 // from a replaced volume): compare instead.
                 Err(e) => {
-                    incremental =
-                        Some(Incremental::compare(format!("the backup job from {previous:?} failed to start: {e}")))
+                    let why = format!("the backup job from {previous:?} failed to start: {e}");
+                    incremental = Some(Incremental::compare(why));
                 }
             }
             for (_, b) in &building {
@@ -263,7 +252,7 @@ pub async fn take_running(
             targets.push(target);
         }
         let xml = backup_xml(None, &ours.iter().cloned().zip(targets).collect::<Vec<_>>(), &others);
-        begin(app, owner, spec, &xml, &checkpoint_xml(&name, &ours, &others, false), req.tpm_to).await
+        begin(app, owner, spec, &xml, &checkpoint, req.tpm_to).await
     }
     .await;
     let quiesced_now = quiesced.is_some();
@@ -288,6 +277,25 @@ pub async fn take_running(
         ctx.progress(((i + 1) * 100 / spec.volumes.len()) as u8, "volume backed up");
     }
     Ok(RunningPoint { files, quiesced: quiesced_now, tpm_copied, incremental })
+}
+
+/// The targets of an incremental job, made before the instant (a quiesced guest waits on
+/// nothing but the job's start): empty overlays on the previous point's file.
+async fn overlays_on_previous(
+    app: &App,
+    building: &[(PathBuf, Building)],
+    point: usize,
+    sizes: &[u64],
+    stop: &Stop,
+) -> AgentResult<Vec<PathBuf>> {
+    let previous = format!("{}.qcow2", point - 1);
+    let mut targets = Vec::new();
+    for ((_, b), size) in building.iter().zip(sizes) {
+        let opts = CreateOptions::default();
+        app.qemu_img.create_overlay(Path::new(&previous), "qcow2", b.path(), Some(*size), &opts, stop).await?;
+        targets.push(b.path().to_owned());
+    }
+    Ok(targets)
 }
 
 async fn volume_sizes(app: &App, spec: &VmSpec, stop: &Stop) -> AgentResult<Vec<u64>> {
