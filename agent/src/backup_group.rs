@@ -150,6 +150,21 @@ impl Group {
         Ok(m)
     }
 
+    /// Forgets the points from `points` on (a point whose task was killed before its result
+    /// was recorded, and whose files are removed with it); a manifest with no more is kept.
+    pub fn truncate(&self, points: usize) -> AgentResult<()> {
+        let mut m = self.manifest()?;
+        if m.points.len() <= points {
+            return Ok(());
+        }
+        m.points.truncate(points);
+        for v in &mut m.volumes {
+            v.chain.retain(|f| f.point < points);
+            v.virtual_size = v.chain.last().map_or(v.virtual_size, |f| f.virtual_size);
+        }
+        self.write_manifest(&m)
+    }
+
     pub fn write_manifest(&self, m: &Manifest) -> AgentResult<()> {
         atomic_file::write_json(&self.dir.join(MANIFEST), m)
             .map_err(|e| AgentError::failed("cannot write the backup manifest", format!("{}: {e}", self.dir.display())))

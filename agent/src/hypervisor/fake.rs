@@ -18,6 +18,7 @@ use async_trait::async_trait;
 
 use super::Hypervisor;
 use crate::faults::Faults;
+use crate::libvirt::backup::BackupJobState;
 use crate::libvirt::blockjob::JobProgress;
 use crate::libvirt::domains::VmState;
 use crate::libvirt::LibvirtError;
@@ -42,6 +43,8 @@ pub struct FakeDomain {
     /// Whether the guest's filesystems are frozen, and how many times they were.
     pub guest_frozen: bool,
     pub guest_freezes: usize,
+    /// Checkpoint names, oldest first (metadata only: the fake keeps no bitmaps).
+    pub checkpoints: Vec<String>,
     /// Disk target → the top a commit job started on.
     commits: HashMap<String, PathBuf>,
     open: Vec<Arc<std::fs::File>>,
@@ -176,6 +179,10 @@ fn block_job(call: &'static str, r: Result<(), String>) -> Result<(), LibvirtErr
     r.map_err(|message| LibvirtError::Call { call, message, code: 1 })
 }
 
+fn checkpoint_name(xml: &str) -> Option<String> {
+    domain_name(xml)
+}
+
 fn domain_name(xml: &str) -> Option<String> {
     let doc = roxmltree::Document::parse(xml).ok()?;
     doc.root_element().children().find(|n| n.has_tag_name("name")).and_then(|n| n.text()).map(str::to_owned)
@@ -228,8 +235,9 @@ impl Hypervisor for FakeHypervisor {
         let state = old.map_or(VmState::Shutdown, |d| d.state);
         let (agent, guest_frozen, guest_freezes) =
             old.map_or((GuestAgent::Absent, false, 0), |d| (d.agent, d.guest_frozen, d.guest_freezes));
-        let mut d =
-            FakeDomain { xml, state, agent, guest_frozen, guest_freezes, commits: HashMap::new(), open: Vec::new() };
+        let checkpoints = old.map(|d| d.checkpoints.clone()).unwrap_or_default();
+        let (commits, open) = (HashMap::new(), Vec::new());
+        let mut d = FakeDomain { xml, state, agent, guest_frozen, guest_freezes, checkpoints, commits, open };
         d.refresh_open_files();
         map.insert(name, d);
         Ok(())
@@ -320,6 +328,66 @@ impl Hypervisor for FakeHypervisor {
             let base = base.ok_or_else(|| injected("blockJobAbort"))?;
             block_job("blockJobAbort", fake::commit_top(&top))?;
             self.switch_disk(vm, &top, &base)?;
+        }
+        Ok(())
+    }
+
+    /// The job ends at once: each target (pre-created) gets what differs from the disk, which
+    /// is what a full job or an incremental one on an overlay writes; the checkpoint is recorded.
+    async fn backup_begin(
+        &self,
+        vm: &str,
+        backup_xml: String,
+        checkpoint_xml: String,
+        _reuse_targets: bool,
+    ) -> Result<(), LibvirtError> {
+        self.enter("backupBegin").await?;
+        let name = checkpoint_name(&checkpoint_xml).ok_or_else(|| injected("backupBegin"))?;
+        let doc = roxmltree::Document::parse(&backup_xml).map_err(|_| injected("backupBegin"))?;
+        for disk in doc.descendants().filter(|n| n.has_tag_name("disk")) {
+            let target = disk.children().find(|c| c.has_tag_name("target")).and_then(|t| t.attribute("file"));
+            if let (Some(dev), Some(target)) = (disk.attribute("name"), target) {
+                let source = self.disk_file(vm, dev)?;
+                block_job("backupBegin", fake::copy_changed(&source, Path::new(target)))?;
+                block_job("backupBegin", fake::set_bitmap(&source, &name, true))?;
+            }
+        }
+        self.with(vm, |d| d.checkpoints.push(name))
+    }
+
+    async fn backup_job(&self, vm: &str) -> Result<BackupJobState, LibvirtError> {
+        self.enter("getJobStats").await?;
+        self.with(vm, |_| BackupJobState::Completed)
+    }
+
+    async fn abort_job(&self, vm: &str) -> Result<(), LibvirtError> {
+        self.enter("abortJob").await?;
+        self.with(vm, |_| ())
+    }
+
+    async fn checkpoint_redefine(&self, vm: &str, xml: String) -> Result<(), LibvirtError> {
+        self.enter("checkpointCreateXML").await?;
+        let name = checkpoint_name(&xml).ok_or_else(|| injected("checkpointCreateXML"))?;
+        self.with(vm, |d| d.checkpoints.push(name))
+    }
+
+    async fn checkpoint_names(&self, vm: &str) -> Result<Vec<String>, LibvirtError> {
+        self.enter("listAllCheckpoints").await?;
+        self.with(vm, |d| d.checkpoints.clone())
+    }
+
+    /// Without `metadata_only`, the bitmaps go from the disks' files too, as libvirt removes
+    /// them from a running domain's disks.
+    async fn checkpoint_delete(&self, vm: &str, name: &str, metadata_only: bool) -> Result<(), LibvirtError> {
+        self.enter("checkpointDelete").await?;
+        let xml = self.with(vm, |d| {
+            d.checkpoints.retain(|c| c != name);
+            d.xml.clone()
+        })?;
+        if !metadata_only {
+            for file in crate::domain::live_disks(&xml).unwrap_or_default().into_iter().filter_map(|d| d.file) {
+                let _ = fake::set_bitmap(Path::new(&file), name, false);
+            }
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::libvirt::backup::BackupJobState;
 use crate::libvirt::blockjob::JobProgress;
 use crate::libvirt::domains::VmState;
 use crate::libvirt::LibvirtError;
@@ -52,6 +53,25 @@ pub trait Hypervisor: Send + Sync {
     async fn block_commit_active(&self, vm: &str, disk: &str) -> Result<(), LibvirtError>;
     /// Ends the block job on `disk`: with `pivot`, a ready commit switches to its base.
     async fn block_job_abort(&self, vm: &str, disk: &str, pivot: bool) -> Result<(), LibvirtError>;
+    /// Starts a push-mode backup job of running domain `vm` that also creates a checkpoint
+    /// (see [`crate::libvirt::backup`]).
+    async fn backup_begin(
+        &self,
+        vm: &str,
+        backup_xml: String,
+        checkpoint_xml: String,
+        reuse_targets: bool,
+    ) -> Result<(), LibvirtError>;
+    /// Whether the backup job runs, or how the last one ended.
+    async fn backup_job(&self, vm: &str) -> Result<BackupJobState, LibvirtError>;
+    /// Aborts the running job of domain `vm`.
+    async fn abort_job(&self, vm: &str) -> Result<(), LibvirtError>;
+    /// Records checkpoint metadata for bitmaps that exist already in the disks.
+    async fn checkpoint_redefine(&self, vm: &str, xml: String) -> Result<(), LibvirtError>;
+    /// The names of domain `vm`'s checkpoints.
+    async fn checkpoint_names(&self, vm: &str) -> Result<Vec<String>, LibvirtError>;
+    /// Deletes a checkpoint with its bitmaps, or its metadata only; a missing one is success.
+    async fn checkpoint_delete(&self, vm: &str, name: &str, metadata_only: bool) -> Result<(), LibvirtError>;
     /// Plugs the device `xml` describes into running domain `vm`, and into its definition when
     /// the domain is persistent.
     async fn attach_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError>;

@@ -151,6 +151,7 @@ impl Libvirt {
         let tpm = if remove_tpm_state { sys::VIR_DOMAIN_UNDEFINE_TPM } else { sys::VIR_DOMAIN_UNDEFINE_KEEP_TPM };
         let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
             | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
             | sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
             | tpm;
         let r = self

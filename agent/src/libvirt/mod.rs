@@ -1,6 +1,7 @@
 //! The libvirt connection. Every libvirt call blocks, so each runs on a blocking thread through
 //! [`Libvirt::call`], which also times it and reconnects once when the daemon was restarted.
 
+pub mod backup;
 pub mod blockjob;
 pub mod domains;
 pub mod guest_agent;
@@ -203,6 +204,30 @@ impl crate::hypervisor::Hypervisor for Libvirt {
     }
     async fn block_job_abort(&self, vm: &str, disk: &str, pivot: bool) -> Result<(), LibvirtError> {
         Libvirt::block_job_abort(self, vm, disk, pivot).await
+    }
+    async fn backup_begin(
+        &self,
+        vm: &str,
+        backup_xml: String,
+        checkpoint_xml: String,
+        reuse_targets: bool,
+    ) -> Result<(), LibvirtError> {
+        Libvirt::backup_begin(self, vm, backup_xml, checkpoint_xml, reuse_targets).await
+    }
+    async fn backup_job(&self, vm: &str) -> Result<backup::BackupJobState, LibvirtError> {
+        Libvirt::backup_job(self, vm).await
+    }
+    async fn abort_job(&self, vm: &str) -> Result<(), LibvirtError> {
+        Libvirt::abort_job(self, vm).await
+    }
+    async fn checkpoint_redefine(&self, vm: &str, xml: String) -> Result<(), LibvirtError> {
+        Libvirt::checkpoint_redefine(self, vm, xml).await
+    }
+    async fn checkpoint_names(&self, vm: &str) -> Result<Vec<String>, LibvirtError> {
+        Libvirt::checkpoint_names(self, vm).await
+    }
+    async fn checkpoint_delete(&self, vm: &str, name: &str, metadata_only: bool) -> Result<(), LibvirtError> {
+        Libvirt::checkpoint_delete(self, vm, name, metadata_only).await
     }
     async fn attach_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError> {
         Libvirt::change_device(self, vm, domains::DeviceChange::Attach, xml).await

@@ -13,8 +13,10 @@
 use std::path::{Path, PathBuf};
 
 use super::assemble::{self, NewVm, Source};
+use super::bitmap_backup::{self, Incremental};
 use super::capture::{self, capture, Freeze};
 use super::derived;
+use super::owner::VmGuard;
 use super::undo::{UndoLog, UndoStep};
 use super::volumes;
 use crate::app::App;
@@ -26,7 +28,9 @@ use crate::stop::Stop;
 use crate::storage::local::Building;
 use crate::tasks::TaskCtx;
 use crate::wire::inventory::VmInstanceInventory;
-use crate::wire::native::{BackupMode, BackupVmCmd, BackupVmRsp, CreateFromBackupCmd, NewVolume};
+use crate::wire::native::{
+    BackupMode, BackupVmCmd, BackupVmRsp, CreateFromBackupCmd, IncrementalBy, NewVolume, Quiesce,
+};
 
 /// Names of the temporary RBD snapshots a backup reads from.
 const RBD_SNAPSHOT_PREFIX: &str = "kvmagent-backup-";
@@ -85,41 +89,38 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
     };
     let point = manifest.as_ref().map_or(0, |m| m.points.len());
     let before = spec.clone();
+    let running = app.libvirt.domain_state(&before.uuid).await?.is_some_and(|s| s.is_active());
+    // Whether the point can make and read dirty bitmaps (qcow2 files), or why not.
+    let unsupported = bitmap_backup::unsupported(&before);
+    let local = unsupported.is_none();
 
     // What the point writes goes again should it fail or be killed: the whole group for the
     // first point, else what write_point records, and the TPM state copied at the instant.
     let mut made = UndoLog::journaled(app, &ctx.task_id);
     let tpm_dir = group.path(&backup_group::tpm_dir_name(point));
     made.push(UndoStep::RemoveTree { path: if point == 0 { group.dir.clone() } else { tpm_dir.clone() } });
-    let rbd_snapshot = format!("{RBD_SNAPSHOT_PREFIX}{}", derived::random_uuid());
-    let opts = capture::Options {
-        with_data: true,
-        freeze: Freeze::WhenRunning,
-        rbd_snapshot: &rbd_snapshot,
-        rbd_snapshot_temporary: true,
-        // An encrypted TPM's state is useless without its key, which the agent does not keep.
-        tpm_to: Some(tpm_dir.as_path()).filter(|_| !spec.tpm_encrypted),
-        task_id: &ctx.task_id,
-        quiesce: cmd.quiesce,
-    };
-    let captured = match capture(app, &owner, &mut spec, opts, &ctx.stop).await {
-        Ok(c) => c,
-        Err(e) => {
-            made.rollback(app, &owner).await;
-            return Err(e);
+    // An encrypted TPM's state is useless without its key, which the agent does not keep.
+    let tpm_to = Some(tpm_dir.as_path()).filter(|_| !spec.tpm_encrypted);
+    let taken = if local && running {
+        let req = bitmap_backup::RunningRequest { group: &group, spec: &before, point, quiesce: cmd.quiesce, tpm_to };
+        match bitmap_backup::take_running(app, ctx, &owner, req, &mut made).await {
+            Ok(r) => {
+                Taken { files: Ok(r.files), quiesced: r.quiesced, tpm_copied: r.tpm_copied, incremental: r.incremental }
+            }
+            Err(e) => Taken { files: Err(e), quiesced: false, tpm_copied: false, incremental: None },
+        }
+    } else {
+        let req = CapturedRequest { group: &group, point, unsupported, quiesce: cmd.quiesce, tpm_to };
+        match take_captured(app, ctx, &owner, &mut spec, req, &mut made).await {
+            Ok(t) => t,
+            Err(e) => {
+                made.rollback(app, &owner).await;
+                return Err(e);
+            }
         }
     };
-    // The instant is released whatever happens (temporary tops committed back into the volumes,
-    // temporary snapshots dropped), and after a crash too: both logs are journaled.
-    let mut release = UndoLog::journaled(app, &ctx.task_id);
-    if !captured.frozen.is_empty() {
-        release.push(UndoStep::Thaw { vm: before.uuid.clone(), frozen: captured.frozen.clone() });
-    }
-    for (_, snap) in &captured.rbd_snapshots {
-        release.push(UndoStep::RemoveRbdSnapshot { path: snap.clone() });
-    }
-    let written = write_point(app, ctx, &group, &before, point, &captured, &mut made).await;
-    release.rollback(app, &owner).await;
+    let written = taken.files;
+    let captured = CapturedFlags { quiesced: taken.quiesced, tpm_copied: taken.tpm_copied };
 
     let result = async {
         let files = written?;
@@ -158,6 +159,15 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
             entry.virtual_size = file.virtual_size;
             entry.chain.push(file);
         }
+        if point > 0 {
+            // The manifest is replaced last; a kill before the task's result is recorded
+            // takes the point out of it again, as its files go.
+            made.push(UndoStep::TruncateBackupGroup {
+                dir: group.dir.clone(),
+                group: group.uuid.clone(),
+                points: point,
+            });
+        }
         group.write_manifest(&m)?;
         Ok::<_, AgentError>(m)
     }
@@ -165,8 +175,21 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
     match result {
         Ok(m) => {
             made.commit();
+            if local {
+                bitmap_backup::drop_older(app, &before, &group.uuid, point, running).await;
+            }
             let group_path = group.dir.display().to_string();
-            Ok(BackupVmRsp { group_uuid, group_path, point, manifest: m, quiesced: captured.quiesced })
+            let (incremental_by, incremental_reason) =
+                taken.incremental.map_or((None, None), |i| (Some(i.by), i.reason));
+            Ok(BackupVmRsp {
+                group_uuid,
+                group_path,
+                point,
+                manifest: m,
+                quiesced: captured.quiesced,
+                incremental_by,
+                incremental_reason,
+            })
         }
         Err(e) => {
             made.rollback(app, &owner).await;
@@ -175,36 +198,125 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
     }
 }
 
-/// Writes every volume's file of `point`, in volume order.
+/// What a point captured: its files (or why they could not be written) and how.
+struct Taken {
+    files: AgentResult<Vec<BackupFile>>,
+    quiesced: bool,
+    tpm_copied: bool,
+    incremental: Option<Incremental>,
+}
+
+struct CapturedFlags {
+    quiesced: bool,
+    tpm_copied: bool,
+}
+
+struct CapturedRequest<'a> {
+    group: &'a Group,
+    point: usize,
+    /// Why the volumes cannot carry dirty bitmaps, when they cannot.
+    unsupported: Option<String>,
+    quiesce: Quiesce,
+    tpm_to: Option<&'a Path>,
+}
+
+/// A point taken from a captured instant (see [`capture`]): of a stopped VM, whose qcow2
+/// volumes also get the point's bitmap, or of a VM whose volumes cannot have bitmaps.
+async fn take_captured(
+    app: &App,
+    ctx: &TaskCtx,
+    owner: &VmGuard,
+    spec: &mut VmSpec,
+    req: CapturedRequest<'_>,
+    made: &mut UndoLog,
+) -> AgentResult<Taken> {
+    let (group, point, quiesce, tpm_to) = (req.group, req.point, req.quiesce, req.tpm_to);
+    let before = spec.clone();
+    let incremental = match req.unsupported {
+        None => bitmap_backup::mark_stopped(app, &before, group, point, made, &ctx.stop).await?,
+        Some(why) => (point > 0).then(|| Incremental::compare(why)),
+    };
+    let rbd_snapshot = format!("{RBD_SNAPSHOT_PREFIX}{}", derived::random_uuid());
+    let opts = capture::Options {
+        with_data: true,
+        freeze: Freeze::WhenRunning,
+        rbd_snapshot: &rbd_snapshot,
+        rbd_snapshot_temporary: true,
+        tpm_to,
+        task_id: &ctx.task_id,
+        quiesce,
+    };
+    let captured = capture(app, owner, spec, opts, &ctx.stop).await?;
+    // The instant is released whatever happens (temporary tops committed back into the volumes,
+    // temporary snapshots dropped), and after a crash too: both logs are journaled.
+    let mut release = UndoLog::journaled(app, &ctx.task_id);
+    if !captured.frozen.is_empty() {
+        release.push(UndoStep::Thaw { vm: before.uuid.clone(), frozen: captured.frozen.clone() });
+    }
+    for (_, snap) in &captured.rbd_snapshots {
+        release.push(UndoStep::RemoveRbdSnapshot { path: snap.clone() });
+    }
+    let dirty_since = incremental
+        .as_ref()
+        .filter(|i| i.by == IncrementalBy::Bitmap)
+        .map(|_| bitmap_backup::checkpoint_name(&group.uuid, point - 1));
+    let target = PointTarget { group, spec: &before, point, dirty_since: dirty_since.as_deref() };
+    let files = write_point(app, ctx, &target, &captured, made).await;
+    release.rollback(app, owner).await;
+    Ok(Taken { files, quiesced: captured.quiesced, tpm_copied: captured.tpm_copied, incremental })
+}
+
+/// The files a point writes: of VM `spec`'s volumes at `point` of `group`, incrementals from
+/// the extents bitmap `dirty_since` marks when given.
+struct PointTarget<'a> {
+    group: &'a Group,
+    spec: &'a VmSpec,
+    point: usize,
+    dirty_since: Option<&'a str>,
+}
+
+/// Writes every volume's file of the point, in volume order.
 async fn write_point(
     app: &App,
     ctx: &TaskCtx,
-    group: &Group,
-    spec: &VmSpec,
-    point: usize,
+    target: &PointTarget<'_>,
     captured: &capture::Captured,
     made: &mut UndoLog,
 ) -> AgentResult<Vec<BackupFile>> {
+    let PointTarget { group, spec, point, dirty_since } = *target;
     let total = spec.volumes.len();
     let mut files = Vec::new();
     for (i, v) in spec.volumes.iter().enumerate() {
         ctx.stop.check("backing up the VM")?;
         let from = captured.point(&v.uuid, &v.install_path());
-        let relative = backup_group::file_name(&v.uuid, point);
-        let dst = group.path(&relative);
+        let dst = group.path(&backup_group::file_name(&v.uuid, point));
         let previous = (point > 0).then(|| format!("{}.qcow2", point - 1));
         made.push(UndoStep::RemoveFile { path: dst.clone() });
-        write_file(app, &from, previous.as_deref(), &dst, &ctx.stop)
+        let previous = previous.as_deref().map(|p| (p, dirty_since));
+        write_file(app, &from, previous, &dst, &ctx.stop)
             .await
             .map_err(|e| e.context(format!("step 'back up volume {}' failed", v.uuid)))?;
-        let virtual_size = app.qemu_img.info(&dst, &ctx.stop).await?.virtual_size;
-        let path = dst.clone();
-        let sha256 = blocking(move || backup_group::sha256_file(&path)).await?;
-        let bytes = std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0);
-        files.push(BackupFile { point, file: relative, virtual_size, bytes, sha256 });
+        files.push(recorded(app, group, &v.uuid, point, &ctx.stop).await?);
         ctx.progress(((i + 1) * 100 / total) as u8, "volume backed up");
     }
     Ok(files)
+}
+
+/// The manifest's entry for the published file of volume `volume_uuid` at `point`.
+pub(super) async fn recorded(
+    app: &App,
+    group: &Group,
+    volume_uuid: &str,
+    point: usize,
+    stop: &Stop,
+) -> AgentResult<BackupFile> {
+    let file = backup_group::file_name(volume_uuid, point);
+    let dst = group.path(&file);
+    let virtual_size = app.qemu_img.info(&dst, stop).await?.virtual_size;
+    let path = dst.clone();
+    let sha256 = blocking(move || backup_group::sha256_file(&path)).await?;
+    let bytes = std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0);
+    Ok(BackupFile { point, file, virtual_size, bytes, sha256 })
 }
 
 /// Copies the VM's NVRAM into the group as that of `point` (after the volumes: the guest
@@ -222,8 +334,16 @@ async fn write_nvram(group: &Group, spec: &VmSpec, point: usize, made: &mut Undo
 }
 
 /// Writes the instant `from` (a file chain, or an RBD snapshot) to `dst`: flat, or — with
-/// `previous`, the name of the previous point's file beside `dst` — only what differs from it.
-async fn write_file(app: &App, from: &str, previous: Option<&str>, dst: &Path, stop: &Stop) -> AgentResult<()> {
+/// `previous`, the name of the previous point's file beside `dst` — only what differs from it:
+/// the extents a bitmap marks dirty since that point when one is given, else what a compare
+/// of the whole disk finds.
+async fn write_file(
+    app: &App,
+    from: &str,
+    previous: Option<(&str, Option<&str>)>,
+    dst: &Path,
+    stop: &Stop,
+) -> AgentResult<()> {
     let (src, src_fmt) = volumes::store(app, from)?.qemu_source(from)?;
     if let Some(dir) = dst.parent() {
         std::fs::create_dir_all(dir)
@@ -231,8 +351,6 @@ async fn write_file(app: &App, from: &str, previous: Option<&str>, dst: &Path, s
     }
     let building = Building::beside(dst);
     let tmp = building.path();
-    let stopped =
-        |e: qemu_img::QemuImgError| if e.was_stopped() { stop.error("backing up the volume") } else { e.into() };
     match previous {
         None => {
             let c = Convert {
@@ -243,20 +361,47 @@ async fn write_file(app: &App, from: &str, previous: Option<&str>, dst: &Path, s
                 opts: &CreateOptions::default(),
                 into_zeroed: false,
             };
-            app.qemu_img.convert(c, stop, &mut |_| {}).await.map_err(stopped)?;
+            app.qemu_img.convert(c, stop, &mut |_| {}).await.map_err(|e| stopped(e, stop))?;
         }
-        Some(prev) => {
-            // An empty overlay on the instant reads as the instant; a safe rebase onto the
-            // previous point writes into it exactly the clusters where the two differ.
+        Some((prev, Some(bitmap))) => {
+            let size = app.qemu_img.info(Path::new(&src), stop).await?.virtual_size;
             app.qemu_img
-                .create_overlay(Path::new(&src), src_fmt, tmp, None, &CreateOptions::default(), stop)
+                .create_overlay(Path::new(prev), "qcow2", tmp, Some(size), &CreateOptions::default(), stop)
                 .await
-                .map_err(stopped)?;
-            app.qemu_img.rebase(tmp, Path::new(prev), "qcow2", stop).await.map_err(stopped)?;
+                .map_err(|e| stopped(e, stop))?;
+            app.qemu_img.copy_dirty(Path::new(&src), bitmap, tmp, stop).await.map_err(|e| stopped(e, stop))?;
         }
+        Some((prev, None)) => compare_into(app, Path::new(&src), src_fmt, prev, tmp, stop).await?,
     }
     stop.check("backing up the volume")?;
     building.publish(dst)
+}
+
+fn stopped(e: qemu_img::QemuImgError, stop: &Stop) -> AgentError {
+    if e.was_stopped() {
+        stop.error("backing up the volume")
+    } else {
+        e.into()
+    }
+}
+
+/// Writes into new file `dst` the clusters where image `src` differs from `previous` (a file
+/// name beside `dst`), as an overlay on `previous`.
+pub(super) async fn compare_into(
+    app: &App,
+    src: &Path,
+    src_fmt: &str,
+    previous: &str,
+    dst: &Path,
+    stop: &Stop,
+) -> AgentResult<()> {
+    // An empty overlay on the instant reads as the instant; a safe rebase onto the previous
+    // point writes into it exactly the clusters where the two differ.
+    app.qemu_img
+        .create_overlay(src, src_fmt, dst, None, &CreateOptions::default(), stop)
+        .await
+        .map_err(|e| stopped(e, stop))?;
+    app.qemu_img.rebase(dst, Path::new(previous), "qcow2", stop).await.map_err(|e| stopped(e, stop))
 }
 
 /// `/vm/createfrombackup`.

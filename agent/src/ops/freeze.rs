@@ -29,7 +29,7 @@ pub struct Frozen {
 }
 
 /// Whether `path` names `resolved` (a canonical path), whatever symlinks it goes through.
-fn same_file(path: &str, resolved: &std::path::Path) -> bool {
+pub(super) fn same_file(path: &str, resolved: &std::path::Path) -> bool {
     std::fs::canonicalize(path).is_ok_and(|p| p == resolved)
 }
 

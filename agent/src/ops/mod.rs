@@ -3,6 +3,7 @@
 
 pub mod assemble;
 pub mod backup;
+pub mod bitmap_backup;
 pub mod capture;
 pub mod change_image;
 pub mod clone;

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
@@ -230,7 +230,7 @@ async fn flatten_cuts_volumes_loose_live_and_offline_with_the_same_content() {
 }
 
 #[tokio::test]
-async fn a_backup_of_a_running_vm_commits_its_temporary_tops_back() {
+async fn a_backup_of_a_running_vm_stays_on_its_own_files() {
     let h = TestHost::start();
     let vm = h.running_vm().await;
     let files = h.recorded(&vm).await;
@@ -240,6 +240,58 @@ async fn a_backup_of_a_running_vm_commits_its_temporary_tops_back() {
     assert_eq!(h.recorded(&vm).await, files, "the VM is back on its own files");
     let point = PathBuf::from(&rsp.group_path).join(&rsp.manifest.volumes[1].chain[0].file);
     assert!(same_content(&point.display().to_string(), &files[1]));
+    assert_consistent(&h).await;
+}
+
+/// Incremental points read the previous point's bitmaps while the chain holds (running: its
+/// checkpoint, stopped: the bitmap in every volume), and compare — saying why — once it is
+/// broken; only the newest point's checkpoint is kept.
+#[tokio::test]
+async fn incremental_points_use_bitmaps_and_fall_back_to_compare_when_the_chain_is_broken() {
+    use crate::wire::native::IncrementalBy;
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    let files = h.recorded(&vm).await;
+    let backup = |body: serde_json::Value| {
+        let app = h.app.clone();
+        async move { crate::ops::backup::backup(&app, &TaskCtx::detached("/vm/backup"), cmd(body)).await.unwrap() }
+    };
+    let full = backup(json!({"vmUuid": vm})).await;
+    let inc = json!({"vmUuid": vm, "mode": "incremental", "groupUuid": full.group_uuid});
+    let checkpoints = || h.hv.domain(&vm).unwrap().checkpoints;
+    let newest_reads_as_the_volume = |rsp: &crate::wire::native::BackupVmRsp| {
+        let point = PathBuf::from(&rsp.group_path).join(&rsp.manifest.volumes[1].chain[rsp.point].file);
+        assert!(same_content(&point.display().to_string(), &files[1]), "point {}", rsp.point);
+    };
+    assert_eq!(full.incremental_by, None);
+
+    write(&files[1], 0, 0x22);
+    let r = backup(inc.clone()).await;
+    assert_eq!((r.incremental_by, r.incremental_reason.as_deref()), (Some(IncrementalBy::Bitmap), None));
+    newest_reads_as_the_volume(&r);
+    assert_eq!(checkpoints(), vec![crate::ops::bitmap_backup::checkpoint_name(&full.group_uuid, 1)], "bounded");
+
+    // The VM redefined without its checkpoint metadata.
+    h.app.libvirt.checkpoint_delete(&vm, &checkpoints()[0], true).await.unwrap();
+    write(&files[1], 0, 0x33);
+    let r = backup(inc.clone()).await;
+    assert_eq!(r.incremental_by, Some(IncrementalBy::Compare));
+    assert!(r.incremental_reason.as_deref().unwrap().contains("no checkpoint"), "{:?}", r.incremental_reason);
+    newest_reads_as_the_volume(&r);
+
+    // Stopped: the bitmap the running point left in the volumes is read.
+    h.app.libvirt.destroy(&vm).await.unwrap();
+    write(&files[1], 0, 0x44);
+    let r = backup(inc.clone()).await;
+    assert_eq!(r.incremental_by, Some(IncrementalBy::Bitmap), "{:?}", r.incremental_reason);
+    newest_reads_as_the_volume(&r);
+    // A replaced volume has no bitmap.
+    let name = crate::ops::bitmap_backup::checkpoint_name(&full.group_uuid, r.point);
+    crate::qemu_img::fake::set_bitmap(Path::new(&files[0]), &name, false).unwrap();
+    let r = backup(inc).await;
+    assert_eq!(r.incremental_by, Some(IncrementalBy::Compare));
+    assert!(r.incremental_reason.as_deref().unwrap().contains("has no bitmap"), "{:?}", r.incremental_reason);
+    newest_reads_as_the_volume(&r);
     assert_consistent(&h).await;
 }
 
@@ -265,6 +317,7 @@ async fn a_failed_snapshot_group_or_backup_changes_nothing() {
     h.faults.fail("snapshotCreateXML");
     let ctx = TaskCtx::detached("/vm/snapshotgroup/take");
     crate::ops::snapshot_group::take(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap_err();
+    h.faults.fail("backupBegin");
     let ctx = TaskCtx::detached("/vm/backup");
     crate::ops::backup::backup(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap_err();
     assert_eq!((h.recorded(&vm).await, h.files()), (files, before), "same record, same files");
@@ -375,6 +428,17 @@ where
     F: Fn(std::sync::Arc<crate::app::App>, TaskCtx) -> Fut,
     Fut: Future<Output = AgentResult<Value>>,
 {
+    kill_at_every_point_checked(h, path, op, |_| async {}).await
+}
+
+/// [`kill_at_every_point`], with `check` run on the host after every recovery too.
+async fn kill_at_every_point_checked<F, Fut, C, CFut>(h: &mut TestHost, path: &str, op: F, check: C) -> usize
+where
+    F: Fn(std::sync::Arc<crate::app::App>, TaskCtx) -> Fut,
+    Fut: Future<Output = AgentResult<Value>>,
+    C: Fn(std::sync::Arc<crate::app::App>) -> CFut,
+    CFut: Future<Output = ()>,
+{
     let mut kills = 0;
     for at in [Kill::Call as fn(usize) -> Kill, Kill::Step] {
         for n in 1.. {
@@ -389,6 +453,7 @@ where
             let kill = at(n);
             assert!(failures.clone().all(|f| f.ends_with("is in use; kept")), "{path} killed at {kill:?}: {report:?}");
             assert_consistent(h).await;
+            check(h.app.clone()).await;
         }
     }
     kills
@@ -451,7 +516,50 @@ async fn a_backup_killed_at_any_point_is_recovered() {
         async move { value(crate::ops::backup::backup(&app, &ctx, cmd(body)).await) }
     })
     .await;
-    assert!(kills >= 20, "{kills} kill points");
+    assert!(kills >= 12, "{kills} kill points");
+}
+
+/// A killed incremental point's bitmap and checkpoint go with it: after every recovery the VM
+/// carries only those of points the group records.
+#[tokio::test]
+async fn an_incremental_backup_killed_at_any_point_leaves_no_bitmap_of_its_own() {
+    for running in [true, false] {
+        let (mut h, vm, _) = kill_host().await;
+        if !running {
+            h.app.libvirt.destroy(&vm).await.unwrap();
+        }
+        let ctx = TaskCtx::detached("/vm/backup");
+        let full = crate::ops::backup::backup(&h.app, &ctx, cmd(json!({"vmUuid": vm}))).await.unwrap();
+        let group = full.group_uuid.clone();
+        let files = h.recorded(&vm).await;
+        let check = |app: std::sync::Arc<crate::app::App>| {
+            let (vm, group, files) = (vm.clone(), group.clone(), files.clone());
+            async move {
+                let g = crate::backup_group::Group::locate(&app.backup_roots, None, &group).unwrap();
+                let points = g.manifest().unwrap().points.len();
+                let recorded: Vec<String> =
+                    (0..points).map(|p| crate::ops::bitmap_backup::checkpoint_name(&group, p)).collect();
+                let mut carried = app.libvirt.checkpoint_names(&vm).await.unwrap();
+                for f in &files {
+                    let stop = crate::stop::Stop::new();
+                    carried
+                        .extend(app.qemu_img.bitmaps(Path::new(f), &stop).await.unwrap().into_iter().map(|b| b.name));
+                }
+                assert!(carried.iter().all(|c| recorded.contains(c)), "running {running}: {carried:?} vs {recorded:?}");
+            }
+        };
+        let kills = kill_at_every_point_checked(
+            &mut h,
+            "/vm/backup",
+            |app, ctx| {
+                let body = json!({"vmUuid": vm, "mode": "incremental", "groupUuid": group});
+                async move { value(crate::ops::backup::backup(&app, &ctx, cmd(body)).await) }
+            },
+            check,
+        )
+        .await;
+        assert!(kills >= 8, "running {running}: {kills} kill points");
+    }
 }
 
 #[tokio::test]

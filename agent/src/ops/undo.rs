@@ -44,6 +44,12 @@ pub enum UndoStep {
     RemoveTop { vm: String, top: PathBuf, base: PathBuf },
     /// Commit the temporary tops a backup froze back into the VM's volumes.
     Thaw { vm: String, frozen: Vec<super::freeze::Frozen> },
+    /// Forget the points of backup group `dir` (named `group`) from `points` on, which this
+    /// operation added to its manifest.
+    TruncateBackupGroup { dir: PathBuf, group: String, points: usize },
+    /// Remove backup checkpoint `name` of VM `vm` and its bitmap in `files` (those nothing has
+    /// open), which a backup point made (see [`super::bitmap_backup`]).
+    RemoveBitmap { vm: String, name: String, files: Vec<PathBuf> },
     /// Thaw the filesystems of VM `vm`'s guest, which this operation froze through its guest
     /// agent (see [`super::quiesce`]).
     ThawGuest { vm: String },
@@ -129,6 +135,7 @@ impl UndoStep {
             | UndoStep::RemoveRecord { vm }
             | UndoStep::RemoveTop { vm, .. }
             | UndoStep::Thaw { vm, .. }
+            | UndoStep::RemoveBitmap { vm, .. }
             | UndoStep::ThawGuest { vm } => Some(vm),
             _ => None,
         }
@@ -276,6 +283,14 @@ async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(),
             Ok(())
         }
         UndoStep::ThawGuest { vm } => super::quiesce::thaw(app, vm).await,
+        UndoStep::TruncateBackupGroup { dir, group, points } => {
+            let g = crate::backup_group::Group { uuid: group.clone(), dir: dir.clone() };
+            match g.truncate(*points) {
+                Err(e) if e.kind != crate::error::ErrorKind::NotFound => Err(e.to_string()),
+                _ => Ok(()),
+            }
+        }
+        UndoStep::RemoveBitmap { vm, name, files } => super::bitmap_backup::undo_bitmap(app, vm, name, files).await,
     }
 }
 

@@ -169,6 +169,18 @@ impl QemuImg for QemuImgCli {
         ]);
         parse("measure", path, &run("measure", path, &a, stop).await?)
     }
+
+    async fn bitmaps(&self, path: &Path, stop: &Stop) -> Result<Vec<super::bitmaps::Bitmap>, QemuImgError> {
+        super::bitmaps::list(path, stop).await
+    }
+
+    async fn change_bitmap(&self, path: &Path, name: &str, add: bool, stop: &Stop) -> Result<(), QemuImgError> {
+        super::bitmaps::change(path, name, add, stop).await
+    }
+
+    async fn copy_dirty(&self, src: &Path, bitmap: &str, dst: &Path, stop: &Stop) -> Result<(), QemuImgError> {
+        super::bitmaps::copy_dirty(src, bitmap, dst, stop).await
+    }
 }
 
 #[cfg(test)]

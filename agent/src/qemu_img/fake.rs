@@ -35,6 +35,10 @@ struct Data {
     preallocated: bool,
     /// Block index → the byte that fills it; a block not here reads from the backing file.
     blocks: BTreeMap<u64, u8>,
+    /// Names of persistent dirty bitmaps (the fake tracks no writes: a copy of what a bitmap
+    /// marks copies what differs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    bitmaps: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -140,10 +144,35 @@ pub fn commit_top(top: &Path) -> Result<(), String> {
     write(top, &img)
 }
 
+/// Writes into `dst` every block where it reads differently from `src` (what a backup job or
+/// a copy of the dirty extents writes into an overlay on the previous copy).
+pub fn copy_changed(src: &Path, dst: &Path) -> Result<(), String> {
+    let (_, want) = view(src)?;
+    let (_, have) = view(dst)?;
+    let mut img = read(dst)?;
+    for k in want.keys().chain(have.keys()).copied().collect::<Vec<_>>() {
+        let w = want.get(&k).copied().unwrap_or(0);
+        if have.get(&k).copied().unwrap_or(0) != w {
+            img.data.blocks.insert(k, w);
+        }
+    }
+    write(dst, &img)
+}
+
+/// Adds (`add`) or removes bitmap `name` of the image (as QEMU does for a new checkpoint).
+pub fn set_bitmap(path: &Path, name: &str, add: bool) -> Result<(), String> {
+    let mut img = read(path)?;
+    img.data.bitmaps.retain(|b| b != name);
+    if add {
+        img.data.bitmaps.push(name.to_owned());
+    }
+    write(path, &img)
+}
+
 fn rebase_onto(path: &Path, backing: Option<(&Path, &str)>) -> Result<(), String> {
     let (_, old) = view(path)?;
     let new = match backing {
-        Some((b, _)) => view(b)?.1,
+        Some((b, _)) => view(&path.parent().unwrap_or(Path::new("/")).join(b))?.1,
         None => BTreeMap::new(),
     };
     let mut img = read(path)?;
@@ -239,7 +268,9 @@ impl QemuImg for FakeQemuImg {
         stop: &Stop,
     ) -> Result<(), QemuImgError> {
         self.enter("qemu-img create", dst, stop).await?;
-        let base = or_failed("create", dst, read(backing).map_err(|e| format!("Could not open backing file: {e}")))?;
+        // A relative backing file is beside the new image, as qemu-img resolves it.
+        let resolved = dst.parent().unwrap_or(Path::new("/")).join(backing);
+        let base = or_failed("create", dst, read(&resolved).map_err(|e| format!("Could not open backing file: {e}")))?;
         let data = Data { backing_format: Some(backing_fmt.into()), ..Data::default() };
         let img = Image { size: size.unwrap_or(base.size), backing: Some(backing.display().to_string()), data };
         or_failed("create", dst, create_new(dst, &img))
@@ -305,6 +336,27 @@ impl QemuImg for FakeQemuImg {
         let (size, blocks) = or_failed("measure", path, view(path))?;
         let overhead = DATA_OFFSET as u64;
         Ok(Measure { required: overhead + blocks.len() as u64 * BLOCK, fully_allocated: overhead + size })
+    }
+
+    async fn bitmaps(&self, path: &Path, stop: &Stop) -> Result<Vec<super::bitmaps::Bitmap>, QemuImgError> {
+        self.enter("qemu-img info", path, stop).await?;
+        let img = or_failed("info", path, read(path))?;
+        let consistent = |name: &String| super::bitmaps::Bitmap { name: name.clone(), flags: vec!["auto".into()] };
+        Ok(img.data.bitmaps.iter().map(consistent).collect())
+    }
+
+    async fn change_bitmap(&self, path: &Path, name: &str, add: bool, stop: &Stop) -> Result<(), QemuImgError> {
+        self.enter("qemu-img bitmap", path, stop).await?;
+        or_failed("bitmap", path, set_bitmap(path, name, add))
+    }
+
+    async fn copy_dirty(&self, src: &Path, bitmap: &str, dst: &Path, stop: &Stop) -> Result<(), QemuImgError> {
+        self.enter("qemu-img convert", src, stop).await?;
+        let has = read(src).map(|img| img.data.bitmaps.iter().any(|b| b == bitmap));
+        if !or_failed("convert", src, has)? {
+            return Err(failed("convert", src, format!("no bitmap {bitmap}")));
+        }
+        or_failed("convert", dst, copy_changed(src, dst))
     }
 }
 

@@ -3,6 +3,7 @@
 //! ([`fake::FakeQemuImg`]) for unit tests of the orchestration. Formats and backing files are
 //! learned from the qcow2 header ([`header`]), never from a command's word.
 
+pub mod bitmaps;
 pub mod cli;
 pub mod fake;
 mod header;
@@ -153,4 +154,11 @@ pub trait QemuImg: Send + Sync {
     async fn commit(&self, path: &Path, stop: &Stop) -> Result<(), QemuImgError>;
     /// Bytes a flat qcow2 copy of the image (with its chain) needs.
     async fn measure(&self, path: &Path, fmt: &str, stop: &Stop) -> Result<Measure, QemuImgError>;
+    /// The persistent dirty bitmaps of qcow2 file `path` (not of its backing files).
+    async fn bitmaps(&self, path: &Path, stop: &Stop) -> Result<Vec<bitmaps::Bitmap>, QemuImgError>;
+    /// Adds (`add`) or removes bitmap `name` of qcow2 file `path`, which nothing has open.
+    async fn change_bitmap(&self, path: &Path, name: &str, add: bool, stop: &Stop) -> Result<(), QemuImgError>;
+    /// Copies into `dst` (an overlay on an earlier copy of `src`) the extents of `src` that its
+    /// bitmap `bitmap` marks dirty; `src` is a qcow2 file nothing writes.
+    async fn copy_dirty(&self, src: &Path, bitmap: &str, dst: &Path, stop: &Stop) -> Result<(), QemuImgError>;
 }

@@ -418,6 +418,21 @@ pub struct BackupVmRsp {
     pub manifest: crate::backup_group::Manifest,
     /// Whether the guest's filesystems were frozen for the point's instant.
     pub quiesced: bool,
+    /// For an incremental point: `bitmap` when only the clusters written since the previous
+    /// point were read, `compare` when the whole disk was compared with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incremental_by: Option<IncrementalBy>,
+    /// Why an incremental point compared instead of reading its bitmaps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incremental_reason: Option<String>,
+}
+
+/// How an incremental backup point found what changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum IncrementalBy {
+    Bitmap,
+    Compare,
 }
 
 /// `/vm/createfrombackup`.
