@@ -92,6 +92,25 @@ async fn create_makes_the_vm_and_a_failed_start_leaves_nothing() {
     assert!(h.hv.domain(&other).is_none() && !h.app.vms.is_known(&other), "nor a domain or record");
 }
 
+/// The answer (the new VM's inventory, read from its volumes) is part of the create: a create
+/// that cannot read it fails and leaves nothing, not a VM the caller was told does not exist.
+#[tokio::test]
+async fn a_create_whose_inventory_cannot_be_read_leaves_nothing() {
+    let h = TestHost::start();
+    let vm = uuid();
+    let root = h.path(&format!("rootVolumes/vol-{vm}/root.qcow2"));
+    let body = json!({
+        "vm": {"vmInstanceUuid": vm, "vmName": "t", "memory": 67108864, "cpuNum": 1},
+        "rootVolume": {"volumeUuid": uuid(), "installPath": root, "size": 1048576},
+        "strategy": "CreateStopped",
+    });
+    h.faults.fail("qemu-img info");
+    let e = crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap_err();
+    assert!(e.to_string().contains("qemu-img info"), "the inventory's read failed: {e}");
+    assert_eq!(h.files(), BTreeSet::new(), "a failed create leaves no volume");
+    assert!(h.hv.domain(&vm).is_none() && !h.app.vms.is_known(&vm), "nor a domain or record");
+}
+
 #[tokio::test]
 async fn a_data_volume_from_an_image_and_a_cpu_the_host_lacks() {
     let h = TestHost::start();
