@@ -77,7 +77,7 @@ async fn a_snapshot_group_names_the_new_top_of_each_volume() {
 }
 
 #[tokio::test]
-async fn a_ceph_create_or_clone_that_fails_after_making_its_image_removes_it() {
+async fn a_ceph_create_clone_or_snapshot_that_fails_after_making_it_removes_it() {
     let h = TestHost::start();
     let stop = crate::stop::Stop::new();
     let base = crate::ceph::path::CephPath::parse("rbd/base").unwrap();
@@ -89,6 +89,13 @@ async fn a_ceph_create_or_clone_that_fails_after_making_its_image_removes_it() {
     let clone = json!({"srcPath": "ceph://rbd/base@s", "dstPath": "ceph://rbd/clone"});
     super::ceph::clone(&h.app, &ctx(), decode(&clone).unwrap()).await.unwrap_err();
     assert_eq!(h.rbd.images(), ["rbd/base"], "nothing the failed commands made is left");
+    for snapshot in ["ceph://rbd/base@new", "ceph://rbd/base@s"] {
+        let take = json!({"snapshotPath": snapshot, "skipOnExisting": true});
+        super::ceph::snapshot_create(&h.app, &ctx(), decode(&take).unwrap()).await.unwrap_err();
+    }
+    let snaps = h.app.rbd.snapshots(&base, &stop).await.unwrap();
+    let names: Vec<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["s"], "the snapshot a failed command took is removed, the one there before kept");
 }
 
 /// A running VM started by `/vm/start` as the management node starts one: a root volume, an
