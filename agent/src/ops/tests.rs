@@ -579,6 +579,33 @@ async fn rbd_volumes_are_created_cloned_flattened_and_replaced_through_the_same_
     assert_eq!(h.rbd.parent(&new_root).as_deref(), Some("rbd/base@s"));
 }
 
+/// A clone whose capture fails after it took the source's RBD snapshots (here: the TPM state
+/// cannot be copied) removes them again.
+#[tokio::test]
+async fn a_clone_whose_tpm_copy_fails_leaves_no_rbd_snapshot() {
+    let (h, base, body) = rbd_host().await;
+    let vm = uuid();
+    let mut b = body(&vm);
+    b["tpm"] = json!({"enable": true});
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(b)).await.unwrap();
+    let tpm = crate::ops::tpm::state_dir(&h.app.config.libvirt.swtpm_dir, &vm).join("tpm2");
+    std::fs::create_dir_all(&tpm).unwrap();
+    std::fs::write(tpm.join("tpm2-00.permall"), b"state").unwrap();
+    // The staging directory of TPM copies cannot be made.
+    std::fs::write(h.app.config.state_dir.join("staging"), b"").unwrap();
+    let ctx = TaskCtx::detached("/vm/clone");
+    let e = crate::ops::clone::clone(&h.app, &ctx, cmd(json!({"vmUuid": vm, "names": ["c"], "full": true})))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("TPM state"), "{e}");
+    let stop = crate::stop::Stop::new();
+    for image in h.recorded(&vm).await {
+        let p = crate::ceph::path::CephPath::parse(&image).unwrap();
+        assert_eq!(h.app.rbd.snapshots(&p, &stop).await.unwrap().len(), 0, "{image} has no snapshot left");
+    }
+    assert_rbd_consistent(&h, &base).await;
+}
+
 #[tokio::test]
 async fn rbd_create_and_clone_killed_at_any_point_leak_no_image() {
     let (mut h, base, body) = rbd_host().await;
