@@ -100,7 +100,7 @@ pub async fn snapshot_create(app: &App, ctx: &TaskCtx, cmd: SnapshotCmd) -> Agen
     let snap = p.require_snap()?;
     let new = !app.rbd.snapshots(&p, &ctx.stop).await?.iter().any(|s| s.name == snap);
     let removal = new.then(|| UndoStep::RemoveRbdSnapshot { path: p.to_string() });
-    super::journaled(app, ctx, removal, async {
+    crate::ops::undo::journaled(app, &ctx.task_id, removal, async {
         match app.rbd.snap_create(&p, &ctx.stop).await {
             Err(e) if e.is_exists() && cmd.skip_on_existing => {}
             other => other?,

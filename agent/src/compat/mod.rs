@@ -17,7 +17,6 @@ mod tests;
 
 use crate::app::App;
 use crate::error::AgentResult;
-use crate::ops::undo::{UndoLog, UndoStep};
 use crate::tasks::TaskCtx;
 
 /// Runs `make`, which puts a new volume (a file or an RBD image) at `dst` (its caller holds its lock), with the
@@ -36,29 +35,5 @@ pub(crate) async fn journaled_make<T>(
         Ok(()) => Some(store.undo_for(dst)?),
         Err(_) => None,
     };
-    journaled(app, ctx, removal, make).await
-}
-
-/// Runs `make` with `removal` (how to remove what it makes, when it makes something new)
-/// journaled first: a failure, or a kill before the task's result is recorded, undoes it.
-pub(crate) async fn journaled<T>(
-    app: &App,
-    ctx: &TaskCtx,
-    removal: Option<UndoStep>,
-    make: impl std::future::Future<Output = AgentResult<T>>,
-) -> AgentResult<T> {
-    let mut undo = UndoLog::journaled(app, &ctx.task_id);
-    if let Some(step) = removal {
-        undo.push(step);
-    }
-    match make.await {
-        Ok(made) => {
-            undo.commit();
-            Ok(made)
-        }
-        Err(e) => {
-            undo.rollback_storage(app).await;
-            Err(e)
-        }
-    }
+    crate::ops::undo::journaled(app, &ctx.task_id, removal, make).await
 }

@@ -111,6 +111,31 @@ impl UndoLog {
     }
 }
 
+/// Runs `make` with `removal` (how to remove what it makes, when it makes something new)
+/// journaled first for task `task_id`: a failure, or a kill before the task's result is
+/// recorded, undoes it. For storage steps, which name no VM.
+pub async fn journaled<T>(
+    app: &App,
+    task_id: &str,
+    removal: Option<UndoStep>,
+    make: impl std::future::Future<Output = crate::error::AgentResult<T>>,
+) -> crate::error::AgentResult<T> {
+    let mut undo = UndoLog::journaled(app, task_id);
+    if let Some(step) = removal {
+        undo.push(step);
+    }
+    match make.await {
+        Ok(made) => {
+            undo.commit();
+            Ok(made)
+        }
+        Err(e) => {
+            undo.rollback_storage(app).await;
+            Err(e)
+        }
+    }
+}
+
 impl UndoStep {
     /// The VM whose record or domain this step touches: its lock must be held to undo it.
     pub fn vm(&self) -> Option<&str> {
