@@ -225,13 +225,8 @@ async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(),
         }
         UndoStep::RemoveVolumeFile { path, new_dirs } => {
             remove_file(path).await?;
-            if let Some(top) = new_dirs {
-                // Only empty directories go (another operation may have put a file there since).
-                for dir in path.ancestors().skip(1).take_while(|d| d.starts_with(top)) {
-                    if std::fs::remove_dir(dir).is_err() {
-                        break;
-                    }
-                }
+            if let (Some(dir), Some(top)) = (path.parent(), new_dirs) {
+                remove_empty_dirs(dir, top);
             }
             Ok(())
         }
@@ -292,6 +287,16 @@ async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(),
             Ok(())
         }
         UndoStep::ThawGuest { vm } => super::quiesce::thaw(app, vm).await,
+    }
+}
+
+/// Removes `dir` and its parents up to `top` (a directory an operation made, with what it
+/// made inside), as far as they are empty: another operation may have put a file there since.
+pub fn remove_empty_dirs(dir: &Path, top: &Path) {
+    for d in dir.ancestors().take_while(|d| d.starts_with(top)) {
+        if std::fs::remove_dir(d).is_err() {
+            break;
+        }
     }
 }
 
