@@ -149,6 +149,27 @@ async fn images_snapshots_clones_flatten_copy_watchers_and_errors() {
     assert!(info(&format!("rbd/lib-never-{id}")).is_none(), "a stopped task makes no call");
 }
 
+/// A size whose whole MiB overflow 64 bits is refused before librbd is asked (it wrapped to an
+/// empty image), and an empty image's usage is 0 (librbd asserts, aborting the agent, when asked
+/// for the extents of one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_size_past_64_bits_is_refused_and_an_empty_image_is_read() {
+    let rbd = client();
+    let stop = Stop::new();
+    let id = uuid();
+    let (huge, empty) = (format!("rbd/lib-huge-{id}"), format!("rbd/lib-empty-{id}"));
+    let _made = MadeImages(vec![huge.clone(), empty.clone()]);
+    let e = rbd.create(&path(&huge), u64::MAX, &stop).await.unwrap_err();
+    assert!(e.to_string().contains("more than an image can hold"), "{e}");
+    assert!(info(&huge).is_none(), "nothing is made");
+    ceph::rbd(&["create", "--size", "0", &empty]).unwrap();
+    assert_eq!(rbd.used(&path(&empty), &stop).await.unwrap(), 0);
+    assert_eq!(rbd.data_objects(&path(&empty), 4 * MIB, &stop).await.unwrap(), 0);
+    let e = rbd.resize(&path(&empty), u64::MAX, &stop).await.unwrap_err();
+    assert!(e.to_string().contains("more than an image can hold"), "{e}");
+    assert_eq!(info(&empty).unwrap()["size"].as_u64(), Some(0), "unchanged");
+}
+
 /// A flatten is aborted from librbd's progress callback once the task stops: the clone keeps
 /// its parent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -215,6 +215,9 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
     let (mut touched, mut fresh): (Vec<String>, Vec<(String, Value)>) = (Vec::new(), Vec::new());
     let cb = h.callbacks.url();
     let mut rbd_images_seen = BTreeSet::new();
+    // Images a run killed before its cleanup left are not this run's.
+    let fuzz_images = || ceph::images("rbd").into_iter().filter(|i| i.starts_with("fz-")).collect::<BTreeSet<_>>();
+    let rbd_before = fuzz_images();
 
     let mut done = 0;
     while done < requests {
@@ -334,14 +337,14 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
                 assert!(named.contains(secret), "secret {secret} exists, but no successful command named it");
             }
         }
-        for image in ceph::images("rbd").into_iter().filter(|i| i.starts_with("fz-")) {
+        for image in fuzz_images().difference(&rbd_before) {
             let url = format!("ceph://rbd/{image}");
             assert!(named.contains(&url), "RBD image {url} exists, but no successful command named it");
             rbd_images_seen.insert(url);
         }
     }
-    let fuzzed = ceph::images("rbd").into_iter().filter(|i| i.starts_with("fz-")).map(|i| format!("rbd/{i}"));
-    drop(ceph::MadeImages(fuzzed.collect()));
+    let fuzzed = fuzz_images().difference(&rbd_before).map(|i| format!("rbd/{i}")).collect();
+    drop(ceph::MadeImages(fuzzed));
     drop(made);
     remove_secrets();
     println!(

@@ -41,6 +41,9 @@ pub enum RbdError {
     /// librbd or librados failed `step` of `what` with the negative errno `errno`.
     #[error("rbd {what}: {step}: {}", std::io::Error::from_raw_os_error(-errno))]
     Lib { what: String, step: String, errno: i32 },
+    /// A size no image can have (its whole MiB overflow 64 bits of bytes).
+    #[error("rbd {what}: a size of {size} bytes is more than an image can hold; give a smaller size")]
+    TooLarge { what: String, size: u64 },
     /// The task was stopped before or during the call (librbd's in-process client).
     #[error("rbd {what} was stopped")]
     Stopped { what: String },
@@ -92,7 +95,9 @@ impl RbdError {
 
 impl From<RbdError> for AgentError {
     fn from(e: RbdError) -> Self {
-        let kind = if e.is_not_found() {
+        let kind = if matches!(e, RbdError::TooLarge { .. }) {
+            ErrorKind::InvalidArgument
+        } else if e.is_not_found() {
             ErrorKind::NotFound
         } else if e.is_exists() {
             ErrorKind::Conflict
@@ -105,9 +110,14 @@ impl From<RbdError> for AgentError {
     }
 }
 
-/// Image sizes are whole MiB, as `rbd create --size <n>M` makes them (at least one).
-pub(super) fn whole_mib(size: u64) -> u64 {
-    size.div_ceil(1 << 20).max(1)
+/// Image sizes are whole MiB, as `rbd create --size <n>M` makes them (at least one). A size
+/// whose whole MiB do not fit in 64 bits of bytes is refused: it would wrap to an empty image.
+pub(super) fn whole_mib(p: &CephPath, size: u64) -> Result<u64, RbdError> {
+    let mib = size.div_ceil(1 << 20).max(1);
+    match mib.checked_mul(1 << 20) {
+        Some(_) => Ok(mib),
+        None => Err(RbdError::TooLarge { what: p.spec(), size }),
+    }
 }
 
 /// `rbd flatten` prints `Image flatten: 42% complete...`.
@@ -322,13 +332,13 @@ impl Rbd for RbdCli {
 
     /// A new image of at least `size` bytes (rbd sizes are in MiB).
     async fn create(&self, p: &CephPath, size: u64, stop: &Stop) -> Result<(), RbdError> {
-        let mib = whole_mib(size);
+        let mib = whole_mib(p, size)?;
         self.run(&["create", "--size", &format!("{mib}M"), &p.image_spec()], stop, true).await.map(|_| ())
     }
 
     /// Grows an image to at least `size` bytes.
     async fn resize(&self, p: &CephPath, size: u64, stop: &Stop) -> Result<(), RbdError> {
-        let mib = whole_mib(size);
+        let mib = whole_mib(p, size)?;
         self.run(&["resize", "--no-progress", "--size", &format!("{mib}M"), &p.image_spec()], stop, true)
             .await
             .map(|_| ())

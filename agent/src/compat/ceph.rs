@@ -4,6 +4,7 @@
 use crate::app::App;
 use crate::ceph::path::CephPath;
 use crate::error::{AgentError, AgentResult};
+use crate::ops::undo::UndoStep;
 use crate::tasks::TaskCtx;
 use crate::wire::ceph::*;
 use crate::wire::Empty;
@@ -94,11 +95,19 @@ pub async fn flatten(app: &App, ctx: &TaskCtx, cmd: PathCmd) -> AgentResult<Empt
 pub async fn snapshot_create(app: &App, ctx: &TaskCtx, cmd: SnapshotCmd) -> AgentResult<ImageRsp> {
     let p = snapshot(&cmd.snapshot_path)?;
     let _lock = app.volume_locks.write_rbd(&p).await;
-    match app.rbd.snap_create(&p, &ctx.stop).await {
-        Err(e) if e.is_exists() && cmd.skip_on_existing => {}
-        other => other?,
-    }
-    describe(app, ctx, &p).await
+    // A snapshot this command takes goes again if it fails (its size cannot be read, a cancel);
+    // one that was there before is left alone.
+    let snap = p.require_snap()?;
+    let new = !app.rbd.snapshots(&p, &ctx.stop).await?.iter().any(|s| s.name == snap);
+    let removal = new.then(|| UndoStep::RemoveRbdSnapshot { path: p.to_string() });
+    crate::ops::undo::journaled(app, &ctx.task_id, removal, async {
+        match app.rbd.snap_create(&p, &ctx.stop).await {
+            Err(e) if e.is_exists() && cmd.skip_on_existing => {}
+            other => other?,
+        }
+        describe(app, ctx, &p).await
+    })
+    .await
 }
 
 pub async fn snapshot_protect(app: &App, ctx: &TaskCtx, cmd: SnapshotCmd) -> AgentResult<Empty> {

@@ -35,10 +35,17 @@ pub async fn init(app: &App, _ctx: &TaskCtx, cmd: InitCmd) -> AgentResult<WithCa
         Some(f) => Some(roots.confine(f).map_err(|e| AgentError::from(e).context("initFilePath"))?),
         None => None,
     };
+    let made = dir.ancestors().take_while(|d| d.symlink_metadata().is_err()).last().map(Path::to_path_buf);
     std::fs::create_dir_all(&dir)
         .map_err(|e| AgentError::failed("cannot create the storage directory", format!("{}: {e}", dir.display())))?;
     if let Some(f) = flag {
-        super::localstorage_files::create_flag_file(&f)?;
+        if let Err(e) = super::localstorage_files::create_flag_file(&f) {
+            // A failed init leaves no directory of its own.
+            if let Some(top) = made {
+                crate::ops::undo::remove_empty_dirs(&dir, &top);
+            }
+            return Err(e);
+        }
     }
     Ok(with_capacity(app, Some(&dir), InitRsp { local_storage_used_capacity: disk_usage(&dir) }))
 }

@@ -130,6 +130,10 @@ async fn init_makes_the_root_and_flag_and_answers_the_directorys_usage() {
         assert!(ls::init(&h.app, &ctx(), decode(&bad).unwrap()).await.is_err(), "{bad}");
     }
     assert!(!Path::new("/etc/flag").exists());
+    // A flag file that cannot be made fails the init, which then leaves no directory of its own.
+    let bad = json!({"path": h.path("ps2/dir"), "initFilePath": h.path("missing/flag")});
+    assert!(ls::init(&h.app, &ctx(), decode(&bad).unwrap()).await.is_err(), "{bad}");
+    assert!(!h.root.join("ps2").exists(), "the directory a failed init made is removed");
     for bad in [json!({}), json!({"filePath": "/etc/x-initialized-file"})] {
         assert!(lf::create_initialized_file(&h.app, &ctx(), decode(&bad).unwrap()).await.is_err(), "{bad}");
     }

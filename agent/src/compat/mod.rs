@@ -17,7 +17,6 @@ mod tests;
 
 use crate::app::App;
 use crate::error::AgentResult;
-use crate::ops::undo::UndoLog;
 use crate::tasks::TaskCtx;
 
 /// Runs `make`, which puts a new volume (a file or an RBD image) at `dst` (its caller holds its lock), with the
@@ -32,18 +31,9 @@ pub(crate) async fn journaled_make<T>(
     make: impl std::future::Future<Output = AgentResult<T>>,
 ) -> AgentResult<T> {
     let store = crate::ops::volumes::store(app, dst)?;
-    let mut undo = UndoLog::journaled(app, &ctx.task_id);
-    if store.check_free(dst, &ctx.stop).await.is_ok() {
-        undo.push(store.undo_for(dst)?);
-    }
-    match make.await {
-        Ok(made) => {
-            undo.commit();
-            Ok(made)
-        }
-        Err(e) => {
-            undo.rollback_storage(app).await;
-            Err(e)
-        }
-    }
+    let removal = match store.check_free(dst, &ctx.stop).await {
+        Ok(()) => Some(store.undo_for(dst)?),
+        Err(_) => None,
+    };
+    crate::ops::undo::journaled(app, &ctx.task_id, removal, make).await
 }

@@ -53,12 +53,17 @@ async fn take_detached(app: &App, ctx: &TaskCtx, cmd: &TakeSnapshotCmd, new_top:
         cut_loose(app, ctx, None, &cmd.volume_install_path).await?;
     }
     let top = app.storage.roots().confine(new_top)?;
-    if !ops::freeze::is_precreated_overlay(&top, &current)? {
+    if ops::freeze::is_precreated_overlay(&top, &current)? {
+        return answer(app, ctx, &current, &top).await;
+    }
+    // A new top goes again when the snapshot fails after making it (the answer cannot be read).
+    super::journaled_make(app, ctx, new_top, async {
         let opts = CreateOptions::default();
         let path = cmd.volume_install_path.as_str();
         app.storage.create_empty(new_top, 0, Some(path), Provisioning::Thin, opts, &ctx.stop).await?;
-    }
-    answer(app, ctx, &current, &top).await
+        answer(app, ctx, &current, &top).await
+    })
+    .await
 }
 
 /// Makes the volume's top stand alone, unless its only backing file is the image.
@@ -182,6 +187,19 @@ mod tests {
             (h.domain_files(&vm)[0].as_str(), h.recorded(&vm).await[0].as_str()),
             (second.as_str(), second.as_str())
         );
+    }
+
+    #[tokio::test]
+    async fn a_detached_snapshot_whose_answer_cannot_be_read_removes_its_new_top() {
+        let h = TestHost::start();
+        let (_, top) = detached_chain(&h).await;
+        let files = h.files();
+        h.faults.fail("qemu-img info");
+        let body = json!({"volumeUuid": uuid(), "installPath": h.path("e/new/next.qcow2"), "volumeInstallPath": top});
+        let e = snapshot(&h, body).await.unwrap_err();
+        assert!(e.to_string().contains("qemu-img info"), "the answer's read failed: {e}");
+        assert_eq!(h.files(), files, "the new top is removed");
+        assert!(!h.root.join("e").exists(), "and the directories made for it");
     }
 
     #[tokio::test]

@@ -77,7 +77,7 @@ async fn a_snapshot_group_names_the_new_top_of_each_volume() {
 }
 
 #[tokio::test]
-async fn a_ceph_create_or_clone_that_fails_after_making_its_image_removes_it() {
+async fn a_ceph_create_clone_or_snapshot_that_fails_after_making_it_removes_it() {
     let h = TestHost::start();
     let stop = crate::stop::Stop::new();
     let base = crate::ceph::path::CephPath::parse("rbd/base").unwrap();
@@ -89,6 +89,13 @@ async fn a_ceph_create_or_clone_that_fails_after_making_its_image_removes_it() {
     let clone = json!({"srcPath": "ceph://rbd/base@s", "dstPath": "ceph://rbd/clone"});
     super::ceph::clone(&h.app, &ctx(), decode(&clone).unwrap()).await.unwrap_err();
     assert_eq!(h.rbd.images(), ["rbd/base"], "nothing the failed commands made is left");
+    for snapshot in ["ceph://rbd/base@new", "ceph://rbd/base@s"] {
+        let take = json!({"snapshotPath": snapshot, "skipOnExisting": true});
+        super::ceph::snapshot_create(&h.app, &ctx(), decode(&take).unwrap()).await.unwrap_err();
+    }
+    let snaps = h.app.rbd.snapshots(&base, &stop).await.unwrap();
+    let names: Vec<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["s"], "the snapshot a failed command took is removed, the one there before kept");
 }
 
 /// A running VM started by `/vm/start` as the management node starts one: a root volume, an
@@ -460,6 +467,46 @@ async fn a_ceph_vms_start_defines_the_secret_its_addons_carry_and_half_a_pair_is
     let addons = json!({"ceph_secret_uuid": secret, "ceph_secret_key": "QUJD"});
     super::vm::start(&h.app, &ctx(), decode(&start(addons)).unwrap()).await.unwrap();
     assert_eq!(h.hv.secret_uuids(), [secret]);
+}
+
+/// A ZStack start of a new UEFI VM with an encrypted TPM, and the NVRAM path it gets.
+async fn uefi_tpm_start(h: &TestHost) -> (serde_json::Value, std::path::PathBuf) {
+    let vm = crate::testing::uuid();
+    let root = h.path(&format!("rootVolumes/{vm}/root.qcow2"));
+    std::fs::create_dir_all(std::path::Path::new(&root).parent().unwrap()).unwrap();
+    std::fs::copy(h.image(&vm, 1 << 20).await, &root).unwrap();
+    let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 32]);
+    let cmd = json!({
+        "vmInstanceUuid": vm, "vmName": "t", "memory": 67108864, "cpuNum": 1, "bootMode": "UEFI",
+        "tpm": {"enable": true, "key": key},
+        "rootVolume": {"installPath": root, "volumeUuid": crate::testing::uuid(), "deviceId": 0},
+    });
+    (cmd, std::path::Path::new(&root).with_file_name(format!("{vm}.nvram.fd")))
+}
+
+/// A first `/vm/start` that fails leaves nothing of the VM (domain, NVRAM, the secret of its TPM
+/// state); a failed start of a VM that ran before keeps what it had.
+#[tokio::test]
+async fn a_failed_first_zstack_start_leaves_no_nvram_or_tpm_secret_and_a_later_one_keeps_them() {
+    let h = TestHost::start();
+    let (cmd, nvram) = uefi_tpm_start(&h).await;
+    let vm = cmd["vmInstanceUuid"].as_str().unwrap().to_owned();
+    h.faults.fail("create");
+    super::vm::start(&h.app, &ctx(), decode(&cmd).unwrap()).await.unwrap_err();
+    assert!(!nvram.exists(), "the NVRAM a failed first start made is removed");
+    assert!(h.hv.secret_uuids().is_empty(), "and the TPM state's secret");
+    assert!(h.hv.domain(&vm).is_none() && !h.app.vms.is_known(&vm), "and the domain; no record");
+
+    let h = TestHost::start();
+    let (cmd, nvram) = uefi_tpm_start(&h).await;
+    let vm = cmd["vmInstanceUuid"].as_str().unwrap().to_owned();
+    super::vm::start(&h.app, &ctx(), decode(&cmd).unwrap()).await.unwrap();
+    super::vm::stop(&h.app, &ctx(), decode(&json!({"uuid": vm, "type": "cold"})).unwrap()).await.unwrap();
+    h.faults.fail("create");
+    super::vm::start(&h.app, &ctx(), decode(&cmd).unwrap()).await.unwrap_err();
+    assert!(nvram.exists(), "a VM that ran before keeps its NVRAM");
+    assert_eq!(h.hv.secret_uuids(), [crate::domain::tpm_secret_uuid(&vm)], "and its TPM state's secret");
+    assert!(h.hv.domain(&vm).is_none(), "only the definition goes");
 }
 
 #[tokio::test]

@@ -275,22 +275,27 @@ pub async fn fetch(
         return Ok(Cached { path: dst, size: m.len(), sha256: actual, downloaded: false });
     }
     let dir = dst.parent().ok_or_else(|| AgentError::invalid(format!("{target} has no directory")))?;
-    std::fs::create_dir_all(dir).map_err(io("creating the directory", dir))?;
-    let available = app.storage.capacity(Some(dir)).available;
-    let mut rx = Receiver::new(&dst, from.clone(), ctx, available).await?;
-    match source {
-        Source::Http(h) => http::download(h, &mut rx, &ctx.stop).await?,
-        Source::Ssh(s) => s.download(&app.config.state_dir, &mut rx, &ctx.stop).await?,
-    }
-    let (building, size, actual) = rx.finish().await?;
-    if let Some(expected) = sha256.filter(|e| *e != actual) {
-        return Err(CacheError::Checksum { from, expected: expected.to_owned(), actual }.into());
-    }
-    check_image(building.path(), &from)?;
-    building.publish(&dst)?;
-    ctx.progress(100, &format!("downloaded {from}"));
-    tracing::info!(image = %dst.display(), from = %from, size, "image cached");
-    Ok(Cached { path: dst, size, sha256: Some(actual), downloaded: true })
+    // A failed (or killed) download also removes the directories it made for the image.
+    let removal = crate::ops::volumes::store(app, target)?.undo_for(target)?;
+    crate::ops::undo::journaled(app, &ctx.task_id, Some(removal), async {
+        std::fs::create_dir_all(dir).map_err(io("creating the directory", dir))?;
+        let available = app.storage.capacity(Some(dir)).available;
+        let mut rx = Receiver::new(&dst, from.clone(), ctx, available).await?;
+        match source {
+            Source::Http(h) => http::download(h, &mut rx, &ctx.stop).await?,
+            Source::Ssh(s) => s.download(&app.config.state_dir, &mut rx, &ctx.stop).await?,
+        }
+        let (building, size, actual) = rx.finish().await?;
+        if let Some(expected) = sha256.filter(|e| *e != actual) {
+            return Err(CacheError::Checksum { from: from.clone(), expected: expected.to_owned(), actual }.into());
+        }
+        check_image(building.path(), &from)?;
+        building.publish(&dst)?;
+        ctx.progress(100, &format!("downloaded {from}"));
+        tracing::info!(image = %dst.display(), from = %from, size, "image cached");
+        Ok(Cached { path: dst.clone(), size, sha256: Some(actual), downloaded: true })
+    })
+    .await
 }
 
 /// `/image/cache`.
@@ -354,6 +359,7 @@ mod tests {
         let e = fetch(&h.app, &ctx, &source, &h.path("cache/i.raw"), Some(&"0".repeat(64))).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Cancelled, "{e}");
         assert!(h.files().is_empty(), "{:?}", h.files());
+        assert!(!h.root.join("cache").exists(), "nor the directory it made for the image");
     }
 
     #[tokio::test]

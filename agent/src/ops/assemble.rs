@@ -104,11 +104,16 @@ pub async fn make(app: &App, ctx: &TaskCtx, vm: &VmGuard, new: NewVm<'_>) -> Age
     super::nvram::assign(app, &mut spec, None)?;
     let new = NewVm { spec: &spec, ..new };
     let mut undo = UndoLog::journaled(app, &ctx.task_id);
-    match build(app, ctx, vm, &new, &mut undo).await {
-        Ok(state) => {
+    // The answer is read before the commit: a create that cannot answer leaves nothing.
+    let made = async {
+        let state = build(app, ctx, vm, &new, &mut undo).await?;
+        super::inventory::of(app, &spec, state, ctx).await
+    };
+    match made.await {
+        Ok(inventory) => {
             undo.commit();
             ctx.progress(100, "created");
-            super::inventory::of(app, &spec, state, ctx).await
+            Ok(inventory)
         }
         Err(e) => {
             undo.rollback(app, vm).await;

@@ -121,7 +121,14 @@ pub async fn capture(
         captured.rbd_snapshots = taken?;
         if let Some(to) = opts.tpm_to.filter(|_| tpm) {
             let from = super::tpm::state_dir(&app.config.libvirt.swtpm_dir, &vm);
-            captured.tpm_copied = super::tpm::copy_state(&from, to, stop).await?;
+            let copied = super::tpm::copy_state(&from, to, stop).await;
+            if copied.is_err() {
+                // The capture fails: the snapshots it took go (no clone is on them yet).
+                for (_, snap) in &captured.rbd_snapshots {
+                    volumes::drop_unused_snapshot(app.rbd.as_ref(), snap).await;
+                }
+            }
+            captured.tpm_copied = copied?;
         }
         Ok::<_, AgentError>(captured)
     }

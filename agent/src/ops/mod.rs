@@ -128,8 +128,10 @@ pub async fn start(app: &App, _ctx: &TaskCtx, owner: &owner::VmGuard, cmd: Start
 pub async fn define_and_start(app: &App, owner: &owner::VmGuard, spec: &VmSpec) -> AgentResult<StartVmRsp> {
     let vm = spec.uuid.clone();
     let mut undo = UndoLog::default();
-    // A VM that runs without its record could not be cloned or changed: both, or neither. An
-    // NVRAM made here is the VM's own and stays, as its TPM state does.
+    // A first start (no record yet) that fails leaves nothing: the NVRAM it made, the domain,
+    // its TPM state and that state's secret go. A VM that ran before keeps them: they are its own.
+    let first = matches!(owner.record(), Ok(None));
+    // A VM that runs without its record could not be cloned or changed: both, or neither.
     let started = async {
         nvram::make(app, spec, None, &mut undo).await?;
         define(app, spec, true, &mut undo).await.and_then(|rsp| owner.save(spec).map(|_| rsp))
@@ -138,6 +140,10 @@ pub async fn define_and_start(app: &App, owner: &owner::VmGuard, spec: &VmSpec) 
         Ok(rsp) => {
             undo.commit();
             Ok(rsp)
+        }
+        Err(e) if first => {
+            undo.rollback(app, owner).await;
+            Err(e)
         }
         Err(e) => {
             // Keep TPM state that an earlier life of this VM left: only the definition goes.

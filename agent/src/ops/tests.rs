@@ -92,6 +92,25 @@ async fn create_makes_the_vm_and_a_failed_start_leaves_nothing() {
     assert!(h.hv.domain(&other).is_none() && !h.app.vms.is_known(&other), "nor a domain or record");
 }
 
+/// The answer (the new VM's inventory, read from its volumes) is part of the create: a create
+/// that cannot read it fails and leaves nothing, not a VM the caller was told does not exist.
+#[tokio::test]
+async fn a_create_whose_inventory_cannot_be_read_leaves_nothing() {
+    let h = TestHost::start();
+    let vm = uuid();
+    let root = h.path(&format!("rootVolumes/vol-{vm}/root.qcow2"));
+    let body = json!({
+        "vm": {"vmInstanceUuid": vm, "vmName": "t", "memory": 67108864, "cpuNum": 1},
+        "rootVolume": {"volumeUuid": uuid(), "installPath": root, "size": 1048576},
+        "strategy": "CreateStopped",
+    });
+    h.faults.fail("qemu-img info");
+    let e = crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body)).await.unwrap_err();
+    assert!(e.to_string().contains("qemu-img info"), "the inventory's read failed: {e}");
+    assert_eq!(h.files(), BTreeSet::new(), "a failed create leaves no volume");
+    assert!(h.hv.domain(&vm).is_none() && !h.app.vms.is_known(&vm), "nor a domain or record");
+}
+
 #[tokio::test]
 async fn a_data_volume_from_an_image_and_a_cpu_the_host_lacks() {
     let h = TestHost::start();
@@ -666,6 +685,33 @@ async fn rbd_volumes_are_created_cloned_flattened_and_replaced_through_the_same_
     assert_ne!(new_root, root);
     assert!(h.rbd.images().contains(&root), "the old root is kept while a clone depends on its snapshot");
     assert_eq!(h.rbd.parent(&new_root).as_deref(), Some("rbd/base@s"));
+}
+
+/// A clone whose capture fails after it took the source's RBD snapshots (here: the TPM state
+/// cannot be copied) removes them again.
+#[tokio::test]
+async fn a_clone_whose_tpm_copy_fails_leaves_no_rbd_snapshot() {
+    let (h, base, body) = rbd_host().await;
+    let vm = uuid();
+    let mut b = body(&vm);
+    b["tpm"] = json!({"enable": true});
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(b)).await.unwrap();
+    let tpm = crate::ops::tpm::state_dir(&h.app.config.libvirt.swtpm_dir, &vm).join("tpm2");
+    std::fs::create_dir_all(&tpm).unwrap();
+    std::fs::write(tpm.join("tpm2-00.permall"), b"state").unwrap();
+    // The staging directory of TPM copies cannot be made.
+    std::fs::write(h.app.config.state_dir.join("staging"), b"").unwrap();
+    let ctx = TaskCtx::detached("/vm/clone");
+    let e = crate::ops::clone::clone(&h.app, &ctx, cmd(json!({"vmUuid": vm, "names": ["c"], "full": true})))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("TPM state"), "{e}");
+    let stop = crate::stop::Stop::new();
+    for image in h.recorded(&vm).await {
+        let p = crate::ceph::path::CephPath::parse(&image).unwrap();
+        assert_eq!(h.app.rbd.snapshots(&p, &stop).await.unwrap().len(), 0, "{image} has no snapshot left");
+    }
+    assert_rbd_consistent(&h, &base).await;
 }
 
 #[tokio::test]

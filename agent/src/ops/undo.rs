@@ -117,6 +117,31 @@ impl UndoLog {
     }
 }
 
+/// Runs `make` with `removal` (how to remove what it makes, when it makes something new)
+/// journaled first for task `task_id`: a failure, or a kill before the task's result is
+/// recorded, undoes it. For storage steps, which name no VM.
+pub async fn journaled<T>(
+    app: &App,
+    task_id: &str,
+    removal: Option<UndoStep>,
+    make: impl std::future::Future<Output = crate::error::AgentResult<T>>,
+) -> crate::error::AgentResult<T> {
+    let mut undo = UndoLog::journaled(app, task_id);
+    if let Some(step) = removal {
+        undo.push(step);
+    }
+    match make.await {
+        Ok(made) => {
+            undo.commit();
+            Ok(made)
+        }
+        Err(e) => {
+            undo.rollback_storage(app).await;
+            Err(e)
+        }
+    }
+}
+
 impl UndoStep {
     /// Whether undoing this step removes an RBD image or snapshot.
     pub fn touches_rbd(&self) -> bool {
@@ -216,13 +241,8 @@ async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(),
         }
         UndoStep::RemoveVolumeFile { path, new_dirs } => {
             remove_file(path).await?;
-            if let Some(top) = new_dirs {
-                // Only empty directories go (another operation may have put a file there since).
-                for dir in path.ancestors().skip(1).take_while(|d| d.starts_with(top)) {
-                    if std::fs::remove_dir(dir).is_err() {
-                        break;
-                    }
-                }
+            if let (Some(dir), Some(top)) = (path.parent(), new_dirs) {
+                remove_empty_dirs(dir, top);
             }
             Ok(())
         }
@@ -291,6 +311,16 @@ async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(),
             }
         }
         UndoStep::RemoveBitmap { vm, name, files } => super::bitmap_backup::undo_bitmap(app, vm, name, files).await,
+    }
+}
+
+/// Removes `dir` and its parents up to `top` (a directory an operation made, with what it
+/// made inside), as far as they are empty: another operation may have put a file there since.
+pub fn remove_empty_dirs(dir: &Path, top: &Path) {
+    for d in dir.ancestors().take_while(|d| d.starts_with(top)) {
+        if std::fs::remove_dir(d).is_err() {
+            break;
+        }
     }
 }
 

@@ -400,6 +400,11 @@ impl<'io> Image<'io> {
     pub fn diff<F: Fn(u64, u64, bool) + Sync>(&self, from_snap: Option<&str>, with_parent: bool, each: F) -> Res<()> {
         let from_c = opt_cstr(from_snap)?;
         let size = self.stat()?.size;
+        // An empty image has no extents, and librbd asserts (aborting the process) when asked
+        // for the objects of one.
+        if size == 0 {
+            return Ok(());
+        }
         let (cb, arg) = diff_args(&each);
         // SAFETY: open image; snapshot name NUL-terminated or NULL; the callback's argument lives
         // for the call.

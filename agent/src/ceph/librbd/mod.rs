@@ -294,17 +294,15 @@ impl Rbd for RbdLib {
     }
 
     async fn create(&self, p: &CephPath, size: u64, stop: &Stop) -> Result<(), RbdError> {
-        let p = p.clone();
-        self.call(format!("create {}", p.image_spec()), stop, true, move |s| {
-            s.pool(&p.pool)?.create(&p.image, whole_mib(size) << 20)
-        })
-        .await
+        let (p, bytes) = (p.clone(), whole_mib(p, size)? << 20);
+        self.call(format!("create {}", p.image_spec()), stop, true, move |s| s.pool(&p.pool)?.create(&p.image, bytes))
+            .await
     }
 
     async fn resize(&self, p: &CephPath, size: u64, stop: &Stop) -> Result<(), RbdError> {
-        let head = CephPath { snap: None, ..p.clone() };
+        let (head, bytes) = (CephPath { snap: None, ..p.clone() }, whole_mib(p, size)? << 20);
         self.call(format!("resize {}", head.spec()), stop, true, move |s| {
-            with_image(s, &head, false, |img| img.grow(whole_mib(size) << 20))
+            with_image(s, &head, false, |img| img.grow(bytes))
         })
         .await
     }
