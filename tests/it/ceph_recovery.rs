@@ -31,18 +31,6 @@ fn blocklisted() -> String {
     ceph::ceph(&["osd", "blocklist", "ls", "--format", "json"]).unwrap()
 }
 
-/// `GET /recovery`, once the start-up recovery has finished (generously bounded).
-async fn recovery_report(h: &Host) -> Value {
-    for _ in 0..600 {
-        let report: Value = serde_json::from_str(&h.get("/recovery").await.unwrap().1).unwrap();
-        if !report.is_null() {
-            return report;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    panic!("the recovery did not finish within 5 minutes; log:\n{}", h.log());
-}
-
 #[tokio::test]
 async fn a_kill_during_a_thick_rbd_create_is_rolled_back_after_blocklisting_the_dead_client() {
     // Real data in the image, so that the thick root's flatten keeps the clone open a while.
@@ -87,7 +75,7 @@ async fn a_kill_during_a_thick_rbd_create_is_rolled_back_after_blocklisting_the_
     assert_eq!(watchers(&root), ours, "the killed client's watch outlives it");
 
     h.restart_agent().unwrap();
-    let report = recovery_report(&h).await;
+    let report = h.recovery_report().await;
     let rolled_back = report["rolledBack"].as_array().unwrap();
     assert!(
         rolled_back.iter().any(|r| r["taskUuid"] == json!(task) && r["failures"] == json!([])),

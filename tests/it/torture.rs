@@ -356,18 +356,6 @@ fn check(h: &Host, s: &Setup, result: &Value, expect: &Expect) {
     }
 }
 
-/// `GET /recovery`, once the start-up recovery has finished.
-async fn recovery_report(h: &Host) -> Value {
-    for _ in 0..600 {
-        let report: Value = serde_json::from_str(&h.get("/recovery").await.unwrap().1).unwrap();
-        if !report.is_null() {
-            return report;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    panic!("the recovery did not finish within 5 minutes");
-}
-
 #[tokio::test]
 async fn kill_the_agent_at_random_moments() {
     let kinds: Vec<String> = match std::env::var("KVMAGENT_TORTURE_KINDS") {
@@ -432,7 +420,7 @@ async fn kill_the_agent_at_random_moments() {
         let finished = h.callbacks.results(&task).is_some();
         h.restart_agent().unwrap();
         let result = h.callbacks.wait(&task, Duration::from_secs(300)).await.unwrap();
-        let report = recovery_report(&h).await;
+        let report = h.recovery_report().await;
         if finished {
             before += 1;
         } else if report["resumed"].as_array().is_some_and(|r| r.iter().any(|t| t == &json!(task))) {

@@ -275,6 +275,18 @@ impl Host {
         self.spawn_agent()
     }
 
+    /// `GET /recovery`, once the start-up recovery has finished (generously bounded).
+    pub async fn recovery_report(&self) -> Value {
+        for _ in 0..600 {
+            let report: Value = serde_json::from_str(&self.get("/recovery").await.unwrap().1).unwrap();
+            if !report.is_null() {
+                return report;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        panic!("the recovery did not finish within 5 minutes; log:\n{}", self.log());
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
