@@ -39,6 +39,9 @@ pub struct FakeRbd {
     /// Watches of killed clients, by image (`pool/image`): the client's address. A watch goes
     /// once its client is blocklisted.
     dead_watches: Mutex<BTreeMap<String, String>>,
+    /// Watches a blocklist does not drop (recorded on the header by a client killed while it
+    /// registered them), by image: the client's address. They go with the header.
+    stuck_watches: Mutex<BTreeMap<String, String>>,
     /// The addresses blocklisted so far.
     blocklisted: Mutex<Vec<String>>,
     /// Blocklisting is refused (a Ceph user without the right).
@@ -75,6 +78,12 @@ impl FakeRbd {
     /// client is blocklisted.
     pub fn watched_by_dead_client(&self, image: &str, addr: &str) {
         self.dead_watches.lock().unwrap().insert(image.to_owned(), addr.to_owned());
+    }
+
+    /// Like [`watched_by_dead_client`](Self::watched_by_dead_client), but the watch outlives
+    /// the client's blocklisting (it was recorded while the client died).
+    pub fn stuck_watch(&self, image: &str, addr: &str) {
+        self.stuck_watches.lock().unwrap().insert(image.to_owned(), addr.to_owned());
     }
 
     /// The addresses blocklisted so far.
@@ -283,6 +292,7 @@ impl Rbd for FakeRbd {
         use std::sync::atomic::Ordering;
         if self.watched.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
             || self.dead_watches.lock().unwrap().contains_key(&p.image_spec())
+            || self.stuck_watches.lock().unwrap().contains_key(&p.image_spec())
         {
             return Err(RbdError::Busy { what: p.spec() });
         }
@@ -309,6 +319,15 @@ impl Rbd for FakeRbd {
         self.dead_watches.lock().unwrap().retain(|_, owner| owner != addr);
         self.blocklisted.lock().unwrap().push(addr.to_owned());
         Ok(())
+    }
+
+    async fn drop_dead_watch(&self, p: &CephPath, _stop: &Stop) -> Result<bool, RbdError> {
+        let mut stuck = self.stuck_watches.lock().unwrap();
+        let dead = stuck.get(&p.image_spec()).is_some_and(|a| self.blocklisted.lock().unwrap().contains(a));
+        if dead {
+            stuck.remove(&p.image_spec());
+        }
+        Ok(dead)
     }
 }
 

@@ -225,6 +225,12 @@ pub trait Rbd: Send + Sync {
     /// `expiry`: the OSDs drop its watches and refuse its requests. Clusters older than Pacific
     /// know the command as `blacklist`.
     async fn blocklist(&self, addr: &str, expiry: Duration, stop: &Stop) -> Result<(), RbdError>;
+    /// When every client watching image `p` is blocklisted (dead), removes the image's header
+    /// object so that [`remove`](Self::remove) can proceed, and answers true. An OSD may keep
+    /// such a watch for good: a client killed while registering it leaves it recorded on the
+    /// header with no live session to time out, and the blocklist does not drop it. Only for
+    /// images being removed.
+    async fn drop_dead_watch(&self, p: &CephPath, stop: &Stop) -> Result<bool, RbdError>;
 
     /// `info(p).size` and `used(p)` together (a client may answer both from one open image).
     async fn size_and_used(&self, p: &CephPath, stop: &Stop) -> Result<(u64, u64), RbdError> {
@@ -408,6 +414,20 @@ impl Rbd for RbdCli {
         Ok(status.watchers.len())
     }
 
+    async fn drop_dead_watch(&self, p: &CephPath, stop: &Stop) -> Result<bool, RbdError> {
+        let status: Status = self.json(&["status", &p.image_spec()], stop).await?;
+        let watchers: Vec<&str> = status.watchers.iter().filter_map(|w| w["address"].as_str()).collect();
+        let listed = self.run_program("ceph", &["osd", "blocklist", "ls", "--format", "json"], stop, true).await?;
+        if !all_dead(&watchers, &blocklisted_addrs(&listed)) {
+            return Ok(false);
+        }
+        let info: serde_json::Value = self.json(&["info", &p.image_spec()], stop).await?;
+        let id = info["id"].as_str().unwrap_or_default();
+        let header = format!("rbd_header.{id}");
+        self.run_program("rados", &["-p", &p.pool, "rm", &header], stop, true).await.map(drop)?;
+        Ok(true)
+    }
+
     async fn trash_move(&self, p: &CephPath, delay_secs: u64, stop: &Stop) -> Result<(), RbdError> {
         let expires = format!("{delay_secs} seconds");
         self.run(&["trash", "mv", "--expires-at", &expires, &p.image_spec()], stop, true).await.map(drop)
@@ -424,8 +444,31 @@ impl Rbd for RbdCli {
     }
 }
 
+/// The addresses in `ceph osd blocklist ls --format json` output (`[{"addr", "until"}]`).
+pub fn blocklisted_addrs(json: &str) -> Vec<String> {
+    let entries: Vec<serde_json::Value> = serde_json::from_str(json).unwrap_or_default();
+    entries.iter().filter_map(|e| e["addr"].as_str().map(str::to_owned)).collect()
+}
+
+/// Whether there are watchers and every one of them is blocklisted.
+pub fn all_dead(watchers: &[&str], blocklisted: &[String]) -> bool {
+    !watchers.is_empty() && watchers.iter().all(|w| blocklisted.iter().any(|b| b == w))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn dead_watchers_are_the_blocklisted_ones_and_only_when_all_are() {
+        let listed = super::blocklisted_addrs(
+            r#"[{"addr":"127.0.0.1:0/1771203139","until":"2026-11-30T02:52:42.891177+0000"},{"addr":"127.0.0.1:0/7"}]"#,
+        );
+        assert_eq!(listed, ["127.0.0.1:0/1771203139", "127.0.0.1:0/7"]);
+        assert!(super::all_dead(&["127.0.0.1:0/1771203139"], &listed));
+        assert!(!super::all_dead(&["127.0.0.1:0/1771203139", "127.0.0.1:0/8"], &listed), "a live watcher");
+        assert!(!super::all_dead(&[], &listed), "no watcher: nothing to drop");
+        assert!(super::blocklisted_addrs("not json").is_empty());
+    }
+
     #[test]
     fn flatten_progress_lines() {
         assert_eq!(super::flatten_progress("Image flatten: 42% complete..."), Some(42));

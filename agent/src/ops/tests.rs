@@ -1602,3 +1602,29 @@ async fn recovery_makes_a_record_follow_only_a_file_the_running_vm_really_has() 
     assert_eq!(report.records_updated, vec![vm.clone()], "{report:?}");
     assert_eq!(recorded(&h), live);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_watch_the_blocklist_does_not_drop_goes_with_the_half_made_images_header() {
+    let (mut h, base, body) = rbd_host().await;
+    let dead = "127.0.0.1:0/1004";
+    for image in create_killed_by(&h, dead, body).await {
+        h.rbd.stuck_watch(&image, dead);
+    }
+    let report = h.restart_and_recover().await;
+    assert!(report.rolled_back.iter().all(|r| r.failures.is_empty()), "{report:?}");
+    assert_rbd_consistent(&h, &base).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watch_of_a_client_not_blocklisted_is_never_dropped() {
+    let (mut h, _, body) = rbd_host().await;
+    let images = create_killed_by(&h, "127.0.0.1:0/1005", body).await;
+    for image in &images {
+        h.rbd.stuck_watch(image, "127.0.0.1:0/1005");
+    }
+    h.rbd.refuse_blocklist();
+    let report = h.restart_and_recover().await;
+    assert!(report.rolled_back.iter().any(|r| !r.failures.is_empty()), "the watched image is kept: {report:?}");
+    let left = h.rbd.images();
+    assert!(images.iter().all(|i| left.contains(i)), "{left:?}");
+}

@@ -342,6 +342,18 @@ async fn remove_rbd_image(app: &App, p: &crate::ceph::path::CephPath, stop: &cra
             Ok(()) => return Ok(()),
             Err(e) if e.is_not_found() => return Ok(()),
             Err(e) if e.is_busy() && tokio::time::Instant::now() < deadline => {
+                // Watchers that are all blocklisted are dead for good: their watch goes with
+                // the header of this half-made image.
+                match app.rbd.drop_dead_watch(p, stop).await {
+                    Ok(true) => {
+                        tracing::warn!(image = %p, "removed the header a dead, blocklisted client still watched");
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(image = %p, error = %e, "cannot tell whether the image's watchers are dead")
+                    }
+                }
                 tracing::info!(image = %p, "the image still has a watcher (a killed client's); waiting for it to expire");
                 tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             }

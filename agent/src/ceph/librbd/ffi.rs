@@ -69,6 +69,7 @@ extern "C" {
     pub fn rados_shutdown(cluster: RadosT);
     pub fn rados_ioctx_create(cluster: RadosT, pool: *const c_char, ioctx: *mut IoCtxT) -> c_int;
     pub fn rados_ioctx_destroy(ioctx: IoCtxT);
+    pub fn rados_remove(io: IoCtxT, oid: *const c_char) -> c_int;
     pub fn rados_cluster_fsid(cluster: RadosT, buf: *mut c_char, len: usize) -> c_int;
     pub fn rados_getaddrs(cluster: RadosT, addrs: *mut *mut c_char) -> c_int;
     pub fn rados_get_instance_id(cluster: RadosT) -> u64;
@@ -102,6 +103,7 @@ extern "C" {
         c_opts: ImageOptionsT,
     ) -> c_int;
     pub fn rbd_remove(io: IoCtxT, name: *const c_char) -> c_int;
+    pub fn rbd_get_id(image: ImageT, id: *mut c_char, id_len: usize) -> c_int;
     pub fn rbd_trash_move(io: IoCtxT, name: *const c_char, delay: u64) -> c_int;
 
     pub fn rbd_open(io: IoCtxT, name: *const c_char, image: *mut ImageT, snap: *const c_char) -> c_int;

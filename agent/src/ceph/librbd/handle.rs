@@ -130,20 +130,29 @@ impl Rados {
                 &mut status_len,
             )
         };
-        // SAFETY: librados sets both buffers (or leaves them NULL); each freed once, after reading
-        // the status by its length (it need not be NUL-terminated).
-        let status_line = unsafe {
-            let s = if status.is_null() {
-                String::new()
-            } else {
-                String::from_utf8_lossy(std::slice::from_raw_parts(status.cast::<u8>(), status_len)).into_owned()
+        // SAFETY: librados sets both buffers (or leaves them NULL); each is read by its length (it
+        // need not be NUL-terminated) and freed once.
+        let (output, status_line) = unsafe {
+            let text = |p: *mut std::ffi::c_char, len: usize| {
+                if p.is_null() {
+                    String::new()
+                } else {
+                    String::from_utf8_lossy(std::slice::from_raw_parts(p.cast::<u8>(), len)).into_owned()
+                }
             };
+            let both = (text(out, out_len), text(status, status_len));
             ffi::rados_buffer_free(out);
             ffi::rados_buffer_free(status);
-            s
+            both
         };
         check(r, || format!("monitor command {cmd}: {status_line}"))?;
-        Ok(status_line)
+        Ok(output)
+    }
+
+    /// The client addresses in the OSD map's blocklist.
+    pub fn blocklisted(&self) -> Res<Vec<String>> {
+        let out = self.mon_command(r#"{"prefix": "osd blocklist ls", "format": "json"}"#)?;
+        Ok(super::super::rbd::blocklisted_addrs(&out))
     }
 
     /// Waits until this client has the newest OSD map (so its next requests carry it).
@@ -233,6 +242,14 @@ impl IoCtx {
         let name_c = cstr(name)?;
         // SAFETY: live context, NUL-terminated name.
         check(unsafe { ffi::rbd_remove(self.raw, name_c.as_ptr()) }, || self.step("removing", name)).map(drop)
+    }
+
+    /// Removes the RADOS object `oid` of the pool.
+    pub fn remove_object(&self, oid: &str) -> Res<()> {
+        let oid_c = cstr(oid)?;
+        // SAFETY: live context, NUL-terminated object name.
+        check(unsafe { ffi::rados_remove(self.raw, oid_c.as_ptr()) }, || self.step("removing the object", oid))
+            .map(drop)
     }
 
     pub fn trash_move(&self, name: &str, delay_secs: u64) -> Res<()> {
@@ -501,7 +518,8 @@ impl<'io> Image<'io> {
     }
 
     /// How many clients watch (have open) the image.
-    pub fn watchers(&self) -> Res<usize> {
+    /// The addresses of the clients watching the image.
+    pub fn watchers(&self) -> Res<Vec<String>> {
         let mut max: usize = 8;
         loop {
             // SAFETY: all-zero entries are valid (NULL address) for librbd to fill.
@@ -512,10 +530,25 @@ impl<'io> Image<'io> {
                 continue;
             }
             check(r, || self.step("listing the watchers of"))?;
-            // SAFETY: on success the first `max` entries are filled (addresses strdup'ed).
+            // SAFETY: on success the first `max` entries are filled (addresses strdup'ed, read
+            // before the cleanup frees them).
+            let addrs = (buf[..max].iter())
+                .filter(|w| !w.addr.is_null())
+                .map(|w| unsafe { std::ffi::CStr::from_ptr(w.addr) }.to_string_lossy().into_owned())
+                .collect();
             unsafe { ffi::rbd_watchers_list_cleanup(buf.as_mut_ptr(), max) };
-            return Ok(max);
+            return Ok(addrs);
         }
+    }
+
+    /// The image's header object (`rbd_header.<id>`, a format-2 image's).
+    pub fn header_object(&self) -> Res<String> {
+        let mut id = [0 as std::ffi::c_char; 64];
+        // SAFETY: `id` is a writable buffer of the length given; librbd NUL-terminates it.
+        check(unsafe { ffi::rbd_get_id(self.raw, id.as_mut_ptr(), id.len()) }, || self.step("reading the id of"))?;
+        // SAFETY: NUL-terminated by librbd within the buffer.
+        let id = unsafe { std::ffi::CStr::from_ptr(id.as_ptr()) }.to_string_lossy().into_owned();
+        Ok(format!("rbd_header.{id}"))
     }
 }
 

@@ -402,7 +402,21 @@ impl Rbd for RbdLib {
     async fn watchers(&self, p: &CephPath, stop: &Stop) -> Result<usize, RbdError> {
         let head = CephPath { snap: None, ..p.clone() };
         self.call(format!("status {}", head.spec()), stop, true, move |s| {
-            with_image(s, &head, true, |img| img.watchers())
+            with_image(s, &head, true, |img| img.watchers().map(|w| w.len()))
+        })
+        .await
+    }
+
+    async fn drop_dead_watch(&self, p: &CephPath, stop: &Stop) -> Result<bool, RbdError> {
+        let head = CephPath { snap: None, ..p.clone() };
+        self.call(format!("drop the dead watch of {}", head.spec()), stop, true, move |s| {
+            let (watchers, header) = with_image(s, &head, true, |img| Ok((img.watchers()?, img.header_object()?)))?;
+            let watchers: Vec<&str> = watchers.iter().map(String::as_str).collect();
+            if !crate::ceph::rbd::all_dead(&watchers, &s.rados.blocklisted()?) {
+                return Ok(false);
+            }
+            s.pool(&head.pool)?.remove_object(&header)?;
+            Ok(true)
         })
         .await
     }
