@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kvmagent_host_tests::ceph::{self, agent_config};
-use kvmagent_host_tests::checks::{domstate, file_sha256, guest_disk_flush, qemu_img, qemu_img_info, qemu_io_fill};
+use kvmagent_host_tests::checks::{
+    domstate, file_sha256, guest_disk_flush, qemu_img, qemu_img_info, qemu_io_fill, virsh,
+};
 use kvmagent_host_tests::guest::staying_kernel_boot;
 use kvmagent_host_tests::http_server::{sha256, HttpServer, Serve};
 use kvmagent_host_tests::images::{data_volume_path, root_volume_path, BaseImage};
@@ -437,6 +439,10 @@ async fn kill_the_agent_at_random_moments() {
         if let Err(panic) = checked {
             println!("round {i} failed; the agent's log:\n{}", h.log());
             std::panic::resume_unwind(panic);
+        }
+        // A round's VM is done with: stopped, so a long run does not keep a hundred guests busy.
+        if let Expect::Replaced { vm, .. } | Expect::Backup { vm, .. } | Expect::Flat { vm, .. } = &expect {
+            let _ = virsh(&["destroy", vm]);
         }
         if let Expect::AllOrNothing { paths, .. } = &expect {
             rbd_made.extend(paths.iter().filter(|p| p.starts_with("ceph://")).cloned());
