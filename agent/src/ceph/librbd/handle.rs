@@ -152,7 +152,7 @@ impl Rados {
     /// The client addresses in the OSD map's blocklist.
     pub fn blocklisted(&self) -> Res<Vec<String>> {
         let out = self.mon_command(r#"{"prefix": "osd blocklist ls", "format": "json"}"#)?;
-        Ok(super::super::rbd::blocklisted_addrs(&out))
+        Ok(crate::ceph::rbd::blocklisted_addrs(&out))
     }
 
     /// Waits until this client has the newest OSD map (so its next requests carry it).
