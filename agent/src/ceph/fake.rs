@@ -278,6 +278,16 @@ impl Rbd for FakeRbd {
         })
     }
 
+    /// The fake keeps no data: nothing changed, once both snapshots exist.
+    async fn changed_since(&self, p: &CephPath, from_snap: &str, _stop: &Stop) -> Result<Vec<(u64, u64)>, RbdError> {
+        let snap = p.require_snap().map_err(|_| refused(p, "no snapshot name"))?.to_owned();
+        let image = CephPath { snap: None, ..p.clone() };
+        self.with(&image, |i| match [snap.as_str(), from_snap].iter().all(|s| i.snaps.contains_key(*s)) {
+            true => Ok(Vec::new()),
+            false => Err(not_found(p)),
+        })
+    }
+
     async fn children(&self, p: &CephPath, _stop: &Stop) -> Result<Vec<CephPath>, RbdError> {
         self.listings.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let map = self.images.lock().unwrap();

@@ -213,6 +213,10 @@ pub trait Rbd: Send + Sync {
     async fn snap_unprotect(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError>;
     async fn snap_remove(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError>;
     async fn snapshots(&self, p: &CephPath, stop: &Stop) -> Result<Vec<Snapshot>, RbdError>;
+    /// The byte ranges of snapshot `p` (`image@snap`) that differ from its image's older
+    /// snapshot `from_snap`: written or discarded since, exact within objects that held data
+    /// then (an object made since is one range up to its end), oldest offset first.
+    async fn changed_since(&self, p: &CephPath, from_snap: &str, stop: &Stop) -> Result<Vec<(u64, u64)>, RbdError>;
     /// Images cloned from the snapshot `p`.
     async fn children(&self, p: &CephPath, stop: &Stop) -> Result<Vec<CephPath>, RbdError>;
     async fn remove(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError>;
@@ -397,6 +401,11 @@ impl Rbd for RbdCli {
 
     async fn snapshots(&self, p: &CephPath, stop: &Stop) -> Result<Vec<Snapshot>, RbdError> {
         self.json(&["snap", "ls", &p.image_spec()], stop).await
+    }
+
+    async fn changed_since(&self, p: &CephPath, from_snap: &str, stop: &Stop) -> Result<Vec<(u64, u64)>, RbdError> {
+        let extents: Vec<Extent> = self.json(&["diff", "--from-snap", from_snap, &p.spec()], stop).await?;
+        Ok(extents.into_iter().filter(|e| e.length > 0).map(|e| (e.offset, e.length)).collect())
     }
 
     /// Images cloned from the snapshot `p`, as `ceph://` paths.

@@ -176,7 +176,8 @@ pub async fn get_size(app: &App, ctx: &TaskCtx, cmd: InstallPathCmd) -> AgentRes
     describe(app, ctx, &p).await
 }
 
-/// Deletes an image; one that is already gone is success. Its snapshots must be deleted first;
+/// Deletes an image; one that is already gone is success. Its backup snapshots go with it
+/// (unless a clone depends on one); its other snapshots must be deleted first;
 /// an image a client has open is refused with `inUse` (the MN's DeleteRsp). With
 /// `expirationTime` it goes to the pool's trash for that many seconds instead.
 pub async fn delete(app: &App, ctx: &TaskCtx, cmd: DeleteCmd) -> AgentResult<Empty> {
@@ -186,14 +187,17 @@ pub async fn delete(app: &App, ctx: &TaskCtx, cmd: DeleteCmd) -> AgentResult<Emp
         return Ok(Empty {});
     }
     let snaps = app.rbd.snapshots(&p, &ctx.stop).await?;
-    if !snaps.is_empty() {
-        let names: Vec<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
+    let backup = |name: &str| name.starts_with(crate::ops::volumes::BACKUP_SNAPSHOT_PREFIX);
+    let names: Vec<&str> = snaps.iter().map(|s| s.name.as_str()).filter(|n| !backup(n)).collect();
+    if !names.is_empty() {
         return Err(AgentError::conflict(format!("{p} still has snapshots {names:?}; delete them first")));
     }
     if app.rbd.watchers(&p, &ctx.stop).await? > 0 {
         let e = AgentError::conflict(format!("unable to delete {p}: the volume is in use; stop the VM using it first"));
         return Err(e.with_field("inUse", true));
     }
+    // A backup point's snapshot goes with its image (the group's next point compares).
+    crate::ops::volumes::drop_backup_snapshots(app.rbd.as_ref(), &p, &ctx.stop).await?;
     let parent = app.rbd.info(&p, &ctx.stop).await?.parent;
     if cmd.expiration_time > 0 {
         app.rbd.trash_move(&p, cmd.expiration_time, &ctx.stop).await?;

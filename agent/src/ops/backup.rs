@@ -1,11 +1,12 @@
 //! VM backups into backup groups (see [`crate::backup_group`]) and VMs restored from them.
 //!
 //! `/vm/backup` captures the VM's volumes at one instant (a running VM's files are frozen for
-//! the copy and committed back afterwards; RBD volumes get a temporary snapshot), then writes
-//! one qcow2 file per volume: a flat copy for the full point, or for an incremental the
-//! clusters that differ from the previous point (an overlay on the instant, safely rebased onto
-//! the previous file). Files are built beside their final names and the manifest is replaced
-//! last, so a failed backup leaves the group as it was.
+//! the copy and committed back afterwards; RBD volumes get a snapshot, kept as the point's when
+//! every volume is on Ceph, see [`super::rbd_backup`]), then writes one qcow2 file per volume:
+//! a flat copy for the full point, or for an incremental the clusters that differ from the
+//! previous point (read through dirty bitmaps or RBD snapshot diffs where they can be, else an
+//! overlay on the instant, safely rebased onto the previous file). Files are built beside their
+//! final names and the manifest is replaced last, so a failed backup leaves the group as it was.
 //!
 //! `/vm/createfrombackup` verifies every file of the chosen point's chains, then makes the VM
 //! like `/vm/create`, each volume a flat copy of its chain; the group is only read.
@@ -17,6 +18,7 @@ use super::bitmap_backup::{self, Incremental};
 use super::capture::{self, capture, Freeze};
 use super::derived;
 use super::owner::VmGuard;
+use super::rbd_backup;
 use super::undo::{UndoLog, UndoStep};
 use super::volumes;
 use crate::app::App;
@@ -31,9 +33,6 @@ use crate::wire::inventory::VmInstanceInventory;
 use crate::wire::native::{
     BackupMode, BackupVmCmd, BackupVmRsp, CreateFromBackupCmd, IncrementalBy, NewVolume, Quiesce,
 };
-
-/// Names of the temporary RBD snapshots a backup reads from.
-const RBD_SNAPSHOT_PREFIX: &str = "kvmagent-backup-";
 
 /// Runs blocking file work (hashing) off the async runtime.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> AgentResult<T> + Send + 'static) -> AgentResult<T> {
@@ -93,6 +92,8 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
     // Whether the point can make and read dirty bitmaps (qcow2 files), or why not.
     let unsupported = bitmap_backup::unsupported(&before);
     let local = unsupported.is_none();
+    // Whether the point keeps RBD snapshots to diff the next one against.
+    let on_ceph = rbd_backup::all_on_ceph(&before);
 
     // What the point writes goes again should it fail or be killed: the whole group for the
     // first point, else what write_point records, and the TPM state copied at the instant.
@@ -110,7 +111,7 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
             Err(e) => Taken { files: Err(e), quiesced: false, tpm_copied: false, incremental: None },
         }
     } else {
-        let req = CapturedRequest { group: &group, point, unsupported, quiesce: cmd.quiesce, tpm_to };
+        let req = CapturedRequest { group: &group, point, unsupported, on_ceph, quiesce: cmd.quiesce, tpm_to };
         match take_captured(app, ctx, &owner, &mut spec, req, &mut made).await {
             Ok(t) => t,
             Err(e) => {
@@ -177,6 +178,8 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
             made.commit();
             if local {
                 bitmap_backup::drop_older(app, &before, &group.uuid, point, running).await;
+            } else if on_ceph {
+                rbd_backup::drop_older(app, &before, &group.uuid, point).await;
             }
             let group_path = group.dir.display().to_string();
             let (incremental_by, incremental_reason) =
@@ -216,12 +219,15 @@ struct CapturedRequest<'a> {
     point: usize,
     /// Why the volumes cannot carry dirty bitmaps, when they cannot.
     unsupported: Option<String>,
+    /// Every volume is on Ceph: the point keeps its snapshots, incrementals diff them.
+    on_ceph: bool,
     quiesce: Quiesce,
     tpm_to: Option<&'a Path>,
 }
 
 /// A point taken from a captured instant (see [`capture`]): of a stopped VM, whose qcow2
-/// volumes also get the point's bitmap, or of a VM whose volumes cannot have bitmaps.
+/// volumes also get the point's bitmap, of a VM on Ceph, whose images keep the point's
+/// snapshot, or of a VM whose volumes cannot have bitmaps.
 async fn take_captured(
     app: &App,
     ctx: &TaskCtx,
@@ -234,14 +240,27 @@ async fn take_captured(
     let before = spec.clone();
     let incremental = match req.unsupported {
         None => bitmap_backup::mark_stopped(app, &before, group, point, made, &ctx.stop).await?,
+        Some(_) if req.on_ceph => {
+            rbd_backup::incremental(app.rbd.as_ref(), &before, &group.uuid, point, &ctx.stop).await
+        }
         Some(why) => (point > 0).then(|| Incremental::compare(why)),
     };
-    let rbd_snapshot = format!("{RBD_SNAPSHOT_PREFIX}{}", derived::random_uuid());
+    let rbd_snapshot = if req.on_ceph {
+        // The point's own snapshots stay with it; until it is recorded, they go should it fail.
+        let name = bitmap_backup::checkpoint_name(&group.uuid, point);
+        for v in &before.volumes {
+            let image = crate::ceph::path::CephPath::parse(&v.install_path())?;
+            made.push(UndoStep::RemoveRbdSnapshot { path: image.with_snap(&name).to_string() });
+        }
+        name
+    } else {
+        format!("{}{}", volumes::BACKUP_SNAPSHOT_PREFIX, derived::random_uuid())
+    };
     let opts = capture::Options {
         with_data: true,
         freeze: Freeze::WhenRunning,
         rbd_snapshot: &rbd_snapshot,
-        rbd_snapshot_temporary: true,
+        rbd_snapshot_temporary: !req.on_ceph,
         tpm_to,
         task_id: &ctx.task_id,
         quiesce,
@@ -253,26 +272,39 @@ async fn take_captured(
     if !captured.frozen.is_empty() {
         release.push(UndoStep::Thaw { vm: before.uuid.clone(), frozen: captured.frozen.clone() });
     }
-    for (_, snap) in &captured.rbd_snapshots {
+    for (_, snap) in captured.rbd_snapshots.iter().filter(|_| !req.on_ceph) {
         release.push(UndoStep::RemoveRbdSnapshot { path: snap.clone() });
     }
-    let dirty_since = incremental
-        .as_ref()
-        .filter(|i| i.by == IncrementalBy::Bitmap)
-        .map(|_| bitmap_backup::checkpoint_name(&group.uuid, point - 1));
-    let target = PointTarget { group, spec: &before, point, dirty_since: dirty_since.as_deref() };
+    let since = point.checked_sub(1).map(|p| bitmap_backup::checkpoint_name(&group.uuid, p));
+    let changes = match (incremental.as_ref().map(|i| i.by), since.as_deref()) {
+        (Some(IncrementalBy::Bitmap), Some(since)) => Changes::Bitmap(since),
+        (Some(IncrementalBy::SnapshotDiff), Some(since)) => Changes::SnapshotDiff(since),
+        _ => Changes::Compare,
+    };
+    let target = PointTarget { group, spec: &before, point, changes };
     let files = write_point(app, ctx, &target, &captured, made).await;
     release.rollback(app, owner).await;
     Ok(Taken { files, quiesced: captured.quiesced, tpm_copied: captured.tpm_copied, incremental })
 }
 
+/// How an incremental point's files find what changed since the previous point.
+#[derive(Debug, Clone, Copy)]
+enum Changes<'a> {
+    /// A compare of the whole disk with the previous point's file.
+    Compare,
+    /// The extents the volume's bitmap of this name marks dirty.
+    Bitmap(&'a str),
+    /// The byte ranges that differ from the image's snapshot of this name.
+    SnapshotDiff(&'a str),
+}
+
 /// The files a point writes: of VM `spec`'s volumes at `point` of `group`, incrementals from
-/// the extents bitmap `dirty_since` marks when given.
+/// `changes`.
 struct PointTarget<'a> {
     group: &'a Group,
     spec: &'a VmSpec,
     point: usize,
-    dirty_since: Option<&'a str>,
+    changes: Changes<'a>,
 }
 
 /// Writes every volume's file of the point, in volume order.
@@ -283,7 +315,7 @@ async fn write_point(
     captured: &capture::Captured,
     made: &mut UndoLog,
 ) -> AgentResult<Vec<BackupFile>> {
-    let PointTarget { group, spec, point, dirty_since } = *target;
+    let PointTarget { group, spec, point, changes } = *target;
     let total = spec.volumes.len();
     let mut files = Vec::new();
     for (i, v) in spec.volumes.iter().enumerate() {
@@ -292,7 +324,7 @@ async fn write_point(
         let dst = group.path(&backup_group::file_name(&v.uuid, point));
         let previous = (point > 0).then(|| format!("{}.qcow2", point - 1));
         made.push(UndoStep::RemoveFile { path: dst.clone() });
-        let previous = previous.as_deref().map(|p| (p, dirty_since));
+        let previous = previous.as_deref().map(|p| (p, changes));
         write_file(app, &from, previous, &dst, &ctx.stop)
             .await
             .map_err(|e| e.context(format!("step 'back up volume {}' failed", v.uuid)))?;
@@ -334,13 +366,12 @@ async fn write_nvram(group: &Group, spec: &VmSpec, point: usize, made: &mut Undo
 }
 
 /// Writes the instant `from` (a file chain, or an RBD snapshot) to `dst`: flat, or — with
-/// `previous`, the name of the previous point's file beside `dst` — only what differs from it:
-/// the extents a bitmap marks dirty since that point when one is given, else what a compare
-/// of the whole disk finds.
+/// `previous`, the name of the previous point's file beside `dst` — only what differs from it,
+/// found as `Changes` says.
 async fn write_file(
     app: &App,
     from: &str,
-    previous: Option<(&str, Option<&str>)>,
+    previous: Option<(&str, Changes<'_>)>,
     dst: &Path,
     stop: &Stop,
 ) -> AgentResult<()> {
@@ -363,7 +394,7 @@ async fn write_file(
             };
             app.qemu_img.convert(c, stop, &mut |_| {}).await.map_err(|e| stopped(e, stop))?;
         }
-        Some((prev, Some(bitmap))) => {
+        Some((prev, Changes::Bitmap(bitmap))) => {
             let size = app.qemu_img.info(Path::new(&src), stop).await?.virtual_size;
             app.qemu_img
                 .create_overlay(Path::new(prev), "qcow2", tmp, Some(size), &CreateOptions::default(), stop)
@@ -371,7 +402,10 @@ async fn write_file(
                 .map_err(|e| stopped(e, stop))?;
             app.qemu_img.copy_dirty(Path::new(&src), bitmap, tmp, stop).await.map_err(|e| stopped(e, stop))?;
         }
-        Some((prev, None)) => compare_into(app, Path::new(&src), src_fmt, prev, tmp, stop).await?,
+        Some((prev, Changes::SnapshotDiff(since))) => {
+            rbd_backup::write_changes(app, from, &src, since, prev, tmp, stop).await?
+        }
+        Some((prev, Changes::Compare)) => compare_into(app, Path::new(&src), src_fmt, prev, tmp, stop).await?,
     }
     stop.check("backing up the volume")?;
     building.publish(dst)

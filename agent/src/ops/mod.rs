@@ -16,6 +16,7 @@ pub mod inventory;
 pub mod nvram;
 pub mod owner;
 pub mod quiesce;
+pub mod rbd_backup;
 pub mod snapshot_group;
 pub mod tpm;
 pub mod undo;

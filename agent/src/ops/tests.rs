@@ -687,6 +687,120 @@ async fn rbd_volumes_are_created_cloned_flattened_and_replaced_through_the_same_
     assert_eq!(h.rbd.parent(&new_root).as_deref(), Some("rbd/base@s"));
 }
 
+/// The backup snapshots on the VM's RBD images, as `image@snapshot`.
+async fn backup_snapshots(h: &TestHost, vm: &str) -> Vec<String> {
+    let stop = crate::stop::Stop::new();
+    let mut out = Vec::new();
+    for p in h.recorded(vm).await.iter().filter_map(|p| crate::ceph::path::CephPath::parse(p).ok()) {
+        for s in h.app.rbd.snapshots(&p, &stop).await.unwrap_or_default() {
+            if s.name.starts_with(crate::ops::volumes::BACKUP_SNAPSHOT_PREFIX) {
+                out.push(format!("{}@{}", p.image_spec(), s.name));
+            }
+        }
+    }
+    out
+}
+
+/// A VM on Ceph: each backup point keeps its snapshots (the newest point's only), an
+/// incremental reads their diff, a failed point leaves none of its own, and the kept snapshot
+/// does not keep a volume from being deleted or an old root from going with a change of image.
+#[tokio::test]
+async fn rbd_backup_points_keep_their_snapshots_and_incrementals_read_their_diff() {
+    use crate::ops::bitmap_backup::checkpoint_name;
+    use crate::wire::native::IncrementalBy;
+    let (h, _, body) = rbd_host().await;
+    let vm = uuid();
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body(&vm))).await.unwrap();
+    h.app.libvirt.destroy(&vm).await.unwrap();
+    let images: Vec<String> =
+        h.recorded(&vm).await.iter().map(|p| p.trim_start_matches("ceph://").to_owned()).collect();
+    let backup = |body: Value| {
+        let app = h.app.clone();
+        async move { crate::ops::backup::backup(&app, &TaskCtx::detached("/vm/backup"), cmd(body)).await }
+    };
+    let full = backup(json!({"vmUuid": vm})).await.unwrap();
+    let snaps = |p: usize| -> Vec<String> {
+        images.iter().map(|i| format!("{i}@{}", checkpoint_name(&full.group_uuid, p))).collect()
+    };
+    assert_eq!(backup_snapshots(&h, &vm).await, snaps(0));
+    let inc = json!({"vmUuid": vm, "mode": "incremental", "groupUuid": full.group_uuid});
+    let r = backup(inc.clone()).await.unwrap();
+    assert_eq!((r.incremental_by, r.incremental_reason), (Some(IncrementalBy::SnapshotDiff), None));
+    assert_eq!(backup_snapshots(&h, &vm).await, snaps(1), "only the newest point's are kept");
+    let file = PathBuf::from(&r.group_path).join(&r.manifest.volumes[0].chain[1].file);
+    let previous = file.with_file_name("0.qcow2");
+    assert_eq!(backing(&file.display().to_string()), Some(previous), "an overlay on the previous point");
+
+    // A point that fails removes the snapshots it took and keeps the previous ones.
+    h.faults.fail("qemu-img convert");
+    backup(inc.clone()).await.expect_err("the copy fails");
+    assert_eq!(backup_snapshots(&h, &vm).await, snaps(1));
+    h.faults.revive();
+
+    // The previous point's snapshot removed by hand: the point compares and says why.
+    let stop = crate::stop::Stop::new();
+    let gone = crate::ceph::path::CephPath::parse(&snaps(1)[1]).unwrap();
+    h.app.rbd.snap_unprotect(&gone, &stop).await.unwrap();
+    h.app.rbd.snap_remove(&gone, &stop).await.unwrap();
+    let r = backup(inc.clone()).await.unwrap();
+    assert_eq!(r.incremental_by, Some(IncrementalBy::Compare));
+    assert!(r.incremental_reason.as_deref().unwrap().contains(&images[1]), "{:?}", r.incremental_reason);
+    assert_eq!(backup_snapshots(&h, &vm).await, snaps(2), "the chain goes on from the new point");
+
+    // The kept snapshot does not keep the old root from going with a change of image.
+    let change = cmd(json!({"vmUuid": vm, "imagePath": "ceph://rbd/base@s"}));
+    crate::ops::change_image::change_image(&h.app, &TaskCtx::detached("/vm/changeimage"), change).await.unwrap();
+    assert!(!h.rbd.images().contains(&images[0]), "the old root went with its backup snapshot");
+    // Nor a volume from being deleted.
+    let delete = json!({"installPath": format!("ceph://{}", images[1])});
+    let delete = serde_json::from_value(delete).unwrap();
+    crate::compat::ceph::delete(&h.app, &TaskCtx::detached("/ceph/primarystorage/volume/delete"), delete)
+        .await
+        .unwrap();
+    assert!(!h.rbd.images().contains(&images[1]), "deleted with its backup snapshot");
+}
+
+/// A killed incremental point of a VM on Ceph leaves no snapshot of its own: after every
+/// recovery the images carry at most the recorded newest point's (a kill after the older
+/// ones were dropped leaves none: the next point compares).
+#[tokio::test]
+async fn an_rbd_incremental_backup_killed_at_any_point_leaves_no_snapshot_of_its_own() {
+    let (mut h, _, body) = rbd_host().await;
+    let vm = uuid();
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body(&vm))).await.unwrap();
+    h.app.libvirt.destroy(&vm).await.unwrap();
+    let full =
+        crate::ops::backup::backup(&h.app, &TaskCtx::detached("/vm/backup"), cmd(json!({"vmUuid": vm}))).await.unwrap();
+    let group = full.group_uuid.clone();
+    let images: Vec<String> =
+        h.recorded(&vm).await.iter().map(|p| p.trim_start_matches("ceph://").to_owned()).collect();
+    let check = |app: std::sync::Arc<crate::app::App>| {
+        let (group, images) = (group.clone(), images.clone());
+        async move {
+            let g = crate::backup_group::Group::locate(&app.backup_roots, None, &group).unwrap();
+            let newest = crate::ops::bitmap_backup::checkpoint_name(&group, g.manifest().unwrap().points.len() - 1);
+            let stop = crate::stop::Stop::new();
+            for i in &images {
+                let p = crate::ceph::path::CephPath::parse(i).unwrap();
+                let names: Vec<String> =
+                    app.rbd.snapshots(&p, &stop).await.unwrap().into_iter().map(|s| s.name).collect();
+                assert!(names.iter().all(|n| *n == newest), "{i}: {names:?}, newest point {newest}");
+            }
+        }
+    };
+    let kills = kill_at_every_point_checked(
+        &mut h,
+        "/vm/backup",
+        |app, ctx| {
+            let body = json!({"vmUuid": vm, "mode": "incremental", "groupUuid": group});
+            async move { value(crate::ops::backup::backup(&app, &ctx, cmd(body)).await) }
+        },
+        check,
+    )
+    .await;
+    assert!(kills >= 6, "{kills} kill points");
+}
+
 /// A clone whose capture fails after it took the source's RBD snapshots (here: the TPM state
 /// cannot be copied) removes them again.
 #[tokio::test]

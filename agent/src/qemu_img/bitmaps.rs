@@ -159,14 +159,19 @@ fn parse_dirty(out: &str) -> Result<Vec<Extent>, String> {
         data: bool,
     }
     let entries: Vec<Entry> = serde_json::from_str(out).map_err(|e| e.to_string())?;
+    Ok(merge_close(entries.into_iter().filter(|e| !e.data && e.length > 0).map(|e| (e.start, e.length))))
+}
+
+/// Extents in offset order, those less than [`MERGE_GAP`] apart merged into one.
+fn merge_close(sorted: impl IntoIterator<Item = Extent>) -> Vec<Extent> {
     let mut extents: Vec<Extent> = Vec::new();
-    for e in entries.into_iter().filter(|e| !e.data && e.length > 0) {
+    for (offset, length) in sorted {
         match extents.last_mut() {
-            Some((start, len)) if e.start <= *start + *len + MERGE_GAP => *len = e.start + e.length - *start,
-            _ => extents.push((e.start, e.length)),
+            Some((start, len)) if offset <= *start + *len + MERGE_GAP => *len = (*len).max(offset + length - *start),
+            _ => extents.push((offset, length)),
         }
     }
-    Ok(extents)
+    extents
 }
 
 /// Copies into `dst` (an overlay on an earlier copy of `src`) the extents of qcow2 file `src`
@@ -179,31 +184,48 @@ pub async fn copy_dirty(src: &Path, name: &str, dst: &Path, stop: &Stop) -> Resu
     })?;
     let extents = dirty_extents(src, name, &dir.join("nbd.sock"), stop).await;
     let _ = std::fs::remove_dir_all(&dir);
-    for e in extents? {
-        copy_extent(src, "qcow2", dst, e, stop).await?;
+    copy_extents(&src.display().to_string(), "qcow2", &extents?, dst, stop).await
+}
+
+/// Copies into `dst` (an overlay on an earlier copy of `src`) the byte ranges `extents` (in
+/// offset order) of image `src`: a file of format `src_fmt`, or an RBD image or snapshot by
+/// its QEMU name (`rbd:...`, raw).
+pub async fn copy_extents(
+    src: &str,
+    src_fmt: &str,
+    extents: &[Extent],
+    dst: &Path,
+    stop: &Stop,
+) -> Result<(), QemuImgError> {
+    for e in merge_close(extents.iter().copied()) {
+        copy_extent(src, src_fmt, dst, e, stop).await?;
     }
     Ok(())
 }
 
-/// `driver=raw` over a window of a qcow2 image (with its backing chain).
-fn window(path: &Path, fmt: &str, (offset, length): Extent) -> String {
-    // Commas in a path are doubled in image options.
-    let file = path.display().to_string().replace(',', ",,");
-    format!(
-        "driver=raw,offset={offset},size={length},file.driver={fmt},file.file.driver=file,file.file.filename={file}"
-    )
+/// `driver=raw` over a window of an image: a file of format `fmt` (with its backing chain),
+/// or an RBD image by its QEMU name.
+fn window(src: &str, fmt: &str, (offset, length): Extent) -> String {
+    // Commas in a name are doubled in image options.
+    let name = src.replace(',', ",,");
+    let under = if src.starts_with("rbd:") {
+        format!("file.driver=rbd,file.filename={name}")
+    } else {
+        format!("file.driver={fmt},file.file.driver=file,file.file.filename={name}")
+    };
+    format!("driver=raw,offset={offset},size={length},{under}")
 }
 
-/// Copies the bytes of `extent` of image `src` (format `src_fmt`) into the same range of
-/// qcow2 file `dst`, zeros as zero clusters.
-async fn copy_extent(src: &Path, src_fmt: &str, dst: &Path, extent: Extent, stop: &Stop) -> Result<(), QemuImgError> {
+/// Copies the bytes of `extent` of image `src` (see [`window`]) into the same range of qcow2
+/// file `dst`, zeros as zero clusters.
+async fn copy_extent(src: &str, src_fmt: &str, dst: &Path, extent: Extent, stop: &Stop) -> Result<(), QemuImgError> {
     let args: Vec<OsString> = vec![
         "convert".into(),
         "-n".into(),
         "--image-opts".into(),
         "--target-image-opts".into(),
         window(src, src_fmt, extent).into(),
-        window(dst, "qcow2", extent).into(),
+        window(&dst.display().to_string(), "qcow2", extent).into(),
     ];
     process::run_with_lines_as("qemu-img", &args, stop, Priority::Copy, |_| {})
         .await
@@ -225,6 +247,20 @@ mod tests {
             {"start":67371008,"length":4096,"depth":0,"present":false,"zero":false,"data":false}]"#;
         assert_eq!(parse_dirty(out).unwrap(), vec![(65536, 196608), (67371008, 4096)]);
         assert!(parse_dirty("nonsense").is_err());
+    }
+
+    #[test]
+    fn extents_close_together_are_copied_as_one_and_rbd_sources_are_read_through_librbd() {
+        let mb = 1 << 20;
+        let merged = merge_close([(0, 4096), (mb / 2, 4096), (4 * mb, 65536), (4 * mb + 4096, 4096)]);
+        assert_eq!(merged, vec![(0, mb / 2 + 4096), (4 * mb, 65536)]);
+        let w = window("rbd:p/i@s:conf=/etc/ceph/a,b.conf", "raw", (4096, 512));
+        assert_eq!(
+            w,
+            "driver=raw,offset=4096,size=512,file.driver=rbd,file.filename=rbd:p/i@s:conf=/etc/ceph/a,,b.conf"
+        );
+        assert!(window("/v/a.qcow2", "qcow2", (0, 1))
+            .ends_with("file.driver=qcow2,file.file.driver=file,file.file.filename=/v/a.qcow2"));
     }
 
     #[test]

@@ -181,6 +181,17 @@ impl QemuImg for QemuImgCli {
     async fn copy_dirty(&self, src: &Path, bitmap: &str, dst: &Path, stop: &Stop) -> Result<(), QemuImgError> {
         super::bitmaps::copy_dirty(src, bitmap, dst, stop).await
     }
+
+    async fn copy_extents(
+        &self,
+        src: &str,
+        src_fmt: &str,
+        extents: &[(u64, u64)],
+        dst: &Path,
+        stop: &Stop,
+    ) -> Result<(), QemuImgError> {
+        super::bitmaps::copy_extents(src, src_fmt, extents, dst, stop).await
+    }
 }
 
 #[cfg(test)]

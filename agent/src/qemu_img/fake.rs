@@ -24,6 +24,8 @@ use crate::stop::Stop;
 
 /// The unit of data: tests write and compare whole blocks.
 pub const BLOCK: u64 = 64 << 10;
+/// What an RBD image of the fake cluster reads as: this many zero bytes.
+const RBD_SIZE: u64 = 8 << 20;
 const NAME_OFFSET: usize = 512;
 const DATA_OFFSET: usize = 4096;
 const MARK: &[u8] = b"kvmagent fake qcow2\n";
@@ -52,6 +54,10 @@ struct Image {
 type Failure = String;
 
 fn read(path: &Path) -> Result<Image, Failure> {
+    if is_rbd(path) {
+        // The fake cluster keeps no data.
+        return Ok(Image { size: RBD_SIZE, backing: None, data: Data::default() });
+    }
     let header = read_header(path).map_err(|e| e.to_string())?;
     let bytes = std::fs::read(path).map_err(|e| format!("Could not open '{}': {e}", path.display()))?;
     if header.format == "raw" {
@@ -83,9 +89,24 @@ fn write(path: &Path, img: &Image) -> Result<(), Failure> {
     std::fs::write(path, bytes).map_err(|e| format!("Could not create '{}': {e}", path.display()))
 }
 
-/// The backing file's path, resolved beside the image as QEMU does.
+/// Whether `path` is an RBD image's QEMU name.
+fn is_rbd(path: &Path) -> bool {
+    path.to_string_lossy().starts_with("rbd:")
+}
+
+/// Backing file `name` of image `path`, resolved beside the image as QEMU does (an RBD name
+/// as it is).
+fn resolve(path: &Path, name: &Path) -> PathBuf {
+    if is_rbd(name) {
+        name.to_owned()
+    } else {
+        path.parent().unwrap_or(Path::new("/")).join(name)
+    }
+}
+
+/// The backing file's path.
 fn backing_path(path: &Path, img: &Image) -> Option<PathBuf> {
-    img.backing.as_ref().map(|b| path.parent().unwrap_or(Path::new("/")).join(b))
+    img.backing.as_ref().map(|b| resolve(path, Path::new(b)))
 }
 
 /// What the image reads, block by block (zero blocks left out), and its size.
@@ -154,6 +175,18 @@ pub fn copy_changed(src: &Path, dst: &Path) -> Result<(), String> {
         let w = want.get(&k).copied().unwrap_or(0);
         if have.get(&k).copied().unwrap_or(0) != w {
             img.data.blocks.insert(k, w);
+        }
+    }
+    write(dst, &img)
+}
+
+/// Writes into `dst` what `src` reads in the blocks that `extents` touch.
+fn copy_ranges(src: &Path, dst: &Path, extents: &[(u64, u64)]) -> Result<(), String> {
+    let (_, want) = view(src)?;
+    let mut img = read(dst)?;
+    for &(offset, length) in extents.iter().filter(|(_, l)| *l > 0) {
+        for k in offset / BLOCK..=(offset + length - 1) / BLOCK {
+            img.data.blocks.insert(k, want.get(&k).copied().unwrap_or(0));
         }
     }
     write(dst, &img)
@@ -269,7 +302,7 @@ impl QemuImg for FakeQemuImg {
     ) -> Result<(), QemuImgError> {
         self.enter("qemu-img create", dst, stop).await?;
         // A relative backing file is beside the new image, as qemu-img resolves it.
-        let resolved = dst.parent().unwrap_or(Path::new("/")).join(backing);
+        let resolved = resolve(dst, backing);
         let base = or_failed("create", dst, read(&resolved).map_err(|e| format!("Could not open backing file: {e}")))?;
         let data = Data { backing_format: Some(backing_fmt.into()), ..Data::default() };
         let img = Image { size: size.unwrap_or(base.size), backing: Some(backing.display().to_string()), data };
@@ -284,7 +317,7 @@ impl QemuImg for FakeQemuImg {
     ) -> Result<(), QemuImgError> {
         let (src, dst) = (Path::new(c.src), Path::new(c.dst));
         self.enter("qemu-img convert", src, stop).await?;
-        if c.dst_fmt != "qcow2" || c.src.to_string_lossy().starts_with("rbd:") {
+        if c.dst_fmt != "qcow2" {
             return Err(failed("convert", src, format!("the fake converts files to qcow2 only, not to {}", c.dst_fmt)));
         }
         on_progress(0);
@@ -357,6 +390,18 @@ impl QemuImg for FakeQemuImg {
             return Err(failed("convert", src, format!("no bitmap {bitmap}")));
         }
         or_failed("convert", dst, copy_changed(src, dst))
+    }
+
+    async fn copy_extents(
+        &self,
+        src: &str,
+        _src_fmt: &str,
+        extents: &[(u64, u64)],
+        dst: &Path,
+        stop: &Stop,
+    ) -> Result<(), QemuImgError> {
+        self.enter("qemu-img convert", dst, stop).await?;
+        or_failed("convert", dst, copy_ranges(Path::new(src), dst, extents))
     }
 }
 

@@ -431,7 +431,11 @@ pub struct BackupVmRsp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum IncrementalBy {
+    /// Dirty bitmaps of local qcow2 volumes.
     Bitmap,
+    /// The difference between the previous and the new point's RBD snapshots.
+    #[serde(rename = "snapshot-diff")]
+    SnapshotDiff,
     Compare,
 }
 

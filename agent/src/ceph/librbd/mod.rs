@@ -381,6 +381,22 @@ impl Rbd for RbdLib {
         .await
     }
 
+    async fn changed_since(&self, p: &CephPath, from_snap: &str, stop: &Stop) -> Result<Vec<(u64, u64)>, RbdError> {
+        let (p, from) = (p.clone(), from_snap.to_owned());
+        self.call(format!("diff --from-snap {from} {}", p.spec()), stop, true, move |s| {
+            with_image(s, &p, true, |img| {
+                let extents = Mutex::new(Vec::new());
+                img.changes_since(&from, |offset, len, _| {
+                    if len > 0 {
+                        extents.lock().unwrap_or_else(|e| e.into_inner()).push((offset, len));
+                    }
+                })?;
+                Ok(extents.into_inner().unwrap_or_else(|e| e.into_inner()))
+            })
+        })
+        .await
+    }
+
     async fn children(&self, p: &CephPath, stop: &Stop) -> Result<Vec<CephPath>, RbdError> {
         let p = p.clone();
         self.call(format!("children {}", p.spec()), stop, true, move |s| {

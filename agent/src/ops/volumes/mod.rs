@@ -8,7 +8,9 @@ mod rbd;
 use std::future::Future;
 use std::pin::Pin;
 
-pub use rbd::{drop_unused_snapshot, snapshot_rbd, CLONE_SNAPSHOT_PREFIX};
+pub use rbd::{
+    drop_backup_snapshots, drop_unused_snapshot, snapshot_rbd, BACKUP_SNAPSHOT_PREFIX, CLONE_SNAPSHOT_PREFIX,
+};
 
 use super::undo::UndoStep;
 use crate::app::App;

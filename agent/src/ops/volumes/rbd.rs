@@ -13,6 +13,9 @@ use crate::storage::local::Provisioning;
 /// Names of the snapshots this agent takes for clones; they are removed once unused.
 pub const CLONE_SNAPSHOT_PREFIX: &str = "kvmagent-clone-";
 
+/// Names of the snapshots backups keep (the newest point's) and took (earlier versions).
+pub const BACKUP_SNAPSHOT_PREFIX: &str = "kvmagent-backup-";
+
 pub struct RbdStore<'a> {
     pub rbd: &'a dyn Rbd,
     pub qemu_img: &'a dyn QemuImg,
@@ -195,6 +198,13 @@ impl VolumeStore for RbdStore<'_> {
     fn remove_unless_in_use<'a>(&'a self, path: &'a str, stop: &'a Stop) -> Fut<'a, bool> {
         Box::pin(async move {
             let p = CephPath::parse(path)?;
+            let snaps = self.rbd.snapshots(&p, stop).await?;
+            if snaps.iter().any(|s| !s.name.starts_with(BACKUP_SNAPSHOT_PREFIX)) {
+                return Ok(false);
+            }
+            // A backup point's snapshot does not keep the image (the group's next point
+            // compares); one a clone depends on does.
+            drop_backup_snapshots(self.rbd, &p, stop).await?;
             if !self.rbd.snapshots(&p, stop).await?.is_empty() {
                 return Ok(false);
             }
@@ -254,6 +264,15 @@ pub async fn snapshot_rbd(
         }
     }
     Ok(out)
+}
+
+/// Removes the backup snapshots of image `p` (an image being removed: a backup point's
+/// snapshot must not keep it), each unless a clone depends on it.
+pub async fn drop_backup_snapshots(rbd: &dyn Rbd, p: &CephPath, stop: &Stop) -> AgentResult<()> {
+    for s in rbd.snapshots(p, stop).await?.iter().filter(|s| s.name.starts_with(BACKUP_SNAPSHOT_PREFIX)) {
+        drop_unused_snapshot(rbd, &p.with_snap(&s.name).to_string()).await;
+    }
+    Ok(())
 }
 
 /// Removes a temporary snapshot once no clone depends on it; it stays otherwise.
