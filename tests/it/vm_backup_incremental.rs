@@ -3,9 +3,12 @@
 //! extents the previous point's bitmap marks. Each incremental file holds about the written
 //! bytes and no more, says `bitmap`, and restores byte-identical to the source at that instant;
 //! a broken chain (bitmap removed, checkpoint metadata lost) compares instead and says why.
+//! A VM on Ceph keeps each point's RBD snapshots, and its incrementals copy what librbd
+//! reports changed between them (`snapshot-diff`); a missing snapshot compares instead.
 
 use std::path::{Path, PathBuf};
 
+use kvmagent_host_tests::ceph::{self, agent_config, MadeImages};
 use kvmagent_host_tests::checks::{guest_disk_fill, guest_disk_flush, qemu_img, qemu_io_fill, virsh};
 use kvmagent_host_tests::images::{data_volume_path, root_volume_path, BaseImage};
 use kvmagent_host_tests::sources::SourceVm;
@@ -193,4 +196,107 @@ async fn a_stopped_vm_incremental_copies_only_the_dirty_extents_and_restores_ide
     assert_eq!(running["incrementalBy"], "bitmap", "{running}");
     let own: u64 = own_ranges(&point_file(&running, 1)).iter().map(|r| r.1).sum();
     assert!(own <= 4 * CLUSTER, "{own} bytes for one written cluster");
+}
+
+/// The `kvmagent-backup-*` snapshots of an RBD image.
+fn backup_snapshots(spec: &str) -> Vec<String> {
+    let list: Value = serde_json::from_str(&ceph::rbd(&["snap", "ls", "--format", "json", spec]).unwrap()).unwrap();
+    let names = list.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_owned());
+    names.filter(|n| n.starts_with("kvmagent-backup-")).collect()
+}
+
+/// `image@snapshot` of the RBD image exported to a raw file in `dir`.
+fn export(spec: &str, dir: &Path) -> PathBuf {
+    let to = dir.join(format!("{}.raw", spec.replace(['/', '@'], "_")));
+    let _ = std::fs::remove_file(&to);
+    ceph::rbd(&["export", "--no-progress", spec, to.to_str().unwrap()]).unwrap();
+    to
+}
+
+/// Each restored volume reads as its RBD image did at `point` of `group` (its snapshot).
+async fn restores_as_the_snapshots(h: &Host, r: &Value, images: &[String; 2], group: &str, point: usize, dir: &Path) {
+    let restored = restore(h, r).await;
+    for (file, image) in restored.iter().zip(images) {
+        identical(file, &export(&format!("{image}@kvmagent-backup-{group}-{point}"), dir));
+    }
+}
+
+#[tokio::test]
+async fn an_rbd_vm_incremental_copies_only_the_snapshot_diff_and_restores_identical() {
+    let h = Host::start_with(&agent_config()).await.unwrap();
+    let img = format!("image-{}", uuid());
+    let (root, data) = (format!("rbd/vol-{}", uuid()), format!("rbd/vol-{}", uuid()));
+    let _made = MadeImages(vec![format!("rbd/{img}"), root.clone(), data.clone()]);
+    ceph::rbd(&["create", "--size", "16M", &format!("rbd/{img}")]).unwrap();
+    ceph::rbd(&["snap", "create", &format!("rbd/{img}@{img}")]).unwrap();
+    // The copy of the VM made at the end starts: QEMU needs the cephx secret.
+    let secret = uuid::Uuid::new_v4().to_string();
+    h.call_ok("/vm/createcephsecret", &json!({"userKey": ceph::admin_key(), "uuid": secret})).await.unwrap();
+    let vm = uuid();
+    h.track_vm(&vm);
+    let cmd = json!({
+        "vm": {"vmInstanceUuid": vm, "vmName": "rbd-backup", "memory": 160 * MIB, "cpuNum": 1},
+        "rootVolume": {"volumeUuid": uuid(), "installPath": format!("ceph://{root}"), "imagePath": format!("ceph://rbd/{img}@{img}")},
+        "dataVolumes": [{"volumeUuid": uuid(), "installPath": format!("ceph://{data}"), "size": 16 * MIB}],
+        "ceph": {"secretUuid": secret, "monInfo": [{"hostname": "127.0.0.1", "port": 6789}]},
+        "strategy": "CreateStopped",
+    });
+    h.call_ok("/vm/create", &cmd).await.unwrap();
+    let images = [root.clone(), data.clone()];
+    // Every object holds data before the full point (a guest's disk in use): the later writes
+    // land in objects the previous snapshot has, where librbd's diff is exact.
+    for i in &images {
+        ceph::write(i, 0, &vec![0x11; 16 * MIB as usize]);
+    }
+    let full = h.call_ok("/vm/backup", &json!({"vmUuid": vm})).await.unwrap();
+    let group = full["groupUuid"].as_str().unwrap().to_owned();
+    for i in &images {
+        assert_eq!(backup_snapshots(i), vec![format!("kvmagent-backup-{group}-0")], "{i}");
+    }
+    for (volume, offset, len, byte) in WRITES {
+        ceph::write(&images[volume], offset, &vec![byte; len as usize]);
+    }
+    let inc = h.call_ok("/vm/backup", &json!({"vmUuid": vm, "mode": "incremental", "groupUuid": group})).await.unwrap();
+    assert_eq!(inc["incrementalBy"], "snapshot-diff", "{inc}");
+    assert!(inc.get("incrementalReason").is_none(), "{inc}");
+    holds_just_the_writes(&inc);
+    for i in &images {
+        assert_eq!(backup_snapshots(i), vec![format!("kvmagent-backup-{group}-1")], "only the newest point's: {i}");
+    }
+    // Later writes are in the source only.
+    ceph::write(&data, 4 * MIB, &[0x70; 4096]);
+    let dir = tempfile::tempdir().unwrap();
+    restores_as_the_snapshots(&h, &inc, &images, &group, 1, dir.path()).await;
+
+    // The previous point's snapshot removed by hand: the next point compares, and says so.
+    let previous = format!("{data}@kvmagent-backup-{group}-1");
+    ceph::rbd(&["snap", "unprotect", &previous]).unwrap();
+    ceph::rbd(&["snap", "rm", "--no-progress", &previous]).unwrap();
+    let broken =
+        h.call_ok("/vm/backup", &json!({"vmUuid": vm, "mode": "incremental", "groupUuid": group})).await.unwrap();
+    assert_eq!(broken["incrementalBy"], "compare", "{broken}");
+    assert!(broken["incrementalReason"].as_str().unwrap().contains("has no snapshot"), "{broken}");
+    restores_as_the_snapshots(&h, &broken, &images, &group, 2, dir.path()).await;
+    // ... and the chain is whole again from there.
+    ceph::write(&data, 5 * MIB, &[0x71; 4096]);
+    let again =
+        h.call_ok("/vm/backup", &json!({"vmUuid": vm, "mode": "incremental", "groupUuid": group})).await.unwrap();
+    assert_eq!(again["incrementalBy"], "snapshot-diff", "{again}");
+
+    // The kept snapshots block nothing: a flatten, a copy of the VM, the volumes' deletion.
+    h.call_ok("/vm/flatten", &json!({"vmUuid": vm})).await.unwrap();
+    assert!(ceph::info(&root).unwrap()["parent"].is_null(), "flattened under a kept backup snapshot");
+    let r = h.call_ok("/vm/clone", &json!({"vmUuid": vm, "names": ["c"], "full": true, "mode": "copy"})).await.unwrap();
+    let copy = &r["inventories"][0]["inventory"];
+    assert!(copy["uuid"].is_string(), "{r}");
+    h.track_vm(copy["uuid"].as_str().unwrap());
+    h.call_ok("/vm/destroy", &json!({"uuid": copy["uuid"]})).await.unwrap();
+    h.call_ok("/vm/destroy", &json!({"uuid": vm})).await.unwrap();
+    let copies = copy["allVolumes"].as_array().unwrap().iter().map(|v| v["installPath"].clone());
+    for path in images.iter().map(|i| json!(format!("ceph://{i}"))).chain(copies) {
+        h.call_ok("/ceph/primarystorage/delete", &json!({"installPath": path})).await.unwrap();
+        let spec = path.as_str().unwrap().trim_start_matches("ceph://").to_owned();
+        assert!(ceph::info(&spec).is_none(), "{spec} deleted with its backup snapshot");
+    }
+    let _ = virsh(&["secret-undefine", &secret]);
 }
