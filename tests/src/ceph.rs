@@ -87,6 +87,13 @@ pub fn write(spec: &str, offset: u64, bytes: &[u8]) {
     assert!(out.status.success(), "qemu-io on {spec}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Fills `len` bytes at `offset` of an RBD image with `byte`, through QEMU's rbd driver.
+pub fn fill(spec: &str, offset: u64, len: u64, byte: u8) {
+    let cmd = format!("write -P {byte} {offset} {len}");
+    let out = Command::new("qemu-io").args(["-f", "raw", "-c", &cmd, &qemu_name(spec)]).output().unwrap();
+    assert!(out.status.success(), "qemu-io on {spec}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// Removes an image with all its snapshots (test clean-up; errors ignored).
 pub fn remove_all(spec: &str) {
     if let Ok(list) = rbd(&["snap", "ls", "--format", "json", spec]) {
