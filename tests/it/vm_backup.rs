@@ -187,10 +187,14 @@ async fn an_rbd_vm_backed_up_and_restored_to_ceph_and_to_a_file() {
     let group = full["groupUuid"].as_str().unwrap().to_owned();
     src.write_both(0x55).unwrap();
     let inc = json!({"vmUuid": src.vm, "mode": "incremental", "groupUuid": group});
-    h.call_ok("/vm/backup", &inc).await.unwrap();
+    let r = h.call_ok("/vm/backup", &inc).await.unwrap();
+    assert_eq!(r["incrementalBy"], "snapshot-diff", "a running VM's point reads the diff too: {r}");
     for image in [&src.root, &src.data] {
-        let snaps = ceph::rbd(&["snap", "ls", "--format", "json", &rbd_spec(image)]).unwrap();
-        assert!(!snaps.contains("kvmagent-backup-"), "the temporary snapshots are gone: {snaps}");
+        let snaps: serde_json::Value =
+            serde_json::from_str(&ceph::rbd(&["snap", "ls", "--format", "json", &rbd_spec(image)]).unwrap()).unwrap();
+        let ours: Vec<&str> = snaps.as_array().unwrap().iter().filter_map(|s| s["name"].as_str()).collect();
+        let ours: Vec<&str> = ours.into_iter().filter(|n| n.starts_with("kvmagent-backup-")).collect();
+        assert_eq!(ours, [format!("kvmagent-backup-{group}-1")], "only the newest point's snapshot is kept");
     }
     let data_volume = &full["manifest"]["volumes"][1]["volumeUuid"];
 

@@ -197,10 +197,17 @@ pub async fn copy_extents(
     dst: &Path,
     stop: &Stop,
 ) -> Result<(), QemuImgError> {
-    for e in merge_close(extents.iter().copied()) {
+    for e in merge_close(extents.iter().map(|&e| sectors(e))) {
         copy_extent(src, src_fmt, dst, e, stop).await?;
     }
     Ok(())
+}
+
+/// The whole 512-byte sectors that cover `extent`: the windows of the raw driver are in
+/// sectors (image sizes are whole sectors, so the last one is inside the image).
+fn sectors((offset, length): Extent) -> Extent {
+    let start = offset / 512 * 512;
+    (start, (offset + length).div_ceil(512) * 512 - start)
 }
 
 /// `driver=raw` over a window of an image: a file of format `fmt` (with its backing chain),
@@ -254,6 +261,8 @@ mod tests {
         let mb = 1 << 20;
         let merged = merge_close([(0, 4096), (mb / 2, 4096), (4 * mb, 65536), (4 * mb + 4096, 4096)]);
         assert_eq!(merged, vec![(0, mb / 2 + 4096), (4 * mb, 65536)]);
+        assert_eq!(sectors((1000, 64)), (512, 1024), "windows are whole sectors");
+        assert_eq!(sectors((1024, 512)), (1024, 512));
         let w = window("rbd:p/i@s:conf=/etc/ceph/a,b.conf", "raw", (4096, 512));
         assert_eq!(
             w,
