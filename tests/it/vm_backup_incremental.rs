@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use kvmagent_host_tests::ceph::{self, agent_config, MadeImages};
 use kvmagent_host_tests::checks::{guest_disk_fill, guest_disk_flush, qemu_img, qemu_io_fill, virsh};
 use kvmagent_host_tests::images::{data_volume_path, root_volume_path, BaseImage};
-use kvmagent_host_tests::sources::SourceVm;
+use kvmagent_host_tests::sources::{rbd_spec, SourceVm};
 use kvmagent_host_tests::{uuid, Host};
 use serde_json::{json, Value};
 
@@ -299,4 +299,27 @@ async fn an_rbd_vm_incremental_copies_only_the_snapshot_diff_and_restores_identi
         assert!(ceph::info(&spec).is_none(), "{spec} deleted with its backup snapshot");
     }
     let _ = virsh(&["secret-undefine", &secret]);
+}
+
+#[tokio::test]
+async fn a_running_rbd_vm_incremental_copies_only_the_snapshot_diff_and_restores_identical() {
+    let h = Host::start_with(&agent_config()).await.unwrap();
+    let src = SourceVm::rbd(&h).await.unwrap();
+    let images = [rbd_spec(&src.root), rbd_spec(&src.data)];
+    // The guest's disks in use: every object holds data before the full point.
+    for (alias, image) in ["virtio-disk0", "virtio-disk1"].iter().zip(&images) {
+        let size = ceph::info(image).unwrap()["size"].as_u64().unwrap();
+        guest_disk_fill(&src.vm, alias, 0, size, 0x11).unwrap();
+    }
+    let full = h.call_ok("/vm/backup", &json!({"vmUuid": src.vm})).await.unwrap();
+    let group = full["groupUuid"].as_str().unwrap().to_owned();
+    write_all(&src, true);
+    let inc = incremental(&h, &src, &full).await;
+    assert_eq!(inc["incrementalBy"], "snapshot-diff", "{inc}");
+    holds_just_the_writes(&inc);
+    // Later writes are in the source only.
+    guest_disk_fill(&src.vm, "virtio-disk1", 4 * MIB, 4 * KIB, 0x70).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    restores_as_the_snapshots(&h, &inc, &images, &group, 1, dir.path()).await;
+    src.remove_rbd(&h, &[]).await.unwrap();
 }
