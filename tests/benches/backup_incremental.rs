@@ -6,7 +6,8 @@
 //! and the new point's RBD snapshots, against the full point and against a compare (the
 //! previous snapshot removed); prints the bytes the diff reported (what it read) and held.
 //!
-//! Run: `cargo build --release -p kvmagent && cargo bench -p kvmagent-host-tests --bench backup_incremental`
+//! Run (the RBD half needs the test cluster, `tests/ceph/start.sh`):
+//! `cargo build --release -p kvmagent && cargo bench -p kvmagent-host-tests --bench backup_incremental`
 
 use std::path::Path;
 use std::time::{Duration, Instant};
