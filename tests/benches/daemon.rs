@@ -59,6 +59,29 @@ fn cpu_time(stat: &str) -> Duration {
     Duration::from_secs_f64((f[11] + f[12]) as f64 / ticks)
 }
 
+/// The mappings holding most of the agent's resident memory: (KiB, file or `[anon]`), summed
+/// per file from `/proc/<pid>/smaps`, largest first.
+fn top_mappings(pid: u32, n: usize) -> Vec<(u64, String)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("agent smaps");
+    let mut per_file = std::collections::HashMap::<String, u64>::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            ["Rss:", kib, "kB"] => *per_file.entry(current.clone()).or_default() += kib.parse::<u64>().unwrap_or(0),
+            // A mapping's header: address range, perms, offset, device, inode, then the path if any.
+            [range, _, _, _, _, rest @ ..] if range.contains('-') && !range.ends_with(':') => {
+                current = rest.first().map_or("[anon]".to_owned(), |p| p.to_string());
+            }
+            _ => {}
+        }
+    }
+    let mut top: Vec<(u64, String)> = per_file.into_iter().map(|(file, kib)| (kib, file)).collect();
+    top.sort_unstable_by(|a, b| b.cmp(a));
+    top.truncate(n);
+    top
+}
+
 fn threads(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0)
 }
@@ -221,6 +244,9 @@ async fn main() {
         status_kib(pid, "RssFile"),
         threads(pid)
     );
+    for (kib, file) in top_mappings(pid, 12) {
+        eprintln!("  {kib:>6} kB  {file}");
+    }
     // Latency figures mean little on a host busy with other work: say how busy it was.
     eprintln!("load average: {}", std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
     emit("idle_rss_mib", rss as f64 / 1024.0, RSS_GOAL_MIB);

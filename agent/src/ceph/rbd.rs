@@ -41,6 +41,10 @@ pub enum RbdError {
     /// librbd or librados failed `step` of `what` with the negative errno `errno`.
     #[error("rbd {what}: {step}: {}", std::io::Error::from_raw_os_error(-errno))]
     Lib { what: String, step: String, errno: i32 },
+    /// librbd or librados is not installed (or too old) on this host: `reason` says which and
+    /// what to install.
+    #[error("rbd {what}: {reason}")]
+    NoLibrary { what: String, reason: String },
     /// A size no image can have (its whole MiB overflow 64 bits of bytes).
     #[error("rbd {what}: a size of {size} bytes is more than an image can hold; give a smaller size")]
     TooLarge { what: String, size: u64 },

@@ -7,7 +7,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::Path;
 use std::sync::Arc;
 
-use super::ffi;
+use super::ffi::{self, Api};
 
 /// A librados/librbd call that failed: what was being done and the (negative) errno.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,7 +53,10 @@ unsafe fn owned(p: *const c_char) -> String {
 }
 
 /// A connected librados cluster handle (`rados_t`); shut down when dropped.
-pub struct Rados(ffi::RadosT);
+pub struct Rados {
+    raw: ffi::RadosT,
+    api: &'static Api,
+}
 
 // SAFETY: librados' cluster handle is thread-safe: its calls lock internally, and the handle may
 // be used from and dropped on any thread.
@@ -64,26 +67,34 @@ unsafe impl Sync for Rados {}
 impl Rados {
     /// Reads `conf`, authenticates as `client.<id>` (with `keyring`, or the one `conf` names) and
     /// connects to the monitors.
-    pub fn connect(conf: &Path, id: &str, keyring: Option<&Path>, options: &[(&str, &str)]) -> Res<Rados> {
+    pub fn connect(
+        api: &'static Api,
+        conf: &Path,
+        id: &str,
+        keyring: Option<&Path>,
+        options: &[(&str, &str)],
+    ) -> Res<Rados> {
         let id_c = cstr(id)?;
         let mut raw: ffi::RadosT = std::ptr::null_mut();
         // SAFETY: `raw` is a valid out-pointer, `id_c` a NUL-terminated string alive for the call.
-        check(unsafe { ffi::rados_create(&mut raw, id_c.as_ptr()) }, || format!("creating a client.{id} handle"))?;
+        check(unsafe { (api.rados_create)(&mut raw, id_c.as_ptr()) }, || format!("creating a client.{id} handle"))?;
         // From here `Drop` shuts the handle down on every early return.
-        let rados = Rados(raw);
+        let rados = Rados { raw, api };
         let conf_c = cstr(&conf.to_string_lossy())?;
-        // SAFETY: `rados.0` was created above; `conf_c` is NUL-terminated.
-        check(unsafe { ffi::rados_conf_read_file(rados.0, conf_c.as_ptr()) }, || {
+        // SAFETY: `rados.raw` was created above; `conf_c` is NUL-terminated.
+        check(unsafe { (rados.api.rados_conf_read_file)(rados.raw, conf_c.as_ptr()) }, || {
             format!("reading {}", conf.display())
         })?;
         let keyring = keyring.map(|k| k.to_string_lossy().into_owned());
         for (k, v) in keyring.iter().map(|k| ("keyring", k.as_str())).chain(options.iter().copied()) {
             let (kc, vc) = (cstr(k)?, cstr(v)?);
             // SAFETY: handle created above, not yet connected; both strings NUL-terminated.
-            check(unsafe { ffi::rados_conf_set(rados.0, kc.as_ptr(), vc.as_ptr()) }, || format!("setting {k}"))?;
+            check(unsafe { (rados.api.rados_conf_set)(rados.raw, kc.as_ptr(), vc.as_ptr()) }, || {
+                format!("setting {k}")
+            })?;
         }
         // SAFETY: a configured, unconnected handle.
-        check(unsafe { ffi::rados_connect(rados.0) }, || {
+        check(unsafe { (rados.api.rados_connect)(rados.raw) }, || {
             format!("connecting to the cluster of {} as client.{id}", conf.display())
         })?;
         Ok(rados)
@@ -93,20 +104,22 @@ impl Rados {
     pub fn identity(&self) -> Res<ClientIdentity> {
         let mut fsid = [0 as c_char; 64];
         // SAFETY: connected handle; `fsid` is writable for its length, NUL-terminated on success.
-        check(unsafe { ffi::rados_cluster_fsid(self.0, fsid.as_mut_ptr(), fsid.len()) }, || {
+        check(unsafe { (self.api.rados_cluster_fsid)(self.raw, fsid.as_mut_ptr(), fsid.len()) }, || {
             "reading the cluster's fsid".to_owned()
         })?;
         let mut addrs: *mut c_char = std::ptr::null_mut();
         // SAFETY: connected handle, valid out-pointer; librados allocates the string.
-        check(unsafe { ffi::rados_getaddrs(self.0, &mut addrs) }, || "reading the client's address".to_owned())?;
+        check(unsafe { (self.api.rados_getaddrs)(self.raw, &mut addrs) }, || {
+            "reading the client's address".to_owned()
+        })?;
         // SAFETY: both NUL-terminated (fsid by librados, addrs allocated by it); addrs freed once.
         let (fsid, addr) = unsafe {
             let pair = (owned(fsid.as_ptr()), owned(addrs));
-            ffi::rados_buffer_free(addrs);
+            (self.api.rados_buffer_free)(addrs);
             pair
         };
         // SAFETY: connected handle.
-        let instance = unsafe { ffi::rados_get_instance_id(self.0) };
+        let instance = unsafe { (self.api.rados_get_instance_id)(self.raw) };
         Ok(ClientIdentity { fsid, addr, instance })
     }
 
@@ -118,8 +131,8 @@ impl Rados {
             (std::ptr::null_mut(), 0usize, std::ptr::null_mut(), 0usize);
         // SAFETY: connected handle; one NUL-terminated command; no input; valid out-pointers.
         let r = unsafe {
-            ffi::rados_mon_command(
-                self.0,
+            (self.api.rados_mon_command)(
+                self.raw,
                 cmds.as_mut_ptr(),
                 1,
                 std::ptr::null(),
@@ -141,8 +154,8 @@ impl Rados {
                 }
             };
             let both = (text(out, out_len), text(status, status_len));
-            ffi::rados_buffer_free(out);
-            ffi::rados_buffer_free(status);
+            (self.api.rados_buffer_free)(out);
+            (self.api.rados_buffer_free)(status);
             both
         };
         check(r, || format!("monitor command {cmd}: {status_line}"))?;
@@ -158,8 +171,10 @@ impl Rados {
     /// Waits until this client has the newest OSD map (so its next requests carry it).
     pub fn wait_for_latest_osdmap(&self) -> Res<()> {
         // SAFETY: connected handle.
-        check(unsafe { ffi::rados_wait_for_latest_osdmap(self.0) }, || "waiting for the latest OSD map".to_owned())
-            .map(drop)
+        check(unsafe { (self.api.rados_wait_for_latest_osdmap)(self.raw) }, || {
+            "waiting for the latest OSD map".to_owned()
+        })
+        .map(drop)
     }
 }
 
@@ -174,26 +189,29 @@ pub struct ClientIdentity {
 impl Drop for Rados {
     fn drop(&mut self) {
         // SAFETY: created by `rados_create`; every `IoCtx` holds an `Arc<Rados>`, so none is left.
-        unsafe { ffi::rados_shutdown(self.0) }
+        unsafe { (self.api.rados_shutdown)(self.raw) }
     }
 }
 
 /// Creation options of a new image; empty: the cluster's defaults, as `rbd` uses them.
-struct ImageOptions(ffi::ImageOptionsT);
+struct ImageOptions {
+    raw: ffi::ImageOptionsT,
+    api: &'static Api,
+}
 
 impl ImageOptions {
-    fn new() -> Self {
+    fn new(api: &'static Api) -> Self {
         let mut raw: ffi::ImageOptionsT = std::ptr::null_mut();
         // SAFETY: valid out-pointer; the call cannot fail.
-        unsafe { ffi::rbd_image_options_create(&mut raw) };
-        ImageOptions(raw)
+        unsafe { (api.rbd_image_options_create)(&mut raw) };
+        ImageOptions { raw, api }
     }
 }
 
 impl Drop for ImageOptions {
     fn drop(&mut self) {
         // SAFETY: created by `rbd_image_options_create`, destroyed once.
-        unsafe { ffi::rbd_image_options_destroy(self.0) }
+        unsafe { (self.api.rbd_image_options_destroy)(self.raw) }
     }
 }
 
@@ -201,7 +219,7 @@ impl Drop for ImageOptions {
 pub struct IoCtx {
     raw: ffi::IoCtxT,
     pool: String,
-    _cluster: Arc<Rados>,
+    cluster: Arc<Rados>,
 }
 
 // SAFETY: the agent never changes the context's state (snapshot, namespace, locator); librbd
@@ -215,47 +233,50 @@ impl IoCtx {
         let pool_c = cstr(pool)?;
         let mut raw: ffi::IoCtxT = std::ptr::null_mut();
         // SAFETY: connected handle, NUL-terminated pool name, valid out-pointer.
-        check(unsafe { ffi::rados_ioctx_create(cluster.0, pool_c.as_ptr(), &mut raw) }, || {
+        check(unsafe { (cluster.api.rados_ioctx_create)(cluster.raw, pool_c.as_ptr(), &mut raw) }, || {
             format!("opening pool {pool}")
         })?;
-        Ok(IoCtx { raw, pool: pool.to_owned(), _cluster: cluster.clone() })
+        Ok(IoCtx { raw, pool: pool.to_owned(), cluster: cluster.clone() })
     }
 
     pub fn create(&self, name: &str, size: u64) -> Res<()> {
         let name_c = cstr(name)?;
-        let opts = ImageOptions::new();
+        let opts = ImageOptions::new(self.api());
         // SAFETY: live context and options; NUL-terminated name.
-        check(unsafe { ffi::rbd_create4(self.raw, name_c.as_ptr(), size, opts.0) }, || self.step("creating", name))
-            .map(drop)
+        check(unsafe { (self.api().rbd_create4)(self.raw, name_c.as_ptr(), size, opts.raw) }, || {
+            self.step("creating", name)
+        })
+        .map(drop)
     }
 
     /// A clone of `parent@snap` (in `parent_io`'s pool) named `name` in this pool.
     pub fn clone_snapshot(&self, parent_io: &IoCtx, parent: &str, snap: &str, name: &str) -> Res<()> {
         let (p, s, n) = (cstr(parent)?, cstr(snap)?, cstr(name)?);
-        let opts = ImageOptions::new();
+        let opts = ImageOptions::new(self.api());
         // SAFETY: both contexts live, all strings NUL-terminated, options live for the call.
-        let r = unsafe { ffi::rbd_clone3(parent_io.raw, p.as_ptr(), s.as_ptr(), self.raw, n.as_ptr(), opts.0) };
+        let r =
+            unsafe { (self.api().rbd_clone3)(parent_io.raw, p.as_ptr(), s.as_ptr(), self.raw, n.as_ptr(), opts.raw) };
         check(r, || format!("cloning {}/{parent}@{snap} to {}/{name}", parent_io.pool, self.pool)).map(drop)
     }
 
     pub fn remove(&self, name: &str) -> Res<()> {
         let name_c = cstr(name)?;
         // SAFETY: live context, NUL-terminated name.
-        check(unsafe { ffi::rbd_remove(self.raw, name_c.as_ptr()) }, || self.step("removing", name)).map(drop)
+        check(unsafe { (self.api().rbd_remove)(self.raw, name_c.as_ptr()) }, || self.step("removing", name)).map(drop)
     }
 
     /// Removes the RADOS object `oid` of the pool.
     pub fn remove_object(&self, oid: &str) -> Res<()> {
         let oid_c = cstr(oid)?;
         // SAFETY: live context, NUL-terminated object name.
-        check(unsafe { ffi::rados_remove(self.raw, oid_c.as_ptr()) }, || self.step("removing the object", oid))
+        check(unsafe { (self.api().rados_remove)(self.raw, oid_c.as_ptr()) }, || self.step("removing the object", oid))
             .map(drop)
     }
 
     pub fn trash_move(&self, name: &str, delay_secs: u64) -> Res<()> {
         let name_c = cstr(name)?;
         // SAFETY: live context, NUL-terminated name.
-        check(unsafe { ffi::rbd_trash_move(self.raw, name_c.as_ptr(), delay_secs) }, || {
+        check(unsafe { (self.api().rbd_trash_move)(self.raw, name_c.as_ptr(), delay_secs) }, || {
             self.step("moving to the trash", name)
         })
         .map(drop)
@@ -264,12 +285,16 @@ impl IoCtx {
     fn step(&self, doing: &str, name: &str) -> String {
         format!("{doing} {}/{name}", self.pool)
     }
+
+    fn api(&self) -> &'static Api {
+        self.cluster.api
+    }
 }
 
 impl Drop for IoCtx {
     fn drop(&mut self) {
         // SAFETY: created by `rados_ioctx_create`; every `Image` borrows it, so none is open.
-        unsafe { ffi::rados_ioctx_destroy(self.raw) }
+        unsafe { (self.api().rados_ioctx_destroy)(self.raw) }
     }
 }
 
@@ -290,7 +315,7 @@ pub struct ParentSpec {
 pub struct Image<'io> {
     raw: ffi::ImageT,
     spec: String,
-    _io: &'io IoCtx,
+    io: &'io IoCtx,
 }
 
 // SAFETY: an open librbd image may be used from any thread; the agent uses each from one thread.
@@ -340,21 +365,25 @@ impl<'io> Image<'io> {
             None => format!("{}/{name}", io.pool),
         };
         let mut raw: ffi::ImageT = std::ptr::null_mut();
-        let open = if read_only { ffi::rbd_open_read_only } else { ffi::rbd_open };
+        let open = if read_only { io.api().rbd_open_read_only } else { io.api().rbd_open };
         // SAFETY: live context, NUL-terminated name, snapshot NUL-terminated or NULL, out-pointer valid.
         check(unsafe { open(io.raw, name_c.as_ptr(), &mut raw, ptr_or_null(&snap_c)) }, || format!("opening {spec}"))?;
-        Ok(Image { raw, spec, _io: io })
+        Ok(Image { raw, spec, io })
     }
 
     fn step(&self, doing: &str) -> String {
         format!("{doing} {}", self.spec)
     }
 
+    fn api(&self) -> &'static Api {
+        self.io.api()
+    }
+
     pub fn stat(&self) -> Res<Stat> {
         // SAFETY: all-zero is a valid `rbd_image_info_t` (integers and char arrays).
         let mut info: ffi::ImageInfoT = unsafe { std::mem::zeroed() };
         // SAFETY: open image; `info` is writable and its size is passed.
-        check(unsafe { ffi::rbd_stat(self.raw, &mut info, std::mem::size_of::<ffi::ImageInfoT>()) }, || {
+        check(unsafe { (self.api().rbd_stat)(self.raw, &mut info, std::mem::size_of::<ffi::ImageInfoT>()) }, || {
             self.step("reading the size of")
         })?;
         Ok(Stat { size: info.size, object_size: info.obj_size })
@@ -366,7 +395,7 @@ impl<'io> Image<'io> {
         let (mut image, mut snap): (ffi::LinkedImageSpecT, ffi::SnapSpecT) =
             unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
         // SAFETY: open image; both out-structs writable.
-        let r = unsafe { ffi::rbd_get_parent(self.raw, &mut image, &mut snap) };
+        let r = unsafe { (self.api().rbd_get_parent)(self.raw, &mut image, &mut snap) };
         if r == -libc::ENOENT {
             return Ok(None);
         }
@@ -375,8 +404,8 @@ impl<'io> Image<'io> {
         let parent = unsafe {
             let p =
                 ParentSpec { pool: owned(image.pool_name), image: owned(image.image_name), snapshot: owned(snap.name) };
-            ffi::rbd_linked_image_spec_cleanup(&mut image);
-            ffi::rbd_snap_spec_cleanup(&mut snap);
+            (self.api().rbd_linked_image_spec_cleanup)(&mut image);
+            (self.api().rbd_snap_spec_cleanup)(&mut snap);
             p
         };
         Ok(Some(parent))
@@ -388,7 +417,7 @@ impl<'io> Image<'io> {
         let go_on = |_: u64, _: u64| true;
         let (cb, arg) = progress_args(&go_on);
         // SAFETY: open image; the callback's argument lives for the call.
-        let r = unsafe { ffi::rbd_resize2(self.raw, size, false, cb, arg) };
+        let r = unsafe { (self.api().rbd_resize2)(self.raw, size, false, cb, arg) };
         check(r, || self.step("resizing")).map(drop)
     }
 
@@ -397,18 +426,19 @@ impl<'io> Image<'io> {
     pub fn flatten<F: Fn(u64, u64) -> bool + Sync>(&self, progress: F) -> Res<()> {
         let (cb, arg) = progress_args(&progress);
         // SAFETY: open image; `progress` lives for the call and is only read through `&F`.
-        let r = unsafe { ffi::rbd_flatten_with_progress(self.raw, cb, arg) };
+        let r = unsafe { (self.api().rbd_flatten_with_progress)(self.raw, cb, arg) };
         check(r, || self.step("flattening")).map(drop)
     }
 
     /// Copies this image with its snapshots and parent link to `name` in `dest`'s pool.
     pub fn deep_copy<F: Fn(u64, u64) -> bool + Sync>(&self, dest: &IoCtx, name: &str, progress: F) -> Res<()> {
         let name_c = cstr(name)?;
-        let opts = ImageOptions::new();
+        let opts = ImageOptions::new(self.api());
         let (cb, arg) = progress_args(&progress);
         // SAFETY: open image, live destination context and options, NUL-terminated name; the
         // callback's argument lives for the call.
-        let r = unsafe { ffi::rbd_deep_copy_with_progress(self.raw, dest.raw, name_c.as_ptr(), opts.0, cb, arg) };
+        let r =
+            unsafe { (self.api().rbd_deep_copy_with_progress)(self.raw, dest.raw, name_c.as_ptr(), opts.raw, cb, arg) };
         check(r, || format!("deep-copying {} to {}/{name}", self.spec, dest.pool)).map(drop)
     }
 
@@ -426,7 +456,7 @@ impl<'io> Image<'io> {
         // SAFETY: open image; snapshot name NUL-terminated or NULL; the callback's argument lives
         // for the call.
         let r = unsafe {
-            ffi::rbd_diff_iterate2(self.raw, ptr_or_null(&from_c), 0, size, u8::from(with_parent), 1, cb, arg)
+            (self.api().rbd_diff_iterate2)(self.raw, ptr_or_null(&from_c), 0, size, u8::from(with_parent), 1, cb, arg)
         };
         check(r, || self.step("listing the allocated extents of")).map(drop)
     }
@@ -460,26 +490,26 @@ impl<'io> Image<'io> {
     }
 
     pub fn snap_create(&self, snap: &str) -> Res<()> {
-        self.on_snap(snap, "creating snapshot", ffi::rbd_snap_create)
+        self.on_snap(snap, "creating snapshot", self.api().rbd_snap_create)
     }
 
     pub fn snap_remove(&self, snap: &str) -> Res<()> {
-        self.on_snap(snap, "removing snapshot", ffi::rbd_snap_remove)
+        self.on_snap(snap, "removing snapshot", self.api().rbd_snap_remove)
     }
 
     pub fn snap_protect(&self, snap: &str) -> Res<()> {
-        self.on_snap(snap, "protecting snapshot", ffi::rbd_snap_protect)
+        self.on_snap(snap, "protecting snapshot", self.api().rbd_snap_protect)
     }
 
     pub fn snap_unprotect(&self, snap: &str) -> Res<()> {
-        self.on_snap(snap, "unprotecting snapshot", ffi::rbd_snap_unprotect)
+        self.on_snap(snap, "unprotecting snapshot", self.api().rbd_snap_unprotect)
     }
 
     pub fn snap_is_protected(&self, snap: &str) -> Res<bool> {
         let snap_c = cstr(snap)?;
         let mut protected: c_int = 0;
         // SAFETY: open image, NUL-terminated name, writable out-int.
-        check(unsafe { ffi::rbd_snap_is_protected(self.raw, snap_c.as_ptr(), &mut protected) }, || {
+        check(unsafe { (self.api().rbd_snap_is_protected)(self.raw, snap_c.as_ptr(), &mut protected) }, || {
             format!("reading whether {}@{snap} is protected", self.spec)
         })?;
         Ok(protected != 0)
@@ -493,7 +523,7 @@ impl<'io> Image<'io> {
             let mut buf: Vec<ffi::SnapInfoT> = (0..max).map(|_| unsafe { std::mem::zeroed() }).collect();
             // SAFETY: `buf` holds `max` writable entries; librbd raises `max` and answers -ERANGE
             // when they are too few.
-            let r = unsafe { ffi::rbd_snap_list(self.raw, buf.as_mut_ptr(), &mut max) };
+            let r = unsafe { (self.api().rbd_snap_list)(self.raw, buf.as_mut_ptr(), &mut max) };
             if r == -libc::ERANGE {
                 continue;
             }
@@ -502,7 +532,7 @@ impl<'io> Image<'io> {
             // `rbd_snap_list_end` after they are copied.
             let names = unsafe {
                 let names = buf[..r as usize].iter().map(|s| owned(s.name)).collect();
-                ffi::rbd_snap_list_end(buf.as_mut_ptr());
+                (self.api().rbd_snap_list_end)(buf.as_mut_ptr());
                 names
             };
             return Ok(names);
@@ -516,7 +546,7 @@ impl<'io> Image<'io> {
             // SAFETY: all-zero entries are valid (NULL pointers) for librbd to fill.
             let mut buf: Vec<ffi::LinkedImageSpecT> = (0..max).map(|_| unsafe { std::mem::zeroed() }).collect();
             // SAFETY: `buf` holds `max` writable entries; librbd raises `max` on -ERANGE.
-            let r = unsafe { ffi::rbd_list_children3(self.raw, buf.as_mut_ptr(), &mut max) };
+            let r = unsafe { (self.api().rbd_list_children3)(self.raw, buf.as_mut_ptr(), &mut max) };
             if r == -libc::ERANGE {
                 continue;
             }
@@ -525,7 +555,7 @@ impl<'io> Image<'io> {
             let kids = unsafe {
                 let kids =
                     buf[..max].iter().filter(|c| !c.trash).map(|c| (owned(c.pool_name), owned(c.image_name))).collect();
-                ffi::rbd_linked_image_spec_list_cleanup(buf.as_mut_ptr(), max);
+                (self.api().rbd_linked_image_spec_list_cleanup)(buf.as_mut_ptr(), max);
                 kids
             };
             return Ok(kids);
@@ -540,7 +570,7 @@ impl<'io> Image<'io> {
             // SAFETY: all-zero entries are valid (NULL address) for librbd to fill.
             let mut buf: Vec<ffi::ImageWatcherT> = (0..max).map(|_| unsafe { std::mem::zeroed() }).collect();
             // SAFETY: `buf` holds `max` writable entries; librbd raises `max` on -ERANGE.
-            let r = unsafe { ffi::rbd_watchers_list(self.raw, buf.as_mut_ptr(), &mut max) };
+            let r = unsafe { (self.api().rbd_watchers_list)(self.raw, buf.as_mut_ptr(), &mut max) };
             if r == -libc::ERANGE {
                 continue;
             }
@@ -551,7 +581,7 @@ impl<'io> Image<'io> {
                 .filter(|w| !w.addr.is_null())
                 .map(|w| unsafe { std::ffi::CStr::from_ptr(w.addr) }.to_string_lossy().into_owned())
                 .collect();
-            unsafe { ffi::rbd_watchers_list_cleanup(buf.as_mut_ptr(), max) };
+            unsafe { (self.api().rbd_watchers_list_cleanup)(buf.as_mut_ptr(), max) };
             return Ok(addrs);
         }
     }
@@ -560,7 +590,9 @@ impl<'io> Image<'io> {
     pub fn header_object(&self) -> Res<String> {
         let mut id = [0 as std::ffi::c_char; 64];
         // SAFETY: `id` is a writable buffer of the length given; librbd NUL-terminates it.
-        check(unsafe { ffi::rbd_get_id(self.raw, id.as_mut_ptr(), id.len()) }, || self.step("reading the id of"))?;
+        check(unsafe { (self.api().rbd_get_id)(self.raw, id.as_mut_ptr(), id.len()) }, || {
+            self.step("reading the id of")
+        })?;
         // SAFETY: NUL-terminated by librbd within the buffer.
         let id = unsafe { std::ffi::CStr::from_ptr(id.as_ptr()) }.to_string_lossy().into_owned();
         Ok(format!("rbd_header.{id}"))
@@ -570,6 +602,6 @@ impl<'io> Image<'io> {
 impl Drop for Image<'_> {
     fn drop(&mut self) {
         // SAFETY: opened by `rbd_open*`, closed once; its context outlives it (borrowed).
-        unsafe { ffi::rbd_close(self.raw) };
+        unsafe { (self.api().rbd_close)(self.raw) };
     }
 }

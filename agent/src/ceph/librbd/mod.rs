@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use self::ffi::Api;
 use self::handle::{ClientIdentity, Fail, Image, IoCtx, Rados, Res};
 use super::clients::{self, Client};
 use super::path::CephPath;
@@ -61,13 +62,13 @@ struct Shared {
 
 impl Shared {
     /// The current session, connecting first if there is none (callers wait for one connect).
-    fn session(&self) -> Res<Arc<Session>> {
+    fn session(&self, api: &'static Api) -> Res<Arc<Session>> {
         let mut slot = self.session.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = slot.as_ref() {
             return Ok(s.clone());
         }
         let c = &self.connection;
-        let rados = Rados::connect(&c.conf, &c.id, c.keyring.as_deref(), CONNECT_OPTIONS)?;
+        let rados = Rados::connect(api, &c.conf, &c.id, c.keyring.as_deref(), CONNECT_OPTIONS)?;
         let me = self.records.as_deref().and_then(|state_dir| remember(&rados, state_dir));
         let s = Arc::new(Session { rados: Arc::new(rados), me, pools: Mutex::default() });
         *slot = Some(s.clone());
@@ -135,14 +136,16 @@ impl RbdLib {
         let shared = self.0.clone();
         let logged = what.clone();
         let job = tokio::task::spawn_blocking(move || {
+            // The first call loads the libraries (tens of milliseconds), off the runtime too.
+            let api = Api::get()?;
             let started = std::time::Instant::now();
-            let r = shared.session().and_then(|s| f(&s));
+            let r = shared.session(api).and_then(|s| f(&s));
             if r.as_ref().is_err_and(|e| connection_lost(e.errno)) {
                 shared.forget();
             }
             // The benchmark's time per step reads these.
             tracing::debug!(call = %logged, us = started.elapsed().as_micros() as u64, ok = r.is_ok(), "librbd call");
-            r
+            Ok(r)
         });
         let joined = if bounded {
             match tokio::time::timeout(CALL_TIMEOUT, job).await {
@@ -157,7 +160,8 @@ impl RbdLib {
             job.await
         };
         let r = joined
-            .map_err(|e| RbdError::Refused { what: what.clone(), reason: format!("the librbd call failed: {e}") })?;
+            .map_err(|e| RbdError::Refused { what: what.clone(), reason: format!("the librbd call failed: {e}") })?
+            .map_err(|e: ffi::LoadError| RbdError::NoLibrary { what: what.clone(), reason: e.to_string() })?;
         r.map_err(|Fail { step, errno }| {
             if errno == -libc::ECANCELED && stop.is_stopped() {
                 RbdError::Stopped { what }
