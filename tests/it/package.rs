@@ -42,6 +42,18 @@ fn dpkg(root: &Path) -> Command {
     c
 }
 
+/// librbd and librados (and the 12 MiB of libceph-common, boost and libstdc++ they bring) are
+/// loaded by the first Ceph call: the dynamic linker must not load them at exec.
+#[test]
+fn the_binary_does_not_link_ceph_libraries() {
+    let dynamic = run(Command::new("readelf").arg("-d").arg(agent_binary()));
+    let needed: Vec<&str> = dynamic.lines().filter(|l| l.contains("(NEEDED)")).collect();
+    assert!(needed.iter().any(|l| l.contains("libc.so")), "readelf lists the needed libraries: {dynamic}");
+    for lib in ["librbd", "librados", "libceph"] {
+        assert!(!needed.iter().any(|l| l.contains(lib)), "{lib} is not needed at exec: {needed:#?}");
+    }
+}
+
 #[test]
 fn the_package_installs_into_a_clean_root_and_purges() {
     let dir = tempfile::tempdir().unwrap();
@@ -52,6 +64,12 @@ fn the_package_installs_into_a_clean_root_and_purges() {
     let depends = run(Command::new("dpkg-deb").args(["-f", deb, "Depends"]));
     for dep in ["libvirt-daemon", "qemu-system-x86", "qemu-utils", "swtpm", "ovmf", "xorriso"] {
         assert!(depends.split([',', ' ', '\n']).any(|d| d == dep), "{dep} is declared: {depends}");
+    }
+    // Ceph's client libraries are loaded on first use, so hosts without Ceph need not have them.
+    let recommends = run(Command::new("dpkg-deb").args(["-f", deb, "Recommends"]));
+    for dep in ["librbd1", "librados2", "ceph-common"] {
+        assert!(recommends.split([',', ' ', '\n']).any(|d| d == dep), "{dep} is recommended: {recommends}");
+        assert!(!depends.split([',', ' ', '\n']).any(|d| d == dep), "{dep} is not required: {depends}");
     }
     assert_eq!(run(Command::new("dpkg-deb").args(["-I", deb, "conffiles"])).trim(), "/etc/kvmagent/kvmagent.toml");
 

@@ -251,3 +251,25 @@ ceph_functions! {
         fn rbd_watchers_list_cleanup(watchers: *mut ImageWatcherT, num: usize);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_says_which_packages_to_install() {
+        let e = Library::open("libkvmagent-no-such-library.so.1", "librbd1").err().expect("no such library");
+        let text = e.to_string();
+        assert!(text.contains("cannot load libkvmagent-no-such-library.so.1 (package librbd1)"), "{text}");
+        assert!(text.contains("install the Ceph client libraries (Debian: librbd1 and librados2)"), "{text}");
+        assert!(text.contains("client = \"cli\""), "{text}");
+    }
+
+    #[test]
+    fn a_library_without_a_function_is_refused_by_its_name() {
+        let libc = Library::open("libc.so.6", "libc6").expect("libc loads");
+        assert!(!libc.function("malloc", "libc6").expect("libc has malloc").is_null());
+        let text = libc.function("rbd_no_such_function", "libc6").err().expect("no such function").to_string();
+        assert!(text.contains("rbd_no_such_function") && text.contains("package libc6"), "{text}");
+    }
+}
