@@ -78,7 +78,8 @@ pub struct LoadError {
 }
 
 /// A shared library opened with `dlopen` and never closed: the [`Api`] built from it lives as
-/// long as the process.
+/// long as the process, and Ceph's libraries are not made to be unloaded (a retry after a
+/// failed load opens them again, which only counts one more reference).
 struct Library(*mut c_void);
 
 impl Library {
