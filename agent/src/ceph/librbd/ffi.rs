@@ -270,7 +270,7 @@ mod tests {
     fn a_library_without_a_function_is_refused_by_its_name() {
         let libc = Library::open("libc.so.6", "libc6").expect("libc loads");
         assert!(!libc.function("malloc", "libc6").expect("libc has malloc").is_null());
-        let text = libc.function("rbd_no_such_function", "libc6").err().expect("no such function").to_string();
+        let text = libc.function("rbd_no_such_function", "libc6").expect_err("no such function").to_string();
         assert!(text.contains("rbd_no_such_function") && text.contains("package libc6"), "{text}");
     }
 }

@@ -136,7 +136,7 @@ impl RbdLib {
         let shared = self.0.clone();
         let logged = what.clone();
         let job = tokio::task::spawn_blocking(move || {
-            // The first call loads the libraries (tens of milliseconds), off the runtime too.
+            // The first call loads the libraries (about 10 ms of disk and relocations), off the runtime too.
             let api = Api::get()?;
             let started = std::time::Instant::now();
             let r = shared.session(api).and_then(|s| f(&s));
