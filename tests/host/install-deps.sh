@@ -5,7 +5,8 @@
 # crate, and what the tests use besides (openssl and curl for TLS, systemd-analyze for the unit
 # file, sshd for the image-cache tests' SFTP source, Debian's signed shim + GRUB and mtools for the
 # Secure Boot test guest's ESP, virt-firmware to read NVRAM files, xmllint for virt-xml-validate),
-# and the librbd/librados headers the agent's in-process RBD client links against.
+# and librbd/librados, which the agent's in-process RBD client loads on first use (the build needs
+# no Ceph package: the functions are declared by hand and resolved at run time).
 # Idempotent; safe to run again.
 set -euo pipefail
 
@@ -14,7 +15,7 @@ set -euo pipefail
 need=()
 for bin in libvirtd virsh qemu-system-x86_64 qemu-img swtpm pkg-config systemd-analyze openssl curl busybox /usr/sbin/sshd ssh \
     xorriso mformat xmllint virt-fw-vars /usr/share/OVMF/OVMF_CODE_4M.secboot.fd /usr/lib/shim/shimx64.efi.signed \
-    /usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed /usr/include/rbd/librbd.h /usr/include/rados/librados.h; do
+    /usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed /usr/lib/x86_64-linux-gnu/librbd.so.1 /usr/lib/x86_64-linux-gnu/librados.so.2; do
     [ -e "$bin" ] && continue
     command -v "$bin" >/dev/null 2>&1 || need+=("$bin")
 done
@@ -50,5 +51,5 @@ apt-get install "${apt_opts[@]}" \
     qemu-utils/bookworm-backports \
     busybox-static systemd openssl curl openssh-server openssh-client \
     ovmf xorriso mtools libxml2-utils python3-virt-firmware shim-signed grub-efi-amd64-signed \
-    librbd-dev librados-dev
+    librbd1 librados2
 echo "install-deps: done"
