@@ -472,7 +472,7 @@ impl<'io> Image<'io> {
         }
         let (cb, arg) = diff_args(&each);
         // SAFETY: open image; NUL-terminated snapshot name; the callback's argument lives for the call.
-        let r = unsafe { ffi::rbd_diff_iterate2(self.raw, from_c.as_ptr(), 0, size, 1, 0, cb, arg) };
+        let r = unsafe { (self.api().rbd_diff_iterate2)(self.raw, from_c.as_ptr(), 0, size, 1, 0, cb, arg) };
         check(r, || format!("listing what changed in {} since {from_snap}", self.spec)).map(drop)
     }
 
