@@ -317,7 +317,17 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
         files(&h.root, &mut after);
         for f in after.difference(&before) {
             let shown = f.display().to_string();
-            assert!(named.contains(&shown), "{shown} exists, but no successful command named it");
+            if !named.contains(&shown) {
+                let name = f.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                let log = h.log();
+                let lines: Vec<&str> = log.lines().filter(|l| l.contains(&name)).collect();
+                let commands: Vec<String> = sent
+                    .iter()
+                    .filter(|(t, _, _)| lines.iter().any(|l| l.contains(t.as_str())))
+                    .map(|(t, p, b)| format!("{t} {p} {b} -> {:?}", h.callbacks.results(t)))
+                    .collect();
+                panic!("{shown} exists, but no successful command named it; the agent's log of it:\n{}\ncommands:\n{}", lines.join("\n"), commands.join("\n"));
+            }
         }
         before = after;
         // Domains and secrets (each a `virsh` call, so every few bursts and at the end): only
