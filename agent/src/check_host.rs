@@ -242,8 +242,8 @@ fn root(name: &'static str, dir: &Path, missing: Status) -> Check {
         );
     }
     let _ = std::fs::remove_file(&probe);
-    let free = nix::sys::statvfs::statvfs(dir).map(|s| s.blocks_available() as u64 * s.fragment_size() as u64);
-    let fs = nix::sys::statfs::statfs(dir).map(|s| filesystem_name(s.filesystem_type().0 as i64)).unwrap_or("?");
+    let free = nix::sys::statvfs::statvfs(dir).map(|s| s.blocks_available() * s.fragment_size());
+    let fs = nix::sys::statfs::statfs(dir).map(|s| filesystem_name(s.filesystem_type().0)).unwrap_or("?");
     match free {
         Ok(free) if free < LOW_SPACE => Check::problem(
             name,
@@ -340,7 +340,7 @@ mod tests {
     fn the_verdict_is_the_worst_check_and_each_problem_says_what_to_do() {
         let ok = Check::ok("a", "fine");
         let degraded = Check::problem("b", Status::Degraded, "slow", "do x");
-        assert_eq!(verdict(&[ok.clone()]), Status::Ok);
+        assert_eq!(verdict(std::slice::from_ref(&ok)), Status::Ok);
         assert_eq!(verdict(&[ok.clone(), degraded.clone()]), Status::Degraded);
         let missing = root("storage root", Path::new("/nonexistent/kvmagent-root"), Status::NotReady);
         assert_eq!(verdict(&[ok, degraded, missing.clone()]).exit_code(), 2);
