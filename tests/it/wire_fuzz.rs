@@ -326,7 +326,11 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
                     .filter(|(t, _, _)| lines.iter().any(|l| l.contains(t.as_str())))
                     .map(|(t, p, b)| format!("{t} {p} {b} -> {:?}", h.callbacks.results(t)))
                     .collect();
-                panic!("{shown} exists, but no successful command named it; the agent's log of it:\n{}\ncommands:\n{}", lines.join("\n"), commands.join("\n"));
+                panic!(
+                    "{shown} exists, but no successful command named it; the agent's log of it:\n{}\ncommands:\n{}",
+                    lines.join("\n"),
+                    commands.join("\n")
+                );
             }
         }
         before = after;
