@@ -131,24 +131,28 @@ impl BackupMarks {
         }
     }
 
-    /// Every volume carries the marks of `point` and no other backup's. A running VM's bitmaps
-    /// reach its files when QEMU closes them: only its checkpoints are looked at.
-    fn only_of(&self, point: usize) {
+    /// The volumes carry no backup marks but those of `point`; answers whether each carries
+    /// them (a point killed after it dropped the older marks, and so undone, leaves none: the
+    /// next point compares). A running VM's bitmaps reach its files when QEMU closes them: only
+    /// its checkpoints are looked at.
+    fn only_of(&self, point: usize) -> bool {
         let keep = vec![self.name(point)];
+        let mut carried = Vec::new();
         if self.on_ceph {
-            for v in &self.volumes {
-                // Every snapshot of the image: the point's is the only one the agent keeps.
-                assert_eq!(rbd_snapshots(&rbd_spec(v)), keep, "the snapshots of {v}");
-            }
-            return;
-        }
-        assert_eq!(checkpoints(&self.vm), keep, "the checkpoints of VM {}", self.vm);
-        if domstate(&self.vm).as_deref() != Some("running") {
-            for v in &self.volumes {
-                let marks: Vec<String> = bitmaps(v).into_iter().filter(|b| b.starts_with("kvmagent-backup-")).collect();
-                assert_eq!(marks, keep, "the backup bitmaps of {v}");
+            // Every snapshot of the image: the point's is the only one the agent keeps.
+            carried.extend(self.volumes.iter().map(|v| (v.clone(), rbd_snapshots(&rbd_spec(v)))));
+        } else {
+            carried.push((format!("the checkpoints of VM {}", self.vm), checkpoints(&self.vm)));
+            if domstate(&self.vm).as_deref() != Some("running") {
+                let backup =
+                    |v: &String| bitmaps(v).into_iter().filter(|b| b.starts_with("kvmagent-backup-")).collect();
+                carried.extend(self.volumes.iter().map(|v| (v.clone(), backup(v))));
             }
         }
+        for (what, marks) in &carried {
+            assert!(marks.iter().all(|m| keep.contains(m)), "{what}: {marks:?}, newest recorded point {keep:?}");
+        }
+        carried.iter().all(|(_, marks)| *marks == keep)
     }
 }
 
@@ -334,10 +338,11 @@ async fn round(h: &Host, s: &Setup, kind: &str, rng: &mut Rng) -> (&'static str,
             } else {
                 vm(h, s, if rng.below(2) == 0 { "InstantStart" } else { "CreateStopped" }).await.0
             };
+            println!("{kind}: a {} VM", domstate(&vm).unwrap_or_default());
             let marks = BackupMarks { volumes: h.recorded_paths(&vm).unwrap(), vm, group: uuid(), on_ceph };
             let full = h.call_ok("/vm/backup", &json!({"vmUuid": marks.vm, "groupUuid": marks.group})).await.unwrap();
             assert_eq!(full["point"], 0, "{full}");
-            marks.only_of(0);
+            assert!(marks.only_of(0), "the full point marks every volume");
             for i in 0..marks.volumes.len() {
                 // Both volumes are 16 MiB or more: up to 4 MiB within the first 16.
                 let len = (1 + rng.below(4) as u64) * MIB;
@@ -444,7 +449,10 @@ fn check(h: &Host, s: &Setup, result: &Value, expect: &Expect) {
             if domstate(&marks.vm).as_deref() == Some("running") {
                 virsh(&["destroy", "--graceful", &marks.vm]).unwrap();
             }
-            marks.only_of(points - 1);
+            if !marks.only_of(points - 1) {
+                assert!(!ok, "a recorded point marks every volume: {result}");
+                println!("the point was undone after the older marks went: none is left");
+            }
             if marks.on_ceph {
                 // A backup makes no RBD image, only the points' snapshots (checked above).
                 let img = &s.rbd_image;
