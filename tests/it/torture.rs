@@ -575,8 +575,14 @@ async fn kill_the_agent_at_random_moments() {
     for i in 0..rounds {
         let kind = kinds[i % kinds.len()].as_str();
         let (path, cmd, expect) = round(&h, &s, kind, &mut rng).await;
-        // The quick local-storage creates take milliseconds: they are killed within their first 100.
-        let window = if kind == "ls-create" { 100 } else { 600 };
+        // The quick local-storage creates take milliseconds: they are killed within their first
+        // 100. An RBD backup point takes a second or two (each snapshot takes up to one): it is
+        // killed anywhere in it, and sometimes finishes first.
+        let window = match kind {
+            "ls-create" => 100,
+            "rbd-backup" => 2500,
+            _ => 600,
+        };
         let delay = Duration::from_millis(rng.next_u64() % window);
         let task = h.send(path, &cmd).await.unwrap();
         tokio::time::sleep(delay).await;
