@@ -576,11 +576,11 @@ async fn kill_the_agent_at_random_moments() {
         let kind = kinds[i % kinds.len()].as_str();
         let (path, cmd, expect) = round(&h, &s, kind, &mut rng).await;
         // The quick local-storage creates take milliseconds: they are killed within their first
-        // 100. An RBD backup point takes a second or two (each snapshot takes up to one): it is
-        // killed anywhere in it, and sometimes finishes first.
+        // 100. An RBD backup point takes seconds (each snapshot made or dropped up to one): it
+        // is killed anywhere in it, and sometimes finishes first.
         let window = match kind {
             "ls-create" => 100,
-            "rbd-backup" => 2500,
+            "rbd-backup" => 5000,
             _ => 600,
         };
         let delay = Duration::from_millis(rng.next_u64() % window);
