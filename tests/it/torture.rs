@@ -1,5 +1,7 @@
 //! Torture: start an operation (create, clone, change image, flatten offline and live, create on
-//! RBD, backup, an image download into the cache, a volume from a snapshot), SIGKILL the agent at a random moment, start it again, and check that the final result
+//! RBD, backup, an incremental backup point of a local VM (dirty bitmaps) and of a VM on RBD
+//! (snapshot diff), an image download into the cache, a volume from a snapshot), SIGKILL the
+//! agent at a random moment, start it again, and check that the final result
 //! for that taskuuid is delivered, every volume passes `qemu-img check`, the sources are
 //! bit-identical, and nothing half-made is left: no volume, image, domain or temporary file of
 //! a failed operation, no undo log. `KVMAGENT_TORTURE_COUNT` sets how many rounds (default: one
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use kvmagent_host_tests::ceph::{self, agent_config};
 use kvmagent_host_tests::checks::{
-    domstate, file_sha256, guest_disk_flush, qemu_img, qemu_img_info, qemu_io_fill, virsh,
+    domstate, file_sha256, guest_disk_fill, guest_disk_flush, qemu_img, qemu_img_info, qemu_io_fill, virsh,
 };
 use kvmagent_host_tests::guest::staying_kernel_boot;
 use kvmagent_host_tests::http_server::{sha256, HttpServer, Serve};
@@ -21,7 +23,7 @@ use kvmagent_host_tests::{record_volumes, uuid, Host, Rng};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
-const KINDS: [&str; 11] = [
+const KINDS: [&str; 13] = [
     "create",
     "clone",
     "changeimage",
@@ -30,6 +32,8 @@ const KINDS: [&str; 11] = [
     "rbd-create",
     "clone-linked",
     "backup",
+    "backup-incremental",
+    "rbd-backup",
     "download",
     "merge",
     "ls-create",
@@ -44,6 +48,10 @@ enum Expect {
     Replaced { vm: String, old: PathBuf, new: PathBuf },
     /// A backup point is written whole or not at all, and the VM ends on its own files.
     Backup { vm: String, group: PathBuf, volumes: Vec<String> },
+    /// An incremental point over a full one: recorded whole (the manifest's second point) or not
+    /// at all (the group's files as `before`), and the VM's volumes keep the bitmaps, checkpoints
+    /// or RBD snapshots of the newest recorded point only.
+    Incremental { marks: BackupMarks, dir: PathBuf, before: Vec<PathBuf> },
     /// A flatten always ends done (resumed after the kill): the root stands alone and reads as
     /// `reference` did.
     Flat { vm: String, root: PathBuf, reference: PathBuf },
@@ -92,6 +100,101 @@ async fn vm(h: &Host, s: &Setup, strategy: &str) -> (String, PathBuf) {
     });
     h.call_ok("/vm/create", &cmd).await.unwrap();
     (vm, root)
+}
+
+/// A backup group's VM and what marks its volumes with the group's newest point: dirty bitmaps
+/// and libvirt checkpoints (local qcow2), or RBD snapshots.
+struct BackupMarks {
+    vm: String,
+    group: String,
+    /// The VM's install paths (files, or `ceph://pool/image`), root first.
+    volumes: Vec<String>,
+    on_ceph: bool,
+}
+
+impl BackupMarks {
+    /// The point's mark name, as the agent names it.
+    fn name(&self, point: usize) -> String {
+        format!("kvmagent-backup-{}-{point}", self.group)
+    }
+
+    /// Writes `len` bytes of `byte` at `offset` of volume `i`: through the running VM's block
+    /// layer, into the stopped VM's file, or into the RBD image.
+    fn write(&self, i: usize, offset: u64, len: u64, byte: u8) {
+        let v = &self.volumes[i];
+        if self.on_ceph {
+            ceph::fill(&rbd_spec(v), offset, len, byte);
+        } else if domstate(&self.vm).as_deref() == Some("running") {
+            guest_disk_fill(&self.vm, &format!("virtio-disk{i}"), offset, len, byte).unwrap();
+        } else {
+            qemu_io_fill(Path::new(v), offset, len, byte).unwrap();
+        }
+    }
+
+    /// The volumes carry no backup marks but those of `point`; answers whether each carries
+    /// them (a point killed after it dropped the older marks, and so undone, leaves none: the
+    /// next point compares). A running VM's bitmaps reach its files when QEMU closes them: only
+    /// its checkpoints are looked at.
+    fn only_of(&self, point: usize) -> bool {
+        let keep = vec![self.name(point)];
+        let mut carried = Vec::new();
+        if self.on_ceph {
+            // Every snapshot of the image: the point's is the only one the agent keeps.
+            carried.extend(self.volumes.iter().map(|v| (v.clone(), rbd_snapshots(&rbd_spec(v)))));
+        } else {
+            carried.push((format!("the checkpoints of VM {}", self.vm), checkpoints(&self.vm)));
+            if domstate(&self.vm).as_deref() != Some("running") {
+                let backup =
+                    |v: &String| bitmaps(v).into_iter().filter(|b| b.starts_with("kvmagent-backup-")).collect();
+                carried.extend(self.volumes.iter().map(|v| (v.clone(), backup(v))));
+            }
+        }
+        for (what, marks) in &carried {
+            assert!(marks.iter().all(|m| keep.contains(m)), "{what}: {marks:?}, newest recorded point {keep:?}");
+        }
+        carried.iter().all(|(_, marks)| *marks == keep)
+    }
+}
+
+fn checkpoints(vm: &str) -> Vec<String> {
+    virsh(&["checkpoint-list", "--name", vm])
+        .unwrap()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn bitmaps(file: &str) -> Vec<String> {
+    let info: Value = serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", file]).unwrap()).unwrap();
+    let list = info["format-specific"]["data"]["bitmaps"].as_array().cloned().unwrap_or_default();
+    list.iter().map(|b| b["name"].as_str().unwrap().to_owned()).collect()
+}
+
+fn rbd_snapshots(spec: &str) -> Vec<String> {
+    let list: Value = serde_json::from_str(&ceph::rbd(&["snap", "ls", "--format", "json", spec]).unwrap()).unwrap();
+    list.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_owned()).collect()
+}
+
+/// A stopped VM on RBD: its root a clone of the cached RBD image, and a data volume.
+async fn rbd_vm(h: &Host, s: &Setup) -> String {
+    let vm = uuid();
+    h.track_vm(&vm);
+    let img = &s.rbd_image;
+    let cmd = json!({
+        "vm": {"vmInstanceUuid": vm, "vmName": "t-rbd-backup", "memory": 128 * MIB, "cpuNum": 1},
+        "rootVolume": {"volumeUuid": uuid(), "installPath": format!("ceph://rbd/vol-{}", uuid()), "imagePath": format!("ceph://rbd/{img}@{img}")},
+        "dataVolumes": [{"volumeUuid": uuid(), "installPath": format!("ceph://rbd/vol-{}", uuid()), "size": 16 * MIB}],
+        "ceph": {"monInfo": [{"hostname": "127.0.0.1", "port": 6789}]},
+        "strategy": "CreateStopped",
+    });
+    h.call_ok("/vm/create", &cmd).await.unwrap();
+    vm
+}
+
+fn backup_dir(h: &Host, group: &str) -> PathBuf {
+    h.state_dir.parent().unwrap().join("backup").join(group)
 }
 
 /// The command of one round, and what to check after it.
@@ -222,8 +325,34 @@ async fn round(h: &Host, s: &Setup, kind: &str, rng: &mut Rng) -> (&'static str,
             let (vm, _) = vm(h, s, "InstantStart").await;
             let volumes = h.recorded_paths(&vm).unwrap();
             let group = uuid();
-            let dir = h.state_dir.parent().unwrap().join("backup").join(&group);
+            let dir = backup_dir(h, &group);
             ("/vm/backup", json!({"vmUuid": vm, "groupUuid": group}), Expect::Backup { vm, group: dir, volumes })
+        }
+        "backup-incremental" | "rbd-backup" => {
+            // A full point (not killed), then writes on both volumes: the killed command is the
+            // incremental point, by bitmaps (a local VM, running or stopped) or by RBD snapshot
+            // diff.
+            let on_ceph = kind == "rbd-backup";
+            let vm = if on_ceph {
+                rbd_vm(h, s).await
+            } else {
+                vm(h, s, if rng.below(2) == 0 { "InstantStart" } else { "CreateStopped" }).await.0
+            };
+            println!("{kind}: a {} VM", domstate(&vm).unwrap_or_default());
+            let marks = BackupMarks { volumes: h.recorded_paths(&vm).unwrap(), vm, group: uuid(), on_ceph };
+            let full = h.call_ok("/vm/backup", &json!({"vmUuid": marks.vm, "groupUuid": marks.group})).await.unwrap();
+            assert_eq!(full["point"], 0, "{full}");
+            assert!(marks.only_of(0), "the full point marks every volume");
+            for i in 0..marks.volumes.len() {
+                // Both volumes are 16 MiB or more: up to 4 MiB within the first 16.
+                let len = (1 + rng.below(4) as u64) * MIB;
+                let offset = rng.below(((16 * MIB - len) >> 12) as usize) as u64 * 4096;
+                marks.write(i, offset, len, 0x40 + i as u8);
+            }
+            let dir = backup_dir(h, &marks.group);
+            let before = files(&dir);
+            let cmd = json!({"vmUuid": marks.vm, "mode": "incremental", "groupUuid": marks.group});
+            ("/vm/backup", cmd, Expect::Incremental { marks, dir, before })
         }
         "flatten-offline" | "flatten-live" => {
             let live = kind == "flatten-live";
@@ -297,6 +426,39 @@ fn check(h: &Host, s: &Setup, result: &Value, expect: &Expect) {
                 assert!(xml.contains(v.as_str()), "the VM is back on {v}: {xml}");
             }
         }
+        Expect::Incremental { marks, dir, before } => {
+            let manifest: Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+            let points = manifest["points"].as_array().unwrap().len();
+            assert_eq!(
+                points,
+                1 + usize::from(ok),
+                "the manifest records the point exactly when it succeeded: {result}"
+            );
+            let mut now = files(dir);
+            now.retain(|f| !before.contains(f));
+            if ok {
+                assert_eq!(result["point"], 1, "{result}");
+            } else {
+                assert!(now.is_empty(), "a failed point leaves no file of its own: {now:?}: {result}");
+            }
+            let xml = kvmagent_host_tests::checks::dumpxml(&marks.vm).unwrap();
+            for v in &marks.volumes {
+                assert!(xml.contains(&rbd_spec(v)), "the VM is back on {v}: {xml}");
+            }
+            // QEMU writes a running VM's bitmaps into its files as it exits (SIGTERM).
+            if domstate(&marks.vm).as_deref() == Some("running") {
+                virsh(&["destroy", "--graceful", &marks.vm]).unwrap();
+            }
+            if !marks.only_of(points - 1) {
+                assert!(!ok, "a recorded point marks every volume: {result}");
+                println!("the point was undone after the older marks went: none is left");
+            }
+            if marks.on_ceph {
+                // A backup makes no RBD image, only the points' snapshots (checked above).
+                let img = &s.rbd_image;
+                assert_eq!(rbd_snapshots(&format!("rbd/{img}")), vec![img.clone()], "the cached image's snapshots");
+            }
+        }
         Expect::Flat { vm, root, reference } => {
             assert!(ok, "an interrupted flatten is resumed to the end: {result}");
             if domstate(vm).as_deref() == Some("running") {
@@ -368,7 +530,7 @@ async fn kill_the_agent_at_random_moments() {
         assert!(KINDS.contains(&k.as_str()), "unknown torture kind {k:?}: one of {KINDS:?}");
     }
     // Only the RBD rounds need the Ceph cluster.
-    let rbd = kinds.iter().any(|k| k == "rbd-create");
+    let rbd = kinds.iter().any(|k| k.starts_with("rbd-"));
     let mut h = Host::start_with(&if rbd { agent_config() } else { String::new() }).await.unwrap();
     let rounds: usize =
         std::env::var("KVMAGENT_TORTURE_COUNT").ok().and_then(|n| n.parse().ok()).unwrap_or(KINDS.len());
@@ -413,8 +575,14 @@ async fn kill_the_agent_at_random_moments() {
     for i in 0..rounds {
         let kind = kinds[i % kinds.len()].as_str();
         let (path, cmd, expect) = round(&h, &s, kind, &mut rng).await;
-        // The quick local-storage creates take milliseconds: they are killed within their first 100.
-        let window = if kind == "ls-create" { 100 } else { 600 };
+        // The quick local-storage creates take milliseconds: they are killed within their first
+        // 100. An RBD backup point takes seconds (each snapshot made or dropped up to one): it
+        // is killed anywhere in it, and sometimes finishes first.
+        let window = match kind {
+            "ls-create" => 100,
+            "rbd-backup" => 5000,
+            _ => 600,
+        };
         let delay = Duration::from_millis(rng.next_u64() % window);
         let task = h.send(path, &cmd).await.unwrap();
         tokio::time::sleep(delay).await;
@@ -443,6 +611,10 @@ async fn kill_the_agent_at_random_moments() {
         // A round's VM is done with: stopped, so a long run does not keep a hundred guests busy.
         if let Expect::Replaced { vm, .. } | Expect::Backup { vm, .. } | Expect::Flat { vm, .. } = &expect {
             let _ = virsh(&["destroy", vm]);
+        }
+        if let Expect::Incremental { marks, .. } = &expect {
+            let _ = virsh(&["destroy", &marks.vm]);
+            rbd_made.extend(marks.volumes.iter().filter(|p| p.starts_with("ceph://")).cloned());
         }
         if let Expect::AllOrNothing { paths, .. } = &expect {
             rbd_made.extend(paths.iter().filter(|p| p.starts_with("ceph://")).cloned());

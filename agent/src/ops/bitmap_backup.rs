@@ -442,7 +442,8 @@ async fn remove_checkpoint(hv: &dyn Hypervisor, vm: &str, name: &str, running: b
 }
 
 /// Undoes a point's bitmap `name`: its checkpoint in libvirt, and the bitmap in files nothing
-/// has open (a stopped VM's).
+/// has open (a stopped VM's), whose leaked clusters are freed too: a `qemu-img bitmap` of the
+/// point (adding its bitmap, or dropping older ones) killed with the agent leaves some.
 pub async fn undo_bitmap(app: &App, vm: &str, name: &str, files: &[PathBuf]) -> Result<(), String> {
     let running = app.libvirt.domain_state(vm).await.ok().flatten().is_some_and(|s| s.is_active());
     // A killed agent's backup job may still be writing the files this undo removes.
@@ -457,6 +458,7 @@ pub async fn undo_bitmap(app: &App, vm: &str, name: &str, files: &[PathBuf]) -> 
         if app.qemu_img.bitmaps(f, &stop).await.is_ok_and(|l| l.iter().any(|b| b.name == name)) {
             app.qemu_img.change_bitmap(f, name, false, &stop).await.map_err(|e| e.to_string())?;
         }
+        app.qemu_img.repair_leaks(f, &stop).await.map_err(|e| e.to_string())?;
     }
     Ok(())
 }

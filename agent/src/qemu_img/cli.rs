@@ -178,6 +178,19 @@ impl QemuImg for QemuImgCli {
         super::bitmaps::change(path, name, add, stop).await
     }
 
+    async fn repair_leaks(&self, path: &Path, stop: &Stop) -> Result<(), QemuImgError> {
+        let a = args([
+            "check".as_ref(),
+            "-q".as_ref(),
+            "-r".as_ref(),
+            "leaks".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            path.as_os_str(),
+        ]);
+        run("check", path, &a, stop).await.map(drop)
+    }
+
     async fn copy_dirty(&self, src: &Path, bitmap: &str, dst: &Path, stop: &Stop) -> Result<(), QemuImgError> {
         super::bitmaps::copy_dirty(src, bitmap, dst, stop).await
     }

@@ -41,6 +41,10 @@ struct Data {
     /// marks copies what differs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     bitmaps: Vec<String>,
+    /// Clusters left allocated by a `qemu-img bitmap` killed half-way, as the real one leaves
+    /// them: `qemu-img check` reports them until they are repaired.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    leaked: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -144,9 +148,21 @@ pub fn same_content(a: &Path, b: &Path) -> bool {
     view(a).map(|v| v.1) == view(b).map(|v| v.1)
 }
 
-/// What `qemu-img check` of a fake image checks: the image and its whole chain can be read.
+/// What `qemu-img check` of a fake image checks: the image and its whole chain can be read,
+/// and it leaks no cluster.
 pub fn check(path: &Path) -> Result<(), String> {
-    view(path).map(drop)
+    view(path)?;
+    match read(path)?.data.leaked {
+        true => Err(format!("{}: Leaked cluster 24 refcount=1 reference=0", path.display())),
+        false => Ok(()),
+    }
+}
+
+fn set_leaked(path: &Path, leaked: bool) -> Result<bool, Failure> {
+    let mut img = read(path)?;
+    let was = std::mem::replace(&mut img.data.leaked, leaked);
+    write(path, &img)?;
+    Ok(was)
 }
 
 /// A block pull of the top: it reads the same on `base` (or on nothing) as before.
@@ -379,8 +395,17 @@ impl QemuImg for FakeQemuImg {
     }
 
     async fn change_bitmap(&self, path: &Path, name: &str, add: bool, stop: &Stop) -> Result<(), QemuImgError> {
-        self.enter("qemu-img bitmap", path, stop).await?;
+        // Killed in the call (it never returns), the change leaves leaked clusters behind.
+        let was = or_failed("bitmap", path, set_leaked(path, true))?;
+        let entered = self.enter("qemu-img bitmap", path, stop).await;
+        or_failed("bitmap", path, set_leaked(path, was))?;
+        entered?;
         or_failed("bitmap", path, set_bitmap(path, name, add))
+    }
+
+    async fn repair_leaks(&self, path: &Path, stop: &Stop) -> Result<(), QemuImgError> {
+        self.enter("qemu-img check", path, stop).await?;
+        or_failed("check", path, set_leaked(path, false).map(drop))
     }
 
     async fn copy_dirty(&self, src: &Path, bitmap: &str, dst: &Path, stop: &Stop) -> Result<(), QemuImgError> {

@@ -158,6 +158,10 @@ pub trait QemuImg: Send + Sync {
     async fn bitmaps(&self, path: &Path, stop: &Stop) -> Result<Vec<bitmaps::Bitmap>, QemuImgError>;
     /// Adds (`add`) or removes bitmap `name` of qcow2 file `path`, which nothing has open.
     async fn change_bitmap(&self, path: &Path, name: &str, add: bool, stop: &Stop) -> Result<(), QemuImgError>;
+    /// `qemu-img check -r leaks`: frees the clusters that a write to qcow2 file `path` killed
+    /// half-way (a `qemu-img bitmap` that died with the agent) left allocated. Only for a file
+    /// nothing has open.
+    async fn repair_leaks(&self, path: &Path, stop: &Stop) -> Result<(), QemuImgError>;
     /// Copies into `dst` (an overlay on an earlier copy of `src`) the extents of `src` that its
     /// bitmap `bitmap` marks dirty; `src` is a qcow2 file nothing writes.
     async fn copy_dirty(&self, src: &Path, bitmap: &str, dst: &Path, stop: &Stop) -> Result<(), QemuImgError>;
