@@ -212,6 +212,8 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
     let mut sent: Vec<(String, String, Value)> = Vec::new();
     let mut expected: HashMap<String, usize> = HashMap::new();
     let mut elsewhere: Vec<(String, Value)> = Vec::new();
+    // The commands of the last two bursts, whatever became of them (for a failure's report).
+    let mut recent: std::collections::VecDeque<(String, String, Value)> = Default::default();
     let (mut touched, mut fresh): (Vec<String>, Vec<(String, Value)>) = (Vec::new(), Vec::new());
     let cb = h.callbacks.url();
     let mut rbd_images_seen = BTreeSet::new();
@@ -256,6 +258,10 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
         .await;
         for (((task, path, body, replay), answer), bad) in burst.into_iter().zip(answers).zip(headers) {
             let (status, text) = answer.unwrap_or_else(|e| panic!("{path}: no answer: {e}"));
+            if recent.len() == 2 * BURST {
+                recent.pop_front();
+            }
+            recent.push_back((task.to_lowercase(), path.clone(), body.clone()));
             assert!(status < 500 || status == 503, "{path} {body}: HTTP {status}: {text}");
             if status == 200 && text.is_empty() && bad == 1 {
                 elsewhere.push((task.to_lowercase(), body));
@@ -318,18 +324,20 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
         for f in after.difference(&before) {
             let shown = f.display().to_string();
             if !named.contains(&shown) {
-                let name = f.file_name().unwrap_or_default().to_string_lossy().into_owned();
-                let log = h.log();
-                let lines: Vec<&str> = log.lines().filter(|l| l.contains(&name)).collect();
-                let commands: Vec<String> = sent
+                // What ran since the last check: the commands of the last bursts, with their
+                // results, and what the agent warned about.
+                let recent: Vec<String> = recent
                     .iter()
-                    .filter(|(t, _, _)| lines.iter().any(|l| l.contains(t.as_str())))
-                    .map(|(t, p, b)| format!("{t} {p} {b} -> {:?}", h.callbacks.results(t)))
+                    .map(|(t, p, b)| {
+                        format!("{t} {p} {b}\n  -> {:?}", h.callbacks.results(t)).chars().take(3000).collect()
+                    })
                     .collect();
+                let log = h.log();
+                let warned: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
                 panic!(
-                    "{shown} exists, but no successful command named it; the agent's log of it:\n{}\ncommands:\n{}",
-                    lines.join("\n"),
-                    commands.join("\n")
+                    "{shown} exists, but no successful command named it; recent commands:\n{}\nthe agent's last warnings:\n{}",
+                    recent.join("\n"),
+                    warned[warned.len().saturating_sub(40)..].join("\n")
                 );
             }
         }
