@@ -4,7 +4,7 @@
 //! with replays of earlier task ids. After each burst: the agent answers, every accepted task
 //! got exactly one result (one more per replay), memory and the state directory stay bounded,
 //! and no file, domain, libvirt secret or RBD image exists that no successful command named.
-//! The fuzzed agent has the test Ceph cluster: the Ceph paths' commands name images `fz-<uuid>`
+//! The fuzzed agent has the test Ceph cluster: the Ceph paths' commands name images `fz-<run>-<uuid>`
 //! and read a source image the test made.
 //!
 //! CI runs a fixed seed (`KVMAGENT_FUZZ_REQUESTS`, default 2000); `KVMAGENT_FUZZ_SEED` picks
@@ -84,12 +84,12 @@ fn mutate(rng: &mut Rng, v: &mut Value, root: &str) {
     }
 }
 
-/// The libvirt secrets the fuzzer may define (and removes at the end).
-const SECRETS: [&str; 2] = ["6f7e2a1c-0b9d-4c3e-8f1a-2b3c4d5e6f70", "6f7e2a1c-0b9d-4c3e-8f1a-2b3c4d5e6f71"];
+/// The libvirt secret a run may define, undefined when the run ends, however it ends.
+struct Secret(String);
 
-fn remove_secrets() {
-    for s in SECRETS {
-        let _ = std::process::Command::new("virsh").args(["secret-undefine", s]).output();
+impl Drop for Secret {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("virsh").args(["secret-undefine", &self.0]).output();
     }
 }
 
@@ -101,13 +101,17 @@ struct Targets {
     rbd_source: String,
     vm: String,
     other_vm: String,
+    /// The libvirt secret the fuzzer may define (removed at the end).
+    secret: String,
+    /// Names this run's RBD images (`fz-<run>-<uuid>`), so runs side by side tell theirs apart.
+    run: String,
 }
 
 /// A command that would work on each path, from which mutations start.
 fn template(path: &str, t: &Targets) -> Value {
     let u = uuid();
-    let Targets { root, image, rbd_source, vm, other_vm } = t;
-    let new_image = format!("ceph://rbd/fz-{u}");
+    let Targets { root, image, rbd_source, vm, other_vm, secret, run } = t;
+    let new_image = format!("ceph://rbd/fz-{run}-{u}");
     match path {
         "/ceph/primarystorage/volume/createempty" => json!({"installPath": new_image, "size": MIB}),
         "/ceph/primarystorage/volume/clone" => {
@@ -140,7 +144,7 @@ fn template(path: &str, t: &Targets) -> Value {
         "/vm/stop" | "/vm/destroy" => json!({"uuid": other_vm, "type": "cold"}),
         "/host/connect" => json!({"hostUuid": uuid(), "sendCommandUrl": "http://127.0.0.1:1/x"}),
         "/vm/createcephsecret" => {
-            json!({"userKey": "QVFCSmFrMWxBQUFBQUJBQWhUcjBaaVdDOHZBQzVHNVhqV2c9PQ==", "uuid": SECRETS[0]})
+            json!({"userKey": "QVFCSmFrMWxBQUFBQUJBQWhUcjBaaVdDOHZBQzVHNVhqV2c9PQ==", "uuid": secret})
         }
         _ => json!({}),
     }
@@ -176,7 +180,9 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
     let seed: u64 = std::env::var("KVMAGENT_FUZZ_SEED").ok().and_then(|n| n.parse().ok()).unwrap_or(0x5eed_f022);
     println!("wire fuzz: {requests} requests, KVMAGENT_FUZZ_SEED={seed}");
     let mut rng = Rng(seed | 1);
-    remove_secrets();
+    let secret_guard = Secret(uuid::Uuid::new_v4().to_string());
+    let secret = secret_guard.0.clone();
+    let run = uuid()[..8].to_owned();
     let h = Host::start_with(&ceph::agent_config()).await.unwrap();
     let root = h.root.display().to_string();
     let image = BaseImage::create(&h, 4 * MIB).unwrap().path.display().to_string();
@@ -193,7 +199,15 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
         "rootVolume": {"volumeUuid": uuid(), "installPath": format!("{root}/fixture/root.qcow2"), "imagePath": image},
         "strategy": "JustCreate"});
     h.call_ok("/vm/create", &fixture).await.unwrap();
-    let targets = Targets { root: root.clone(), image, rbd_source, vm: vm.clone(), other_vm: other_vm.clone() };
+    let targets = Targets {
+        root: root.clone(),
+        image,
+        rbd_source,
+        vm: vm.clone(),
+        other_vm: other_vm.clone(),
+        secret: secret.clone(),
+        run: run.clone(),
+    };
 
     let out = std::process::Command::new(agent_binary()).arg("paths").output().unwrap();
     let paths: Vec<String> = String::from_utf8_lossy(&out.stdout)
@@ -218,7 +232,8 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
     let cb = h.callbacks.url();
     let mut rbd_images_seen = BTreeSet::new();
     // Images a run killed before its cleanup left are not this run's.
-    let fuzz_images = || ceph::images("rbd").into_iter().filter(|i| i.starts_with("fz-")).collect::<BTreeSet<_>>();
+    let fuzz_images =
+        || ceph::images("rbd").into_iter().filter(|i| i.starts_with(&format!("fz-{run}-"))).collect::<BTreeSet<_>>();
     let rbd_before = fuzz_images();
 
     let mut done = 0;
@@ -353,11 +368,9 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
                 assert!(named.contains(d.as_str()), "domain {d} exists, but no successful command named it");
             }
         }
-        for secret in SECRETS {
-            let defined = std::process::Command::new("virsh").args(["secret-dumpxml", secret]).output();
-            if defined.is_ok_and(|o| o.status.success()) {
-                assert!(named.contains(secret), "secret {secret} exists, but no successful command named it");
-            }
+        let defined = std::process::Command::new("virsh").args(["secret-dumpxml", &secret]).output();
+        if defined.is_ok_and(|o| o.status.success()) {
+            assert!(named.contains(&secret), "secret {secret} exists, but no successful command named it");
         }
         for image in fuzz_images().difference(&rbd_before) {
             let url = format!("ceph://rbd/{image}");
@@ -368,7 +381,7 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
     let fuzzed = fuzz_images().difference(&rbd_before).map(|i| format!("rbd/{i}")).collect();
     drop(ceph::MadeImages(fuzzed));
     drop(made);
-    remove_secrets();
+    drop(secret_guard);
     println!(
         "wire fuzz: {done} requests, {} accepted tasks, {} RBD images made, agent sound",
         expected.len(),
