@@ -228,7 +228,7 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
     let mut elsewhere: Vec<(String, Value)> = Vec::new();
     // The commands of the last two bursts, whatever became of them (for a failure's report).
     let mut recent: std::collections::VecDeque<(String, String, Value)> = Default::default();
-    let (mut touched, mut fresh): (Vec<String>, Vec<(String, Value)>) = (Vec::new(), Vec::new());
+    let (mut touched, mut taken): (Vec<String>, Vec<(String, Value)>) = (Vec::new(), Vec::new());
     let cb = h.callbacks.url();
     let mut rbd_images_seen = BTreeSet::new();
     // Images a run killed before its cleanup left are not this run's.
@@ -286,8 +286,8 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
                 let key = task.to_lowercase();
                 *expected.entry(key.clone()).or_default() += 1;
                 touched.push(key.clone());
+                taken.push((key.clone(), body.clone()));
                 if !replay {
-                    fresh.push((key.clone(), body.clone()));
                     sent.push((key, path, body));
                 }
             } else {
@@ -307,12 +307,12 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
             };
             assert_eq!(got.len(), *n, "task {task} ({what}): {got:?}");
         }
-        for (task, body) in fresh.drain(..) {
-            if let Some(r) = h.callbacks.results(&task).and_then(|r| r.into_iter().next()) {
-                if r["success"] == true {
-                    strings(&body, &mut named);
-                    strings(&r, &mut named);
-                }
+        // Every successful result names what it made: a replay of a task the agent has forgotten
+        // (past `tasks.max_finished`) runs again, and may succeed where the first run failed.
+        for (task, body) in taken.drain(..) {
+            for r in h.callbacks.results(&task).unwrap_or_default().iter().filter(|r| r["success"] == true) {
+                strings(&body, &mut named);
+                strings(r, &mut named);
             }
         }
         // Results posted elsewhere are read with `GET /task`, once finished.
