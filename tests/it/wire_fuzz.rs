@@ -220,6 +220,11 @@ async fn seeded_mutations_of_every_command_keep_the_agent_sound() {
 
     let mut before = BTreeSet::new();
     files(&h.root, &mut before);
+    // The agent loads Ceph's libraries and opens its cluster connection on the first RBD call:
+    // a one-time cost, in place before the baseline so that the bound measures growth.
+    h.call_ok("/ceph/primarystorage/getvolumesize", &json!({"installPath": format!("ceph://{}", targets.rbd_source)}))
+        .await
+        .unwrap();
     let baseline = rss(h.pid().unwrap());
     let mut named: HashSet<String> = HashSet::new();
     strings(&fixture, &mut named);
