@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use kvmagent_host_tests::ceph::{self, agent_config};
 use kvmagent_host_tests::checks::{
-    domstate, file_sha256, guest_disk_fill, guest_disk_flush, qemu_img, qemu_img_info, qemu_io_fill, virsh,
+    bitmaps, checkpoints, domstate, file_sha256, guest_disk_fill, guest_disk_flush, qemu_img, qemu_img_info,
+    qemu_io_fill, virsh,
 };
 use kvmagent_host_tests::guest::staying_kernel_boot;
 use kvmagent_host_tests::http_server::{sha256, HttpServer, Serve};
@@ -140,7 +141,7 @@ impl BackupMarks {
         let mut carried = Vec::new();
         if self.on_ceph {
             // Every snapshot of the image: the point's is the only one the agent keeps.
-            carried.extend(self.volumes.iter().map(|v| (v.clone(), rbd_snapshots(&rbd_spec(v)))));
+            carried.extend(self.volumes.iter().map(|v| (v.clone(), ceph::snapshots(&rbd_spec(v)))));
         } else {
             carried.push((format!("the checkpoints of VM {}", self.vm), checkpoints(&self.vm)));
             if domstate(&self.vm).as_deref() != Some("running") {
@@ -154,27 +155,6 @@ impl BackupMarks {
         }
         carried.iter().all(|(_, marks)| *marks == keep)
     }
-}
-
-fn checkpoints(vm: &str) -> Vec<String> {
-    virsh(&["checkpoint-list", "--name", vm])
-        .unwrap()
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_owned)
-        .collect()
-}
-
-fn bitmaps(file: &str) -> Vec<String> {
-    let info: Value = serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", file]).unwrap()).unwrap();
-    let list = info["format-specific"]["data"]["bitmaps"].as_array().cloned().unwrap_or_default();
-    list.iter().map(|b| b["name"].as_str().unwrap().to_owned()).collect()
-}
-
-fn rbd_snapshots(spec: &str) -> Vec<String> {
-    let list: Value = serde_json::from_str(&ceph::rbd(&["snap", "ls", "--format", "json", spec]).unwrap()).unwrap();
-    list.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_owned()).collect()
 }
 
 /// A stopped VM on RBD: its root a clone of the cached RBD image, and a data volume.
@@ -456,7 +436,7 @@ fn check(h: &Host, s: &Setup, result: &Value, expect: &Expect) {
             if marks.on_ceph {
                 // A backup makes no RBD image, only the points' snapshots (checked above).
                 let img = &s.rbd_image;
-                assert_eq!(rbd_snapshots(&format!("rbd/{img}")), vec![img.clone()], "the cached image's snapshots");
+                assert_eq!(ceph::snapshots(&format!("rbd/{img}")), vec![img.clone()], "the cached image's snapshots");
             }
         }
         Expect::Flat { vm, root, reference } => {

@@ -9,7 +9,9 @@
 use std::path::{Path, PathBuf};
 
 use kvmagent_host_tests::ceph::{self, agent_config, MadeImages};
-use kvmagent_host_tests::checks::{guest_disk_fill, guest_disk_flush, qemu_img, qemu_io_fill, virsh};
+use kvmagent_host_tests::checks::{
+    bitmaps, checkpoints, guest_disk_fill, guest_disk_flush, qemu_img, qemu_io_fill, virsh,
+};
 use kvmagent_host_tests::images::{data_volume_path, root_volume_path, BaseImage};
 use kvmagent_host_tests::sources::{rbd_spec, SourceVm};
 use kvmagent_host_tests::{uuid, Host};
@@ -104,23 +106,6 @@ fn write_all(src: &SourceVm, running: bool) {
     }
 }
 
-/// The backup checkpoints libvirt keeps for the VM.
-fn checkpoints(vm: &str) -> Vec<String> {
-    virsh(&["checkpoint-list", "--name", vm])
-        .unwrap()
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_owned)
-        .collect()
-}
-
-fn bitmaps(file: &str) -> Vec<String> {
-    let info: Value = serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", file]).unwrap()).unwrap();
-    let list = info["format-specific"]["data"]["bitmaps"].as_array().cloned().unwrap_or_default();
-    list.iter().map(|b| b["name"].as_str().unwrap().to_owned()).collect()
-}
-
 async fn incremental(h: &Host, src: &SourceVm, full: &Value) -> Value {
     let cmd = json!({"vmUuid": src.vm, "mode": "incremental", "groupUuid": full["groupUuid"]});
     h.call_ok("/vm/backup", &cmd).await.unwrap()
@@ -200,9 +185,7 @@ async fn a_stopped_vm_incremental_copies_only_the_dirty_extents_and_restores_ide
 
 /// The `kvmagent-backup-*` snapshots of an RBD image.
 fn backup_snapshots(spec: &str) -> Vec<String> {
-    let list: Value = serde_json::from_str(&ceph::rbd(&["snap", "ls", "--format", "json", spec]).unwrap()).unwrap();
-    let names = list.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_owned());
-    names.filter(|n| n.starts_with("kvmagent-backup-")).collect()
+    ceph::snapshots(spec).into_iter().filter(|n| n.starts_with("kvmagent-backup-")).collect()
 }
 
 /// `image@snapshot` of the RBD image exported to a raw file in `dir`.

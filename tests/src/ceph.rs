@@ -82,16 +82,24 @@ pub fn admin_key() -> String {
 pub fn write(spec: &str, offset: u64, bytes: &[u8]) {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), bytes).unwrap();
-    let cmd = format!("write -s {} {offset} {}", file.path().display(), bytes.len());
-    let out = Command::new("qemu-io").args(["-f", "raw", "-c", &cmd, &qemu_name(spec)]).output().unwrap();
-    assert!(out.status.success(), "qemu-io on {spec}: {}", String::from_utf8_lossy(&out.stderr));
+    qemu_io(spec, &format!("write -s {} {offset} {}", file.path().display(), bytes.len()));
 }
 
 /// Fills `len` bytes at `offset` of an RBD image with `byte`, through QEMU's rbd driver.
 pub fn fill(spec: &str, offset: u64, len: u64, byte: u8) {
-    let cmd = format!("write -P {byte} {offset} {len}");
-    let out = Command::new("qemu-io").args(["-f", "raw", "-c", &cmd, &qemu_name(spec)]).output().unwrap();
+    qemu_io(spec, &format!("write -P {byte} {offset} {len}"));
+}
+
+/// Runs one `qemu-io` command on an RBD image as raw.
+fn qemu_io(spec: &str, cmd: &str) {
+    let out = Command::new("qemu-io").args(["-f", "raw", "-c", cmd, &qemu_name(spec)]).output().unwrap();
     assert!(out.status.success(), "qemu-io on {spec}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The names of an RBD image's snapshots.
+pub fn snapshots(spec: &str) -> Vec<String> {
+    let list: Value = serde_json::from_str(&rbd(&["snap", "ls", "--format", "json", spec]).unwrap()).unwrap();
+    list.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_owned()).collect()
 }
 
 /// Removes an image with all its snapshots (test clean-up; errors ignored).

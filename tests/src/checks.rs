@@ -240,3 +240,21 @@ impl Drop for TestNic {
         }
     }
 }
+
+/// The names of VM `vm`'s libvirt checkpoints.
+pub fn checkpoints(vm: &str) -> Vec<String> {
+    virsh(&["checkpoint-list", "--name", vm])
+        .unwrap()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The names of qcow2 file `file`'s persistent dirty bitmaps.
+pub fn bitmaps(file: &str) -> Vec<String> {
+    let info: Value = serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", file]).unwrap()).unwrap();
+    let list = info["format-specific"]["data"]["bitmaps"].as_array().cloned().unwrap_or_default();
+    list.iter().map(|b| b["name"].as_str().unwrap().to_owned()).collect()
+}
