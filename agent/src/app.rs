@@ -113,7 +113,11 @@ impl App {
         let sources = TrustedSources::load(&config.state_dir).map_err(state_err)?;
         let poster = Poster::default();
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
-        let limits = Limits { max_running: config.tasks.max_running, max_finished: config.tasks.max_finished };
+        let limits = Limits {
+            max_running: config.tasks.max_running,
+            max_finished: config.tasks.max_finished,
+            max_finished_bytes: config.tasks.max_finished_bytes,
+        };
         let (tasks, undelivered, interrupted) =
             TaskRegistry::open(Journal::open(&config.state_dir).map_err(state_err)?, Some(progress_tx), limits)
                 .map_err(state_err)?;

@@ -211,6 +211,9 @@ pub struct TaskConfig {
     pub max_running: usize,
     /// Finished tasks kept (memory and journal); past it the oldest are dropped first.
     pub max_finished: usize,
+    /// Bytes the finished tasks' records may hold together (results as JSON); past it the
+    /// oldest are dropped first.
+    pub max_finished_bytes: usize,
     /// Whole-image copies (`qemu-img convert`, safe rebase, `rbd deep cp`, `rbd flatten`) run
     /// at nice +10 and the lowest best-effort I/O priority, so that they do not slow the agent's
     /// answers and the VMs down.
@@ -270,6 +273,7 @@ impl Default for TaskConfig {
             retention_secs: 24 * 3600,
             max_running: 1024,
             max_finished: 10_000,
+            max_finished_bytes: 16 << 20,
             low_priority_copies: true,
         }
     }

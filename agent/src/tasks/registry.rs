@@ -44,11 +44,14 @@ pub struct Limits {
     pub max_running: usize,
     /// Finished tasks kept; past it the oldest are forgotten first.
     pub max_finished: usize,
+    /// Bytes the finished tasks' records may hold together (their results as JSON, ids, paths
+    /// and callback URLs); past it the oldest are forgotten first. The newest always stays.
+    pub max_finished_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_running: 1024, max_finished: 10_000 }
+        Limits { max_running: 1024, max_finished: 10_000, max_finished_bytes: 16 << 20 }
     }
 }
 
@@ -74,6 +77,14 @@ struct Entry {
     progress: u8,
     thread_context: Value,
     thread_context_stack: Value,
+    /// What the record holds once finished, as [`record_bytes`] counts it.
+    held: usize,
+}
+
+/// The bytes a record holds: its strings and its result as JSON.
+fn record_bytes(r: &TaskRecord) -> usize {
+    let result = r.result.as_ref().map_or(0, |v| serde_json::to_vec(v).map_or(0, |b| b.len()));
+    r.task_id.len() + r.path.len() + r.callback_url.as_ref().map_or(0, String::len) + r.command.len() + result
 }
 
 pub struct TaskRegistry {
@@ -117,6 +128,7 @@ impl TaskRegistry {
             entries.insert(
                 record.task_id.clone(),
                 Entry {
+                    held: record_bytes(&record),
                     record,
                     stop: Stop::new(),
                     api_id: None,
@@ -182,6 +194,7 @@ impl TaskRegistry {
                     progress: 0,
                     thread_context: intake.thread_context,
                     thread_context_stack: intake.thread_context_stack,
+                    held: 0,
                 },
             );
         }
@@ -210,6 +223,7 @@ impl TaskRegistry {
             e.record.finished_ms = Some(now_ms());
             e.record.delivered = e.record.callback_url.is_none();
             e.progress = 100;
+            e.held = record_bytes(&e.record);
             let record = e.record.clone();
             let running = map.values().filter(|e| e.record.state == TaskState::Running).count();
             (record, running)
@@ -225,18 +239,27 @@ impl TaskRegistry {
         url
     }
 
-    /// Forgets the oldest finished tasks (delivered ones first) past `max_finished`.
+    /// Forgets the oldest finished tasks (delivered ones first) past `max_finished` or
+    /// `max_finished_bytes`.
     async fn evict_past_limit(&self) {
         let evicted: Vec<String> = {
             let mut map = self.lock();
-            let mut finished: Vec<(bool, u64, String)> = map
+            let mut finished: Vec<(bool, u64, &str, usize)> = map
                 .values()
                 .filter(|e| e.record.state != TaskState::Running)
-                .map(|e| (!e.record.delivered, e.record.finished_ms.unwrap_or(0), e.record.task_id.clone()))
+                .map(|e| (!e.record.delivered, e.record.finished_ms.unwrap_or(0), e.record.task_id.as_str(), e.held))
                 .collect();
-            let excess = finished.len().saturating_sub(self.limits.max_finished);
-            finished.sort();
-            let evicted: Vec<String> = finished.into_iter().take(excess).map(|(_, _, id)| id).collect();
+            finished.sort_unstable();
+            let (mut count, mut bytes) = (finished.len(), finished.iter().map(|f| f.3).sum::<usize>());
+            let mut evicted = Vec::new();
+            for (_, _, id, held) in finished {
+                if count <= 1 || (count <= self.limits.max_finished && bytes <= self.limits.max_finished_bytes) {
+                    break;
+                }
+                evicted.push(id.to_owned());
+                count -= 1;
+                bytes -= held;
+            }
             for id in &evicted {
                 map.remove(id);
             }
@@ -435,9 +458,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_oldest_finished_tasks_go_once_their_results_pass_the_byte_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits { max_finished_bytes: 10_000, ..Limits::default() };
+        let (reg, _, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None, limits).unwrap();
+        let ids: Vec<String> = (0..6).map(|i| format!("{i:032x}")).collect();
+        for id in &ids {
+            assert!(matches!(reg.admit(intake(id, b"{}")).await.unwrap(), Admission::Start(_)));
+            let error = "e".repeat(3000);
+            reg.finish(id, TaskState::Failed, serde_json::json!({"success": false, "error": error})).await;
+            reg.mark_delivered(id).await;
+        }
+        let kept: Vec<bool> = ids.iter().map(|id| reg.status(id).is_some()).collect();
+        assert_eq!(kept, [false, false, false, true, true, true], "three results of ~3 KB fit in 10 KB");
+        let files = std::fs::read_dir(dir.path().join("tasks")).unwrap().count();
+        assert_eq!(files, 3, "the journal forgets them too");
+
+        let huge = "h".repeat(20_000);
+        let last = "f".repeat(32);
+        assert!(matches!(reg.admit(intake(&last, b"{}")).await.unwrap(), Admission::Start(_)));
+        reg.finish(&last, TaskState::Failed, serde_json::json!({"error": huge})).await;
+        assert!(reg.status(&last).is_some(), "the newest result stays, even past the limit alone");
+        assert!(ids.iter().all(|id| reg.status(id).is_none()));
+    }
+
+    #[tokio::test]
     async fn finished_tasks_keep_their_result_not_their_command_and_the_oldest_go_past_the_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let limits = Limits { max_running: 2, max_finished: 3 };
+        let limits = Limits { max_running: 2, max_finished: 3, ..Limits::default() };
         let (reg, _, _) = TaskRegistry::open(Journal::open(dir.path()).unwrap(), None, limits).unwrap();
         let big = vec![b'x'; 1 << 20];
         let ids: Vec<String> = (0..5).map(|i| format!("{i:032x}")).collect();
