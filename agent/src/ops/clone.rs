@@ -256,14 +256,12 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CloneVmCmd) -> AgentResult<Clo
 }
 
 /// The checks that need the host or the cluster: no clone's domain exists, every source is
-/// usable (each checked once) and every RBD target is free (checked concurrently: a call each).
+/// usable (each checked once) and every RBD target is free. The domain lookups and the RBD
+/// checks are a call each, made concurrently.
 async fn check_plans(app: &App, ctx: &TaskCtx, plans: &[Plan]) -> AgentResult<()> {
     let mut sources = HashSet::new();
     let mut rbd_targets = Vec::new();
     for p in plans {
-        if app.libvirt.domain_state(&p.spec.uuid).await?.is_some() {
-            return Err(AgentError::conflict(format!("a domain for VM {} already exists on this host", p.spec.uuid)));
-        }
         for ((_, s), v) in p.sources.iter().zip(p.spec.volumes.iter()) {
             if Location::is_rbd(&v.install_path()) {
                 rbd_targets.push(v.install_path().clone());
@@ -274,9 +272,22 @@ async fn check_plans(app: &App, ctx: &TaskCtx, plans: &[Plan]) -> AgentResult<()
             volumes::store(app, s)?.check_source(s, &ctx.stop).await?;
         }
     }
+    let parallelism = app.config.clone.parallelism;
+    let vms: Vec<String> = plans.iter().map(|p| p.spec.uuid.clone()).collect();
+    let domains: Vec<AgentResult<()>> = futures::stream::iter(vms)
+        .map(|vm: String| async move {
+            match app.libvirt.domain_state(&vm).await? {
+                Some(_) => Err(AgentError::conflict(format!("a domain for VM {vm} already exists on this host"))),
+                None => Ok(()),
+            }
+        })
+        .buffer_unordered(parallelism)
+        .collect()
+        .await;
+    domains.into_iter().collect::<AgentResult<()>>()?;
     let checks: Vec<AgentResult<()>> = futures::stream::iter(rbd_targets)
         .map(|t: String| async move { volumes::store(app, &t)?.check_free(&t, &ctx.stop).await })
-        .buffer_unordered(app.config.clone.parallelism)
+        .buffer_unordered(parallelism)
         .collect()
         .await;
     checks.into_iter().collect()
