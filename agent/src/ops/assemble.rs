@@ -167,11 +167,11 @@ async fn build(
     let state = match strategy {
         Strategy::JustCreate => "Created",
         Strategy::CreateStopped => {
-            super::define(app, spec, false, undo).await.map_err(|e| e.context("step 'define domain' failed"))?;
+            super::define_domain(app, spec, false, undo).await.map_err(|e| e.context("step 'define domain' failed"))?;
             "Stopped"
         }
         Strategy::InstantStart => {
-            super::define(app, spec, true, undo).await.map_err(|e| e.context("step 'start domain' failed"))?;
+            super::define_domain(app, spec, true, undo).await.map_err(|e| e.context("step 'start domain' failed"))?;
             if spec.create_paused {
                 "Paused"
             } else {

@@ -73,6 +73,14 @@ pub fn check_volume(app: &App, vol: &mut Volume) -> AgentResult<()> {
 /// so). The domain is recorded in `undo` (before it is defined: callers have checked that none
 /// exists), so a failure, here or later in the caller, removes it.
 pub async fn define(app: &App, spec: &VmSpec, start: bool, undo: &mut UndoLog) -> AgentResult<StartVmRsp> {
+    define_domain(app, spec, start, undo).await?;
+    let live = app.libvirt.xml(&spec.uuid).await?;
+    domain::device_info(&live)
+}
+
+/// [`define`] without reading back the devices libvirt placed (the native operations answer
+/// with an inventory, which does not name them).
+pub async fn define_domain(app: &App, spec: &VmSpec, start: bool, undo: &mut UndoLog) -> AgentResult<()> {
     let vm = &spec.uuid;
     let xml = domain::render(spec, &settings(app, vm))?;
     check_cpu(app, spec).await?;
@@ -90,8 +98,7 @@ pub async fn define(app: &App, spec: &VmSpec, start: bool, undo: &mut UndoLog) -
             .await
             .map_err(|e| AgentError::from(e).context(format!("starting domain {vm}")))?;
     }
-    let live = app.libvirt.xml(vm).await?;
-    domain::device_info(&live)
+    Ok(())
 }
 
 /// Refuses a CPU mode this host cannot give (libvirt would only fail at start, or quietly

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
-use super::{Convert, CreateOptions, ImageInfo, Measure, QemuImg, QemuImgError};
+use super::{read_header, Convert, CreateOptions, ImageInfo, Measure, QemuImg, QemuImgError};
 use crate::metrics;
 use crate::process::{self, Priority};
 use crate::stop::Stop;
@@ -76,6 +76,21 @@ impl QemuImg for QemuImgCli {
     async fn info(&self, path: &Path, stop: &Stop) -> Result<ImageInfo, QemuImgError> {
         let a = args(["info".as_ref(), "--force-share".as_ref(), "--output=json".as_ref(), path.as_os_str()]);
         parse("info", path, &run("info", path, &a, stop).await?)
+    }
+
+    /// From the header and the file's allocated blocks, as `qemu-img info` counts them, without
+    /// running it (a VM's creation or clone answers with its volumes' sizes); an image whose
+    /// data is in another file is asked.
+    async fn sizes(&self, path: &Path, stop: &Stop) -> Result<(u64, u64), QemuImgError> {
+        use std::os::unix::fs::MetadataExt;
+        let read = || -> Option<(u64, u64)> {
+            let h = read_header(path).ok().filter(|h| !h.external_data)?;
+            Some((h.virtual_size, std::fs::metadata(path).ok()?.blocks() * 512))
+        };
+        match read() {
+            Some(sizes) => Ok(sizes),
+            None => self.info(path, stop).await.map(|i| (i.virtual_size, i.actual_size)),
+        }
     }
 
     async fn create(&self, dst: &Path, size: u64, opts: &CreateOptions, stop: &Stop) -> Result<(), QemuImgError> {
@@ -228,14 +243,18 @@ mod tests {
         let q = QemuImgCli;
         q.create(&base, 1 << 20, &CreateOptions::default(), &stop).await.unwrap();
         q.create_overlay(&base, "qcow2", &top, None, &CreateOptions::preallocation("full"), &stop).await.unwrap();
-        assert_eq!(read_header(&base).unwrap(), Header { format: "qcow2", backing_file: None, external_data: false });
+        let header = Header { format: "qcow2", backing_file: None, external_data: false, virtual_size: 1 << 20 };
+        assert_eq!(read_header(&base).unwrap(), header);
         assert_eq!(read_header(&top).unwrap().backing_file.as_deref(), base.to_str());
         let i = q.info(&top, &stop).await.unwrap();
         assert_eq!(i.backing_filename_format.as_deref(), Some("qcow2"));
         assert_eq!(i.virtual_size, 1 << 20);
+        assert_eq!(q.sizes(&top, &stop).await.unwrap(), (i.virtual_size, i.actual_size), "as qemu-img counts them");
         let raw = dir.path().join("raw.img");
         std::fs::write(&raw, b"QFI").unwrap();
         assert_eq!(sniff_format(&raw).unwrap(), "raw");
+        let i = q.info(&raw, &stop).await.unwrap();
+        assert_eq!(q.sizes(&raw, &stop).await.unwrap(), (i.virtual_size, i.actual_size));
     }
 
     #[tokio::test]

@@ -14,6 +14,8 @@ pub struct Header {
     /// qcow2 v3 "external data file": the image's data lives in another file, which QEMU opens
     /// by a name stored in the header.
     pub external_data: bool,
+    /// The size the guest sees: the qcow2 header's, or a raw file's length (in whole sectors).
+    pub virtual_size: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,19 +30,23 @@ const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 /// A backing file name is at most 1023 bytes (qemu's limit).
 const MAX_BACKING_NAME: u32 = 1023;
 
-/// Reads the format and backing file name from the qcow2 header (magic, then the backing file
-/// offset at byte 8 (u64 BE) and its length at byte 16 (u32 BE)); anything else is raw.
+/// Reads the format, virtual size and backing file name from the qcow2 header (magic, then the
+/// backing file offset at byte 8 (u64 BE), its length at byte 16 (u32 BE), the size at byte 24
+/// (u64 BE)); anything else is raw.
 pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
     let io = |source| HeaderError::Io { path: path.to_owned(), source };
     let mut f = std::fs::File::open(path).map_err(io)?;
     let mut head = [0u8; 80];
     let n = read_full(&mut f, &mut head).map_err(io)?;
     if n < 4 || &head[..4] != QCOW2_MAGIC {
-        return Ok(Header { format: "raw", backing_file: None, external_data: false });
+        // QEMU sees a raw file in whole 512-byte sectors.
+        let virtual_size = f.metadata().map_err(io)?.len().div_ceil(512) * 512;
+        return Ok(Header { format: "raw", backing_file: None, external_data: false, virtual_size });
     }
-    if n < 20 {
-        return Err(HeaderError::Corrupt { path: path.to_owned(), reason: "header shorter than 20 bytes" });
+    if n < 32 {
+        return Err(HeaderError::Corrupt { path: path.to_owned(), reason: "header shorter than 32 bytes" });
     }
+    let virtual_size = u64::from_be_bytes(head[24..32].try_into().expect("8 bytes"));
     let version = u32::from_be_bytes(head[4..8].try_into().expect("4 bytes"));
     // v3 headers carry incompatible feature bits at byte 72; bit 2 is "external data file".
     let external_data =
@@ -48,7 +54,7 @@ pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
     let offset = u64::from_be_bytes(head[8..16].try_into().expect("8 bytes"));
     let len = u32::from_be_bytes(head[16..20].try_into().expect("4 bytes"));
     if offset == 0 || len == 0 {
-        return Ok(Header { format: "qcow2", backing_file: None, external_data });
+        return Ok(Header { format: "qcow2", backing_file: None, external_data, virtual_size });
     }
     if len > MAX_BACKING_NAME {
         return Err(HeaderError::Corrupt { path: path.to_owned(), reason: "backing file name longer than 1023 bytes" });
@@ -64,7 +70,7 @@ pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
     }
     let name = String::from_utf8(name)
         .map_err(|_| HeaderError::Corrupt { path: path.to_owned(), reason: "backing file name is not UTF-8" })?;
-    Ok(Header { format: "qcow2", backing_file: Some(name), external_data })
+    Ok(Header { format: "qcow2", backing_file: Some(name), external_data, virtual_size })
 }
 
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {

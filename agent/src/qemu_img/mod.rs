@@ -114,6 +114,10 @@ impl<'a> Convert<'a> {
 pub trait QemuImg: Send + Sync {
     /// `qemu-img info`, also of images a running VM has open.
     async fn info(&self, path: &Path, stop: &Stop) -> Result<ImageInfo, QemuImgError>;
+    /// `(virtual size, bytes allocated on disk)`, as `info` gives them.
+    async fn sizes(&self, path: &Path, stop: &Stop) -> Result<(u64, u64), QemuImgError> {
+        self.info(path, stop).await.map(|i| (i.virtual_size, i.actual_size))
+    }
     /// An empty qcow2 image of `size` bytes.
     async fn create(&self, dst: &Path, size: u64, opts: &CreateOptions, stop: &Stop) -> Result<(), QemuImgError>;
     /// A thin qcow2 overlay on `backing` (whose format is always given: guessing is unsafe), of

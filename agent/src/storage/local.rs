@@ -456,8 +456,7 @@ impl LocalStorage {
     /// `(virtual size, bytes allocated on disk)` of an existing volume.
     pub async fn sizes(&self, path: &str, stop: &Stop) -> AgentResult<(u64, u64)> {
         let path = self.roots.confine_existing(path)?;
-        let info = self.qemu_img.info(&path, stop).await?;
-        Ok((info.virtual_size, info.actual_size))
+        Ok(self.qemu_img.sizes(&path, stop).await?)
     }
 
     /// Deletes a volume file. Returns `false` (and deletes nothing) when a process has it open.
