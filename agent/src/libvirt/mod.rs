@@ -276,9 +276,85 @@ pub fn dotted(v: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::net::UnixListener;
+    use std::thread::JoinHandle;
+
+    use super::rpc::client::{call_packet, read_packet};
+    use super::rpc::xdr::{Decoder, Encoder};
+    use super::*;
+
     #[test]
     fn dotted_versions() {
         assert_eq!(super::dotted(9_000_000), "9.0.0");
         assert_eq!(super::dotted(10_000_002), "10.0.2");
+    }
+
+    /// A fake daemon on `socket`: it accepts `connections` connections one after the other and
+    /// answers the calls of the handshake and of [`Libvirt::versions`], offering `auth` types;
+    /// each connection is closed, unanswered, at its `drop_at`-th call. Its thread returns
+    /// the URIs the connections opened.
+    fn daemon(listener: UnixListener, connections: usize, auth: i32, drop_at: usize) -> JoinHandle<Vec<String>> {
+        std::thread::spawn(move || {
+            let mut opened = Vec::new();
+            for _ in 0..connections {
+                let (mut s, _) = listener.accept().unwrap();
+                for n in 1.. {
+                    let Ok(call) = read_packet(&mut s) else { break };
+                    if n == drop_at {
+                        break;
+                    }
+                    let mut ret = Encoder::new();
+                    match call.header.procedure {
+                        66 => drop(ret.u32(1).i32(auth)),
+                        1 => opened
+                            .push(Decoder::new(&call.payload).optional("uri", |d| d.string("uri")).unwrap().unwrap()),
+                        157 => drop(ret.u64(9_000_000)),
+                        4 => drop(ret.u64(8_002_000)),
+                        p => panic!("unexpected procedure {p}"),
+                    }
+                    let mut reply = call_packet(call.header.procedure, call.header.serial, &ret.into_bytes());
+                    reply[16..20].copy_from_slice(&1i32.to_be_bytes()); // VIR_NET_REPLY
+                    std::io::Write::write_all(&mut s, &reply).unwrap();
+                }
+            }
+            opened
+        })
+    }
+
+    fn socket_and_uri(dir: &tempfile::TempDir) -> (UnixListener, String) {
+        let path = dir.path().join("libvirt-sock");
+        (UnixListener::bind(&path).unwrap(), format!("qemu+unix:///system?socket={}", path.display()))
+    }
+
+    #[tokio::test]
+    async fn a_call_on_a_connection_the_daemon_dropped_is_made_again_on_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, uri) = socket_and_uri(&dir);
+        // The first connection answers the handshake and one versions() (4 calls), then drops.
+        let daemon = daemon(listener, 2, 0, 5);
+        let libvirt = Libvirt::new(&uri);
+        assert_eq!(libvirt.versions().await.unwrap(), ("9.0.0".into(), "8.2.0".into()));
+        assert_eq!(libvirt.versions().await.unwrap(), ("9.0.0".into(), "8.2.0".into()));
+        drop(libvirt);
+        assert_eq!(daemon.join().unwrap(), ["qemu:///system", "qemu:///system"], "two connections opened");
+    }
+
+    #[tokio::test]
+    async fn a_daemon_asking_for_sasl_is_refused_saying_what_is_supported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, uri) = socket_and_uri(&dir);
+        let daemon = daemon(listener, 1, 1, 0);
+        let e = Libvirt::new(&uri).versions().await.unwrap_err();
+        assert!(matches!(e, LibvirtError::Connect { .. }) && e.to_string().contains("SASL"), "{e}");
+        assert!(e.to_string().contains("polkit"), "{e}");
+        assert!(daemon.join().unwrap().is_empty(), "nothing opened");
+    }
+
+    #[tokio::test]
+    async fn no_daemon_is_a_connect_error_naming_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("qemu:///system?socket={}/none", dir.path().display());
+        let e = Libvirt::new(&uri).versions().await.unwrap_err();
+        assert!(matches!(e, LibvirtError::Connect { .. }) && e.to_string().contains("/none"), "{e}");
     }
 }
