@@ -292,20 +292,27 @@ mod tests {
     /// A fake daemon on `socket`: it accepts `connections` connections one after the other and
     /// answers the calls of the handshake and of [`Libvirt::versions`], offering `auth` types;
     /// each connection is closed, unanswered, at its `drop_at`-th call. Its thread returns
-    /// the URIs the connections opened.
-    fn daemon(listener: UnixListener, connections: usize, auth: i32, drop_at: usize) -> JoinHandle<Vec<String>> {
+    /// the URIs the connections opened and the procedures called, in order.
+    fn daemon(
+        listener: UnixListener,
+        connections: usize,
+        auth: i32,
+        drop_at: usize,
+    ) -> JoinHandle<(Vec<String>, Vec<i32>)> {
         std::thread::spawn(move || {
-            let mut opened = Vec::new();
+            let (mut opened, mut called) = (Vec::new(), Vec::new());
             for _ in 0..connections {
                 let (mut s, _) = listener.accept().unwrap();
                 for n in 1.. {
                     let Ok(call) = read_packet(&mut s) else { break };
+                    called.push(call.header.procedure);
                     if n == drop_at {
                         break;
                     }
                     let mut ret = Encoder::new();
                     match call.header.procedure {
                         66 => drop(ret.u32(1).i32(auth)),
+                        70 => drop(ret.i32(1)),
                         1 => opened
                             .push(Decoder::new(&call.payload).optional("uri", |d| d.string("uri")).unwrap().unwrap()),
                         157 => drop(ret.u64(9_000_000)),
@@ -317,7 +324,7 @@ mod tests {
                     std::io::Write::write_all(&mut s, &reply).unwrap();
                 }
             }
-            opened
+            (opened, called)
         })
     }
 
@@ -336,7 +343,20 @@ mod tests {
         assert_eq!(libvirt.versions().await.unwrap(), ("9.0.0".into(), "8.2.0".into()));
         assert_eq!(libvirt.versions().await.unwrap(), ("9.0.0".into(), "8.2.0".into()));
         drop(libvirt);
-        assert_eq!(daemon.join().unwrap(), ["qemu:///system", "qemu:///system"], "two connections opened");
+        let (opened, called) = daemon.join().unwrap();
+        assert_eq!(opened, ["qemu:///system", "qemu:///system"], "two connections opened");
+        assert_eq!(called, [66, 1, 157, 4, 157, 66, 1, 157, 4], "the dropped call is made again");
+    }
+
+    #[tokio::test]
+    async fn a_daemon_asking_for_polkit_is_answered_as_libvirts_client_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, uri) = socket_and_uri(&dir);
+        let daemon = daemon(listener, 1, 2, 0);
+        let libvirt = Libvirt::new(&uri);
+        assert_eq!(libvirt.versions().await.unwrap(), ("9.0.0".into(), "8.2.0".into()));
+        drop(libvirt);
+        assert_eq!(daemon.join().unwrap(), (vec!["qemu:///system".to_string()], vec![66, 70, 1, 157, 4]));
     }
 
     #[tokio::test]
@@ -347,7 +367,7 @@ mod tests {
         let e = Libvirt::new(&uri).versions().await.unwrap_err();
         assert!(matches!(e, LibvirtError::Connect { .. }) && e.to_string().contains("SASL"), "{e}");
         assert!(e.to_string().contains("polkit"), "{e}");
-        assert!(daemon.join().unwrap().is_empty(), "nothing opened");
+        assert_eq!(daemon.join().unwrap(), (vec![], vec![66]), "nothing opened");
     }
 
     #[tokio::test]
