@@ -319,6 +319,7 @@ impl Config {
         if let Some(r) = self.storage.roots.iter().find(|r| !r.is_absolute()) {
             return Err(format!("storage root {} must be an absolute path", r.display()));
         }
+        crate::libvirt::endpoint::Endpoint::parse(&self.libvirt.uri)?;
         if !matches!(self.libvirt.domain_type.as_str(), "kvm" | "qemu") {
             return Err(format!("libvirt.domain_type must be \"kvm\" or \"qemu\", not {:?}", self.libvirt.domain_type));
         }

@@ -42,15 +42,31 @@ fn dpkg(root: &Path) -> Command {
     c
 }
 
+/// The `NEEDED` entries of the agent binary: what the dynamic linker loads at exec.
+fn needed_libraries() -> Vec<String> {
+    let dynamic = run(Command::new("readelf").arg("-d").arg(agent_binary()));
+    let needed: Vec<String> = dynamic.lines().filter(|l| l.contains("(NEEDED)")).map(str::to_owned).collect();
+    assert!(needed.iter().any(|l| l.contains("libc.so")), "readelf lists the needed libraries: {dynamic}");
+    needed
+}
+
 /// librbd and librados (and the 12 MiB of libceph-common, boost and libstdc++ they bring) are
 /// loaded by the first Ceph call: the dynamic linker must not load them at exec.
 #[test]
 fn the_binary_does_not_link_ceph_libraries() {
-    let dynamic = run(Command::new("readelf").arg("-d").arg(agent_binary()));
-    let needed: Vec<&str> = dynamic.lines().filter(|l| l.contains("(NEEDED)")).collect();
-    assert!(needed.iter().any(|l| l.contains("libc.so")), "readelf lists the needed libraries: {dynamic}");
+    let needed = needed_libraries();
     for lib in ["librbd", "librados", "libceph"] {
         assert!(!needed.iter().any(|l| l.contains(lib)), "{lib} is not needed at exec: {needed:#?}");
+    }
+}
+
+/// The agent speaks libvirt's RPC protocol itself: libvirt (and the ~50 libraries it brings,
+/// libcrypto, gnutls, glib, xml2, ...) is not loaded at all.
+#[test]
+fn the_binary_does_not_link_libvirt() {
+    let needed = needed_libraries();
+    for lib in ["libvirt", "libgnutls", "libcrypto", "libxml2", "libglib"] {
+        assert!(!needed.iter().any(|l| l.contains(lib)), "{lib} is not needed: {needed:#?}");
     }
 }
 
@@ -65,6 +81,8 @@ fn the_package_installs_into_a_clean_root_and_purges() {
     for dep in ["libvirt-daemon", "qemu-system-x86", "qemu-utils", "swtpm", "ovmf", "xorriso"] {
         assert!(depends.split([',', ' ', '\n']).any(|d| d == dep), "{dep} is declared: {depends}");
     }
+    // The daemon, not its client library: the agent speaks the RPC protocol itself.
+    assert!(!depends.split([',', ' ', '\n']).any(|d| d == "libvirt0"), "libvirt0 is not required: {depends}");
     // Ceph's client libraries are loaded on first use, so hosts without Ceph need not have them.
     let recommends = run(Command::new("dpkg-deb").args(["-f", deb, "Recommends"]));
     for dep in ["librbd1", "librados2", "ceph-common"] {

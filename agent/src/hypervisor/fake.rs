@@ -58,12 +58,12 @@ impl FakeDomain {
 
     /// The guest agent, when it can answer `call` (libvirt's errors otherwise).
     fn answering_agent(&mut self, call: &'static str) -> Result<&mut Self, LibvirtError> {
-        let fail = |message: &str, code| LibvirtError::Call { call, message: message.into(), code: code as i32 };
+        let fail = |message: &str, code| LibvirtError::Call { call, message: message.into(), code };
         if !self.state.is_active() {
-            return Err(fail("domain is not running", virt::sys::VIR_ERR_OPERATION_INVALID));
+            return Err(fail("domain is not running", crate::libvirt::code::OPERATION_INVALID));
         }
         if self.agent == GuestAgent::Absent || self.state != VmState::Running {
-            return Err(fail("QEMU guest agent is not connected", virt::sys::VIR_ERR_AGENT_UNRESPONSIVE));
+            return Err(fail("QEMU guest agent is not connected", crate::libvirt::code::AGENT_UNRESPONSIVE));
         }
         Ok(self)
     }

@@ -1,9 +1,34 @@
 //! Domain-level calls: look-up, state, define/start, stop, undefine, live XML.
 
-use virt::domain::Domain;
-use virt::sys;
-
+use super::rpc::{Connection, DeviceCall, Domain};
 use super::{Libvirt, LibvirtError};
+
+/// libvirt's `virDomainState` values.
+const RUNNING: i32 = 1;
+const BLOCKED: i32 = 2;
+const PAUSED: i32 = 3;
+const SHUTDOWN: i32 = 4;
+const SHUTOFF: i32 = 5;
+const CRASHED: i32 = 6;
+const PMSUSPENDED: i32 = 7;
+
+/// `VIR_DOMAIN_START_PAUSED`.
+const START_PAUSED: u32 = 1;
+/// `virDomainUndefineFlagsValues`.
+const UNDEFINE_MANAGED_SAVE: u32 = 1;
+const UNDEFINE_SNAPSHOTS_METADATA: u32 = 2;
+const UNDEFINE_KEEP_NVRAM: u32 = 8;
+const UNDEFINE_CHECKPOINTS_METADATA: u32 = 16;
+const UNDEFINE_TPM: u32 = 32;
+const UNDEFINE_KEEP_TPM: u32 = 64;
+/// `virDomainModificationImpact`.
+const AFFECT_LIVE: u32 = 1;
+const AFFECT_CONFIG: u32 = 2;
+/// `virDomainSnapshotCreateFlags`.
+const SNAPSHOT_NO_METADATA: u32 = 4;
+const SNAPSHOT_DISK_ONLY: u32 = 16;
+const SNAPSHOT_REUSE_EXT: u32 = 32;
+const SNAPSHOT_ATOMIC: u32 = 128;
 
 /// A domain's state in the management plane's vocabulary (`/vm/vmsync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -17,13 +42,13 @@ pub enum VmState {
 }
 
 impl VmState {
-    fn from_libvirt(s: sys::virDomainState) -> VmState {
+    fn from_libvirt(s: i32) -> VmState {
         match s {
-            sys::VIR_DOMAIN_RUNNING | sys::VIR_DOMAIN_BLOCKED => VmState::Running,
-            sys::VIR_DOMAIN_PAUSED => VmState::Paused,
-            sys::VIR_DOMAIN_SHUTDOWN | sys::VIR_DOMAIN_SHUTOFF => VmState::Shutdown,
-            sys::VIR_DOMAIN_CRASHED => VmState::Crashed,
-            sys::VIR_DOMAIN_PMSUSPENDED => VmState::Suspended,
+            RUNNING | BLOCKED => VmState::Running,
+            PAUSED => VmState::Paused,
+            SHUTDOWN | SHUTOFF => VmState::Shutdown,
+            CRASHED => VmState::Crashed,
+            PMSUSPENDED => VmState::Suspended,
             _ => VmState::NoState,
         }
     }
@@ -38,22 +63,17 @@ pub fn is_vm_name(name: &str) -> bool {
     name.len() == 32 && name.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-pub(super) fn lookup(c: &virt::connect::Connect, name: &str) -> Result<Domain, LibvirtError> {
-    c.lookup_domain_by_name(name).map_err(|e| LibvirtError::from_virt("lookupByName", e))
-}
-
-fn state_of(d: &Domain) -> Result<(VmState, bool), LibvirtError> {
-    let (s, _reason) = d.state().map_err(|e| LibvirtError::from_virt("getState", e))?;
-    let s = s.to_raw();
-    let shutting_down = s == sys::VIR_DOMAIN_SHUTDOWN;
-    Ok((VmState::from_libvirt(s), shutting_down))
+/// The state of `d` and whether it is in the middle of shutting down.
+fn state_of(c: &Connection, d: &Domain) -> Result<(VmState, bool), LibvirtError> {
+    let s = c.domain_state(d)?;
+    Ok((VmState::from_libvirt(s), s == SHUTDOWN))
 }
 
 impl Libvirt {
     /// The state of domain `name`, or `None` when no such domain is defined.
     pub async fn domain_state(&self, name: &str) -> Result<Option<VmState>, LibvirtError> {
         let name = name.to_owned();
-        let r = self.call("getState", move |c| state_of(&lookup(c, &name)?).map(|(s, _)| s)).await;
+        let r = self.call("getState", move |c| state_of(c, &c.lookup_domain(&name)?).map(|(s, _)| s)).await;
         match r {
             Err(e) if e.is_no_domain() => Ok(None),
             other => other.map(Some),
@@ -63,22 +83,20 @@ impl Libvirt {
     /// Every managed domain with its state, plus the ones in the middle of shutting down.
     pub async fn list_vm_states(&self) -> Result<(Vec<(String, VmState)>, Vec<String>), LibvirtError> {
         self.call("listAllDomains", |c| {
-            let domains = c.list_all_domains(0).map_err(|e| LibvirtError::from_virt("listAllDomains", e))?;
             let mut states = Vec::new();
             let mut shutting = Vec::new();
-            for d in domains {
-                let Ok(name) = d.name() else { continue };
-                if !is_vm_name(&name) {
+            for d in c.list_all_domains()? {
+                if !is_vm_name(&d.name) {
                     continue;
                 }
                 // A domain can vanish between the listing and this call; skip it.
-                let Ok((state, in_shutdown)) = state_of(&d) else {
+                let Ok((state, in_shutdown)) = state_of(c, &d) else {
                     continue;
                 };
                 if in_shutdown {
-                    shutting.push(name.clone());
+                    shutting.push(d.name.clone());
                 }
-                states.push((name, state));
+                states.push((d.name, state));
             }
             Ok((states, shutting))
         })
@@ -87,22 +105,19 @@ impl Libvirt {
 
     /// Defines the domain persistently from `xml`.
     pub async fn define(&self, xml: String) -> Result<(), LibvirtError> {
-        self.call("defineXML", move |c| {
-            c.define_domain_xml(&xml).map(|_| ()).map_err(|e| LibvirtError::from_virt("defineXML", e))
-        })
-        .await
+        self.call("defineXML", move |c| c.define_domain(&xml)).await
     }
 
     /// Starts the defined domain `name`, paused when asked.
     pub async fn start(&self, name: &str, paused: bool) -> Result<(), LibvirtError> {
         let name = name.to_owned();
-        let flags = if paused { sys::VIR_DOMAIN_START_PAUSED } else { 0 };
+        let flags = if paused { START_PAUSED } else { 0 };
         self.call("create", move |c| {
-            let d = lookup(c, &name)?;
-            if state_of(&d)?.0.is_active() {
+            let d = c.lookup_domain(&name)?;
+            if state_of(c, &d)?.0.is_active() {
                 return Ok(());
             }
-            d.create_with_flags(flags).map(|_| ()).map_err(|e| LibvirtError::from_virt("create", e))
+            c.create_domain(&d, flags)
         })
         .await
     }
@@ -110,21 +125,18 @@ impl Libvirt {
     /// The live (or, when stopped, the persistent) XML of `name`.
     pub async fn xml(&self, name: &str) -> Result<String, LibvirtError> {
         let name = name.to_owned();
-        self.call("getXMLDesc", move |c| {
-            lookup(c, &name)?.xml_desc(0).map_err(|e| LibvirtError::from_virt("getXMLDesc", e))
-        })
-        .await
+        self.call("getXMLDesc", move |c| c.domain_xml(&c.lookup_domain(&name)?)).await
     }
 
     /// Hard power-off; a domain that is not running is left as it is.
     pub async fn destroy(&self, name: &str) -> Result<(), LibvirtError> {
         let name = name.to_owned();
         self.call("destroy", move |c| {
-            let d = lookup(c, &name)?;
-            if !state_of(&d)?.0.is_active() {
+            let d = c.lookup_domain(&name)?;
+            if !state_of(c, &d)?.0.is_active() {
                 return Ok(());
             }
-            d.destroy().map_err(|e| LibvirtError::from_virt("destroy", e))
+            c.destroy_domain(&d)
         })
         .await
     }
@@ -133,11 +145,11 @@ impl Libvirt {
     pub async fn shutdown(&self, name: &str) -> Result<(), LibvirtError> {
         let name = name.to_owned();
         self.call("shutdown", move |c| {
-            let d = lookup(c, &name)?;
-            if !state_of(&d)?.0.is_active() {
+            let d = c.lookup_domain(&name)?;
+            if !state_of(c, &d)?.0.is_active() {
                 return Ok(());
             }
-            d.shutdown().map_err(|e| LibvirtError::from_virt("shutdown", e))
+            c.shutdown_domain(&d)
         })
         .await
     }
@@ -148,17 +160,13 @@ impl Libvirt {
     /// start under the same uuid. A missing domain is success.
     pub async fn undefine(&self, name: &str, remove_tpm_state: bool) -> Result<(), LibvirtError> {
         let name = name.to_owned();
-        let tpm = if remove_tpm_state { sys::VIR_DOMAIN_UNDEFINE_TPM } else { sys::VIR_DOMAIN_UNDEFINE_KEEP_TPM };
-        let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-            | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-            | sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
+        let tpm = if remove_tpm_state { UNDEFINE_TPM } else { UNDEFINE_KEEP_TPM };
+        let flags = UNDEFINE_MANAGED_SAVE
+            | UNDEFINE_SNAPSHOTS_METADATA
+            | UNDEFINE_CHECKPOINTS_METADATA
+            | UNDEFINE_KEEP_NVRAM
             | tpm;
-        let r = self
-            .call("undefine", move |c| {
-                lookup(c, &name)?.undefine_flags(flags).map_err(|e| LibvirtError::from_virt("undefine", e))
-            })
-            .await;
+        let r = self.call("undefine", move |c| c.undefine_domain(&c.lookup_domain(&name)?, flags)).await;
         match r {
             Err(e) if e.is_no_domain() => Ok(()),
             other => other,
@@ -166,53 +174,27 @@ impl Libvirt {
     }
 }
 
-/// A change to one device of a running domain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChange {
-    Attach,
-    Detach,
-    Update,
-}
-
-impl DeviceChange {
-    fn call(self) -> &'static str {
-        match self {
-            DeviceChange::Attach => "attachDeviceFlags",
-            DeviceChange::Detach => "detachDeviceFlags",
-            DeviceChange::Update => "updateDeviceFlags",
-        }
-    }
-}
-
 impl Libvirt {
     /// Makes `change` with the device `xml` describes on the running domain `name`, and on its
     /// persistent definition too when it has one (so that both keep describing the same VM).
-    pub async fn change_device(&self, name: &str, change: DeviceChange, xml: String) -> Result<(), LibvirtError> {
+    pub async fn change_device(&self, name: &str, change: DeviceCall, xml: String) -> Result<(), LibvirtError> {
         let name = name.to_owned();
-        let call = change.call();
-        self.call(call, move |c| {
-            let d = lookup(c, &name)?;
-            let persistent = d.is_persistent().map_err(|e| LibvirtError::from_virt("isPersistent", e))?;
-            let flags = sys::VIR_DOMAIN_AFFECT_LIVE | if persistent { sys::VIR_DOMAIN_AFFECT_CONFIG } else { 0 };
-            match change {
-                DeviceChange::Attach => d.attach_device_flags(&xml, flags),
-                DeviceChange::Detach => d.detach_device_flags(&xml, flags),
-                DeviceChange::Update => d.update_device_flags(&xml, flags),
-            }
-            .map_err(|e| LibvirtError::from_virt(call, e))
+        self.call(change.name(), move |c| {
+            let d = c.lookup_domain(&name)?;
+            let flags = AFFECT_LIVE | if c.domain_is_persistent(&d)? { AFFECT_CONFIG } else { 0 };
+            c.change_device(change, &d, &xml, flags)
         })
         .await
     }
 
     pub async fn suspend(&self, name: &str) -> Result<(), LibvirtError> {
         let name = name.to_owned();
-        self.call("suspend", move |c| lookup(c, &name)?.suspend().map_err(|e| LibvirtError::from_virt("suspend", e)))
-            .await
+        self.call("suspend", move |c| c.suspend_domain(&c.lookup_domain(&name)?)).await
     }
 
     pub async fn resume(&self, name: &str) -> Result<(), LibvirtError> {
         let name = name.to_owned();
-        self.call("resume", move |c| lookup(c, &name)?.resume().map_err(|e| LibvirtError::from_virt("resume", e))).await
+        self.call("resume", move |c| c.resume_domain(&c.lookup_domain(&name)?)).await
     }
 
     /// Switches some disks of the running domain to pre-created qcow2 overlays on their current
@@ -234,16 +216,7 @@ impl Libvirt {
             }
         }
         xml.push_str("</disks></domainsnapshot>");
-        let flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
-            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
-            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
-            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
-        self.call("snapshotCreateXML", move |c| {
-            lookup(c, &name)?
-                .create_snapshot_xml(&xml, flags)
-                .map(|_| ())
-                .map_err(|e| LibvirtError::from_virt("snapshotCreateXML", e))
-        })
-        .await
+        let flags = SNAPSHOT_DISK_ONLY | SNAPSHOT_REUSE_EXT | SNAPSHOT_NO_METADATA | SNAPSHOT_ATOMIC;
+        self.call("snapshotCreateXML", move |c| c.create_snapshot(&c.lookup_domain(&name)?, &xml, flags)).await
     }
 }

@@ -1,14 +1,10 @@
 //! The guest agent (qemu-guest-agent in the guest, on the `org.qemu.guest_agent.0` channel
 //! every domain gets): whether it is connected, and freezing and thawing the guest's
-//! filesystems. The `virt` crate offers the freeze only as raw FFI: this module is the one
-//! place that calls it.
+//! filesystems.
 
 use std::time::Duration;
 
-use virt::domain::Domain;
-use virt::sys;
-
-use super::domains::lookup;
+use super::rpc::{Connection, Domain};
 use super::{Libvirt, LibvirtError};
 
 /// The name of the guest agent's virtio-serial port.
@@ -23,19 +19,10 @@ pub fn agent_connected(live_xml: &str) -> bool {
     })
 }
 
-fn last_error(call: &'static str) -> LibvirtError {
-    LibvirtError::from_virt(call, virt::error::Error::last_error())
-}
-
 /// Bounds how long libvirt waits for the agent's answers to `d`'s agent commands (by default
 /// it waits for ever).
-fn bound_agent_wait(d: &Domain, timeout: Duration) -> Result<(), LibvirtError> {
-    let secs = i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX).max(1);
-    // SAFETY: `d` keeps the domain pointer alive for the call.
-    if unsafe { sys::virDomainAgentSetResponseTimeout(d.as_ptr(), secs, 0) } < 0 {
-        return Err(last_error("domainAgentSetResponseTimeout"));
-    }
-    Ok(())
+fn bound_agent_wait(c: &Connection, d: &Domain, timeout: Duration) -> Result<(), LibvirtError> {
+    c.set_agent_timeout(d, i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX).max(1))
 }
 
 impl Libvirt {
@@ -49,11 +36,10 @@ impl Libvirt {
     pub async fn guest_fs_freeze(&self, vm: &str, timeout: Duration) -> Result<u32, LibvirtError> {
         let vm = vm.to_owned();
         self.call("domainFSFreeze", move |c| {
-            let d = lookup(c, &vm)?;
-            bound_agent_wait(&d, timeout)?;
-            // SAFETY: as above; no mount points (NULL, 0) means all of them.
-            let rc = unsafe { sys::virDomainFSFreeze(d.as_ptr(), std::ptr::null_mut(), 0, 0) };
-            u32::try_from(rc).map_err(|_| last_error("domainFSFreeze"))
+            let d = c.lookup_domain(&vm)?;
+            bound_agent_wait(c, &d, timeout)?;
+            // No mount points named: all of them.
+            Ok(u32::try_from(c.fs_freeze(&d, true)?).unwrap_or(0))
         })
         .await
     }
@@ -62,15 +48,9 @@ impl Libvirt {
     pub async fn guest_fs_thaw(&self, vm: &str, timeout: Duration) -> Result<(), LibvirtError> {
         let vm = vm.to_owned();
         self.call("domainFSThaw", move |c| {
-            let d = lookup(c, &vm)?;
-            bound_agent_wait(&d, timeout)?;
-            // SAFETY: as above.
-            let rc = unsafe { sys::virDomainFSThaw(d.as_ptr(), std::ptr::null_mut(), 0, 0) };
-            if rc < 0 {
-                Err(last_error("domainFSThaw"))
-            } else {
-                Ok(())
-            }
+            let d = c.lookup_domain(&vm)?;
+            bound_agent_wait(c, &d, timeout)?;
+            c.fs_freeze(&d, false).map(drop)
         })
         .await
     }

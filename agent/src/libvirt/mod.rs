@@ -4,16 +4,31 @@
 pub mod backup;
 pub mod blockjob;
 pub mod domains;
+pub mod endpoint;
 pub mod guest_agent;
+pub mod rpc;
 pub mod secrets;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use virt::connect::Connect;
+use rpc::client::RpcError;
+use rpc::Connection;
 
 use crate::error::{AgentError, ErrorKind};
 use crate::metrics;
+
+/// libvirt's error codes (`virErrorNumber`) the agent tells apart.
+pub mod code {
+    pub const INTERNAL_ERROR: i32 = 1;
+    pub const INVALID_ARG: i32 = 8;
+    pub const NO_DOMAIN: i32 = 42;
+    pub const AUTH_FAILED: i32 = 45;
+    pub const OPERATION_INVALID: i32 = 55;
+    pub const NO_SECRET: i32 = 66;
+    pub const AGENT_UNRESPONSIVE: i32 = 86;
+    pub const NO_DOMAIN_CHECKPOINT: i32 = 103;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LibvirtError {
@@ -21,13 +36,19 @@ pub enum LibvirtError {
     Connect { uri: String, message: String },
     #[error("libvirt {call} failed: {message}")]
     Call { call: &'static str, message: String, code: i32 },
+    #[error("libvirt {call} failed: {message}; the agent reconnects at its next call")]
+    Lost { call: &'static str, message: String },
     #[error("libvirt {call} did not complete: the blocking worker failed")]
     Worker { call: &'static str },
 }
 
 impl LibvirtError {
-    pub fn from_virt(call: &'static str, e: virt::error::Error) -> Self {
-        LibvirtError::Call { call, message: e.message().to_string(), code: e.code().to_raw() as i32 }
+    pub fn from_rpc(call: &'static str, e: RpcError) -> Self {
+        match e {
+            RpcError::Remote { code, message } => LibvirtError::Call { call, message, code },
+            RpcError::Lost(_) => LibvirtError::Lost { call, message: e.to_string() },
+            RpcError::Reply(_) => LibvirtError::Call { call, message: e.to_string(), code: code::INTERNAL_ERROR },
+        }
     }
 
     /// libvirt's own "no domain" error, as a fake hypervisor answers it.
@@ -36,24 +57,27 @@ impl LibvirtError {
         LibvirtError::Call {
             call: "lookupByName",
             message: format!("Domain not found: no domain with matching name '{vm}'"),
-            code: virt::sys::VIR_ERR_NO_DOMAIN as i32,
+            code: code::NO_DOMAIN,
         }
+    }
+
+    fn has_code(&self, wanted: i32) -> bool {
+        matches!(self, LibvirtError::Call { code, .. } if *code == wanted)
     }
 
     /// libvirt's "no domain with matching name/uuid" (VIR_ERR_NO_DOMAIN).
     pub fn is_no_domain(&self) -> bool {
-        matches!(self, LibvirtError::Call { code, .. } if *code == virt::sys::VIR_ERR_NO_DOMAIN as i32)
+        self.has_code(code::NO_DOMAIN)
     }
 
     /// libvirt's "domain is not running" (VIR_ERR_OPERATION_INVALID), as a call that needs a
     /// running guest answers for a stopped one.
     pub fn is_not_running(&self) -> bool {
-        matches!(self, LibvirtError::Call { code, .. } if *code == virt::sys::VIR_ERR_OPERATION_INVALID as i32)
+        self.has_code(code::OPERATION_INVALID)
     }
 
     fn is_connection_lost(&self) -> bool {
-        matches!(self, LibvirtError::Call { code, .. }
-            if *code == virt::sys::VIR_ERR_SYSTEM_ERROR as i32 || *code == virt::sys::VIR_ERR_INTERNAL_ERROR as i32 || *code == virt::sys::VIR_ERR_RPC as i32)
+        matches!(self, LibvirtError::Lost { .. })
     }
 }
 
@@ -67,7 +91,7 @@ impl From<LibvirtError> for AgentError {
 #[derive(Clone)]
 pub struct Libvirt {
     uri: Arc<str>,
-    conn: Arc<Mutex<Option<Arc<Connect>>>>,
+    conn: Arc<Mutex<Option<Arc<Connection>>>>,
 }
 
 impl Libvirt {
@@ -80,40 +104,34 @@ impl Libvirt {
         &self.uri
     }
 
-    fn connection(&self) -> Result<Arc<Connect>, LibvirtError> {
+    fn connection(&self) -> Result<Arc<Connection>, LibvirtError> {
         let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = slot.as_ref() {
-            if c.is_alive().unwrap_or(false) {
-                return Ok(c.clone());
-            }
+        if let Some(c) = slot.as_ref().filter(|c| c.is_alive()) {
+            return Ok(c.clone());
         }
-        let c = Connect::open(Some(&self.uri))
-            .map_err(|e| LibvirtError::Connect { uri: self.uri.to_string(), message: e.message().to_string() })?;
+        let failed = |message: String| LibvirtError::Connect { uri: self.uri.to_string(), message };
+        let endpoint = endpoint::Endpoint::parse(&self.uri).map_err(failed)?;
+        let socket = endpoint.socket();
+        let c = Connection::connect(&socket).map_err(|e| failed(format!("{}: {e}", socket.display())))?;
+        c.open(&endpoint.name).map_err(|e| failed(e.to_string()))?;
         let c = Arc::new(c);
         *slot = Some(c.clone());
         Ok(c)
     }
 
-    fn forget(&self) {
-        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
-
-    /// Runs `f` with the connection on a blocking thread. `f` may run twice (once more after a
-    /// reconnect) when the first attempt finds the connection dead, so it must be a single
+    /// Runs `f` with the connection on a blocking thread. `f` may run twice (once more on a
+    /// new connection) when the first attempt finds the connection lost, so it must be a single
     /// idempotent libvirt call or a read.
     pub async fn call<T, F>(&self, call: &'static str, f: F) -> Result<T, LibvirtError>
     where
         T: Send + 'static,
-        F: Fn(&Connect) -> Result<T, LibvirtError> + Send + 'static,
+        F: Fn(&Connection) -> Result<T, LibvirtError> + Send + 'static,
     {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             let start = Instant::now();
             let mut result = this.connection().and_then(|c| f(&c));
-            if matches!(&result, Err(e) if e.is_connection_lost())
-                && !this.connection().map(|c| c.is_alive().unwrap_or(false)).unwrap_or(false)
-            {
-                this.forget();
+            if matches!(&result, Err(e) if e.is_connection_lost()) {
                 result = this.connection().and_then(|c| f(&c));
             }
             metrics::observe_libvirt(call, start);
@@ -125,26 +143,16 @@ impl Libvirt {
 
     /// `(libvirt version, hypervisor version)` as dotted strings, e.g. `("9.0.0", "10.0.2")`.
     pub async fn versions(&self) -> Result<(String, String), LibvirtError> {
-        self.call("getVersion", |c| {
-            let lib = c.lib_version().map_err(|e| LibvirtError::from_virt("getLibVersion", e))?;
-            let hyp = c.hyp_version().map_err(|e| LibvirtError::from_virt("getVersion", e))?;
-            Ok((dotted(lib), dotted(hyp)))
-        })
-        .await
+        self.call("getVersion", |c| Ok((dotted(c.lib_version()?), dotted(c.hyp_version()?)))).await
     }
 
     pub async fn capabilities(&self) -> Result<String, LibvirtError> {
-        self.call("getCapabilities", |c| c.capabilities().map_err(|e| LibvirtError::from_virt("getCapabilities", e)))
-            .await
+        self.call("getCapabilities", |c| c.capabilities()).await
     }
 
     pub async fn domain_capabilities(&self, virt_type: &str, machine: &str) -> Result<String, LibvirtError> {
         let (virt_type, machine) = (virt_type.to_owned(), machine.to_owned());
-        self.call("getDomainCapabilities", move |c| {
-            c.domain_capabilities(None, Some("x86_64"), Some(&machine), Some(&virt_type), 0)
-                .map_err(|e| LibvirtError::from_virt("getDomainCapabilities", e))
-        })
-        .await
+        self.call("getDomainCapabilities", move |c| c.domain_capabilities("x86_64", &machine, &virt_type)).await
     }
 }
 
@@ -230,13 +238,13 @@ impl crate::hypervisor::Hypervisor for Libvirt {
         Libvirt::checkpoint_delete(self, vm, name, metadata_only).await
     }
     async fn attach_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError> {
-        Libvirt::change_device(self, vm, domains::DeviceChange::Attach, xml).await
+        Libvirt::change_device(self, vm, rpc::DeviceCall::Attach, xml).await
     }
     async fn detach_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError> {
-        Libvirt::change_device(self, vm, domains::DeviceChange::Detach, xml).await
+        Libvirt::change_device(self, vm, rpc::DeviceCall::Detach, xml).await
     }
     async fn update_device(&self, vm: &str, xml: String) -> Result<(), LibvirtError> {
-        Libvirt::change_device(self, vm, domains::DeviceChange::Update, xml).await
+        Libvirt::change_device(self, vm, rpc::DeviceCall::Update, xml).await
     }
     async fn set_ceph_secret(&self, uuid: &str, key: Vec<u8>) -> Result<(), LibvirtError> {
         Libvirt::set_ceph_secret(self, uuid, key).await
@@ -262,15 +270,111 @@ impl crate::hypervisor::Hypervisor for Libvirt {
 }
 
 /// libvirt encodes versions as `major * 1_000_000 + minor * 1_000 + release`.
-pub fn dotted(v: u32) -> String {
+pub fn dotted(v: u64) -> String {
     format!("{}.{}.{}", v / 1_000_000, (v / 1_000) % 1_000, v % 1_000)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::net::UnixListener;
+    use std::thread::JoinHandle;
+
+    use super::rpc::client::{call_packet, read_packet};
+    use super::rpc::xdr::{Decoder, Encoder};
+    use super::*;
+
     #[test]
     fn dotted_versions() {
         assert_eq!(super::dotted(9_000_000), "9.0.0");
         assert_eq!(super::dotted(10_000_002), "10.0.2");
+    }
+
+    /// A fake daemon on `socket`: it accepts `connections` connections one after the other and
+    /// answers the calls of the handshake and of [`Libvirt::versions`], offering `auth` types;
+    /// each connection is closed, unanswered, at its `drop_at`-th call. Its thread returns
+    /// the URIs the connections opened and the procedures called, in order.
+    fn daemon(
+        listener: UnixListener,
+        connections: usize,
+        auth: i32,
+        drop_at: usize,
+    ) -> JoinHandle<(Vec<String>, Vec<i32>)> {
+        std::thread::spawn(move || {
+            let (mut opened, mut called) = (Vec::new(), Vec::new());
+            for _ in 0..connections {
+                let (mut s, _) = listener.accept().unwrap();
+                for n in 1.. {
+                    let Ok(call) = read_packet(&mut s) else { break };
+                    called.push(call.header.procedure);
+                    if n == drop_at {
+                        break;
+                    }
+                    let mut ret = Encoder::new();
+                    match call.header.procedure {
+                        66 => drop(ret.u32(1).i32(auth)),
+                        70 => drop(ret.i32(1)),
+                        1 => opened
+                            .push(Decoder::new(&call.payload).optional("uri", |d| d.string("uri")).unwrap().unwrap()),
+                        157 => drop(ret.u64(9_000_000)),
+                        4 => drop(ret.u64(8_002_000)),
+                        p => panic!("unexpected procedure {p}"),
+                    }
+                    let mut reply = call_packet(call.header.procedure, call.header.serial, &ret.into_bytes());
+                    reply[16..20].copy_from_slice(&1i32.to_be_bytes()); // VIR_NET_REPLY
+                    std::io::Write::write_all(&mut s, &reply).unwrap();
+                }
+            }
+            (opened, called)
+        })
+    }
+
+    fn socket_and_uri(dir: &tempfile::TempDir) -> (UnixListener, String) {
+        let path = dir.path().join("libvirt-sock");
+        (UnixListener::bind(&path).unwrap(), format!("qemu+unix:///system?socket={}", path.display()))
+    }
+
+    #[tokio::test]
+    async fn a_call_on_a_connection_the_daemon_dropped_is_made_again_on_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, uri) = socket_and_uri(&dir);
+        // The first connection answers the handshake and one versions() (4 calls), then drops.
+        let daemon = daemon(listener, 2, 0, 5);
+        let libvirt = Libvirt::new(&uri);
+        assert_eq!(libvirt.versions().await.unwrap(), ("9.0.0".into(), "8.2.0".into()));
+        assert_eq!(libvirt.versions().await.unwrap(), ("9.0.0".into(), "8.2.0".into()));
+        drop(libvirt);
+        let (opened, called) = daemon.join().unwrap();
+        assert_eq!(opened, ["qemu:///system", "qemu:///system"], "two connections opened");
+        assert_eq!(called, [66, 1, 157, 4, 157, 66, 1, 157, 4], "the dropped call is made again");
+    }
+
+    #[tokio::test]
+    async fn a_daemon_asking_for_polkit_is_answered_as_libvirts_client_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, uri) = socket_and_uri(&dir);
+        let daemon = daemon(listener, 1, 2, 0);
+        let libvirt = Libvirt::new(&uri);
+        assert_eq!(libvirt.versions().await.unwrap(), ("9.0.0".into(), "8.2.0".into()));
+        drop(libvirt);
+        assert_eq!(daemon.join().unwrap(), (vec!["qemu:///system".to_string()], vec![66, 70, 1, 157, 4]));
+    }
+
+    #[tokio::test]
+    async fn a_daemon_asking_for_sasl_is_refused_saying_what_is_supported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, uri) = socket_and_uri(&dir);
+        let daemon = daemon(listener, 1, 1, 0);
+        let e = Libvirt::new(&uri).versions().await.unwrap_err();
+        assert!(matches!(e, LibvirtError::Connect { .. }) && e.to_string().contains("SASL"), "{e}");
+        assert!(e.to_string().contains("polkit"), "{e}");
+        assert_eq!(daemon.join().unwrap(), (vec![], vec![66]), "nothing opened");
+    }
+
+    #[tokio::test]
+    async fn no_daemon_is_a_connect_error_naming_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("qemu:///system?socket={}/none", dir.path().display());
+        let e = Libvirt::new(&uri).versions().await.unwrap_err();
+        assert!(matches!(e, LibvirtError::Connect { .. }) && e.to_string().contains("/none"), "{e}");
     }
 }

@@ -1,12 +1,17 @@
 //! libvirt secrets: the cephx key QEMU uses to open RBD disks, and the key swtpm encrypts a
 //! VM's TPM state with.
 
-use super::{Libvirt, LibvirtError};
+use super::rpc::procedures::Secret;
+use super::rpc::Connection;
+use super::{code, Libvirt, LibvirtError};
 use crate::domain::xml_escape;
 
+/// `VIR_SECRET_USAGE_TYPE_VTPM`.
+const USAGE_VTPM: i32 = 5;
+
 /// libvirt's "no secret with matching uuid" (VIR_ERR_NO_SECRET).
-fn is_no_secret(e: &virt::error::Error) -> bool {
-    e.code().to_raw() as i32 == virt::sys::VIR_ERR_NO_SECRET as i32
+fn is_no_secret(e: &LibvirtError) -> bool {
+    matches!(e, LibvirtError::Call { code, .. } if *code == code::NO_SECRET)
 }
 
 impl Libvirt {
@@ -34,16 +39,15 @@ impl Libvirt {
     async fn define_secret(&self, uuid: &str, xml: String, key: Vec<u8>) -> Result<(), LibvirtError> {
         let existing = uuid.to_owned();
         self.call("secretDefineXML", move |c| {
-            let existed = c.lookup_secret_by_uuid_string(&existing).is_ok();
-            let s = c.define_secret_xml(&xml, 0).map_err(|e| LibvirtError::from_virt("secretDefineXML", e))?;
-            s.set_value(&key, 0).map_err(|e| {
+            let existed = c.lookup_secret(&existing).is_ok();
+            let s = c.define_secret(&xml)?;
+            c.set_secret_value(&s, &key).inspect_err(|_| {
                 // A new secret without its value is of no use to anyone: it does not stay.
                 if !existed {
-                    if let Err(u) = s.undefine() {
+                    if let Err(u) = c.undefine_secret(&s) {
                         tracing::error!(error = %u, "cannot undefine a secret whose value could not be set");
                     }
                 }
-                LibvirtError::from_virt("secretSetValue", e)
             })
         })
         .await
@@ -54,7 +58,7 @@ impl Libvirt {
         let uuid = uuid.to_owned();
         self.call("secretGetValue", move |c| match vtpm_secret(c, &uuid)? {
             None => Ok(None),
-            Some(s) => s.value(0).map(Some).map_err(|e| LibvirtError::from_virt("secretGetValue", e)),
+            Some(s) => c.secret_value(&s).map(Some),
         })
         .await
     }
@@ -64,8 +68,8 @@ impl Libvirt {
         let uuid = uuid.to_owned();
         self.call("secretUndefine", move |c| match vtpm_secret(c, &uuid)? {
             None => Ok(()),
-            Some(s) => match s.undefine() {
-                Err(e) if !is_no_secret(&e) => Err(LibvirtError::from_virt("secretUndefine", e)),
+            Some(s) => match c.undefine_secret(&s) {
+                Err(e) if !is_no_secret(&e) => Err(e),
                 _ => Ok(()),
             },
         })
@@ -75,12 +79,10 @@ impl Libvirt {
 
 /// Secret `uuid` when it is of usage vtpm: a secret of another usage that happens to have the
 /// uuid is none of the TPM's business.
-fn vtpm_secret(c: &virt::connect::Connect, uuid: &str) -> Result<Option<virt::secret::Secret>, LibvirtError> {
-    let s = match c.lookup_secret_by_uuid_string(uuid) {
-        Err(e) if is_no_secret(&e) => return Ok(None),
-        Err(e) => return Err(LibvirtError::from_virt("secretLookupByUUID", e)),
-        Ok(s) => s,
-    };
-    let usage = s.usage_type().map_err(|e| LibvirtError::from_virt("secretGetUsageType", e))?;
-    Ok((usage == virt::sys::VIR_SECRET_USAGE_TYPE_VTPM).then_some(s))
+fn vtpm_secret(c: &Connection, uuid: &str) -> Result<Option<Secret>, LibvirtError> {
+    match c.lookup_secret(uuid) {
+        Err(e) if is_no_secret(&e) => Ok(None),
+        Err(e) => Err(e),
+        Ok(s) => Ok((s.usage_type == USAGE_VTPM).then_some(s)),
+    }
 }
