@@ -218,8 +218,11 @@ impl TaskRegistry {
             let e = map.get_mut(task_id)?;
             e.record.state = state;
             e.record.result = Some(result);
-            // The command is needed only to run it again; a finished task keeps its result.
+            // The command is needed only to run it again, the thread context only for progress
+            // reports: a finished task keeps its result.
             e.record.command = String::new();
+            e.thread_context = Value::Null;
+            e.thread_context_stack = Value::Null;
             e.record.finished_ms = Some(now_ms());
             e.record.delivered = e.record.callback_url.is_none();
             e.progress = 100;
