@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::atomic_file;
 
@@ -38,8 +38,9 @@ pub struct TaskRecord {
     /// The request body as received (kept verbatim, even when it is not valid JSON).
     pub command: String,
     pub state: TaskState,
-    /// The response envelope, once finished.
-    pub result: Option<Value>,
+    /// The response envelope, once finished: kept as its JSON text, which holds it in the
+    /// fewest bytes (replays and status requests, the only readers, are rare).
+    pub result: Option<Box<RawValue>>,
     pub started_ms: u64,
     pub finished_ms: Option<u64>,
     /// The result reached the callback URL (or there was none to reach).

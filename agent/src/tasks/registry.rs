@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::{mpsc, Notify};
 
@@ -83,8 +84,13 @@ struct Entry {
 
 /// The bytes a record holds: its strings and its result as JSON.
 fn record_bytes(r: &TaskRecord) -> usize {
-    let result = r.result.as_ref().map_or(0, |v| serde_json::to_vec(v).map_or(0, |b| b.len()));
+    let result = r.result.as_ref().map_or(0, |v| v.get().len());
     r.task_id.len() + r.path.len() + r.callback_url.as_ref().map_or(0, String::len) + r.command.len() + result
+}
+
+/// A stored result as a value (it was one when stored).
+fn parsed(raw: &RawValue) -> Value {
+    serde_json::from_str(raw.get()).unwrap_or(Value::Null)
 }
 
 pub struct TaskRegistry {
@@ -177,7 +183,7 @@ impl TaskRegistry {
             let mut map = self.lock();
             if let Some(e) = map.get(intake.task_id) {
                 return Ok(match &e.record.result {
-                    Some(result) => Admission::Finished(result.clone()),
+                    Some(result) => Admission::Finished(parsed(result)),
                     None => Admission::AlreadyRunning,
                 });
             }
@@ -217,7 +223,7 @@ impl TaskRegistry {
             let mut map = self.lock();
             let e = map.get_mut(task_id)?;
             e.record.state = state;
-            e.record.result = Some(result);
+            e.record.result = serde_json::value::to_raw_value(&result).ok();
             // The command is needed only to run it again, the thread context only for progress
             // reports: a finished task keeps its result.
             e.record.command = String::new();
@@ -304,7 +310,7 @@ impl TaskRegistry {
             path: e.record.path.clone(),
             state: e.record.state.as_str(),
             progress: e.progress,
-            result: e.record.result.clone(),
+            result: e.record.result.as_deref().map(parsed),
         })
     }
 
