@@ -1,8 +1,9 @@
 //! Benchmark: `/vm/clone` of one VM into N linked clones, defined and then started (measured to
 //! `running`), against a sequential baseline doing the minimum by hand — `qemu-img create -b`
-//! plus `virsh define` (plus `virsh start`) per clone — run in the same process on the same host.
-//! Prints wall times and the ratios. The clones boot nothing (no OS): what is measured is the
-//! agent's work up to a running QEMU.
+//! plus `virsh define` (plus `virsh start`) per clone, of the same machine (the XML libvirt holds
+//! for the agent's first clone, with its name, disk and log changed) — run in the same process on
+//! the same host. Prints wall times and the ratios. The clones boot nothing (no OS): what is
+//! measured is the agent's work up to a running QEMU.
 //!
 //! Run: `cargo build --release -p kvmagent && cargo bench -p kvmagent-host-tests --bench clone`
 //! (`KVMAGENT_BENCH_CLONES=N` to change N; needs libvirtd like the host tests).
@@ -19,17 +20,23 @@ use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 
-fn baseline_domain_xml(name: &str, disk: &str) -> String {
-    format!(
-        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
-         <os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices><disk type='file' device='disk'>\
-         <driver name='qemu' type='qcow2'/><source file='{disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"
-    )
+/// The domain XML of VM `id` on `disk`, from `template`: the XML libvirt holds for one of the
+/// agent's clones (`clone`), so that both sides define and boot the same machine.
+fn baseline_domain_xml(template: &str, clone: &str, id: &str, disk: &str) -> String {
+    let source = template.split("<source file='").nth(1).and_then(|r| r.split('\'').next()).expect("a disk source");
+    template
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("<uuid>") && !l.trim_start().starts_with("<genid>"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(source, disk)
+        .replace(clone, id)
 }
 
 /// One `qemu-img create -b` + `virsh define` (+ `virsh start`) per clone, one after the other:
-/// the minimum by hand. Returns the domains it made.
-fn baseline_loop(dir: &Path, base: &Path, n: usize, start: bool) -> Vec<String> {
+/// the minimum by hand, of the machine the agent's clone `clone` is (its XML `template`).
+/// Returns the domains it made.
+fn baseline_loop(dir: &Path, base: &Path, n: usize, start: bool, template: &str, clone: &str) -> Vec<String> {
     let xml_file = dir.join("domain.xml");
     let mut vms = Vec::new();
     for _ in 0..n {
@@ -43,7 +50,7 @@ fn baseline_loop(dir: &Path, base: &Path, n: usize, start: bool) -> Vec<String> 
             .expect("qemu-img")
             .success();
         assert!(ok, "qemu-img create");
-        std::fs::write(&xml_file, baseline_domain_xml(&id, &disk.to_string_lossy())).unwrap();
+        std::fs::write(&xml_file, baseline_domain_xml(template, clone, &id, &disk.to_string_lossy())).unwrap();
         virsh(&["define", &xml_file.to_string_lossy()]).expect("virsh define");
         if start {
             virsh(&["start", &id]).expect("virsh start");
@@ -87,6 +94,7 @@ async fn main() {
         let agent = t.elapsed();
         assert_eq!(r["numberOfClonedVm"].as_u64(), Some(n as u64), "{r}");
         let clones = clone_uuids(&r);
+        let template = virsh(&["dumpxml", &clones[0]]).expect("the first clone's XML");
         if start {
             for c in &clones {
                 assert_eq!(domstate(c).as_deref(), Some("running"), "clone {c}");
@@ -97,7 +105,7 @@ async fn main() {
         }
 
         let t = Instant::now();
-        let made = baseline_loop(&dir, &base.path, n, start);
+        let made = baseline_loop(&dir, &base.path, n, start, &template, &clones[0]);
         let baseline = t.elapsed();
         for id in &made {
             let _ = virsh(&["destroy", id]);
