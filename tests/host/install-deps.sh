@@ -1,25 +1,24 @@
 #!/usr/bin/env bash
 # Installs what kvmagent drives on a Debian 12 host: libvirt 9 (bookworm), QEMU + qemu-img from
 # bookworm-backports (qemu-utils 10 breaks bookworm's QEMU 7.2, so both come from backports),
-# swtpm, OVMF (UEFI guests), xorriso (cloud-init seed ISOs), the build dependencies of the `virt`
-# crate, and what the tests use besides (openssl and curl for TLS, systemd-analyze for the unit
+# swtpm, OVMF (UEFI guests), xorriso (cloud-init seed ISOs), and what the tests use besides (openssl and curl for TLS, systemd-analyze for the unit
 # file, sshd for the image-cache tests' SFTP source, Debian's signed shim + GRUB and mtools for the
 # Secure Boot test guest's ESP, virt-firmware to read NVRAM files, xmllint for virt-xml-validate),
-# and librbd/librados, which the agent's in-process RBD client loads on first use (the build needs
-# no Ceph package: the functions are declared by hand and resolved at run time).
+# and librbd/librados, which the agent's in-process RBD client loads on first use. The build needs
+# no system library: the agent speaks libvirt's RPC protocol itself, and Ceph's functions are
+# declared by hand and resolved at run time.
 # Idempotent; safe to run again.
 set -euo pipefail
 
 [ "$(id -u)" = 0 ] || { echo "install-deps.sh: run as root" >&2; exit 1; }
 
 need=()
-for bin in libvirtd virsh qemu-system-x86_64 qemu-img swtpm pkg-config systemd-analyze openssl curl busybox /usr/sbin/sshd ssh \
+for bin in libvirtd virsh qemu-system-x86_64 qemu-img swtpm systemd-analyze openssl curl busybox /usr/sbin/sshd ssh \
     xorriso mformat xmllint virt-fw-vars /usr/share/OVMF/OVMF_CODE_4M.secboot.fd /usr/lib/shim/shimx64.efi.signed \
     /usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed /usr/lib/x86_64-linux-gnu/librbd.so.1 /usr/lib/x86_64-linux-gnu/librados.so.2; do
     [ -e "$bin" ] && continue
     command -v "$bin" >/dev/null 2>&1 || need+=("$bin")
 done
-pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev)
 if [ ${#need[@]} -eq 0 ]; then
     echo "install-deps: everything present"
     exit 0
@@ -44,7 +43,7 @@ fi
 apt_opts=(-y -q -o DPkg::Lock::Timeout=300 --no-install-recommends)
 apt-get -q -o DPkg::Lock::Timeout=300 update
 apt-get install "${apt_opts[@]}" \
-    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config \
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
     swtpm swtpm-tools \
     qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports \
     qemu-system-data/bookworm-backports seabios/bookworm-backports \
