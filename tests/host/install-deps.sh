@@ -4,9 +4,9 @@
 # swtpm, OVMF (UEFI guests), xorriso (cloud-init seed ISOs), and what the tests use besides
 # (openssl and curl for TLS, systemd-analyze for the unit file, sshd for the image-cache tests'
 # SFTP source, Debian's signed shim + GRUB and mtools for the Secure Boot test guest's ESP,
-# virt-firmware to read NVRAM files, xmllint for virt-xml-validate), and librbd/librados, which the agent's in-process RBD client loads on first use. The build needs
-# no system library: the agent speaks libvirt's RPC protocol itself, and Ceph's functions are
-# declared by hand and resolved at run time.
+# virt-firmware to read NVRAM files, xmllint for virt-xml-validate), and librbd/librados, which
+# the agent's in-process RBD client loads on first use. The build needs no system library: the
+# agent speaks libvirt's RPC protocol itself, and Ceph's functions are resolved at run time.
 # Idempotent; safe to run again.
 set -euo pipefail
 
