@@ -139,8 +139,7 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) 
         }
     }
     for record in inherited.undelivered {
-        if let (Some(url), Some(result)) = (record.callback_url, record.result) {
-            let result = serde_json::from_str(result.get()).unwrap_or(serde_json::Value::Null);
+        if let (Some(url), Some(result)) = (record.callback_url.clone(), record.result_value()) {
             runner.deliver(app, record.task_id, url, result);
         }
     }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use serde_json::Value;
 
 use crate::atomic_file;
 
@@ -45,6 +46,23 @@ pub struct TaskRecord {
     pub finished_ms: Option<u64>,
     /// The result reached the callback URL (or there was none to reach).
     pub delivered: bool,
+}
+
+impl TaskRecord {
+    /// The stored result as a value (it was one when stored).
+    pub fn result_value(&self) -> Option<Value> {
+        self.result.as_ref().map(|raw| serde_json::from_str(raw.get()).unwrap_or(Value::Null))
+    }
+
+    /// The bytes the record holds: its strings and its result as JSON.
+    pub fn bytes(&self) -> usize {
+        let result = self.result.as_ref().map_or(0, |v| v.get().len());
+        self.task_id.len()
+            + self.path.len()
+            + self.callback_url.as_ref().map_or(0, String::len)
+            + self.command.len()
+            + result
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::{mpsc, Notify};
 
@@ -78,19 +77,6 @@ struct Entry {
     progress: u8,
     thread_context: Value,
     thread_context_stack: Value,
-    /// What the record holds once finished, as [`record_bytes`] counts it.
-    held: usize,
-}
-
-/// The bytes a record holds: its strings and its result as JSON.
-fn record_bytes(r: &TaskRecord) -> usize {
-    let result = r.result.as_ref().map_or(0, |v| v.get().len());
-    r.task_id.len() + r.path.len() + r.callback_url.as_ref().map_or(0, String::len) + r.command.len() + result
-}
-
-/// A stored result as a value (it was one when stored).
-fn parsed(raw: &RawValue) -> Value {
-    serde_json::from_str(raw.get()).unwrap_or(Value::Null)
 }
 
 pub struct TaskRegistry {
@@ -134,7 +120,6 @@ impl TaskRegistry {
             entries.insert(
                 record.task_id.clone(),
                 Entry {
-                    held: record_bytes(&record),
                     record,
                     stop: Stop::new(),
                     api_id: None,
@@ -182,8 +167,8 @@ impl TaskRegistry {
         {
             let mut map = self.lock();
             if let Some(e) = map.get(intake.task_id) {
-                return Ok(match &e.record.result {
-                    Some(result) => Admission::Finished(parsed(result)),
+                return Ok(match e.record.result_value() {
+                    Some(result) => Admission::Finished(result),
                     None => Admission::AlreadyRunning,
                 });
             }
@@ -200,7 +185,6 @@ impl TaskRegistry {
                     progress: 0,
                     thread_context: intake.thread_context,
                     thread_context_stack: intake.thread_context_stack,
-                    held: 0,
                 },
             );
         }
@@ -232,7 +216,6 @@ impl TaskRegistry {
             e.record.finished_ms = Some(now_ms());
             e.record.delivered = e.record.callback_url.is_none();
             e.progress = 100;
-            e.held = record_bytes(&e.record);
             let record = e.record.clone();
             let running = map.values().filter(|e| e.record.state == TaskState::Running).count();
             (record, running)
@@ -256,7 +239,14 @@ impl TaskRegistry {
             let mut finished: Vec<(bool, u64, &str, usize)> = map
                 .values()
                 .filter(|e| e.record.state != TaskState::Running)
-                .map(|e| (!e.record.delivered, e.record.finished_ms.unwrap_or(0), e.record.task_id.as_str(), e.held))
+                .map(|e| {
+                    (
+                        !e.record.delivered,
+                        e.record.finished_ms.unwrap_or(0),
+                        e.record.task_id.as_str(),
+                        e.record.bytes(),
+                    )
+                })
                 .collect();
             finished.sort_unstable();
             let (mut count, mut bytes) = (finished.len(), finished.iter().map(|f| f.3).sum::<usize>());
@@ -310,7 +300,7 @@ impl TaskRegistry {
             path: e.record.path.clone(),
             state: e.record.state.as_str(),
             progress: e.progress,
-            result: e.record.result.as_deref().map(parsed),
+            result: e.record.result_value(),
         })
     }
 
