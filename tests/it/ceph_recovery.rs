@@ -57,7 +57,10 @@ async fn a_kill_during_a_thick_rbd_create_is_rolled_back_after_blocklisting_the_
     let _made_root = MadeImages(vec![root.clone()]);
     let task = h.send("/vm/create", &cmd).await.unwrap();
 
-    // The clone is made, then flattened with the agent's client holding it open.
+    // The clone is made, then flattened with the agent's client holding it open. The agent is
+    // frozen while the test looks, so a watch seen is still held when the kill lands (looking at
+    // a running agent raced the end of the flatten).
+    let pid = h.pid().unwrap() as i32;
     let mut held = Vec::new();
     while held.is_empty() {
         assert!(
@@ -65,7 +68,12 @@ async fn a_kill_during_a_thick_rbd_create_is_rolled_back_after_blocklisting_the_
             "the create finished before its image was seen watched (make the source larger); log:\n{}",
             h.log()
         );
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
         held = watchers(&root);
+        if held.is_empty() {
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     h.kill_agent().unwrap();
     let ours = recorded_clients(&h);
