@@ -16,6 +16,11 @@ pub enum StopReason {
     ShuttingDown,
 }
 
+/// An error that a stop can cause: a task then reports why it stopped rather than the error.
+pub trait Stoppable: Into<AgentError> {
+    fn was_stopped(&self) -> bool;
+}
+
 /// A cloneable stop signal; the first reason given wins.
 #[derive(Debug, Clone, Default)]
 pub struct Stop {
@@ -59,6 +64,15 @@ impl Stop {
         Self::error_for(self.reason().unwrap_or(StopReason::Cancelled), what)
     }
 
+    /// `e` as the task reports it: the stop's error if the stop caused `e`, else `e` itself.
+    pub fn or_error<E: Stoppable>(&self, e: E, what: &str) -> AgentError {
+        if e.was_stopped() {
+            self.error(what)
+        } else {
+            e.into()
+        }
+    }
+
     fn error_for(reason: StopReason, what: &str) -> AgentError {
         match reason {
             StopReason::Cancelled => AgentError::new(
@@ -77,5 +91,24 @@ impl Stop {
                 format!("{what} was stopped because the agent is shutting down; retry after it restarts"),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ceph::rbd::RbdError;
+
+    #[test]
+    fn an_error_the_stop_caused_reports_the_stop_and_any_other_error_itself() {
+        let stop = Stop::new();
+        stop.fire(StopReason::DeadlineExceeded);
+        stop.fire(StopReason::Cancelled);
+        let e = stop.or_error(RbdError::Stopped { what: "info rbd/a".into() }, "flattening the image");
+        assert_eq!(e.kind, ErrorKind::Timeout, "the first reason wins: {e:?}");
+        assert!(e.to_string().contains("deadline"), "{e}");
+        let other = RbdError::Refused { what: "info rbd/a".into(), reason: "no cluster".into() };
+        let e = stop.or_error(other, "flattening the image");
+        assert!(e.to_string().contains("no cluster") && e.kind != ErrorKind::Timeout, "{e}");
     }
 }

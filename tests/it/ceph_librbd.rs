@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use kvmagent::ceph::librbd::RbdLib;
 use kvmagent::ceph::path::CephPath;
 use kvmagent::ceph::rbd::{Connection, Rbd};
-use kvmagent::stop::{Stop, StopReason};
+use kvmagent::stop::{Stop, StopReason, Stoppable};
 use kvmagent_host_tests::ceph::{self, info, MadeImages};
 use kvmagent_host_tests::uuid;
 use serde_json::Value;

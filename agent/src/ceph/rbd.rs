@@ -88,12 +88,14 @@ impl RbdError {
             || self.stderr().contains("image still has watchers")
     }
 
-    pub fn was_stopped(&self) -> bool {
-        matches!(self, RbdError::Stopped { .. } | RbdError::Run { source: ProcessError::Stopped { .. }, .. })
-    }
-
     fn is_timeout(&self) -> bool {
         matches!(self, RbdError::Timeout { .. }) || self.errno() == Some(-libc::ETIMEDOUT)
+    }
+}
+
+impl crate::stop::Stoppable for RbdError {
+    fn was_stopped(&self) -> bool {
+        matches!(self, RbdError::Stopped { .. } | RbdError::Run { source: ProcessError::Stopped { .. }, .. })
     }
 }
 

@@ -80,14 +80,9 @@ pub async fn clone(app: &App, ctx: &TaskCtx, cmd: CopyCmd) -> AgentResult<ImageR
 pub async fn flatten(app: &App, ctx: &TaskCtx, cmd: PathCmd) -> AgentResult<Empty> {
     let p = image(&cmd.path)?;
     let _lock = app.volume_locks.write_rbd(&p).await;
-    if app.rbd.info(&p, &ctx.stop).await?.parent.is_some() {
-        app.rbd.flatten(&p, &ctx.stop, &mut |pct| ctx.progress(pct, "flattening")).await.map_err(|e| {
-            if e.was_stopped() {
-                ctx.stop.error("flattening the image")
-            } else {
-                e.into()
-            }
-        })?;
+    let stopped = |e| ctx.stop.or_error(e, "flattening the image");
+    if app.rbd.info(&p, &ctx.stop).await.map_err(stopped)?.parent.is_some() {
+        app.rbd.flatten(&p, &ctx.stop, &mut |pct| ctx.progress(pct, "flattening")).await.map_err(stopped)?;
     }
     Ok(Empty {})
 }
@@ -158,13 +153,7 @@ pub async fn copy(app: &App, ctx: &TaskCtx, cmd: CopyCmd) -> AgentResult<ImageRs
     app.rbd.info(&src, &ctx.stop).await?;
     refuse_existing(app, ctx, &dst).await?;
     super::journaled_make(app, ctx, &cmd.dst_path, async {
-        app.rbd.deep_copy(&src, &dst, &ctx.stop).await.map_err(|e| {
-            if e.was_stopped() {
-                ctx.stop.error("copying the image")
-            } else {
-                AgentError::from(e)
-            }
-        })?;
+        app.rbd.deep_copy(&src, &dst, &ctx.stop).await.map_err(|e| ctx.stop.or_error(e, "copying the image"))?;
         describe(app, ctx, &dst).await
     })
     .await

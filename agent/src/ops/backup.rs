@@ -25,7 +25,7 @@ use crate::app::App;
 use crate::backup_group::{self, BackupFile, BackupVolume, Group, Manifest, Point, PointKind};
 use crate::error::{AgentError, AgentResult};
 use crate::model::VmSpec;
-use crate::qemu_img::{self, Convert, CreateOptions};
+use crate::qemu_img::{Convert, CreateOptions};
 use crate::stop::Stop;
 use crate::storage::local::Building;
 use crate::tasks::TaskCtx;
@@ -392,15 +392,15 @@ async fn write_file(
                 opts: &CreateOptions::default(),
                 into_zeroed: false,
             };
-            app.qemu_img.convert(c, stop, &mut |_| {}).await.map_err(|e| stopped(e, stop))?;
+            app.qemu_img.convert(c, stop, &mut |_| {}).await.map_err(|e| stop.or_error(e, "backing up the volume"))?;
         }
         Some((prev, Changes::Bitmap(bitmap))) => {
-            let size = app.qemu_img.info(Path::new(&src), stop).await?.virtual_size;
+            let size = app.qemu_img.info(Path::new(&src), stop).await.map_err(|e| stop.or_error(e, "backing up the volume"))?.virtual_size;
             app.qemu_img
                 .create_overlay(Path::new(prev), "qcow2", tmp, Some(size), &CreateOptions::default(), stop)
                 .await
-                .map_err(|e| stopped(e, stop))?;
-            app.qemu_img.copy_dirty(Path::new(&src), bitmap, tmp, stop).await.map_err(|e| stopped(e, stop))?;
+                .map_err(|e| stop.or_error(e, "backing up the volume"))?;
+            app.qemu_img.copy_dirty(Path::new(&src), bitmap, tmp, stop).await.map_err(|e| stop.or_error(e, "backing up the volume"))?;
         }
         Some((prev, Changes::SnapshotDiff(since))) => {
             rbd_backup::write_changes(app, from, &src, since, prev, tmp, stop).await?
@@ -409,14 +409,6 @@ async fn write_file(
     }
     stop.check("backing up the volume")?;
     building.publish(dst)
-}
-
-fn stopped(e: qemu_img::QemuImgError, stop: &Stop) -> AgentError {
-    if e.was_stopped() {
-        stop.error("backing up the volume")
-    } else {
-        e.into()
-    }
 }
 
 /// Writes into new file `dst` the clusters where image `src` differs from `previous` (a file
@@ -434,8 +426,8 @@ pub(super) async fn compare_into(
     app.qemu_img
         .create_overlay(src, src_fmt, dst, None, &CreateOptions::default(), stop)
         .await
-        .map_err(|e| stopped(e, stop))?;
-    app.qemu_img.rebase(dst, Path::new(previous), "qcow2", stop).await.map_err(|e| stopped(e, stop))
+        .map_err(|e| stop.or_error(e, "backing up the volume"))?;
+    app.qemu_img.rebase(dst, Path::new(previous), "qcow2", stop).await.map_err(|e| stop.or_error(e, "backing up the volume"))
 }
 
 /// `/vm/createfrombackup`.

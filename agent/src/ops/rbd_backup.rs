@@ -66,25 +66,17 @@ pub async fn write_changes(
     stop: &Stop,
 ) -> AgentResult<()> {
     let p = CephPath::parse(snap)?;
-    let size = app.rbd.info(&p, stop).await?.size;
-    let extents = app.rbd.changed_since(&p, since, stop).await.map_err(|e| stopped(e.was_stopped(), e.into(), stop))?;
+    let size = app.rbd.info(&p, stop).await.map_err(|e| stop.or_error(e, "backing up the volume"))?.size;
+    let extents = app.rbd.changed_since(&p, since, stop).await.map_err(|e| stop.or_error(e, "backing up the volume"))?;
     let opts = CreateOptions::default();
     app.qemu_img
         .create_overlay(Path::new(previous), "qcow2", dst, Some(size), &opts, stop)
         .await
-        .map_err(|e| stopped(e.was_stopped(), e.into(), stop))?;
+        .map_err(|e| stop.or_error(e, "backing up the volume"))?;
     app.qemu_img
         .copy_extents(src, "raw", &extents, dst, stop)
         .await
-        .map_err(|e| stopped(e.was_stopped(), e.into(), stop))
-}
-
-fn stopped(was: bool, e: crate::error::AgentError, stop: &Stop) -> crate::error::AgentError {
-    if was {
-        stop.error("backing up the volume")
-    } else {
-        e
-    }
+        .map_err(|e| stop.or_error(e, "backing up the volume"))
 }
 
 /// Once point `point` of `group` is recorded: removes every other backup snapshot of the VM's

@@ -433,6 +433,7 @@ impl QemuImg for FakeQemuImg {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stop::Stoppable;
 
     fn fake() -> FakeQemuImg {
         FakeQemuImg::new(Arc::default())

@@ -28,8 +28,8 @@ pub enum QemuImgError {
     Parse { subcommand: &'static str, path: String, reason: String },
 }
 
-impl QemuImgError {
-    pub fn was_stopped(&self) -> bool {
+impl crate::stop::Stoppable for QemuImgError {
+    fn was_stopped(&self) -> bool {
         matches!(self, QemuImgError::Run { source: ProcessError::Stopped { .. }, .. })
     }
 }
@@ -108,7 +108,7 @@ impl<'a> Convert<'a> {
 }
 
 /// Every `qemu-img` operation the agent runs. Each fails with the tool's own words, and with a
-/// "stopped" error ([`QemuImgError::was_stopped`]) when `stop` fires first; the caller removes
+/// "stopped" error ([`crate::stop::Stoppable`]) when `stop` fires first; the caller removes
 /// whatever the call was building.
 #[async_trait]
 pub trait QemuImg: Send + Sync {

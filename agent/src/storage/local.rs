@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::error::{AgentError, AgentResult, ErrorKind};
 use crate::qemu_img::{self, Convert, CreateOptions, QemuImg};
-use crate::stop::Stop;
+use crate::stop::{Stop, Stoppable};
 use crate::storage::roots::StorageRoots;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,14 +21,6 @@ pub struct RbdStore<'a> {
     pub qemu_img: &'a dyn QemuImg,
 }
 
-fn stopped_or(e: crate::ceph::rbd::RbdError, stop: &Stop, what: &str) -> AgentError {
-    if e.was_stopped() {
-        stop.error(what)
-    } else {
-        e.into()
-    }
-}
-
 impl RbdStore<'_> {
     /// Clones the protected snapshot `src` to `to`; thick flattens the clone so it stands alone
     /// (`rbd cp` would skip a clone's parent data, `rbd deep cp` would carry the source's
@@ -156,7 +148,7 @@ impl VolumeStore for RbdStore<'_> {
             };
             if let Err(e) = self.qemu_img.convert(c, stop, &mut |_| {}).await {
                 let _ = self.rbd.remove(&to, &Stop::new()).await;
-                return Err(if e.was_stopped() { stop.error("restoring the volume") } else { e.into() });
+                return Err(stop.or_error(e, "restoring the volume"));
             }
             Ok(())
         })
@@ -229,7 +221,7 @@ async fn flatten_rbd(
     if rbd.info(p, stop).await?.parent.is_none() {
         return Ok(false);
     }
-    rbd.flatten(p, stop, &mut progress).await.map_err(|e| stopped_or(e, stop, "flattening the image"))?;
+    rbd.flatten(p, stop, &mut progress).await.map_err(|e| stop.or_error(e, "flattening the image"))?;
     if let Some(parent) = rbd.info(p, stop).await?.parent {
         return Err(AgentError::failed(
             "rbd flatten did not detach the image",
