@@ -6,6 +6,7 @@
 pub mod bitmaps;
 pub mod cli;
 pub mod fake;
+mod nbd;
 mod header;
 
 use std::ffi::OsStr;
