@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::nbd::{self, Export, NbdError, Server};
+use super::nbd::{self, Export, Extent, NbdError, Server};
 use super::QemuImgError;
 use crate::process::{self, Priority, ProcessError};
 use crate::stop::Stop;
@@ -81,8 +81,6 @@ pub async fn change(path: &Path, name: &str, add: bool, stop: &Stop) -> Result<(
     let args: Vec<OsString> = vec!["bitmap".into(), op.into(), "-f".into(), "qcow2".into(), path.into(), name.into()];
     qemu_img("bitmap", path, &args, stop).await.map(drop)
 }
-
-pub use super::nbd::Extent;
 
 /// The extents bitmap `name` marks dirty, read from the server exporting it.
 async fn dirty_extents(server: &Server, name: &str, stop: &Stop) -> Result<Vec<Extent>, QemuImgError> {
