@@ -102,6 +102,7 @@ async fn main() {
         }
         for c in &clones {
             let _ = h.call_ok("/vm/destroy", &json!({"uuid": c})).await;
+            let _ = virsh(&["undefine", "--nvram", c]);
         }
 
         let t = Instant::now();

@@ -49,6 +49,8 @@ else
     bash "$(dirname "$0")/stop.sh" "$dir" >/dev/null 2>&1 || true
     mkdir -p "$dir"/{mon,osd,run,log}
     fsid=$(cat /proc/sys/kernel/random/uuid)
+    # Admin sockets only for the daemons: clients (the agent, QEMU, the rbd command line, many
+    # at once) keep Ceph's default of one socket per process instead of fighting over one path.
     cat > "$dir/ceph.conf" <<CONF
 [global]
 fsid = $fsid
@@ -59,7 +61,6 @@ auth_client_required = cephx
 keyring = $dir/ceph.client.admin.keyring
 run_dir = $dir/run
 log_file = $dir/log/\$name.log
-admin_socket = $dir/run/\$name.asok
 osd_pool_default_size = 1
 osd_pool_default_min_size = 1
 mon_allow_pool_size_one = true
@@ -72,9 +73,11 @@ auth_allow_insecure_global_id_reclaim = false
 ms_bind_ipv4 = true
 ms_bind_ipv6 = false
 [mon.a]
+admin_socket = $dir/run/\$name.asok
 mon_data = $dir/mon
 public_addr = 127.0.0.1
 [osd.0]
+admin_socket = $dir/run/\$name.asok
 osd_data = $dir/osd
 osd_objectstore = bluestore
 bluestore_block_path = $dir/osd-block
