@@ -70,6 +70,27 @@ fn parse_progress(line: &str) -> Option<u8> {
     inner.trim().parse::<f64>().ok().map(|p| p.clamp(0.0, 100.0) as u8)
 }
 
+/// The backing name and size of an overlay the agent writes itself ([`super::overlay`]): default
+/// options on a local qcow2 or raw file that is what `backing_fmt` says (resolved beside `dst`
+/// when relative, as QEMU does). Anything else, and every error to report, is qemu-img's.
+fn writable_overlay(
+    backing: &Path,
+    backing_fmt: &str,
+    dst: &Path,
+    size: Option<u64>,
+    opts: &CreateOptions,
+) -> Option<(String, u64)> {
+    if !opts.without_preallocation().pairs.is_empty() || !matches!(backing_fmt, "qcow2" | "raw") {
+        return None;
+    }
+    let name = backing.to_str()?;
+    let resolved = if backing.is_absolute() { backing.to_owned() } else { dst.parent()?.join(backing) };
+    let header = read_header(&resolved).ok()?;
+    let size = size.unwrap_or(header.virtual_size);
+    let usable = header.format == backing_fmt && !header.external_data && resolved.is_file();
+    (usable && super::overlay::can_write(name, backing_fmt, size)).then(|| (name.to_owned(), size))
+}
+
 #[async_trait]
 impl QemuImg for QemuImgCli {
     /// `--force-share` so that images in use by a running VM can be read too.
@@ -110,6 +131,12 @@ impl QemuImg for QemuImgCli {
         opts: &CreateOptions,
         stop: &Stop,
     ) -> Result<(), QemuImgError> {
+        if let Some((name, size)) = writable_overlay(backing, backing_fmt, dst, size, opts) {
+            let (fmt, path) = (backing_fmt.to_owned(), dst.to_owned());
+            let written = tokio::task::spawn_blocking(move || super::overlay::write(&name, &fmt, &path, size)).await;
+            let written = written.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            return written.map_err(|source| QemuImgError::Write { path: dst.display().to_string(), source });
+        }
         let mut a = args(["create".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), "-F".as_ref()]);
         a.extend([backing_fmt.into(), "-b".into(), backing.into()]);
         push_options(&mut a, &opts.without_preallocation());

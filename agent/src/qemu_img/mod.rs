@@ -7,6 +7,7 @@ pub mod bitmaps;
 pub mod cli;
 pub mod fake;
 mod nbd;
+mod overlay;
 mod header;
 
 use std::ffi::OsStr;
@@ -27,6 +28,9 @@ pub enum QemuImgError {
     Run { subcommand: &'static str, path: String, source: ProcessError },
     #[error("qemu-img {subcommand} on {path} printed output that is not understood: {reason}")]
     Parse { subcommand: &'static str, path: String, reason: String },
+    /// The agent's own write of an empty overlay ([`overlay`]) failed.
+    #[error("cannot write the qcow2 overlay {path}: {source}; check the volume directory's space and permissions")]
+    Write { path: String, source: std::io::Error },
 }
 
 impl crate::stop::Stoppable for QemuImgError {
