@@ -285,6 +285,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_overlay_written_in_process_reads_its_size_and_backing_as_qemu_img_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = Stop::new();
+        let q = QemuImgCli;
+        // A raw backing of partial sectors: qemu-img rounds its size up to whole ones.
+        std::fs::write(dir.path().join("r.raw"), vec![7u8; 1000]).unwrap();
+        let top = dir.path().join("top.qcow2");
+        q.create_overlay(Path::new("r.raw"), "raw", &top, None, &CreateOptions::default(), &stop).await.unwrap();
+        let i = q.info(&top, &stop).await.unwrap();
+        assert_eq!((i.virtual_size, i.backing_filename.as_deref()), (1024, Some("r.raw")));
+        assert_eq!(i.backing_filename_format.as_deref(), Some("raw"));
+        // A backing that is not what the command says is qemu-img's to refuse, in its words.
+        let e = q.create_overlay(Path::new("r.raw"), "qcow2", &top, None, &CreateOptions::default(), &stop).await;
+        assert!(e.unwrap_err().to_string().contains("qcow2"), "qemu-img's error");
+        let opts = CreateOptions::default();
+        let missing = q.create_overlay(Path::new("nope.qcow2"), "qcow2", &top, Some(1 << 20), &opts, &stop).await;
+        assert!(missing.unwrap_err().to_string().contains("nope.qcow2"));
+    }
+
+    #[tokio::test]
     async fn failure_keeps_qemu_img_stderr() {
         let e = QemuImgCli.info(Path::new("/nonexistent/x.qcow2"), &Stop::new()).await.unwrap_err();
         assert!(e.to_string().contains("/nonexistent/x.qcow2"), "{e}");
