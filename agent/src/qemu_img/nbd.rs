@@ -80,8 +80,9 @@ impl Export {
     /// Connects to the default export of the server on `socket`.
     pub fn connect(socket: &Path) -> Result<Export, NbdError> {
         let mut sock = UnixStream::connect(socket)?;
-        // A server that stops answering must not hang the copy for ever.
+        // A server that stops answering or reading must not hang the copy for ever.
         sock.set_read_timeout(Some(Duration::from_secs(300)))?;
+        sock.set_write_timeout(Some(Duration::from_secs(300)))?;
         if u64_of(&mut sock)? != NBDMAGIC || u64_of(&mut sock)? != IHAVEOPT {
             return Err(NbdError::Protocol("not a newstyle NBD server".into()));
         }
