@@ -380,6 +380,7 @@ async fn write_file(
         std::fs::create_dir_all(dir)
             .map_err(|e| AgentError::failed("cannot create the backup directory", format!("{}: {e}", dir.display())))?;
     }
+    let stopped = |e| stop.or_error(e, "backing up the volume");
     let building = Building::beside(dst);
     let tmp = building.path();
     match previous {
@@ -392,15 +393,15 @@ async fn write_file(
                 opts: &CreateOptions::default(),
                 into_zeroed: false,
             };
-            app.qemu_img.convert(c, stop, &mut |_| {}).await.map_err(|e| stop.or_error(e, "backing up the volume"))?;
+            app.qemu_img.convert(c, stop, &mut |_| {}).await.map_err(stopped)?;
         }
         Some((prev, Changes::Bitmap(bitmap))) => {
-            let size = app.qemu_img.info(Path::new(&src), stop).await.map_err(|e| stop.or_error(e, "backing up the volume"))?.virtual_size;
+            let size = app.qemu_img.info(Path::new(&src), stop).await.map_err(stopped)?.virtual_size;
             app.qemu_img
                 .create_overlay(Path::new(prev), "qcow2", tmp, Some(size), &CreateOptions::default(), stop)
                 .await
-                .map_err(|e| stop.or_error(e, "backing up the volume"))?;
-            app.qemu_img.copy_dirty(Path::new(&src), bitmap, tmp, stop).await.map_err(|e| stop.or_error(e, "backing up the volume"))?;
+                .map_err(stopped)?;
+            app.qemu_img.copy_dirty(Path::new(&src), bitmap, tmp, stop).await.map_err(stopped)?;
         }
         Some((prev, Changes::SnapshotDiff(since))) => {
             rbd_backup::write_changes(app, from, &src, since, prev, tmp, stop).await?
@@ -427,7 +428,10 @@ pub(super) async fn compare_into(
         .create_overlay(src, src_fmt, dst, None, &CreateOptions::default(), stop)
         .await
         .map_err(|e| stop.or_error(e, "backing up the volume"))?;
-    app.qemu_img.rebase(dst, Path::new(previous), "qcow2", stop).await.map_err(|e| stop.or_error(e, "backing up the volume"))
+    app.qemu_img
+        .rebase(dst, Path::new(previous), "qcow2", stop)
+        .await
+        .map_err(|e| stop.or_error(e, "backing up the volume"))
 }
 
 /// `/vm/createfrombackup`.

@@ -67,7 +67,8 @@ pub async fn write_changes(
 ) -> AgentResult<()> {
     let p = CephPath::parse(snap)?;
     let size = app.rbd.info(&p, stop).await.map_err(|e| stop.or_error(e, "backing up the volume"))?.size;
-    let extents = app.rbd.changed_since(&p, since, stop).await.map_err(|e| stop.or_error(e, "backing up the volume"))?;
+    let extents =
+        app.rbd.changed_since(&p, since, stop).await.map_err(|e| stop.or_error(e, "backing up the volume"))?;
     let opts = CreateOptions::default();
     app.qemu_img
         .create_overlay(Path::new(previous), "qcow2", dst, Some(size), &opts, stop)

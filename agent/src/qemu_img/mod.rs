@@ -6,9 +6,9 @@
 pub mod bitmaps;
 pub mod cli;
 pub mod fake;
+mod header;
 mod nbd;
 mod overlay;
-mod header;
 
 use std::ffi::OsStr;
 use std::path::Path;

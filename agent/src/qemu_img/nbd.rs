@@ -47,6 +47,9 @@ pub enum NbdError {
     Protocol(String),
     #[error("the server refused {what} of {length} bytes at offset {offset}: error {errno}")]
     Refused { what: &'static str, offset: u64, length: u64, errno: u32 },
+    /// The task was stopped between two requests.
+    #[error("stopped")]
+    Stopped,
 }
 
 /// A connected NBD export.
@@ -189,7 +192,7 @@ pub fn copy(from: &mut Export, to: &mut Export, extents: &[Extent], stop: &Stop)
         let mut done = 0;
         while done < length {
             if stop.is_stopped() {
-                return Err(NbdError::Io(std::io::Error::from(std::io::ErrorKind::Interrupted)));
+                return Err(NbdError::Stopped);
             }
             let n = (length - done).min(MAX_REQUEST);
             buf.resize(n as usize, 0);
@@ -238,7 +241,8 @@ impl Server {
         while !server.socket.exists() {
             if let Ok(Some(status)) = server.child.try_wait() {
                 let stderr = server.stderr().await;
-                let failed = ProcessError::Failed { command: server.command.clone(), status, stdout: String::new(), stderr };
+                let failed =
+                    ProcessError::Failed { command: server.command.clone(), status, stdout: String::new(), stderr };
                 return Err(err(failed));
             }
             if stop.is_stopped() {
@@ -257,37 +261,40 @@ impl Server {
         s
     }
 
-    /// The error of a copy through this server: `e`, with what the server printed.
-    pub async fn failed(mut self, e: NbdError, stop: &Stop) -> QemuImgError {
+    /// The server's end as an error: how it `exited`, and what it printed after `cause`.
+    async fn ended(&mut self, exited: std::io::Result<std::process::ExitStatus>, cause: String) -> QemuImgError {
         let command = self.command.clone();
-        let source = if stop.is_stopped() {
-            ProcessError::Stopped { command }
-        } else {
-            let _ = self.child.start_kill();
-            match self.child.wait().await {
-                Ok(status) => {
-                    let stderr = format!("{e}; the server said: {}", self.stderr().await.trim());
-                    ProcessError::Failed { command, status, stdout: String::new(), stderr }
-                }
-                Err(source) => ProcessError::Io { command, source },
+        let source = match exited {
+            Ok(status) => {
+                let stderr = format!("{cause}{}", self.stderr().await.trim());
+                ProcessError::Failed { command, status, stdout: String::new(), stderr }
             }
+            Err(source) => ProcessError::Io { command, source },
         };
         QemuImgError::Run { subcommand: "nbd", path: self.path.clone(), source }
+    }
+
+    /// The error of a copy through this server: `e`, with what the server printed.
+    pub async fn failed(mut self, e: NbdError, stop: &Stop) -> QemuImgError {
+        if matches!(e, NbdError::Stopped) || stop.is_stopped() {
+            let source = ProcessError::Stopped { command: self.command.clone() };
+            return QemuImgError::Run { subcommand: "nbd", path: self.path.clone(), source };
+        }
+        let _ = self.child.start_kill();
+        let exited = self.child.wait().await;
+        self.ended(exited, format!("{e}; the server said: ")).await
     }
 
     /// Waits for a server whose only client has disconnected to exit, having closed its image
     /// (written a qcow2 file's metadata, let go of an RBD image: a killed client's watch would
     /// hold the image for half a minute); fails if it did not exit cleanly.
     pub async fn wait(mut self) -> Result<(), QemuImgError> {
-        let command = self.command.clone();
         let exited = tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await;
         let exited = exited.unwrap_or_else(|_| Err(std::io::Error::other("it did not exit within 60 s")));
-        let source = match exited {
-            Ok(status) if status.success() => return Ok(()),
-            Ok(status) => ProcessError::Failed { command, status, stdout: String::new(), stderr: self.stderr().await },
-            Err(source) => ProcessError::Io { command, source },
-        };
-        Err(QemuImgError::Run { subcommand: "nbd", path: self.path.clone(), source })
+        match exited {
+            Ok(status) if status.success() => Ok(()),
+            exited => Err(self.ended(exited, String::new()).await),
+        }
     }
 }
 
@@ -357,6 +364,9 @@ mod tests {
         let copied = tokio::task::spawn_blocking(move || {
             let (mut from, mut to) = (Export::connect(&a)?, Export::connect(&b)?);
             assert!(to.write(4 << 20, &[1]).is_err(), "past the end is refused before it is sent");
+            let stopped = Stop::new();
+            stopped.fire(crate::stop::StopReason::Cancelled);
+            assert!(matches!(copy(&mut from, &mut to, &extents, &stopped), Err(NbdError::Stopped)));
             copy(&mut from, &mut to, &extents, &Stop::new())?;
             to.finish()
         })

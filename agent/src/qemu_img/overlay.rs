@@ -31,10 +31,16 @@ fn l1_entries(size: u64) -> Option<u64> {
     (size > 0 && size % 512 == 0 && entries * 8 <= CLUSTER).then_some(entries)
 }
 
+/// Where the backing file's name starts: after the header, the backing-format extension (its
+/// data padded to 8 bytes) and the end-of-extensions marker.
+fn backing_name_at(backing_fmt: &str) -> usize {
+    HEADER_LENGTH + 8 + backing_fmt.len().next_multiple_of(8) + 8
+}
+
 /// Whether [`write`] can make this overlay: a backing name and format that fit the header's
 /// first cluster as qemu-img allows them (a name of at most 1023 bytes).
 pub fn can_write(backing: &str, backing_fmt: &str, size: u64) -> bool {
-    let fits = HEADER_LENGTH + 8 + backing_fmt.len().next_multiple_of(8) + 8 + backing.len() <= CLUSTER as usize;
+    let fits = backing_name_at(backing_fmt) + backing.len() <= CLUSTER as usize;
     l1_entries(size).is_some() && !backing.is_empty() && backing.len() <= 1023 && !backing_fmt.is_empty() && fits
 }
 
@@ -45,7 +51,7 @@ fn bytes(backing: &str, backing_fmt: &str, size: u64) -> Vec<u8> {
     let entries = l1_entries(size).expect("checked by can_write");
     let mut file = vec![0u8; (L1_TABLE + entries * 8) as usize];
     let extensions = HEADER_LENGTH;
-    let name_at = extensions + 8 + backing_fmt.len().next_multiple_of(8) + 8;
+    let name_at = backing_name_at(backing_fmt);
     let mut h = Vec::with_capacity(HEADER_LENGTH);
     h.extend_from_slice(b"QFI\xfb");
     h.extend_from_slice(&3u32.to_be_bytes());
