@@ -52,6 +52,9 @@ pub struct AgentError {
     pub cause: Option<Box<AgentError>>,
     /// Response fields that accompany the failure (e.g. ZStack's `inUse: true` on delete).
     pub fields: serde_json::Map<String, serde_json::Value>,
+    /// The task's stop caused this failure (a child killed, a librbd call interrupted): the task
+    /// runner reports the stop's reason (deadline, cancel, shutdown) in its place.
+    pub stopped: bool,
 }
 
 impl AgentError {
@@ -62,6 +65,7 @@ impl AgentError {
             details: details.into(),
             cause: None,
             fields: Default::default(),
+            stopped: false,
         }
     }
 
@@ -92,8 +96,15 @@ impl AgentError {
             description: description.into(),
             details: self.to_string(),
             fields: self.fields.clone(),
+            stopped: self.stopped,
             cause: Some(Box::new(self)),
         }
+    }
+
+    /// Marks the failure as caused by the task's stop when `stopped`.
+    pub fn stopped_if(mut self, stopped: bool) -> Self {
+        self.stopped = stopped;
+        self
     }
 
     /// Adds a response field to the failure envelope.

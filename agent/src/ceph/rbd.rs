@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::path::CephPath;
 use crate::error::{AgentError, ErrorKind};
 use crate::process::{self, Priority, ProcessError};
-use crate::stop::Stop;
+use crate::stop::{Stop, Stoppable};
 
 /// How long one quick `rbd` call may take (flatten and copies are bounded by the task instead).
 pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -93,7 +93,7 @@ impl RbdError {
     }
 }
 
-impl crate::stop::Stoppable for RbdError {
+impl Stoppable for RbdError {
     fn was_stopped(&self) -> bool {
         matches!(self, RbdError::Stopped { .. } | RbdError::Run { source: ProcessError::Stopped { .. }, .. })
     }
@@ -112,7 +112,7 @@ impl From<RbdError> for AgentError {
         } else {
             ErrorKind::OperationFailed
         };
-        AgentError::new(kind, "Ceph RBD operation failed", e.to_string())
+        AgentError::new(kind, "Ceph RBD operation failed", e.to_string()).stopped_if(e.was_stopped())
     }
 }
 

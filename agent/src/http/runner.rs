@@ -12,7 +12,7 @@ use super::routes::Route;
 use crate::app::App;
 use crate::error::{AgentError, AgentResult, ErrorKind};
 use crate::metrics;
-use crate::stop::StopReason;
+use crate::stop::{Stop, StopReason};
 use crate::tasks::journal::{now_ms, TaskState};
 use crate::tasks::TaskCtx;
 use crate::wire::{self, CommonFields};
@@ -55,6 +55,7 @@ pub fn spawn(app: Arc<App>, route: &'static Route, ctx: TaskCtx, body: AgentResu
             if let Some(w) = watchdog {
                 w.abort();
             }
+            let result = result.map_err(|e| as_reported(e, &ctx.stop, route.path));
             let state = match &result {
                 Ok(_) => TaskState::Succeeded,
                 Err(e) if matches!(e.kind, ErrorKind::Cancelled | ErrorKind::Timeout) => TaskState::Cancelled,
@@ -75,6 +76,17 @@ pub fn spawn(app: Arc<App>, route: &'static Route, ctx: TaskCtx, body: AgentResu
         }
         .instrument(span),
     );
+}
+
+/// `e` as the task reports it: a failure its stop caused (a step's `?` on a killed child or an
+/// interrupted librbd call) says why the task stopped, with that step's error as the cause.
+fn as_reported(e: AgentError, stop: &Stop, path: &str) -> AgentError {
+    if !e.stopped || !stop.is_stopped() {
+        return e;
+    }
+    let mut reported = stop.error(&format!("the {path} task"));
+    reported.cause = Some(Box::new(e));
+    reported
 }
 
 /// The runner as crash recovery uses it.
@@ -137,5 +149,24 @@ mod tests {
     fn a_past_deadline_is_zero() {
         let d = deadline(&common(serde_json::json!({"__messagedeadline__": 1000}))).unwrap();
         assert_eq!(d, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_step_failure_the_stop_caused_is_reported_as_the_stop_and_others_as_themselves() {
+        use crate::ceph::rbd::RbdError;
+        let stop = Stop::new();
+        let step = |what: &str| -> AgentError { RbdError::Stopped { what: what.into() }.into() };
+        let e = as_reported(step("snap create rbd/a@s"), &stop, "/ceph/x");
+        assert_eq!(e.kind, ErrorKind::OperationFailed, "no stop fired, the step's own error: {e}");
+
+        stop.fire(StopReason::DeadlineExceeded);
+        let e = as_reported(step("snap create rbd/a@s").context("taking the snapshot"), &stop, "/ceph/x");
+        assert_eq!(e.kind, ErrorKind::Timeout, "{e}");
+        assert!(e.to_string().contains("/ceph/x task did not finish before the deadline"), "{e}");
+        assert!(e.cause.as_ref().is_some_and(|c| c.to_string().contains("snap create rbd/a@s")), "{e:?}");
+
+        let other: AgentError = RbdError::Refused { what: "info rbd/a".into(), reason: "no cluster".into() }.into();
+        let e = as_reported(other, &stop, "/ceph/x");
+        assert!(e.kind == ErrorKind::OperationFailed && e.to_string().contains("no cluster"), "{e}");
     }
 }

@@ -20,7 +20,7 @@ pub use header::{read_header, sniff_format, Header, HeaderError};
 
 use crate::error::{AgentError, ErrorKind};
 use crate::process::ProcessError;
-use crate::stop::Stop;
+use crate::stop::{Stop, Stoppable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QemuImgError {
@@ -33,7 +33,7 @@ pub enum QemuImgError {
     Write { path: String, source: std::io::Error },
 }
 
-impl crate::stop::Stoppable for QemuImgError {
+impl Stoppable for QemuImgError {
     fn was_stopped(&self) -> bool {
         matches!(self, QemuImgError::Run { source: ProcessError::Stopped { .. }, .. })
     }
@@ -41,7 +41,7 @@ impl crate::stop::Stoppable for QemuImgError {
 
 impl From<QemuImgError> for AgentError {
     fn from(e: QemuImgError) -> Self {
-        AgentError::new(ErrorKind::OperationFailed, "qemu-img failed", e.to_string())
+        AgentError::new(ErrorKind::OperationFailed, "qemu-img failed", e.to_string()).stopped_if(e.was_stopped())
     }
 }
 
