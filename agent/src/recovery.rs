@@ -238,8 +238,8 @@ async fn reconcile_domains(app: &App) -> (Vec<String>, Vec<String>) {
     (unknown, updated)
 }
 
-/// The agent's temporary files — volumes being built (`.<name>.kvmagent-tmp-<run>-<id>`) and
-/// TPM state staged for clones — that a killed run left. Nothing else ever has such names; the
+/// The agent's temporary files — volumes being built (`.<name>.kvmagent-tmp-<run>-<id>`), TPM
+/// state staged for clones and NBD socket directories — that a killed run left. Nothing else ever has such names; the
 /// volumes this run is building (it serves while it recovers) carry its own run id and stay,
 /// the staged state younger than this start too.
 fn remove_temporaries(app: &App, started: SystemTime) -> Vec<PathBuf> {
@@ -273,6 +273,7 @@ fn remove_temporaries(app: &App, started: SystemTime) -> Vec<PathBuf> {
             removed.push(e.path());
         }
     }
+    removed.extend(crate::qemu_img::nbd::remove_abandoned_dirs());
     for p in &removed {
         tracing::warn!(path = %p.display(), "removed a temporary file an interrupted run left");
     }

@@ -500,6 +500,12 @@ fn check(h: &Host, s: &Setup, result: &Value, expect: &Expect) {
     }
 }
 
+/// The entries of `dir` whose names start with `prefix`.
+fn files_named(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    entries.filter(|e| e.file_name().to_string_lossy().starts_with(prefix)).map(|e| e.path()).collect()
+}
+
 #[tokio::test]
 async fn kill_the_agent_at_random_moments() {
     let kinds: Vec<String> = match std::env::var("KVMAGENT_TORTURE_KINDS") {
@@ -566,11 +572,15 @@ async fn kill_the_agent_at_random_moments() {
         let delay = Duration::from_millis(rng.next_u64() % window);
         let task = h.send(path, &cmd).await.unwrap();
         tokio::time::sleep(delay).await;
+        let killed = h.pid().expect("the agent runs");
         h.kill_agent().unwrap();
         let finished = h.callbacks.results(&task).is_some();
         h.restart_agent().unwrap();
         let result = h.callbacks.wait(&task, Duration::from_secs(300)).await.unwrap();
         let report = h.recovery_report().await;
+        // The killed agent's NBD servers died with it; recovery removes their socket directories.
+        let nbd_dirs = files_named(&std::env::temp_dir(), &format!("kvmagent-nbd-{killed}-"));
+        assert!(nbd_dirs.is_empty(), "round {i}: the killed agent's NBD directories are left: {nbd_dirs:?}");
         if finished {
             before += 1;
         } else if report["resumed"].as_array().is_some_and(|r| r.iter().any(|t| t == &json!(task))) {

@@ -7,7 +7,7 @@ pub mod bitmaps;
 pub mod cli;
 pub mod fake;
 mod header;
-mod nbd;
+pub mod nbd;
 mod overlay;
 
 use std::ffi::OsStr;

@@ -204,6 +204,24 @@ pub fn copy(from: &mut Export, to: &mut Export, extents: &[Extent], stop: &Stop)
     Ok(())
 }
 
+const DIR_PREFIX: &str = "kvmagent-nbd-";
+
+/// Removes the socket directories of servers a killed agent left (its servers died with it):
+/// those whose agent's pid no longer runs. Other agents' directories stay, even on a shared
+/// temporary directory.
+pub fn remove_abandoned_dirs() -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix(DIR_PREFIX).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok());
+        let abandoned = pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        if abandoned && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed.push(e.path());
+        }
+    }
+    removed
+}
+
 /// A `qemu-nbd` serving one image on a socket in a private directory; killed when dropped.
 pub struct Server {
     child: Child,
@@ -217,8 +235,10 @@ impl Server {
     /// Starts `qemu-nbd <opts> --socket <socket> <image>` and waits until it listens.
     pub async fn start(image: &str, opts: &[&str], stop: &Stop) -> Result<Server, QemuImgError> {
         let err = |source| QemuImgError::Run { subcommand: "nbd", path: image.to_owned(), source };
-        // A short private path: unix socket paths are limited to 108 bytes.
-        let dir = std::env::temp_dir().join(format!("kvmagent-nbd-{}", uuid::Uuid::new_v4().simple()));
+        // A short private path: unix socket paths are limited to 108 bytes. The agent's pid in
+        // the name tells a later start whose directory it is ([`remove_abandoned_dirs`]).
+        let name = format!("{DIR_PREFIX}{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        let dir = std::env::temp_dir().join(name);
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)
@@ -310,6 +330,23 @@ mod tests {
     use std::os::unix::net::UnixListener;
 
     use super::*;
+
+    #[test]
+    fn the_directories_of_dead_agents_go_and_those_of_live_ones_stay() {
+        let mut exited = std::process::Command::new("true").spawn().unwrap();
+        exited.wait().unwrap();
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let dead = std::env::temp_dir().join(format!("{DIR_PREFIX}{}-{tag}", exited.id()));
+        let live = std::env::temp_dir().join(format!("{DIR_PREFIX}{}-{tag}", std::process::id()));
+        for d in [&dead, &live] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(d.join("nbd.sock"), b"").unwrap();
+        }
+        let removed = remove_abandoned_dirs();
+        assert!(removed.contains(&dead) && !dead.exists(), "{removed:?}");
+        assert!(live.exists() && !removed.contains(&live), "{removed:?}");
+        std::fs::remove_dir_all(&live).unwrap();
+    }
 
     /// A server that says `hello` to whoever connects, then hangs up.
     fn fake_server(hello: Vec<u8>) -> (tempfile::TempDir, PathBuf) {
