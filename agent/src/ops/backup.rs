@@ -328,25 +328,23 @@ async fn write_point(
         write_file(app, &from, previous, &dst, &ctx.stop)
             .await
             .map_err(|e| e.context(format!("step 'back up volume {}' failed", v.uuid)))?;
-        files.push(recorded(app, group, &v.uuid, point, &ctx.stop).await?);
+        files.push(recorded(group, &v.uuid, point).await?);
         ctx.progress(((i + 1) * 100 / total) as u8, "volume backed up");
     }
     Ok(files)
 }
 
 /// The manifest's entry for the published file of volume `volume_uuid` at `point`.
-pub(super) async fn recorded(
-    app: &App,
-    group: &Group,
-    volume_uuid: &str,
-    point: usize,
-    stop: &Stop,
-) -> AgentResult<BackupFile> {
+pub(super) async fn recorded(group: &Group, volume_uuid: &str, point: usize) -> AgentResult<BackupFile> {
     let file = backup_group::file_name(volume_uuid, point);
     let dst = group.path(&file);
-    let virtual_size = app.qemu_img.info(&dst, stop).await?.virtual_size;
     let path = dst.clone();
-    let sha256 = blocking(move || backup_group::sha256_file(&path)).await?;
+    // The file is the agent's own qcow2: its size is read from the header, without a process.
+    let (virtual_size, sha256) = blocking(move || {
+        let header = crate::qemu_img::read_header(&path).map_err(|e| AgentError::internal(e.to_string()))?;
+        Ok::<_, AgentError>((header.virtual_size, backup_group::sha256_file(&path)?))
+    })
+    .await?;
     let bytes = std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0);
     Ok(BackupFile { point, file, virtual_size, bytes, sha256 })
 }
@@ -396,7 +394,10 @@ async fn write_file(
             app.qemu_img.convert(c, stop, &mut |_| {}).await.map_err(stopped)?;
         }
         Some((prev, Changes::Bitmap(bitmap))) => {
-            let size = app.qemu_img.info(Path::new(&src), stop).await.map_err(stopped)?.virtual_size;
+            // A bitmap is only read from a local qcow2 file: its header has the size.
+            let size = crate::qemu_img::read_header(Path::new(&src))
+                .map_err(|e| AgentError::failed("cannot read the volume's qcow2 header", e.to_string()))?
+                .virtual_size;
             app.qemu_img
                 .create_overlay(Path::new(prev), "qcow2", tmp, Some(size), &CreateOptions::default(), stop)
                 .await

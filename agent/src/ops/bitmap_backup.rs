@@ -273,7 +273,7 @@ pub async fn take_running(
             super::backup::compare_into(app, full.path(), "qcow2", &prev_file, b.path(), stop).await?;
         }
         b.publish(&dst)?;
-        files.push(super::backup::recorded(app, group, &v.uuid, point, stop).await?);
+        files.push(super::backup::recorded(group, &v.uuid, point).await?);
         ctx.progress(((i + 1) * 100 / spec.volumes.len()) as u8, "volume backed up");
     }
     Ok(RunningPoint { files, quiesced: quiesced_now, tpm_copied, incremental })

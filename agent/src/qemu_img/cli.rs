@@ -213,7 +213,10 @@ impl QemuImg for QemuImgCli {
     }
 
     async fn bitmaps(&self, path: &Path, stop: &Stop) -> Result<Vec<super::bitmaps::Bitmap>, QemuImgError> {
-        super::bitmaps::list(path, stop).await
+        match super::bitmap_directory::read(path) {
+            Some(list) => Ok(list),
+            None => super::bitmaps::list(path, stop).await,
+        }
     }
 
     async fn change_bitmap(&self, path: &Path, name: &str, add: bool, stop: &Stop) -> Result<(), QemuImgError> {

@@ -3,6 +3,7 @@
 //! ([`fake::FakeQemuImg`]) for unit tests of the orchestration. Formats and backing files are
 //! learned from the qcow2 header ([`header`]), never from a command's word.
 
+mod bitmap_directory;
 pub mod bitmaps;
 pub mod cli;
 pub mod fake;
