@@ -70,6 +70,9 @@ pub struct Report {
     pub records_updated: Vec<String>,
     /// The previous runs' Ceph client addresses that were blocklisted.
     pub blocklisted_clients: Vec<String>,
+    /// Tasks whose cleanup after their result ([`undo::UndoLog::cleanup`]) a kill cut short,
+    /// and that was finished.
+    pub cleaned_up: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -91,16 +94,24 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) 
     // Before RBD steps are undone, so that the watches a killed run left on its half-made images
     // do not hold up their removal; otherwise last (nothing waits on it, and an unreachable
     // cluster would only hold up the rest).
-    let rbd_undo = leftovers.iter().any(|l| interrupted(&l.task_id) && l.steps.iter().any(undo::UndoStep::touches_rbd));
+    let to_play = |l: &undo::Leftover| l.cleanup || interrupted(&l.task_id);
+    let rbd_undo = leftovers.iter().any(|l| to_play(l) && l.steps.iter().any(undo::UndoStep::touches_rbd));
     let mut previous_clients = Some(inherited.ceph_clients);
     if rbd_undo {
         report.blocklisted_clients = blocklist_previous(app, &mut previous_clients).await;
     }
     let mut late_defines = Vec::new();
     for l in leftovers {
-        if !interrupted(&l.task_id) {
+        if !to_play(&l) {
             // Its task finished and recorded its result: what it committed stays.
             let _ = std::fs::remove_file(&l.file);
+            continue;
+        }
+        if l.cleanup {
+            let failures = undo::replay(app, l.steps, &[]).await;
+            let _ = std::fs::remove_file(&l.file);
+            tracing::warn!(task = %l.task_id, failed = failures.len(), "finished the cleanup an earlier run left");
+            report.cleaned_up.push(l.task_id);
             continue;
         }
         let n = l.steps.len();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use kvmagent_host_tests::ceph::{self, agent_config};
 use kvmagent_host_tests::checks::{
-    domstate, dumpxml, file_sha256, qemu_img, qemu_img_check, qemu_img_info, qemu_io_fill, virsh, SmallDisk,
+    domstate, dumpxml, eventually, file_sha256, qemu_img, qemu_img_check, qemu_img_info, qemu_io_fill, virsh, SmallDisk,
 };
 use kvmagent_host_tests::guest::make_and_check;
 use kvmagent_host_tests::images::{data_volume_path, root_volume_path, BaseImage};
@@ -189,13 +189,14 @@ async fn an_rbd_vm_backed_up_and_restored_to_ceph_and_to_a_file() {
     let inc = json!({"vmUuid": src.vm, "mode": "incremental", "groupUuid": group});
     let r = h.call_ok("/vm/backup", &inc).await.unwrap();
     assert_eq!(r["incrementalBy"], "snapshot-diff", "a running VM's point reads the diff too: {r}");
-    for image in [&src.root, &src.data] {
-        let snaps: serde_json::Value =
-            serde_json::from_str(&ceph::rbd(&["snap", "ls", "--format", "json", &rbd_spec(image)]).unwrap()).unwrap();
-        let ours: Vec<&str> = snaps.as_array().unwrap().iter().filter_map(|s| s["name"].as_str()).collect();
-        let ours: Vec<&str> = ours.into_iter().filter(|n| n.starts_with("kvmagent-backup-")).collect();
-        assert_eq!(ours, [format!("kvmagent-backup-{group}-1")], "only the newest point's snapshot is kept");
-    }
+    // The previous point's snapshots go after the reply.
+    let ours = |image: &String| -> Vec<String> {
+        let names = ceph::snapshots(&rbd_spec(image)).into_iter();
+        names.filter(|n| n.starts_with("kvmagent-backup-")).collect()
+    };
+    let newest = vec![format!("kvmagent-backup-{group}-1")];
+    let only_newest = || [&src.root, &src.data].into_iter().all(|i| ours(i) == newest);
+    eventually("only the newest point's snapshot is kept", only_newest).await.unwrap();
     let data_volume = &full["manifest"]["volumes"][1]["volumeUuid"];
 
     let (new_root, new_data) = (format!("ceph://rbd/vol-{}", uuid()), format!("ceph://rbd/vol-{}", uuid()));

@@ -12,6 +12,7 @@
 //! like `/vm/create`, each volume a flat copy of its chain; the group is only read.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::assemble::{self, NewVm, Source};
 use super::bitmap_backup::{self, Incremental};
@@ -70,7 +71,7 @@ fn previous(group: &Group, spec: &VmSpec) -> AgentResult<Manifest> {
 }
 
 /// `/vm/backup`.
-pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<BackupVmRsp> {
+pub async fn backup(app: &Arc<App>, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<BackupVmRsp> {
     let owner = app.vms.lock(&cmd.vm_uuid).await?;
     let mut spec = owner.load()?;
     let group_uuid = match (cmd.mode, &cmd.group_uuid) {
@@ -179,7 +180,18 @@ pub async fn backup(app: &App, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentResult<B
             if local {
                 bitmap_backup::drop_older(app, &before, &group.uuid, point, running).await;
             } else if on_ceph {
-                rbd_backup::drop_older(app, &before, &group.uuid, point).await;
+                // The older points' snapshots go after the reply (removing one waits on the
+                // cluster's monitors, most of an incremental's time), with the VM still held;
+                // journaled, so that a kill before they are gone leaves the removal to recovery.
+                let mut cleanup = UndoLog::cleanup(app, &ctx.task_id);
+                for step in rbd_backup::older(app, &before, &group.uuid, point).await {
+                    cleanup.push(step);
+                }
+                let app = app.clone();
+                tokio::spawn(async move {
+                    cleanup.rollback_storage(&app).await;
+                    drop(owner);
+                });
             }
             let group_path = group.dir.display().to_string();
             let (incremental_by, incremental_reason) =

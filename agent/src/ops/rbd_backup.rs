@@ -11,7 +11,8 @@
 use std::path::Path;
 
 use super::bitmap_backup::{checkpoint_name, Incremental};
-use super::volumes::{self, BACKUP_SNAPSHOT_PREFIX};
+use super::undo::UndoStep;
+use super::volumes::BACKUP_SNAPSHOT_PREFIX;
 use crate::app::App;
 use crate::ceph::path::CephPath;
 use crate::ceph::rbd::Rbd;
@@ -80,12 +81,13 @@ pub async fn write_changes(
         .map_err(|e| stop.or_error(e, "backing up the volume"))
 }
 
-/// Once point `point` of `group` is recorded: removes every other backup snapshot of the VM's
-/// images (older points, other groups, temporary ones of earlier versions), unless a clone
-/// depends on it.
-pub async fn drop_older(app: &App, spec: &VmSpec, group: &str, point: usize) {
+/// Once point `point` of `group` is recorded: every other backup snapshot of the VM's images
+/// (older points', other groups', temporary ones of earlier versions), as the cleanup steps
+/// that remove each unless a clone depends on it.
+pub async fn older(app: &App, spec: &VmSpec, group: &str, point: usize) -> Vec<UndoStep> {
     let keep = checkpoint_name(group, point);
     let stop = Stop::new();
+    let mut steps = Vec::new();
     for image in images(spec) {
         let snaps = match app.rbd.snapshots(&image, &stop).await {
             Ok(s) => s,
@@ -94,10 +96,10 @@ pub async fn drop_older(app: &App, spec: &VmSpec, group: &str, point: usize) {
                 continue;
             }
         };
-        for s in snaps.iter().filter(|s| s.name.starts_with(BACKUP_SNAPSHOT_PREFIX) && s.name != keep) {
-            volumes::drop_unused_snapshot(app.rbd.as_ref(), &image.with_snap(&s.name).to_string()).await;
-        }
+        let older = snaps.iter().filter(|s| s.name.starts_with(BACKUP_SNAPSHOT_PREFIX) && s.name != keep);
+        steps.extend(older.map(|s| UndoStep::RemoveRbdSnapshot { path: image.with_snap(&s.name).to_string() }));
     }
+    steps
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use crate::error::AgentResult;
 use crate::hypervisor::fake::GuestAgent;
 use crate::libvirt::domains::VmState;
-use crate::ops::undo::kill_point;
+use crate::ops::undo::{kill_point, UndoStep};
 use crate::tasks::TaskCtx;
 use crate::testing::{backing, same_content, uuid, write, TestHost};
 use crate::wire::decode_native;
@@ -689,6 +689,8 @@ async fn rbd_volumes_are_created_cloned_flattened_and_replaced_through_the_same_
 
 /// The backup snapshots on the VM's RBD images, as `image@snapshot`.
 async fn backup_snapshots(h: &TestHost, vm: &str) -> Vec<String> {
+    // Once the VM is free: a point's cleanup holds it after the reply.
+    drop(h.app.vms.lock(vm).await.unwrap());
     let stop = crate::stop::Stop::new();
     let mut out = Vec::new();
     for p in h.recorded(vm).await.iter().filter_map(|p| crate::ceph::path::CephPath::parse(p).ok()) {
@@ -758,6 +760,34 @@ async fn rbd_backup_points_keep_their_snapshots_and_incrementals_read_their_diff
         .await
         .unwrap();
     assert!(!h.rbd.images().contains(&images[1]), "deleted with its backup snapshot");
+}
+
+/// The older points' snapshots go after the reply, under a journaled cleanup: one that a kill
+/// cut short is finished by recovery, though its task had finished.
+#[tokio::test]
+async fn a_points_cleanup_cut_short_by_a_kill_is_finished_by_recovery() {
+    let (mut h, _, body) = rbd_host().await;
+    let vm = uuid();
+    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body(&vm))).await.unwrap();
+    h.app.libvirt.destroy(&vm).await.unwrap();
+    let full =
+        crate::ops::backup::backup(&h.app, &TaskCtx::detached("/vm/backup"), cmd(json!({"vmUuid": vm}))).await.unwrap();
+    let kept = backup_snapshots(&h, &vm).await;
+    // What a killed run's cleanup had journaled and not reached: an older point's snapshot.
+    let root = h.recorded(&vm).await[0].trim_start_matches("ceph://").to_owned();
+    let older = format!("{root}@{}", crate::ops::bitmap_backup::checkpoint_name(&full.group_uuid, 7));
+    let stop = crate::stop::Stop::new();
+    h.app.rbd.snap_create(&crate::ceph::path::CephPath::parse(&older).unwrap(), &stop).await.unwrap();
+    let mut cleanup = crate::ops::undo::UndoLog::cleanup(&h.app, "0123456789abcdef");
+    cleanup.push(UndoStep::RemoveRbdSnapshot { path: older.clone() });
+    assert!(backup_snapshots(&h, &vm).await.contains(&older));
+
+    let report = h.restart_and_recover().await;
+    assert_eq!(report.cleaned_up, ["0123456789abcdef"], "{report:?}");
+    assert!(report.rolled_back.is_empty(), "a cleanup undoes nothing of its task: {report:?}");
+    assert_eq!(backup_snapshots(&h, &vm).await, kept);
+    let undo = crate::ops::undo::undo_dir(&h.app.config.state_dir);
+    assert_eq!(std::fs::read_dir(undo).map(|d| d.count()).unwrap_or(0), 0, "the log is done with");
 }
 
 /// A killed incremental point of a VM on Ceph leaves no snapshot of its own: after every

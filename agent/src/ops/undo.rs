@@ -62,6 +62,9 @@ pub struct UndoLog {
     file: Option<PathBuf>,
 }
 
+/// What follows the task id in the name of a cleanup log ([`UndoLog::cleanup`]).
+const CLEANUP: &str = ".cleanup";
+
 pub fn undo_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("undo")
 }
@@ -73,6 +76,12 @@ impl UndoLog {
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let name = format!("{task_id}-{:020}-{}.json", created.as_nanos(), uuid::Uuid::new_v4().simple());
         UndoLog { steps: Vec::new(), file: Some(undo_dir(&app.config.state_dir).join(name)) }
+    }
+
+    /// A journaled log of cleanup that task `task_id` leaves to run after its result (what
+    /// its committed work made obsolete): recovery plays it whether or not the task finished.
+    pub fn cleanup(app: &App, task_id: &str) -> UndoLog {
+        UndoLog::journaled(app, &format!("{task_id}{CLEANUP}"))
     }
 
     pub fn push(&mut self, step: UndoStep) {
@@ -199,6 +208,8 @@ pub struct Leftover {
     pub task_id: String,
     pub file: PathBuf,
     pub steps: Vec<UndoStep>,
+    /// A cleanup log ([`UndoLog::cleanup`]): played even when its task finished.
+    pub cleanup: bool,
 }
 
 /// Every journaled log in `state_dir`, each task's newest first (a later log may hold what
@@ -217,7 +228,13 @@ pub fn leftovers(state_dir: &Path) -> Vec<Leftover> {
             continue;
         };
         match atomic_file::read_json::<Vec<UndoStep>>(&file) {
-            Ok(Some(steps)) => out.push(Leftover { task_id, file, steps }),
+            Ok(Some(steps)) => {
+                let (task_id, cleanup) = match task_id.strip_suffix(CLEANUP) {
+                    Some(t) => (t.to_owned(), true),
+                    None => (task_id, false),
+                };
+                out.push(Leftover { task_id, file, steps, cleanup })
+            }
             Ok(None) => {}
             Err(e) => tracing::error!(file = %file.display(), error = %e, "unreadable undo log skipped"),
         }
