@@ -762,16 +762,22 @@ async fn rbd_backup_points_keep_their_snapshots_and_incrementals_read_their_diff
     assert!(!h.rbd.images().contains(&images[1]), "deleted with its backup snapshot");
 }
 
-/// The older points' snapshots go after the reply, under a journaled cleanup: one that a kill
-/// cut short is finished by recovery, though its task had finished.
-#[tokio::test]
-async fn a_points_cleanup_cut_short_by_a_kill_is_finished_by_recovery() {
-    let (mut h, _, body) = rbd_host().await;
+/// A stopped VM on Ceph (its uuid) and the full point of a new backup group of it.
+async fn stopped_rbd_vm_with_a_full_point() -> (TestHost, String, crate::wire::native::BackupVmRsp) {
+    let (h, _, body) = rbd_host().await;
     let vm = uuid();
     crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body(&vm))).await.unwrap();
     h.app.libvirt.destroy(&vm).await.unwrap();
     let full =
         crate::ops::backup::backup(&h.app, &TaskCtx::detached("/vm/backup"), cmd(json!({"vmUuid": vm}))).await.unwrap();
+    (h, vm, full)
+}
+
+/// The older points' snapshots go after the reply, under a journaled cleanup: one that a kill
+/// cut short is finished by recovery, though its task had finished.
+#[tokio::test]
+async fn a_points_cleanup_cut_short_by_a_kill_is_finished_by_recovery() {
+    let (mut h, vm, full) = stopped_rbd_vm_with_a_full_point().await;
     let kept = backup_snapshots(&h, &vm).await;
     // What a killed run's cleanup had journaled and not reached: an older point's snapshot.
     let root = h.recorded(&vm).await[0].trim_start_matches("ceph://").to_owned();
@@ -795,12 +801,7 @@ async fn a_points_cleanup_cut_short_by_a_kill_is_finished_by_recovery() {
 /// ones were dropped leaves none: the next point compares).
 #[tokio::test]
 async fn an_rbd_incremental_backup_killed_at_any_point_leaves_no_snapshot_of_its_own() {
-    let (mut h, _, body) = rbd_host().await;
-    let vm = uuid();
-    crate::ops::create::create(&h.app, &TaskCtx::detached("/vm/create"), cmd(body(&vm))).await.unwrap();
-    h.app.libvirt.destroy(&vm).await.unwrap();
-    let full =
-        crate::ops::backup::backup(&h.app, &TaskCtx::detached("/vm/backup"), cmd(json!({"vmUuid": vm}))).await.unwrap();
+    let (mut h, vm, full) = stopped_rbd_vm_with_a_full_point().await;
     let group = full.group_uuid.clone();
     let images: Vec<String> =
         h.recorded(&vm).await.iter().map(|p| p.trim_start_matches("ceph://").to_owned()).collect();
