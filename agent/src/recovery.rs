@@ -250,7 +250,8 @@ async fn reconcile_domains(app: &App) -> (Vec<String>, Vec<String>) {
 }
 
 /// The agent's temporary files — volumes being built (`.<name>.kvmagent-tmp-<run>-<id>`), TPM
-/// state staged for clones and NBD socket directories — that a killed run left. Nothing else ever has such names; the
+/// state staged for clones, torn state files and backup manifests, NBD socket directories —
+/// that a killed run left. Nothing else ever has such names; the
 /// volumes this run is building (it serves while it recovers) carry its own run id and stay,
 /// the staged state younger than this start too.
 fn remove_temporaries(app: &App, started: SystemTime) -> Vec<PathBuf> {
@@ -266,18 +267,27 @@ fn remove_temporaries(app: &App, started: SystemTime) -> Vec<PathBuf> {
             }
         });
     }
-    // State files a kill caught half-written (`.<name>.tmp-<id>`, see `atomic_file`): the file
-    // itself still holds its previous content.
+    // State files and backup manifests a kill caught half-written (`.<name>.tmp-<id>`, see
+    // `atomic_file`): the file itself still holds its previous content.
+    let old = |p: &Path| p.symlink_metadata().and_then(|m| m.modified()).is_ok_and(|t| t < started);
     walk(&app.config.state_dir, 0, &mut |p: &Path| {
         let torn = p.file_name().is_some_and(|n| {
             let n = n.to_string_lossy();
             n.starts_with('.') && n.contains(".tmp-")
         });
-        let old = p.symlink_metadata().and_then(|m| m.modified()).is_ok_and(|t| t < started);
-        if torn && old && std::fs::remove_file(p).is_ok() {
+        if torn && old(p) && std::fs::remove_file(p).is_ok() {
             removed.push(p.to_path_buf());
         }
     });
+    let torn_manifest = format!(".{}.tmp-", crate::backup_group::MANIFEST);
+    for root in app.backup_roots.roots() {
+        walk(root, 0, &mut |p: &Path| {
+            let torn = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&torn_manifest));
+            if torn && old(p) && std::fs::remove_file(p).is_ok() {
+                removed.push(p.to_path_buf());
+            }
+        });
+    }
     for e in std::fs::read_dir(app.config.state_dir.join("staging")).into_iter().flatten().flatten() {
         let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < started);
         if old && std::fs::remove_dir_all(e.path()).is_ok() {

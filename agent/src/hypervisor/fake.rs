@@ -48,6 +48,16 @@ pub struct FakeDomain {
     /// Disk target → the top a commit job started on.
     commits: HashMap<String, PathBuf>,
     open: Vec<Arc<std::fs::File>>,
+    /// A backup job a killed agent left running (see [`FakeHypervisor::leave_backup_job`]).
+    lingering_job: Option<LingeringJob>,
+}
+
+/// A backup job that runs until aborted, and then for `polls` more looks at it, as libvirt
+/// tears an aborted job down after `abortJob` has answered.
+#[derive(Debug, Clone, Copy)]
+struct LingeringJob {
+    aborted: bool,
+    polls: usize,
 }
 
 impl FakeDomain {
@@ -108,6 +118,13 @@ impl FakeHypervisor {
     /// Makes the guest agent of domain `vm` behave as `agent`.
     pub fn set_guest_agent(&self, vm: &str, agent: GuestAgent) {
         self.with(vm, |d| d.agent = agent).expect("no such fake domain");
+    }
+
+    /// Leaves a backup job running in domain `vm`, as a killed agent does; once aborted, it
+    /// reports itself running to `polls` more looks, and until it ends the checkpoints of the
+    /// domain cannot be deleted (libvirtd 9.0 has crashed on such a delete).
+    pub fn leave_backup_job(&self, vm: &str, polls: usize) {
+        self.with(vm, |d| d.lingering_job = Some(LingeringJob { aborted: false, polls })).expect("no such fake domain");
     }
 
     pub fn secret_uuids(&self) -> Vec<String> {
@@ -237,7 +254,9 @@ impl Hypervisor for FakeHypervisor {
             old.map_or((GuestAgent::Absent, false, 0), |d| (d.agent, d.guest_frozen, d.guest_freezes));
         let checkpoints = old.map(|d| d.checkpoints.clone()).unwrap_or_default();
         let (commits, open) = (HashMap::new(), Vec::new());
-        let mut d = FakeDomain { xml, state, agent, guest_frozen, guest_freezes, checkpoints, commits, open };
+        let lingering_job = old.and_then(|d| d.lingering_job);
+        let mut d =
+            FakeDomain { xml, state, agent, guest_frozen, guest_freezes, checkpoints, commits, open, lingering_job };
         d.refresh_open_files();
         map.insert(name, d);
         Ok(())
@@ -357,12 +376,26 @@ impl Hypervisor for FakeHypervisor {
 
     async fn backup_job(&self, vm: &str) -> Result<BackupJobState, LibvirtError> {
         self.enter("getJobStats").await?;
-        self.with(vm, |_| BackupJobState::Completed)
+        self.with(vm, |d| match &mut d.lingering_job {
+            None => BackupJobState::Completed,
+            Some(LingeringJob { aborted: true, polls: 0 }) => {
+                d.lingering_job = None;
+                BackupJobState::Cancelled
+            }
+            Some(job) => {
+                job.polls = job.polls.saturating_sub(usize::from(job.aborted));
+                BackupJobState::Running
+            }
+        })
     }
 
     async fn abort_job(&self, vm: &str) -> Result<(), LibvirtError> {
         self.enter("abortJob").await?;
-        self.with(vm, |_| ())
+        self.with(vm, |d| {
+            if let Some(job) = &mut d.lingering_job {
+                job.aborted = true;
+            }
+        })
     }
 
     async fn checkpoint_redefine(&self, vm: &str, xml: String) -> Result<(), LibvirtError> {
@@ -380,6 +413,10 @@ impl Hypervisor for FakeHypervisor {
     /// them from a running domain's disks.
     async fn checkpoint_delete(&self, vm: &str, name: &str, metadata_only: bool) -> Result<(), LibvirtError> {
         self.enter("checkpointDelete").await?;
+        if self.with(vm, |d| d.lingering_job.is_some())? {
+            let message = "a backup job is still running".into();
+            return Err(LibvirtError::Call { call: "checkpointDelete", message, code: 1 });
+        }
         let xml = self.with(vm, |d| {
             d.checkpoints.retain(|c| c != name);
             d.xml.clone()

@@ -38,6 +38,8 @@ const CHECKPOINT_PREFIX: &str = "kvmagent-backup-";
 
 /// How often a running backup job is looked at.
 const JOB_POLL: Duration = Duration::from_millis(200);
+/// How long an aborted backup job is waited for.
+const ABORT_WAIT: Duration = Duration::from_secs(60);
 
 /// The checkpoint (and bitmap) of `point` of group `group`.
 pub fn checkpoint_name(group: &str, point: usize) -> String {
@@ -342,13 +344,29 @@ async fn begin(
     result
 }
 
+/// Aborts the backup job of `vm` and waits, up to a minute, for it to end: libvirt tears an
+/// aborted job down after `abortJob` has answered, and a checkpoint deleted meanwhile has
+/// crashed libvirtd 9.0 (a NULL dereference in its QEMU driver).
+async fn abort_job(app: &App, vm: &str) {
+    if let Err(e) = app.libvirt.abort_job(vm).await {
+        tracing::warn!(vm = %vm, error = %e, "cannot abort the backup job");
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + ABORT_WAIT;
+    while matches!(app.libvirt.backup_job(vm).await, Ok(BackupJobState::Running)) {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(vm = %vm, "the aborted backup job has not ended within a minute");
+            return;
+        }
+        tokio::time::sleep(JOB_POLL).await;
+    }
+}
+
 /// Waits for the backup job of `vm` to end; on stop it is aborted.
 async fn wait_for_job(app: &App, vm: &str, stop: &Stop) -> AgentResult<()> {
     loop {
         if stop.is_stopped() {
-            if let Err(e) = app.libvirt.abort_job(vm).await {
-                tracing::warn!(vm = %vm, error = %e, "cannot abort the backup job");
-            }
+            abort_job(app, vm).await;
             return Err(stop.error("backing up the VM"));
         }
         match app.libvirt.backup_job(vm).await? {
@@ -448,9 +466,7 @@ pub async fn undo_bitmap(app: &App, vm: &str, name: &str, files: &[PathBuf]) -> 
     let running = app.libvirt.domain_state(vm).await.ok().flatten().is_some_and(|s| s.is_active());
     // A killed agent's backup job may still be writing the files this undo removes.
     if running && matches!(app.libvirt.backup_job(vm).await, Ok(BackupJobState::Running)) {
-        if let Err(e) = app.libvirt.abort_job(vm).await {
-            tracing::warn!(vm = %vm, error = %e, "cannot abort the backup job of a failed point");
-        }
+        abort_job(app, vm).await;
     }
     remove_checkpoint(app.libvirt.as_ref(), vm, name, running).await;
     let stop = Stop::new();

@@ -1715,6 +1715,41 @@ async fn recovery_removes_a_killed_runs_temporary_files_however_young_and_keeps_
     assert!(!left.exists() && building.path().exists(), "this run's own volume being built stays");
 }
 
+/// A backup job a killed agent left running is aborted, and waited for, before the failed
+/// point's checkpoint is deleted: libvirt ends an aborted job after answering the abort.
+#[tokio::test(start_paused = true)]
+async fn a_left_backup_job_ends_before_the_failed_points_checkpoint_is_deleted() {
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    let name = crate::ops::bitmap_backup::checkpoint_name("g", 0);
+    let xml = format!("<domaincheckpoint><name>{name}</name></domaincheckpoint>");
+    h.app.libvirt.checkpoint_redefine(&vm, xml).await.unwrap();
+    h.hv.leave_backup_job(&vm, 3);
+    crate::ops::bitmap_backup::undo_bitmap(&h.app, &vm, &name, &[]).await.unwrap();
+    assert!(h.hv.domain(&vm).unwrap().checkpoints.is_empty(), "the checkpoint went once the job had ended");
+    assert_eq!(h.app.libvirt.backup_job(&vm).await.unwrap(), crate::libvirt::backup::BackupJobState::Completed);
+}
+
+/// A backup manifest a kill caught half-written (its temporary file) goes at the next start;
+/// the manifest stays, and so does a temporary file written since the start.
+#[tokio::test]
+async fn recovery_removes_a_torn_backup_manifest_and_keeps_the_manifest() {
+    let mut h = TestHost::start();
+    let group = h.app.backup_roots.roots()[0].join("0123456789abcdef0123456789abcdef");
+    std::fs::create_dir_all(&group).unwrap();
+    let manifest = group.join(crate::backup_group::MANIFEST);
+    let torn = group.join(format!(".{}.tmp-00112233445566778899aabbccddeeff", crate::backup_group::MANIFEST));
+    let this_runs = group.join(format!(".{}.tmp-ffeeddccbbaa99887766554433221100", crate::backup_group::MANIFEST));
+    for f in [&manifest, &torn, &this_runs] {
+        std::fs::write(f, b"{}").unwrap();
+    }
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+    std::fs::File::options().write(true).open(&this_runs).unwrap().set_modified(later).unwrap();
+    let report = h.restart_and_recover().await;
+    assert_eq!(report.removed, vec![torn.clone()], "{report:?}");
+    assert!(!torn.exists() && manifest.exists() && this_runs.exists());
+}
+
 #[tokio::test]
 async fn recovery_makes_a_record_follow_only_a_file_the_running_vm_really_has() {
     let mut h = TestHost::start();
