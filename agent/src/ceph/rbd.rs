@@ -459,9 +459,13 @@ impl Rbd for RbdCli {
     }
 }
 
-/// The addresses in `ceph osd blocklist ls --format json` output (`[{"addr", "until"}]`).
+/// The addresses in `ceph osd blocklist ls --format json` output (`[{"addr", "until"}]`, then
+/// on recent releases `[ranges]`).
 pub fn blocklisted_addrs(json: &str) -> Vec<String> {
-    let entries: Vec<serde_json::Value> = serde_json::from_str(json).unwrap_or_default();
+    // Recent releases (16.2.15 here) follow the address list with a second array, of
+    // blocklisted ranges (`[...][]`): every array of the output is read.
+    let lists = serde_json::Deserializer::from_str(json).into_iter::<Vec<serde_json::Value>>();
+    let entries: Vec<serde_json::Value> = lists.map_while(Result::ok).flatten().collect();
     entries.iter().filter_map(|e| e["addr"].as_str().map(str::to_owned)).collect()
 }
 
@@ -482,6 +486,10 @@ mod tests {
         assert!(!super::all_dead(&["127.0.0.1:0/1771203139", "127.0.0.1:0/8"], &listed), "a live watcher");
         assert!(!super::all_dead(&[], &listed), "no watcher: nothing to drop");
         assert!(super::blocklisted_addrs("not json").is_empty());
+        // As the test cluster (16.2.15) answers: the addresses, then the (empty) ranges.
+        let ranges_too = r#"[{"addr":"127.0.0.1:0/4172963249","until":"2026-11-30T15:32:58.294432+0000"}][]"#;
+        assert_eq!(super::blocklisted_addrs(ranges_too), ["127.0.0.1:0/4172963249"]);
+        assert!(super::all_dead(&["127.0.0.1:0/4172963249"], &super::blocklisted_addrs(ranges_too)));
     }
 
     #[test]
