@@ -50,14 +50,17 @@ pub struct FakeDomain {
     open: Vec<Arc<std::fs::File>>,
     /// A backup job a killed agent left running (see [`FakeHypervisor::leave_backup_job`]).
     lingering_job: Option<LingeringJob>,
+    /// A lingering job ended with one of its target files gone (libvirtd 9.0 crashed there).
+    pub job_ended_without_its_targets: bool,
 }
 
 /// A backup job that runs until aborted, and then for `polls` more looks at it, as libvirt
 /// tears an aborted job down after `abortJob` has answered.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct LingeringJob {
     aborted: bool,
     polls: usize,
+    targets: Vec<PathBuf>,
 }
 
 impl FakeDomain {
@@ -123,8 +126,10 @@ impl FakeHypervisor {
     /// Leaves a backup job running in domain `vm`, as a killed agent does; once aborted, it
     /// reports itself running to `polls` more looks, and until it ends the checkpoints of the
     /// domain cannot be deleted (libvirtd 9.0 has crashed on such a delete).
-    pub fn leave_backup_job(&self, vm: &str, polls: usize) {
-        self.with(vm, |d| d.lingering_job = Some(LingeringJob { aborted: false, polls })).expect("no such fake domain");
+    /// Its `targets` must still exist when it ends.
+    pub fn leave_backup_job(&self, vm: &str, polls: usize, targets: &[PathBuf]) {
+        let job = LingeringJob { aborted: false, polls, targets: targets.to_vec() };
+        self.with(vm, |d| d.lingering_job = Some(job)).expect("no such fake domain");
     }
 
     pub fn secret_uuids(&self) -> Vec<String> {
@@ -254,9 +259,20 @@ impl Hypervisor for FakeHypervisor {
             old.map_or((GuestAgent::Absent, false, 0), |d| (d.agent, d.guest_frozen, d.guest_freezes));
         let checkpoints = old.map(|d| d.checkpoints.clone()).unwrap_or_default();
         let (commits, open) = (HashMap::new(), Vec::new());
-        let lingering_job = old.and_then(|d| d.lingering_job);
-        let mut d =
-            FakeDomain { xml, state, agent, guest_frozen, guest_freezes, checkpoints, commits, open, lingering_job };
+        let lingering_job = old.and_then(|d| d.lingering_job.clone());
+        let job_ended_without_its_targets = old.is_some_and(|d| d.job_ended_without_its_targets);
+        let mut d = FakeDomain {
+            xml,
+            state,
+            agent,
+            guest_frozen,
+            guest_freezes,
+            checkpoints,
+            commits,
+            open,
+            lingering_job,
+            job_ended_without_its_targets,
+        };
         d.refresh_open_files();
         map.insert(name, d);
         Ok(())
@@ -378,7 +394,8 @@ impl Hypervisor for FakeHypervisor {
         self.enter("getJobStats").await?;
         self.with(vm, |d| match &mut d.lingering_job {
             None => BackupJobState::Completed,
-            Some(LingeringJob { aborted: true, polls: 0 }) => {
+            Some(LingeringJob { aborted: true, polls: 0, targets }) => {
+                d.job_ended_without_its_targets |= targets.iter().any(|t| !t.exists());
                 d.lingering_job = None;
                 BackupJobState::Cancelled
             }

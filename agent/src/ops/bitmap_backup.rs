@@ -225,6 +225,8 @@ pub async fn take_running(
     let begun = async {
         if let Some(targets) = overlays {
             let xml = backup_xml(previous.as_deref(), &ours.iter().cloned().zip(targets).collect::<Vec<_>>(), &others);
+            // Undone before the targets are removed (undo runs newest first).
+            made.push(UndoStep::EndBackupJob { vm: vm.to_owned() });
             match begin(app, owner, spec, &xml, &checkpoint, req.tpm_to).await {
                 Ok(tpm) => return Ok(tpm),
                 // The previous checkpoint exists, but libvirt cannot use it (its bitmap is gone
@@ -254,6 +256,7 @@ pub async fn take_running(
             targets.push(target);
         }
         let xml = backup_xml(None, &ours.iter().cloned().zip(targets).collect::<Vec<_>>(), &others);
+        made.push(UndoStep::EndBackupJob { vm: vm.to_owned() });
         begin(app, owner, spec, &xml, &checkpoint, req.tpm_to).await
     }
     .await;
@@ -342,6 +345,15 @@ async fn begin(
         }
     }
     result
+}
+
+/// Ends a backup job of running VM `vm` that a failed or killed point left: aborted if libvirt
+/// still runs it (it may still be writing the files the undo removes), and waited for.
+pub async fn end_job(app: &App, vm: &str) {
+    let running = app.libvirt.domain_state(vm).await.ok().flatten().is_some_and(|s| s.is_active());
+    if running && matches!(app.libvirt.backup_job(vm).await, Ok(BackupJobState::Running)) {
+        abort_job(app, vm).await;
+    }
 }
 
 /// Aborts the backup job of `vm` and waits, up to a minute, for it to end: libvirt tears an
@@ -464,9 +476,8 @@ async fn remove_checkpoint(hv: &dyn Hypervisor, vm: &str, name: &str, running: b
 /// point (adding its bitmap, or dropping older ones) killed with the agent leaves some.
 pub async fn undo_bitmap(app: &App, vm: &str, name: &str, files: &[PathBuf]) -> Result<(), String> {
     let running = app.libvirt.domain_state(vm).await.ok().flatten().is_some_and(|s| s.is_active());
-    // A killed agent's backup job may still be writing the files this undo removes.
-    if running && matches!(app.libvirt.backup_job(vm).await, Ok(BackupJobState::Running)) {
-        abort_job(app, vm).await;
+    if running {
+        end_job(app, vm).await;
     }
     remove_checkpoint(app.libvirt.as_ref(), vm, name, running).await;
     let stop = Stop::new();

@@ -1724,10 +1724,34 @@ async fn a_left_backup_job_ends_before_the_failed_points_checkpoint_is_deleted()
     let name = crate::ops::bitmap_backup::checkpoint_name("g", 0);
     let xml = format!("<domaincheckpoint><name>{name}</name></domaincheckpoint>");
     h.app.libvirt.checkpoint_redefine(&vm, xml).await.unwrap();
-    h.hv.leave_backup_job(&vm, 3);
+    h.hv.leave_backup_job(&vm, 3, &[]);
     crate::ops::bitmap_backup::undo_bitmap(&h.app, &vm, &name, &[]).await.unwrap();
     assert!(h.hv.domain(&vm).unwrap().checkpoints.is_empty(), "the checkpoint went once the job had ended");
     assert_eq!(h.app.libvirt.backup_job(&vm).await.unwrap(), crate::libvirt::backup::BackupJobState::Completed);
+}
+
+/// The undo of a point of a running VM (as it was journaled: the point's bitmap, its target,
+/// the job) ends the job before the target goes.
+#[tokio::test(start_paused = true)]
+async fn a_left_backup_job_ends_before_its_target_is_removed() {
+    let h = TestHost::start();
+    let vm = h.running_vm().await;
+    let target =
+        PathBuf::from(h.path("backup/g/v/.0.qcow2.kvmagent-tmp-0123456789ab-00112233445566778899aabbccddeeff"));
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    std::fs::write(&target, b"partial").unwrap();
+    h.hv.leave_backup_job(&vm, 3, std::slice::from_ref(&target));
+    let name = crate::ops::bitmap_backup::checkpoint_name("g", 0);
+    let steps = vec![
+        UndoStep::RemoveBitmap { vm: vm.clone(), name, files: Vec::new() },
+        UndoStep::RemoveFile { path: target.clone() },
+        UndoStep::EndBackupJob { vm: vm.clone() },
+    ];
+    let owner = h.app.vms.lock(&vm).await.unwrap();
+    let failed = crate::ops::undo::replay(&h.app, steps, &[&owner]).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(!target.exists());
+    assert!(!h.hv.domain(&vm).unwrap().job_ended_without_its_targets, "the job ended before its target went");
 }
 
 /// A backup manifest a kill caught half-written (its temporary file) goes at the next start;

@@ -50,6 +50,10 @@ pub enum UndoStep {
     /// Remove backup checkpoint `name` of VM `vm` and its bitmap in `files` (those nothing has
     /// open), which a backup point made (see [`super::bitmap_backup`]).
     RemoveBitmap { vm: String, name: String, files: Vec<PathBuf> },
+    /// End the backup job this operation started in VM `vm` (abort it, and wait until libvirt
+    /// has torn it down) before its target files go: libvirtd 9.0 crashed tearing down a job
+    /// whose target had been removed.
+    EndBackupJob { vm: String },
     /// Thaw the filesystems of VM `vm`'s guest, which this operation froze through its guest
     /// agent (see [`super::quiesce`]).
     ThawGuest { vm: String },
@@ -170,6 +174,7 @@ impl UndoStep {
             | UndoStep::RemoveTop { vm, .. }
             | UndoStep::Thaw { vm, .. }
             | UndoStep::RemoveBitmap { vm, .. }
+            | UndoStep::EndBackupJob { vm }
             | UndoStep::ThawGuest { vm } => Some(vm),
             _ => None,
         }
@@ -328,6 +333,10 @@ async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(),
             }
         }
         UndoStep::RemoveBitmap { vm, name, files } => super::bitmap_backup::undo_bitmap(app, vm, name, files).await,
+        UndoStep::EndBackupJob { vm } => {
+            super::bitmap_backup::end_job(app, vm).await;
+            Ok(())
+        }
     }
 }
 
