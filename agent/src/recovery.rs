@@ -256,20 +256,23 @@ async fn reconcile_domains(app: &App) -> (Vec<String>, Vec<String>) {
 /// the staged state younger than this start too.
 fn remove_temporaries(app: &App, started: SystemTime) -> Vec<PathBuf> {
     let mut removed = Vec::new();
-    let roots = app.storage.roots().roots().iter().chain(app.backup_roots.roots());
+    let old = |p: &Path| p.symlink_metadata().and_then(|m| m.modified()).is_ok_and(|t| t < started);
     let ours = crate::storage::local::temporary_infix();
-    for root in roots {
+    // Backup manifests a kill caught half-written (`.manifest.json.tmp-<id>`, see
+    // `atomic_file`): the manifest itself still holds its previous content.
+    let torn_manifest = format!(".{}.tmp-", crate::backup_group::MANIFEST);
+    let storage = app.storage.roots().roots().iter().map(|r| (r, false));
+    for (root, backup) in storage.chain(app.backup_roots.roots().iter().map(|r| (r, true))) {
         walk(root, 0, &mut |p: &Path| {
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let left = name.contains(".kvmagent-tmp-") && !name.contains(ours);
-            if left && std::fs::remove_file(p).is_ok() {
+            let torn = backup && name.starts_with(&torn_manifest) && old(p);
+            if (left || torn) && std::fs::remove_file(p).is_ok() {
                 removed.push(p.to_path_buf());
             }
         });
     }
-    // State files and backup manifests a kill caught half-written (`.<name>.tmp-<id>`, see
-    // `atomic_file`): the file itself still holds its previous content.
-    let old = |p: &Path| p.symlink_metadata().and_then(|m| m.modified()).is_ok_and(|t| t < started);
+    // State files a kill caught half-written (`.<name>.tmp-<id>`): likewise.
     walk(&app.config.state_dir, 0, &mut |p: &Path| {
         let torn = p.file_name().is_some_and(|n| {
             let n = n.to_string_lossy();
@@ -279,15 +282,6 @@ fn remove_temporaries(app: &App, started: SystemTime) -> Vec<PathBuf> {
             removed.push(p.to_path_buf());
         }
     });
-    let torn_manifest = format!(".{}.tmp-", crate::backup_group::MANIFEST);
-    for root in app.backup_roots.roots() {
-        walk(root, 0, &mut |p: &Path| {
-            let torn = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&torn_manifest));
-            if torn && old(p) && std::fs::remove_file(p).is_ok() {
-                removed.push(p.to_path_buf());
-            }
-        });
-    }
     for e in std::fs::read_dir(app.config.state_dir.join("staging")).into_iter().flatten().flatten() {
         let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < started);
         if old && std::fs::remove_dir_all(e.path()).is_ok() {

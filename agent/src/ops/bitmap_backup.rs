@@ -350,8 +350,18 @@ async fn begin(
 /// Ends a backup job of running VM `vm` that a failed or killed point left: aborted if libvirt
 /// still runs it (it may still be writing the files the undo removes), and waited for.
 pub async fn end_job(app: &App, vm: &str) {
-    let running = app.libvirt.domain_state(vm).await.ok().flatten().is_some_and(|s| s.is_active());
-    if running && matches!(app.libvirt.backup_job(vm).await, Ok(BackupJobState::Running)) {
+    if is_running(app, vm).await {
+        end_running_job(app, vm).await;
+    }
+}
+
+async fn is_running(app: &App, vm: &str) -> bool {
+    app.libvirt.domain_state(vm).await.ok().flatten().is_some_and(|s| s.is_active())
+}
+
+/// [`end_job`] for a VM known to run.
+async fn end_running_job(app: &App, vm: &str) {
+    if matches!(app.libvirt.backup_job(vm).await, Ok(BackupJobState::Running)) {
         abort_job(app, vm).await;
     }
 }
@@ -475,9 +485,9 @@ async fn remove_checkpoint(hv: &dyn Hypervisor, vm: &str, name: &str, running: b
 /// has open (a stopped VM's), whose leaked clusters are freed too: a `qemu-img bitmap` of the
 /// point (adding its bitmap, or dropping older ones) killed with the agent leaves some.
 pub async fn undo_bitmap(app: &App, vm: &str, name: &str, files: &[PathBuf]) -> Result<(), String> {
-    let running = app.libvirt.domain_state(vm).await.ok().flatten().is_some_and(|s| s.is_active());
+    let running = is_running(app, vm).await;
     if running {
-        end_job(app, vm).await;
+        end_running_job(app, vm).await;
     }
     remove_checkpoint(app.libvirt.as_ref(), vm, name, running).await;
     let stop = Stop::new();
