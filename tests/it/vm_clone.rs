@@ -8,7 +8,7 @@ use kvmagent_host_tests::checks::{
 };
 use kvmagent_host_tests::guest::{console_log, kernel_boot, pattern, wait_report};
 use kvmagent_host_tests::images::{data_volume_path, root_volume_path, BaseImage};
-use kvmagent_host_tests::{clone_uuids, uuid, Host};
+use kvmagent_host_tests::{clone_failures, clone_uuids, uuid, Host};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
@@ -76,7 +76,7 @@ async fn five_clones_of_a_running_vm(mode: &str) {
     for c in &clones {
         h.track_vm(c);
     }
-    assert_eq!((r["numberOfClonedVm"].as_u64(), clones.len()), (Some(5), 5), "{r}");
+    assert_eq!((r["numberOfClonedVm"].as_u64(), clones.len()), (Some(5), 5), "{}\n{r}", clone_failures(&r));
     assert_eq!(domstate(&src.vm).as_deref(), Some("running"), "the source keeps running");
 
     // The source now writes to new tops; what the clones are built on is frozen.

@@ -66,6 +66,14 @@ pub fn clone_uuids(answer: &Value) -> Vec<String> {
     entries.iter().filter_map(|i| i["inventory"]["uuid"].as_str().map(str::to_owned)).collect()
 }
 
+/// The failed clones of a `/vm/clone` answer, a line each (name, error code, message): what a
+/// failed assertion should show first, before the whole answer.
+pub fn clone_failures(answer: &Value) -> String {
+    let entries = answer["inventories"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let failed = entries.iter().filter(|i| i.get("inventory").is_none());
+    failed.map(|f| format!("{} ({}): {}\n", f["name"], f["error"], f["message"])).collect()
+}
+
 /// A command body as the management node's `KVMHost.Http` sends it: the command's own fields
 /// plus `kvmHostAddons` (`KVMHost.java:553-560`) and the thread context every `AgentCommand`
 /// carries (`HasThreadContextAspect.aj`), `api` naming the API call it serves.
