@@ -285,9 +285,8 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str, peer: IpAddr
             refused = Some(why);
         }
     }
-    let headers = req.headers().clone();
     // One normal form: the same task id in capitals is the same task.
-    let task_id = header(&headers, "taskuuid").map(str::to_ascii_lowercase);
+    let task_id = header(req.headers(), "taskuuid").map(str::to_ascii_lowercase);
     match (route.style, &task_id) {
         (Style::Sync, Some(_)) => {
             return refuse(
@@ -301,7 +300,7 @@ async fn command(app: Arc<App>, req: Request<Incoming>, path: &str, peer: IpAddr
         }
         _ => {}
     }
-    let callback_url = header(&headers, "callbackurl").map(str::to_owned);
+    let callback_url = header(req.headers(), "callbackurl").map(str::to_owned);
     if let Some(url) = &callback_url {
         if let Err(e) = client::parse_url(url) {
             return refuse(StatusCode::BAD_REQUEST, format!("callbackurl: {e}"));
