@@ -184,9 +184,7 @@ pub async fn backup(app: &Arc<App>, ctx: &TaskCtx, cmd: BackupVmCmd) -> AgentRes
                 // cluster's monitors, most of an incremental's time), with the VM still held;
                 // journaled, so that a kill before they are gone leaves the removal to recovery.
                 let mut cleanup = UndoLog::cleanup(app, &ctx.task_id);
-                for step in rbd_backup::older(app, &before, &group.uuid, point).await {
-                    cleanup.push(step);
-                }
+                cleanup.push_all(rbd_backup::older(app, &before, &group.uuid, point).await);
                 let app = app.clone();
                 tokio::spawn(async move {
                     cleanup.rollback_storage(&app).await;

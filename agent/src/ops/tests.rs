@@ -779,20 +779,28 @@ async fn stopped_rbd_vm_with_a_full_point() -> (TestHost, String, crate::wire::n
 async fn a_points_cleanup_cut_short_by_a_kill_is_finished_by_recovery() {
     let (mut h, vm, full) = stopped_rbd_vm_with_a_full_point().await;
     let kept = backup_snapshots(&h, &vm).await;
-    // What a killed run's cleanup had journaled and not reached: an older point's snapshot.
+    // What a killed run's cleanup had journaled and not reached: two older points' snapshots,
+    // journaled together (and a cleanup with nothing to do, which writes no log).
+    let undo = crate::ops::undo::undo_dir(&h.app.config.state_dir);
+    crate::ops::undo::UndoLog::cleanup(&h.app, "fedcba9876543210").push_all([]);
+    let names = || std::fs::read_dir(&undo).into_iter().flatten().flatten().map(|e| e.file_name());
+    assert!(!names().any(|n| n.to_string_lossy().starts_with("fedcba9876543210")), "nothing to clean up, no log");
     let root = h.recorded(&vm).await[0].trim_start_matches("ceph://").to_owned();
-    let older = format!("{root}@{}", crate::ops::bitmap_backup::checkpoint_name(&full.group_uuid, 7));
+    let older: Vec<String> =
+        (7..9).map(|i| format!("{root}@{}", crate::ops::bitmap_backup::checkpoint_name(&full.group_uuid, i))).collect();
     let stop = crate::stop::Stop::new();
-    h.app.rbd.snap_create(&crate::ceph::path::CephPath::parse(&older).unwrap(), &stop).await.unwrap();
+    for o in &older {
+        h.app.rbd.snap_create(&crate::ceph::path::CephPath::parse(o).unwrap(), &stop).await.unwrap();
+    }
     let mut cleanup = crate::ops::undo::UndoLog::cleanup(&h.app, "0123456789abcdef");
-    cleanup.push(UndoStep::RemoveRbdSnapshot { path: older.clone() });
-    assert!(backup_snapshots(&h, &vm).await.contains(&older));
+    cleanup.push_all(older.iter().map(|o| UndoStep::RemoveRbdSnapshot { path: o.clone() }));
+    let listed = backup_snapshots(&h, &vm).await;
+    assert!(older.iter().all(|o| listed.contains(o)), "{listed:?}");
 
     let report = h.restart_and_recover().await;
     assert_eq!(report.cleaned_up, ["0123456789abcdef"], "{report:?}");
     assert!(report.rolled_back.is_empty(), "a cleanup undoes nothing of its task: {report:?}");
     assert_eq!(backup_snapshots(&h, &vm).await, kept);
-    let undo = crate::ops::undo::undo_dir(&h.app.config.state_dir);
     assert_eq!(std::fs::read_dir(undo).map(|d| d.count()).unwrap_or(0), 0, "the log is done with");
 }
 

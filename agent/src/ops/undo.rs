@@ -95,6 +95,18 @@ impl UndoLog {
         kill_point::reached();
     }
 
+    /// Pushes `steps` with one write of the journal (none when there are none): steps known
+    /// together need not each pay a synced write.
+    pub fn push_all(&mut self, steps: impl IntoIterator<Item = UndoStep>) {
+        let before = self.steps.len();
+        self.steps.extend(steps);
+        if self.steps.len() > before {
+            self.write();
+            #[cfg(test)]
+            kill_point::reached();
+        }
+    }
+
     fn write(&self) {
         if let Some(f) = &self.file {
             if let Err(e) = atomic_file::write_json(f, &self.steps) {
