@@ -12,10 +12,14 @@ pub struct CephPath {
     pub snap: Option<String>,
 }
 
+/// A pool, image or snapshot name: what `rbd` accepts, and never `.` or `..`, which would read
+/// as path components where the name becomes part of a path (QEMU's and libvirt's RBD specs).
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
         && !s.starts_with('-')
+        && s != "."
+        && s != ".."
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
@@ -81,6 +85,7 @@ mod tests {
         let p = CephPath::parse("ceph://rbd/vol-1@snap.2").unwrap();
         assert_eq!((p.pool.as_str(), p.image.as_str(), p.snap.as_deref()), ("rbd", "vol-1", Some("snap.2")));
         assert_eq!(CephPath::parse("rbd/img").unwrap().to_string(), "ceph://rbd/img");
+        assert_eq!(CephPath::parse("ceph://.rgw.root/..img").unwrap().image, "..img", "dots within a name are fine");
         for bad in [
             "ceph://rbd",
             "ceph:///img",
@@ -89,6 +94,11 @@ mod tests {
             "ceph://rbd/a@",
             "ceph://rbd/a b",
             "ceph://rbd/a;x",
+            "ceph://../etc",
+            "ceph://./img",
+            "ceph://rbd/..",
+            "ceph://rbd/img@.",
+            "../etc",
             "/tmp/x",
         ] {
             assert!(CephPath::parse(bad).is_err(), "{bad}");
