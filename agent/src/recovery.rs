@@ -283,8 +283,7 @@ fn remove_temporaries(app: &App, started: SystemTime) -> Vec<PathBuf> {
         }
     });
     for e in std::fs::read_dir(app.config.state_dir.join("staging")).into_iter().flatten().flatten() {
-        let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < started);
-        if old && std::fs::remove_dir_all(e.path()).is_ok() {
+        if old(&e.path()) && std::fs::remove_dir_all(e.path()).is_ok() {
             removed.push(e.path());
         }
     }

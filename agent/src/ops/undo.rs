@@ -89,10 +89,7 @@ impl UndoLog {
     }
 
     pub fn push(&mut self, step: UndoStep) {
-        self.steps.push(step);
-        self.write();
-        #[cfg(test)]
-        kill_point::reached();
+        self.push_all([step]);
     }
 
     /// Pushes `steps` with one write of the journal (none when there are none): steps known
