@@ -155,7 +155,8 @@ async fn copy_through(source: &Server, extents: &[Extent], dst: &Path, stop: &St
     // `dst` is a file being built, synced by the agent before it is published: the server's
     // own flushes (qcow2 orders its metadata writes with one each) would only slow the copy.
     let target = Server::start(&dst.display().to_string(), &["--format=qcow2", "--cache=unsafe"], stop).await?;
-    let (from, to, extents, halt) = (source.socket.clone(), target.socket.clone(), coalesce(extents), stop.clone());
+    let (from, to, extents, halt) =
+        (source.socket.clone(), target.socket.clone(), nbd::coalesce(extents), stop.clone());
     let copied = tokio::task::spawn_blocking(move || {
         let (mut from, mut to) = (Export::connect(&from)?, Export::connect(&to)?);
         nbd::copy(&mut from, &mut to, &extents, &halt)?;
@@ -168,20 +169,6 @@ async fn copy_through(source: &Server, extents: &[Extent], dst: &Path, stop: &St
         Ok(()) => target.wait().await,
         Err(e) => Err(target.failed(e, stop).await),
     }
-}
-
-/// Extents in offset order, those that touch or overlap joined.
-fn coalesce(extents: &[Extent]) -> Vec<Extent> {
-    let mut sorted = extents.to_vec();
-    sorted.sort_unstable();
-    let mut out: Vec<Extent> = Vec::new();
-    for (offset, length) in sorted {
-        match out.last_mut() {
-            Some((start, len)) if offset <= *start + *len => *len = (*len).max(offset + length - *start),
-            _ => out.push((offset, length)),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -197,13 +184,6 @@ mod tests {
             {"start":262144,"length":0,"depth":0,"present":false,"zero":false,"data":false}]"#;
         assert_eq!(parse_dirty(out).unwrap(), vec![(65536, 65536), (196608, 65536)]);
         assert!(parse_dirty("nonsense").is_err());
-    }
-
-    #[test]
-    fn only_extents_that_touch_or_overlap_are_joined() {
-        let joined = coalesce(&[(8192, 4096), (0, 4096), (4096, 4096), (65536, 512), (65000, 600)]);
-        assert_eq!(joined, vec![(0, 12288), (65000, 1048)]);
-        assert!(coalesce(&[]).is_empty());
     }
 
     fn run(program: &str, args: &[&str]) {

@@ -204,6 +204,20 @@ pub fn copy(from: &mut Export, to: &mut Export, extents: &[Extent], stop: &Stop)
     Ok(())
 }
 
+/// Extents in offset order, those that touch or overlap joined.
+pub fn coalesce(extents: &[Extent]) -> Vec<Extent> {
+    let mut sorted = extents.to_vec();
+    sorted.sort_unstable();
+    let mut out: Vec<Extent> = Vec::new();
+    for (offset, length) in sorted {
+        match out.last_mut() {
+            Some((start, len)) if offset <= *start + *len => *len = (*len).max(offset + length - *start),
+            _ => out.push((offset, length)),
+        }
+    }
+    out
+}
+
 const DIR_PREFIX: &str = "kvmagent-nbd-";
 
 /// Removes the socket directories of servers a killed agent left (its servers died with it):
@@ -330,6 +344,13 @@ mod tests {
     use std::os::unix::net::UnixListener;
 
     use super::*;
+
+    #[test]
+    fn only_extents_that_touch_or_overlap_are_joined() {
+        let joined = coalesce(&[(8192, 4096), (0, 4096), (4096, 4096), (65536, 512), (65000, 600)]);
+        assert_eq!(joined, vec![(0, 12288), (65000, 1048)]);
+        assert!(coalesce(&[]).is_empty());
+    }
 
     #[test]
     fn the_directories_of_dead_agents_go_and_those_of_live_ones_stay() {

@@ -214,6 +214,7 @@ ceph_functions! {
         fn rbd_close(image: ImageT) -> c_int;
 
         fn rbd_stat(image: ImageT, info: *mut ImageInfoT, infosize: usize) -> c_int;
+        fn rbd_get_features(image: ImageT, features: *mut u64) -> c_int;
         fn rbd_get_parent(image: ImageT, parent_image: *mut LinkedImageSpecT, parent_snap: *mut SnapSpecT) -> c_int;
         fn rbd_linked_image_spec_cleanup(image: *mut LinkedImageSpecT);
         fn rbd_linked_image_spec_list_cleanup(images: *mut LinkedImageSpecT, num: usize);
