@@ -33,6 +33,11 @@ impl Faults {
         self.failing.lock().unwrap().insert(call);
     }
 
+    /// Lets `call` succeed again.
+    pub fn heal(&self, call: &'static str) {
+        self.failing.lock().unwrap().remove(call);
+    }
+
     /// The agent dies at the `n`-th call from now (1 = the next one).
     pub fn kill_at(&self, n: usize) {
         self.kill_at.store(self.calls.load(Ordering::SeqCst) + n, Ordering::SeqCst);

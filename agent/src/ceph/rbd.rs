@@ -5,6 +5,7 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::sync::mpsc::SyncSender;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,6 +14,8 @@ use serde::Deserialize;
 use super::path::CephPath;
 use crate::error::{AgentError, ErrorKind};
 use crate::process::{self, Priority, ProcessError};
+use crate::qemu_img::bitmaps;
+use crate::qemu_img::nbd::{Chunk, Extent};
 use crate::stop::{Stop, Stoppable};
 
 /// How long one quick `rbd` call may take (flatten and copies are bounded by the task instead).
@@ -151,8 +154,9 @@ fn default_object_size() -> u64 {
     4 << 20
 }
 
+/// One extent of `rbd diff --format json`.
 #[derive(Debug, Clone, Deserialize)]
-struct Extent {
+struct DiffExtent {
     offset: u64,
     length: u64,
 }
@@ -223,6 +227,15 @@ pub trait Rbd: Send + Sync {
     /// snapshot `from_snap`: written or discarded since, exact within objects that held data
     /// then (an object made since is one range up to its end), oldest offset first.
     async fn changed_since(&self, p: &CephPath, from_snap: &str, stop: &Stop) -> Result<Vec<(u64, u64)>, RbdError>;
+    /// Reads the byte ranges `extents` of `p` (an image or its snapshot) and sends them to
+    /// `chunks`, in offset order, until done; a receiver that hangs up ends the read.
+    async fn read_extents(
+        &self,
+        p: &CephPath,
+        extents: Vec<Extent>,
+        chunks: SyncSender<Chunk>,
+        stop: &Stop,
+    ) -> Result<(), RbdError>;
     /// Images cloned from the snapshot `p`.
     async fn children(&self, p: &CephPath, stop: &Stop) -> Result<Vec<CephPath>, RbdError>;
     async fn remove(&self, p: &CephPath, stop: &Stop) -> Result<(), RbdError>;
@@ -338,7 +351,7 @@ impl Rbd for RbdCli {
     /// How many objects of the image hold data, its parent's included (from the object map:
     /// no data is read). After a flatten the image owns exactly these.
     async fn data_objects(&self, p: &CephPath, object_size: u64, stop: &Stop) -> Result<u64, RbdError> {
-        let extents: Vec<Extent> = self.json(&["diff", "--whole-object", &p.spec()], stop).await?;
+        let extents: Vec<DiffExtent> = self.json(&["diff", "--whole-object", &p.spec()], stop).await?;
         let mut objects = std::collections::BTreeSet::new();
         for e in extents.iter().filter(|e| e.length > 0) {
             objects.extend(e.offset / object_size..=(e.offset + e.length - 1) / object_size);
@@ -410,8 +423,21 @@ impl Rbd for RbdCli {
     }
 
     async fn changed_since(&self, p: &CephPath, from_snap: &str, stop: &Stop) -> Result<Vec<(u64, u64)>, RbdError> {
-        let extents: Vec<Extent> = self.json(&["diff", "--from-snap", from_snap, &p.spec()], stop).await?;
+        let extents: Vec<DiffExtent> = self.json(&["diff", "--from-snap", from_snap, &p.spec()], stop).await?;
         Ok(extents.into_iter().filter(|e| e.length > 0).map(|e| (e.offset, e.length)).collect())
+    }
+
+    /// Through a `qemu-nbd` of its own: the command line has no ranged read.
+    async fn read_extents(
+        &self,
+        p: &CephPath,
+        extents: Vec<Extent>,
+        chunks: SyncSender<Chunk>,
+        stop: &Stop,
+    ) -> Result<(), RbdError> {
+        bitmaps::send_extents(&self.qemu_name(p), "raw", &extents, chunks, stop)
+            .await
+            .map_err(|e| RbdError::Refused { what: format!("read {}", p.spec()), reason: e.to_string() })
     }
 
     /// Images cloned from the snapshot `p`, as `ceph://` paths.

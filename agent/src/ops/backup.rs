@@ -415,7 +415,7 @@ async fn write_file(
             app.qemu_img.copy_dirty(Path::new(&src), bitmap, tmp, stop).await.map_err(stopped)?;
         }
         Some((prev, Changes::SnapshotDiff(since))) => {
-            rbd_backup::write_changes(app, from, &src, since, prev, tmp, stop).await?
+            rbd_backup::write_changes(app, from, since, prev, tmp, stop).await?
         }
         Some((prev, Changes::Compare)) => compare_into(app, Path::new(&src), src_fmt, prev, tmp, stop).await?,
     }

@@ -18,7 +18,7 @@ use crate::ceph::path::CephPath;
 use crate::ceph::rbd::Rbd;
 use crate::error::AgentResult;
 use crate::model::VmSpec;
-use crate::qemu_img::CreateOptions;
+use crate::qemu_img::{nbd, CreateOptions};
 use crate::stop::Stop;
 use crate::wire::native::IncrementalBy;
 
@@ -55,30 +55,35 @@ pub async fn incremental(rbd: &dyn Rbd, spec: &VmSpec, group: &str, point: usize
 }
 
 /// Writes into new file `dst` an overlay on `previous` (the previous point's file beside it)
-/// holding the byte ranges of snapshot `snap` (`ceph://pool/image@snap`, read as `src`, its
-/// QEMU name) that changed since the image's snapshot `since`.
+/// holding the byte ranges of snapshot `snap` (`ceph://pool/image@snap`) that changed since
+/// the image's snapshot `since`.
 pub async fn write_changes(
     app: &App,
     snap: &str,
-    src: &str,
     since: &str,
     previous: &str,
     dst: &Path,
     stop: &Stop,
 ) -> AgentResult<()> {
     let p = CephPath::parse(snap)?;
-    let size = app.rbd.info(&p, stop).await.map_err(|e| stop.or_error(e, "backing up the volume"))?.size;
-    let extents =
-        app.rbd.changed_since(&p, since, stop).await.map_err(|e| stop.or_error(e, "backing up the volume"))?;
+    const DOING: &str = "backing up the volume";
+    let size = app.rbd.info(&p, stop).await.map_err(|e| stop.or_error(e, DOING))?.size;
+    let extents = app.rbd.changed_since(&p, since, stop).await.map_err(|e| stop.or_error(e, DOING))?;
     let opts = CreateOptions::default();
     app.qemu_img
         .create_overlay(Path::new(previous), "qcow2", dst, Some(size), &opts, stop)
         .await
-        .map_err(|e| stop.or_error(e, "backing up the volume"))?;
-    app.qemu_img
-        .copy_extents(src, "raw", &extents, dst, stop)
-        .await
-        .map_err(|e| stop.or_error(e, "backing up the volume"))
+        .map_err(|e| stop.or_error(e, DOING))?;
+    if extents.is_empty() {
+        return Ok(());
+    }
+    // Read in the agent (one cluster connection for all), written by a qemu-nbd meanwhile.
+    let (tx, rx) = nbd::chunk_channel();
+    let (read, written) =
+        tokio::join!(app.rbd.read_extents(&p, extents, tx, stop), app.qemu_img.write_chunks(dst, rx, stop));
+    // A writer that failed cut its reader short: its own error says why.
+    written.map_err(|e| stop.or_error(e, DOING))?;
+    read.map_err(|e| stop.or_error(e, DOING))
 }
 
 /// Once point `point` of `group` is recorded: every other backup snapshot of the VM's images

@@ -734,10 +734,10 @@ async fn rbd_backup_points_keep_their_snapshots_and_incrementals_read_their_diff
     assert_eq!(backing(&file.display().to_string()), Some(previous), "an overlay on the previous point");
 
     // A point that fails removes the snapshots it took and keeps the previous ones.
-    h.faults.fail("qemu-img convert");
-    backup(inc.clone()).await.expect_err("the copy fails");
+    h.faults.fail("qemu-img create");
+    backup(inc.clone()).await.expect_err("the overlay cannot be made");
     assert_eq!(backup_snapshots(&h, &vm).await, snaps(1));
-    h.faults.revive();
+    h.faults.heal("qemu-img create");
 
     // The previous point's snapshot removed by hand: the point compares and says why.
     let stop = crate::stop::Stop::new();

@@ -6,10 +6,11 @@
 
 use std::ffi::OsString;
 use std::path::Path;
+use std::sync::mpsc::{Receiver, SyncSender};
 
 use serde::Deserialize;
 
-use super::nbd::{self, Export, Extent, NbdError, Server};
+use super::nbd::{self, Chunk, Export, Extent, NbdError, SendError, Server};
 use super::QemuImgError;
 use crate::process::{self, Priority, ProcessError};
 use crate::stop::Stop;
@@ -118,18 +119,19 @@ pub async fn copy_dirty(src: &Path, name: &str, dst: &Path, stop: &Stop) -> Resu
     if let Ok(Some(extents)) = read.await {
         return copy_extents(&src.display().to_string(), "qcow2", &extents, dst, stop).await;
     }
-    let src = src.display().to_string();
-    // Persistent: the map and then the copy connect in turn. It is killed after: a read-only
-    // file export leaves nothing behind.
-    let opts = ["--read-only", "--persistent", "--format=qcow2", "--bitmap", name];
-    let server = Server::start(&src, &opts, stop).await?;
-    let extents = dirty_extents(&server, name, stop).await?;
-    copy_through(&server, &extents, dst, stop).await
+    // The map reads from a server of its own, which exits once the map is done; the copy
+    // starts another.
+    let extents = {
+        let opts = ["--read-only", "--format=qcow2", "--bitmap", name];
+        let server = Server::start(&src.display().to_string(), &opts, stop).await?;
+        dirty_extents(&server, name, stop).await?
+    };
+    copy_extents(&src.display().to_string(), "qcow2", &extents, dst, stop).await
 }
 
 /// Copies into `dst` (an overlay on an earlier copy of `src`) the byte ranges `extents` of
 /// image `src`: a file of format `src_fmt`, or an RBD image or snapshot by its QEMU name
-/// (`rbd:...`, raw).
+/// (`rbd:...`, raw). Nothing to copy leaves `dst` as it is.
 pub async fn copy_extents(
     src: &str,
     src_fmt: &str,
@@ -140,34 +142,66 @@ pub async fn copy_extents(
     if extents.is_empty() {
         return Ok(());
     }
-    let server = Server::start(src, &["--read-only", &format!("--format={src_fmt}")], stop).await?;
-    copy_through(&server, extents, dst, stop).await?;
-    // Its one client gone, it closes the image and exits.
-    server.wait().await
+    let (tx, rx) = nbd::chunk_channel();
+    let (read, written) = tokio::join!(send_extents(src, src_fmt, extents, tx, stop), write_chunks(dst, rx, stop));
+    // A writer that failed cut its reader short: its own error says why.
+    written.and(read)
 }
 
-/// Copies `extents` from the image `source` serves into the same ranges of qcow2 file `dst`,
-/// zeros as zero clusters. Nothing to copy leaves `dst` as it is.
-async fn copy_through(source: &Server, extents: &[Extent], dst: &Path, stop: &Stop) -> Result<(), QemuImgError> {
-    if extents.is_empty() {
-        return Ok(());
-    }
+/// Sends the byte ranges `extents` of image `src` (format `src_fmt`) to `chunks`, read
+/// through a read-only server of its own.
+pub async fn send_extents(
+    src: &str,
+    src_fmt: &str,
+    extents: &[Extent],
+    chunks: SyncSender<Chunk>,
+    stop: &Stop,
+) -> Result<(), QemuImgError> {
+    let server = Server::start(src, &["--read-only", &format!("--format={src_fmt}")], stop).await?;
+    let (extents, halt) = (nbd::coalesce(extents), stop.clone());
+    // Its one client gone, it closes the image and exits.
+    served(server, stop, move |socket| {
+        let mut from = Export::connect(socket)?;
+        nbd::send_chunks(&extents, &chunks, &halt, |offset, buf| from.read(offset, buf)).map_err(|e| match e {
+            SendError::Read(e) => e,
+            SendError::Stopped => NbdError::Stopped,
+            SendError::WriterGone => NbdError::WriterGone,
+        })?;
+        from.disconnect()
+    })
+    .await
+}
+
+/// Writes each chunk `chunks` brings into the same range of qcow2 file `dst` (zeros as zero
+/// clusters) until its sender hangs up, through a server of its own.
+pub async fn write_chunks(dst: &Path, chunks: Receiver<Chunk>, stop: &Stop) -> Result<(), QemuImgError> {
     // `dst` is a file being built, synced by the agent before it is published: the server's
     // own flushes (qcow2 orders its metadata writes with one each) would only slow the copy.
     let target = Server::start(&dst.display().to_string(), &["--format=qcow2", "--cache=unsafe"], stop).await?;
-    let (from, to, extents, halt) =
-        (source.socket.clone(), target.socket.clone(), nbd::coalesce(extents), stop.clone());
-    let copied = tokio::task::spawn_blocking(move || {
-        let (mut from, mut to) = (Export::connect(&from)?, Export::connect(&to)?);
-        nbd::copy(&mut from, &mut to, &extents, &halt)?;
-        from.disconnect()?;
+    let halt = stop.clone();
+    served(target, stop, move |socket| {
+        let mut to = Export::connect(socket)?;
+        nbd::write_chunks(&mut to, &chunks, &halt)?;
         to.finish()
     })
     .await
-    .unwrap_or_else(|e| Err(NbdError::Protocol(format!("the copy failed: {e}"))));
-    match copied {
-        Ok(()) => target.wait().await,
-        Err(e) => Err(target.failed(e, stop).await),
+}
+
+/// Runs `client` with the socket of `server` on a blocking thread; then waits for the server,
+/// its client gone, to exit cleanly, or, when the client failed, ends it and says what it
+/// printed.
+async fn served(
+    server: Server,
+    stop: &Stop,
+    client: impl FnOnce(&Path) -> Result<(), NbdError> + Send + 'static,
+) -> Result<(), QemuImgError> {
+    let socket = server.socket.clone();
+    let done = tokio::task::spawn_blocking(move || client(&socket))
+        .await
+        .unwrap_or_else(|e| Err(NbdError::Protocol(format!("the copy failed: {e}"))));
+    match done {
+        Ok(()) => server.wait().await,
+        Err(e) => Err(server.failed(e, stop).await),
     }
 }
 

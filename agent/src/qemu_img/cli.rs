@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
+use super::nbd::Chunk;
 use super::{read_header, Convert, CreateOptions, ImageInfo, Measure, QemuImg, QemuImgError};
 use crate::metrics;
 use crate::process::{self, Priority};
@@ -240,15 +241,13 @@ impl QemuImg for QemuImgCli {
         super::bitmaps::copy_dirty(src, bitmap, dst, stop).await
     }
 
-    async fn copy_extents(
+    async fn write_chunks(
         &self,
-        src: &str,
-        src_fmt: &str,
-        extents: &[(u64, u64)],
         dst: &Path,
+        chunks: std::sync::mpsc::Receiver<Chunk>,
         stop: &Stop,
     ) -> Result<(), QemuImgError> {
-        super::bitmaps::copy_extents(src, src_fmt, extents, dst, stop).await
+        super::bitmaps::write_chunks(dst, chunks, stop).await
     }
 }
 

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use super::nbd::Chunk;
 use super::{read_header, Convert, CreateOptions, ImageInfo, Measure, QemuImg, QemuImgError};
 use crate::faults::Faults;
 use crate::process::ProcessError;
@@ -197,12 +198,15 @@ pub fn copy_changed(src: &Path, dst: &Path) -> Result<(), String> {
 }
 
 /// Writes into `dst` what `src` reads in the blocks that `extents` touch.
-fn copy_ranges(src: &Path, dst: &Path, extents: &[(u64, u64)]) -> Result<(), String> {
-    let (_, want) = view(src)?;
+fn write_chunks(dst: &Path, chunks: &std::sync::mpsc::Receiver<Chunk>, stop: &Stop) -> Result<(), String> {
     let mut img = read(dst)?;
-    for &(offset, length) in extents.iter().filter(|(_, l)| *l > 0) {
-        for k in offset / BLOCK..=(offset + length - 1) / BLOCK {
-            img.data.blocks.insert(k, want.get(&k).copied().unwrap_or(0));
+    for (offset, data) in chunks {
+        if stop.is_stopped() {
+            return Err("stopped".into());
+        }
+        let end = offset + data.len() as u64;
+        for k in offset.div_ceil(BLOCK)..end.div_ceil(BLOCK) {
+            img.data.blocks.insert(k, data[(k * BLOCK - offset) as usize]);
         }
     }
     write(dst, &img)
@@ -417,16 +421,17 @@ impl QemuImg for FakeQemuImg {
         or_failed("convert", dst, copy_changed(src, dst))
     }
 
-    async fn copy_extents(
+    /// Each block a chunk covers takes the chunk's byte at the block's start.
+    async fn write_chunks(
         &self,
-        src: &str,
-        _src_fmt: &str,
-        extents: &[(u64, u64)],
         dst: &Path,
+        chunks: std::sync::mpsc::Receiver<Chunk>,
         stop: &Stop,
     ) -> Result<(), QemuImgError> {
-        self.enter("qemu-img convert", dst, stop).await?;
-        or_failed("convert", dst, copy_ranges(Path::new(src), dst, extents))
+        self.enter("qemu-nbd", dst, stop).await?;
+        let (path, stop) = (dst.to_owned(), stop.clone());
+        let written = tokio::task::spawn_blocking(move || write_chunks(&path, &chunks, &stop)).await;
+        or_failed("nbd", dst, written.unwrap_or_else(|e| Err(e.to_string())))
     }
 }
 

@@ -175,15 +175,12 @@ pub trait QemuImg: Send + Sync {
     /// Copies into `dst` (an overlay on an earlier copy of `src`) the extents of `src` that its
     /// bitmap `bitmap` marks dirty; `src` is a qcow2 file nothing writes.
     async fn copy_dirty(&self, src: &Path, bitmap: &str, dst: &Path, stop: &Stop) -> Result<(), QemuImgError>;
-    /// Copies into `dst` (an overlay on an earlier copy of `src`) the byte ranges `extents`
-    /// (`(offset, length)`, in offset order) of image `src`: a file of format `src_fmt`, or an
-    /// RBD snapshot by its QEMU name.
-    async fn copy_extents(
+    /// Writes each chunk `chunks` brings into the same byte range of qcow2 file `dst` (an
+    /// overlay on an earlier copy of what is read) until its sender hangs up.
+    async fn write_chunks(
         &self,
-        src: &str,
-        src_fmt: &str,
-        extents: &[(u64, u64)],
         dst: &Path,
+        chunks: std::sync::mpsc::Receiver<nbd::Chunk>,
         stop: &Stop,
     ) -> Result<(), QemuImgError>;
 }

@@ -1,15 +1,16 @@
 //! Byte ranges moved between images through `qemu-nbd`: one server per image on a unix socket
 //! in a private directory, and a small blocking client of the NBD protocol (fixed newstyle
-//! handshake, simple replies) that reads from one export and writes to another. One server
-//! process per image instead of one `qemu-img convert` per range: an incremental backup of
-//! scattered changes pays for two process starts (and, on RBD, two cluster connections), not
-//! for one per range.
+//! handshake, simple replies). A copy's reader (an export, or librbd in the agent) sends
+//! chunks over a channel to the writer of its target export, so reading and writing overlap.
+//! One server process per image instead of one `qemu-img convert` per range: an incremental
+//! backup of scattered changes pays for one or two process starts, not for one per range.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::time::Duration;
 
 use tokio::process::Child;
@@ -50,6 +51,9 @@ pub enum NbdError {
     /// The task was stopped between two requests.
     #[error("stopped")]
     Stopped,
+    /// The copy's writer went away (its own error says why).
+    #[error("the copy's writer stopped")]
+    WriterGone,
 }
 
 /// A connected NBD export.
@@ -184,22 +188,56 @@ impl Export {
     }
 }
 
-/// Copies `extents` (each inside both exports) from `from` to `to`, a request at a time;
-/// gives up between requests once `stop` fires.
-pub fn copy(from: &mut Export, to: &mut Export, extents: &[Extent], stop: &Stop) -> Result<(), NbdError> {
-    let mut buf = Vec::new();
+/// A piece of a copy: bytes, and the offset they were read at and are written at.
+pub type Chunk = (u64, Vec<u8>);
+
+/// The channel of one copy's chunks: the reader may run this many chunks ahead of the writer,
+/// so one reads while the other writes.
+pub fn chunk_channel() -> (SyncSender<Chunk>, Receiver<Chunk>) {
+    std::sync::mpsc::sync_channel(4)
+}
+
+/// Why sending the chunks of a copy ended early.
+#[derive(Debug)]
+pub enum SendError<E> {
+    Read(E),
+    Stopped,
+    /// The receiving end is gone: the writer failed (its own error says why).
+    WriterGone,
+}
+
+/// Reads `extents` in pieces of at most [`MAX_REQUEST`] bytes with `read(offset, buf)` and
+/// sends each to `chunks`; gives up between pieces once `stop` fires.
+pub fn send_chunks<E>(
+    extents: &[Extent],
+    chunks: &SyncSender<Chunk>,
+    stop: &Stop,
+    mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
+) -> Result<(), SendError<E>> {
     for &(offset, length) in extents {
         let mut done = 0;
         while done < length {
             if stop.is_stopped() {
-                return Err(NbdError::Stopped);
+                return Err(SendError::Stopped);
             }
             let n = (length - done).min(MAX_REQUEST);
-            buf.resize(n as usize, 0);
-            from.read(offset + done, &mut buf)?;
-            to.write(offset + done, &buf)?;
+            let mut buf = vec![0; n as usize];
+            read(offset + done, &mut buf).map_err(SendError::Read)?;
+            chunks.send((offset + done, buf)).map_err(|_| SendError::WriterGone)?;
             done += n;
         }
+    }
+    Ok(())
+}
+
+/// Writes each chunk `chunks` brings into `to` until its sender hangs up; gives up between
+/// chunks once `stop` fires.
+pub fn write_chunks(to: &mut Export, chunks: &Receiver<Chunk>, stop: &Stop) -> Result<(), NbdError> {
+    for (offset, data) in chunks {
+        if stop.is_stopped() {
+            return Err(NbdError::Stopped);
+        }
+        to.write(offset, &data)?;
     }
     Ok(())
 }
@@ -424,9 +462,20 @@ mod tests {
             assert!(to.write(4 << 20, &[1]).is_err(), "past the end is refused before it is sent");
             let stopped = Stop::new();
             stopped.fire(crate::stop::StopReason::Cancelled);
-            assert!(matches!(copy(&mut from, &mut to, &extents, &stopped), Err(NbdError::Stopped)));
-            copy(&mut from, &mut to, &extents, &Stop::new())?;
-            to.finish()
+            let (tx, rx) = chunk_channel();
+            let sent = send_chunks(&extents, &tx, &stopped, |o, b| from.read(o, b));
+            assert!(matches!(sent, Err(SendError::Stopped)), "{sent:?}");
+            drop(rx);
+            let sent = send_chunks(&extents, &tx, &Stop::new(), |o, b| from.read(o, b));
+            assert!(matches!(sent, Err(SendError::WriterGone)), "{sent:?}");
+            let (tx, rx) = chunk_channel();
+            let writer = std::thread::spawn(move || {
+                write_chunks(&mut to, &rx, &Stop::new())?;
+                to.finish()
+            });
+            send_chunks(&extents, &tx, &Stop::new(), |o, b| from.read(o, b)).unwrap();
+            drop(tx);
+            writer.join().unwrap()
         })
         .await
         .unwrap();

@@ -215,6 +215,7 @@ ceph_functions! {
 
         fn rbd_stat(image: ImageT, info: *mut ImageInfoT, infosize: usize) -> c_int;
         fn rbd_get_features(image: ImageT, features: *mut u64) -> c_int;
+        fn rbd_read(image: ImageT, ofs: u64, len: usize, buf: *mut c_char) -> isize;
         fn rbd_get_parent(image: ImageT, parent_image: *mut LinkedImageSpecT, parent_snap: *mut SnapSpecT) -> c_int;
         fn rbd_linked_image_spec_cleanup(image: *mut LinkedImageSpecT);
         fn rbd_linked_image_spec_list_cleanup(images: *mut LinkedImageSpecT, num: usize);

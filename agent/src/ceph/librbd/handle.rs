@@ -465,6 +465,19 @@ impl<'io> Image<'io> {
         check(r, || self.step("listing the allocated extents of")).map(drop)
     }
 
+    /// Fills `buf` from `offset` of the image (of its snapshot, when opened at one).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Res<()> {
+        // SAFETY: open image; `buf` is writable for its whole length.
+        let r = unsafe { (self.api().rbd_read)(self.raw, offset, buf.len(), buf.as_mut_ptr().cast()) };
+        let step = || format!("reading {} bytes at offset {offset} of {}", buf.len(), self.spec);
+        match usize::try_from(r) {
+            Ok(n) if n == buf.len() => Ok(()),
+            // Past the end: the range is not inside the image.
+            Ok(_) => Err(Fail { step: step(), errno: -libc::EINVAL }),
+            Err(_) => Err(Fail { step: step(), errno: i32::try_from(r).unwrap_or(-libc::EIO) }),
+        }
+    }
+
     /// Calls `each(offset, length, exists)` for every byte range that changed since snapshot
     /// `from_snap`: exact ranges (not whole objects), for reading just those.
     pub fn changes_since<F: Fn(u64, u64, bool) + Sync>(&self, from_snap: &str, each: F) -> Res<()> {

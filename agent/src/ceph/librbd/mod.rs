@@ -12,6 +12,7 @@ mod handle;
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use self::handle::{ClientIdentity, Fail, Image, IoCtx, Rados, Res};
 use super::clients::{self, Client};
 use super::path::CephPath;
 use super::rbd::{whole_mib, Connection, ImageInfo, Parent, Rbd, RbdError, Snapshot, CALL_TIMEOUT};
+use crate::qemu_img::nbd::{self, Chunk, Extent, SendError};
 use crate::stop::Stop;
 
 /// Set on the connection: bounds how long connecting waits for a monitor (librados' default is
@@ -396,6 +398,30 @@ impl Rbd for RbdLib {
                     }
                 })?;
                 Ok(extents.into_inner().unwrap_or_else(|e| e.into_inner()))
+            })
+        })
+        .await
+    }
+
+    async fn read_extents(
+        &self,
+        p: &CephPath,
+        extents: Vec<Extent>,
+        chunks: SyncSender<Chunk>,
+        stop: &Stop,
+    ) -> Result<(), RbdError> {
+        let (p, halt) = (p.clone(), stop.clone());
+        // Bounded by the task, like a flatten: its size is the data's.
+        self.call(format!("read {}", p.spec()), stop, false, move |s| {
+            with_image(s, &p, true, |img| {
+                nbd::send_chunks(&extents, &chunks, &halt, |offset, buf| img.read(offset, buf)).map_err(|e| match e {
+                    SendError::Read(f) => f,
+                    SendError::Stopped => Fail { step: format!("reading {}", p.spec()), errno: -libc::ECANCELED },
+                    SendError::WriterGone => Fail {
+                        step: format!("handing the data of {} to the copy's writer, which stopped", p.spec()),
+                        errno: -libc::EPIPE,
+                    },
+                })
             })
         })
         .await
