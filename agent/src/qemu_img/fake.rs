@@ -455,6 +455,11 @@ mod tests {
         write_block(&p("top"), BLOCK, 2);
         assert_eq!(view(&p("top")).unwrap(), (4 * BLOCK, BTreeMap::from([(0, 1), (1, 2)])));
         assert_eq!(read_header(&p("top")).unwrap().backing_file, Some(p("base").display().to_string()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        tx.send((2 * BLOCK, vec![3; BLOCK as usize])).unwrap();
+        drop(tx);
+        q.write_chunks(&p("top"), rx, &stop).await.unwrap();
+        assert_eq!(view(&p("top")).unwrap().1, BTreeMap::from([(0, 1), (1, 2), (2, 3)]), "a chunk lands in its block");
 
         q.convert(Convert::to_qcow2(&p("top"), "qcow2", &p("flat"), &none), &stop, &mut |_| {}).await.unwrap();
         assert!(same_content(&p("top"), &p("flat")));
