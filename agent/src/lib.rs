@@ -1,6 +1,9 @@
 //! kvmagent: a per-host KVM agent. The management plane POSTs commands over HTTP; the agent
 //! carries them out with libvirt, QEMU and qemu-img and reports the result back.
 
+/// A hash of the sources this build was made from (see `build.rs`).
+pub const SOURCE_ID: &str = env!("KVMAGENT_SOURCE_ID");
+
 pub mod app;
 pub mod atomic_file;
 pub mod backup_group;

@@ -15,7 +15,7 @@ use kvmagent::notify::Notifier;
 /// A per-host KVM agent: serves a ZStack-compatible command API over HTTP and carries the
 /// commands out with libvirt, QEMU and qemu-img.
 #[derive(Parser)]
-#[command(name = "kvmagent", version)]
+#[command(name = "kvmagent", version = concat!(env!("CARGO_PKG_VERSION"), " (sources ", env!("KVMAGENT_SOURCE_ID"), ")"))]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -97,6 +97,20 @@ pub fn agent_binary() -> PathBuf {
     let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
     let bin = profile_dir.join("kvmagent");
     assert!(bin.exists(), "{} is missing: build it first with `cargo build -p kvmagent`", bin.display());
+    static CHECKED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    CHECKED.get_or_init(|| {
+        // A binary from before a change of the agent would test the old agent.
+        let out = std::process::Command::new(&bin).arg("--version").output().expect("kvmagent --version");
+        let version = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            version.contains(kvmagent::SOURCE_ID),
+            "{} is built from other sources than this test ({} is not {}): build it again with \
+             `cargo build -p kvmagent` (`--release` for the benches)",
+            bin.display(),
+            version.trim(),
+            kvmagent::SOURCE_ID
+        );
+    });
     bin
 }
 
