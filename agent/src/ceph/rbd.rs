@@ -228,7 +228,7 @@ pub trait Rbd: Send + Sync {
     /// then (an object made since is one range up to its end), oldest offset first.
     async fn changed_since(&self, p: &CephPath, from_snap: &str, stop: &Stop) -> Result<Vec<(u64, u64)>, RbdError>;
     /// Reads the byte ranges `extents` of `p` (an image or its snapshot) and sends them to
-    /// `chunks`, in offset order, until done; a receiver that hangs up ends the read.
+    /// `chunks`, in the order given; a receiver that hangs up ends the read.
     async fn read_extents(
         &self,
         p: &CephPath,
