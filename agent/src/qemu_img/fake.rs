@@ -197,7 +197,7 @@ pub fn copy_changed(src: &Path, dst: &Path) -> Result<(), String> {
     write(dst, &img)
 }
 
-/// Writes into `dst` what `src` reads in the blocks that `extents` touch.
+/// Writes each chunk into `dst`: every block it covers takes the chunk's byte at the block's start.
 fn write_chunks(dst: &Path, chunks: &std::sync::mpsc::Receiver<Chunk>, stop: &Stop) -> Result<(), String> {
     let mut img = read(dst)?;
     for (offset, data) in chunks {
