@@ -85,16 +85,19 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
             .await
             .map_err(|e| e.context("step 'create new root' failed"))?;
         ctx.stop.check("changing the image")?;
+        // Should the agent die once the record names the new root, the next start finishes the
+        // job: the old root goes, as it would have below. Before that, this step keeps it.
+        let old = volumes::store(app, &old_root)?.undo_for(&old_root)?;
+        undo.push(UndoStep::UnlessRecorded { vm: vm.clone(), path: old_root.clone(), step: Box::new(old) });
         if state.is_some() {
-            // A defined (stopped) domain is redefined to point at the new root.
+            // A defined (stopped) domain is redefined to point at the new root, before the
+            // record: a failed define leaves the record on the old root. A kill between the
+            // two is mended by defining the domain from the record again.
+            undo.push(UndoStep::RedefineFromRecord { vm: vm.clone() });
             let xml = crate::domain::render(&spec, &super::settings(app, &vm))?;
             app.libvirt.define(xml).await.map_err(|e| AgentError::from(e).context("step 'redefine domain' failed"))?;
         }
         owner.save(&spec)?;
-        // Switched. Should the agent die before the result is recorded, the next start
-        // finishes the job: the old root goes, as it would have below.
-        let old = volumes::store(app, &old_root)?.undo_for(&old_root)?;
-        undo.push(UndoStep::UnlessRecorded { vm: vm.clone(), path: old_root.clone(), step: Box::new(old) });
         Ok(())
     }
     .await;

@@ -164,12 +164,7 @@ pub async fn record(app: &App, vm: &VmGuard, spec: &mut VmSpec, frozen: &[Frozen
 
 async fn save_and_redefine(app: &App, owner: &VmGuard, spec: &VmSpec) -> AgentResult<()> {
     owner.save(spec)?;
-    let vm = owner.uuid();
-    if app.libvirt.domain_state(vm).await?.is_some_and(|s| !s.is_active()) {
-        let xml = crate::domain::render(spec, &super::settings(app, vm))?;
-        app.libvirt.define(xml).await?;
-    }
-    Ok(())
+    super::redefine_if_stopped(app, owner, spec).await
 }
 
 /// Points the volume whose install path is `top` at `base` (the file it froze) again.

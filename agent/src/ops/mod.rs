@@ -78,6 +78,17 @@ pub async fn define(app: &App, spec: &VmSpec, start: bool, undo: &mut UndoLog) -
     domain::device_info(&live)
 }
 
+/// Defines VM `owner`'s domain from `spec` again when it is defined and stopped (a running
+/// domain keeps the definition it runs with).
+pub async fn redefine_if_stopped(app: &App, owner: &owner::VmGuard, spec: &VmSpec) -> AgentResult<()> {
+    let vm = owner.uuid();
+    if app.libvirt.domain_state(vm).await?.is_some_and(|s| !s.is_active()) {
+        let xml = domain::render(spec, &settings(app, vm))?;
+        app.libvirt.define(xml).await?;
+    }
+    Ok(())
+}
+
 /// [`define`] without reading back the devices libvirt placed (the native operations answer
 /// with an inventory, which does not name them).
 pub async fn define_domain(app: &App, spec: &VmSpec, start: bool, undo: &mut UndoLog) -> AgentResult<()> {

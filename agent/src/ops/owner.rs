@@ -136,7 +136,10 @@ impl VmGuard {
                 spec.uuid, self.uuid
             )));
         }
-        write_record(&self.file(), spec.clone())
+        write_record(&self.file(), spec.clone())?;
+        #[cfg(test)]
+        super::undo::kill_point::reached();
+        Ok(())
     }
 
     pub fn remove(&self) {

@@ -593,6 +593,37 @@ async fn a_change_image_killed_at_any_point_is_recovered() {
     assert!(kills >= 3, "{kills} kill points");
 }
 
+/// A change of image killed after it redefined the stopped domain on the new root and before
+/// the record named it (no kill point of the harness falls there): recovery removes the new
+/// root and defines the domain on the recorded one again.
+#[tokio::test]
+async fn a_change_image_killed_between_define_and_record_leaves_the_domain_on_the_recorded_root() {
+    let (mut h, vm, _) = kill_host().await;
+    h.app.libvirt.destroy(&vm).await.unwrap();
+    let old = PathBuf::from(&h.recorded(&vm).await[0]);
+    let new = old.with_file_name(format!("{}.qcow2", uuid()));
+    std::fs::copy(&old, &new).unwrap();
+    let task = h.task("/vm/changeimage").await;
+    let owner = h.app.vms.lock(&vm).await.unwrap();
+    let mut spec = owner.load().unwrap();
+    let mut log = crate::ops::undo::UndoLog::journaled(&h.app, &task.task_id);
+    for path in [&new, &old] {
+        let remove = UndoStep::RemoveVolumeFile { path: path.clone(), new_dirs: None };
+        log.push(UndoStep::UnlessRecorded { vm: vm.clone(), path: path.display().to_string(), step: Box::new(remove) });
+    }
+    log.push(UndoStep::RedefineFromRecord { vm: vm.clone() });
+    let root = spec.root().moved_to(uuid(), crate::storage::location::Location::File(new.clone()), None);
+    *spec.root_mut() = root;
+    h.app.libvirt.define(crate::domain::render(&spec, &crate::ops::settings(&h.app, &vm)).unwrap()).await.unwrap();
+    std::mem::forget(log); // killed before the record was saved
+    drop(owner);
+    assert_eq!(h.domain_files(&vm)[0], new.display().to_string(), "the domain was switched");
+    h.restart_and_recover().await;
+    assert!(!new.exists() && old.exists(), "the new root is gone, the old one stays");
+    assert_eq!(h.domain_files(&vm)[0], old.display().to_string(), "the domain is back on the recorded root");
+    assert_consistent(&h).await;
+}
+
 #[tokio::test]
 async fn operations_racing_on_one_vm_lose_no_update() {
     let h = TestHost::start();

@@ -39,6 +39,10 @@ pub enum UndoStep {
     UnlessRecorded { vm: String, path: String, step: Box<UndoStep> },
     /// Forget the record of a VM this operation made.
     RemoveRecord { vm: String },
+    /// Define VM `vm`'s stopped domain from its record again: an operation that switches a
+    /// stopped VM to new volumes redefines it and then saves the record, and a kill between
+    /// the two leaves them apart.
+    RedefineFromRecord { vm: String },
     /// Remove a new top a freeze made on `base`, pointing the VM's record back at `base` if it
     /// already names the top (nothing has written to the top while the freeze's task ran).
     RemoveTop { vm: String, top: PathBuf, base: PathBuf },
@@ -180,6 +184,7 @@ impl UndoStep {
             UndoStep::RemoveDomain { vm }
             | UndoStep::UnlessRecorded { vm, .. }
             | UndoStep::RemoveRecord { vm }
+            | UndoStep::RedefineFromRecord { vm }
             | UndoStep::RemoveTop { vm, .. }
             | UndoStep::Thaw { vm, .. }
             | UndoStep::RemoveBitmap { vm, .. }
@@ -314,6 +319,13 @@ async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(),
             owned(owner)?.remove();
             Ok(())
         }
+        UndoStep::RedefineFromRecord { .. } => {
+            let vm = owned(owner)?;
+            match vm.load() {
+                Ok(spec) => super::redefine_if_stopped(app, vm, &spec).await.map_err(|e| e.to_string()),
+                Err(_) => Ok(()),
+            }
+        }
         UndoStep::RemoveTop { top, .. } if crate::storage::local::is_open_by_any_process(top) => {
             Err(format!("{} is in use; kept", top.display()))
         }
@@ -412,9 +424,10 @@ impl Drop for UndoLog {
     }
 }
 
-/// Unit tests kill the "agent" right after the n-th journaled step of an operation: the
-/// operation's future then unwinds without running anything more (no rollback), as a SIGKILL
-/// would leave it, and the test restarts and recovers.
+/// Unit tests kill the "agent" right after the n-th journaled step or VM record write of an
+/// operation (a record write is how a VM switches to new volumes): the operation's future then
+/// unwinds without running anything more (no rollback), as a SIGKILL would leave it, and the
+/// test restarts and recovers.
 #[cfg(test)]
 pub mod kill_point {
     use std::cell::Cell;
@@ -424,14 +437,15 @@ pub mod kill_point {
     }
 
     /// The panic message a kill unwinds with.
-    pub const KILLED: &str = "killed after a journaled step";
+    pub const KILLED: &str = "killed after a journaled step or record write";
 
-    /// Runs `f` so that it is killed right after its `n`-th journaled step (1 = the first).
+    /// Runs `f` so that it is killed right after its `n`-th journaled step or record write
+    /// (1 = the first).
     pub async fn after<F: std::future::Future>(n: usize, f: F) -> F::Output {
         STEPS_LEFT.scope(Cell::new(n), f).await
     }
 
-    pub(super) fn reached() {
+    pub(in crate::ops) fn reached() {
         let _ = STEPS_LEFT.try_with(|left| {
             left.set(left.get().saturating_sub(1));
             if left.get() == 0 {
