@@ -500,6 +500,54 @@ fn check(h: &Host, s: &Setup, result: &Value, expect: &Expect) {
     }
 }
 
+/// What the host held before a round: once the round is checked, what it made goes, so that
+/// a long run holds one round's VMs, files and RBD images, not all of them.
+struct Made {
+    vms: usize,
+    files: Vec<PathBuf>,
+}
+
+impl Made {
+    fn now(h: &Host) -> Made {
+        Made { vms: h.tracked_vms().len(), files: Made::files(h) }
+    }
+
+    /// The files of the storage and backup roots.
+    fn files(h: &Host) -> Vec<PathBuf> {
+        let mut all = files(&h.path(""));
+        all.extend(files(&h.state_dir.parent().unwrap().join("backup")));
+        all
+    }
+
+    /// Removes the round's VMs through the agent (domain, record and the agent's own files),
+    /// then their files and RBD images.
+    async fn remove_since(self, h: &Host, expect: &Expect) {
+        let mut images: Vec<String> = match expect {
+            Expect::Incremental { marks, .. } => marks.volumes.clone(),
+            Expect::AllOrNothing { paths, .. } => paths.clone(),
+            _ => Vec::new(),
+        };
+        for vm in &h.tracked_vms()[self.vms..] {
+            images.extend(h.recorded_paths(vm).unwrap_or_default());
+            h.call_ok("/vm/destroy", &json!({"uuid": vm})).await.unwrap();
+        }
+        // The files older VMs still recorded (the clone source) name stay, wherever they came from.
+        let kept: Vec<PathBuf> = h.tracked_vms()[..self.vms]
+            .iter()
+            .flat_map(|vm| h.recorded_paths(vm).unwrap_or_default())
+            .map(PathBuf::from)
+            .collect();
+        for f in Made::files(h).into_iter().filter(|f| !self.files.contains(f) && !kept.contains(f)) {
+            std::fs::remove_file(&f).unwrap_or_else(|e| panic!("removing {}: {e}", f.display()));
+        }
+        images.sort();
+        images.dedup();
+        for p in images.iter().filter(|p| p.starts_with("ceph://")) {
+            ceph::remove_all(&rbd_spec(p));
+        }
+    }
+}
+
 /// The entries of `dir` whose names start with `prefix`.
 fn files_named(dir: &Path, prefix: &str) -> Vec<PathBuf> {
     let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
@@ -557,9 +605,9 @@ async fn kill_the_agent_at_random_moments() {
     s.clone_source = source;
 
     let (mut before, mut interrupted, mut resumed) = (0, 0, 0);
-    let mut rbd_made = Vec::new();
     for i in 0..rounds {
         let kind = kinds[i % kinds.len()].as_str();
+        let made_before = Made::now(&h);
         let (path, cmd, expect) = round(&h, &s, kind, &mut rng).await;
         // The quick local-storage creates take milliseconds: they are killed within their first
         // 100. An RBD backup point takes seconds (each snapshot made or dropped up to one): it
@@ -598,24 +646,11 @@ async fn kill_the_agent_at_random_moments() {
             println!("round {i} failed; the agent's log:\n{}", h.log());
             std::panic::resume_unwind(panic);
         }
-        // A round's VM is done with: stopped, so a long run does not keep a hundred guests busy.
-        if let Expect::Replaced { vm, .. } | Expect::Backup { vm, .. } | Expect::Flat { vm, .. } = &expect {
-            let _ = virsh(&["destroy", vm]);
-        }
-        if let Expect::Incremental { marks, .. } = &expect {
-            let _ = virsh(&["destroy", &marks.vm]);
-            rbd_made.extend(marks.volumes.iter().filter(|p| p.starts_with("ceph://")).cloned());
-        }
-        if let Expect::AllOrNothing { paths, .. } = &expect {
-            rbd_made.extend(paths.iter().filter(|p| p.starts_with("ceph://")).cloned());
-        }
+        made_before.remove_since(&h, &expect).await;
     }
     println!(
         "torture: {rounds} rounds: {before} finished before the kill, {interrupted} killed and rolled back, {resumed} killed and resumed"
     );
-    for p in rbd_made {
-        ceph::remove_all(&rbd_spec(&p));
-    }
     if rbd {
         ceph::remove_all(&format!("rbd/{}", s.rbd_image));
     }

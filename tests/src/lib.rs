@@ -418,6 +418,11 @@ impl Host {
         self.vms.lock().unwrap().push(vm_uuid.to_owned());
     }
 
+    /// The VMs [`Host::track_vm`] was told of, oldest first.
+    pub fn tracked_vms(&self) -> Vec<String> {
+        self.vms.lock().unwrap().clone()
+    }
+
     /// A path inside this host's storage root.
     pub fn path(&self, rel: &str) -> PathBuf {
         self.root.join(rel)
