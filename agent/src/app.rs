@@ -89,7 +89,7 @@ impl App {
     /// undelivered, for [`crate::recovery`].
     pub fn new(config: Config) -> Result<(Arc<App>, Inherited), StartupError> {
         let c = &config.ceph;
-        let connection = Connection { conf: c.conf.clone(), id: c.id.clone(), keyring: c.keyring.clone() };
+        let connection = Connection::configured(c);
         let backends = Backends {
             libvirt: Arc::new(Libvirt::new(&config.libvirt.uri)),
             rbd: match c.client {

@@ -282,7 +282,7 @@ async fn ceph(config: &Config) -> Check {
     if c.agent_listen.is_none() && !c.conf.exists() {
         return Check::ok("ceph", "not configured");
     }
-    let cluster = CephCli(Connection { conf: c.conf.clone(), id: c.id.clone(), keyring: c.keyring.clone() });
+    let cluster = CephCli(Connection::configured(c));
     match tokio::time::timeout(DAEMON_TIMEOUT, cluster.fsid()).await {
         Ok(Ok(fsid)) => Check::ok("ceph", format!("cluster {fsid} answers client.{}", c.id)),
         Ok(Err(e)) => Check::problem(

@@ -156,6 +156,10 @@ pub struct CephConfig {
     /// How RBD images are reached: `"librbd"` (in the agent's process over one shared cluster
     /// connection) or `"cli"` (the `rbd` command line, a process per call).
     pub client: CephClient,
+    /// How long one quick RBD call (create, clone, snapshot, remove, info) may take before it
+    /// fails; a full cluster or pool makes writes wait rather than fail. Copies and flattens
+    /// are bounded by their task instead.
+    pub call_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -189,6 +193,7 @@ impl Default for CephConfig {
             keyring: None,
             agent_listen: None,
             client: CephClient::default(),
+            call_timeout_secs: crate::ceph::rbd::CALL_TIMEOUT.as_secs(),
         }
     }
 }
@@ -325,6 +330,9 @@ impl Config {
         }
         if !(1..=64).contains(&self.clone.parallelism) {
             return Err(format!("clone.parallelism must be 1 to 64, not {}", self.clone.parallelism));
+        }
+        if !(1..=3600).contains(&self.ceph.call_timeout_secs) {
+            return Err(format!("ceph.call_timeout_secs must be 1 to 3600, not {}", self.ceph.call_timeout_secs));
         }
         if self.server.token.is_some() && self.server.token_file.is_some() {
             return Err("give server.token or server.token_file, not both".into());

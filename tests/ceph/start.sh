@@ -64,6 +64,7 @@ log_file = $dir/log/\$name.log
 osd_pool_default_size = 1
 osd_pool_default_min_size = 1
 mon_allow_pool_size_one = true
+mon_allow_pool_delete = true
 mon_warn_on_pool_no_redundancy = false
 osd_crush_chooseleaf_type = 0
 osd_pool_default_pg_autoscale_mode = off

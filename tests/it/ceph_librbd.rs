@@ -5,10 +5,11 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kvmagent::ceph::librbd::RbdLib;
 use kvmagent::ceph::path::CephPath;
-use kvmagent::ceph::rbd::{Connection, Rbd};
+use kvmagent::ceph::rbd::{Connection, Rbd, RbdCli, CALL_TIMEOUT};
 use kvmagent::stop::{Stop, StopReason, Stoppable};
 use kvmagent_host_tests::ceph::{self, info, MadeImages};
 use kvmagent_host_tests::uuid;
@@ -16,8 +17,12 @@ use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 
+fn connection(call_timeout: Duration) -> Connection {
+    Connection { conf: ceph::conf(), id: "admin".into(), keyring: None, call_timeout }
+}
+
 fn client() -> RbdLib {
-    RbdLib::new(Connection { conf: ceph::conf(), id: "admin".into(), keyring: None })
+    RbdLib::new(connection(CALL_TIMEOUT))
 }
 
 fn path(spec: &str) -> CephPath {
@@ -191,4 +196,58 @@ async fn a_stopped_flatten_aborts_and_keeps_the_parent() {
     let e = rbd.flatten(&path(&clone), &stop, &mut move |_| stopper.fire(StopReason::Cancelled)).await.unwrap_err();
     assert!(e.was_stopped(), "{e}");
     assert_eq!(info(&clone).unwrap()["parent"]["snapshot"], "s", "still a clone");
+}
+
+/// A pool of its own over its quota, which the monitors report as `POOL_FULL`; deleted on drop.
+struct FullPool(String);
+
+impl FullPool {
+    fn make() -> FullPool {
+        let pool = FullPool(format!("full-{}", &uuid()[..8]));
+        let name = pool.0.as_str();
+        ceph::ceph(&["osd", "pool", "create", name, "8", "8"]).unwrap();
+        ceph::ceph(&["osd", "pool", "application", "enable", name, "rbd"]).unwrap();
+        ceph::ceph(&["osd", "pool", "set-quota", name, "max_bytes", "1"]).unwrap();
+        let mut object = tempfile::NamedTempFile::new().unwrap();
+        object.write_all(&[7; 4096]).unwrap();
+        let put = Command::new("rados")
+            .arg("-c")
+            .arg(ceph::conf())
+            .args(["-p", name, "put", "fill"])
+            .arg(object.path())
+            .status()
+            .unwrap();
+        assert!(put.success(), "rados put into {name}");
+        // The monitors see the pool's bytes with the next statistics the OSD sends.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !ceph::ceph(&["health", "detail"]).unwrap().contains(&format!("pool '{name}' is full")) {
+            assert!(Instant::now() < deadline, "the monitors never reported pool {name} full");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        pool
+    }
+}
+
+impl Drop for FullPool {
+    fn drop(&mut self) {
+        let _ = ceph::ceph(&["osd", "pool", "delete", &self.0, &self.0, "--yes-i-really-really-mean-it"]);
+    }
+}
+
+/// Writes into a full pool wait rather than fail: a call that gives up says the pool is full
+/// and what to do, from the monitors, which still answer; in-process and by the command line.
+#[tokio::test]
+async fn a_call_that_a_full_pool_holds_up_times_out_naming_it() {
+    let pool = FullPool::make();
+    let after = Duration::from_secs(3);
+    let clients: [Box<dyn Rbd>; 2] = [Box::new(RbdLib::new(connection(after))), Box::new(RbdCli(connection(after)))];
+    for rbd in clients {
+        let image = path(&format!("{}/{}", pool.0, uuid()));
+        let e = rbd.create(&image, MIB, &Stop::new()).await.unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("did not answer within 3s; the cluster reports POOL_FULL"), "{text}");
+        assert!(text.contains("raise the pool's quota"), "{text}");
+        let e = kvmagent::error::AgentError::from(e);
+        assert_eq!(e.kind, kvmagent::error::ErrorKind::Timeout, "{e}");
+    }
 }

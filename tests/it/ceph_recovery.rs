@@ -106,11 +106,11 @@ async fn a_kill_during_a_thick_rbd_create_is_rolled_back_after_blocklisting_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_librbd_client_records_itself_and_never_blocklists_its_own_address() {
     use kvmagent::ceph::librbd::RbdLib;
-    use kvmagent::ceph::rbd::{Connection, Rbd};
+    use kvmagent::ceph::rbd::{Connection, Rbd, CALL_TIMEOUT};
     use kvmagent::stop::Stop;
 
     let state = tempfile::tempdir().unwrap();
-    let connection = Connection { conf: ceph::conf(), id: "admin".into(), keyring: None };
+    let connection = Connection { conf: ceph::conf(), id: "admin".into(), keyring: None, call_timeout: CALL_TIMEOUT };
     let client = RbdLib::recording_clients(connection, state.path().to_path_buf());
     let image = format!("rbd/self-{}", uuid());
     let _made = MadeImages(vec![image.clone()]);

@@ -4,6 +4,7 @@ pub mod clients;
 pub mod cluster;
 #[cfg(test)]
 pub mod fake;
+pub mod health;
 pub mod librbd;
 pub mod path;
 pub mod rbd;

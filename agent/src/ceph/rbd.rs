@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Deserialize;
 
+use super::health::{Health, HEALTH_TIMEOUT};
 use super::path::CephPath;
 use crate::error::{AgentError, ErrorKind};
 use crate::process::{self, Priority, ProcessError};
@@ -18,15 +19,17 @@ use crate::qemu_img::bitmaps;
 use crate::qemu_img::nbd::{Chunk, Extent};
 use crate::stop::{Stop, Stoppable};
 
-/// How long one quick `rbd` call may take (flatten and copies are bounded by the task instead).
-pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long one quick RBD call may take by default (flatten and copies are bounded by the task
+/// instead); `[ceph] call_timeout_secs` sets it.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RbdError {
     #[error("rbd {what}: {source}")]
     Run { what: String, source: ProcessError },
-    #[error("rbd {what} did not answer within {CALL_TIMEOUT:?}; is the Ceph cluster reachable?")]
-    Timeout { what: String },
+    /// `health` is what the monitors reported afterwards, when they answered.
+    #[error("rbd {what} did not answer within {after:?}; {}", Health::explain(health.as_ref()))]
+    Timeout { what: String, after: Duration, health: Option<Health> },
     #[error("rbd {what} printed output that is not understood: {reason}")]
     Parse { what: String, reason: String },
     /// What `rbd` says as "No such file or directory", from a back end that says it directly.
@@ -276,9 +279,21 @@ pub struct Connection {
     pub conf: PathBuf,
     pub id: String,
     pub keyring: Option<PathBuf>,
+    /// How long a quick RBD call may take ([`CALL_TIMEOUT`] unless configured).
+    pub call_timeout: Duration,
 }
 
 impl Connection {
+    /// How the `[ceph]` table says to reach the cluster.
+    pub fn configured(c: &crate::config::CephConfig) -> Connection {
+        Connection {
+            conf: c.conf.clone(),
+            id: c.id.clone(),
+            keyring: c.keyring.clone(),
+            call_timeout: Duration::from_secs(c.call_timeout_secs),
+        }
+    }
+
     /// `-c <conf> --id <id> [--keyring <keyring>]`, which `rbd`, `ceph` and `rados` all take.
     pub fn args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec!["-c".into(), self.conf.clone().into(), "--id".into(), self.id.clone().into()];
@@ -317,11 +332,24 @@ impl RbdCli {
         let priority = if bounded { Priority::Normal } else { Priority::Copy };
         let fut = process::run_with_lines_as(program, &all, stop, priority, |_| {});
         let out = if bounded {
-            tokio::time::timeout(CALL_TIMEOUT, fut).await.map_err(|_| RbdError::Timeout { what: what.clone() })?
+            let after = self.0.call_timeout;
+            match tokio::time::timeout(after, fut).await {
+                Ok(out) => out,
+                Err(_) => return Err(RbdError::Timeout { what, after, health: self.health().await }),
+            }
         } else {
             fut.await
         };
         out.map(|o| o.stdout).map_err(|source| RbdError::Run { what, source })
+    }
+
+    /// What the monitors report as wrong (`ceph health`), to explain a call that timed out.
+    async fn health(&self) -> Option<Health> {
+        let mut all = self.0.args();
+        all.extend(["health", "--format", "json"].map(OsString::from));
+        let stop = Stop::new();
+        let out = tokio::time::timeout(HEALTH_TIMEOUT, process::run("ceph", &all, &stop)).await.ok()?.ok()?;
+        Health::parse(&out.stdout)
     }
 
     async fn json<T: serde::de::DeserializeOwned>(&self, args: &[&str], stop: &Stop) -> Result<T, RbdError> {

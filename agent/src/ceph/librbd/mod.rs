@@ -21,8 +21,9 @@ use async_trait::async_trait;
 use self::ffi::Api;
 use self::handle::{ClientIdentity, Fail, Image, IoCtx, Rados, Res};
 use super::clients::{self, Client};
+use super::health::{Health, HEALTH_COMMAND, HEALTH_TIMEOUT};
 use super::path::CephPath;
-use super::rbd::{whole_mib, Connection, ImageInfo, Parent, Rbd, RbdError, Snapshot, CALL_TIMEOUT};
+use super::rbd::{whole_mib, Connection, ImageInfo, Parent, Rbd, RbdError, Snapshot};
 use crate::qemu_img::nbd::{self, Chunk, Extent, SendError};
 use crate::stop::Stop;
 
@@ -125,8 +126,8 @@ impl RbdLib {
         RbdLib(Arc::new(Shared { connection, session: Mutex::default(), records: Some(state_dir) }))
     }
 
-    /// Runs `f` on the blocking pool with the session; `bounded` calls give up after
-    /// [`CALL_TIMEOUT`] (flatten and copies are bounded by the task instead).
+    /// Runs `f` on the blocking pool with the session; `bounded` calls give up after the
+    /// connection's call timeout (flatten and copies are bounded by the task instead).
     async fn call<T, F>(&self, what: String, stop: &Stop, bounded: bool, f: F) -> Result<T, RbdError>
     where
         T: Send + 'static,
@@ -150,12 +151,13 @@ impl RbdLib {
             Ok(r)
         });
         let joined = if bounded {
-            match tokio::time::timeout(CALL_TIMEOUT, job).await {
+            let after = self.0.connection.call_timeout;
+            match tokio::time::timeout(after, job).await {
                 Ok(j) => j,
                 Err(_) => {
                     // The call may be stuck on a dead connection: the next one starts afresh.
                     self.0.forget();
-                    return Err(RbdError::Timeout { what });
+                    return Err(RbdError::Timeout { what, after, health: self.health().await });
                 }
             }
         } else {
@@ -171,6 +173,18 @@ impl RbdLib {
                 RbdError::Lib { what, step, errno }
             }
         })
+    }
+
+    /// What the monitors report as wrong, asked on a fresh session, to explain a call that
+    /// timed out (a full pool makes writes wait; the monitors still answer).
+    async fn health(&self) -> Option<Health> {
+        let shared = self.0.clone();
+        let asked = tokio::task::spawn_blocking(move || {
+            let api = Api::get().ok()?;
+            shared.session(api).and_then(|s| s.rados.mon_command(HEALTH_COMMAND)).ok()
+        });
+        let out = tokio::time::timeout(HEALTH_TIMEOUT, asked).await.ok()?.ok()??;
+        Health::parse(&out)
     }
 
     /// Like [`call`](Self::call), for a long operation reporting `(done, total)` through the
