@@ -397,6 +397,8 @@ fn check(h: &Host, s: &Setup, result: &Value, expect: &Expect) {
             assert!(!ok || new.exists(), "{result}");
             let root = &h.recorded_paths(vm).unwrap()[0];
             assert!(Path::new(root).exists(), "the VM's record names the root that is there: {root}");
+            let xml = kvmagent_host_tests::checks::dumpxml(vm).unwrap();
+            assert!(xml.contains(root.as_str()), "the domain is defined on the recorded root {root}: {xml}");
         }
         Expect::Backup { vm, group, volumes } => {
             assert_eq!(group.join("manifest.json").exists(), ok, "{result}");
@@ -609,11 +611,13 @@ async fn kill_the_agent_at_random_moments() {
         let kind = kinds[i % kinds.len()].as_str();
         let made_before = Made::now(&h);
         let (path, cmd, expect) = round(&h, &s, kind, &mut rng).await;
-        // The quick local-storage creates take milliseconds: they are killed within their first
-        // 100. An RBD backup point takes seconds (each snapshot made or dropped up to one): it
-        // is killed anywhere in it, and sometimes finishes first.
+        // The quick local-storage creates and a change of image (a thin overlay) take tens of
+        // milliseconds: they are killed within their first 100 and 50. An RBD backup point
+        // takes seconds (each snapshot made or dropped up to one): it is killed anywhere in it,
+        // and sometimes finishes first.
         let window = match kind {
             "ls-create" => 100,
+            "changeimage" => 50,
             "rbd-backup" => 5000,
             _ => 600,
         };
