@@ -381,6 +381,17 @@ mod tests {
     }
 
     #[test]
+    fn the_rbd_call_timeout_is_two_minutes_unless_set_within_an_hour() {
+        let c = |toml: &str| toml::from_str::<Config>(toml).unwrap();
+        assert_eq!(c("").ceph.call_timeout_secs, 120);
+        assert!(c("[ceph]\ncall_timeout_secs = 5\n").validate().is_ok());
+        for bad in ["0", "3601"] {
+            let e = c(&format!("[ceph]\ncall_timeout_secs = {bad}\n")).validate().unwrap_err();
+            assert_eq!(e, format!("ceph.call_timeout_secs must be 1 to 3600, not {bad}"));
+        }
+    }
+
+    #[test]
     fn unknown_key_is_refused() {
         let err = toml::from_str::<Config>("[server]\nlisten_port = 1\n").unwrap_err();
         assert!(err.to_string().contains("listen_port"), "{err}");
