@@ -83,6 +83,8 @@ pub struct RolledBack {
     pub steps_undone: usize,
     /// Steps that could not be undone (their resources were kept).
     pub failures: Vec<String>,
+    /// What the operation had put in place past its point of no return, kept.
+    pub kept: Vec<String>,
 }
 
 /// Runs the recovery; results of resumed tasks arrive later, through `runner`.
@@ -108,9 +110,9 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) 
             continue;
         }
         if l.cleanup {
-            let failures = undo::replay(app, l.steps, &[]).await;
+            let failed = undo::replay(app, l.steps, &[]).await.failed;
             let _ = std::fs::remove_file(&l.file);
-            tracing::warn!(task = %l.task_id, failed = failures.len(), "finished the cleanup an earlier run left");
+            tracing::warn!(task = %l.task_id, failed = failed.len(), "finished the cleanup an earlier run left");
             report.cleaned_up.push(l.task_id);
             continue;
         }
@@ -122,12 +124,20 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) 
         // The VMs the steps name are taken first: recovery runs while the agent serves.
         let vms = l.steps.iter().filter_map(undo::UndoStep::vm).map(str::to_owned);
         let held = app.vms.lock_all(vms.filter(|vm| crate::domain::check_uuid(vm).is_ok())).await.unwrap_or_default();
-        let failures = undo::replay(app, l.steps, &held.iter().collect::<Vec<_>>()).await;
+        let replayed = undo::replay(app, l.steps, &held.iter().collect::<Vec<_>>()).await;
         drop(held);
         let _ = std::fs::remove_file(&l.file);
         let path = inherited.interrupted.iter().find(|r| r.task_id == l.task_id).map(|r| r.path.clone());
-        tracing::warn!(task = %l.task_id, steps = n, failed = failures.len(), "rolled back an interrupted operation");
-        report.rolled_back.push(RolledBack { task_uuid: l.task_id, path, steps_undone: n, failures });
+        let (failures, kept) = (replayed.failed, replayed.kept);
+        tracing::warn!(task = %l.task_id, steps = n, failed = failures.len(), kept = kept.len(),
+            "rolled back an interrupted operation");
+        report.rolled_back.push(RolledBack {
+            task_uuid: l.task_id,
+            path,
+            steps_undone: n - kept.len(),
+            failures,
+            kept,
+        });
     }
     report.removed = remove_temporaries(app, started);
     for record in inherited.interrupted {
@@ -138,11 +148,17 @@ pub async fn recover(app: &Arc<App>, inherited: Inherited, runner: &dyn Runner) 
         }
         let undone: Vec<&RolledBack> = report.rolled_back.iter().filter(|r| r.task_uuid == record.task_id).collect();
         let steps: usize = undone.iter().map(|r| r.steps_undone).sum();
-        let kept: Vec<&String> = undone.iter().flat_map(|r| &r.failures).collect();
+        let failed: Vec<&String> = undone.iter().flat_map(|r| &r.failures).collect();
+        let kept: Vec<&String> = undone.iter().flat_map(|r| &r.kept).collect();
         let details = format!(
-            "the agent stopped while {} was running; {steps} step(s) of its partial work were rolled back{}; send the command again with a new taskuuid",
+            "the agent stopped while {} was running; {steps} step(s) of its partial work were rolled back{}{}",
             record.path,
-            if kept.is_empty() { String::new() } else { format!(" and these could not be: {kept:?}") }
+            if failed.is_empty() { String::new() } else { format!(" and these could not be: {failed:?}") },
+            if kept.is_empty() {
+                "; send the command again with a new taskuuid".to_owned()
+            } else {
+                format!("; it had got past its point of no return, and that stays: {kept:?}; the change is made")
+            }
         );
         let result = wire::envelope(&Err(AgentError::new(ErrorKind::OperationFailed, "task interrupted", details)));
         if let Some(url) = app.tasks.finish(&record.task_id, TaskState::Failed, result.clone()).await {

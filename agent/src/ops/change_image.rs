@@ -88,7 +88,7 @@ pub async fn change_image(app: &App, ctx: &TaskCtx, cmd: ChangeImageCmd) -> Agen
         // Should the agent die once the record names the new root, the next start finishes the
         // job: the old root goes, as it would have below. Before that, this step keeps it.
         let old = volumes::store(app, &old_root)?.undo_for(&old_root)?;
-        undo.push(UndoStep::UnlessRecorded { vm: vm.clone(), path: old_root.clone(), step: Box::new(old) });
+        undo.push(UndoStep::RemoveReplaced { vm: vm.clone(), path: old_root.clone(), step: Box::new(old) });
         if state.is_some() {
             // A defined (stopped) domain is redefined to point at the new root, before the
             // record: a failed define leaves the record on the old root. A kill between the

@@ -593,6 +593,36 @@ async fn a_change_image_killed_at_any_point_is_recovered() {
     assert!(kills >= 3, "{kills} kill points");
 }
 
+/// A change of image killed after its switch says so: the new root stays and the change is
+/// made; one killed before it says it was rolled back.
+#[tokio::test]
+async fn an_interrupted_change_image_says_whether_the_vm_was_switched() {
+    let (mut h, vm, image) = kill_host().await;
+    h.app.libvirt.destroy(&vm).await.unwrap();
+    let mut switched = 0;
+    for n in 1.. {
+        let root = h.recorded(&vm).await[0].clone();
+        let ctx = h.task("/vm/changeimage").await;
+        let task = ctx.task_id.clone();
+        let op = crate::ops::change_image::change_image(&h.app, &ctx, cmd(json!({"vmUuid": vm, "imagePath": image})));
+        if !run_killed(&h, "/vm/changeimage", async { value(op.await) }, Kill::Step(n)).await {
+            break;
+        }
+        h.restart_and_recover().await;
+        let now = h.recorded(&vm).await[0].clone();
+        let result = h.app.tasks.status(&task).unwrap().result.unwrap();
+        let details = result["error"].as_str().unwrap().to_owned();
+        if now == root {
+            assert!(details.ends_with("send the command again with a new taskuuid"), "killed at step {n}: {details}");
+        } else {
+            switched += 1;
+            let stays = format!("VM {vm} was switched to {now}, which stays");
+            assert!(details.contains(&stays) && details.ends_with("the change is made"), "{details}");
+        }
+    }
+    assert!(switched >= 1, "a kill after the record write switched the VM");
+}
+
 /// A change of image killed after it redefined the stopped domain on the new root and before
 /// the record named it (no kill point of the harness falls there): recovery removes the new
 /// root and defines the domain on the recorded one again.
@@ -607,10 +637,10 @@ async fn a_change_image_killed_between_define_and_record_leaves_the_domain_on_th
     let owner = h.app.vms.lock(&vm).await.unwrap();
     let mut spec = owner.load().unwrap();
     let mut log = crate::ops::undo::UndoLog::journaled(&h.app, &task.task_id);
-    for path in [&new, &old] {
-        let remove = UndoStep::RemoveVolumeFile { path: path.clone(), new_dirs: None };
-        log.push(UndoStep::UnlessRecorded { vm: vm.clone(), path: path.display().to_string(), step: Box::new(remove) });
-    }
+    let [made, replaced] =
+        [&new, &old].map(|p| (p.display().to_string(), UndoStep::RemoveVolumeFile { path: p.clone(), new_dirs: None }));
+    log.push(UndoStep::UnlessRecorded { vm: vm.clone(), path: made.0, step: Box::new(made.1) });
+    log.push(UndoStep::RemoveReplaced { vm: vm.clone(), path: replaced.0, step: Box::new(replaced.1) });
     log.push(UndoStep::RedefineFromRecord { vm: vm.clone() });
     let root = spec.root().moved_to(uuid(), crate::storage::location::Location::File(new.clone()), None);
     *spec.root_mut() = root;
@@ -1787,7 +1817,7 @@ async fn a_left_backup_job_ends_before_its_target_is_removed() {
         UndoStep::EndBackupJob { vm: vm.clone() },
     ];
     let owner = h.app.vms.lock(&vm).await.unwrap();
-    let failed = crate::ops::undo::replay(&h.app, steps, &[&owner]).await;
+    let failed = crate::ops::undo::replay(&h.app, steps, &[&owner]).await.failed;
     assert!(failed.is_empty(), "{failed:?}");
     assert!(!target.exists());
     assert!(!h.hv.domain(&vm).unwrap().job_ended_without_its_targets, "the job ended before its target went");

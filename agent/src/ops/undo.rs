@@ -37,6 +37,9 @@ pub enum UndoStep {
     /// `step`, unless the record of VM `vm` names `path` by then: the operation got past the
     /// point where the VM was switched to it (a new root in place), so it stays.
     UnlessRecorded { vm: String, path: String, step: Box<UndoStep> },
+    /// `step` (removing `path`, the volume a switch replaces), once the record of VM `vm` no
+    /// longer names it: the switch was done, and this finishes it. Before the switch it stays.
+    RemoveReplaced { vm: String, path: String, step: Box<UndoStep> },
     /// Forget the record of a VM this operation made.
     RemoveRecord { vm: String },
     /// Define VM `vm`'s stopped domain from its record again: an operation that switches a
@@ -173,7 +176,7 @@ impl UndoStep {
     pub fn touches_rbd(&self) -> bool {
         match self {
             UndoStep::RemoveRbdImage { .. } | UndoStep::RemoveRbdSnapshot { .. } => true,
-            UndoStep::UnlessRecorded { step, .. } => step.touches_rbd(),
+            UndoStep::UnlessRecorded { step, .. } | UndoStep::RemoveReplaced { step, .. } => step.touches_rbd(),
             _ => false,
         }
     }
@@ -183,6 +186,7 @@ impl UndoStep {
         match self {
             UndoStep::RemoveDomain { vm }
             | UndoStep::UnlessRecorded { vm, .. }
+            | UndoStep::RemoveReplaced { vm, .. }
             | UndoStep::RemoveRecord { vm }
             | UndoStep::RedefineFromRecord { vm }
             | UndoStep::RemoveTop { vm, .. }
@@ -195,22 +199,35 @@ impl UndoStep {
     }
 }
 
-/// Undoes `steps`, newest first, holding the VMs they name; returns what could not be undone.
-pub async fn replay(app: &App, mut steps: Vec<UndoStep>, held: &[&VmGuard]) -> Vec<String> {
-    let mut failed = Vec::new();
+/// What playing an undo log back did not undo.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    /// Steps that could not be undone (their resources stay), and why.
+    pub failed: Vec<String>,
+    /// What an operation past its point of no return had made, kept rather than undone.
+    pub kept: Vec<String>,
+}
+
+/// Undoes `steps`, newest first, holding the VMs they name.
+pub async fn replay(app: &App, mut steps: Vec<UndoStep>, held: &[&VmGuard]) -> Replayed {
+    let mut replayed = Replayed::default();
     while let Some(step) = steps.pop() {
         let owner = step.vm().map(|vm| held.iter().find(|g| g.uuid() == vm).copied().ok_or(vm));
         let done = match owner {
             Some(Err(vm)) => Err(format!("VM {vm} is not held by this undo; its step was left alone")),
-            Some(Ok(g)) => undo(app, &step, Some(g)).await,
-            None => undo(app, &step, None).await,
+            Some(Ok(g)) => undo_or_keep(app, &step, Some(g)).await,
+            None => undo_or_keep(app, &step, None).await,
         };
-        if let Err(e) = done {
-            tracing::error!(?step, error = %e, "undo step failed; the resource may be left behind");
-            failed.push(e);
+        match done {
+            Ok(None) => {}
+            Ok(Some(kept)) => replayed.kept.push(kept),
+            Err(e) => {
+                tracing::error!(?step, error = %e, "undo step failed; the resource may be left behind");
+                replayed.failed.push(e);
+            }
         }
     }
-    failed
+    replayed
 }
 
 /// Removes the journaled logs of task `task_id`, whose result is now recorded.
@@ -262,6 +279,22 @@ pub fn leftovers(state_dir: &Path) -> Vec<Leftover> {
     out
 }
 
+/// Undoes one step, or keeps what a switch put in place (see [`UndoStep::UnlessRecorded`]) and
+/// says so.
+async fn undo_or_keep(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<Option<String>, String> {
+    match step {
+        UndoStep::UnlessRecorded { vm, path, .. } if records(owner, path)? => {
+            Ok(Some(format!("VM {vm} was switched to {path}, which stays")))
+        }
+        _ => undo(app, step, owner).await.map(|()| None),
+    }
+}
+
+/// Whether the record of `owner` names the volume at `path`.
+fn records(owner: Option<&VmGuard>, path: &str) -> Result<bool, String> {
+    Ok(owned(owner)?.load().is_ok_and(|spec| spec.volumes.iter().any(|v| v.install_path() == path)))
+}
+
 /// Undoes one step; `owner` is the held VM the step names, if it names one.
 async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(), String> {
     let stop = crate::stop::Stop::new();
@@ -306,10 +339,9 @@ async fn undo(app: &App, step: &UndoStep, owner: Option<&VmGuard>) -> Result<(),
             // The key of the TPM state goes with the state.
             app.libvirt.remove_vtpm_secret(&crate::domain::tpm_secret_uuid(vm)).await.map_err(|e| e.to_string())
         }
-        UndoStep::UnlessRecorded { path, step, .. } => {
-            let recorded =
-                owned(owner)?.load().is_ok_and(|spec| spec.volumes.iter().any(|v| &v.install_path() == path));
-            if recorded {
+        // The two differ in what their keeping means (see `undo_or_keep`), not in what they do.
+        UndoStep::UnlessRecorded { path, step, .. } | UndoStep::RemoveReplaced { path, step, .. } => {
+            if records(owner, path)? {
                 Ok(())
             } else {
                 Box::pin(undo(app, step, owner)).await
