@@ -524,8 +524,9 @@ impl Made {
     /// Removes the round's VMs through the agent (domain, record and the agent's own files),
     /// then their files and RBD images.
     async fn remove_since(self, h: &Host, expect: &Expect) {
+        // A round's VMs are tracked, so their records name their images; a create's are also
+        // named by what it expects.
         let mut images: Vec<String> = match expect {
-            Expect::Incremental { marks, .. } => marks.volumes.clone(),
             Expect::AllOrNothing { paths, .. } => paths.clone(),
             _ => Vec::new(),
         };

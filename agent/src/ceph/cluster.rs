@@ -64,7 +64,7 @@ pub trait Cluster: Send + Sync {
 pub struct CephCli(pub Connection);
 
 impl CephCli {
-    async fn run(&self, program: &str, args: &[&str]) -> Result<String, ClusterError> {
+    pub(super) async fn run(&self, program: &str, args: &[&str]) -> Result<String, ClusterError> {
         let what = format!("{program} {}", args.join(" "));
         let mut all: Vec<OsString> = self.0.args();
         all.extend(args.iter().map(OsString::from));

@@ -345,11 +345,9 @@ impl RbdCli {
 
     /// What the monitors report as wrong (`ceph health`), to explain a call that timed out.
     async fn health(&self) -> Option<Health> {
-        let mut all = self.0.args();
-        all.extend(["health", "--format", "json"].map(OsString::from));
-        let stop = Stop::new();
-        let out = tokio::time::timeout(HEALTH_TIMEOUT, process::run("ceph", &all, &stop)).await.ok()?.ok()?;
-        Health::parse(&out.stdout)
+        let cluster = super::cluster::CephCli(self.0.clone());
+        let asked = cluster.run("ceph", &["health", "--format", "json"]);
+        Health::parse(&tokio::time::timeout(HEALTH_TIMEOUT, asked).await.ok()?.ok()?)
     }
 
     async fn json<T: serde::de::DeserializeOwned>(&self, args: &[&str], stop: &Stop) -> Result<T, RbdError> {
